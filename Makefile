@@ -1,0 +1,46 @@
+# csmf: the first two targets are the README's first two commands.
+#   make run    # whole pipeline on generated data, embedded Prefect + MLflow (no server)
+#   make test   # the test suite
+# Each target creates the local virtual environment (.venv, pinned stack) when it is missing.
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: run test test-fast lint bench venv clean ui
+
+run: $(STAMP)
+	$(BIN)/csmf run $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not integration" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check csmf_core flows data_contracts tests bench
+	$(BIN)/ruff format --check csmf_core flows data_contracts tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+ui: $(STAMP)
+	$(BIN)/csmf ui
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null 2>&1 || { echo "csmf needs Python 3.11 ($(PY) not found)"; exit 1; }
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first and alone, pinned: an open range would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

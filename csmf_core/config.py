@@ -1,0 +1,249 @@
+"""Typed, validated configuration for the CSMF library.
+
+One frozen dataclass per concern, one root (`CSMFConfig`). Configs come from YAML files
+plus dotted overrides (`train.lr=3e-4`); unknown keys and bad values are all reported
+together in one `ConfigError`. Modules take plain arguments; only builders read config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Raised with every problem found in a configuration, one per line."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int = 64  # output vector size (user and item), split into per-stage segments by CPP
+    hidden: tuple[int, ...] = (256, 128)  # hidden layer widths of each tower
+    emb_dim: int = 8  # columns per categorical feature embedding
+    id_emb_dim: int = 32  # columns of the user-id / item-id embeddings
+    hist_emb_dim: int = 32  # columns of each behaviour-sequence item embedding (mean pooled)
+    init_seed: int = 0
+
+
+@dataclass(frozen=True)
+class CPPConfig:
+    rule: str = "cpp"  # "cpp" (cumulative share of information mass) or "fixed" (PackNet ratio)
+    tau: float = 0.75  # CPP: prune units whose running information sum <= tau * total
+    ratio: float = 0.5  # fixed rule: fraction of the stage's units freed per layer
+    min_keep: int = 1  # per layer, units the pruned stage always keeps
+    min_free: int = 1  # per layer, units always handed to the next stage
+    min_free_output: int = 4  # the same for the output layer (the next stage's vector segment)
+    freed_init: str = "keep"  # what freed units start from: "keep" | "zero" | "random"
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    temperature: float = 1.0  # logits = score / temperature (a per-mode scalar, fusion unaffected)
+    logq: bool = True  # subtract log of in-batch sampling probability (Yi et al. 2019)
+    request_negatives: str = "first"  # same-request unexposed negatives: "first" stage | "all" | "none"
+    aml: bool = True  # cross-stage adaptive margin for stages >= 1
+    sigma: float = 0.0  # AML minimum margin
+    eta: float = 1.8  # AML correction factor when upstream disagrees
+    upstream: str = "log_prob"  # AML upstream: "log_prob" (sum of log sigmoid of modes < t) | "last_logit"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 1024
+    lr: float = 2e-3
+    epochs: tuple[int, ...] = (2, 4, 8)  # per stage; the last value repeats for more stages
+    weight_decay: float = 0.0  # decoupled, applied to the trained stage's entries only
+    grad_clip: float = 0.0  # 0 = off
+    max_loss: float = 1e4  # a loss above this (or non-finite) stops the stage
+    seed: int = 0
+    threads: int = 0  # torch threads; 0 = leave as is
+    device: str = "cpu"  # "cpu" | "cuda" | "auto"
+
+
+@dataclass(frozen=True)
+class RecoverConfig:
+    enabled: bool = True
+    fraction: float = 0.2  # share of the stage's training rows used for accuracy recovery
+    epochs: int = 1
+    lr_scale: float = 0.5  # recovery lr = train.lr * lr_scale
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ks: tuple[int, ...] = (10, 20, 50, 100)
+    primary_k: int = 50
+    fused_weights: tuple[float, ...] = (1.0, 1.8, 1.2)  # <k_0..k_{N-1}>, paper's <k_d, k_o, k_r>
+    max_users: int = 0  # 0 = every eval user
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    seq_len: int = 20
+    n_req_neg: int = 10
+    train_days: int = 0  # 0 = every partition before the evaluation day(s)
+    eval_days: int = 1
+
+
+@dataclass(frozen=True)
+class CSMFConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cpp: CPPConfig = field(default_factory=CPPConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, for experiment trackers."""
+        out: dict[str, Any] = {}
+        for section, values in self.to_dict().items():
+            for k, v in values.items():
+                out[f"{section}.{k}"] = v
+        return out
+
+    def digest(self) -> str:
+        """Stable content hash of the configuration (12 hex chars)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=list).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def epochs_for(self, stage: int) -> int:
+        e = self.train.epochs
+        return int(e[min(stage, len(e) - 1)])
+
+
+_CHOICES = {
+    ("cpp", "rule"): {"cpp", "fixed"},
+    ("cpp", "freed_init"): {"keep", "zero", "random"},
+    ("loss", "request_negatives"): {"first", "all", "none"},
+    ("loss", "upstream"): {"log_prob", "last_logit"},
+    ("train", "device"): {"cpu", "cuda", "auto"},
+}
+
+
+def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        (inner, *_rest) = typing.get_args(tp)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = [value]
+        if isinstance(value, str):
+            value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+        if not isinstance(value, list | tuple) or not value:
+            errors.append(f"{where}: expected a non-empty list, got {value!r}")
+            return None
+        return tuple(_coerce(v, inner, where, errors) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if value.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError
+            if isinstance(value, bool | int):
+                return bool(value)
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        errors.append(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+        return None
+    return value
+
+
+def _check_ranges(cfg: CSMFConfig, errors: list[str]) -> None:
+    for (section, key), allowed in _CHOICES.items():
+        v = getattr(getattr(cfg, section), key)
+        if v not in allowed:
+            errors.append(f"{section}.{key}: {v!r} is not one of {sorted(allowed)}")
+    checks = [
+        (0.0 < cfg.cpp.tau < 1.0, "cpp.tau must be in (0, 1)"),
+        (0.0 < cfg.cpp.ratio < 1.0, "cpp.ratio must be in (0, 1)"),
+        (cfg.cpp.min_keep >= 1 and cfg.cpp.min_free >= 1, "cpp.min_keep and cpp.min_free must be >= 1"),
+        (cfg.cpp.min_free_output >= 1, "cpp.min_free_output must be >= 1"),
+        (cfg.model.dim >= 2, "model.dim must be >= 2"),
+        (all(h >= 2 for h in cfg.model.hidden), "model.hidden widths must be >= 2"),
+        (cfg.loss.temperature > 0, "loss.temperature must be > 0"),
+        (cfg.loss.eta > 0, "loss.eta must be > 0"),
+        (cfg.train.batch_size >= 2, "train.batch_size must be >= 2 (in-batch negatives)"),
+        (cfg.train.lr > 0, "train.lr must be > 0"),
+        (all(e >= 0 for e in cfg.train.epochs), "train.epochs must be >= 0"),
+        (0.0 < cfg.recover.fraction <= 1.0, "recover.fraction must be in (0, 1]"),
+        (all(k >= 1 for k in cfg.eval.ks), "eval.ks must be >= 1"),
+        (cfg.eval.primary_k in cfg.eval.ks, "eval.primary_k must be one of eval.ks"),
+        (cfg.data.seq_len >= 1 and cfg.data.n_req_neg >= 0, "data.seq_len >= 1, data.n_req_neg >= 0"),
+        (cfg.data.eval_days >= 1 and cfg.data.train_days >= 0, "data.eval_days >= 1, data.train_days >= 0"),
+    ]
+    errors.extend(msg for ok, msg in checks if not ok)
+
+
+def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | None = None) -> CSMFConfig:
+    """Build a validated config from a nested dict and `section.key=value` overrides."""
+    raw = {k: dict(v or {}) for k, v in (raw or {}).items()} if isinstance(raw, dict) else raw
+    errors: list[str] = []
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            errors.append(f"override {item!r}: expected section.key=value")
+            continue
+        key, value = item.split("=", 1)
+        section, name = key.strip().split(".", 1)
+        raw.setdefault(section, {})[name] = yaml.safe_load(value) if value.strip() else value
+    sections = {f.name: f.type for f in dataclasses.fields(CSMFConfig)}
+    hints = typing.get_type_hints(CSMFConfig)
+    built: dict[str, Any] = {}
+    for section, values in raw.items():
+        if section not in sections:
+            errors.append(f"unknown section {section!r} (known: {', '.join(sections)})")
+            continue
+        cls = hints[section]
+        fields = typing.get_type_hints(cls)
+        kwargs = {}
+        for k, v in values.items():
+            if k not in fields:
+                errors.append(f"unknown key {section}.{k} (known: {', '.join(fields)})")
+                continue
+            kwargs[k] = _coerce(v, fields[k], f"{section}.{k}", errors)
+        if not errors:
+            built[section] = cls(**kwargs)
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    cfg = CSMFConfig(**built)
+    _check_ranges(cfg, errors)
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> CSMFConfig:
+    """Read a YAML config (or none) and apply dotted overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        raw = yaml.safe_load(p.read_text()) or {}
+    return build_config(raw, overrides)

@@ -1,0 +1,119 @@
+"""Losses: sampled softmax with in-batch negatives, and CSMF's cross-stage adaptive margin (AML).
+
+Scores are functions of vectors; losses are functions of scores. Shapes: B = batch rows,
+M = extra (same-request) negatives per row.
+
+Sampled softmax for row i (positive = column i of the in-batch score matrix):
+
+    L_i = -log( exp(l_ii) / (exp(l_ii) + sum_{j != i, item_j != item_i} exp(l_ij - m_ij)
+                                        + sum_m exp(x_im - m'_im)) )
+
+with l = score / temperature - log q(item_j) (log-Q correction on in-batch columns only, Yi et
+al. 2019), x = extra negatives' scores / temperature, and margins m = 0 unless AML is on.
+An in-batch column holding the same item as row i's positive is an *accidental hit*: it is not a
+negative and is removed (-inf), as are padded extra negatives (item 0) and extra negatives equal
+to the positive.
+
+AML margin for positive i and negative j from upstream scores up (constants, no gradient):
+
+    m_ij = (up_i - up_j) + sigma          if up_i >= up_j
+    m_ij = eta * (up_j - up_i) + sigma    if up_i <  up_j
+
+subtracted from the negative's logit exactly as in the paper's Eq. 6.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class LossTerms:
+    loss: torch.Tensor  # scalar, mean over rows
+    n_neg: float  # mean number of valid negatives per row (diagnostic)
+
+
+def aml_margins(up_pos: torch.Tensor, up_neg: torch.Tensor, sigma: float, eta: float) -> torch.Tensor:
+    """Adaptive margins. up_pos: (B, 1) or (B,), up_neg: (B, K) -> (B, K)."""
+    if up_pos.dim() == 1:
+        up_pos = up_pos[:, None]
+    diff = up_pos - up_neg
+    return torch.where(diff >= 0, diff + sigma, eta * (-diff) + sigma)
+
+
+def accidental_hits(items: torch.Tensor) -> torch.Tensor:
+    """(B, B) bool: column j holds row i's positive item but j != i. items: (B,) int."""
+    same = items[:, None] == items[None, :]
+    same.fill_diagonal_(False)
+    return same
+
+
+def sampled_softmax(
+    scores: torch.Tensor,
+    items: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    log_q: torch.Tensor | None = None,
+    margins: torch.Tensor | None = None,
+    extra_scores: torch.Tensor | None = None,
+    extra_items: torch.Tensor | None = None,
+    extra_margins: torch.Tensor | None = None,
+) -> LossTerms:
+    """Sampled softmax over in-batch (and optional extra) negatives.
+
+    scores: (B, B) user_i . item_j in the current mode; the diagonal holds the positives.
+    items: (B,) item index of each row's positive (for accidental-hit removal).
+    log_q: (B,) log sampling probability of each in-batch item, or None.
+    margins: (B, B) AML margins for in-batch negatives (diagonal ignored), or None.
+    extra_scores / extra_items / extra_margins: (B, M) same-request negatives; item 0 = padding.
+    """
+    logits = scores / temperature
+    if log_q is not None:
+        logits = logits - log_q[None, :]
+    eye = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
+    if margins is not None:
+        logits = logits - margins.masked_fill(eye, 0.0)
+    logits = logits.masked_fill(accidental_hits(items), NEG_INF)
+    n_neg = (logits.shape[1] - 1) - accidental_hits(items).sum(dim=1).float()
+    if extra_scores is not None:
+        x = extra_scores / temperature
+        if extra_margins is not None:
+            x = x - extra_margins
+        invalid = (extra_items == 0) | (extra_items == items[:, None])
+        x = x.masked_fill(invalid, NEG_INF)
+        logits = torch.cat([logits, x], dim=1)
+        n_neg = n_neg + (~invalid).sum(dim=1).float()
+    target = torch.arange(logits.shape[0], device=logits.device)
+    loss = F.cross_entropy(logits, target)
+    return LossTerms(loss=loss, n_neg=float(n_neg.mean()))
+
+
+def upstream_scores(segment_scores: list[torch.Tensor], stage: int, how: str = "log_prob") -> torch.Tensor:
+    """Upstream score for stage `stage` >= 1 from per-segment score matrices.
+
+    segment_scores[r]: (B, K) contribution of output segment r (dims owned by stage r), so the
+    mode-r score is s_r = sum_{q <= r} segment_scores[q] (unit-level ownership).
+    how = "log_prob": log of the product of cascade probabilities of the stages before `stage`,
+        each the logistic of its mode score: sum_{r < stage} log sigmoid(s_r). For the click stage
+        this is log sigmoid(s_exposure), a monotone transform of the exposure score (same AML
+        branch for every pair; margins compressed for high scores).
+    how = "last_logit": the raw score of mode stage - 1 (the paper's click-stage definition).
+    """
+    if stage < 1:
+        raise ValueError("AML has no upstream for stage 0")
+    running = torch.zeros_like(segment_scores[0])
+    total = torch.zeros_like(segment_scores[0])
+    for r in range(stage):
+        running = running + segment_scores[r]
+        if how == "log_prob":
+            total = total + F.logsigmoid(running)
+    if how == "log_prob":
+        return total
+    if how == "last_logit":
+        return running
+    raise ValueError(f"unknown upstream definition {how!r}")

@@ -1,0 +1,236 @@
+"""Offline retrieval metrics: exact top-K over the whole catalog, Recall@K, nDCG@K, baselines.
+
+Definitions (docs/architecture.md section 4):
+
+* Recall@K = |top-K ∩ relevant| / |relevant|, averaged over users with >= 1 relevant item. A user
+  with more relevant items than K cannot reach 1.0; that is the definition, not a bug.
+* nDCG@K = DCG@K / IDCG@K with binary gains, DCG = sum_{r=1..K} rel_r / log2(r + 1), and IDCG the
+  DCG of min(|relevant|, K) relevant items at the top.
+* Candidates: every item index >= 1 (row 0 is the padding/unknown item); nothing else excluded.
+
+Users with no relevant item are skipped and not counted. Item indices are model-ready indices
+(rows of items.parquet), not raw item ids. Pure torch/numpy: no prefect or mlflow here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+# Score-matrix chunks are capped at this many elements (float32: 256 MiB) whatever `chunk` says,
+# so a large catalog does not turn a 4096-user chunk into several GiB.
+_MAX_CHUNK_ELEMENTS = 1 << 26
+
+
+def _sorted_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (R, k) of the k best columns per row, ties broken by lower column index.
+
+    torch.topk picks among tied values arbitrarily, so rows whose k-th value is tied with
+    values outside the top-k are recomputed exactly (only those rows: ties are rare except
+    for degenerate vectors such as an all-zero cold-start user).
+    """
+    vals, idx = torch.topk(scores, k, dim=1, largest=True, sorted=True)
+    thr = vals[:, -1:]
+    n_ge = (scores >= thr).sum(dim=1)
+    tied = torch.nonzero(n_ge > k).flatten()
+    if tied.numel() > 0:
+        sub, t = scores[tied], thr[tied]
+        gt = sub > t
+        eq = sub == t
+        # Fill the slots left after the strictly-greater items with the lowest-index ties.
+        free = k - gt.sum(dim=1, keepdim=True)
+        chosen = gt | (eq & (eq.cumsum(dim=1) <= free))
+        # Exactly k chosen per row; nonzero() lists them row-major, i.e. by ascending column.
+        idx[tied] = torch.nonzero(chosen)[:, 1].view(-1, k)
+    # Order inside the top-k: score descending, then index ascending (stable sort on sorted idx).
+    idx, _ = torch.sort(idx, dim=1)
+    vals = torch.gather(scores, 1, idx)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    return torch.gather(idx, 1, order)
+
+
+@torch.no_grad()
+def topk_items(
+    user_vecs: torch.Tensor,
+    item_vecs: torch.Tensor,
+    k: int,
+    *,
+    exclude_first: bool = True,
+    chunk: int = 4096,
+) -> np.ndarray:
+    """Exact top-K item indices by inner product over the whole catalog.
+
+    user_vecs: (U, D); item_vecs: (N, D) with row 0 the padding/unknown item. Returns int64
+    (U, K') with K' = min(k, N - 1) when exclude_first (item 0 is never returned: its score is
+    -inf) else min(k, N). Rows are sorted by score descending; ties are broken by lower item
+    index first, deterministically. Users are processed in chunks of at most `chunk` rows (and at
+    most 2**26 score elements) so memory stays bounded.
+    """
+    if k <= 0:
+        raise ValueError(f"k must be >= 1, got {k}")
+    user_vecs = torch.as_tensor(user_vecs)
+    item_vecs = torch.as_tensor(item_vecs)
+    if user_vecs.ndim != 2 or item_vecs.ndim != 2:
+        raise ValueError(
+            f"user_vecs and item_vecs must be 2-D, got shapes {tuple(user_vecs.shape)} "
+            f"and {tuple(item_vecs.shape)}"
+        )
+    if user_vecs.shape[1] != item_vecs.shape[1]:
+        raise ValueError(
+            f"dimension mismatch: users have D={user_vecs.shape[1]}, items D={item_vecs.shape[1]}"
+        )
+    n_items = item_vecs.shape[0]
+    n_cand = n_items - 1 if exclude_first else n_items
+    if n_cand < 1:
+        raise ValueError(f"no candidate items: catalog has {n_items} rows (exclude_first={exclude_first})")
+    kk = min(k, n_cand)
+    item_vecs = item_vecs.float()
+    rows = max(1, min(chunk, _MAX_CHUNK_ELEMENTS // n_items))
+    out = np.empty((user_vecs.shape[0], kk), dtype=np.int64)
+    for start in range(0, user_vecs.shape[0], rows):
+        u = user_vecs[start : start + rows].to(item_vecs.device, torch.float32)
+        scores = u @ item_vecs.T
+        if exclude_first:
+            scores[:, 0] = -math.inf
+        out[start : start + u.shape[0]] = _sorted_topk(scores, kk).cpu().numpy()
+    return out
+
+
+def recall_ndcg(
+    topk: np.ndarray, relevant: Sequence[np.ndarray], ks: Sequence[int]
+) -> dict[int, dict[str, float]]:
+    """Recall@k and nDCG@k for each k in ks, averaged over users with >= 1 relevant item.
+
+    topk: (U, K) ranked item indices, best first; negative entries (ANN padding -1) never hit,
+    and a repeated item in a row counts only at its first position. relevant: U arrays of
+    relevant item indices (duplicates are removed). If k > K the ranking is shorter than k: the
+    missing positions are misses, while IDCG still uses min(|relevant|, k).
+    Returns {k: {"recall": float, "ndcg": float, "users": n}} with n the number of users counted
+    (0 users -> recall and ndcg are NaN).
+    """
+    topk = np.asarray(topk)
+    if topk.ndim != 2:
+        raise ValueError(f"topk must be 2-D (U, K), got shape {topk.shape}")
+    n_users, width = topk.shape
+    if len(relevant) != n_users:
+        raise ValueError(f"relevant has {len(relevant)} entries but topk has {n_users} rows")
+    if any(int(k) <= 0 for k in ks):
+        raise ValueError(f"every k must be >= 1, got {list(ks)}")
+    topk = topk.astype(np.int64, copy=False)
+    rel_arrays = [np.asarray(r, dtype=np.int64).ravel() for r in relevant]
+    lengths = np.fromiter((a.size for a in rel_arrays), dtype=np.int64, count=n_users)
+    rel_items = np.concatenate(rel_arrays) if n_users else np.empty(0, np.int64)
+    rel_users = np.repeat(np.arange(n_users, dtype=np.int64), lengths)
+    if rel_items.size and rel_items.min() < 0:
+        raise ValueError(f"relevant item indices must be >= 0, found {int(rel_items.min())}")
+
+    # Encode (user, item) as one int64 key so membership is a single vectorised np.isin.
+    base = int(max(rel_items.max(initial=0), topk.max(initial=0))) + 1
+    rel_keys = np.unique(rel_users * base + rel_items)  # also removes duplicates
+    n_rel = np.bincount(rel_keys // base, minlength=n_users)
+
+    keys = np.arange(n_users, dtype=np.int64)[:, None] * base + topk
+    # Padding (-1) gets distinct negative keys: never a hit and never a "duplicate" of a real item.
+    keys = np.where(topk >= 0, keys, -1 - np.arange(keys.size, dtype=np.int64).reshape(keys.shape))
+    hit = np.isin(keys, rel_keys)
+    # A repeated item in one ranking must not count twice: keep only first occurrences.
+    _, first = np.unique(keys.ravel(), return_index=True)
+    first_mask = np.zeros(keys.size, dtype=bool)
+    first_mask[first] = True
+    hit &= first_mask.reshape(keys.shape)
+
+    users = n_rel > 0
+    n_eval = int(users.sum())
+    hit, n_rel = hit[users].astype(np.float64), n_rel[users]
+    results: dict[int, dict[str, float]] = {}
+    for k in ks:
+        k = int(k)
+        kw = min(k, width)
+        disc = 1.0 / np.log2(np.arange(2, k + 2, dtype=np.float64))  # rank r -> 1/log2(r+1)
+        ideal = np.cumsum(disc)  # ideal[m-1] = IDCG with m relevant items at the top
+        if n_eval == 0:
+            results[k] = {"recall": float("nan"), "ndcg": float("nan"), "users": 0}
+            continue
+        hk = hit[:, :kw]
+        recall = hk.sum(axis=1) / n_rel
+        ndcg = (hk @ disc[:kw]) / ideal[np.minimum(n_rel, k) - 1]
+        results[k] = {"recall": float(recall.mean()), "ndcg": float(ndcg.mean()), "users": n_eval}
+    return results
+
+
+def popularity_topk(counts: np.ndarray, n_users: int, k: int) -> np.ndarray:
+    """Most-popular baseline: the same ranking for every user, (n_users, min(k, N - 1)) int64.
+
+    counts: (N,) positives per item index. Items by count descending, ties by index ascending;
+    index 0 (padding) is excluded.
+    """
+    counts = np.asarray(counts).ravel()
+    if counts.size < 2:
+        raise ValueError(f"counts must cover item 0 plus >= 1 item, got {counts.size} entries")
+    if k <= 0:
+        raise ValueError(f"k must be >= 1, got {k}")
+    idx = np.arange(1, counts.size, dtype=np.int64)
+    order = idx[np.lexsort((idx, -counts[1:].astype(np.float64)))][: min(k, idx.size)]
+    return np.tile(order, (n_users, 1))
+
+
+def random_topk(n_items: int, n_users: int, k: int, seed: int) -> np.ndarray:
+    """Random baseline: (n_users, min(k, n_items - 1)) int64 distinct item indices in [1, n_items).
+
+    Each row is a uniformly random ordered sample without replacement; deterministic given seed.
+    """
+    n_cand = n_items - 1
+    if n_cand < 1 or k <= 0:
+        raise ValueError(f"need n_items >= 2 and k >= 1, got n_items={n_items}, k={k}")
+    kk = min(k, n_cand)
+    rng = np.random.default_rng(seed)
+    if kk * 4 > n_cand:
+        # Dense case: rank random keys; chunked so (rows, n_cand) stays small.
+        out = np.empty((n_users, kk), dtype=np.int64)
+        rows = max(1, _MAX_CHUNK_ELEMENTS // 8 // n_cand)
+        for s in range(0, n_users, rows):
+            keys = rng.random((min(rows, n_users - s), n_cand))
+            out[s : s + keys.shape[0]] = np.argsort(keys, axis=1)[:, :kk] + 1
+        return out
+    # Sparse case (k << N): draw iid and redraw the rows that contain a duplicate. Conditioning
+    # on "no duplicate" keeps the sample uniform; with kk <= N/4 few rows need a redraw.
+    out = rng.integers(1, n_items, size=(n_users, kk), dtype=np.int64)
+    bad = np.arange(n_users)
+    while bad.size:
+        s = np.sort(out[bad], axis=1)
+        bad = bad[(s[:, 1:] == s[:, :-1]).any(axis=1)]
+        out[bad] = rng.integers(1, n_items, size=(bad.size, kk), dtype=np.int64)
+    return out
+
+
+def evaluate_objective(
+    user_vecs: torch.Tensor,
+    item_vecs: torch.Tensor,
+    relevant: Sequence[np.ndarray],
+    ks: Sequence[int],
+    *,
+    exclude_first: bool = True,
+    chunk: int = 4096,
+) -> dict[int, dict[str, float]]:
+    """Exact top-max(ks) retrieval over the whole catalog, then recall_ndcg (same return value)."""
+    topk = topk_items(user_vecs, item_vecs, max(ks), exclude_first=exclude_first, chunk=chunk)
+    return recall_ndcg(topk, relevant, ks)
+
+
+def format_metrics_table(rows: list[dict], *, digits: int = 4) -> str:
+    """Markdown table of dict rows; columns in order of first appearance, floats to `digits`."""
+    cols: list[str] = []
+    for row in rows:
+        cols.extend(c for c in row if c not in cols)
+
+    def cell(v: object) -> str:
+        if isinstance(v, float | np.floating):
+            return f"{float(v):.{digits}f}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)

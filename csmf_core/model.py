@@ -1,0 +1,240 @@
+"""Two-tower retrieval model whose every unit has an owner stage.
+
+Units are embedding columns, hidden units and output dimensions. A unit's incoming weights
+and bias belong to the unit's owner; an edge a -> b exists only if owner(a) <= owner(b).
+`forward(..., mode=t)` uses only parameter entries owned by stages <= t, so a unit owned by
+stage s computes bit-identical values in every mode >= s, and the mode-t score is
+
+    s_t(u, i) = sum over output dims d with owner(d) <= t of e_u[d] * v_i[d].
+
+That identity is what makes single-vector fusion exact (csmf-method.md sections 3 and 5).
+No normalisation mixes units (no LayerNorm / BatchNorm / L2 over the vector).
+
+Ownership itself lives in `csmf_core.masks` as data; the model only applies it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from csmf_core.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class TowerSpec:
+    """What one tower reads.
+
+    cat: (feature name, cardinality) per categorical column, cardinality counting code 0.
+    n_num: number of numeric columns.
+    hist: names of behaviour sequences (user side; item indices, 0 = padding).
+    n_items: vocabulary of the behaviour-sequence embeddings (items incl. row 0).
+    id_feature: the categorical column that is the entity id (gets `id_emb_dim` columns).
+    """
+
+    cat: tuple[tuple[str, int], ...]
+    n_num: int = 0
+    hist: tuple[str, ...] = ()
+    n_items: int = 0
+    id_feature: str | None = None
+
+
+@dataclass
+class TowerInputs:
+    """Batch inputs of one tower: cat (B, n_cat) int64, num (B, n_num) float32, hists [(B, L) int64]."""
+
+    cat: torch.Tensor
+    num: torch.Tensor
+    hists: list[torch.Tensor] = field(default_factory=list)
+
+    def to(self, device: torch.device | str) -> TowerInputs:
+        return TowerInputs(self.cat.to(device), self.num.to(device), [h.to(device) for h in self.hists])
+
+
+@dataclass(frozen=True)
+class UnitGroup:
+    """A set of units sharing one owner vector.
+
+    name: group name, e.g. "user.layers.1" or "output".
+    size: number of units.
+    params: names of the parameters whose entries the units own (emb weight, or weight + bias).
+    inputs: for a linear group, the groups feeding it, in concatenation order; the tower's
+        numeric columns appear as ("num:<tower>", n) and are always owned by stage 0.
+    kind: "emb" or "linear".
+    """
+
+    name: str
+    size: int
+    params: tuple[str, ...]
+    inputs: tuple[str, ...] = ()
+    kind: str = "linear"
+
+
+def _init_linear(weight: torch.Tensor, bias: torch.Tensor, gen: torch.Generator) -> None:
+    # nn.Linear's default ranges (uniform +-1/sqrt(fan_in)), drawn from an explicit generator so
+    # that a model is reproducible from its config alone.
+    bound = 1.0 / math.sqrt(weight.shape[1])
+    with torch.no_grad():
+        weight.uniform_(-bound, bound, generator=gen)
+        bias.uniform_(-bound, bound, generator=gen)
+
+
+class Tower(nn.Module):
+    """Embeddings (+ mean-pooled sequences) + numeric columns -> MLP -> (B, dim)."""
+
+    def __init__(self, spec: TowerSpec, cfg: ModelConfig, gen: torch.Generator):
+        super().__init__()
+        self.spec = spec
+        self.emb = nn.ModuleDict()
+        for name, card in spec.cat:
+            d = cfg.id_emb_dim if name == spec.id_feature else cfg.emb_dim
+            e = nn.Embedding(int(card), d)
+            with torch.no_grad():
+                e.weight.normal_(0.0, 0.1, generator=gen)
+            self.emb[name] = e
+        self.hist = nn.ModuleDict()
+        for name in spec.hist:
+            e = nn.Embedding(int(spec.n_items), cfg.hist_emb_dim, padding_idx=0)
+            with torch.no_grad():
+                e.weight.normal_(0.0, 0.1, generator=gen)
+                e.weight[0].zero_()
+            self.hist[name] = e
+        in_dim = sum(e.embedding_dim for e in self.emb.values())
+        in_dim += sum(e.embedding_dim for e in self.hist.values()) + spec.n_num
+        widths = [in_dim, *cfg.hidden, cfg.dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        for lin in self.layers:
+            _init_linear(lin.weight, lin.bias, gen)
+
+    def forward(self, x: TowerInputs, masks: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """(B, ...) inputs -> (B, dim). `masks`: this tower's float 0/1 masks keyed by local param name."""
+        parts = []
+        for k, (name, e) in enumerate(self.emb.items()):
+            v = e(x.cat[:, k])
+            if masks is not None:
+                v = v * masks[f"emb.{name}.weight"]
+            parts.append(v)
+        for k, (name, e) in enumerate(self.hist.items()):
+            seq = x.hists[k]
+            # mean over non-padding entries; embedding_bag skips padding_idx in the sum
+            pooled = F.embedding_bag(seq, e.weight, mode="sum", padding_idx=0)
+            count = (seq > 0).sum(dim=1, keepdim=True).clamp_min(1).to(pooled.dtype)
+            v = pooled / count
+            if masks is not None:
+                v = v * masks[f"hist.{name}.weight"]
+            parts.append(v)
+        if self.spec.n_num:
+            parts.append(x.num)
+        h = torch.cat(parts, dim=1)
+        last = len(self.layers) - 1
+        for k, lin in enumerate(self.layers):
+            if masks is None:
+                h = F.linear(h, lin.weight, lin.bias)
+            else:
+                h = F.linear(h, lin.weight * masks[f"layers.{k}.weight"], lin.bias * masks[f"layers.{k}.bias"])
+            if k < last:
+                h = F.relu(h)
+        return h
+
+    def unit_groups(self, prefix: str) -> list[UnitGroup]:
+        groups = []
+        first_inputs = []
+        for name, e in self.emb.items():
+            g = f"{prefix}.emb.{name}"
+            groups.append(UnitGroup(g, e.embedding_dim, (f"{g}.weight",), kind="emb"))
+            first_inputs.append(g)
+        for name, e in self.hist.items():
+            g = f"{prefix}.hist.{name}"
+            groups.append(UnitGroup(g, e.embedding_dim, (f"{g}.weight",), kind="emb"))
+            first_inputs.append(g)
+        if self.spec.n_num:
+            first_inputs.append(f"num:{prefix}:{self.spec.n_num}")
+        prev: tuple[str, ...] = tuple(first_inputs)
+        for k, lin in enumerate(self.layers):
+            g = f"{prefix}.layers.{k}"
+            groups.append(UnitGroup(g, lin.out_features, (f"{g}.weight", f"{g}.bias"), prev))
+            prev = (g,)
+        return groups
+
+
+class TwoTower(nn.Module):
+    """User and item towers with inner-product score and per-unit stage ownership.
+
+    `set_owners(owners)` installs the per-parameter owner tensors (see `csmf_core.masks`);
+    until then every entry is used (a plain two-tower model, useful as a reference).
+    """
+
+    def __init__(self, user_spec: TowerSpec, item_spec: TowerSpec, cfg: ModelConfig, n_stages: int):
+        super().__init__()
+        if n_stages < 2:
+            raise ValueError(f"CSMF needs at least 2 cascaded objectives, got n_stages={n_stages}")
+        gen = torch.Generator().manual_seed(cfg.init_seed)
+        self.cfg = cfg
+        self.n_stages = n_stages
+        self.user = Tower(user_spec, cfg, gen)
+        self.item = Tower(item_spec, cfg, gen)
+        self._owners: dict[str, torch.Tensor] | None = None
+        self._mode_masks: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+
+    # -- ownership -------------------------------------------------------------------------
+    def unit_groups(self) -> list[UnitGroup]:
+        """Every unit group; the two output layers are one tied group "output" (same owners)."""
+        groups = self.user.unit_groups("user") + self.item.unit_groups("item")
+        out_u, out_i = f"user.layers.{len(self.user.layers) - 1}", f"item.layers.{len(self.item.layers) - 1}"
+        return [g for g in groups if g.name not in (out_u, out_i)] + [
+            UnitGroup("output", self.cfg.dim, (), kind="output")
+        ]
+
+    def output_layers(self) -> tuple[str, str]:
+        return f"user.layers.{len(self.user.layers) - 1}", f"item.layers.{len(self.item.layers) - 1}"
+
+    def set_owners(self, owners: dict[str, torch.Tensor] | None) -> None:
+        """Install per-parameter owner tensors (uint8; 255 = no edge). Clears cached mode masks."""
+        if owners is not None:
+            params = dict(self.named_parameters())
+            for name, o in owners.items():
+                if name not in params:
+                    raise KeyError(f"owner tensor for unknown parameter {name!r}")
+        self._owners = owners
+        self._mode_masks.clear()
+
+    @property
+    def owners(self) -> dict[str, torch.Tensor] | None:
+        return self._owners
+
+    def _masks_for(self, mode: int) -> dict[str, dict[str, torch.Tensor]] | None:
+        if self._owners is None:
+            return None
+        if mode not in self._mode_masks:
+            dev = next(self.parameters()).device
+            split: dict[str, dict[str, torch.Tensor]] = {"user": {}, "item": {}}
+            for name, o in self._owners.items():
+                tower, local = name.split(".", 1)
+                split[tower][local] = (o.to(dev).long() <= mode).to(torch.float32)
+            self._mode_masks[mode] = split
+        return self._mode_masks[mode]
+
+    def _check_mode(self, mode: int | None) -> int:
+        mode = self.n_stages - 1 if mode is None else int(mode)
+        if not 0 <= mode < self.n_stages:
+            raise ValueError(f"mode must be in [0, {self.n_stages - 1}], got {mode}")
+        return mode
+
+    # -- forward ---------------------------------------------------------------------------
+    def user_vectors(self, x: TowerInputs, mode: int | None = None) -> torch.Tensor:
+        """(B, dim) user vectors in `mode` (default: full mode)."""
+        m = self._masks_for(self._check_mode(mode))
+        return self.user(x, None if m is None else m["user"])
+
+    def item_vectors(self, x: TowerInputs, mode: int | None = None) -> torch.Tensor:
+        """(B, dim) item vectors in `mode` (default: full mode, the vectors that are indexed)."""
+        m = self._masks_for(self._check_mode(mode))
+        return self.item(x, None if m is None else m["item"])
+
+    def score(self, u: TowerInputs, i: TowerInputs, mode: int | None = None) -> torch.Tensor:
+        """(B,) scores of paired rows in `mode`."""
+        return (self.user_vectors(u, mode) * self.item_vectors(i, mode)).sum(dim=1)

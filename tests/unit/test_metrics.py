@@ -1,0 +1,172 @@
+"""Unit tests for csmf_core.metrics: hand-computed Recall/nDCG, exact top-K, baselines."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from csmf_core.metrics import (
+    evaluate_objective,
+    format_metrics_table,
+    popularity_topk,
+    random_topk,
+    recall_ndcg,
+    topk_items,
+)
+
+L3 = 1 / math.log2(3)  # discount at rank 2 = 0.6309...
+L4 = 1 / math.log2(4)  # discount at rank 3 = 0.5
+L5 = 1 / math.log2(5)  # discount at rank 4 = 0.4307...
+
+
+def test_recall_ndcg_hand_computed():
+    topk = np.array(
+        [
+            [7, 1, 3, 5],  # A: relevant {3, 7}: hits at ranks 1 and 3
+            [1, 2, 4, 5],  # B: relevant {2, 4, 6, 8, 9} (5 > K): hits at ranks 2 and 3
+            [1, 2, 3, 4],  # C: no relevant item -> skipped, not counted
+            [9, 5, 1, 2],  # D: relevant [5, 5, 5] = {5}: hit at rank 2
+        ]
+    )
+    relevant = [
+        np.array([3, 7]),
+        np.array([2, 4, 6, 8, 9]),
+        np.array([], dtype=np.int64),
+        np.array([5, 5, 5]),
+    ]
+    res = recall_ndcg(topk, relevant, ks=[2, 4])
+
+    # K=2. A: recall 1/2; DCG = 1 (rank 1), IDCG = 1 + L3 -> 1/(1+L3).
+    #      B: recall 1/5; DCG = L3 (rank 2), IDCG over min(5,2)=2 items = 1 + L3.
+    #      D: recall 1/1 (duplicates removed); DCG = L3, IDCG = 1.
+    a2, b2, d2 = 1 / (1 + L3), L3 / (1 + L3), L3
+    assert res[2]["users"] == 3
+    assert res[2]["recall"] == pytest.approx((0.5 + 0.2 + 1.0) / 3, abs=1e-12)
+    assert res[2]["ndcg"] == pytest.approx((a2 + b2 + d2) / 3, abs=1e-12)
+    assert res[2]["ndcg"] == pytest.approx((1 + L3) / 3, abs=1e-12)  # a2 + b2 = 1 exactly
+
+    # K=4. A: recall 2/2; DCG = 1 + L4, IDCG = 1 + L3.
+    #      B: recall 2/5; DCG = L3 + L4, IDCG over min(5,4)=4 items = 1 + L3 + L4 + L5.
+    #      D: recall 1; DCG = L3, IDCG = 1.
+    a4 = (1 + L4) / (1 + L3)  # 1.5 / 1.6309 = 0.9197
+    b4 = (L3 + L4) / (1 + L3 + L4 + L5)  # 1.1309 / 2.5616 = 0.4415
+    assert res[4]["users"] == 3
+    assert res[4]["recall"] == pytest.approx((1.0 + 0.4 + 1.0) / 3, abs=1e-12)
+    assert res[4]["ndcg"] == pytest.approx((a4 + b4 + L3) / 3, abs=1e-12)
+    assert a4 == pytest.approx(0.91972, abs=1e-4) and b4 == pytest.approx(0.44149, abs=1e-4)
+
+
+def test_recall_ndcg_padding_duplicates_and_short_lists():
+    # -1 padding never hits; item 3 repeated in the ranking counts once (at rank 1).
+    topk = np.array([[3, 3, -1], [-1, -1, -1]])
+    res = recall_ndcg(topk, [[3, 4], [4]], ks=[3, 5])
+    # user 0: recall 1/2, DCG 1, IDCG(min(2,3)=2) = 1 + L3. user 1: 0, 0.
+    assert res[3]["recall"] == pytest.approx((0.5 + 0) / 2)
+    assert res[3]["ndcg"] == pytest.approx((1 / (1 + L3)) / 2)
+    # k=5 > width 3: missing positions are misses; IDCG still over min(2, 5) = 2 items.
+    assert res[5] == pytest.approx(res[3])
+    # No user with a relevant item -> NaN and 0 users (never a silent 0.0).
+    empty = recall_ndcg(np.array([[1, 2]]), [[]], ks=[2])
+    assert empty[2]["users"] == 0 and math.isnan(empty[2]["recall"])
+
+
+def test_recall_ndcg_matches_per_user_reference():
+    rng = np.random.default_rng(0)
+    n_users, n_items, width = 300, 40, 12
+    topk = np.stack([rng.permutation(np.arange(1, n_items))[:width] for _ in range(n_users)])
+    relevant = [rng.integers(1, n_items, size=rng.integers(0, 15)) for _ in range(n_users)]
+    res = recall_ndcg(topk, relevant, ks=[1, 5, 12])
+    for k in (1, 5, 12):
+        rec, nd = [], []
+        for row, rel in zip(topk, relevant):
+            rel = set(rel.tolist())
+            if not rel:
+                continue
+            gains = [1.0 if it in rel else 0.0 for it in row[:k]]
+            rec.append(sum(gains) / len(rel))
+            dcg = sum(g / math.log2(r + 2) for r, g in enumerate(gains))
+            idcg = sum(1 / math.log2(r + 2) for r in range(min(len(rel), k)))
+            nd.append(dcg / idcg)
+        assert res[k]["users"] == len(rec)
+        assert res[k]["recall"] == pytest.approx(np.mean(rec), abs=1e-12)
+        assert res[k]["ndcg"] == pytest.approx(np.mean(nd), abs=1e-12)
+
+
+def test_recall_ndcg_rejects_bad_input():
+    with pytest.raises(ValueError, match="relevant has 1 entries but topk has 2 rows"):
+        recall_ndcg(np.zeros((2, 3), dtype=np.int64), [[1]], ks=[1])
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        recall_ndcg(np.zeros((1, 3), dtype=np.int64), [[1]], ks=[0])
+
+
+def test_topk_items_matches_bruteforce_argsort():
+    g = torch.Generator().manual_seed(0)
+    users, items = torch.randn(53, 16, generator=g), torch.randn(200, 16, generator=g)
+    # Make the padding row win every query by far, so excluding it is actually tested.
+    users[:, 0] = users[:, 0].abs() + 1
+    items[0] = 0.0
+    items[0, 0] = 1000.0
+    got = topk_items(users, items, 10, chunk=7)  # small chunk: several chunks plus a ragged last one
+    scores = users.double().numpy() @ items.double().numpy().T
+    scores[:, 0] = -np.inf
+    want = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+    assert got.dtype == np.int64 and got.shape == (53, 10)
+    np.testing.assert_array_equal(got, want)
+    # Without exclusion item 0 comes first for every user.
+    assert (topk_items(users, items, 3, exclude_first=False)[:, 0] == 0).all()
+
+
+def test_topk_items_ties_and_width():
+    # D=1 item "vectors": item 5 scores 2, every other item 1 (item 0 is padding).
+    items = torch.ones(10, 1)
+    items[5] = 2.0
+    users = torch.tensor([[1.0], [0.0]])  # user 1 is all-zero: every item ties at 0
+    got = topk_items(users, items, 3)
+    # Ties broken by lower index: user 0 -> [5, 1, 2]; user 1 -> [1, 2, 3].
+    np.testing.assert_array_equal(got, [[5, 1, 2], [1, 2, 3]])
+    # k larger than the catalog: all N-1 = 9 real items, no index 0.
+    full = topk_items(users, items, 50)
+    assert full.shape == (2, 9) and 0 not in full
+    np.testing.assert_array_equal(full[1], np.arange(1, 10))
+    with pytest.raises(ValueError, match="dimension mismatch"):
+        topk_items(users, torch.ones(10, 2), 3)
+
+
+def test_evaluate_objective_small_catalog():
+    # scores of user [1, 0]: item1 1.0, item2 0.0, item3 0.5 -> ranking [1, 3, 2].
+    items = torch.tensor([[10.0, 10.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    res = evaluate_objective(torch.tensor([[1.0, 0.0]]), items, [np.array([3])], ks=[1, 2, 50])
+    assert res[1]["recall"] == 0.0 and res[1]["ndcg"] == 0.0
+    # relevant item at rank 2: recall 1, nDCG = L3 / 1.
+    assert res[2]["recall"] == 1.0 and res[2]["ndcg"] == pytest.approx(L3)
+    assert res[50]["recall"] == 1.0 and res[50]["users"] == 1  # catalog smaller than 50 is fine
+
+
+def test_popularity_topk():
+    counts = np.array([100, 3, 5, 5, 0, 7])  # item 0 (padding) must never appear
+    got = popularity_topk(counts, n_users=4, k=3)
+    # counts desc, ties by index: 5 (7), 2 (5), 3 (5), then 1 (3), 4 (0)
+    np.testing.assert_array_equal(got, np.tile([5, 2, 3], (4, 1)))
+    assert popularity_topk(counts, 1, 99).tolist() == [[5, 2, 3, 1, 4]]
+
+
+@pytest.mark.parametrize(("n_items", "k"), [(1000, 5), (10, 8), (10, 50)])
+def test_random_topk(n_items, k):
+    got = random_topk(n_items, 500, k, seed=1)
+    kk = min(k, n_items - 1)
+    assert got.shape == (500, kk) and got.dtype == np.int64
+    assert got.min() >= 1 and got.max() < n_items
+    assert all(len(set(r)) == kk for r in got.tolist())
+    np.testing.assert_array_equal(got, random_topk(n_items, 500, k, seed=1))
+    assert not np.array_equal(got, random_topk(n_items, 500, k, seed=2))
+
+
+def test_format_metrics_table():
+    table = format_metrics_table([{"model": "csmf", "recall@50": 0.17771}, {"model": "pop", "users": 3}])
+    assert table.splitlines() == [
+        "| model | recall@50 | users |",
+        "|---|---|---|",
+        "| csmf | 0.1777 |  |",
+        "| pop |  | 3 |",
+    ]
