@@ -201,9 +201,11 @@ def _check_ranges(cfg: CSMFConfig, errors: list[str]) -> None:
 
 def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | None = None) -> CSMFConfig:
     """Build a validated config from a nested dict and `section.key=value` overrides."""
-    raw = {k: dict(v or {}) for k, v in (raw or {}).items()} if isinstance(raw, dict) else raw
+    raw = {} if raw is None else raw
     errors: list[str] = []
-    if not isinstance(raw, dict):
+    if isinstance(raw, dict) and all(isinstance(v, dict | None) for v in raw.values()):
+        raw = {k: dict(v or {}) for k, v in raw.items()}
+    else:
         raise ConfigError(f"config must be a mapping of sections, got {type(raw).__name__}")
     for item in overrides or []:
         if "=" not in item or "." not in item.split("=", 1)[0]:

@@ -160,8 +160,9 @@ def _rng(seed: int, *key: int) -> np.random.Generator:
 
 def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Index of the nearest centroid for every row of x (n, r) -> (n,) int64."""
-    d = (x**2).sum(1)[:, None] - 2 * x @ centroids.T + (centroids**2).sum(1)[None, :]
-    return d.argmin(1)
+    c2 = (centroids**2).sum(1)[None, :]
+    # ||x||^2 is constant per row; chunks bound the (rows, K) temporary (K is ~2500 brands on `large`).
+    return np.concatenate([(c2 - 2 * x[lo : lo + 8192] @ centroids.T).argmin(1) for lo in range(0, len(x), 8192)])
 
 
 def _quantile_bucket(x: np.ndarray, k: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,9 +215,9 @@ def write_spec(directory: str | os.PathLike, spec: DatasetSpec) -> Path:
     text = "# canonical dataset description (docs/architecture.md section 1)\n" + yaml.safe_dump(
         spec.to_dict(), sort_keys=False, default_flow_style=None, width=110
     )
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".dataset.yaml.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
+    # A uniquely named sibling (not mkstemp: its 0600 mode would outlive the rename) then rename.
+    tmp = directory / f".{SPEC_FILE}.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(text)
     os.replace(tmp, directory / SPEC_FILE)
     return directory / SPEC_FILE
 

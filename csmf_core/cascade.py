@@ -1,0 +1,120 @@
+"""The CSMF cascade as a plan of steps, runnable in memory (library) or one step per task (flows).
+
+For objectives o_0..o_{N-1}, the plan is
+
+    pretrain_<o_0> -> cpp_prune_<o_0> -> recover_<o_0> -> finetune_<o_1> -> cpp_prune_<o_1>
+    -> recover_<o_1> -> ... -> finetune_<o_{N-1}>
+
+(`recover_*` steps are left out when accuracy recovery is disabled). `run_step` executes one
+step on a model in memory; `run_cascade` runs the whole plan and reports after every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from csmf_core.config import CSMFConfig
+from csmf_core.cpp import prune_stage
+from csmf_core.evaluate import EvalRows
+from csmf_core.masks import UnitOwners, param_owners
+from csmf_core.model import TowerSpec, TwoTower
+from csmf_core.train import FeatureTables, TrainRows, item_log_q, train_stage
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str  # e.g. "finetune_click"
+    kind: str  # "train" | "prune" | "recover"
+    stage: int
+
+
+@dataclass
+class CascadeData:
+    """Everything training and evaluation need, in memory.
+
+    objectives: names in cascade order. counts[t]: (N_items,) positives of objective t per item
+    in the training window (log-Q correction and the popularity baseline).
+    """
+
+    objectives: list[str]
+    user_spec: TowerSpec
+    item_spec: TowerSpec
+    tables: FeatureTables
+    rows: TrainRows
+    eval: EvalRows
+    counts: list[np.ndarray]
+
+
+@dataclass
+class StepReport:
+    step: Step
+    info: dict = field(default_factory=dict)  # training summary or pruning table
+    losses: list[float] = field(default_factory=list)
+
+
+def plan(objectives: list[str], cfg: CSMFConfig) -> list[Step]:
+    steps = []
+    for t, name in enumerate(objectives):
+        steps.append(Step(("pretrain_" if t == 0 else "finetune_") + name, "train", t))
+        if t < len(objectives) - 1:
+            steps.append(Step(f"cpp_prune_{name}", "prune", t))
+            if cfg.recover.enabled:
+                steps.append(Step(f"recover_{name}", "recover", t))
+    return steps
+
+
+def build_model(data: CascadeData, cfg: CSMFConfig) -> tuple[TwoTower, UnitOwners]:
+    """A fresh model with every unit owned by stage 0."""
+    model = TwoTower(data.user_spec, data.item_spec, cfg.model, len(data.objectives))
+    owners = UnitOwners.initial(model, tuple(data.objectives))
+    model.set_owners(param_owners(model, owners))
+    return model, owners
+
+
+def run_step(
+    step: Step,
+    model: TwoTower,
+    owners: UnitOwners,
+    data: CascadeData,
+    cfg: CSMFConfig,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[UnitOwners, StepReport]:
+    """Execute one step in place on `model`; returns the (possibly new) unit owners and a report."""
+    if step.kind == "prune":
+        c = cfg.cpp
+        new, stats = prune_stage(
+            model, owners, step.stage, rule=c.rule, tau=c.tau, ratio=c.ratio, min_keep=c.min_keep,
+            min_free=c.min_free, min_free_output=c.min_free_output, freed_init=c.freed_init,
+            seed=cfg.train.seed + step.stage,
+        )
+        return new, StepReport(step, {"layers": [s.as_dict() for s in stats], "units": new.counts()})
+    log_q = item_log_q(torch.as_tensor(data.counts[step.stage]))
+    res = train_stage(
+        model, data.tables, data.rows, step.stage, cfg,
+        phase="recover" if step.kind == "recover" else "train",
+        log_q=log_q, output_owners=owners.output_owners(), on_step=on_step, stage_name=step.name,
+    )
+    return owners, StepReport(step, res.summary(), res.losses)
+
+
+def run_cascade(
+    data: CascadeData,
+    cfg: CSMFConfig,
+    *,
+    after_step: Callable[[StepReport, TwoTower, UnitOwners], None] | None = None,
+) -> tuple[TwoTower, UnitOwners, list[StepReport]]:
+    """Run the whole plan in memory, calling `after_step(report, model, owners)` after each step."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    model, owners = build_model(data, cfg)
+    reports = []
+    for step in plan(data.objectives, cfg):
+        owners, rep = run_step(step, model, owners, data, cfg)
+        reports.append(rep)
+        if after_step is not None:
+            after_step(rep, model, owners)
+    return model, owners, reports

@@ -1,0 +1,139 @@
+"""Offline evaluation of a CSMF model (csmf-method.md section 6; definitions in metrics.py).
+
+For objective t, the relevant items of a user are the items with objective t's label in the
+evaluation period; users with none are skipped. Candidates are the whole catalog (every item
+index >= 1); nothing is excluded. A *scorer* is how items are ranked: a stage's own mode
+(`"exposure"`, `"click"`, ...), the fused score (`"fused"`, weights <k_0..k_{N-1}>), or a
+baseline (`"popularity"`: items by positives of that objective in the training window).
+Ranking by mode t uses the mode-t user vector against the full-mode item vectors, which is
+exactly the mode-t score with unit-level ownership.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from csmf_core.fusion import fuse_queries, mode_queries
+from csmf_core.metrics import popularity_topk, random_topk, recall_ndcg, topk_items
+from csmf_core.model import TwoTower
+from csmf_core.train import FeatureTables
+
+
+@dataclass
+class EvalRows:
+    """Evaluation users. u: (E,) int64; hists: [(E, L) int64] as of the evaluation start;
+    pos[t][e]: item indices with objective t's label for user e in the evaluation period."""
+
+    u: torch.Tensor
+    hists: list[torch.Tensor]
+    pos: list[list[np.ndarray]]
+
+    def __len__(self) -> int:
+        return int(self.u.numel())
+
+    def head(self, n: int) -> EvalRows:
+        if n <= 0 or n >= len(self):
+            return self
+        return EvalRows(self.u[:n], [h[:n] for h in self.hists], [p[:n] for p in self.pos])
+
+
+@torch.no_grad()
+def item_matrix(model: TwoTower, tables: FeatureTables, batch: int = 65536) -> torch.Tensor:
+    """(N_items, D) full-mode item vectors for every item index (row 0 included)."""
+    dev = next(model.parameters()).device
+    n = tables.items_cat.shape[0]
+    out = []
+    for s in range(0, n, batch):
+        idx = torch.arange(s, min(n, s + batch), device=dev)
+        out.append(model.item_vectors(tables.item_inputs(idx)).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def user_matrix(
+    model: TwoTower, tables: FeatureTables, u: torch.Tensor, hists: list[torch.Tensor], batch: int = 65536
+) -> torch.Tensor:
+    """(E, D) full-mode user vectors."""
+    dev = next(model.parameters()).device
+    out = []
+    for s in range(0, u.numel(), batch):
+        sl = slice(s, s + batch)
+        x = tables.user_inputs(u[sl].to(dev), [h[sl].to(dev) for h in hists])
+        out.append(model.user_vectors(x).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, model.cfg.dim)
+
+
+def _rows(objective: str, scorer: str, res: dict[int, dict[str, float]]) -> list[dict]:
+    return [
+        {"objective": objective, "scorer": scorer, "k": k, "recall": v["recall"], "ndcg": v["ndcg"],
+         "users": v["users"]}
+        for k, v in sorted(res.items())
+    ]
+
+
+def evaluate_model(
+    model: TwoTower,
+    output_owners: torch.Tensor,
+    tables: FeatureTables,
+    ev: EvalRows,
+    objectives: list[str],
+    *,
+    ks: tuple[int, ...] = (50,),
+    objectives_upto: int | None = None,
+    scorers: str = "own",
+    fused_weights: tuple[float, ...] | None = None,
+    popularity: list[np.ndarray] | None = None,
+    random_seed: int | None = None,
+) -> list[dict]:
+    """Recall@K / nDCG@K rows for objectives 0..objectives_upto.
+
+    scorers = "own": each objective under its own stage's mode only (the per-stage metrics);
+    scorers = "all": every trained mode, plus "fused" (needs fused_weights), plus "popularity"
+    (needs popularity[t]: (N_items,) counts) and "random" (needs random_seed).
+    Returns rows {objective, scorer, k, recall, ndcg, users}.
+    """
+    upto = len(objectives) - 1 if objectives_upto is None else objectives_upto
+    items = item_matrix(model, tables)
+    users = user_matrix(model, tables, ev.u, ev.hists)
+    kmax = max(ks)
+    rows: list[dict] = []
+    cache: dict[str, np.ndarray] = {}
+
+    def ranked(name: str, q: torch.Tensor) -> np.ndarray:
+        if name not in cache:
+            cache[name] = topk_items(q, items, kmax)
+        return cache[name]
+
+    for t in range(upto + 1):
+        rel = ev.pos[t]
+        modes = [t] if scorers == "own" else list(range(upto + 1))
+        for m in modes:
+            top = ranked(f"mode{m}", mode_queries(users, output_owners, m))
+            rows += _rows(objectives[t], objectives[m], recall_ndcg(top, rel, ks))
+        if scorers == "all" and fused_weights is not None:
+            top = ranked("fused", fuse_queries(users, output_owners, torch.tensor(fused_weights)))
+            rows += _rows(objectives[t], "fused", recall_ndcg(top, rel, ks))
+        if scorers == "all" and popularity is not None:
+            top = popularity_topk(np.asarray(popularity[t]), len(ev), kmax)
+            rows += _rows(objectives[t], "popularity", recall_ndcg(top, rel, ks))
+        if scorers == "all" and random_seed is not None:
+            top = random_topk(items.shape[0], len(ev), kmax, random_seed)
+            rows += _rows(objectives[t], "random", recall_ndcg(top, rel, ks))
+    return rows
+
+
+def metric_dict(rows: list[dict], prefix: str = "val", own_only: bool = True) -> dict[str, float]:
+    """Flatten rows to tracker keys: `val/click/recall@50` (own mode) or `val/click/fused/recall@50`."""
+    out = {}
+    for r in rows:
+        own = r["scorer"] == r["objective"]
+        if own_only and not own:
+            continue
+        mid = r["objective"] if (own and own_only) else f"{r['objective']}/{r['scorer']}"
+        for m in ("recall", "ndcg"):
+            if r[m] == r[m]:  # skip NaN (no users with that objective)
+                out[f"{prefix}/{mid}/{m}@{r['k']}"] = float(r[m])
+    return out

@@ -1,0 +1,110 @@
+"""Where the parts of a canonical dataset live, and how event partitions are found and scanned.
+
+Partitions are `events/dt=YYYY-MM-DD/` directories; their `*.parquet` files are read in name order
+(hidden `.x` and `_x` entries, such as `_SUCCESS`, are skipped everywhere). Scans are lazy and per
+file so that memory stays bounded by one partition.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from data_contracts.schema import EVENTS_DIR, canonical_event_columns
+
+_DT_DIR = re.compile(r"^dt=(\d{4}-\d{2}-\d{2})$")
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One `events/dt=YYYY-MM-DD/` directory and its Parquet files (sorted by name)."""
+
+    date: dt.date
+    path: Path
+    files: tuple[Path, ...]
+
+    @property
+    def name(self) -> str:
+        return f"dt={self.date.isoformat()}"
+
+
+def _hidden(path: Path) -> bool:
+    return path.name.startswith((".", "_"))
+
+
+def list_partitions(root: str | os.PathLike) -> tuple[list[Partition], list[str]]:
+    """All partitions under `root/events` (sorted by date) and the entries that are not partitions.
+
+    The second list holds paths relative to `root` of stray entries (a `foo/` directory, a Parquet file
+    directly under `events/`, a `dt=2026-13-40` name); an absent `events/` gives two empty lists.
+    """
+    events = Path(root) / EVENTS_DIR
+    partitions, stray = [], []
+    if not events.is_dir():
+        return [], []
+    for entry in sorted(events.iterdir()):
+        if _hidden(entry):
+            continue
+        match = _DT_DIR.match(entry.name) if entry.is_dir() else None
+        try:
+            date = dt.date.fromisoformat(match.group(1)) if match else None
+        except ValueError:
+            date = None
+        if date is None:
+            stray.append(f"{EVENTS_DIR}/{entry.name}")
+            continue
+        files = tuple(sorted(p for p in entry.glob("*.parquet") if p.is_file() and not _hidden(p)))
+        partitions.append(Partition(date=date, path=entry, files=files))
+    return partitions, stray
+
+
+def parse_dates(dates: Iterable[str | dt.date] | None) -> list[dt.date] | None:
+    """Normalise `dates` ("2022-04-25" strings or `date`s) to sorted unique dates; None stays None."""
+    if dates is None:
+        return None
+    if isinstance(dates, str | dt.date):
+        dates = [dates]
+    out = set()
+    for d in dates:
+        if isinstance(d, dt.datetime):
+            out.add(d.date())
+        elif isinstance(d, dt.date):
+            out.add(d)
+        else:
+            try:
+                out.add(dt.date.fromisoformat(str(d)))
+            except ValueError as exc:
+                raise ValueError(f"date {d!r} is not YYYY-MM-DD") from exc
+    return sorted(out)
+
+
+def select_partitions(
+    partitions: list[Partition], dates: list[dt.date] | None
+) -> tuple[list[Partition], list[dt.date]]:
+    """The partitions for `dates` (all when None) and the requested dates that have no partition."""
+    if dates is None:
+        return list(partitions), []
+    by_date = {p.date: p for p in partitions}
+    return [by_date[d] for d in dates if d in by_date], [d for d in dates if d not in by_date]
+
+
+def relative(root: Path, path: Path) -> str:
+    """`path` relative to the dataset root, with forward slashes (how violations name files)."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def scan_event_file(path: Path, objective_columns: tuple[str, ...]) -> pl.LazyFrame:
+    """Lazy scan of one events file reduced to the canonical columns and types.
+
+    Only for files whose schema passed `check_event_columns`.
+    """
+    return pl.scan_parquet(path).select(canonical_event_columns(objective_columns))

@@ -1,0 +1,47 @@
+"""Config validation and the import boundary of csmf_core."""
+
+import ast
+import pathlib
+
+import pytest
+
+from csmf_core.config import ConfigError, build_config, load_config
+
+
+def test_defaults_match_the_paper():
+    cfg = build_config()
+    assert cfg.cpp.tau == 0.75 and cfg.loss.eta == 1.8 and cfg.model.dim == 64
+    assert cfg.eval.fused_weights == (1.0, 1.8, 1.2)
+
+
+def test_overrides_and_errors_reported_together(tmp_path):
+    cfg = build_config({"cpp": {"tau": 0.5}}, ["train.lr=0.01", "train.epochs=[1,2,3]", "model.hidden=64,32"])
+    assert cfg.cpp.tau == 0.5 and cfg.train.lr == 0.01 and cfg.train.epochs == (1, 2, 3)
+    assert cfg.model.hidden == (64, 32)
+    with pytest.raises(ConfigError) as e:
+        build_config({"cpp": {"tua": 0.5}, "nope": {}}, ["train.lr=abc"])
+    msg = str(e.value)
+    assert "cpp.tua" in msg and "unknown section 'nope'" in msg and "train.lr" in msg
+    with pytest.raises(ConfigError, match="cpp.tau must be in"):
+        build_config({"cpp": {"tau": 1.5}})
+    with pytest.raises(ConfigError, match="not one of"):
+        build_config({"cpp": {"rule": "magic"}})
+    p = tmp_path / "c.yaml"
+    p.write_text("# csmf run --config c.yaml\ntrain:\n  batch_size: 64\n")
+    assert load_config(p).train.batch_size == 64
+    assert build_config().digest() == build_config().digest() != cfg.digest()
+
+
+def test_core_never_imports_orchestration():
+    root = pathlib.Path(__file__).resolve().parents[2] / "csmf_core"
+    banned = {"prefect", "mlflow"}
+    for f in root.rglob("*.py"):
+        tree = ast.parse(f.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for n in names:
+                assert n.split(".")[0] not in banned, f"{f.name} imports {n}"

@@ -1,0 +1,94 @@
+"""Sampled softmax and AML against hand-computed values and gradients."""
+
+import math
+
+import pytest
+import torch
+
+from csmf_core.losses import accidental_hits, aml_margins, sampled_softmax, upstream_scores
+
+
+def test_accidental_hits():
+    items = torch.tensor([5, 7, 5, 9])
+    hits = accidental_hits(items)
+    assert hits.nonzero().tolist() == [[0, 2], [2, 0]]
+
+
+def test_in_batch_softmax_removes_accidental_hits():
+    s = torch.tensor([[2.0, 1.0, 3.0], [0.5, 1.0, -1.0], [0.0, 2.0, 1.5]])
+    items = torch.tensor([10, 11, 10])  # rows 0 and 2 share the positive item
+    got = sampled_softmax(s, items).loss
+    # row 0: column 2 is the same item -> only column 1 is a negative
+    l0 = -2.0 + math.log(math.exp(2.0) + math.exp(1.0))
+    # row 1: both others are negatives
+    l1 = -1.0 + math.log(math.exp(0.5) + math.exp(1.0) + math.exp(-1.0))
+    # row 2: column 0 is the same item -> only column 1
+    l2 = -1.5 + math.log(math.exp(1.5) + math.exp(2.0))
+    assert float(got) == pytest.approx((l0 + l1 + l2) / 3, rel=1e-6)
+
+
+def test_temperature_logq_and_extra_negatives():
+    s = torch.tensor([[2.0, 1.0], [0.0, 1.0]])
+    items = torch.tensor([1, 2])
+    log_q = torch.tensor([math.log(0.5), math.log(0.25)])
+    extra = torch.tensor([[1.0, 9.0], [0.5, 3.0]])
+    extra_items = torch.tensor([[3, 0], [2, 4]])  # row 0: second is padding; row 1: first == positive
+    got = sampled_softmax(s, items, temperature=2.0, log_q=log_q, extra_scores=extra, extra_items=extra_items)
+    # logits = s/2 - log_q[col]; extras / 2, invalid removed
+    a = [1.0 - math.log(0.5), 0.5 - math.log(0.25)]
+    b = [0.0 - math.log(0.5), 0.5 - math.log(0.25)]
+    l0 = -a[0] + math.log(math.exp(a[0]) + math.exp(a[1]) + math.exp(0.5))
+    l1 = -b[1] + math.log(math.exp(b[1]) + math.exp(b[0]) + math.exp(1.5))
+    assert float(got.loss) == pytest.approx((l0 + l1) / 2, rel=1e-6)
+    assert got.n_neg == pytest.approx(2.0)
+
+
+def test_aml_margins_both_branches():
+    up_pos = torch.tensor([2.0])
+    up_neg = torch.tensor([[1.0, 3.0]])
+    m = aml_margins(up_pos, up_neg, sigma=0.1, eta=1.8)
+    # agree: (2 - 1) + 0.1 = 1.1 ; disagree: 1.8 * (3 - 2) + 0.1 = 1.9
+    assert m.tolist()[0] == pytest.approx([1.1, 1.9])
+
+
+def test_aml_loss_value_and_gradient():
+    # two rows; upstream agrees for row 0's negative, disagrees for row 1's
+    s = torch.tensor([[2.0, 1.0], [0.5, 1.5]], requires_grad=True)
+    up = torch.tensor([[1.0, 0.0], [0.4, 0.2]])  # row 0: up_i=1 >= up_j=0; row 1: up_i=0.2 < up_j=0.4
+    sigma, eta = 0.2, 1.8
+    m = aml_margins(up.diagonal(), up, sigma, eta)
+    loss = sampled_softmax(s, torch.tensor([1, 2]), margins=m).loss
+    loss.backward()
+    m01 = (1.0 - 0.0) + sigma  # 1.2
+    m10 = eta * (0.4 - 0.2) + sigma  # 0.56
+    z0 = [2.0, 1.0 - m01]
+    z1 = [1.5, 0.5 - m10]
+
+    def lse(z):
+        return math.log(sum(math.exp(v) for v in z))
+
+    l0 = -z0[0] + lse(z0)
+    l1 = -z1[0] + lse(z1)
+    assert float(loss) == pytest.approx((l0 + l1) / 2, rel=1e-6)
+    p0 = [math.exp(v - lse(z0)) for v in z0]
+    p1 = [math.exp(v - lse(z1)) for v in z1]
+    # d mean / d s_ii = (p_pos - 1)/B ; d / d s_ij = p_neg / B (margins are constants)
+    expected = [[(p0[0] - 1) / 2, p0[1] / 2], [p1[1] / 2, (p1[0] - 1) / 2]]
+    assert s.grad.tolist()[0] == pytest.approx(expected[0], rel=1e-5)
+    assert s.grad.tolist()[1] == pytest.approx(expected[1], rel=1e-5)
+
+
+def test_upstream_log_prob_and_last_logit():
+    seg0 = torch.tensor([[0.5, -1.0]])
+    seg1 = torch.tensor([[0.25, 2.0]])
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    up1 = upstream_scores([seg0], 1, "log_prob")
+    assert up1.tolist()[0] == pytest.approx([math.log(sig(0.5)), math.log(sig(-1.0))])
+    up2 = upstream_scores([seg0, seg1], 2, "log_prob")
+    # log(p_exposure * p_click) with s_0 = seg0 and s_1 = seg0 + seg1
+    assert up2.tolist()[0] == pytest.approx(
+        [math.log(sig(0.5) * sig(0.75)), math.log(sig(-1.0) * sig(1.0))], rel=1e-6
+    )
+    assert upstream_scores([seg0, seg1], 2, "last_logit").tolist()[0] == pytest.approx([0.75, 1.0])
+    with pytest.raises(ValueError):
+        upstream_scores([seg0], 0)

@@ -1,0 +1,78 @@
+"""Masks and checkpoints as data: round trips and validation on load."""
+
+import json
+
+import pytest
+import torch
+
+from csmf_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from csmf_core.config import ModelConfig
+from csmf_core.masks import MaskError, UnitOwners, load_masks, param_owners, save_masks
+from csmf_core.model import TowerSpec, TwoTower
+
+
+def test_mask_roundtrip_and_sidecar(trained_random, tmp_path):
+    model, owners = trained_random["model"], trained_random["owners"]
+    save_masks(tmp_path / "m", model, owners)
+    meta = json.loads((tmp_path / "m" / "masks.json").read_text())
+    assert meta["stages"] == ["exposure", "click", "conversion"]
+    assert meta["granularity"] == "unit"
+    back = load_masks(tmp_path / "m", model)
+    for k in owners.units:
+        assert torch.equal(back.units[k], owners.units[k])
+    stored = torch.load(tmp_path / "m" / "masks.pt", weights_only=True)
+    assert set(stored) == {n for n, _ in model.named_parameters()}
+    assert all(v.dtype == torch.uint8 for v in stored.values())
+
+
+def test_mask_validation_errors(trained_random, tmp_path):
+    model, owners = trained_random["model"], trained_random["owners"]
+    save_masks(tmp_path / "m", model, owners)
+    meta = json.loads((tmp_path / "m" / "masks.json").read_text())
+    meta["stages"] = ["a", "b"]
+    (tmp_path / "m" / "masks.json").write_text(json.dumps(meta))
+    with pytest.raises(MaskError, match="2 stages, the model has 3"):
+        load_masks(tmp_path / "m", model)
+    save_masks(tmp_path / "m", model, owners)
+    meta = json.loads((tmp_path / "m" / "masks.json").read_text())
+    meta["units"]["output"] = meta["units"]["output"][:-1]
+    (tmp_path / "m" / "masks.json").write_text(json.dumps(meta))
+    with pytest.raises(MaskError, match="unit group output has"):
+        load_masks(tmp_path / "m", model)
+    save_masks(tmp_path / "m", model, owners)
+    stored = torch.load(tmp_path / "m" / "masks.pt", weights_only=True)
+    stored["user.layers.0.bias"][0] = (stored["user.layers.0.bias"][0] + 1) % 3
+    torch.save(stored, tmp_path / "m" / "masks.pt")
+    with pytest.raises(MaskError, match="disagrees with the unit owners"):
+        load_masks(tmp_path / "m", model)
+    with pytest.raises(MaskError, match="missing masks.pt"):
+        load_masks(tmp_path / "nowhere", model)
+
+
+def test_checkpoint_roundtrip_is_exact(trained_random, tmp_path):
+    model, owners = trained_random["model"], trained_random["owners"]
+    save_checkpoint(tmp_path / "ck", model, owners, {"step": "finetune_conversion"})
+    m2, o2, meta = load_checkpoint(tmp_path / "ck")
+    assert meta == {"step": "finetune_conversion"}
+    probe_u, probe_i = trained_random["probe"]
+    with torch.no_grad():
+        for t in range(3):
+            a = model.user_vectors(probe_u, t) @ model.item_vectors(probe_i, t).T
+            b = m2.user_vectors(probe_u, t) @ m2.item_vectors(probe_i, t).T
+            assert torch.equal(a, b)
+    with pytest.raises(CheckpointError, match="missing model.pt"):
+        load_checkpoint(tmp_path)
+
+
+def test_n_stages_is_a_setting():
+    us = TowerSpec(cat=(("uid", 5),), id_feature="uid")
+    its = TowerSpec(cat=(("iid", 5),), id_feature="iid")
+    for n in (2, 4):
+        m = TwoTower(us, its, ModelConfig(dim=8, hidden=(8,)), n)
+        own = UnitOwners.initial(m, tuple(f"o{k}" for k in range(n)))
+        m.set_owners(param_owners(m, own))
+        x = m.user_vectors(m.user.spec and __import__("csmf_core.model").model.TowerInputs(
+            torch.tensor([[1]]), torch.zeros(1, 0)), n - 1)
+        assert x.shape == (1, 8)
+    with pytest.raises(ValueError, match="at least 2"):
+        TwoTower(us, its, ModelConfig(dim=8, hidden=(8,)), 1)
