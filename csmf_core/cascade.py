@@ -118,3 +118,44 @@ def run_cascade(
         if after_step is not None:
             after_step(rep, model, owners)
     return model, owners, reports
+
+
+def load_cascade_data(path, *, load_train: bool = True) -> CascadeData:
+    """Read a model-ready dataset directory (docs/architecture.md section 2) into CascadeData."""
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from csmf_core.data import load_model_ready
+
+    mr = load_model_ready(path, load_train=load_train)
+    objs = mr.objectives
+    hist_names = tuple(objs[1:])
+    user_spec = TowerSpec(
+        cat=tuple((c, int(mr.cardinalities[c])) for c in mr.user_cat_names),
+        n_num=len(mr.user_num_names),
+        hist=hist_names,
+        n_items=mr.n_items,
+        id_feature="c_uid",
+    )
+    item_spec = TowerSpec(
+        cat=tuple((c, int(mr.cardinalities[c])) for c in mr.item_cat_names),
+        n_num=len(mr.item_num_names),
+        id_feature="c_iid",
+    )
+    tables = FeatureTables(mr.users_cat, mr.users_num, mr.items_cat, mr.items_num)
+    if mr.train is not None:
+        tr = mr.train
+        rows = TrainRows(tr.u, tr.i, tr.level, [tr.hist[o] for o in hist_names], tr.neg if tr.neg.shape[1] else None)
+    else:
+        empty = torch.zeros(0, dtype=torch.long)
+        rows = TrainRows(empty, empty, empty.to(torch.int8), [torch.zeros(0, 1, dtype=torch.long) for _ in hist_names])
+    ev = EvalRows(mr.eval.u, [mr.eval.hist[o] for o in hist_names], [mr.eval.pos[o] for o in objs])
+    pop = pq.read_table(Path(path) / "popularity.parquet")
+    idx = pop["i"].to_numpy().astype(np.int64)
+    counts = []
+    for o in objs:
+        c = np.zeros(mr.n_items, dtype=np.int64)
+        c[idx] = pop[f"count_{o}"].to_numpy()
+        counts.append(c)
+    return CascadeData(objs, user_spec, item_spec, tables, rows, ev, counts)

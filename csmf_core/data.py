@@ -78,7 +78,7 @@ class ModelReadyData:
 def _fixed(col: pa.ChunkedArray, width: int) -> torch.Tensor:
     """fixed_size_list<int32>[width] column -> (rows, width) int64 tensor."""
     flat = col.combine_chunks().flatten().to_numpy(zero_copy_only=False)  # flatten honours slice offsets
-    return torch.from_numpy(flat.astype(np.int64).reshape(-1, width))
+    return torch.from_numpy(flat.astype(np.int64).reshape(len(col), width))
 
 
 def _vec(col: pa.ChunkedArray, dtype=np.int64) -> torch.Tensor:

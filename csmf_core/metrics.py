@@ -32,19 +32,23 @@ def _sorted_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     values outside the top-k are recomputed exactly (only those rows: ties are rare except
     for degenerate vectors such as an all-zero cold-start user).
     """
-    vals, idx = torch.topk(scores, k, dim=1, largest=True, sorted=True)
-    thr = vals[:, -1:]
-    n_ge = (scores >= thr).sum(dim=1)
-    tied = torch.nonzero(n_ge > k).flatten()
+    # One extra column tells whether the k-th value is tied with a value outside the top-k.
+    extra = int(k < scores.shape[1])
+    vals, idx = torch.topk(scores, k + extra, dim=1, largest=True, sorted=True)
+    tied = torch.nonzero(vals[:, k] == vals[:, k - 1]).flatten() if extra else vals.new_empty(0).long()
+    idx = idx[:, :k].contiguous()
     if tied.numel() > 0:
-        sub, t = scores[tied], thr[tied]
-        gt = sub > t
-        eq = sub == t
-        # Fill the slots left after the strictly-greater items with the lowest-index ties.
-        free = k - gt.sum(dim=1, keepdim=True)
-        chosen = gt | (eq & (eq.cumsum(dim=1) <= free))
-        # Exactly k chosen per row; nonzero() lists them row-major, i.e. by ascending column.
-        idx[tied] = torch.nonzero(chosen)[:, 1].view(-1, k)
+        # In tied rows the items strictly above the k-th value (the first n_gt of the topk) are
+        # right whatever the tie order; the remaining k - n_gt slots take the lowest-index items
+        # equal to it, found with a topk over -column_index (no full sort, no cumsum).
+        t = vals[tied, k - 1 : k]
+        n_gt = (vals[tied, :k] > t).sum(dim=1, keepdim=True)
+        neg_col = -torch.arange(scores.shape[1], dtype=torch.int32, device=scores.device)
+        key = torch.where(scores[tied] == t, neg_col, torch.iinfo(torch.int32).min)
+        lowest = torch.topk(key, k, dim=1).indices  # ascending column index among the ties
+        col = torch.arange(k, device=scores.device).unsqueeze(0)
+        from_ties = torch.gather(lowest, 1, (col - n_gt).clamp(min=0))
+        idx[tied] = torch.where(col >= n_gt, from_ties, idx[tied])
     # Order inside the top-k: score descending, then index ascending (stable sort on sorted idx).
     idx, _ = torch.sort(idx, dim=1)
     vals = torch.gather(scores, 1, idx)
@@ -82,6 +86,10 @@ def topk_items(
         raise ValueError(
             f"dimension mismatch: users have D={user_vecs.shape[1]}, items D={item_vecs.shape[1]}"
         )
+    # A NaN score would silently scramble the ranking (topk treats NaN as the largest value).
+    for name, t in (("user_vecs", user_vecs), ("item_vecs", item_vecs)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN/inf values")
     n_items = item_vecs.shape[0]
     n_cand = n_items - 1 if exclude_first else n_items
     if n_cand < 1:
@@ -90,9 +98,12 @@ def topk_items(
     item_vecs = item_vecs.float()
     rows = max(1, min(chunk, _MAX_CHUNK_ELEMENTS // n_items))
     out = np.empty((user_vecs.shape[0], kk), dtype=np.int64)
+    items_t = item_vecs.T.contiguous()
+    # One reused score buffer: a fresh (rows, N) allocation per chunk costs more than the matmul.
+    buf = torch.empty((min(rows, user_vecs.shape[0]), n_items), dtype=torch.float32, device=item_vecs.device)
     for start in range(0, user_vecs.shape[0], rows):
         u = user_vecs[start : start + rows].to(item_vecs.device, torch.float32)
-        scores = u @ item_vecs.T
+        scores = torch.mm(u, items_t, out=buf[: u.shape[0]])
         if exclude_first:
             scores[:, 0] = -math.inf
         out[start : start + u.shape[0]] = _sorted_topk(scores, kk).cpu().numpy()

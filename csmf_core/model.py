@@ -196,7 +196,7 @@ class TwoTower(nn.Module):
         """Install per-parameter owner tensors (uint8; 255 = no edge). Clears cached mode masks."""
         if owners is not None:
             params = dict(self.named_parameters())
-            for name, o in owners.items():
+            for name in owners:
                 if name not in params:
                     raise KeyError(f"owner tensor for unknown parameter {name!r}")
         self._owners = owners

@@ -105,7 +105,10 @@ def _encode_table(df: pl.DataFrame, id_col: str, ids: np.ndarray, spec: dict | N
     spec = spec or _infer_spec(df, id_col)
     joined = pl.DataFrame({id_col: ids}).join(df, on=id_col, how="left", maintain_order="left")
     n = len(ids) + 1
-    cols = {id_col: pl.Series(id_col, [None, *ids.tolist()], pl.Int64), idx_name: np.arange(n, dtype=np.int32)}
+    cols = {
+        id_col: pl.Series(id_col, [None, *ids.tolist()], pl.Int64),
+        idx_name: np.arange(n, dtype=np.int32),
+    }
     specs = [{"name": idx_name, "kind": "categorical", "cardinality": n, "source": id_col}]
     for f in spec.get("categorical", []):
         values = df[f].drop_nulls().unique().sort()
@@ -210,7 +213,8 @@ def prepare(
     Dates: a ``tuple`` (start, end) means every calendar date from start to end inclusive, a ``list``
     means exactly those dates, a ``str`` one date. Every training date must precede the first
     evaluation date. ``seq_len`` = L (history length), ``n_req_neg`` = M (request negatives per row),
-    ``part_rows`` = rows per train part (one row group each). The objectives come from dataset.yaml.
+    ``part_rows`` = rows per train part (one row group each). Datasets without request ids or
+    unexposed rows get all-zero ``neg`` lists. The objectives come from dataset.yaml.
     A non-empty out_dir is refused unless ``overwrite``.
     """
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
@@ -220,8 +224,9 @@ def prepare(
     train_d, eval_d = _resolve_dates(train_dates), _resolve_dates(eval_dates)
     if not train_d or not eval_d or max(train_d) >= min(eval_d):
         raise ValueError("need non-empty train and eval dates, every train date before the first eval date")
-    if seq_len < 1 or n_req_neg < 0:
-        raise ValueError("need seq_len >= 1 and n_req_neg >= 0")
+    if seq_len < 1 or n_req_neg < 1:  # arrow has no fixed_size_list of size 0; all-0 rows mean "none"
+        raise ValueError("need seq_len >= 1 and n_req_neg >= 1")
+    _prepare_out_dir(out_dir, overwrite, check_only=True)  # fail before the heavy work
     parts = _partitions(dataset_dir)
     missing = [d for d in train_d if d not in parts], [d for d in eval_d if d not in parts]
     if len(missing[0]) == len(train_d) or len(missing[1]) == len(eval_d):
@@ -238,7 +243,12 @@ def prepare(
     neg_lf = (
         ev.filter(is_train & ~c0 & pl.col("request_id").is_not_null())
         .select("request_id", "item_id")
-        .join(train_lf.select("request_id", "item_id"), on=["request_id", "item_id"], how="anti", maintain_order="left")
+        .join(
+            train_lf.select("request_id", "item_id"),
+            on=["request_id", "item_id"],
+            how="anti",
+            maintain_order="left",
+        )
         .unique(maintain_order=True)
         .with_columns(k=pl.int_range(pl.len()).over("request_id"))
         .filter(pl.col("k") < n_req_neg)
@@ -247,7 +257,9 @@ def prepare(
     hist_lfs = [ev.filter(pl.col(c)).select("user_id", "item_id", "ts") for c in cols[1:]]
     uid_lf = pl.concat([users_df.lazy().select("user_id"), ev.select("user_id")]).unique()
     iid_lf = pl.concat([items_df.lazy().select("item_id"), ev.select("item_id")]).unique()
-    train, negs, evals, uids, iids, *hists = pl.collect_all([train_lf, neg_lf, eval_lf, uid_lf, iid_lf, *hist_lfs])
+    train, negs, evals, uids, iids, *hists = pl.collect_all(
+        [train_lf, neg_lf, eval_lf, uid_lf, iid_lf, *hist_lfs]
+    )
 
     user_ids = np.sort(uids["user_id"].drop_nulls().to_numpy())
     item_ids = np.sort(iids["item_id"].drop_nulls().to_numpy())
@@ -343,10 +355,12 @@ def prepare(
 
 
 # Same helpers as csmf_core.synth (kept local so prep does not depend on the generator).
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
+def _prepare_out_dir(out_dir: Path, overwrite: bool, check_only: bool = False) -> Path:
     """Refuse a non-empty out_dir unless overwrite; return a fresh temp dir beside it."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True)")
+    if check_only:
+        return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

@@ -74,6 +74,8 @@ FEATURES = {
 AGE_BUCKETS = np.array(["18-24", "25-34", "35-44", "45-54", "55+"])
 N_REGIONS, N_USER_CLUSTERS, N_CATEGORIES = 8, 16, 24
 DAY_US = 86_400_000_000
+# Saved to _truth/world.npz besides user_factors (n_users, T, r), item_factors, intercepts and config.
+TRUTH_FIELDS = "user_ids item_ids user_shared item_shared popularity activity log_budget log_price".split()
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(n_users=300, n_items=200, n_days=6, requests_per_day=340),
@@ -162,7 +164,9 @@ def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Index of the nearest centroid for every row of x (n, r) -> (n,) int64."""
     c2 = (centroids**2).sum(1)[None, :]
     # ||x||^2 is constant per row; chunks bound the (rows, K) temporary (K is ~2500 brands on `large`).
-    return np.concatenate([(c2 - 2 * x[lo : lo + 8192] @ centroids.T).argmin(1) for lo in range(0, len(x), 8192)])
+    return np.concatenate(
+        [(c2 - 2 * x[lo : lo + 8192] @ centroids.T).argmin(1) for lo in range(0, len(x), 8192)]
+    )
 
 
 def _quantile_bucket(x: np.ndarray, k: int) -> np.ndarray:
@@ -246,7 +250,9 @@ def _simulate(world: _World, cfg: SynthConfig, users: np.ndarray, rng: np.random
     cand = np.take_along_axis(pool, top, 1)
     valid = np.isfinite(np.take_along_axis(key, top, 1))  # a short pool leaves < C distinct items
     uc = np.broadcast_to(users[:, None], cand.shape)
-    score = cfg.exposure_affinity * world.affinity(0, uc, cand) + cfg.exposure_popularity * world.log_pop[cand]
+    score = (
+        cfg.exposure_affinity * world.affinity(0, uc, cand) + cfg.exposure_popularity * world.log_pop[cand]
+    )
     score = np.where(valid, score + cfg.exposure_noise * rng.standard_normal(cand.shape), -np.inf)
     order = np.argsort(-score, axis=1, kind="stable")
     cand, valid = np.take_along_axis(cand, order, 1), np.take_along_axis(valid, order, 1)
@@ -291,16 +297,10 @@ def _calibrate(world: _World, cfg: SynthConfig) -> tuple[float, float]:
     return b_click, b_conv
 
 
+TS_TYPE = pa.timestamp("us", tz="UTC")
 EVENT_SCHEMA = pa.schema(
-    [
-        ("request_id", pa.string()),
-        ("user_id", pa.int64()),
-        ("item_id", pa.int64()),
-        ("ts", pa.timestamp("us", tz="UTC")),
-        ("exposed", pa.bool_()),
-        ("clicked", pa.bool_()),
-        ("converted", pa.bool_()),
-    ]
+    [("request_id", pa.string()), ("user_id", pa.int64()), ("item_id", pa.int64()), ("ts", TS_TYPE)]
+    + [(col, pa.bool_()) for _, col in OBJECTIVES]
 )
 
 
@@ -322,16 +322,17 @@ def _write_day(world: _World, cfg: SynthConfig, d: int, b: tuple[float, float], 
         clicked = sim["exposed"] & (crng.random(n) < _sigmoid(b[0] + sim["z_click"]))
         converted = clicked & (crng.random(n) < _sigmoid(b[1] + sim["z_conv"]))
         req_ids = pa.array([f"{stamp}-{j:07d}" for j in range(lo, hi)])
-        table = pa.table(
-            {
-                "request_id": req_ids.take(pa.array(sim["req"])),
-                "user_id": world.user_ids[users[lo:hi][sim["req"]]],
-                "item_id": world.item_ids[sim["item"]],
-                "ts": pa.array(ts[lo:hi][sim["req"]], pa.timestamp("us", tz="UTC")),
-                "exposed": sim["exposed"],
-                "clicked": clicked,
-                "converted": converted,
-            },
+        rows = sim["req"]
+        table = pa.Table.from_arrays(
+            [
+                req_ids.take(pa.array(rows)),
+                world.user_ids[users[lo:hi][rows]],
+                world.item_ids[sim["item"]],
+                pa.array(ts[lo:hi][rows], TS_TYPE),
+                sim["exposed"],
+                clicked,
+                converted,
+            ],
             schema=EVENT_SCHEMA,
         )
         path = day_dir / f"part-{k:05d}.parquet"
@@ -414,24 +415,16 @@ def generate(
         (tmp / "_truth").mkdir()
         np.savez(
             tmp / "_truth" / "world.npz",
-            user_ids=world.user_ids,
-            item_ids=world.item_ids,
             user_factors=world.P,
             item_factors=world.Q,
-            user_shared=world.user_shared,
-            item_shared=world.item_shared,
-            popularity=world.popularity,
-            activity=world.activity,
-            log_budget=world.log_budget,
-            log_price=world.log_price,
             intercepts=np.array(b),
             config=np.array(json.dumps(dataclasses.asdict(cfg))),
+            **{k: getattr(world, k) for k in TRUTH_FIELDS},
         )
         _commit_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    rel = [out_dir / p.relative_to(tmp) for p in totals["paths"]]
     return SynthSummary(
         out_dir=out_dir,
         config=cfg,
@@ -440,7 +433,7 @@ def generate(
         n_requests=totals["requests"],
         counts={name: totals[col] for name, col in OBJECTIVES},
         intercepts={"click": b[0], "conversion": b[1]},
-        event_paths=rel,
+        event_paths=[out_dir / p.relative_to(tmp) for p in totals["paths"]],
         users_path=out_dir / "users.parquet",
         items_path=out_dir / "items.parquet",
         truth_path=out_dir / "_truth" / "world.npz",

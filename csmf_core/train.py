@@ -174,18 +174,22 @@ def train_stage(
             u_in = tables.user_inputs(b.u.to(device), [h.to(device) for h in b.hists])
             it = b.i.to(device)
             uvec = model.user_vectors(u_in, stage)
-            ivec = model.item_vectors(tables.item_inputs(it), stage)
+            extra_items = b.neg.to(device) if use_neg else None
+            # one item-tower pass over the distinct items of the batch (positives and request
+            # negatives overlap heavily), then gather: the tower cost scales with distinct items
+            wanted = it if extra_items is None else torch.cat([it, extra_items.flatten()])
+            uniq, inv = torch.unique(wanted, return_inverse=True)
+            all_vec = model.item_vectors(tables.item_inputs(uniq), stage)
+            ivec = all_vec[inv[: it.numel()]]
             scores = uvec @ ivec.T
             margins = None
             if use_aml:
                 with torch.no_grad():
                     up = upstream_scores(_segment_scores(uvec, ivec, out_owners, stage), stage, cfg.loss.upstream)
                     margins = aml_margins(up.diagonal(), up, cfg.loss.sigma, cfg.loss.eta)
-            extra = extra_items = extra_margins = None
+            extra = extra_margins = None
             if use_neg:
-                extra_items = b.neg.to(device)
-                nvec = model.item_vectors(tables.item_inputs(extra_items.flatten()), stage)
-                nvec = nvec.view(extra_items.shape[0], extra_items.shape[1], -1)
+                nvec = all_vec[inv[it.numel() :]].view(extra_items.shape[0], extra_items.shape[1], -1)
                 extra = torch.einsum("bd,bmd->bm", uvec, nvec)
                 if use_aml:
                     with torch.no_grad():

@@ -39,8 +39,16 @@ from pathlib import Path
 
 import polars as pl
 
-from data_contracts.schema import EVENTS_DIR, ITEMS_FILE, USERS_FILE, DatasetSpec, Features, Objective
-from data_contracts.schema import TableFeatures, write_spec
+from data_contracts.schema import (
+    EVENTS_DIR,
+    ITEMS_FILE,
+    USERS_FILE,
+    DatasetSpec,
+    Features,
+    Objective,
+    TableFeatures,
+    write_spec,
+)
 
 NAME = "kuairand-pure-slice"
 LOG_GLOB = "log_standard_*.parquet"
@@ -112,7 +120,9 @@ def _events(src: Path, conversion: str) -> pl.DataFrame:
             pl.lit(None, dtype=pl.String).alias("request_id"),
             pl.col("user_id").cast(pl.Int64),
             pl.col("video_id").cast(pl.Int64).alias("item_id"),
-            pl.from_epoch(pl.col("time_ms"), time_unit="ms").dt.replace_time_zone("UTC").dt.cast_time_unit("us")
+            pl.from_epoch(pl.col("time_ms"), time_unit="ms")
+            .dt.replace_time_zone("UTC")
+            .dt.cast_time_unit("us")
             .alias("ts"),
             pl.lit(True).alias("exposed"),
             clicked.alias("clicked"),
@@ -120,11 +130,22 @@ def _events(src: Path, conversion: str) -> pl.DataFrame:
         )
         .sort("ts", "user_id", "item_id")  # deterministic output for identical input
         .collect()
-    )  # fmt: skip
+    )
+
+
+def _read_table(path: Path, columns: tuple[str, ...]) -> pl.DataFrame:
+    """Read a KuaiRand feature CSV (types inferred from every row), insisting on `columns`."""
+    table = pl.read_csv(path, infer_schema_length=None)
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing}; is this the official KuaiRand-Pure table?")
+    return table
 
 
 def _users(src: Path) -> pl.DataFrame:
-    users = pl.read_csv(_require(src / USER_CSV, "user feature table"), infer_schema_length=None)
+    source_name = {new: old for old, new in USER_RENAMES.items()}
+    needed = ("user_id", *(source_name.get(c, c) for c in (*USER_CATEGORICAL, *USER_NUMERIC)))
+    users = _read_table(_require(src / USER_CSV, "user feature table"), needed)
     users = users.rename(USER_RENAMES)
     # onehot codes are read as float where the column has nulls; they are integer category codes.
     codes = [pl.col(c).cast(pl.Int64) for c in USER_CATEGORICAL if users.schema[c].is_float()]
@@ -132,7 +153,8 @@ def _users(src: Path) -> pl.DataFrame:
 
 
 def _items(src: Path) -> pl.DataFrame:
-    items = pl.read_csv(_require(src / VIDEO_CSV, "video feature table"), infer_schema_length=None)
+    needed = ("video_id", *ITEM_CATEGORICAL, *ITEM_NUMERIC)
+    items = _read_table(_require(src / VIDEO_CSV, "video feature table"), needed)
     return items.select(
         pl.col("video_id").cast(pl.Int64).alias("item_id"),
         pl.col("author_id").cast(pl.Int64),
@@ -157,7 +179,11 @@ def _spec(src: Path, conversion: str) -> DatasetSpec:
     return DatasetSpec(
         name=NAME,
         provenance=provenance,
-        objectives=(Objective("exposure", "exposed"), Objective("click", "clicked"), Objective("conversion", "converted")),
+        objectives=(
+            Objective("exposure", "exposed"),
+            Objective("click", "clicked"),
+            Objective("conversion", "converted"),
+        ),
         features=Features(
             users=TableFeatures(categorical=USER_CATEGORICAL, numeric=USER_NUMERIC),
             items=TableFeatures(categorical=ITEM_CATEGORICAL, numeric=ITEM_NUMERIC),
@@ -230,7 +256,11 @@ def import_kuairand(
         items=items.height,
         event_users=events.get_column("user_id").n_unique(),
         event_items=events.get_column("item_id").n_unique(),
-        unknown_user_rows=int((~events.get_column("user_id").is_in(users.get_column("user_id").implode())).sum()),
-        unknown_item_rows=int((~events.get_column("item_id").is_in(items.get_column("item_id").implode())).sum()),
+        unknown_user_rows=int(
+            (~events.get_column("user_id").is_in(users.get_column("user_id").implode())).sum()
+        ),
+        unknown_item_rows=int(
+            (~events.get_column("item_id").is_in(items.get_column("item_id").implode())).sum()
+        ),
         seconds=time.perf_counter() - start,
     )

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import polars as pl
+
 Severity = Literal["error", "warning"]
+N_EXAMPLES = 5
+
+
+def example_rows(frame: pl.DataFrame) -> list[dict[str, Any]]:
+    """Up to `N_EXAMPLES` rows as dicts, timestamps as ISO strings so that messages stay readable."""
+    return [
+        {k: (v.isoformat() if isinstance(v, dt.datetime | dt.date) else v) for k, v in row.items()}
+        for row in frame.head(N_EXAMPLES).to_dicts()
+    ]
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,21 @@ class ValidationReport:
     def ok(self) -> bool:
         return not self.errors
 
+    def add(
+        self,
+        rule: str,
+        file: str,
+        column: str | None,
+        message: str,
+        fix: str,
+        *,
+        rows: int = 0,
+        examples: list[dict[str, Any]] | None = None,
+        severity: Severity = "error",
+    ) -> None:
+        """Record one violation."""
+        self.violations.append(Violation(rule, file, column, rows, examples or [], severity, fix, message))
+
     def rules(self, severity: Severity | None = None) -> set[str]:
         """Names of the rules with at least one violation (of `severity` when given)."""
         return {v.rule for v in self.violations if severity is None or v.severity == severity}
@@ -75,9 +102,10 @@ class ValidationReport:
 
     def summary_line(self) -> str:
         status = "OK" if self.ok else "FAILED"
+        rows, n_err, n_warn = self.counts.get("rows", 0), len(self.errors), len(self.warnings)
         return (
-            f"dataset {self.dataset_dir}: {status}, {len(self.errors)} errors, {len(self.warnings)} warnings, "
-            f"{self.counts.get('rows', 0):,} event rows in {len(self.partitions)} partitions"
+            f"dataset {self.dataset_dir}: {status}, {n_err} errors, {n_warn} warnings, "
+            f"{rows:,} event rows in {len(self.partitions)} partitions"
         )
 
     def to_markdown(self) -> str:

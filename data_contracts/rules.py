@@ -33,6 +33,7 @@ partition_date     warning   the UTC date of `ts` differs from the partition's d
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from dataclasses import dataclass
 
@@ -41,10 +42,23 @@ import polars as pl
 from data_contracts.schema import ITEM_ID, USER_ID
 
 RULES = (
-    "missing_path", "spec", "partition_name", "corrupt_file", "missing_column", "wrong_type",
-    "naive_timestamp", "empty_partition", "null_key", "null_label", "cascade", "duplicate_event",
-    "duplicate_id", "leakage", "unknown_id", "partition_date",
-)  # fmt: skip
+    "missing_path",
+    "spec",
+    "partition_name",
+    "corrupt_file",
+    "missing_column",
+    "wrong_type",
+    "naive_timestamp",
+    "empty_partition",
+    "null_key",
+    "null_label",
+    "cascade",
+    "duplicate_event",
+    "duplicate_id",
+    "leakage",
+    "unknown_id",
+    "partition_date",
+)
 ROW_RULES = ("null_key", "null_label", "cascade", "duplicate_event")
 
 # Feature names that look like outcomes of the event rather than attributes known before it.
@@ -95,39 +109,66 @@ class RowCheck:
 def row_checks(objective_columns: tuple[str, ...]) -> list[RowCheck]:
     """The row-level rules for a dataset whose cascade is `objective_columns` (in order)."""
     checks = [
-        RowCheck("null_key", c, f"have a null {c}", f"drop or repair rows without {c} upstream",
-                 pl.col(c).is_null())
+        RowCheck(
+            "null_key",
+            c,
+            f"have a null {c}",
+            f"drop or repair rows without {c} upstream",
+            pl.col(c).is_null(),
+        )
         for c in (USER_ID, ITEM_ID, "ts")
-    ]  # fmt: skip
+    ]
     checks += [
-        RowCheck("null_label", c, f"have a null {c}", f"write false instead of null in {c}", pl.col(c).is_null())
+        RowCheck(
+            "null_label", c, f"have a null {c}", f"write false instead of null in {c}", pl.col(c).is_null()
+        )
         for c in objective_columns
     ]
     for prev, cur in zip(objective_columns, objective_columns[1:]):
-        checks.append(RowCheck(
-            "cascade", cur, f"have {cur}=true but {prev}=false",
-            f"every {cur} event must also be {prev}; fix the label join upstream or set {prev}=true",
-            (pl.col(cur) & ~pl.col(prev)).fill_null(False),
-        ))  # fmt: skip
+        checks.append(
+            RowCheck(
+                "cascade",
+                cur,
+                f"have {cur}=true but {prev}=false",
+                f"every {cur} event must also be {prev}; fix the label join upstream or set {prev}=true",
+                (pl.col(cur) & ~pl.col(prev)).fill_null(False),
+            )
+        )
     keys = ["request_id", USER_ID, ITEM_ID]
-    checks.append(RowCheck(
-        "duplicate_event", ", ".join(keys), "repeat an earlier (request_id, user_id, item_id) of the partition",
-        "deduplicate upstream (one row per request and candidate; merge the labels of the copies)",
-        pl.col("request_id").is_not_null() & ~pl.struct(keys).is_first_distinct(),
-    ))  # fmt: skip
+    checks.append(
+        RowCheck(
+            "duplicate_event",
+            ", ".join(keys),
+            "repeat an earlier (request_id, user_id, item_id) of the partition",
+            "deduplicate upstream (one row per request and candidate; merge the labels of the copies)",
+            pl.col("request_id").is_not_null() & ~pl.struct(keys).is_first_distinct(),
+        )
+    )
     return checks
 
 
-def warning_checks(dt_value) -> list[RowCheck]:
+def warning_checks(dt_value: dt.date) -> list[RowCheck]:
     """Row-level warnings (never quarantined): unknown ids need the id tables as `__known_*` flags."""
     return [
-        RowCheck("unknown_id", USER_ID, "have a user_id without a row in users.parquet (handled as unknown)",
-                 "add the users to users.parquet if they have features; otherwise nothing to do",
-                 pl.col(USER_ID).is_not_null() & ~pl.col("__known_user")),
-        RowCheck("unknown_id", ITEM_ID, "have an item_id without a row in items.parquet (handled as unknown)",
-                 "add the items to items.parquet if they have features; otherwise nothing to do",
-                 pl.col(ITEM_ID).is_not_null() & ~pl.col("__known_item")),
-        RowCheck("partition_date", "ts", f"have a UTC date of ts other than the partition's {dt_value}",
-                 "partition events by the UTC date of ts (pl.col('ts').dt.date())",
-                 (pl.col("ts").dt.date() != pl.lit(dt_value)).fill_null(False)),
-    ]  # fmt: skip
+        RowCheck(
+            "unknown_id",
+            USER_ID,
+            "have a user_id without a row in users.parquet (handled as unknown)",
+            "add the users to users.parquet if they have features; otherwise nothing to do",
+            pl.col(USER_ID).is_not_null() & ~pl.col("__known_user"),
+        ),
+        RowCheck(
+            "unknown_id",
+            ITEM_ID,
+            "have an item_id without a row in items.parquet (handled as unknown)",
+            "add the items to items.parquet if they have features; otherwise nothing to do",
+            pl.col(ITEM_ID).is_not_null() & ~pl.col("__known_item"),
+        ),
+        RowCheck(
+            "partition_date",
+            "ts",
+            f"have a UTC date of ts other than the partition's {dt_value}",
+            "partition events by the UTC date of ts (pl.col('ts').dt.date())",
+            (pl.col("ts").dt.date() != pl.lit(dt_value)).fill_null(False),
+        ),
+    ]

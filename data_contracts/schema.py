@@ -144,7 +144,8 @@ def _parse_objectives(data: Any, errors: list[str]) -> tuple[Objective, ...]:
             "objectives: must be a list of at least 2 {name, column} entries in cascade order, "
             f"got {data!r}"
         )
-        return ()
+        if not isinstance(data, list):
+            return ()
     out = []
     for i, entry in enumerate(data):
         where = f"objectives[{i}]"
@@ -177,7 +178,9 @@ def parse_spec(data: Any, *, source: str = SPEC_FILE) -> DatasetSpec:
     if not isinstance(name, str) or not name.strip():
         errors.append(f"name: must be a non-empty string, got {name!r}")
     if not isinstance(provenance, str) or not provenance.strip():
-        errors.append(f"provenance: must be a non-empty string saying where the data came from, got {provenance!r}")
+        errors.append(
+            f"provenance: must be a non-empty string saying where the data came from, got {provenance!r}"
+        )
     objectives = _parse_objectives(data.get("objectives"), errors)
     features = None
     if data.get("features") is not None:
@@ -242,11 +245,14 @@ def _is_int64(dtype: pl.DataType) -> bool:
 def check_id_column(schema: pl.Schema, column: str) -> ColumnProblem | None:
     """The key column of a users/items/events file must exist and be int64."""
     if column not in schema:
-        return ColumnProblem("missing_column", column, f"column {column} is missing",
-                             f"add an int64 {column} column")
+        return ColumnProblem(
+            "missing_column", column, f"column {column} is missing", f"add an int64 {column} column"
+        )
     if not _is_int64(schema[column]):
         return ColumnProblem(
-            "wrong_type", column, f"column {column} has type {schema[column]}, expected int64",
+            "wrong_type",
+            column,
+            f"column {column} has type {schema[column]}, expected int64",
             f"cast it: pl.col('{column}').cast(pl.Int64) (map string ids to integers first if needed)",
         )
     return None
@@ -256,48 +262,86 @@ def check_event_columns(schema: pl.Schema, objective_columns: tuple[str, ...]) -
     """Every problem with the required event columns of one file's schema (empty list = fine)."""
     problems: list[ColumnProblem] = []
     if "request_id" not in schema:
-        problems.append(ColumnProblem("missing_column", "request_id", "column request_id is missing",
-                                      "add a string request_id column (all null when the source has none)"))
+        problems.append(
+            ColumnProblem(
+                "missing_column",
+                "request_id",
+                "column request_id is missing",
+                "add a string request_id column (all null when the source has none)",
+            )
+        )
     elif not isinstance(schema["request_id"], pl.String | pl.Categorical | pl.Enum | pl.Null):
-        problems.append(ColumnProblem(
-            "wrong_type", "request_id", f"column request_id has type {schema['request_id']}, expected string",
-            "cast it: pl.col('request_id').cast(pl.String)",
-        ))
+        problems.append(
+            ColumnProblem(
+                "wrong_type",
+                "request_id",
+                f"column request_id has type {schema['request_id']}, expected string",
+                "cast it: pl.col('request_id').cast(pl.String)",
+            )
+        )
     for column in (USER_ID, ITEM_ID):
         problem = check_id_column(schema, column)
         if problem is not None:
             problems.append(problem)
     ts = schema.get("ts")
     if ts is None:
-        problems.append(ColumnProblem("missing_column", "ts", "column ts is missing",
-                                      "add a timestamp[us, UTC] ts column with the event time"))
+        problems.append(
+            ColumnProblem(
+                "missing_column",
+                "ts",
+                "column ts is missing",
+                "add a timestamp[us, UTC] ts column with the event time",
+            )
+        )
     elif not isinstance(ts, pl.Datetime):
-        problems.append(ColumnProblem(
-            "wrong_type", "ts", f"column ts has type {ts}, expected timestamp[us, UTC]",
-            "convert it, e.g. from epoch milliseconds: pl.from_epoch('ts', time_unit='ms')"
-            ".dt.replace_time_zone('UTC')",
-        ))
+        problems.append(
+            ColumnProblem(
+                "wrong_type",
+                "ts",
+                f"column ts has type {ts}, expected timestamp[us, UTC]",
+                "convert it, e.g. from epoch milliseconds: pl.from_epoch('ts', time_unit='ms')"
+                ".dt.replace_time_zone('UTC')",
+            )
+        )
     elif ts.time_zone is None:
-        problems.append(ColumnProblem(
-            "naive_timestamp", "ts", f"column ts is a naive timestamp ({ts}) without time zone",
-            "declare the zone it was recorded in, then convert: if the values are UTC, "
-            "pl.col('ts').dt.replace_time_zone('UTC'); if local, .dt.replace_time_zone('<zone>')"
-            ".dt.convert_time_zone('UTC')",
-        ))
+        problems.append(
+            ColumnProblem(
+                "naive_timestamp",
+                "ts",
+                f"column ts is a naive timestamp ({ts}) without time zone",
+                "declare the zone it was recorded in, then convert: if the values are UTC, "
+                "pl.col('ts').dt.replace_time_zone('UTC'); if local, .dt.replace_time_zone('<zone>')"
+                ".dt.convert_time_zone('UTC')",
+            )
+        )
     elif ts.time_zone not in UTC_NAMES:
-        problems.append(ColumnProblem(
-            "wrong_type", "ts", f"column ts has time zone {ts.time_zone}, expected UTC",
-            "convert it: pl.col('ts').dt.convert_time_zone('UTC')",
-        ))
+        problems.append(
+            ColumnProblem(
+                "wrong_type",
+                "ts",
+                f"column ts has time zone {ts.time_zone}, expected UTC",
+                "convert it: pl.col('ts').dt.convert_time_zone('UTC')",
+            )
+        )
     for column in objective_columns:
         if column not in schema:
-            problems.append(ColumnProblem("missing_column", column, f"objective column {column} is missing",
-                                          f"add the bool label column {column} (see dataset.yaml objectives)"))
+            problems.append(
+                ColumnProblem(
+                    "missing_column",
+                    column,
+                    f"objective column {column} is missing",
+                    f"add the bool label column {column} (see dataset.yaml objectives)",
+                )
+            )
         elif schema[column] != pl.Boolean:
-            problems.append(ColumnProblem(
-                "wrong_type", column, f"objective column {column} has type {schema[column]}, expected bool",
-                f"cast it: pl.col('{column}').cast(pl.Boolean) (0/1 -> false/true)",
-            ))
+            problems.append(
+                ColumnProblem(
+                    "wrong_type",
+                    column,
+                    f"objective column {column} has type {schema[column]}, expected bool",
+                    f"cast it: pl.col('{column}').cast(pl.Boolean) (0/1 -> false/true)",
+                )
+            )
     return problems
 
 

@@ -32,7 +32,9 @@ def test_cpp_is_share_of_mass_not_of_units():
 
 
 def test_ties_are_broken_by_unit_index():
-    idx = select_pruned(torch.tensor([2.0, 2.0, 2.0, 2.0]), rule="cpp", tau=0.5, ratio=0.5, min_keep=1, min_free=1)
+    idx = select_pruned(
+        torch.tensor([2.0, 2.0, 2.0, 2.0]), rule="cpp", tau=0.5, ratio=0.5, min_keep=1, min_free=1
+    )
     assert idx.tolist() == [0, 1]
 
 
@@ -40,7 +42,9 @@ def test_clamps_keep_and_free_at_least_one():
     # sums [1,2,3] on [1,1,1]; tau .99 -> threshold 2.97 -> 2 pruned; min_keep=2 -> only 1
     assert select_pruned(torch.ones(3), rule="cpp", tau=0.99, ratio=0.5, min_keep=2, min_free=1).numel() == 1
     # tau tiny -> 0 pruned -> raised to min_free=1 (the unit with least information)
-    idx = select_pruned(torch.tensor([5.0, 0.5, 3.0]), rule="cpp", tau=0.01, ratio=0.5, min_keep=1, min_free=1)
+    idx = select_pruned(
+        torch.tensor([5.0, 0.5, 3.0]), rule="cpp", tau=0.01, ratio=0.5, min_keep=1, min_free=1
+    )
     assert idx.tolist() == [1]
     # a single unit: keep it, free nothing
     assert select_pruned(torch.ones(1), rule="cpp", tau=0.9, ratio=0.5, min_keep=1, min_free=1).numel() == 0
@@ -49,7 +53,11 @@ def test_clamps_keep_and_free_at_least_one():
 def test_fixed_ratio_rule():
     info = torch.tensor([6.0, 1.0, 5.0, 2.0, 4.0, 3.0])
     # ratio 0.5 of 6 units -> 3 lowest: units 1 (1.0), 3 (2.0), 5 (3.0)
-    assert select_pruned(info, rule="fixed", tau=0.75, ratio=0.5, min_keep=1, min_free=1).tolist() == [1, 3, 5]
+    assert select_pruned(info, rule="fixed", tau=0.75, ratio=0.5, min_keep=1, min_free=1).tolist() == [
+        1,
+        3,
+        5,
+    ]
     # ratio 0.34 -> round(2.04) = 2
     assert select_pruned(info, rule="fixed", tau=0.75, ratio=0.34, min_keep=1, min_free=1).tolist() == [1, 3]
     with pytest.raises(ValueError, match="unknown pruning rule"):

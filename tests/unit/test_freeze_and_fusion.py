@@ -12,8 +12,13 @@ from csmf_core.masks import expand_to_param
 def test_plan_names(trained_random):
     names = [r.step.name for r in trained_random["reports"]]
     assert names == [
-        "pretrain_exposure", "cpp_prune_exposure", "recover_exposure",
-        "finetune_click", "cpp_prune_click", "recover_click", "finetune_conversion",
+        "pretrain_exposure",
+        "cpp_prune_exposure",
+        "recover_exposure",
+        "finetune_click",
+        "cpp_prune_click",
+        "recover_click",
+        "finetune_conversion",
     ]
 
 

@@ -71,8 +71,11 @@ def test_n_stages_is_a_setting():
         m = TwoTower(us, its, ModelConfig(dim=8, hidden=(8,)), n)
         own = UnitOwners.initial(m, tuple(f"o{k}" for k in range(n)))
         m.set_owners(param_owners(m, own))
-        x = m.user_vectors(m.user.spec and __import__("csmf_core.model").model.TowerInputs(
-            torch.tensor([[1]]), torch.zeros(1, 0)), n - 1)
+        x = m.user_vectors(
+            m.user.spec
+            and __import__("csmf_core.model").model.TowerInputs(torch.tensor([[1]]), torch.zeros(1, 0)),
+            n - 1,
+        )
         assert x.shape == (1, 8)
     with pytest.raises(ValueError, match="at least 2"):
         TwoTower(us, its, ModelConfig(dim=8, hidden=(8,)), 1)

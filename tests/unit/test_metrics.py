@@ -131,6 +131,25 @@ def test_topk_items_ties_and_width():
     np.testing.assert_array_equal(full[1], np.arange(1, 10))
     with pytest.raises(ValueError, match="dimension mismatch"):
         topk_items(users, torch.ones(10, 2), 3)
+    with pytest.raises(ValueError, match="user_vecs contains NaN"):
+        topk_items(torch.tensor([[float("nan")]]), items, 3)
+
+
+def test_topk_items_many_ties_match_stable_argsort():
+    # Small integer vectors make scores tie constantly, including across the top-k boundary;
+    # a stable argsort of -score is exactly "score desc, lower index first".
+    g = torch.Generator().manual_seed(3)
+    for _ in range(30):
+        n, k = int(torch.randint(2, 60, (1,), generator=g)), int(torch.randint(1, 70, (1,), generator=g))
+        items = torch.randint(-2, 3, (n, 3), generator=g).float()
+        users = torch.randint(-2, 3, (40, 3), generator=g).float()
+        for exclude in (True, False):
+            got = topk_items(users, items, k, exclude_first=exclude, chunk=9)
+            scores = (users @ items.T).double().numpy()
+            if exclude:
+                scores[:, 0] = -np.inf
+            assert got.shape == (40, min(k, n - 1 if exclude else n))
+            np.testing.assert_array_equal(got, np.argsort(-scores, axis=1, kind="stable")[:, : got.shape[1]])
 
 
 def test_evaluate_objective_small_catalog():

@@ -107,7 +107,9 @@ def _write_hand_dataset(root: Path) -> Path:
 
 
 def _hashes(root: Path) -> dict[str, str]:
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def reference_history(events, u: int, ts: int, seq_len: int) -> list[int]:
@@ -124,7 +126,12 @@ def hand(tmp_path_factory):
     src = _write_hand_dataset(root / "hand")
     before = _hashes(src)
     summary = prep.prepare(
-        src, root / "mr", train_dates=("2026-01-02", "2026-01-03"), eval_dates=["2026-01-04"], seq_len=3, n_req_neg=2
+        src,
+        root / "mr",
+        train_dates=("2026-01-02", "2026-01-03"),
+        eval_dates=["2026-01-04"],
+        seq_len=3,
+        n_req_neg=2,
     )
     assert _hashes(src) == before  # source files untouched
     return src, root / "mr", summary
@@ -229,7 +236,9 @@ def test_loader_and_batches(hand):
         assert sorted(rows.tolist()) == torch.nonzero(tr.level >= stage).squeeze(1).tolist()
         assert len(rows) == expected
         b = batches[0]
-        assert torch.equal(b["i"], tr.i[b["row"]]) and torch.equal(b["hist_conversion"], tr.hist["conversion"][b["row"]])
+        assert torch.equal(b["i"], tr.i[b["row"]]) and torch.equal(
+            b["hist_conversion"], tr.hist["conversion"][b["row"]]
+        )
     order = lambda **kw: torch.cat([b["row"] for b in iterate_batches(tr, 0, 2, **kw)]).tolist()  # noqa: E731
     assert order(seed=3, epoch=1) == order(seed=3, epoch=1)
     assert len({tuple(order(seed=3, epoch=e)) for e in range(6)}) > 1
@@ -243,8 +252,14 @@ def test_tiny_synth_end_to_end(tmp_path):
     assert _hashes(src) == before
     assert s.n_users == 301 and s.n_items == 201 and s.n_eval > 50
     assert s.n_train == int(
-        pl.scan_parquet(src / "events" / "dt=2026-01-0[1-5]" / "*.parquet").select(pl.col("exposed").sum()).collect().item()
+        pl.scan_parquet(src / "events" / "dt=2026-01-0[1-5]" / "*.parquet")
+        .select(pl.col("exposed").sum())
+        .collect()
+        .item()
     )
+    prep.prepare(src, tmp_path / "mr2", train_dates=("2026-01-01", "2026-01-05"), eval_dates="2026-01-06")
+    h1, h2 = _hashes(tmp_path / "mr"), _hashes(tmp_path / "mr2")
+    assert len(h1) == len(h2) > 4 and list(h1.values()) == list(h2.values())  # deterministic, byte for byte
     data = load_model_ready(tmp_path / "mr")
     tr = data.train
     assert (tr.neg != 0).float().mean() > 0.9  # every synth request has 10 unexposed candidates
@@ -266,3 +281,16 @@ def test_tiny_synth_end_to_end(tmp_path):
     for k in range(len(data.eval)):
         u = int(data.eval.u[k])
         assert data.eval.hist["click"][k].tolist() == reference_history(by_user.get(u, []), u, start, 20)
+
+
+def test_events_without_request_ids(tmp_path):
+    src = _write_hand_dataset(tmp_path / "hand")
+    for f in (src / "events").rglob("*.parquet"):
+        pq.write_table(pq.read_table(f).drop_columns(["request_id"]), f)
+    prep.prepare(
+        src, tmp_path / "mr", train_dates=("2026-01-02", "2026-01-03"), eval_dates="2026-01-04", seq_len=3
+    )
+    t = pq.read_table(tmp_path / "mr" / "train" / "part-00000.parquet")
+    assert t.num_rows == 7 and t.schema.field("neg").type == pa.list_(pa.int32(), 10)
+    assert not np.asarray(t["neg"].combine_chunks().flatten()).any()
+    assert t["hist_click"].to_pylist()[4] == [2, 2, 3]

@@ -78,7 +78,9 @@ def test_cascade_rates_and_requests(tiny, events):
         pl.col("item_id").n_unique().alias("n_i"),
     )
     assert per_req.height == summary.n_requests == 6 * 340
-    assert (per_req["e"] == 10).all() and (per_req["n"] <= 20).all() and (per_req["n"] == per_req["n_i"]).all()
+    assert (
+        (per_req["e"] == 10).all() and (per_req["n"] <= 20).all() and (per_req["n"] == per_req["n_i"]).all()
+    )
     assert (per_req["n_ts"] == 1).all() and (per_req["n_u"] == 1).all()
     # Every event lands in the partition of its UTC date.
     assert (events["ts"].dt.date().cast(pl.String) == events["dt"].cast(pl.String)).all()
@@ -121,7 +123,9 @@ def test_truth_and_how_objectives_differ(tiny, events):
     truth = np.load(out / "_truth" / "world.npz")
     P = truth["user_factors"]  # (n_users, T, r)
     assert P.shape == (300, 3, 8)
-    np.testing.assert_array_equal(np.sort(truth["user_ids"]), np.sort(pl.read_parquet(out / "users.parquet")["user_id"]))
+    np.testing.assert_array_equal(
+        np.sort(truth["user_ids"]), np.sort(pl.read_parquet(out / "users.parquet")["user_id"])
+    )
     # Objective factors share rho = 0.5 of their variance: correlated, not identical.
     corr = np.corrcoef(P[:, 0].ravel(), P[:, 1].ravel())[0, 1]
     assert 0.35 < corr < 0.65

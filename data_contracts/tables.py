@@ -1,0 +1,106 @@
+"""Checks of the feature tables `users.parquet` and `items.parquet` (ids, listed features, leakage)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from data_contracts.report import ValidationReport, example_rows
+from data_contracts.rules import label_like
+from data_contracts.schema import KEY_COLUMNS, DatasetSpec, TableFeatures, check_id_column
+
+READ_ERRORS = (pl.exceptions.PolarsError, OSError)
+
+
+def check_table(
+    root: Path, filename: str, id_column: str, features: TableFeatures | None, report: ValidationReport
+) -> tuple[pl.Series | None, list[str]]:
+    """Check users.parquet or items.parquet.
+
+    Returns its unique non-null ids (None when they cannot be trusted, which turns the unknown-id
+    check off) and its non-id columns (for the leakage check, which needs the events columns first).
+    Only the id column is loaded.
+    """
+    path = root / filename
+    if not path.is_file():
+        fix = f"write {filename} with an int64 {id_column} column (and feature columns, if any)"
+        report.add("missing_path", filename, None, f"{filename} is missing", fix)
+        return None, []
+    try:
+        schema = pl.scan_parquet(path).collect_schema()
+    except READ_ERRORS as exc:
+        report.add("corrupt_file", filename, None, f"cannot be read as Parquet ({exc})", "rewrite the file")
+        return None, []
+    columns = [c for c in schema.names() if c != id_column]
+    for col in features.columns if features else ():
+        if col not in schema:
+            msg = f"feature column {col} (listed in dataset.yaml) is missing"
+            report.add(
+                "missing_column", filename, col, msg, f"add {col} to {filename} or remove it from features"
+            )
+    for col in features.numeric if features else ():
+        if col in schema and not (schema[col].is_numeric() or schema[col] == pl.Boolean):
+            fix = f"cast {col} to a number or list it under categorical in dataset.yaml"
+            report.add("wrong_type", filename, col, f"numeric feature {col} has type {schema[col]}", fix)
+    problem = check_id_column(schema, id_column)
+    if problem is not None:
+        report.add(problem.rule, filename, id_column, problem.message, problem.fix)
+        return None, columns
+    try:
+        ids = pl.scan_parquet(path).select(id_column).collect().get_column(id_column)
+    except READ_ERRORS as exc:
+        report.add("corrupt_file", filename, id_column, f"cannot be read ({exc})", "rewrite the file")
+        return None, columns
+    nulls = ids.null_count()
+    if nulls:
+        msg, fix = f"{nulls} rows have a null {id_column}", f"drop those rows or give them an {id_column}"
+        report.add("null_key", filename, id_column, msg, fix, rows=nulls)
+    dups = ids.drop_nulls().value_counts().filter(pl.col("count") > 1)
+    if dups.height:
+        n_rows = int(dups["count"].sum() - dups.height)  # rows beyond the first of each id
+        msg = f"{n_rows} rows repeat an {id_column} ({dups.height} distinct ids have several rows)"
+        examples = example_rows(dups.sort("count", descending=True))
+        fix = f"keep one feature row per {id_column}"
+        report.add("duplicate_id", filename, id_column, msg, fix, rows=n_rows, examples=examples)
+    return ids.drop_nulls().unique(), columns
+
+
+def check_leakage(
+    report: ValidationReport,
+    filename: str,
+    columns: list[str],
+    features: TableFeatures | None,
+    spec: DatasetSpec | None,
+    event_columns: set[str],
+) -> None:
+    """Flag label-like or events-derived columns of a feature table.
+
+    A column used as a feature (listed in dataset.yaml, or any column when features are inferred) is
+    an error; one present but unused is a warning, since dtype inference would pick it up later.
+    """
+    derived = event_columns - set(KEY_COLUMNS)
+    if spec is not None:
+        derived |= set(spec.objective_columns) | set(spec.objective_names)
+    for col in columns:
+        pattern = label_like(col)
+        if col in derived:
+            why = "has the name of an events column / objective"
+        elif pattern is not None:
+            why = f"looks like a label (matches {pattern!r} in data_contracts.rules.LABEL_NAME_PATTERNS)"
+        else:
+            continue
+        used = features is None or col in features.columns
+        status = "is used as a feature" if used else "is present but not listed as a feature"
+        fix = (
+            "drop it; if it is a genuine attribute known before the event, rename it "
+            "(e.g. is_author -> author_flag)"
+        )
+        report.add(
+            "leakage",
+            filename,
+            col,
+            f"column {col} {why} and {status}",
+            fix,
+            severity="error" if used else "warning",
+        )

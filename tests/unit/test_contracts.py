@@ -1,0 +1,478 @@
+"""data_contracts: dataset.yaml parsing and every validation rule, on tiny hand-built datasets."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from data_contracts import (
+    RULES,
+    ContractError,
+    DatasetSpec,
+    Objective,
+    SpecError,
+    clean_events_lazy,
+    label_like,
+    load_spec,
+    parse_spec,
+    validate_dataset,
+    write_spec,
+)
+
+DAY = "2026-11-21"
+FILE = f"events/dt={DAY}/part-0.parquet"
+SPEC = {
+    "name": "tiny",
+    "provenance": "hand-built in tests/unit/test_contracts.py",
+    "objectives": [
+        {"name": "exposure", "column": "exposed"},
+        {"name": "click", "column": "clicked"},
+        {"name": "conversion", "column": "converted"},
+    ],
+    "features": {
+        "users": {"categorical": ["age_bucket"], "numeric": ["activity"]},
+        "items": {"categorical": ["category"], "numeric": ["price"]},
+    },
+}
+
+
+def make_events(n: int = 10, day: str = DAY, req_offset: int = 0) -> pl.DataFrame:
+    """`n` valid events on `day`: 2 candidates per request, every 2nd row clicked, every 4th converted."""
+    base = dt.datetime.fromisoformat(day).replace(tzinfo=dt.UTC)
+    return pl.DataFrame(
+        {
+            "request_id": [f"r{req_offset + i // 2}" for i in range(n)],
+            "user_id": [1 + (i // 2) % 4 for i in range(n)],
+            "item_id": [1 + i % 20 for i in range(n)],
+            "ts": [base + dt.timedelta(minutes=i) for i in range(n)],
+            "exposed": [True] * n,
+            "clicked": [i % 2 == 0 for i in range(n)],
+            "converted": [i % 4 == 0 for i in range(n)],
+        },
+        schema_overrides={"ts": pl.Datetime("us", "UTC")},
+    )
+
+
+def write_dataset(root: Path, events=None, users=None, items=None, spec=None) -> Path:
+    """Write a canonical dataset: `events` maps a day to a DataFrame, a list of them (one file each),
+    raw bytes (a corrupt file) or None (an empty partition directory)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset.yaml").write_text(yaml.safe_dump(SPEC if spec is None else spec, sort_keys=False))
+    if users is None:
+        users = pl.DataFrame(
+            {"user_id": [1, 2, 3, 4], "age_bucket": ["a", "b", "a", "c"], "activity": [0.1, 0.5, 0.2, 0.9]}
+        )
+    if items is None:
+        items = pl.DataFrame(
+            {
+                "item_id": list(range(1, 21)),
+                "category": [i % 3 for i in range(20)],
+                "price": [float(i) for i in range(20)],
+            }
+        )
+    users.write_parquet(root / "users.parquet")
+    items.write_parquet(root / "items.parquet")
+    for day, content in ({DAY: make_events()} if events is None else events).items():
+        part = root / "events" / f"dt={day}"
+        part.mkdir(parents=True, exist_ok=True)
+        for i, frame in enumerate(content if isinstance(content, list) else [content]):
+            if isinstance(frame, bytes):
+                (part / f"part-{i}.parquet").write_bytes(frame)
+            elif frame is not None:
+                frame.write_parquet(part / f"part-{i}.parquet")
+    return root
+
+
+def only(report, rule: str):
+    found = [v for v in report.violations if v.rule == rule]
+    assert len(found) == 1, f"expected one {rule} violation, got {report.violations}"
+    return found[0]
+
+
+def assert_reported(v, *, rule, file, column, rows, severity="error"):
+    assert (v.rule, v.file, v.column, v.rows, v.severity) == (rule, file, column, rows, severity)
+    text = str(v)
+    assert file in text and f"rule: {rule}" in text and (column is None or column in text)
+    if rows:
+        assert f"{rows} rows" in text
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+# ---------------------------------------------------------------- dataset.yaml
+
+
+def test_spec_round_trip(tmp_path):
+    spec = parse_spec(SPEC)
+    assert spec.objective_columns == ("exposed", "clicked", "converted")
+    write_spec(tmp_path, spec)
+    assert load_spec(tmp_path) == spec
+
+
+def test_spec_rejects_unknown_keys_and_lists_every_problem():
+    bad = {**SPEC, "owner": "me", "objectives": [{"name": "click", "column": "clicked", "weight": 1}]}
+    with pytest.raises(SpecError) as err:
+        parse_spec(bad)
+    msg = str(err.value)
+    assert "unknown keys ['owner']" in msg and "unknown keys ['weight']" in msg and "at least 2" in msg
+    with pytest.raises(SpecError, match="duplicate columns"):
+        parse_spec(
+            {**SPEC, "objectives": [{"name": "a", "column": "clicked"}, {"name": "b", "column": "clicked"}]}
+        )
+    with pytest.raises(SpecError, match=r"features.users: unknown keys \['text'\]"):
+        parse_spec({**SPEC, "features": {"users": {"text": ["bio"]}}})
+
+
+def test_spec_without_features_and_write_refuses_invalid(tmp_path):
+    spec = parse_spec({k: v for k, v in SPEC.items() if k != "features"})
+    assert spec.features is None
+    bad = DatasetSpec("x", "y", (Objective("a", "a"), Objective("b", "user_id")))
+    with pytest.raises(SpecError, match="key column"):
+        write_spec(tmp_path, bad)
+
+
+# ---------------------------------------------------------------- clean dataset, counts, selection
+
+
+def test_clean_dataset_validates(tmp_path):
+    root = write_dataset(
+        tmp_path / "d", events={DAY: make_events(), "2026-11-22": make_events(6, "2026-11-22", 50)}
+    )
+    report = validate_dataset(root)
+    assert report.ok and report.violations == [], str(report)
+    assert report.counts["rows"] == 16
+    assert report.counts["rows_per_partition"] == {DAY: 10, "2026-11-22": 6}
+    assert report.counts["positives"] == {"exposure": 16, "click": 8, "conversion": 5}
+    assert report.raise_if_errors() is report
+    only_one = validate_dataset(root, dates=["2026-11-22"])
+    assert only_one.partitions == ["2026-11-22"] and only_one.counts["rows"] == 6
+    missing = validate_dataset(root, dates=[dt.date(2026, 11, 30)])
+    assert_reported(
+        only(missing, "missing_path"), rule="missing_path", file="events/dt=2026-11-30", column=None, rows=0
+    )
+
+
+def test_accepted_variants(tmp_path):
+    """ts in ms, request_id categorical or all-null (Null type) are fine: canonicalised on read."""
+    ev = make_events().with_columns(
+        pl.col("ts").dt.cast_time_unit("ms"), pl.col("request_id").cast(pl.Categorical)
+    )
+    nul = make_events(4, req_offset=100).with_columns(request_id=pl.lit(None))
+    assert nul.schema["request_id"] == pl.Null
+    report = validate_dataset(write_dataset(tmp_path / "d", events={DAY: [ev, nul]}))
+    assert report.ok and not report.violations, str(report)
+    assert clean_events_lazy(tmp_path / "d").collect_schema()["ts"] == pl.Datetime("us", "UTC")
+
+
+# ---------------------------------------------------------------- file-level rules
+
+
+def test_missing_files(tmp_path):
+    root = write_dataset(tmp_path / "d")
+    (root / "users.parquet").unlink()
+    (root / "dataset.yaml").unlink()
+    report = validate_dataset(root)
+    assert {(v.rule, v.file) for v in report.errors} == {
+        ("missing_path", "users.parquet"),
+        ("missing_path", "dataset.yaml"),
+    }
+    assert not validate_dataset(tmp_path / "nowhere").ok
+
+
+def test_invalid_spec_is_reported(tmp_path):
+    root = write_dataset(tmp_path / "d", spec={**SPEC, "labels": ["x"]})
+    v = only(validate_dataset(root), "spec")
+    assert v.file == "dataset.yaml" and "unknown keys ['labels']" in str(v)
+
+
+def test_missing_column(tmp_path):
+    report = validate_dataset(write_dataset(tmp_path / "d", events={DAY: make_events().drop("clicked")}))
+    assert_reported(
+        only(report, "missing_column"), rule="missing_column", file=FILE, column="clicked", rows=0
+    )
+    assert not report.ok
+
+
+def test_wrong_type_user_id_as_string(tmp_path):
+    ev = make_events().with_columns(pl.col("user_id").cast(pl.String))
+    v = only(validate_dataset(write_dataset(tmp_path / "d", events={DAY: ev})), "wrong_type")
+    assert_reported(v, rule="wrong_type", file=FILE, column="user_id", rows=0)
+    assert "cast(pl.Int64)" in v.fix
+
+
+def test_label_as_int_is_wrong_type(tmp_path):
+    ev = make_events().with_columns(pl.col("clicked").cast(pl.Int8))
+    v = only(validate_dataset(write_dataset(tmp_path / "d", events={DAY: ev})), "wrong_type")
+    assert v.column == "clicked" and "pl.Boolean" in v.fix
+
+
+def test_naive_timestamp(tmp_path):
+    ev = make_events().with_columns(pl.col("ts").dt.replace_time_zone(None))
+    v = only(validate_dataset(write_dataset(tmp_path / "d", events={DAY: ev})), "naive_timestamp")
+    assert_reported(v, rule="naive_timestamp", file=FILE, column="ts", rows=0)
+    assert "replace_time_zone('UTC')" in str(v)
+
+
+def test_corrupt_parquet_names_the_file_and_other_files_still_checked(tmp_path):
+    root = write_dataset(
+        tmp_path / "d", events={DAY: [make_events(), b"not parquet" * 20], "2026-11-22": make_events(4)}
+    )
+    report = validate_dataset(root)
+    v = only(report, "corrupt_file")
+    assert_reported(v, rule="corrupt_file", file=f"events/dt={DAY}/part-1.parquet", column=None, rows=0)
+    assert report.counts["rows_per_partition"] == {DAY: 10, "2026-11-22": 4}
+    assert {v.rule for v in report.violations} == {"corrupt_file", "partition_date"}  # day 2 holds day-1 ts
+
+
+def test_corrupt_data_pages_found_on_read(tmp_path):
+    root = write_dataset(tmp_path / "d", events={DAY: [make_events(), make_events(4, req_offset=50)]})
+    path = root / "events" / f"dt={DAY}" / "part-1.parquet"
+    raw = path.read_bytes()
+    path.write_bytes(raw[:20] + b"x" * 30 + raw[50:])  # footer intact, first data page broken
+    report = validate_dataset(root)
+    assert [(v.rule, v.file) for v in report.errors] == [("corrupt_file", f"events/dt={DAY}/part-1.parquet")]
+    assert report.counts["rows"] == 10
+
+
+def test_empty_partitions(tmp_path):
+    root = write_dataset(
+        tmp_path / "d", events={DAY: make_events(), "2026-11-22": None, "2026-11-23": make_events().head(0)}
+    )
+    report = validate_dataset(root)
+    found = sorted((v.file, v.message) for v in report.violations if v.rule == "empty_partition")
+    assert found == [
+        ("events/dt=2026-11-22", "partition has no Parquet files"),
+        ("events/dt=2026-11-23", "partition has zero event rows"),
+    ]
+    assert report.rules("error") == {"empty_partition"}
+
+
+def test_stray_partition_name(tmp_path):
+    root = write_dataset(tmp_path / "d")
+    (root / "events" / "day=1").mkdir()
+    (root / "events" / "_SUCCESS").write_text("")  # hidden marker files are ignored
+    v = only(validate_dataset(root), "partition_name")
+    assert v.file == "events/day=1"
+
+
+# ---------------------------------------------------------------- row-level rules
+
+
+def test_cascade_violation(tmp_path):
+    ev = make_events().with_columns(  # rows 1, 3, 5: clicked=false, now converted=true
+        converted=pl.when(pl.int_range(pl.len()).is_in([1, 3, 5])).then(True).otherwise(pl.col("converted"))
+    )
+    report = validate_dataset(write_dataset(tmp_path / "d", events={DAY: ev}))
+    v = only(report, "cascade")
+    assert_reported(v, rule="cascade", file=FILE, column="converted", rows=3)
+    assert "3 rows have converted=true but clicked=false" in str(v)
+    assert len(v.examples) == 3 and all(e["converted"] and not e["clicked"] for e in v.examples)
+    with pytest.raises(ContractError) as err:
+        report.raise_if_errors()
+    assert str(v) in str(err.value) and err.value.report is report
+
+
+def test_null_keys_and_labels(tmp_path):
+    ev = make_events().with_columns(
+        item_id=pl.when(pl.int_range(pl.len()) < 2).then(None).otherwise(pl.col("item_id")),
+        request_id=pl.lit(None, pl.String),  # allowed
+        clicked=pl.when(pl.int_range(pl.len()) == 9).then(None).otherwise(pl.col("clicked")),
+    )
+    report = validate_dataset(write_dataset(tmp_path / "d", events={DAY: ev}))
+    assert_reported(only(report, "null_key"), rule="null_key", file=FILE, column="item_id", rows=2)
+    assert_reported(only(report, "null_label"), rule="null_label", file=FILE, column="clicked", rows=1)
+    assert report.rules() == {"null_key", "null_label"}
+
+
+def test_duplicate_rows_within_a_partition_across_files(tmp_path):
+    ev = make_events()
+    copies = ev.head(2)  # same (request_id, user_id, item_id) again, in a second file
+    no_req = make_events(4, req_offset=70).with_columns(request_id=pl.lit(None, pl.String))
+    report = validate_dataset(write_dataset(tmp_path / "d", events={DAY: [ev, copies, no_req, no_req]}))
+    v = only(report, "duplicate_event")
+    col = "request_id, user_id, item_id"
+    assert_reported(v, rule="duplicate_event", file=f"events/dt={DAY}/part-1.parquet", column=col, rows=2)
+
+
+def test_unknown_ids_are_warnings(tmp_path):
+    ev = make_events().with_columns(
+        user_id=pl.when(pl.int_range(pl.len()) < 3).then(99).otherwise(pl.col("user_id"))
+    )
+    report = validate_dataset(write_dataset(tmp_path / "d", events={DAY: ev}))
+    v = only(report, "unknown_id")
+    assert_reported(v, rule="unknown_id", file=FILE, column="user_id", rows=3, severity="warning")
+    assert "handled as unknown" in str(v) and report.ok
+
+
+def test_partition_date_mismatch_is_a_warning(tmp_path):
+    report = validate_dataset(write_dataset(tmp_path / "d", events={"2026-11-22": make_events()}))
+    v = only(report, "partition_date")
+    assert (v.severity, v.rows, v.file) == (
+        "warning",
+        10,
+        "events/dt=2026-11-22/part-0.parquet",
+    ) and report.ok
+
+
+# ---------------------------------------------------------------- users / items tables
+
+
+def test_duplicate_ids_and_null_ids_in_tables(tmp_path):
+    users = pl.DataFrame({"user_id": [1, 2, 2, 3, 4, None], "age_bucket": ["a"] * 6, "activity": [0.0] * 6})
+    report = validate_dataset(write_dataset(tmp_path / "d", users=users))
+    assert_reported(
+        only(report, "duplicate_id"), rule="duplicate_id", file="users.parquet", column="user_id", rows=1
+    )
+    assert_reported(only(report, "null_key"), rule="null_key", file="users.parquet", column="user_id", rows=1)
+
+
+def test_table_feature_columns_checked(tmp_path):
+    items = pl.DataFrame({"item_id": list(range(1, 21)), "price": ["cheap"] * 20})
+    report = validate_dataset(write_dataset(tmp_path / "d", items=items))
+    assert_reported(
+        only(report, "missing_column"), rule="missing_column", file="items.parquet", column="category", rows=0
+    )
+    assert_reported(
+        only(report, "wrong_type"), rule="wrong_type", file="items.parquet", column="price", rows=0
+    )
+
+
+def test_leakage_columns(tmp_path):
+    users = pl.DataFrame(
+        {"user_id": [1, 2, 3, 4], "age_bucket": ["a"] * 4, "activity": [0.1] * 4, "click_rate": [0.3] * 4}
+    )
+    items = pl.DataFrame(
+        {"item_id": list(range(1, 21)), "category": [1] * 20, "price": [1.0] * 20, "converted": [True] * 20}
+    )
+    spec = {
+        **SPEC,
+        "features": {
+            **SPEC["features"],
+            "users": {"categorical": ["age_bucket"], "numeric": ["activity", "click_rate"]},
+        },
+    }
+    report = validate_dataset(write_dataset(tmp_path / "d", users=users, items=items, spec=spec))
+    found = {(v.file, v.column, v.severity) for v in report.violations if v.rule == "leakage"}
+    # click_rate is used as a feature (error); converted is present but not listed (warning).
+    assert found == {("users.parquet", "click_rate", "error"), ("items.parquet", "converted", "warning")}
+    assert "LABEL_NAME_PATTERNS" in str(report.errors[0])
+    # Without a features block every column is a feature: both become errors.
+    no_features = {k: v for k, v in SPEC.items() if k != "features"}
+    report = validate_dataset(write_dataset(tmp_path / "e", users=users, items=items, spec=no_features))
+    assert {(v.column, v.severity) for v in report.violations if v.rule == "leakage"} == {
+        ("click_rate", "error"),
+        ("converted", "error"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "label"),
+    [
+        ("is_like", True),
+        ("clicks", True),
+        ("watch_ratio", True),
+        ("play_time_ms", True),
+        ("long_view", True),
+        ("conversion_rate", True),
+        ("label", True),
+        ("is_follow", True),
+        ("follow_user_num", False),
+        ("video_duration", False),
+        ("age_bucket", False),
+        ("analysis_score", False),
+    ],
+)
+def test_label_name_patterns(name, label):
+    assert (label_like(name) is not None) == label
+
+
+# ---------------------------------------------------------------- quarantine
+
+
+def _cascade_breaking(n_bad: int) -> pl.DataFrame:
+    bad = pl.int_range(pl.len()).is_in([1, 3, 5, 7, 9][:n_bad])
+    return make_events().with_columns(converted=pl.when(bad).then(True).otherwise(pl.col("converted")))
+
+
+def test_quarantine_within_rate(tmp_path):
+    root = write_dataset(
+        tmp_path / "d", events={DAY: _cascade_breaking(3), "2026-11-22": make_events(10, "2026-11-22", 50)}
+    )
+    before = tree_hashes(root)
+    qdir = tmp_path / "q"
+    report = validate_dataset(root, max_violation_rate=0.5, quarantine_dir=qdir)
+    assert report.ok, str(report)
+    v = only(report, "cascade")
+    assert (v.severity, v.rows) == ("warning", 3) and str(qdir) in v.fix
+    assert report.quarantined == {"cascade": 3}
+    assert report.quarantine_files == [qdir / f"dt={DAY}.parquet"]  # the clean day writes nothing
+    bad = pl.read_parquet(qdir / f"dt={DAY}.parquet")
+    assert (
+        bad.height == 3 and set(bad["reason"]) == {"cascade:converted"} and set(bad["source_file"]) == {FILE}
+    )
+    clean = clean_events_lazy(root).collect()
+    assert clean.height == 17 and not (clean["converted"] & ~clean["clicked"]).any()
+    assert clean.columns == ["request_id", "user_id", "item_id", "ts", "exposed", "clicked", "converted"]
+    assert clean_events_lazy(root, dates=[DAY]).collect().height == 7
+    assert tree_hashes(root) == before  # sources untouched, quarantine lives elsewhere
+    # A rerun after the source was fixed removes the stale quarantine file.
+    write_dataset(root, events={DAY: make_events()})
+    assert validate_dataset(root, max_violation_rate=0.5, quarantine_dir=qdir).quarantine_files == []
+    assert not (qdir / f"dt={DAY}.parquet").exists()
+
+
+def test_quarantine_duplicates_keeps_first_copy(tmp_path):
+    ev = make_events()
+    root = write_dataset(tmp_path / "d", events={DAY: [ev, ev.head(1)]})
+    report = validate_dataset(root, max_violation_rate=0.2, quarantine_dir=tmp_path / "q")
+    assert report.ok and report.quarantined == {"duplicate_event": 1}
+    assert clean_events_lazy(root).collect().equals(ev)
+
+
+def test_quarantine_over_rate_or_zero_is_an_error(tmp_path):
+    root = write_dataset(tmp_path / "d", events={DAY: _cascade_breaking(3)})
+    strict = validate_dataset(root)
+    assert only(strict, "cascade").severity == "error" and strict.quarantined == {}
+    over = validate_dataset(root, max_violation_rate=0.2, quarantine_dir=tmp_path / "q")  # 3/10 > 0.2
+    assert only(over, "cascade").severity == "error" and not (tmp_path / "q").exists()
+    with pytest.raises(ValueError, match="quarantine_dir"):
+        validate_dataset(root, max_violation_rate=0.5)
+
+
+def test_file_level_problems_are_never_quarantined(tmp_path):
+    root = write_dataset(tmp_path / "d", events={DAY: [make_events(), b"garbage" * 10]})
+    report = validate_dataset(root, max_violation_rate=1.0, quarantine_dir=tmp_path / "q")
+    assert only(report, "corrupt_file").severity == "error"
+
+
+def test_contract_error_lists_every_error(tmp_path):
+    ev = _cascade_breaking(2).with_columns(pl.col("item_id").cast(pl.Int32))
+    root = write_dataset(tmp_path / "d", events={DAY: ev, "2026-11-22": _cascade_breaking(1)})
+    (root / "items.parquet").unlink()
+    report = validate_dataset(root)
+    with pytest.raises(ContractError) as err:
+        report.raise_if_errors()
+    assert len(report.errors) == 3
+    for v in report.errors:
+        assert str(v) in str(err.value)
+    assert report.rules() <= set(RULES)
+    assert "### Errors (3)" in report.to_markdown()
+
+
+def test_clean_events_lazy_arguments(tmp_path):
+    root = write_dataset(tmp_path / "d", events={DAY: _cascade_breaking(2)})
+    assert clean_events_lazy(root, DAY, drop=()).collect().height == 10  # nothing dropped
+    assert clean_events_lazy(root, [dt.date(2026, 11, 21)], drop={"cascade"}).collect().height == 8
+    with pytest.raises(ValueError, match="not row-level rules"):
+        clean_events_lazy(root, drop=["leakage"])
+    with pytest.raises(FileNotFoundError, match="no partition for"):
+        clean_events_lazy(root, ["2026-12-01"])
