@@ -126,9 +126,9 @@ def test_truth_and_how_objectives_differ(tiny, events):
     np.testing.assert_array_equal(
         np.sort(truth["user_ids"]), np.sort(pl.read_parquet(out / "users.parquet")["user_id"])
     )
-    # Objective factors share rho = 0.5 of their variance: correlated, not identical.
+    # Objective factors share rho = 0.3 of their variance (the default): correlation ~ rho.
     corr = np.corrcoef(P[:, 0].ravel(), P[:, 1].ravel())[0, 1]
-    assert 0.35 < corr < 0.65
+    assert 0.15 < corr < 0.45
     assert summary.intercepts["click"] == pytest.approx(float(truth["intercepts"][0]))
     # Conversion (not exposure or click) depends on price vs budget.
     uid = {int(x): k for k, x in enumerate(truth["user_ids"])}

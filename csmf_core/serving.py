@@ -1,0 +1,304 @@
+"""Serving: a `Recommender` over a bundle directory written by `write_bundle` (csmf_core.bundle).
+
+How to run:
+
+    from csmf_core.serving import Recommender, write_bundle
+    write_bundle("bundle", checkpoint_dir="ckpt", model_ready_dir="mr", dataset_dir="data/synth-small",
+                 config=cfg)
+    rec = Recommender.load("bundle")
+    rec.recommend([42, 7], k=50)                         # fused, the bundle's default weights
+    rec.recommend([42], k=10, weights=[1.0, 3.0, 0.5])   # per-request objective weights
+    rec.recommend([42], k=10, mode=1)                    # one stage's own score (click)
+    queries, cold = rec.user_vectors([42, 7], weights=[1.0, 1.8, 1.2])   # (2, D) float32
+
+Exact fusion: the fused score sum_t k_t s_t(u, i) is the inner product of the item's full-mode
+vector with the user's full-mode vector scaled per output segment (csmf_core.fusion), so one FAISS
+index of full-mode item vectors answers every weighting and every single mode.
+
+Cold start: a user id missing from the bundle's user vocabulary is served as user index 0, the
+model's "unknown user" row (every categorical code 0 = unknown, every numeric feature 0 = the
+standardised mean) with an empty behaviour history: the model's generic vector. Such users are
+flagged (`cold` / `cold_start`) so callers can route them elsewhere if they wish.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from csmf_core.bundle import FORMAT_VERSION, lookup_index, read_feature_tables, read_vocab, write_bundle
+from csmf_core.checkpoint import load_checkpoint
+from csmf_core.data import load_model_ready
+from csmf_core.evaluate import EvalRows, evaluate_model, item_matrix
+from csmf_core.fusion import fuse_queries, mode_queries, validate_weights
+from csmf_core.index import ItemIndex
+
+__all__ = ["MAX_K", "Recommender", "write_bundle"]
+
+MAX_K = 10_000
+_BATCH = 65536
+
+
+def _as_ids(user_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    a = np.asarray(user_ids)
+    if a.ndim == 0:
+        a = a.reshape(1)
+    if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+        raise ValueError(
+            f"user_ids must be a 1-D sequence of integer ids, got {a.dtype} array of shape {a.shape}"
+        )
+    return a.astype(np.int64)
+
+
+class Recommender:
+    """A loaded bundle: the model (eval mode), feature tables, user state and the item index.
+
+    Attributes: objectives (names in cascade order), n_stages, dim (D), output_owners ((D,) int64
+    owner stage of each output dimension), default_weights ((N,) float32), info (bundle.json).
+    """
+
+    def __init__(
+        self, bundle_dir: Path, info: dict, model, owners, tables, index, user_vocab, item_vocab, hists
+    ):
+        # Use Recommender.load(); the constructor trusts its arguments.
+        self.bundle_dir = bundle_dir
+        self.info = info
+        self.model = model
+        self._owners = owners  # (D,) torch int64
+        self.tables = tables
+        self.index = index
+        self.user_vocab = user_vocab  # (U-1,) sorted original ids of user indices >= 1
+        self.item_vocab = item_vocab  # (N-1,)
+        self._hists = hists  # [(U, L) int64] per objective after the first, row 0 = empty
+        self._items: tuple[np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path, device: str = "cpu") -> Recommender:
+        """Open a bundle directory; the model and tables go to `device`, the FAISS index stays on CPU."""
+        bundle_dir = Path(bundle_dir)
+        if not (bundle_dir / "bundle.json").is_file():
+            raise FileNotFoundError(
+                f"{bundle_dir} is not a csmf serving bundle (no bundle.json); write one with "
+                "csmf_core.serving.write_bundle or train one with `csmf run`"
+            )
+        info = json.loads((bundle_dir / "bundle.json").read_text())
+        if info.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{bundle_dir}/bundle.json: unsupported format_version {info.get('format_version')!r}"
+            )
+        model, owners, _ = load_checkpoint(bundle_dir / "checkpoint", device=device)
+        feat = bundle_dir / "features"
+        meta = json.loads((feat / "meta.json").read_text())
+        tables = read_feature_tables(feat, meta).to(device)
+        index = ItemIndex.load(bundle_dir / "index")
+        if index.dim != info["dim"]:
+            raise ValueError(f"{bundle_dir}: index has D={index.dim} but bundle.json says dim={info['dim']}")
+        user_vocab = read_vocab(feat / "users.parquet", "user_id")
+        state = pq.read_table(bundle_dir / "user_state.parquet")
+        u = state["u"].to_numpy().astype(np.int64)
+        L = int(info["seq_len"])
+        hists = []
+        for o in info["objectives"][1:]:
+            h = np.zeros((len(user_vocab) + 1, L), np.int64)
+            col = state[f"hist_{o}"].combine_chunks()
+            h[u] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(u), L)
+            hists.append(torch.from_numpy(h))
+        return cls(
+            bundle_dir,
+            info,
+            model,
+            owners.output_owners().long().cpu(),
+            tables,
+            index,
+            user_vocab,
+            read_vocab(feat / "items.parquet", "item_id"),
+            hists,
+        )
+
+    # ---- properties -------------------------------------------------------------------------------
+    @property
+    def objectives(self) -> list[str]:
+        return list(self.info["objectives"])
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.info["objectives"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.info["dim"])
+
+    @property
+    def output_owners(self) -> np.ndarray:
+        return self._owners.numpy().copy()
+
+    @property
+    def default_weights(self) -> np.ndarray:
+        return np.asarray(self.info["default_weights"], np.float32)
+
+    def stage_index(self, stage: int | str) -> int:
+        """A stage given by name ("click") or index (1, "1") -> its index, checked."""
+        if isinstance(stage, str) and stage in self.objectives:
+            return self.objectives.index(stage)
+        try:
+            t = int(stage)
+        except (TypeError, ValueError):
+            t = -1
+        if not 0 <= t < self.n_stages:
+            raise ValueError(
+                f"unknown stage {stage!r}; use a name in {self.objectives} or an index 0..{self.n_stages - 1}"
+            )
+        return t
+
+    # ---- vectors ----------------------------------------------------------------------------------
+    def user_indices(self, user_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Original user ids (U,) -> (model user indices (U,) int64, cold (U,) bool); unknown -> 0."""
+        idx = lookup_index(self.user_vocab, _as_ids(user_ids))
+        return idx, idx == 0
+
+    @torch.no_grad()
+    def user_vectors(
+        self,
+        user_ids: Sequence[int],
+        *,
+        mode: int | str | None = None,
+        weights: Sequence[float] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Query vectors (U, D) float32 and cold-start flags (U,) bool for original user ids.
+
+        Neither mode nor weights: the full-mode user vector. mode=t: the mode-t vector (dimensions
+        owned by stages > t zeroed), whose inner product with an item vector is the stage-t score.
+        weights=<k_0..k_{N-1}>: the fused query, inner product = sum_t k_t s_t. Not both.
+        Users come with the state stored in the bundle (features + histories as of history_until);
+        unknown ids are cold-start users (module docstring).
+        """
+        if mode is not None and weights is not None:
+            raise ValueError("pass either mode (one stage's score) or weights (fused score), not both")
+        u, cold = self.user_indices(user_ids)
+        ut = torch.from_numpy(u)
+        dev = next(self.model.parameters()).device
+        full = torch.zeros(len(u), self.dim)
+        for s in range(0, len(u), _BATCH):
+            b = ut[s : s + _BATCH]
+            x = self.tables.user_inputs(b.to(dev), [h[b].to(dev) for h in self._hists])
+            full[s : s + _BATCH] = self.model.user_vectors(x).float().cpu()
+        if mode is not None:
+            q = mode_queries(full, self._owners, self.stage_index(mode))
+        elif weights is not None:
+            q = fuse_queries(full, self._owners, validate_weights(weights, self.n_stages))
+        else:
+            q = full
+        return q.numpy().astype(np.float32, copy=False), cold
+
+    def item_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (N,) int64 original item ids, vectors (N, D) float32): the full-mode item vectors that
+        are indexed. There are no separate per-mode item vectors to serve: a mode masks only the user
+        side (mode_queries zeroes the later stages' user dimensions), and an item unit owned by stage s
+        computes the same value in every mode >= s, so full-mode item vectors give every mode's score."""
+        if self._items is None:
+            vecs = item_matrix(self.model, self.tables).numpy()[1:]
+            self._items = (self.item_vocab.copy(), np.ascontiguousarray(vecs, dtype=np.float32))
+        return self._items
+
+    # ---- retrieval --------------------------------------------------------------------------------
+    def recommend(
+        self,
+        user_ids: Sequence[int],
+        *,
+        k: int = 50,
+        weights: Sequence[float] | None = None,
+        mode: int | str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Top-k items per user from the FAISS index, best first.
+
+        Ranking: fused score with `weights` (default: bundle.json default_weights), or one stage's own
+        score with `mode` (not both). k in 1..MAX_K; fewer than k items come back when the catalog
+        (or an approximate index) has fewer. Returns one dict per user:
+        {"user_id": int, "items": [item_id, ...], "scores": [float, ...], "cold_start": bool}.
+        """
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= MAX_K:
+            raise ValueError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
+        if mode is None and weights is None:
+            weights = self.default_weights
+        ids = _as_ids(user_ids)
+        queries, cold = self.user_vectors(ids, mode=mode, weights=weights)
+        res = self.index.search(queries, int(k)) if len(ids) else None
+        out = []
+        for r, uid in enumerate(ids.tolist()):
+            c = int(res.counts[r])
+            out.append(
+                {
+                    "user_id": uid,
+                    "items": res.ids[r, :c].tolist(),
+                    "scores": res.scores[r, :c].tolist(),
+                    "cold_start": bool(cold[r]),
+                }
+            )
+        return out
+
+    # ---- offline evaluation -----------------------------------------------------------------------
+    def evaluate(self, model_ready_dir: str | Path, ks: Sequence[int] = (50,)) -> list[dict]:
+        """Recall@K / nDCG@K of this model on the eval rows of another model-ready dataset.
+
+        Rows as csmf_core.evaluate.evaluate_model(scorers="all") with the bundle's default fused
+        weights and the popularity baseline of that dataset: {objective, scorer, k, recall, ndcg, users}.
+
+        Index spaces: the other dataset was prepared on its own, so its user/item indices are mapped
+        to this model's through the original ids. Eval users unknown to the model get user index 0
+        (cold start) with their own (mapped) history; history items unknown to the model become
+        padding 0. Relevant items unknown to the model get distinct indices beyond the catalog: they
+        stay in the recall denominator but can never be retrieved. Popularity counts of unknown items
+        are dropped. Users keep this bundle's feature rows (the encoding the model was trained on).
+        """
+        mr = Path(model_ready_dir)
+        other = load_model_ready(mr, load_train=False)
+        if other.objectives != self.objectives:
+            raise ValueError(f"{mr} has objectives {other.objectives}, the model {self.objectives}")
+        n_items = len(self.item_vocab) + 1
+        umap = np.concatenate(
+            [[0], lookup_index(self.user_vocab, read_vocab(mr / "users.parquet", "user_id"))]
+        )
+        imap = np.concatenate(
+            [[0], lookup_index(self.item_vocab, read_vocab(mr / "items.parquet", "item_id"))]
+        )
+        rel_map = imap.copy()
+        unseen = np.flatnonzero(imap == 0)[1:]
+        rel_map[unseen] = n_items + np.arange(unseen.size)
+        ev = EvalRows(
+            torch.from_numpy(umap[other.eval.u.numpy()]),
+            [torch.from_numpy(imap[other.eval.hist[o].numpy()]) for o in self.objectives[1:]],
+            [[rel_map[p] for p in other.eval.pos[o]] for o in self.objectives],
+        )
+        pop_t = pq.read_table(mr / "popularity.parquet")
+        pop_idx = imap[pop_t["i"].to_numpy().astype(np.int64)]
+        popularity = [
+            np.bincount(pop_idx, weights=pop_t[f"count_{o}"].to_numpy(), minlength=n_items).astype(np.int64)
+            for o in self.objectives
+        ]
+        return evaluate_model(
+            self.model,
+            self._owners.to(next(self.model.parameters()).device),
+            self.tables,
+            ev,
+            self.objectives,
+            ks=tuple(int(k) for k in ks),
+            scorers="all",
+            fused_weights=tuple(self.info["default_weights"]),
+            popularity=popularity,
+        )
+
+
+def metrics_table(rows: list[dict]) -> str:
+    """evaluate_model rows -> a markdown table (objective x scorer x k)."""
+    lines = ["| objective | scorer | k | recall | ndcg | users |", "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['objective']} | {r['scorer']} | {r['k']} | {r['recall']:.4f} | {r['ndcg']:.4f} | {r['users']} |"
+        )
+    return "\n".join(lines)

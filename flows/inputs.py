@@ -1,0 +1,162 @@
+"""What one pipeline run reads before any work: home, tracking store, dataset, date window, digests.
+
+    home = setup_home(None)                              # $CSMF_HOME or ./.csmf; MLflow + Prefect homes
+    window = plan_window("data/synth-small", None, cfg.data)
+    window.eval_dates, window.train_dates, window.validate_dates
+
+Date window (evaluation day D, default the last partition): evaluation = D .. D + eval_days - 1;
+training = the `train_days` calendar days before D (0 = every partition before D). Every requested
+date must have a partition; `data_contracts.validate_dataset` then checks them (plus every earlier
+partition, which prep reads for behaviour history), including empty ones.
+
+Dataset digest: sha256 over (relative path, size, bytes) of dataset.yaml, users/items.parquet and
+the event files of the partitions the run reads, when those total at most `CONTENT_DIGEST_MAX_BYTES`;
+above that (name, size, mtime_ns) only. The kind used is returned with the digest.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from csmf_core.config import DataConfig
+from data_contracts import list_partitions
+
+EXPERIMENT = "csmf"
+CONTENT_DIGEST_MAX_BYTES = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class Home:
+    """Where a csmf installation keeps its state (one directory, everything under it by default)."""
+
+    root: Path
+    tracking_uri: str
+    artifacts: Path  # MLflow artifact root of the "csmf" experiment
+
+
+def resolve_home(home: str | os.PathLike | None) -> Path:
+    """`home`, else $CSMF_HOME, else ./.csmf (absolute)."""
+    return Path(home or os.environ.get("CSMF_HOME") or ".csmf").expanduser().resolve()
+
+
+def setup_home(home: str | os.PathLike | None) -> Home:
+    """Create the home layout and point MLflow at it; an explicit MLFLOW_TRACKING_URI wins.
+
+    Uses `flows.env.setup_home` when that module exists (the CLI's environment), else the same
+    defaults inline: MLFLOW_TRACKING_URI=sqlite:///<home>/mlflow.db, artifacts <home>/mlartifacts,
+    PREFECT_HOME=<home>/prefect (only effective when set before prefect is imported, as the CLI does).
+    """
+    import mlflow
+
+    root = resolve_home(home)
+    try:
+        from flows import env as _env  # written by the CLI work; optional here
+    except ImportError:
+        _env = None
+    if _env is not None and hasattr(_env, "setup_home"):
+        _env.setup_home(str(root))
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    os.environ.setdefault("PREFECT_HOME", str(root / "prefect"))
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    mlflow.set_tracking_uri(uri)
+    return Home(root=root, tracking_uri=uri, artifacts=root / "mlartifacts")
+
+
+@dataclass(frozen=True)
+class Window:
+    """The dates of one run. validate_dates: every partition prep reads (history) plus the requested ones."""
+
+    date: str
+    train_dates: list[str]
+    eval_dates: list[str]
+    validate_dates: list[str]
+
+
+def plan_window(dataset_dir: str | os.PathLike, date: str | None, data: DataConfig) -> Window:
+    """Evaluation and training dates for evaluation day `date` (default: the last partition)."""
+    root = Path(dataset_dir)
+    partitions, _ = list_partitions(root)
+    if not partitions:
+        raise ValueError(
+            f"{root}: no events/dt=YYYY-MM-DD partitions; point --data at a canonical dataset "
+            "(docs/architecture.md section 1) or omit it to use generated data"
+        )
+    have = [p.date for p in partitions]
+    try:
+        day = dt.date.fromisoformat(date) if date else have[-1]
+    except ValueError as exc:
+        raise ValueError(f"date {date!r} is not YYYY-MM-DD") from exc
+    eval_d = [day + dt.timedelta(days=k) for k in range(data.eval_days)]
+    if data.train_days > 0:
+        train_d = [day - dt.timedelta(days=k) for k in range(data.train_days, 0, -1)]
+    else:
+        train_d = [d for d in have if d < day]
+    missing = [d for d in train_d + eval_d if d not in have]
+    if not train_d or missing:
+        what = f"missing partitions {[d.isoformat() for d in missing]}" if missing else "no partition before it"
+        raise ValueError(
+            f"{root}: cannot evaluate on {day.isoformat()} (eval_days={data.eval_days}, "
+            f"train_days={data.train_days}): {what}; available {have[0].isoformat()} .. {have[-1].isoformat()} "
+            f"({len(have)} partitions). Pick another --date or export the missing days."
+        )
+    history = [d for d in have if d <= eval_d[-1]]
+    iso = [d.isoformat() for d in sorted(set(history) | set(train_d) | set(eval_d))]
+    return Window(day.isoformat(), [d.isoformat() for d in train_d], [d.isoformat() for d in eval_d], iso)
+
+
+def dataset_files(dataset_dir: str | os.PathLike, dates: list[str]) -> list[Path]:
+    """dataset.yaml, users/items.parquet and the event files of `dates`, in a stable order."""
+    root = Path(dataset_dir)
+    files = [root / f for f in ("dataset.yaml", "users.parquet", "items.parquet") if (root / f).is_file()]
+    wanted = set(dates)
+    partitions, _ = list_partitions(root)
+    files += [f for p in partitions if p.date.isoformat() in wanted for f in p.files]
+    return files
+
+
+def dataset_digest(dataset_dir: str | os.PathLike, dates: list[str]) -> tuple[str, str]:
+    """(16-hex digest, "content" | "stat") of the files a run reads (module docstring)."""
+    root = Path(dataset_dir)
+    files = dataset_files(root, dates)
+    stats = [f.stat() for f in files]
+    kind = "content" if sum(s.st_size for s in stats) <= CONTENT_DIGEST_MAX_BYTES else "stat"
+    h = hashlib.sha256()
+    for f, s in zip(files, stats):
+        h.update(f"{f.relative_to(root).as_posix()}\0{s.st_size}\0".encode())
+        if kind == "stat":
+            h.update(str(s.st_mtime_ns).encode())
+            continue
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16], kind
+
+
+def code_version() -> str:
+    """Package version plus the git commit when the source tree is a checkout ("0.1.0+g1a2b3c4d5e6f").
+
+    Reads .git/HEAD and the ref files directly (no git process): cheap and safe inside tasks.
+    """
+    try:
+        version = metadata.version("csmf")
+    except metadata.PackageNotFoundError:
+        version = "0+unknown"
+    git = Path(__file__).resolve().parents[1] / ".git"
+    try:
+        head = (git / "HEAD").read_text().strip()
+        if head.startswith("ref: "):
+            ref = head[5:]
+            if (git / ref).is_file():
+                head = (git / ref).read_text().strip()
+            else:
+                packed = (git / "packed-refs").read_text().splitlines() if (git / "packed-refs").is_file() else []
+                head = next((ln.split()[0] for ln in packed if ln.endswith(" " + ref)), "")
+    except OSError:
+        head = ""
+    return f"{version}+g{head[:12]}" if len(head) >= 12 else version

@@ -1,0 +1,215 @@
+"""The CSMF model in the MLflow registry: a pyfunc wrapper around a serving bundle, and look-ups.
+
+    model = mlflow.pyfunc.load_model("models:/csmf@challenger")
+    model.predict(pd.DataFrame({"user_id": [42, 7], "k": [10, 10], "weights": ["1,1.8,1.2", None]}))
+    #  -> user_id, item_ids (list), scores (list), cold_start
+
+    bundle = resolve_bundle("models:/csmf@champion")      # local bundle directory (cached)
+    rec = load_recommender(None)                          # latest registered version
+
+Registered model "csmf": every successful pipeline run logs a new version (`log_and_register`) and
+points the alias "challenger" at it. "champion" is set too when no version holds it yet, so that a
+fresh installation can serve `models:/csmf@champion` at once; promoting a later challenger is the job
+of a gating step (not done here). The pyfunc carries the bundle as the artifact "bundle" and the
+`csmf_core`, `data_contracts` and `flows` source trees as code paths, so it loads without this
+checkout (given the pinned requirements).
+
+This module never imports prefect: it is loaded inside model servers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import yaml
+
+REGISTERED_MODEL = "csmf"
+CHALLENGER, CHAMPION = "challenger", "champion"
+DEFAULT_K = 50
+REQUIREMENTS = (
+    "torch", "numpy", "pandas", "pyarrow", "polars", "faiss-cpu", "pyyaml", "mlflow", "cloudpickle",
+)
+_PACKAGES = ("csmf_core", "data_contracts", "flows")
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class CSMFPyfunc(mlflow.pyfunc.PythonModel):
+    """pyfunc over `csmf_core.serving.Recommender`.
+
+    Input: a DataFrame with `user_id` (int) and optionally `k` (int, default 50) and `weights` (per
+    row: a list of N floats, a "k0,k1,k2" string, or empty = the bundle's default fused weights).
+    Output: one row per input row, same order: user_id, item_ids (list[int]), scores (list[float]),
+    cold_start (bool: the user id is unknown to the model and got the generic vector).
+    """
+
+    def load_context(self, context: Any) -> None:
+        from csmf_core.serving import Recommender
+
+        self.recommender = Recommender.load(context.artifacts["bundle"])
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        if "user_id" not in model_input.columns:
+            raise ValueError(f"input needs a user_id column, got columns {list(model_input.columns)}")
+        users = [int(u) for u in model_input["user_id"]]
+        ks = [_k(v) for v in model_input["k"]] if "k" in model_input.columns else [DEFAULT_K] * len(users)
+        ws = [_weights(v) for v in model_input["weights"]] if "weights" in model_input.columns else [None] * len(users)
+        out: list[dict | None] = [None] * len(users)
+        groups: dict[tuple, list[int]] = {}
+        for r, key in enumerate(zip(ks, ws)):
+            groups.setdefault(key, []).append(r)
+        for (k, w), rows in groups.items():  # one batched query per distinct (k, weights)
+            recs = self.recommender.recommend([users[r] for r in rows], k=k, weights=w)
+            for r, rec in zip(rows, recs):
+                out[r] = rec
+        return pd.DataFrame(
+            {
+                "user_id": users,
+                "item_ids": [o["items"] for o in out],
+                "scores": [o["scores"] for o in out],
+                "cold_start": [o["cold_start"] for o in out],
+            }
+        )
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
+
+
+def _k(v: Any) -> int:
+    return DEFAULT_K if _missing(v) else int(v)
+
+
+def _weights(v: Any) -> tuple[float, ...] | None:
+    """A row's weights: None (bundle default), "1,1.8,1.2", or a list/array of floats."""
+    if v is None or (isinstance(v, float | str) and _missing(v)):
+        return None
+    if isinstance(v, str):
+        try:
+            return tuple(float(x) for x in v.replace("[", "").replace("]", "").split(",") if x.strip())
+        except ValueError as exc:
+            raise ValueError(f"weights {v!r}: expected comma-separated numbers like '1,1.8,1.2'") from exc
+    return tuple(float(x) for x in v)
+
+
+def pinned_requirements() -> list[str]:
+    """`name==version` of the installed serving dependencies (local labels such as +cpu dropped)."""
+    reqs = []
+    for name in REQUIREMENTS:
+        try:
+            reqs.append(f"{name}=={metadata.version(name).split('+')[0]}")
+        except metadata.PackageNotFoundError:
+            continue
+    return reqs
+
+
+def code_paths() -> list[str]:
+    """Source trees shipped with the model (cloudpickle refers to flows.registry.CSMFPyfunc by name)."""
+    root = Path(__file__).resolve().parents[1]
+    return [str(root / p) for p in _PACKAGES]
+
+
+def log_and_register(
+    run_id: str,
+    bundle_dir: str | Path,
+    *,
+    version_tags: Mapping[str, Any] | None = None,
+    description: str | None = None,
+):
+    """Log the bundle as a pyfunc model on `run_id`, register it as a new version of "csmf" and set
+    the aliases (module docstring). Returns the `ModelVersion`.
+
+    Uses the fluent API inside `start_run(run_id=...)`: the active run is thread-local, so this is
+    safe inside a Prefect task thread. The run is left FINISHED.
+    """
+    tags = {k: str(v) for k, v in (version_tags or {}).items()}
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=CSMFPyfunc(),
+            artifacts={"bundle": str(Path(bundle_dir).resolve())},
+            code_paths=code_paths(),
+            pip_requirements=pinned_requirements(),
+        )
+    version = mlflow.register_model(info.model_uri, REGISTERED_MODEL, tags=tags)
+    client = mlflow.MlflowClient()
+    if description:
+        client.update_model_version(REGISTERED_MODEL, version.version, description=description)
+    client.set_registered_model_alias(REGISTERED_MODEL, CHALLENGER, version.version)
+    if CHAMPION not in client.get_registered_model(REGISTERED_MODEL).aliases:
+        client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, version.version)
+    return client.get_model_version(REGISTERED_MODEL, version.version)
+
+
+def _version_for(ref: str | None, client: mlflow.MlflowClient):
+    """The ModelVersion a reference names (see resolve_bundle)."""
+    name = REGISTERED_MODEL
+    if ref is None or ref in ("latest", f"models:/{name}", f"models:/{name}/latest"):
+        versions = client.search_model_versions(f"name='{name}'")
+        if not versions:
+            raise LookupError(f"no versions of registered model {name!r}: run the pipeline first (`csmf run`)")
+        return max(versions, key=lambda v: int(v.version))
+    m = re.fullmatch(r"models:/([^/@]+)(?:@([\w-]+)|/(\d+))", ref)
+    if m:
+        name, alias, number = m.groups()
+        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+    if _RUN_ID.match(ref):
+        versions = [
+            v for v in client.search_model_versions(f"name='{name}'")
+            if ref in (v.run_id, (v.tags or {}).get("csmf.parent_run_id"))
+        ]
+        if not versions:
+            raise LookupError(f"no version of {name!r} was registered by MLflow run {ref}")
+        return max(versions, key=lambda v: int(v.version))
+    raise ValueError(
+        f"model reference {ref!r}: use models:/{name}@<alias>, models:/{name}/<version>, an MLflow run id, "
+        "or nothing for the latest version"
+    )
+
+
+def resolve_bundle(ref: str | None = None, *, home: str | os.PathLike | None = None) -> Path:
+    """Local serving-bundle directory of a registered model version.
+
+    ref: "models:/csmf@champion", "models:/csmf/3", an MLflow run id (the register run or the
+    pipeline's parent run), or None = the latest version. A local bundle directory is returned as is.
+    The model is downloaded once to `<home>/cache/models/<name>/<version>/` (versions are immutable).
+    """
+    if ref is not None and Path(ref).is_dir() and (Path(ref) / "bundle.json").is_file():
+        return Path(ref).resolve()
+    from flows.inputs import resolve_home
+
+    client = mlflow.MlflowClient()
+    version = _version_for(ref, client)
+    dest = resolve_home(home) / "cache" / "models" / version.name / str(version.version)
+    if not (dest / "MLmodel").is_file():  # download beside it, then rename: never a half-filled cache
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{version.version}-", dir=dest.parent))
+        try:
+            uri = f"models:/{version.name}/{version.version}"
+            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp))
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    mlmodel = yaml.safe_load((dest / "MLmodel").read_text())
+    rel = mlmodel["flavors"]["python_function"]["artifacts"]["bundle"]["path"]
+    bundle = dest / rel
+    if not (bundle / "bundle.json").is_file():
+        raise FileNotFoundError(f"{bundle}: downloaded model {version.name}/{version.version} has no bundle.json")
+    return bundle
+
+
+def load_recommender(ref: str | None = None, *, home: str | os.PathLike | None = None):
+    """`csmf_core.serving.Recommender` of a registered version (same references as resolve_bundle)."""
+    from csmf_core.serving import Recommender
+
+    return Recommender.load(resolve_bundle(ref, home=home))

@@ -1,0 +1,203 @@
+"""Experiment tracking behind a tiny interface, so that flows never touch MLflow's global state.
+
+    tracker = MlflowTracker.start(experiment_id, "csmf-daily 2026-01-08", tags={"csmf.date": "2026-01-08"})
+    step = tracker.child("pretrain_exposure")
+    step.log_params({"train.lr": 0.002})
+    step.log_metrics({"train/loss": 1.23}, step=10)
+    step.log_artifact("runs/.../checkpoint", "checkpoint")
+    step.finish()                     # or finish("FAILED")
+
+Why explicit run ids: MLflow's *active run* is thread-local and Prefect runs tasks in threads, so
+every call here goes through `mlflow.MlflowClient` with the run id it is bound to. A tracker is
+cheap to rebuild from `(tracking_uri, run_id)` inside a task (`MlflowTracker.attach`).
+
+`NullTracker` implements the same interface and does nothing (library tests, dry runs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+
+PARENT_TAG = "mlflow.parentRunId"
+_BATCH = 100  # params and tags per log_batch call (MLflow's limit); metrics allow 1000
+_METRIC_BATCH = 1000
+
+
+class Tracker(Protocol):
+    """What flows log. Artifact paths are relative to the run's artifact root ("masks/masks.json")."""
+
+    run_id: str | None
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_dict(self, data: Any, artifact_file: str) -> None: ...
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+    def log_table(self, rows: list[dict] | dict[str, list], artifact_file: str) -> None: ...
+    def log_figure(self, figure: Any, artifact_file: str) -> None: ...
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+
+
+def _param_value(v: Any) -> str:
+    """Params are strings in MLflow: lists/tuples as JSON, the rest as str (max 6000 chars)."""
+    if isinstance(v, list | tuple | dict):
+        v = json.dumps(v, default=str)
+    return str(v)[:6000]
+
+
+def _chunks(items: list, n: int) -> Iterable[list]:
+    for s in range(0, len(items), n):
+        yield items[s : s + n]
+
+
+class MlflowTracker:
+    """One MLflow run, addressed by id through an `MlflowClient` (thread-safe, no active run)."""
+
+    def __init__(self, run_id: str, tracking_uri: str | None = None):
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+        self.client = mlflow.MlflowClient(self.tracking_uri)
+        self.experiment_id = self.client.get_run(run_id).info.experiment_id
+
+    @classmethod
+    def start(
+        cls,
+        experiment_id: str,
+        run_name: str,
+        *,
+        tags: Mapping[str, Any] | None = None,
+        parent_run_id: str | None = None,
+        tracking_uri: str | None = None,
+    ) -> MlflowTracker:
+        """Create a run (RUNNING) in `experiment_id`, nested under `parent_run_id` when given."""
+        client = mlflow.MlflowClient(tracking_uri or mlflow.get_tracking_uri())
+        all_tags = {str(k): _param_value(v) for k, v in (tags or {}).items()}
+        if parent_run_id is not None:
+            all_tags[PARENT_TAG] = parent_run_id
+        run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
+        return cls(run.info.run_id, client.tracking_uri)
+
+    @classmethod
+    def attach(cls, run_id: str, tracking_uri: str | None = None) -> MlflowTracker:
+        """Bind to an existing run (e.g. the parent run inside a task)."""
+        return cls(run_id, tracking_uri)
+
+    def child(self, run_name: str, tags: Mapping[str, Any] | None = None) -> MlflowTracker:
+        """A nested run under this one, in the same experiment."""
+        return MlflowTracker.start(
+            self.experiment_id, run_name, tags=tags, parent_run_id=self.run_id, tracking_uri=self.tracking_uri
+        )
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        items = [Param(str(k), _param_value(v)) for k, v in params.items()]
+        for chunk in _chunks(items, _BATCH):
+            self.client.log_batch(self.run_id, params=chunk, synchronous=True)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(str(k), float(v), now, int(step or 0)) for k, v in metrics.items()]
+        for chunk in _chunks(items, _METRIC_BATCH):
+            self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+
+    def log_series(self, key: str, values: list[float], first_step: int = 1) -> None:
+        """One metric per step (a loss curve): values[j] at step first_step + j."""
+        now = int(time.time() * 1000)
+        items = [Metric(key, float(v), now, first_step + j) for j, v in enumerate(values) if math.isfinite(v)]
+        for chunk in _chunks(items, _METRIC_BATCH):
+            self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """A file goes to `artifact_path/<name>`; a directory's contents go under `artifact_path/`."""
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        elif path.is_file():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        else:
+            raise FileNotFoundError(f"cannot log artifact {path}: no such file or directory")
+
+    def log_dict(self, data: Any, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, data, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_table(self, rows: list[dict] | dict[str, list], artifact_file: str) -> None:
+        """A table artifact (shown as a table in the MLflow UI); artifact_file must end in .json."""
+        if isinstance(rows, list):
+            keys = list(dict.fromkeys(k for r in rows for k in r))
+            rows = {k: [r.get(k) for r in rows] for k in keys}
+        self.client.log_table(self.run_id, rows, artifact_file)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        items = [RunTag(str(k), _param_value(v)) for k, v in tags.items()]
+        for chunk in _chunks(items, _BATCH):
+            self.client.log_batch(self.run_id, tags=chunk, synchronous=True)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Mark the run FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(self.run_id, status=status)
+
+
+class NullTracker:
+    """The same interface, recording nothing: for library use and tests without a tracking store."""
+
+    run_id: str | None = None
+
+    def child(self, run_name: str, tags: Mapping[str, Any] | None = None) -> NullTracker:
+        return self
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_series(self, key: str, values: list[float], first_step: int = 1) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_dict(self, data: Any, artifact_file: str) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_table(self, rows: list[dict] | dict[str, list], artifact_file: str) -> None:
+        pass
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+
+def ensure_experiment(name: str, artifact_location: str | Path, tracking_uri: str | None = None) -> str:
+    """Id of experiment `name`, created with `artifact_location` when missing.
+
+    Call once before any fan-out: concurrent first-time creation races on SQLite.
+    """
+    client = mlflow.MlflowClient(tracking_uri or mlflow.get_tracking_uri())
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = Path(artifact_location)
+    location.mkdir(parents=True, exist_ok=True)
+    return client.create_experiment(name, artifact_location=location.resolve().as_uri())
