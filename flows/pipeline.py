@@ -1,0 +1,343 @@
+"""The daily CSMF pipeline: one Prefect flow run per evaluation date, tracked in MLflow.
+
+How to run:
+
+    .venv/bin/python -m flows.pipeline                    # generated data, last date, home ./.csmf
+    from flows.pipeline import csmf_daily
+    csmf_daily(date="2026-01-08", data="data/synth-small", overrides=["train.epochs=[1,1,1]"])
+
+The flow body reads like the design card (the middle is `csmf_core.cascade.plan`, so N objectives work):
+
+    ingest -> pretrain_exposure -> cpp_prune_exposure -> recover_exposure -> finetune_click
+    -> cpp_prune_click -> recover_click -> finetune_conversion -> build_index -> evaluate -> register
+
+Tasks pass paths, ids and small metadata, never tensors. Every output goes to the run's own work dir
+`<home>/runs/<date>/<flow-run-id>/` (`<step>/checkpoint`, `model_ready`, `bundle`, `quarantine`).
+Only a run that got through evaluate registers a model, so a failed run (bad data, a diverged loss)
+never replaces a good one. MLflow layout: flows/reporting.py.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from csmf_core.cascade import Step, build_model, load_cascade_data, plan, run_step
+from csmf_core.checkpoint import load_checkpoint, save_checkpoint
+from csmf_core.config import CSMFConfig, load_config
+from csmf_core.evaluate import evaluate_model, metric_dict
+from csmf_core.prep import prepare
+from csmf_core.serving import metrics_table, write_bundle
+from data_contracts import validate_dataset
+from flows import reporting
+from flows.inputs import EXPERIMENT, Window, code_version, dataset_digest, plan_window, setup_home
+from flows.registry import log_and_register
+from flows.tracking import MlflowTracker, ensure_experiment
+
+LOG_EVERY = 50  # training steps between progress lines (and MLflow loss flushes)
+_NOT_TRANSIENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Where one flow run writes and logs (passed to every task)."""
+
+    workdir: Path
+    dataset_dir: Path
+    window: Window
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    data_digest: str
+
+    def parent(self) -> MlflowTracker:
+        return MlflowTracker.attach(self.parent_run_id, self.tracking_uri)
+
+
+@dataclass(frozen=True)
+class Ingested:
+    """The validated, model-ready data of a run. source: the canonical dataset prep read."""
+
+    model_ready: Path
+    source: Path
+    objectives: list[str]
+
+
+def _transient(task_: Any, task_run: Any, state: Any) -> bool:
+    """Retry I/O hiccups (OSError other than a missing path, tracking-store errors), not bad data."""
+    from mlflow.exceptions import MlflowException
+
+    exc = state.data if isinstance(state.data, BaseException) else None
+    return isinstance(exc, OSError | MlflowException) and not isinstance(exc, _NOT_TRANSIENT)
+
+
+@contextmanager
+def _child(run: RunContext, name: str, **tags: Any) -> Iterator[MlflowTracker]:
+    """A child MLflow run named `name`, FINISHED on success and FAILED on any exception."""
+    tracker = run.parent().child(name, tags={"csmf.step": name, **{f"csmf.{k}": v for k, v in tags.items()}})
+    try:
+        yield tracker
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish("FINISHED")
+
+
+def _device(cfg: CSMFConfig) -> str:
+    want = cfg.train.device
+    return "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+# ---- the flow --------------------------------------------------------------------------------------
+@flow(name="csmf-daily")
+def csmf_daily(
+    date: str | None = None,
+    data: str | None = None,
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    home: str | None = None,
+    max_violation_rate: float = 0.0,
+) -> dict:
+    """Train, evaluate and register the CSMF model for evaluation day `date` (default: the last one).
+
+    data: canonical dataset dir (default: generated `small` data under <home>/data); config: YAML
+    file; overrides: ["train.lr=1e-3", ...]; home: state dir (default $CSMF_HOME or ./.csmf);
+    max_violation_rate: share of rows per row-level rule that is quarantined instead of failing.
+    Returns mlflow_run_id, tracking_uri, experiment, model_version, bundle_dir, metrics, metrics_table.
+    """
+    env = setup_home(home)
+    cfg = load_config(config, overrides)
+    dataset = Path(data).resolve() if data else generate_data(env.root)
+    window = plan_window(dataset, date, cfg.data)  # missing partitions fail here, before any work
+    run = open_run(env.root, env.tracking_uri, env.artifacts, cfg, dataset, window)
+    try:
+        ready = ingest(run, cfg, max_violation_rate)
+        checkpoint: Path | None = None
+        for index, step in enumerate(plan(ready.objectives, cfg)):
+            checkpoint = cascade_step.with_options(task_run_name=step.name)(step, index, checkpoint, ready, cfg, run)
+        bundle = build_index(checkpoint, ready, cfg, run)
+        rows = evaluate(checkpoint, ready, cfg, run)
+        version = register(bundle, rows, cfg, run)
+    except BaseException:
+        run.parent().finish("FAILED")
+        raise
+    run.parent().finish("FINISHED")
+    return publish(run, rows, version, bundle)
+
+
+# ---- tasks -----------------------------------------------------------------------------------------
+@task(name="generate-data", cache_policy=NO_CACHE)
+def generate_data(home: Path) -> Path:
+    """The `small` synthetic dataset under <home>/data/synth-small (generated once)."""
+    from csmf_core.synth import generate
+
+    out = home / "data" / "synth-small"
+    if not (out / "dataset.yaml").is_file():
+        get_run_logger().info("no --data given: generating the small synthetic dataset into %s", out)
+        generate(out, "small", seed=0, overwrite=True)
+    return out
+
+
+@task(name="open-run", cache_policy=NO_CACHE)
+def open_run(
+    home: Path, tracking_uri: str, artifacts: Path, cfg: CSMFConfig, dataset: Path, window: Window
+) -> RunContext:
+    """Create the work dir and the MLflow parent run (experiment created once, before any fan-out)."""
+    key = flow_run.id or dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
+    workdir = home / "runs" / window.date / str(key)
+    workdir.mkdir(parents=True, exist_ok=True)
+    digest, kind = dataset_digest(dataset, window.validate_dates)
+    experiment_id = ensure_experiment(EXPERIMENT, artifacts, tracking_uri)
+    tags = {
+        "csmf.date": window.date,
+        "csmf.dataset": _dataset_name(dataset),
+        "csmf.dataset_dir": str(dataset),
+        "csmf.dataset_digest": digest,
+        "csmf.dataset_digest_kind": kind,
+        "csmf.config_digest": cfg.digest(),
+        "csmf.code_version": code_version(),
+        "csmf.workdir": str(workdir),
+        "prefect.flow_run_id": str(flow_run.id),
+        "prefect.flow_run_name": str(flow_run.name),
+    }
+    parent = MlflowTracker.start(experiment_id, f"csmf-daily-{window.date}", tags=tags, tracking_uri=tracking_uri)
+    parent.log_params({**cfg.flat(), "run.train_dates": window.train_dates, "run.eval_dates": window.eval_dates})
+    (workdir / "config.yaml").write_text(yaml.safe_dump(reporting.plain(cfg.to_dict()), sort_keys=False))
+    parent.log_artifact(workdir / "config.yaml", "config")
+    return RunContext(workdir, dataset, window, tracking_uri, experiment_id, parent.run_id, digest)
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=NO_CACHE)
+def ingest(run: RunContext, cfg: CSMFConfig, max_violation_rate: float = 0.0) -> Ingested:
+    """Validate the dataset (data contract), quarantine within the allowed rate, build model-ready data."""
+    logger = get_run_logger()
+    with _child(run, "ingest", kind="ingest") as tracker:
+        qdir = run.workdir / "quarantine"
+        report = validate_dataset(
+            run.dataset_dir, dates=run.window.validate_dates, max_violation_rate=max_violation_rate,
+            quarantine_dir=qdir if max_violation_rate > 0 else None,
+        )
+        reporting.log_validation(tracker, report)
+        create_markdown_artifact(report.to_markdown(), key="csmf-validation", description=report.summary_line())
+        logger.info(report.summary_line())
+        report.raise_if_errors()
+        source = run.dataset_dir
+        if report.quarantined:
+            source = reporting.clean_copy(run.dataset_dir, run.window.validate_dates, run.workdir / "clean")
+            logger.info("quarantined %s; training on the clean copy %s", report.quarantined, source)
+        summary = prepare(
+            source, run.workdir / "model_ready", train_dates=run.window.train_dates,
+            eval_dates=run.window.eval_dates, seq_len=cfg.data.seq_len, n_req_neg=cfg.data.n_req_neg,
+            overwrite=True,
+        )
+        objectives = [o["name"] for o in summary.meta["objectives"]]
+        if len(cfg.eval.fused_weights) != len(objectives):
+            raise ValueError(
+                f"eval.fused_weights has {len(cfg.eval.fused_weights)} values but the dataset has "
+                f"{len(objectives)} objectives {objectives}; set eval.fused_weights=[...] with one weight each"
+            )
+        reporting.log_prep(tracker, summary)
+    return Ingested(summary.out_dir, source, objectives)
+
+
+@task(name="cascade-step", cache_policy=NO_CACHE)
+def cascade_step(
+    step: Step, index: int, previous: Path | None, ready: Ingested, cfg: CSMFConfig, run: RunContext
+) -> Path:
+    """Run one step of the cascade from the previous checkpoint; returns `<workdir>/<step>/checkpoint`."""
+    logger = get_run_logger()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = _device(cfg)
+    data = load_cascade_data(ready.model_ready)
+    data.tables = data.tables.to(device)
+    if previous is None:
+        model, owners = build_model(data, cfg)
+        model.to(device)
+    else:
+        model, owners, _ = load_checkpoint(previous, device=device)
+    with _child(run, step.name, kind=step.kind, stage=step.stage, stage_name=ready.objectives[step.stage],
+                step_index=index) as tracker:
+        tracker.log_params({**cfg.flat(), "step.name": step.name, "step.kind": step.kind,
+                            "step.stage": step.stage, "step.index": index})
+        curve = reporting.LossCurve(tracker, logger, step.name, every=LOG_EVERY)
+        owners, report = run_step(step, model, owners, data, cfg, on_step=curve)
+        curve.flush()
+        meta = {"step": step.name, "kind": step.kind, "stage": step.stage, "index": index, "info": report.info}
+        out = save_checkpoint(run.workdir / step.name / "checkpoint", model, owners, meta=meta)
+        tracker.log_artifact(out, "checkpoint")
+        if step.kind == "prune" or previous is None:  # ownership changed (or its initial state)
+            tracker.log_artifact(out / "masks", "masks")
+        if step.kind == "prune":
+            reporting.log_pruning(tracker, report.info, list(owners.stages), step.name)
+        else:
+            tracker.log_metrics({f"train/{k}": v for k, v in report.info.items()})
+        rows = evaluate_model(
+            model, owners.output_owners(), data.tables, data.eval.head(cfg.eval.max_users), data.objectives,
+            ks=cfg.eval.ks, objectives_upto=step.stage, scorers="own",
+        )
+        val = metric_dict(rows, prefix="val")
+        tracker.log_metrics(val)
+        run.parent().log_metrics(val, step=index)
+        primary = {k: round(v, 4) for k, v in val.items() if k.endswith(f"recall@{cfg.eval.primary_k}")}
+        logger.info("%s done: %s", step.name, primary)
+    return out
+
+
+@task(name="build-index", cache_policy=NO_CACHE)
+def build_index(checkpoint: Path, ready: Ingested, cfg: CSMFConfig, run: RunContext) -> Path:
+    """The serving bundle (checkpoint, FAISS index + id map, user state) in `<workdir>/bundle`."""
+    with _child(run, "build_index", kind="build_index") as tracker:
+        bundle = write_bundle(
+            run.workdir / "bundle", checkpoint_dir=checkpoint, model_ready_dir=ready.model_ready,
+            dataset_dir=ready.source, config=cfg, index_kind="flat", data_digest=run.data_digest,
+            extra={"mlflow_parent_run_id": run.parent_run_id, "date": run.window.date}, overwrite=True,
+        )
+        tracker.log_artifact(bundle / "index", "index")
+        tracker.log_artifact(bundle / "bundle.json", "bundle")
+        info = reporting.read_json(bundle / "bundle.json")
+        tracker.log_metrics({"index/n_items": info["n_items"], "index/n_users": info["n_users"]})
+    return bundle
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate(checkpoint: Path, ready: Ingested, cfg: CSMFConfig, run: RunContext) -> list[dict]:
+    """Every scorer (own modes, fused, popularity, random) on the evaluation day(s)."""
+    model, owners, _ = load_checkpoint(checkpoint, device=_device(cfg))
+    data = load_cascade_data(ready.model_ready, load_train=False)
+    data.tables = data.tables.to(_device(cfg))
+    rows = evaluate_model(
+        model, owners.output_owners(), data.tables, data.eval.head(cfg.eval.max_users), data.objectives,
+        ks=cfg.eval.ks, scorers="all", fused_weights=cfg.eval.fused_weights, popularity=data.counts,
+        random_seed=0,
+    )
+    with _child(run, "evaluate", kind="evaluate") as tracker:
+        prunes = {s.name: run.workdir / s.name / "checkpoint" for s in plan(data.objectives, cfg) if s.kind == "prune"}
+        for target in (tracker, run.parent()):
+            reporting.log_evaluation(target, rows, prunes, data.objectives)
+    get_run_logger().info("evaluation:\n%s", metrics_table(rows))
+    return rows
+
+
+@task(name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=NO_CACHE)
+def register(bundle: Path, rows: list[dict], cfg: CSMFConfig, run: RunContext) -> str:
+    """Log the bundle as a pyfunc, register a new version of "csmf", alias it "challenger"."""
+    parent = run.parent()
+    ptags = parent.client.get_run(run.parent_run_id).data.tags
+    primary = metric_dict([r for r in rows if r["k"] == cfg.eval.primary_k], prefix="test", own_only=False)
+    tags = {k: ptags.get(k, "") for k in ("csmf.date", "csmf.dataset", "csmf.dataset_digest",
+                                         "csmf.config_digest", "csmf.code_version", "prefect.flow_run_id")}
+    tags |= {"csmf.parent_run_id": run.parent_run_id}
+    tags |= {k: f"{v:.4f}" for k, v in primary.items() if "/fused/" in k and "recall" in k}
+    with _child(run, "register", kind="register") as tracker:
+        version = log_and_register(
+            tracker.run_id, bundle, version_tags=tags,
+            description=f"csmf-daily {run.window.date}: dataset {tags['csmf.dataset']} "
+            f"({run.data_digest}), config {cfg.digest()}",
+        )
+    parent.set_tags({"csmf.model_version": version.version})
+    get_run_logger().info("registered csmf version %s (aliases %s)", version.version, version.aliases)
+    return str(version.version)
+
+
+@task(name="publish", cache_policy=NO_CACHE)
+def publish(run: RunContext, rows: list[dict], version: str, bundle: Path) -> dict:
+    """Prefect artifacts (metrics table, link to the MLflow run) and the flow's return value."""
+    table = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
+    create_table_artifact(table, key="csmf-metrics", description=f"csmf-daily {run.window.date}, model v{version}")
+    url = f"http://127.0.0.1:5000/#/experiments/{run.experiment_id}/runs/{run.parent_run_id}"
+    create_link_artifact(url, link_text="MLflow run", key="csmf-mlflow-run",
+                         description="start the UI with `csmf ui` (mlflow ui on 127.0.0.1:5000)")
+    return {
+        "mlflow_run_id": run.parent_run_id,
+        "tracking_uri": run.tracking_uri,
+        "experiment": EXPERIMENT,
+        "experiment_id": run.experiment_id,
+        "model_version": version,
+        "bundle_dir": str(bundle),
+        "workdir": str(run.workdir),
+        "metrics": rows,
+        "metrics_table": metrics_table(rows),
+    }
+
+
+def _dataset_name(dataset: Path) -> str:
+    try:
+        return str(yaml.safe_load((dataset / "dataset.yaml").read_text()).get("name") or dataset.name)
+    except (OSError, yaml.YAMLError, AttributeError):
+        return dataset.name  # validation reports the broken dataset.yaml
+
+
+if __name__ == "__main__":
+    print(csmf_daily()["metrics_table"])

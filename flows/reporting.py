@@ -1,0 +1,171 @@
+"""What the pipeline logs, and where (the MLflow layout of one `csmf-daily` run).
+
+Experiment "csmf"; one parent run per flow run, named `csmf-daily-<date>`:
+
+    tags     csmf.date, csmf.dataset, csmf.dataset_dir, csmf.dataset_digest (+ _kind), csmf.config_digest,
+             csmf.code_version, csmf.workdir, prefect.flow_run_id, prefect.flow_run_name, csmf.model_version
+    params   the flattened config (`train.lr`, ...), run.train_dates, run.eval_dates
+    metrics  val/<objective>/{recall,ndcg}@K at step = step index (0 = first cascade step), and
+             test/<objective>/<scorer>/{recall,ndcg}@K (scorer: an objective's own mode, fused,
+             popularity, random)
+    files    config/config.yaml, metrics/test_metrics.{json,md}, figures/{recall_at_k,ownership}.png
+
+Child runs (tag mlflow.parentRunId), named after the step, tagged csmf.step / csmf.kind / csmf.stage:
+
+    ingest                  validation/report.md, model_ready/meta.json; data/rows, data/errors,
+                            data/warnings, data/positives/<objective>, data/quarantined/<rule>,
+                            data/train_rows, data/eval_users
+    <cascade step>          params = flattened config + step.name/kind/stage/index;
+      (pretrain_exposure,   checkpoint/ (model.pt, masks/, checkpoint.json);
+       cpp_prune_exposure,  val/<objective>/{recall,ndcg}@K for every objective trained so far (own mode)
+       recover_exposure,    train/recover steps: train/loss per step, train/{rows,steps,seconds,
+       finetune_click,        samples_per_s,final_loss}
+       ...)                 prune steps and the first step: masks/ (masks.pt, masks.json)
+                            prune steps: prune/layers.{json,md}, figures/ownership.png,
+                              prune/<group>/{mass_share_pruned,units_freed,units_kept},
+                              prune/{units_freed,weights_freed,edges_removed,mass_share_pruned}
+    build_index             index/ (index.faiss, ids.npy, index.json), bundle/bundle.json; index/n_items
+    evaluate                the same files and test/ metrics as the parent
+    register                the pyfunc model "model" (registered as a version of "csmf")
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from csmf_core.serving import metrics_table
+from data_contracts import ValidationReport, clean_events_lazy
+from flows.figures import ownership_figure, recall_at_k_figure
+from flows.tracking import Tracker
+
+
+def plain(value: Any) -> Any:
+    """Tuples -> lists, recursively (for YAML/JSON dumps of configs)."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+# ---- ingest ----------------------------------------------------------------------------------------
+def log_validation(tracker: Tracker, report: ValidationReport) -> None:
+    """The validation report (markdown) and its counts."""
+    tracker.log_text(report.to_markdown(), "validation/report.md")
+    counts = report.counts
+    metrics = {
+        "data/rows": counts.get("rows", 0),
+        "data/partitions": len(report.partitions),
+        "data/errors": len(report.errors),
+        "data/warnings": len(report.warnings),
+    }
+    metrics |= {f"data/{k}": counts[k] for k in ("users", "items") if counts.get(k) is not None}
+    metrics |= {f"data/positives/{k}": v for k, v in counts.get("positives", {}).items()}
+    metrics |= {f"data/quarantined/{k}": v for k, v in report.quarantined.items()}
+    tracker.log_metrics(metrics)
+
+
+def clean_copy(dataset: Path, dates: list[str], out: Path) -> Path:
+    """A canonical copy of `dataset` (only `dates`) without the rows of any row-level rule.
+
+    Used when validation quarantined rows: prep reads source files as they are.
+    """
+    if out.exists():
+        shutil.rmtree(out)
+    for f in ("dataset.yaml", "users.parquet", "items.parquet"):
+        if (dataset / f).is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(dataset / f, out / f)
+    for d in dates:
+        part = out / "events" / f"dt={d}"
+        part.mkdir(parents=True, exist_ok=True)
+        clean_events_lazy(dataset, dates=[d]).collect().write_parquet(part / "part-00000.parquet")
+    return out
+
+
+def log_prep(tracker: Tracker, summary: Any) -> None:
+    """Row counts of the model-ready dataset and its meta.json."""
+    metrics = {"data/train_rows": summary.n_train, "data/eval_users": summary.n_eval,
+               "data/n_users": summary.n_users, "data/n_items": summary.n_items}
+    metrics |= {f"data/train_rows/level{k}": n for k, n in enumerate(summary.train_by_level)}
+    tracker.log_metrics(metrics)
+    tracker.log_artifact(summary.out_dir / "meta.json", "model_ready")
+
+
+# ---- cascade steps ---------------------------------------------------------------------------------
+class LossCurve:
+    """`on_step` callback: buffers per-step losses, every `every` steps logs a progress line and
+    flushes `train/loss` to the tracker (so the curve grows live in the MLflow UI)."""
+
+    def __init__(self, tracker: Tracker, logger: Any, name: str, every: int = 50):
+        self.tracker, self.logger, self.name, self.every = tracker, logger, name, max(1, every)
+        self.pending: list[float] = []
+        self.first = 1  # step number of pending[0]
+        self.last: tuple[int, float] | None = None
+
+    def __call__(self, step: int, loss: float) -> None:
+        self.pending.append(loss)
+        self.last = (step, loss)
+        if step % self.every == 0:
+            self.logger.info("%s: step %d loss %.4f", self.name, step, loss)
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.tracker.log_series("train/loss", self.pending, first_step=self.first)
+            self.first += len(self.pending)
+            self.pending = []
+        if self.last is not None and self.last[0] % self.every:
+            self.logger.info("%s: step %d loss %.4f (last)", self.name, *self.last)
+            self.last = None
+
+
+def log_pruning(tracker: Tracker, info: dict, stages: list[str], step_name: str) -> None:
+    """Per-layer pruning table (csmf_core.cpp.LayerPruneStats), summary metrics, ownership figure."""
+    layers = info["layers"]
+    tracker.log_table(layers, "prune/layers.json")
+    cols = list(layers[0]) if layers else []
+    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"
+           for r in layers]
+    tracker.log_text("\n".join(md) + "\n", "prune/layers.md")
+    metrics: dict[str, float] = {}
+    for r in layers:
+        for k in ("mass_share_pruned", "units_freed", "units_kept"):
+            metrics[f"prune/{r['group']}/{k}"] = r[k]
+    for k in ("units_before", "units_freed", "weights_freed", "edges_removed"):
+        metrics[f"prune/{k}"] = sum(r[k] for r in layers)
+    mass = sum(r["mass_total"] for r in layers)
+    metrics["prune/mass_share_pruned"] = (
+        sum(r["mass_total"] * r["mass_share_pruned"] for r in layers) / mass if mass > 0 else 0.0
+    )
+    tracker.log_metrics(metrics)
+    tracker.log_figure(ownership_figure({f"after {step_name}": info["units"]}, stages), "figures/ownership.png")
+
+
+# ---- evaluation ------------------------------------------------------------------------------------
+def log_evaluation(tracker: Tracker, rows: list[dict], prunes: dict[str, Path], objectives: list[str]) -> None:
+    """test/ metrics, the metrics table (JSON + markdown), Recall@K and ownership figures.
+
+    prunes: {prune step name: its checkpoint dir} (ownership snapshots from masks/masks.json).
+    """
+    from csmf_core.evaluate import metric_dict
+
+    tracker.log_metrics(metric_dict(rows, prefix="test", own_only=False))
+    tracker.log_table(rows, "metrics/test_metrics.json")
+    tracker.log_text(metrics_table(rows) + "\n", "metrics/test_metrics.md")
+    tracker.log_figure(recall_at_k_figure(rows), "figures/recall_at_k.png")
+    snapshots = {
+        f"after {name}": read_json(ckpt / "masks" / "masks.json")["units_per_stage"]
+        for name, ckpt in prunes.items()
+        if (ckpt / "masks" / "masks.json").is_file()
+    }
+    if snapshots:
+        tracker.log_figure(ownership_figure(snapshots, objectives), "figures/ownership.png")
