@@ -191,7 +191,13 @@ class Recommender:
         if mode is not None:
             q = mode_queries(full, self._owners, self.stage_index(mode))
         elif weights is not None:
-            q = fuse_queries(full, self._owners, validate_weights(weights, self.n_stages))
+            try:
+                w = validate_weights(weights, self.n_stages)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{exc}; give one weight per objective ({', '.join(self.objectives)})"
+                ) from None
+            q = fuse_queries(full, self._owners, w)
         else:
             q = full
         return q.numpy().astype(np.float32, copy=False), cold

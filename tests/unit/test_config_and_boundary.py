@@ -45,3 +45,9 @@ def test_core_never_imports_orchestration():
                 names = [node.module]
             for n in names:
                 assert n.split(".")[0] not in banned, f"{f.name} imports {n}"
+
+
+def test_configs_default_yaml_is_the_builtin_default():
+    root = pathlib.Path(__file__).resolve().parents[2]
+    assert load_config(root / "configs" / "default.yaml") == build_config()
+    load_config(root / "configs" / "kuairand.yaml")  # parses and validates
