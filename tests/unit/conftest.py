@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from csmf_core import prep, synth
 from csmf_core.cascade import load_cascade_data, run_cascade
@@ -35,14 +36,29 @@ def tiny_world(tmp_path_factory):
         n_req_neg=cfg.data.n_req_neg,
     )
     data = load_cascade_data(root / "mr")
-    model, owners, _ = run_cascade(data, cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is ~5x faster on a busy 2-core machine
+    try:
+        model, owners, _ = run_cascade(data, cfg)
+    finally:
+        torch.set_num_threads(threads)
     save_checkpoint(root / "ckpt", model, owners)
     write_bundle(
-        root / "bundles" / "b1", checkpoint_dir=root / "ckpt", model_ready_dir=root / "mr", dataset_dir=root / "ds",
+        root / "bundles" / "b1",
+        checkpoint_dir=root / "ckpt",
+        model_ready_dir=root / "mr",
+        dataset_dir=root / "ds",
         config=cfg,
     )
     return {
-        "root": root, "ds": root / "ds", "mr": root / "mr", "ckpt": root / "ckpt",
-        "bundle": root / "bundles" / "b1", "cfg": cfg, "model": model, "owners": owners, "data": data,
+        "root": root,
+        "ds": root / "ds",
+        "mr": root / "mr",
+        "ckpt": root / "ckpt",
+        "bundle": root / "bundles" / "b1",
+        "cfg": cfg,
+        "model": model,
+        "owners": owners,
+        "data": data,
         "dates": s.dates,
     }

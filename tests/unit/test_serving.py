@@ -30,8 +30,14 @@ def _known_users(world, n=6):
 
 def test_bundle_layout_and_metadata(tiny_world, rec):
     b = tiny_world["bundle"]
-    for f in ("checkpoint/model.pt", "index/index.faiss", "features/meta.json", "user_state.parquet",
-              "config.yaml", "bundle.json"):
+    for f in (
+        "checkpoint/model.pt",
+        "index/index.faiss",
+        "features/meta.json",
+        "user_state.parquet",
+        "config.yaml",
+        "bundle.json",
+    ):
         assert (b / f).is_file(), f
     info = json.loads((b / "bundle.json").read_text())
     assert info["objectives"] == ["exposure", "click", "conversion"] and info["dim"] == 16
@@ -72,7 +78,9 @@ def test_fused_query_equals_weighted_mode_scores(rec, tiny_world):
         pl.col("user_id").replace_strict(users.tolist(), range(len(users)))
     )
     u = torch.tensor(rows["u"].to_numpy(), dtype=torch.long)
-    hists = [torch.tensor(np.stack(rows[f"hist_{o}"].to_list()), dtype=torch.long) for o in ("click", "conversion")]
+    hists = [
+        torch.tensor(np.stack(rows[f"hist_{o}"].to_list()), dtype=torch.long) for o in ("click", "conversion")
+    ]
     x = data.tables.user_inputs(u, hists)
     xi = data.tables.item_inputs(torch.arange(1, data.tables.items_cat.shape[0]))
     with torch.no_grad():
@@ -88,7 +96,9 @@ def test_cold_start(rec, tiny_world):
     known = int(_known_users(tiny_world)[0])
     q, cold = rec.user_vectors([known, -5, 10**12])
     assert cold.tolist() == [False, True, True]
-    np.testing.assert_allclose(q[1], q[2], rtol=1e-6, atol=1e-6)  # every unknown user gets the same generic vector
+    np.testing.assert_allclose(
+        q[1], q[2], rtol=1e-6, atol=1e-6
+    )  # every unknown user gets the same generic vector
     out = rec.recommend([10**12], k=7)
     assert out[0]["cold_start"] is True and len(out[0]["items"]) == 7
     assert rec.recommend([known], k=MAX_K)[0]["items"].__len__() == rec.index.ntotal  # k > catalog
@@ -115,14 +125,14 @@ def test_bad_arguments(rec, tiny_world, kwargs, match):
         rec.recommend(_known_users(tiny_world)[:1], **kwargs)
 
 
-def _pure_python_history(world, user_id, objective_column, until, L):
-    """Last L item indices the user had the label on strictly before the end of `until` (UTC)."""
+def _pure_python_history(world, events, user_id, objective_column, until, L):
+    """Last L item indices the user had the label on strictly before the end of `until` (UTC);
+    events: rows (dicts) of the canonical dataset; ties at the same ts ordered by item index."""
     items = pl.read_parquet(world["mr"] / "items.parquet")["item_id"].to_list()
     index_of = {iid: r for r, iid in enumerate(items) if iid is not None}
     end = dt.datetime.fromisoformat(until).replace(tzinfo=dt.UTC) + dt.timedelta(days=1)
-    ev = pl.read_parquet(world["ds"] / "events" / "**" / "*.parquet", hive_partitioning=False)
     seen = []
-    for row in ev.iter_rows(named=True):
+    for row in events:
         if row["user_id"] == user_id and row[objective_column] and row["ts"] < end:
             seen.append((row["ts"], index_of[row["item_id"]]))
     last = [i for _, i in sorted(seen)][-L:]
@@ -134,10 +144,15 @@ def test_user_state_equals_pure_python(tiny_world, tmp_path):
     clicks = ev.filter(pl.col("clicked")).group_by("user_id").len().sort(["len", "user_id"], descending=True)
     busy, light = clicks["user_id"][0], clicks["user_id"][len(clicks) - 1]
     convert = ev.filter(pl.col("converted"))["user_id"][0]
+    rows = ev.filter(pl.col("user_id").is_in([busy, light, convert])).to_dicts()  # only to go faster
     until_early = tiny_world["dates"][2]
     early = write_bundle(
-        tmp_path / "early", checkpoint_dir=tiny_world["ckpt"], model_ready_dir=tiny_world["mr"],
-        dataset_dir=tiny_world["ds"], config=tiny_world["cfg"], history_until=until_early,
+        tmp_path / "early",
+        checkpoint_dir=tiny_world["ckpt"],
+        model_ready_dir=tiny_world["mr"],
+        dataset_dir=tiny_world["ds"],
+        config=tiny_world["cfg"],
+        history_until=until_early,
     )
     for bundle, until in ((tiny_world["bundle"], tiny_world["dates"][-1]), (early, until_early)):
         state = pl.read_parquet(bundle / "user_state.parquet")
@@ -145,13 +160,22 @@ def test_user_state_equals_pure_python(tiny_world, tmp_path):
         for uid in (busy, light, convert):
             row = state.filter(pl.col("user_id") == uid).row(0, named=True)
             for obj, col in (("click", "clicked"), ("conversion", "converted")):
-                assert list(row[f"hist_{obj}"]) == _pure_python_history(tiny_world, uid, col, until, 5), (uid, obj)
+                assert list(row[f"hist_{obj}"]) == _pure_python_history(
+                    tiny_world, rows, uid, col, until, 5
+                ), (
+                    uid,
+                    obj,
+                )
     assert (ev.filter(pl.col("clicked") & (pl.col("user_id") == busy)).height) > 5  # the window is full
 
 
 def test_write_is_atomic_and_refuses_existing(tiny_world, tmp_path):
-    kw = dict(checkpoint_dir=tiny_world["ckpt"], model_ready_dir=tiny_world["mr"], dataset_dir=tiny_world["ds"],
-              config=tiny_world["cfg"])
+    kw = dict(
+        checkpoint_dir=tiny_world["ckpt"],
+        model_ready_dir=tiny_world["mr"],
+        dataset_dir=tiny_world["ds"],
+        config=tiny_world["cfg"],
+    )
     out = write_bundle(tmp_path / "b", **kw)
     first = json.loads((out / "bundle.json").read_text())["created_at"]
     with pytest.raises(FileExistsError, match="overwrite=True"):
@@ -173,8 +197,15 @@ def test_evaluate_same_and_remapped_vocabulary(rec, tiny_world, tmp_path):
     data, cfg = tiny_world["data"], tiny_world["cfg"]
     rows = rec.evaluate(tiny_world["mr"], ks=(10, 50))
     want = evaluate_model(
-        tiny_world["model"], tiny_world["owners"].output_owners(), data.tables, data.eval, data.objectives,
-        ks=(10, 50), scorers="all", fused_weights=cfg.eval.fused_weights, popularity=data.counts,
+        tiny_world["model"],
+        tiny_world["owners"].output_owners(),
+        data.tables,
+        data.eval,
+        data.objectives,
+        ks=(10, 50),
+        scorers="all",
+        fused_weights=cfg.eval.fused_weights,
+        popularity=data.counts,
     )
     assert rows == want
     assert {r["scorer"] for r in rows} == {"exposure", "click", "conversion", "fused", "popularity"}

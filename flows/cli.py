@@ -1,0 +1,358 @@
+"""The `csmf` command line: data, the daily pipeline, serving and the MLflow UI.
+
+How to run:
+
+    csmf synth --out data/synth-tiny --preset tiny        # generate a canonical dataset
+    csmf import kuairand ../shared/data/kuairand --out data/kuairand
+    csmf validate data/synth-tiny                         # exit 1 when the contract is broken
+    csmf run                                              # whole pipeline on generated data
+    csmf run --data data/kuairand --date 2022-05-08 --set train.epochs=1,2,2
+    csmf recommend --user-id 42 --k 10 --weights 1,1.8,1.2
+    csmf embed --side user --mode click --out users.parquet
+    csmf evaluate --model models:/csmf@champion --data data/synth-small
+    csmf ui                                               # MLflow UI on http://127.0.0.1:5000
+
+State lives in one directory: --home, else $CSMF_HOME, else ./.csmf (flows.env.setup_home), set up
+before prefect or mlflow are imported (they read their settings at import). Those, torch and the
+flow are imported lazily inside the commands that need them so that `csmf --help` stays fast.
+Errors from the data contract, the configuration or bad arguments print one paragraph and exit 2
+(`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from flows.env import setup_home, tracking_uri
+
+SYNTH_DEFAULT = ("small", 0)  # preset and seed of the data `csmf run` generates when given no --data
+_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, LookupError, NotADirectoryError)
+
+
+# ---- small helpers (shared with flows.cli_serving) -------------------------------------------------
+class Progress:
+    """`with Progress("generating data"):` a spinner on a terminal's stderr, start/end lines otherwise."""
+
+    FRAMES = "|/-\\"
+
+    def __init__(self, what: str, stream=None):
+        self.what, self.stream = what, stream or sys.stderr
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _spin(self) -> None:
+        k = 0
+        while not self._stop.wait(0.2):
+            k += 1
+            elapsed = time.perf_counter() - self.t0
+            self.stream.write(f"\r{self.FRAMES[k % 4]} {self.what} ({elapsed:.0f}s)")
+            self.stream.flush()
+
+    def __enter__(self) -> Progress:
+        self.t0 = time.perf_counter()
+        if getattr(self.stream, "isatty", lambda: False)():
+            self._thread = threading.Thread(target=self._spin, daemon=True)
+            self._thread.start()
+        else:
+            print(f"{self.what} ...", file=self.stream, flush=True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        status = "done" if exc_type is None else "failed"
+        print(
+            f"\r{self.what}: {status} in {time.perf_counter() - self.t0:.1f}s", file=self.stream, flush=True
+        )
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Plain aligned table (numbers right-aligned)."""
+    cells = [[str(h) for h in headers]] + [
+        [f"{v:.4f}" if isinstance(v, float) else str(v) for v in r] for r in rows
+    ]
+    widths = [max(len(r[c]) for r in cells) for c in range(len(headers))]
+    numeric = [all(isinstance(r[c], int | float) for r in rows) for c in range(len(headers))]
+    fmt = lambda r: "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(r, widths, numeric))  # noqa: E731
+    return "\n".join([fmt(cells[0]), "  ".join("-" * w for w in widths), *map(fmt, cells[1:])])
+
+
+def parse_weights(text: str) -> tuple[float, ...]:
+    """argparse type: "1,1.8,1.2" -> (1.0, 1.8, 1.2)."""
+    try:
+        values = tuple(float(x) for x in text.replace("[", "").replace("]", "").split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected comma-separated numbers, one per objective, e.g. 1,1.8,1.2"
+        )
+    return values
+
+
+def partition_dates(dataset_dir: Path) -> list[str]:
+    """Sorted dates of the event partitions of a canonical dataset (ValueError when there are none)."""
+    from data_contracts import list_partitions
+
+    if not dataset_dir.is_dir():
+        raise FileNotFoundError(
+            f"dataset directory {dataset_dir} does not exist; create one with `csmf synth --out {dataset_dir}` "
+            "or `csmf import kuairand SRC --out DIR`"
+        )
+    partitions, _ = list_partitions(dataset_dir)
+    if not partitions:
+        raise ValueError(f"{dataset_dir}: no events/dt=YYYY-MM-DD partitions; is this a canonical dataset?")
+    return [p.date.isoformat() for p in partitions]
+
+
+# ---- data commands ---------------------------------------------------------------------------------
+def cmd_synth(args: argparse.Namespace) -> int:
+    from csmf_core import synth
+
+    with Progress(f"generating synthetic dataset ({args.preset}, seed {args.seed}) in {args.out}"):
+        s = synth.generate(args.out, args.preset, args.seed, overwrite=args.overwrite)
+    cfg = s.config
+    print(
+        f"Wrote {s.out_dir}: {cfg.n_users:,} users, {cfg.n_items:,} items, {s.n_requests:,} requests, "
+        f"{s.n_rows:,} event rows, dates {s.dates[0]} .. {s.dates[-1]} ({len(s.dates)} partitions)"
+    )
+    print(text_table(["objective", "positives"], list(s.counts.items())))
+    print(f"\nNext: csmf validate {s.out_dir}   |   csmf run --data {s.out_dir}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from data_contracts import import_kuairand
+
+    with Progress(f"importing KuaiRand from {args.src} into {args.out}"):
+        s = import_kuairand(args.src, args.out, conversion=args.conversion, overwrite=args.overwrite)
+    print(
+        f"Wrote {s.out_dir}: {s.rows:,} event rows, {s.users:,} users, {s.items:,} items, "
+        f"partitions {s.partitions[0]} .. {s.partitions[-1]} ({len(s.partitions)})"
+    )
+    print(text_table(["objective", "positives"], list(s.positives.items())))
+    if s.unknown_user_rows or s.unknown_item_rows:
+        print(
+            f"{s.unknown_user_rows:,} rows with users and {s.unknown_item_rows:,} with items lacking a feature row"
+        )
+    print(f"\nNext: csmf validate {s.out_dir}   |   csmf run --data {s.out_dir}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from data_contracts import validate_dataset
+
+    with Progress(f"validating {args.dir}"):
+        report = validate_dataset(args.dir, dates=args.dates)
+    print(report.to_markdown())
+    if not report.ok:
+        print(
+            "The dataset breaks the contract (docs/architecture.md section 1): fix the errors above, "
+            "then validate again.",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+# ---- pipeline --------------------------------------------------------------------------------------
+def default_dataset(home: Path) -> Path:
+    """<home>/data/synth-small, generated on first use and reused afterwards."""
+    from csmf_core import synth
+
+    preset, seed = SYNTH_DEFAULT
+    out = home / "data" / f"synth-{preset}"
+    if (out / "dataset.yaml").is_file():
+        print(f"Using the generated dataset {out} (delete it to regenerate)")
+        return out
+    with Progress(f"no --data given: generating the '{preset}' synthetic dataset in {out} (once)"):
+        synth.generate(out, preset, seed, overwrite=True)
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from csmf_core.config import load_config
+
+    home = setup_home(args.home)  # before the flow module imports prefect and mlflow
+    load_config(args.config, args.set)  # fail fast, before Prefect starts, on a bad config
+    data = Path(args.data).resolve() if args.data else default_dataset(home)
+    dates = partition_dates(data)
+    date = args.date or dates[-1]
+    try:
+        dt.date.fromisoformat(date)
+    except ValueError as exc:
+        raise ValueError(f"--date {date!r} is not YYYY-MM-DD") from exc
+    print(f"csmf run: data {data}, evaluation day {date} (training on the partitions before it), home {home}")
+    from flows.pipeline import csmf_daily
+
+    result = csmf_daily(
+        date=date, data=str(data), config=args.config, overrides=list(args.set), home=str(home)
+    )
+    print(summarize_run(result))
+    return 0
+
+
+def summarize_run(result: dict) -> str:
+    """The end-of-run message: where the run is, how to look at it, and the final metrics."""
+    uri = result.get("tracking_uri") or tracking_uri()
+    lines = [
+        "",
+        f"MLflow run:        {result['mlflow_run_id']}  (experiment {result.get('experiment', '?')})",
+        f"Registered model:  csmf version {result.get('model_version', '?')}",
+        f"Serving bundle:    {result.get('bundle_dir', '?')}",
+        f"Tracking store:    {uri}",
+        "Open the UI:       csmf ui   (then http://127.0.0.1:5000)   or: "
+        f"mlflow ui --backend-store-uri {uri}",
+        "Try the model:     csmf recommend --user-id <id> --k 10",
+        "",
+        result.get("metrics_table", "").rstrip(),
+    ]
+    return "\n".join(lines)
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    setup_home(args.home)
+    uri = tracking_uri()
+    url = f"http://127.0.0.1:{args.port}"
+    print(f"MLflow UI for {uri} on {url} (Ctrl+C to stop)", flush=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(args.port),
+    ]
+    try:
+        return subprocess.run(cmd, check=False).returncode
+    except KeyboardInterrupt:
+        return 0
+
+
+# ---- parser and entry point ------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from flows import cli_serving
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    homed = argparse.ArgumentParser(add_help=False)
+    homed.add_argument("--home", help="state directory (default: $CSMF_HOME or ./.csmf)")
+
+    p = argparse.ArgumentParser(
+        prog="csmf",
+        description="CSMF multi-objective retrieval: data, pipeline, serving.",
+        epilog="Run `csmf COMMAND --help` for the options of a command.",
+        parents=[common],
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser(
+        "synth",
+        parents=[common],
+        help="generate a synthetic canonical dataset",
+        description="Generate a synthetic exposure -> click -> conversion dataset. "
+        "How to run: csmf synth --out data/synth-tiny --preset tiny",
+    )
+    s.add_argument("--out", required=True, type=Path, help="output directory")
+    s.add_argument("--preset", default="small", choices=["tiny", "small", "large"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    s.set_defaults(func=cmd_synth)
+
+    imp = sub.add_parser("import", parents=[common], help="import a public dataset into the canonical format")
+    isub = imp.add_subparsers(dest="source", metavar="SOURCE", required=True)
+    k = isub.add_parser(
+        "kuairand",
+        parents=[common],
+        help="the KuaiRand-Pure slice",
+        description="How to run: csmf import kuairand ../shared/data/kuairand --out data/kuairand",
+    )
+    k.add_argument("src", type=Path, help="directory with the KuaiRand files")
+    k.add_argument("--out", required=True, type=Path)
+    k.add_argument(
+        "--conversion",
+        default="like",
+        choices=["like", "long_view"],
+        help="label of the third objective: click & like (sparse) or click & long view (dense)",
+    )
+    k.add_argument("--overwrite", action="store_true")
+    k.set_defaults(func=cmd_import)
+
+    v = sub.add_parser(
+        "validate",
+        parents=[common],
+        help="check a dataset against the contract (exit 1 on errors)",
+        description="How to run: csmf validate data/synth-small [--dates 2026-01-07 2026-01-08]",
+    )
+    v.add_argument("dir", type=Path)
+    v.add_argument("--dates", nargs="+", help="partitions to check (default: all)")
+    v.set_defaults(func=cmd_validate)
+
+    r = sub.add_parser(
+        "run",
+        parents=[common, homed],
+        help="run the daily pipeline (Prefect + MLflow)",
+        description="Train the cascade on the partitions before --date, evaluate on --date, "
+        "register the model. How to run: csmf run [--data DIR] [--date YYYY-MM-DD]",
+    )
+    r.add_argument("--data", help="canonical dataset (default: generated synth-small under the home)")
+    r.add_argument("--date", help="evaluation day YYYY-MM-DD (default: the last partition)")
+    r.add_argument("--config", help="YAML config (csmf_core.config sections)")
+    r.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. --set train.epochs=1,2,2 (repeatable)",
+    )
+    r.set_defaults(func=cmd_run)
+
+    cli_serving.add_commands(sub, [common, homed])
+
+    u = sub.add_parser(
+        "ui",
+        parents=[common, homed],
+        help="open the MLflow UI on the local tracking store",
+        description="How to run: csmf ui [--port 5000]",
+    )
+    u.add_argument("--port", type=int, default=5000)
+    u.set_defaults(func=cmd_ui)
+    return p
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    # MLflow's own errors (unknown alias, unreachable store) are the user's to fix too; matched by
+    # name so that this module never imports mlflow.
+    return isinstance(exc, _USER_ERRORS) or type(exc).__name__ == "MlflowException"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse argv (default sys.argv[1:]) and run the command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug or not _is_user_error(exc):
+            raise  # a bug, not a usage problem: keep the traceback
+        print(f"csmf {args.command}: error: {exc}\n(run with --debug for the traceback)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""`csmf embed`, `csmf recommend`, `csmf evaluate`: the serving side of the CLI (see flows.cli).
+
+How to run:
+
+    csmf recommend --user-id 42 --k 10                          # latest registered version
+    csmf recommend --user-id 42 --weights 1,3,0.5 --model models:/csmf@champion
+    csmf embed --side user --mode click --out users.parquet     # mode-1 user vectors
+    csmf embed --side user --weights 1,1.8,1.2 --out q.parquet  # fused query vectors
+    csmf embed --side item --out items.parquet --model path/to/bundle
+    csmf evaluate --model models:/csmf/3 --data data/synth-small --date 2026-01-08
+
+--model REF: a serving-bundle directory (has bundle.json; needs no MLflow), `models:/csmf@alias`,
+`models:/csmf/N`, an MLflow run id, or nothing for the latest registered version
+(flows.registry.resolve_bundle).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+from flows.cli import Progress, parse_weights, partition_dates, text_table
+from flows.env import setup_home
+
+
+def open_recommender(ref: str | None, home: str | None):
+    """Recommender of a bundle directory or of a registered model (module docstring)."""
+    from csmf_core.serving import Recommender
+
+    if ref is not None and Path(ref).is_dir():
+        if not (Path(ref) / "bundle.json").is_file():
+            raise FileNotFoundError(
+                f"{ref} is a directory but not a csmf serving bundle (no bundle.json); pass a bundle "
+                "directory, models:/csmf@<alias>, models:/csmf/<version> or an MLflow run id"
+            )
+        return Recommender.load(ref)
+    setup_home(home)  # before mlflow is imported: the registry lives in the home's tracking store
+    from flows.registry import resolve_bundle
+
+    with Progress(f"resolving model {ref or '(latest registered version)'}"):
+        bundle = resolve_bundle(ref)
+    return Recommender.load(bundle)
+
+
+def _write_vectors(path: Path, id_name: str, ids, vectors, meta: dict) -> None:
+    """ids (N,) int64 + vectors (N, D) float32 -> parquet with `vector` fixed_size_list<float32>[D]."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    vecs = np.ascontiguousarray(vectors, dtype=np.float32)
+    col = pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel(), pa.float32()), vecs.shape[1])
+    table = pa.table({id_name: pa.array(ids, pa.int64()), "vector": col})
+    table = table.replace_schema_metadata({"csmf": json.dumps(meta)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)  # readers never see half a file
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    if args.side == "item" and args.weights is not None:
+        raise ValueError("--weights applies to --side user only: item vectors do not depend on the weights")
+    if args.mode is not None and args.weights is not None:
+        raise ValueError("pass either --mode (one stage's vectors) or --weights (fused queries), not both")
+    rec = open_recommender(args.model, args.home)
+    mode = rec.stage_index(args.mode) if args.mode is not None else rec.n_stages - 1
+    meta = {
+        "side": args.side,
+        "objectives": rec.objectives,
+        "dim": rec.dim,
+        "bundle": str(rec.bundle_dir),
+        "output_owners": rec.output_owners.tolist(),
+    }
+    if args.side == "item":
+        # Mode t scores use the same item vectors (only the user side is masked), so one export serves all.
+        ids, vecs = rec.item_vectors()
+        meta |= {"mode": "full (item vectors are the same for every mode)"}
+    else:
+        ids = rec.user_vocab
+        with Progress(f"computing {len(ids):,} user vectors"):
+            if args.weights is not None:
+                vecs, _ = rec.user_vectors(ids, weights=args.weights)
+                meta |= {"weights": list(args.weights)}
+            else:
+                vecs, _ = rec.user_vectors(ids, mode=mode)
+                meta |= {"mode": rec.objectives[mode]}
+    _write_vectors(Path(args.out), f"{args.side}_id", ids, vecs, meta)
+    if args.side == "item":
+        what = "full-mode item vectors, the same for every mode"
+    elif args.weights is not None:
+        what = f"fused query vectors, weights {list(args.weights)}"
+    else:
+        what = f"mode {meta['mode']}"
+    print(f"Wrote {len(ids):,} {args.side} vectors (D={rec.dim}, {what}) to {args.out}")
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    rec = open_recommender(args.model, args.home)
+    out = rec.recommend(args.user_id, k=args.k, weights=args.weights, mode=args.mode)
+    if args.mode is not None:
+        how = f"mode {rec.objectives[rec.stage_index(args.mode)]}"
+    else:
+        w = args.weights if args.weights is not None else rec.default_weights.tolist()
+        how = "fused, weights " + ",".join(f"{x:g}" for x in w) + " (" + ", ".join(rec.objectives) + ")"
+    for r in out:
+        state = "cold start: unknown user id, generic vector" if r["cold_start"] else "known user"
+        print(f"\nuser {r['user_id']}  ({state}; {how})")
+        rows = [(n + 1, item, score) for n, (item, score) in enumerate(zip(r["items"], r["scores"]))]
+        print(text_table(["rank", "item_id", "score"], rows))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from csmf_core.config import load_config
+    from csmf_core.prep import prepare
+    from csmf_core.serving import metrics_table
+    from data_contracts import validate_dataset
+
+    data = Path(args.data)
+    dates = partition_dates(data)
+    date = args.date or dates[-1]
+    if date not in dates:
+        raise ValueError(f"{data} has no partition dt={date}; available {dates[0]} .. {dates[-1]}")
+    train = [d for d in dates if d < date]
+    if not train:
+        raise ValueError(f"{data}: no partition before {date} (the training window of the evaluation)")
+    rec = open_recommender(args.model, args.home)
+    ks = tuple(args.k) if args.k else load_config(rec.bundle_dir / "config.yaml").eval.ks
+    with Progress(f"validating {data} up to {date}"):
+        validate_dataset(data, dates=train + [date]).raise_if_errors()
+    meta = json.loads((rec.bundle_dir / "features" / "meta.json").read_text())
+    with tempfile.TemporaryDirectory(prefix="csmf-eval-") as tmp:
+        with Progress(f"preparing {data} for evaluation on {date}"):
+            prepare(
+                data,
+                Path(tmp) / "mr",
+                train_dates=train,
+                eval_dates=date,
+                seq_len=int(meta["seq_len"]),
+                n_req_neg=int(meta["n_req_neg"]),
+            )
+        with Progress("evaluating"):
+            rows = rec.evaluate(Path(tmp) / "mr", ks=ks)
+    print(
+        f"\nModel {rec.bundle_dir} on {data}, evaluation day {date} (fused weights "
+        f"{rec.default_weights.tolist()}):\n"
+    )
+    print(metrics_table(rows))
+    return 0
+
+
+def add_commands(sub, parents: list[argparse.ArgumentParser]) -> None:
+    """Register embed, recommend and evaluate on the `csmf` subparsers."""
+    model_help = "bundle directory, models:/csmf@ALIAS, models:/csmf/N or an MLflow run id (default: latest)"
+    e = sub.add_parser(
+        "embed",
+        parents=parents,
+        help="export user or item vectors to parquet",
+        description="Export ids + vectors (fixed_size_list<float32>[D]). How to run: "
+        "csmf embed --side user --mode click --out users.parquet",
+    )
+    e.add_argument("--side", required=True, choices=["user", "item"])
+    e.add_argument(
+        "--mode",
+        metavar="STAGE",
+        help="stage name or index (default: the last = full model); item vectors are the same for every mode",
+    )
+    e.add_argument(
+        "--weights", type=parse_weights, metavar="K0,K1,...", help="user side: fused query vectors"
+    )
+    e.add_argument("--model", metavar="REF", help=model_help)
+    e.add_argument("--out", required=True, help="output .parquet file (replaced if present)")
+    e.set_defaults(func=cmd_embed)
+
+    r = sub.add_parser(
+        "recommend",
+        parents=parents,
+        help="top-K items for a user",
+        description="How to run: csmf recommend --user-id 42 [--k 50] [--weights 1,1.8,1.2]",
+    )
+    r.add_argument(
+        "--user-id", required=True, type=int, action="append", help="original user id (repeatable)"
+    )
+    r.add_argument("--k", type=int, default=50, help="items per user, 1..10000 (default 50)")
+    r.add_argument(
+        "--weights",
+        type=parse_weights,
+        metavar="K0,K1,...",
+        help="objective weights (default: the model's fused weights)",
+    )
+    r.add_argument("--mode", metavar="STAGE", help="rank by one stage's own score instead of the fused one")
+    r.add_argument("--model", metavar="REF", help=model_help)
+    r.set_defaults(func=cmd_recommend)
+
+    v = sub.add_parser(
+        "evaluate",
+        parents=parents,
+        help="evaluate a model on a canonical dataset",
+        description="Prepare DIR for evaluation on --date (training window = the partitions "
+        "before it) and print Recall/nDCG. How to run: csmf evaluate --model REF --data DIR",
+    )
+    v.add_argument("--model", metavar="REF", help=model_help)
+    v.add_argument("--data", required=True, help="canonical dataset directory")
+    v.add_argument("--date", help="evaluation day YYYY-MM-DD (default: the last partition)")
+    v.add_argument("--k", type=int, nargs="+", help="cut-offs (default: the model config's eval.ks)")
+    v.set_defaults(func=cmd_evaluate)

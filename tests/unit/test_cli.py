@@ -1,0 +1,232 @@
+"""The `csmf` CLI through `flows.cli.main([...])`: data commands, serving commands on a bundle
+directory (no MLflow), `run` with a stand-in flow, and the home/environment set-up."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from csmf_core.serving import Recommender, metrics_table
+from flows import cli
+from flows.env import setup_home
+
+ENV = (
+    "CSMF_HOME",
+    "MLFLOW_TRACKING_URI",
+    "PREFECT_HOME",
+    "PREFECT_SERVER_ANALYTICS_ENABLED",
+    "PREFECT_API_URL",
+)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """None of the home variables set; the originals come back after the test."""
+    for k in ENV:
+        monkeypatch.setenv(k, "placeholder")  # records the original value for undo
+        monkeypatch.delenv(k)
+
+
+def test_synth_then_validate(tmp_path, capsys):
+    out = tmp_path / "ds"
+    assert cli.main(["synth", "--out", str(out), "--preset", "tiny", "--seed", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "2026-01-01 .. 2026-01-06" in text and "conversion" in text and "csmf validate" in text
+    assert cli.main(["validate", str(out)]) == 0
+    assert "OK, 0 errors" in capsys.readouterr().out
+    assert cli.main(["synth", "--out", str(out), "--preset", "tiny"]) == 2  # exists: refused, no traceback
+    assert "overwrite" in capsys.readouterr().err
+
+
+def test_validate_broken_dataset_exits_1(tiny_world, tmp_path, capsys):
+    ds = tmp_path / "broken"
+    shutil.copytree(tiny_world["ds"], ds, ignore=shutil.ignore_patterns("_truth"))
+    part = sorted((ds / "events").glob("dt=*/*.parquet"))[0]
+    ev = pl.read_parquet(part)
+    first_unclicked = ev.with_row_index().filter(~pl.col("clicked"))["index"][0]
+    ev = ev.with_columns(
+        converted=pl.when(pl.int_range(pl.len()) == first_unclicked).then(True).otherwise("converted")
+    )
+    ev.write_parquet(part)
+    assert cli.main(["validate", str(ds)]) == 1
+    captured = capsys.readouterr()
+    assert "FAILED" in captured.out and "cascade" in captured.out and "fix the errors" in captured.err
+
+
+def test_errors_are_one_paragraph_and_exit_2(tmp_path, capsys):
+    assert cli.main(["import", "kuairand", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "\ncsmf import: error:" in err and "--debug" in err and "Traceback" not in err
+    with pytest.raises(FileNotFoundError):
+        cli.main(["--debug", "import", "kuairand", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+
+
+def test_embed_and_recommend_on_a_bundle_directory(tiny_world, tmp_path, capsys):
+    bundle = str(tiny_world["bundle"])
+    rec = Recommender.load(bundle)
+    users = rec.user_vocab
+
+    out = tmp_path / "u.parquet"
+    assert cli.main(["embed", "--side", "user", "--mode", "click", "--model", bundle, "--out", str(out)]) == 0
+    t = pq.read_table(out)
+    assert str(t.schema.field("vector").type) == "fixed_size_list<element: float>[16]"
+    np.testing.assert_array_equal(t["user_id"].to_numpy(), users)
+    got = np.stack(t["vector"].to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(got, rec.user_vectors(users, mode=1)[0], rtol=1e-6, atol=1e-6)
+
+    assert (
+        cli.main(["embed", "--side", "user", "--weights", "1,2,3", "--model", bundle, "--out", str(out)]) == 0
+    )
+    got = np.stack(pq.read_table(out)["vector"].to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(got, rec.user_vectors(users, weights=(1, 2, 3))[0], rtol=1e-6, atol=1e-6)
+
+    assert cli.main(["embed", "--side", "item", "--mode", "0", "--model", bundle, "--out", str(out)]) == 0
+    t = pq.read_table(out)
+    ids, vecs = rec.item_vectors()
+    np.testing.assert_array_equal(t["item_id"].to_numpy(), ids)
+    np.testing.assert_allclose(
+        np.stack(t["vector"].to_numpy(zero_copy_only=False)), vecs, rtol=1e-6, atol=1e-6
+    )
+    assert (
+        cli.main(["embed", "--side", "item", "--weights", "1,1,1", "--model", bundle, "--out", str(out)]) == 2
+    )
+    capsys.readouterr()
+
+    uid = int(users[3])
+    assert (
+        cli.main(["recommend", "--user-id", str(uid), "--user-id", "-7", "--k", "5", "--model", bundle]) == 0
+    )
+    text = capsys.readouterr().out
+    want = rec.recommend([uid], k=5)[0]["items"]
+    lines = [ln.split() for ln in text.splitlines() if ln.strip() and ln.split()[0].isdigit()]
+    assert [int(ln[1]) for ln in lines[:5]] == want and len(lines) == 10
+    assert "known user" in text and "cold start" in text and "weights 1,1.8,1.2" in text
+    assert cli.main(["recommend", "--user-id", str(uid), "--k", "0", "--model", bundle]) == 2
+    assert "k must be an integer from 1 to 10000" in capsys.readouterr().err
+    assert cli.main(["recommend", "--user-id", str(uid), "--weights", "1,2", "--model", bundle]) == 2
+    assert "one weight per objective (exposure, click, conversion)" in capsys.readouterr().err
+
+
+def test_evaluate_command(tiny_world, capsys):
+    args = [
+        "evaluate",
+        "--model",
+        str(tiny_world["bundle"]),
+        "--data",
+        str(tiny_world["ds"]),
+        "--k",
+        "10",
+        "50",
+    ]
+    assert cli.main(args) == 0
+    want = metrics_table(Recommender.load(tiny_world["bundle"]).evaluate(tiny_world["mr"], ks=(10, 50)))
+    assert want in capsys.readouterr().out  # same windows as the model-ready data of the fixture
+
+
+def _fake_pipeline(monkeypatch, calls: list):
+    def csmf_daily(**kwargs):
+        calls.append({"kwargs": kwargs, "env": {k: os.environ.get(k) for k in ENV}})
+        return {
+            "mlflow_run_id": "0123abcd" * 4,
+            "tracking_uri": os.environ["MLFLOW_TRACKING_URI"],
+            "experiment": "csmf",
+            "model_version": "7",
+            "bundle_dir": "/somewhere/bundle",
+            "metrics_table": "| objective | recall@50 |\n|---|---|\n| click | 0.5 |",
+        }
+
+    monkeypatch.setitem(sys.modules, "flows.pipeline", types.SimpleNamespace(csmf_daily=csmf_daily))
+
+
+def test_run_calls_the_flow_with_the_home_set_up(tiny_world, tmp_path, monkeypatch, capsys, clean_env):
+    calls: list = []
+    _fake_pipeline(monkeypatch, calls)
+    home = tmp_path / "home"
+    args = ["run", "--data", str(tiny_world["ds"]), "--home", str(home), "--set", "train.epochs=1"]
+    assert cli.main(args) == 0
+    (call,) = calls
+    assert call["kwargs"] == {
+        "date": tiny_world["dates"][-1],
+        "data": str(tiny_world["ds"].resolve()),
+        "config": None,
+        "overrides": ["train.epochs=1"],
+        "home": str(home.resolve()),
+    }
+    assert call["env"]["MLFLOW_TRACKING_URI"] == f"sqlite:///{home.resolve()}/mlflow.db"
+    assert call["env"]["PREFECT_HOME"] == str(home.resolve() / "prefect")
+    assert (
+        call["env"]["PREFECT_API_URL"] is None and call["env"]["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    )
+    out = capsys.readouterr().out
+    assert "0123abcd" * 4 in out and "csmf ui" in out and "| click | 0.5 |" in out and "version 7" in out
+
+    assert cli.main([*args, "--set", "train.lr=-1"]) == 2  # config checked before the flow starts
+    assert "train.lr must be > 0" in capsys.readouterr().err and len(calls) == 1
+    assert cli.main(["run", "--data", str(tmp_path / "none"), "--home", str(home)]) == 2
+    assert "csmf synth --out" in capsys.readouterr().err
+
+
+def test_run_without_data_generates_it_once(tiny_world, tmp_path, monkeypatch, capsys, clean_env):
+    calls: list = []
+    _fake_pipeline(monkeypatch, calls)
+    made = []
+
+    def fake_generate(out, preset, seed, overwrite=False):
+        made.append((preset, seed))
+        shutil.copytree(tiny_world["ds"], out)
+
+    monkeypatch.setattr("csmf_core.synth.generate", fake_generate)
+    monkeypatch.setenv("CSMF_HOME", str(tmp_path / "h"))
+    for _ in range(2):
+        assert cli.main(["run"]) == 0
+    assert made == [("small", 0)]
+    data = tmp_path / "h" / "data" / "synth-small"
+    assert [c["kwargs"]["data"] for c in calls] == [str(data.resolve())] * 2
+    assert "Using the generated dataset" in capsys.readouterr().out
+
+
+def test_setup_home_keeps_variables_already_set(tmp_path, monkeypatch, clean_env):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "true")
+    home = setup_home(tmp_path / "h")
+    assert home == (tmp_path / "h").resolve() and home.is_dir()
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://tracking:5000"
+    assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "true"
+    assert os.environ["PREFECT_HOME"] == str(home / "prefect") and Path(os.environ["PREFECT_HOME"]).is_dir()
+    assert os.environ["CSMF_HOME"] == str(home) and "PREFECT_API_URL" not in os.environ
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "p"))
+    monkeypatch.setenv("CSMF_HOME", str(tmp_path / "env-home"))
+    assert setup_home(None) == (tmp_path / "env-home").resolve()
+    assert os.environ["PREFECT_HOME"] == str(tmp_path / "p")
+
+
+def test_ui_runs_mlflow_on_the_home_store(tmp_path, monkeypatch, capsys, clean_env):
+    seen = []
+    monkeypatch.setattr(
+        cli.subprocess, "run", lambda cmd, check: seen.append(cmd) or types.SimpleNamespace(returncode=0)
+    )
+    assert cli.main(["ui", "--home", str(tmp_path), "--port", "5099"]) == 0
+    uri = f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert seen == [
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "5099",
+        ]
+    ]
+    assert "http://127.0.0.1:5099" in capsys.readouterr().out
