@@ -3,6 +3,8 @@
     fig = recall_at_k_figure(rows)                 # rows of csmf_core.evaluate.evaluate_model
     fig = ownership_figure({"cpp_prune_exposure": units_per_stage, ...}, stages)
     tracker.log_figure(fig, "figures/recall_at_k.png")
+
+Figures are built with `matplotlib.figure.Figure` directly (no pyplot global state to leak).
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ def recall_at_k_figure(rows: list[dict], scorers: tuple[str, ...] = SCORERS) -> 
             pts = sorted((r["k"], r["recall"]) for r in rows if r["objective"] == obj and r["scorer"] == name)
             if pts:
                 ax.plot([k for k, _ in pts], [v for _, v in pts], marker="o", color=_COLORS[j], label=scorer)
+        ks = sorted({r["k"] for r in rows if r["objective"] == obj})
         ax.set_title(obj)
         ax.set_xlabel("K")
         ax.set_xscale("log")
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("Recall@K")
     axes[0].legend(loc="upper left", fontsize="small")
@@ -43,8 +48,9 @@ def ownership_figure(snapshots: dict[str, dict[str, list[int]]], stages: list[st
 
     snapshots: {title: {group: [units owned by stage 0, stage 1, ...]}} (masks.json units_per_stage).
     """
-    fig = Figure(figsize=(max(6.0, 0.5 * _n_groups(snapshots) + 2), 2.8 * max(1, len(snapshots))),
-                 layout="constrained")
+    fig = Figure(
+        figsize=(max(6.0, 0.5 * _n_groups(snapshots) + 2), 2.8 * max(1, len(snapshots))), layout="constrained"
+    )
     axes = fig.subplots(max(1, len(snapshots)), 1, squeeze=False)[:, 0]
     for ax, (title, groups) in zip(axes, snapshots.items()):
         names = list(groups)
@@ -59,7 +65,8 @@ def ownership_figure(snapshots: dict[str, dict[str, list[int]]], stages: list[st
         ax.set_ylim(0, 1)
         ax.set_ylabel("share of units")
         ax.set_title(title, fontsize="small")
-    axes[0].legend(fontsize="small", ncols=len(stages))
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncols=len(stages), fontsize="small")
     return fig
 
 

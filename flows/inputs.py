@@ -99,7 +99,9 @@ def plan_window(dataset_dir: str | os.PathLike, date: str | None, data: DataConf
         train_d = [d for d in have if d < day]
     missing = [d for d in train_d + eval_d if d not in have]
     if not train_d or missing:
-        what = f"missing partitions {[d.isoformat() for d in missing]}" if missing else "no partition before it"
+        what = (
+            f"missing partitions {[d.isoformat() for d in missing]}" if missing else "no partition before it"
+        )
         raise ValueError(
             f"{root}: cannot evaluate on {day.isoformat()} (eval_days={data.eval_days}, "
             f"train_days={data.train_days}): {what}; available {have[0].isoformat()} .. {have[-1].isoformat()} "
@@ -155,7 +157,9 @@ def code_version() -> str:
             if (git / ref).is_file():
                 head = (git / ref).read_text().strip()
             else:
-                packed = (git / "packed-refs").read_text().splitlines() if (git / "packed-refs").is_file() else []
+                packed = (
+                    (git / "packed-refs").read_text().splitlines() if (git / "packed-refs").is_file() else []
+                )
                 head = next((ln.split()[0] for ln in packed if ln.endswith(" " + ref)), "")
     except OSError:
         head = ""

@@ -42,11 +42,17 @@ from csmf_core.serving import metrics_table, write_bundle
 from data_contracts import validate_dataset
 from flows import reporting
 from flows.inputs import EXPERIMENT, Window, code_version, dataset_digest, plan_window, setup_home
-from flows.registry import log_and_register
-from flows.tracking import MlflowTracker, ensure_experiment
+from flows.registry import RUN_TAG, log_and_register
+from flows.tracking import MlflowTracker, ensure_experiment, metric_key
 
 LOG_EVERY = 50  # training steps between progress lines (and MLflow loss flushes)
 _NOT_TRANSIENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+_TRANSIENT_MLFLOW = {
+    "INTERNAL_ERROR",
+    "TEMPORARILY_UNAVAILABLE",
+    "REQUEST_LIMIT_EXCEEDED",
+    "DEADLINE_EXCEEDED",
+}
 
 
 @dataclass(frozen=True)
@@ -75,11 +81,13 @@ class Ingested:
 
 
 def _transient(task_: Any, task_run: Any, state: Any) -> bool:
-    """Retry I/O hiccups (OSError other than a missing path, tracking-store errors), not bad data."""
+    """Retry I/O hiccups (OSError other than a missing path, a busy tracking store), never bad data."""
     from mlflow.exceptions import MlflowException
 
     exc = state.data if isinstance(state.data, BaseException) else None
-    return isinstance(exc, OSError | MlflowException) and not isinstance(exc, _NOT_TRANSIENT)
+    if isinstance(exc, MlflowException):
+        return exc.error_code in _TRANSIENT_MLFLOW
+    return isinstance(exc, OSError) and not isinstance(exc, _NOT_TRANSIENT)
 
 
 @contextmanager
@@ -125,7 +133,9 @@ def csmf_daily(
         ready = ingest(run, cfg, max_violation_rate)
         checkpoint: Path | None = None
         for index, step in enumerate(plan(ready.objectives, cfg)):
-            checkpoint = cascade_step.with_options(task_run_name=step.name)(step, index, checkpoint, ready, cfg, run)
+            checkpoint = cascade_step.with_options(task_run_name=step.name)(
+                step, index, checkpoint, ready, cfg, run
+            )
         bundle = build_index(checkpoint, ready, cfg, run)
         rows = evaluate(checkpoint, ready, cfg, run)
         version = register(bundle, rows, cfg, run)
@@ -171,8 +181,12 @@ def open_run(
         "prefect.flow_run_id": str(flow_run.id),
         "prefect.flow_run_name": str(flow_run.name),
     }
-    parent = MlflowTracker.start(experiment_id, f"csmf-daily-{window.date}", tags=tags, tracking_uri=tracking_uri)
-    parent.log_params({**cfg.flat(), "run.train_dates": window.train_dates, "run.eval_dates": window.eval_dates})
+    parent = MlflowTracker.start(
+        experiment_id, f"csmf-daily-{window.date}", tags=tags, tracking_uri=tracking_uri
+    )
+    parent.log_params(
+        {**cfg.flat(), "run.train_dates": window.train_dates, "run.eval_dates": window.eval_dates}
+    )
     (workdir / "config.yaml").write_text(yaml.safe_dump(reporting.plain(cfg.to_dict()), sort_keys=False))
     parent.log_artifact(workdir / "config.yaml", "config")
     return RunContext(workdir, dataset, window, tracking_uri, experiment_id, parent.run_id, digest)
@@ -185,11 +199,15 @@ def ingest(run: RunContext, cfg: CSMFConfig, max_violation_rate: float = 0.0) ->
     with _child(run, "ingest", kind="ingest") as tracker:
         qdir = run.workdir / "quarantine"
         report = validate_dataset(
-            run.dataset_dir, dates=run.window.validate_dates, max_violation_rate=max_violation_rate,
+            run.dataset_dir,
+            dates=run.window.validate_dates,
+            max_violation_rate=max_violation_rate,
             quarantine_dir=qdir if max_violation_rate > 0 else None,
         )
         reporting.log_validation(tracker, report)
-        create_markdown_artifact(report.to_markdown(), key="csmf-validation", description=report.summary_line())
+        create_markdown_artifact(
+            report.to_markdown(), key="csmf-validation", description=report.summary_line()
+        )
         logger.info(report.summary_line())
         report.raise_if_errors()
         source = run.dataset_dir
@@ -197,8 +215,12 @@ def ingest(run: RunContext, cfg: CSMFConfig, max_violation_rate: float = 0.0) ->
             source = reporting.clean_copy(run.dataset_dir, run.window.validate_dates, run.workdir / "clean")
             logger.info("quarantined %s; training on the clean copy %s", report.quarantined, source)
         summary = prepare(
-            source, run.workdir / "model_ready", train_dates=run.window.train_dates,
-            eval_dates=run.window.eval_dates, seq_len=cfg.data.seq_len, n_req_neg=cfg.data.n_req_neg,
+            source,
+            run.workdir / "model_ready",
+            train_dates=run.window.train_dates,
+            eval_dates=run.window.eval_dates,
+            seq_len=cfg.data.seq_len,
+            n_req_neg=cfg.data.n_req_neg,
             overwrite=True,
         )
         objectives = [o["name"] for o in summary.meta["objectives"]]
@@ -227,14 +249,33 @@ def cascade_step(
         model.to(device)
     else:
         model, owners, _ = load_checkpoint(previous, device=device)
-    with _child(run, step.name, kind=step.kind, stage=step.stage, stage_name=ready.objectives[step.stage],
-                step_index=index) as tracker:
-        tracker.log_params({**cfg.flat(), "step.name": step.name, "step.kind": step.kind,
-                            "step.stage": step.stage, "step.index": index})
+    with _child(
+        run,
+        step.name,
+        kind=step.kind,
+        stage=step.stage,
+        stage_name=ready.objectives[step.stage],
+        step_index=index,
+    ) as tracker:
+        tracker.log_params(
+            {
+                **cfg.flat(),
+                "step.name": step.name,
+                "step.kind": step.kind,
+                "step.stage": step.stage,
+                "step.index": index,
+            }
+        )
         curve = reporting.LossCurve(tracker, logger, step.name, every=LOG_EVERY)
         owners, report = run_step(step, model, owners, data, cfg, on_step=curve)
         curve.flush()
-        meta = {"step": step.name, "kind": step.kind, "stage": step.stage, "index": index, "info": report.info}
+        meta = {
+            "step": step.name,
+            "kind": step.kind,
+            "stage": step.stage,
+            "index": index,
+            "info": report.info,
+        }
         out = save_checkpoint(run.workdir / step.name / "checkpoint", model, owners, meta=meta)
         tracker.log_artifact(out, "checkpoint")
         if step.kind == "prune" or previous is None:  # ownership changed (or its initial state)
@@ -244,8 +285,14 @@ def cascade_step(
         else:
             tracker.log_metrics({f"train/{k}": v for k, v in report.info.items()})
         rows = evaluate_model(
-            model, owners.output_owners(), data.tables, data.eval.head(cfg.eval.max_users), data.objectives,
-            ks=cfg.eval.ks, objectives_upto=step.stage, scorers="own",
+            model,
+            owners.output_owners(),
+            data.tables,
+            data.eval.head(cfg.eval.max_users),
+            data.objectives,
+            ks=cfg.eval.ks,
+            objectives_upto=step.stage,
+            scorers="own",
         )
         val = metric_dict(rows, prefix="val")
         tracker.log_metrics(val)
@@ -260,9 +307,15 @@ def build_index(checkpoint: Path, ready: Ingested, cfg: CSMFConfig, run: RunCont
     """The serving bundle (checkpoint, FAISS index + id map, user state) in `<workdir>/bundle`."""
     with _child(run, "build_index", kind="build_index") as tracker:
         bundle = write_bundle(
-            run.workdir / "bundle", checkpoint_dir=checkpoint, model_ready_dir=ready.model_ready,
-            dataset_dir=ready.source, config=cfg, index_kind="flat", data_digest=run.data_digest,
-            extra={"mlflow_parent_run_id": run.parent_run_id, "date": run.window.date}, overwrite=True,
+            run.workdir / "bundle",
+            checkpoint_dir=checkpoint,
+            model_ready_dir=ready.model_ready,
+            dataset_dir=ready.source,
+            config=cfg,
+            index_kind="flat",
+            data_digest=run.data_digest,
+            extra={"mlflow_parent_run_id": run.parent_run_id, "date": run.window.date},
+            overwrite=True,
         )
         tracker.log_artifact(bundle / "index", "index")
         tracker.log_artifact(bundle / "bundle.json", "bundle")
@@ -274,16 +327,24 @@ def build_index(checkpoint: Path, ready: Ingested, cfg: CSMFConfig, run: RunCont
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(checkpoint: Path, ready: Ingested, cfg: CSMFConfig, run: RunContext) -> list[dict]:
     """Every scorer (own modes, fused, popularity, random) on the evaluation day(s)."""
-    model, owners, _ = load_checkpoint(checkpoint, device=_device(cfg))
-    data = load_cascade_data(ready.model_ready, load_train=False)
-    data.tables = data.tables.to(_device(cfg))
-    rows = evaluate_model(
-        model, owners.output_owners(), data.tables, data.eval.head(cfg.eval.max_users), data.objectives,
-        ks=cfg.eval.ks, scorers="all", fused_weights=cfg.eval.fused_weights, popularity=data.counts,
-        random_seed=0,
-    )
     with _child(run, "evaluate", kind="evaluate") as tracker:
-        prunes = {s.name: run.workdir / s.name / "checkpoint" for s in plan(data.objectives, cfg) if s.kind == "prune"}
+        model, owners, _ = load_checkpoint(checkpoint, device=_device(cfg))
+        data = load_cascade_data(ready.model_ready, load_train=False)
+        data.tables = data.tables.to(_device(cfg))
+        rows = evaluate_model(
+            model,
+            owners.output_owners(),
+            data.tables,
+            data.eval.head(cfg.eval.max_users),
+            data.objectives,
+            ks=cfg.eval.ks,
+            scorers="all",
+            fused_weights=cfg.eval.fused_weights,
+            popularity=data.counts,
+            random_seed=0,
+        )
+        steps = plan(data.objectives, cfg)
+        prunes = {s.name: run.workdir / s.name / "checkpoint" for s in steps if s.kind == "prune"}
         for target in (tracker, run.parent()):
             reporting.log_evaluation(target, rows, prunes, data.objectives)
     get_run_logger().info("evaluation:\n%s", metrics_table(rows))
@@ -296,16 +357,28 @@ def register(bundle: Path, rows: list[dict], cfg: CSMFConfig, run: RunContext) -
     parent = run.parent()
     ptags = parent.client.get_run(run.parent_run_id).data.tags
     primary = metric_dict([r for r in rows if r["k"] == cfg.eval.primary_k], prefix="test", own_only=False)
-    tags = {k: ptags.get(k, "") for k in ("csmf.date", "csmf.dataset", "csmf.dataset_digest",
-                                         "csmf.config_digest", "csmf.code_version", "prefect.flow_run_id")}
-    tags |= {"csmf.parent_run_id": run.parent_run_id}
-    tags |= {k: f"{v:.4f}" for k, v in primary.items() if "/fused/" in k and "recall" in k}
+    tags = {
+        k: ptags.get(k, "")
+        for k in (
+            "csmf.date",
+            "csmf.dataset",
+            "csmf.dataset_digest",
+            "csmf.config_digest",
+            "csmf.code_version",
+            "prefect.flow_run_id",
+        )
+    }
+    tags |= {RUN_TAG: run.parent_run_id}
+    tags |= {metric_key(k): f"{v:.4f}" for k, v in primary.items() if "/fused/" in k and "recall" in k}
     with _child(run, "register", kind="register") as tracker:
         version = log_and_register(
-            tracker.run_id, bundle, version_tags=tags,
+            tracker.run_id,
+            bundle,
+            version_tags=tags,
             description=f"csmf-daily {run.window.date}: dataset {tags['csmf.dataset']} "
             f"({run.data_digest}), config {cfg.digest()}",
         )
+        tracker.set_tags({"csmf.model_version": version.version, "csmf.model_id": version.source})
     parent.set_tags({"csmf.model_version": version.version})
     get_run_logger().info("registered csmf version %s (aliases %s)", version.version, version.aliases)
     return str(version.version)
@@ -315,10 +388,16 @@ def register(bundle: Path, rows: list[dict], cfg: CSMFConfig, run: RunContext) -
 def publish(run: RunContext, rows: list[dict], version: str, bundle: Path) -> dict:
     """Prefect artifacts (metrics table, link to the MLflow run) and the flow's return value."""
     table = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
-    create_table_artifact(table, key="csmf-metrics", description=f"csmf-daily {run.window.date}, model v{version}")
+    create_table_artifact(
+        table, key="csmf-metrics", description=f"csmf-daily {run.window.date}, model v{version}"
+    )
     url = f"http://127.0.0.1:5000/#/experiments/{run.experiment_id}/runs/{run.parent_run_id}"
-    create_link_artifact(url, link_text="MLflow run", key="csmf-mlflow-run",
-                         description="start the UI with `csmf ui` (mlflow ui on 127.0.0.1:5000)")
+    create_link_artifact(
+        url,
+        link_text="MLflow run",
+        key="csmf-mlflow-run",
+        description="start the UI with `csmf ui` (mlflow ui on 127.0.0.1:5000)",
+    )
     return {
         "mlflow_run_id": run.parent_run_id,
         "tracking_uri": run.tracking_uri,

@@ -35,9 +35,18 @@ import yaml
 
 REGISTERED_MODEL = "csmf"
 CHALLENGER, CHAMPION = "challenger", "champion"
+RUN_TAG = "csmf.parent_run_id"  # version tag: the pipeline's MLflow parent run
 DEFAULT_K = 50
 REQUIREMENTS = (
-    "torch", "numpy", "pandas", "pyarrow", "polars", "faiss-cpu", "pyyaml", "mlflow", "cloudpickle",
+    "torch",
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "polars",
+    "faiss-cpu",
+    "pyyaml",
+    "mlflow",
+    "cloudpickle",
 )
 _PACKAGES = ("csmf_core", "data_contracts", "flows")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -57,12 +66,18 @@ class CSMFPyfunc(mlflow.pyfunc.PythonModel):
 
         self.recommender = Recommender.load(context.artifacts["bundle"])
 
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         if "user_id" not in model_input.columns:
             raise ValueError(f"input needs a user_id column, got columns {list(model_input.columns)}")
         users = [int(u) for u in model_input["user_id"]]
         ks = [_k(v) for v in model_input["k"]] if "k" in model_input.columns else [DEFAULT_K] * len(users)
-        ws = [_weights(v) for v in model_input["weights"]] if "weights" in model_input.columns else [None] * len(users)
+        ws = (
+            [_weights(v) for v in model_input["weights"]]
+            if "weights" in model_input.columns
+            else [None] * len(users)
+        )
         out: list[dict | None] = [None] * len(users)
         groups: dict[tuple, list[int]] = {}
         for r, key in enumerate(zip(ks, ws)):
@@ -128,20 +143,25 @@ def log_and_register(
     """Log the bundle as a pyfunc model on `run_id`, register it as a new version of "csmf" and set
     the aliases (module docstring). Returns the `ModelVersion`.
 
+    Idempotent per pipeline run: when `version_tags[RUN_TAG]` names a pipeline run that already
+    registered a version (a retry after a late failure), that version is reused.
+
     Uses the fluent API inside `start_run(run_id=...)`: the active run is thread-local, so this is
     safe inside a Prefect task thread. The run is left FINISHED.
     """
     tags = {k: str(v) for k, v in (version_tags or {}).items()}
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=CSMFPyfunc(),
-            artifacts={"bundle": str(Path(bundle_dir).resolve())},
-            code_paths=code_paths(),
-            pip_requirements=pinned_requirements(),
-        )
-    version = mlflow.register_model(info.model_uri, REGISTERED_MODEL, tags=tags)
     client = mlflow.MlflowClient()
+    version = _registered_by(client, tags.get(RUN_TAG))  # a retry after a late failure reuses it
+    if version is None:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=CSMFPyfunc(),
+                artifacts={"bundle": str(Path(bundle_dir).resolve())},
+                code_paths=code_paths(),
+                pip_requirements=pinned_requirements(),
+            )
+        version = mlflow.register_model(info.model_uri, REGISTERED_MODEL, tags=tags)
     if description:
         client.update_model_version(REGISTERED_MODEL, version.version, description=description)
     client.set_registered_model_alias(REGISTERED_MODEL, CHALLENGER, version.version)
@@ -150,22 +170,41 @@ def log_and_register(
     return client.get_model_version(REGISTERED_MODEL, version.version)
 
 
+def _registered_by(client: mlflow.MlflowClient, pipeline_run_id: str | None):
+    """The version of "csmf" already registered by pipeline run `pipeline_run_id` (tag RUN_TAG), if any."""
+    if not pipeline_run_id:
+        return None
+    try:
+        versions = client.search_model_versions(f"name='{REGISTERED_MODEL}'")
+    except mlflow.exceptions.MlflowException:  # no registered model yet
+        return None
+    mine = [v for v in versions if (v.tags or {}).get(RUN_TAG) == pipeline_run_id]
+    return max(mine, key=lambda v: int(v.version)) if mine else None
+
+
 def _version_for(ref: str | None, client: mlflow.MlflowClient):
     """The ModelVersion a reference names (see resolve_bundle)."""
     name = REGISTERED_MODEL
     if ref is None or ref in ("latest", f"models:/{name}", f"models:/{name}/latest"):
         versions = client.search_model_versions(f"name='{name}'")
         if not versions:
-            raise LookupError(f"no versions of registered model {name!r}: run the pipeline first (`csmf run`)")
+            raise LookupError(
+                f"no versions of registered model {name!r}: run the pipeline first (`csmf run`)"
+            )
         return max(versions, key=lambda v: int(v.version))
     m = re.fullmatch(r"models:/([^/@]+)(?:@([\w-]+)|/(\d+))", ref)
     if m:
         name, alias, number = m.groups()
-        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+        return (
+            client.get_model_version_by_alias(name, alias)
+            if alias
+            else client.get_model_version(name, number)
+        )
     if _RUN_ID.match(ref):
         versions = [
-            v for v in client.search_model_versions(f"name='{name}'")
-            if ref in (v.run_id, (v.tags or {}).get("csmf.parent_run_id"))
+            v
+            for v in client.search_model_versions(f"name='{name}'")
+            if ref in (v.run_id, (v.tags or {}).get(RUN_TAG))
         ]
         if not versions:
             raise LookupError(f"no version of {name!r} was registered by MLflow run {ref}")
@@ -204,7 +243,9 @@ def resolve_bundle(ref: str | None = None, *, home: str | os.PathLike | None = N
     rel = mlmodel["flavors"]["python_function"]["artifacts"]["bundle"]["path"]
     bundle = dest / rel
     if not (bundle / "bundle.json").is_file():
-        raise FileNotFoundError(f"{bundle}: downloaded model {version.name}/{version.version} has no bundle.json")
+        raise FileNotFoundError(
+            f"{bundle}: downloaded model {version.name}/{version.version} has no bundle.json"
+        )
     return bundle
 
 

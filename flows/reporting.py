@@ -92,8 +92,12 @@ def clean_copy(dataset: Path, dates: list[str], out: Path) -> Path:
 
 def log_prep(tracker: Tracker, summary: Any) -> None:
     """Row counts of the model-ready dataset and its meta.json."""
-    metrics = {"data/train_rows": summary.n_train, "data/eval_users": summary.n_eval,
-               "data/n_users": summary.n_users, "data/n_items": summary.n_items}
+    metrics = {
+        "data/train_rows": summary.n_train,
+        "data/eval_users": summary.n_eval,
+        "data/n_users": summary.n_users,
+        "data/n_items": summary.n_items,
+    }
     metrics |= {f"data/train_rows/level{k}": n for k, n in enumerate(summary.train_by_level)}
     tracker.log_metrics(metrics)
     tracker.log_artifact(summary.out_dir / "meta.json", "model_ready")
@@ -133,8 +137,10 @@ def log_pruning(tracker: Tracker, info: dict, stages: list[str], step_name: str)
     tracker.log_table(layers, "prune/layers.json")
     cols = list(layers[0]) if layers else []
     md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    md += ["| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"
-           for r in layers]
+    md += [
+        "| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"
+        for r in layers
+    ]
     tracker.log_text("\n".join(md) + "\n", "prune/layers.md")
     metrics: dict[str, float] = {}
     for r in layers:
@@ -147,11 +153,15 @@ def log_pruning(tracker: Tracker, info: dict, stages: list[str], step_name: str)
         sum(r["mass_total"] * r["mass_share_pruned"] for r in layers) / mass if mass > 0 else 0.0
     )
     tracker.log_metrics(metrics)
-    tracker.log_figure(ownership_figure({f"after {step_name}": info["units"]}, stages), "figures/ownership.png")
+    tracker.log_figure(
+        ownership_figure({f"after {step_name}": info["units"]}, stages), "figures/ownership.png"
+    )
 
 
 # ---- evaluation ------------------------------------------------------------------------------------
-def log_evaluation(tracker: Tracker, rows: list[dict], prunes: dict[str, Path], objectives: list[str]) -> None:
+def log_evaluation(
+    tracker: Tracker, rows: list[dict], prunes: dict[str, Path], objectives: list[str]
+) -> None:
     """test/ metrics, the metrics table (JSON + markdown), Recall@K and ownership figures.
 
     prunes: {prune step name: its checkpoint dir} (ownership snapshots from masks/masks.json).

@@ -38,12 +38,19 @@ class Tracker(Protocol):
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+    def log_series(self, key: str, values: list[float], first_step: int = 1) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_dict(self, data: Any, artifact_file: str) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_table(self, rows: list[dict] | dict[str, list], artifact_file: str) -> None: ...
     def log_figure(self, figure: Any, artifact_file: str) -> None: ...
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+
+
+def metric_key(key: str) -> str:
+    """MLflow metric names allow letters, digits, `_ - . : /` and spaces, not `@`: `recall@50` is
+    logged as `recall_at_50` (so `val/click/recall@50` becomes `val/click/recall_at_50`)."""
+    return str(key).replace("@", "_at_")
 
 
 def _param_value(v: Any) -> str:
@@ -103,13 +110,14 @@ class MlflowTracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         now = int(time.time() * 1000)
-        items = [Metric(str(k), float(v), now, int(step or 0)) for k, v in metrics.items()]
+        items = [Metric(metric_key(k), float(v), now, int(step or 0)) for k, v in metrics.items()]
         for chunk in _chunks(items, _METRIC_BATCH):
             self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
 
     def log_series(self, key: str, values: list[float], first_step: int = 1) -> None:
         """One metric per step (a loss curve): values[j] at step first_step + j."""
         now = int(time.time() * 1000)
+        key = metric_key(key)
         items = [Metric(key, float(v), now, first_step + j) for j, v in enumerate(values) if math.isfinite(v)]
         for chunk in _chunks(items, _METRIC_BATCH):
             self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)

@@ -1,0 +1,308 @@
+"""The daily flow for real: Prefect (test harness) + MLflow (SQLite in a tmp home) on tiny data.
+
+One happy-path flow run is shared by the layout/metrics/registry assertions; the bad-data cases
+each run the flow on a broken copy of the same data against a second tracking store and must fail
+in ingest (or at the first training step for a diverged loss) without registering anything.
+
+    .venv/bin/pytest -m integration tests/integration/test_pipeline.py
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import pandas as pd
+import polars as pl
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from csmf_core.cascade import plan
+from csmf_core.config import build_config
+from csmf_core.synth import generate
+from csmf_core.train import TrainingDiverged
+from data_contracts import ContractError
+from flows.pipeline import csmf_daily
+from flows.registry import REGISTERED_MODEL, load_recommender, resolve_bundle
+
+pytestmark = pytest.mark.integration
+
+OVERRIDES = [
+    "model.dim=16",
+    "model.hidden=[32]",
+    "train.epochs=[1,1,1]",
+    "train.batch_size=256",
+    "train.threads=1",  # 2 shared cores: one torch thread is several times faster than two here
+    "recover.epochs=1",
+    "eval.ks=[10,50]",
+]
+OBJECTIVES = ["exposure", "click", "conversion"]
+STEPS = [s.name for s in plan(OBJECTIVES, build_config(None, OVERRIDES))]
+CHILDREN = ["ingest", *STEPS, "build_index", "evaluate", "register"]
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "synth-tiny"
+    generate(out, "tiny", seed=0)
+    return out
+
+
+@contextmanager
+def _store(home: Path) -> Iterator[mlflow.MlflowClient]:
+    """Point MLflow and the csmf home variables at `home`; restore both afterwards (the flow calls
+    mlflow.set_tracking_uri, a process-wide setting)."""
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("CSMF_HOME", str(home))
+        mp.setenv("PREFECT_HOME", str(home / "prefect"))
+        try:
+            yield mlflow.MlflowClient(uri)
+        finally:
+            mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def happy(prefect_harness, tiny, tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    with _store(home) as client:
+        t0 = time.perf_counter()
+        result = csmf_daily(data=str(tiny), home=str(home), overrides=OVERRIDES)
+        seconds = time.perf_counter() - t0
+        exp = client.get_experiment_by_name("csmf")
+        runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+        parent = next(r for r in runs if r.info.run_id == result["mlflow_run_id"])
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        yield SimpleNamespace(
+            result=result,
+            client=client,
+            home=home,
+            parent=parent,
+            seconds=seconds,
+            children={r.info.run_name: r for r in children},
+            order=[r.info.run_name for r in children],
+        )
+
+
+def _artifacts(client: mlflow.MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    """Every artifact file path of a run (recursive)."""
+    out = set()
+    for a in client.list_artifacts(run_id, path):
+        out |= _artifacts(client, run_id, a.path) if a.is_dir else {a.path}
+    return out
+
+
+def _val(run) -> dict[str, float]:
+    return {k: v for k, v in run.data.metrics.items() if k.startswith("val/")}
+
+
+# ---- happy path ----------------------------------------------------------------------------------
+def test_parent_run_and_one_child_per_step(happy):
+    p = happy.parent
+    assert p.info.status == "FINISHED" and p.info.run_name == f"csmf-daily-{p.data.tags['csmf.date']}"
+    assert p.data.tags["csmf.date"] == "2026-01-06"  # default: the last partition
+    for tag in ("csmf.dataset_digest", "csmf.config_digest", "csmf.code_version", "prefect.flow_run_id"):
+        assert p.data.tags[tag], tag
+    assert p.data.tags["csmf.dataset"] == "synth-tiny"
+    assert p.data.tags["csmf.config_digest"] == build_config(None, OVERRIDES).digest()
+    assert p.data.params["train.batch_size"] == "256"
+    assert happy.order == CHILDREN
+    assert all(r.info.status == "FINISHED" for r in happy.children.values())
+    r = happy.result
+    assert r["experiment"] == "csmf" and r["model_version"] == "1" and r["tracking_uri"].startswith("sqlite:")
+    assert Path(r["bundle_dir"], "bundle.json").is_file()
+    assert Path(r["workdir"]).parent == happy.home / "runs" / "2026-01-06"
+    assert "| conversion | fused |" in r["metrics_table"]
+    print(f"happy-path flow run: {happy.seconds:.1f}s")
+
+
+def test_artifacts_where_they_belong(happy):
+    c = happy.client
+    for name in STEPS:
+        files = _artifacts(c, happy.children[name].info.run_id)
+        assert {"checkpoint/model.pt", "checkpoint/checkpoint.json", "checkpoint/masks/masks.json"} <= files
+        changes_masks = name.startswith("cpp_prune_") or name == STEPS[0]
+        assert ("masks/masks.json" in files) == changes_masks, name
+        assert ("prune/layers.json" in files) == name.startswith("cpp_prune_"), name
+    assert "validation/report.md" in _artifacts(c, happy.children["ingest"].info.run_id)
+    assert {"index/index.faiss", "index/ids.npy"} <= _artifacts(c, happy.children["build_index"].info.run_id)
+    expected = {
+        "metrics/test_metrics.json",
+        "metrics/test_metrics.md",
+        "figures/recall_at_k.png",
+        "figures/ownership.png",
+    }
+    assert expected <= _artifacts(c, happy.children["evaluate"].info.run_id)
+    assert expected | {"config/config.yaml"} <= _artifacts(c, happy.parent.info.run_id)
+    prune = happy.children["cpp_prune_exposure"].data.metrics
+    assert 0.0 <= prune["prune/mass_share_pruned"] <= 1.0 and prune["prune/units_freed"] > 0
+    assert any(k.startswith("prune/user.") and k.endswith("/mass_share_pruned") for k in prune)
+
+
+def test_stage_metrics_are_comparable(happy):
+    ks = (10, 50)
+    for name in STEPS:
+        run = happy.children[name]
+        stage = int(run.data.tags["csmf.stage"])
+        want = {
+            f"val/{o}/{m}_at_{k}" for o in OBJECTIVES[: stage + 1] for m in ("recall", "ndcg") for k in ks
+        }
+        assert set(_val(run)) == want, name
+        if not name.startswith("cpp_prune_"):
+            losses = happy.client.get_metric_history(run.info.run_id, "train/loss")
+            assert len(losses) == run.data.metrics["train/steps"] > 0
+            assert [m.step for m in losses] == list(range(1, len(losses) + 1))
+    history = happy.client.get_metric_history(happy.parent.info.run_id, "val/exposure/recall_at_50")
+    assert sorted(m.step for m in history) == list(range(len(STEPS)))
+    test = happy.parent.data.metrics
+    for o in OBJECTIVES:
+        for scorer in (o, "fused", "popularity"):
+            assert 0.0 <= test[f"test/{o}/{scorer}/recall_at_50"] <= 1.0
+
+
+def test_later_stages_leave_exposure_untouched(happy):
+    after = STEPS[STEPS.index("recover_exposure") :]
+    base = {k: v for k, v in _val(happy.children[after[0]]).items() if k.startswith("val/exposure/")}
+    assert base
+    for name in after[1:]:
+        got = {k: v for k, v in _val(happy.children[name]).items() if k.startswith("val/exposure/")}
+        assert got == base, name
+
+
+def test_prefect_artifacts(happy):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_run_id = happy.parent.data.tags["prefect.flow_run_id"]
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    by_key = {a.key: a for a in arts}
+    assert {"csmf-metrics", "csmf-mlflow-run", "csmf-validation"} <= set(by_key)
+    assert happy.parent.info.run_id in str(by_key["csmf-mlflow-run"].data)
+
+
+def test_registered_model_loads_and_predicts(happy, tiny):
+    c = happy.client
+    versions = c.search_model_versions(f"name='{REGISTERED_MODEL}'")
+    assert [str(v.version) for v in versions] == ["1"]
+    mv = c.get_model_version_by_alias(REGISTERED_MODEL, "challenger")
+    champion = c.get_model_version_by_alias(REGISTERED_MODEL, "champion")
+    assert str(mv.version) == "1" and str(champion.version) == "1"
+    assert mv.tags["csmf.parent_run_id"] == happy.parent.info.run_id
+    users = pl.read_parquet(tiny / "users.parquet")["user_id"].head(2).to_list()
+    model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@challenger")
+    frame = pd.DataFrame({"user_id": [*users, -5], "k": [10, 10, 5], "weights": [None, "1,3,0.5", None]})
+    out = model.predict(frame)
+    assert list(out.columns) == ["user_id", "item_ids", "scores", "cold_start"]
+    assert out["user_id"].tolist() == [*users, -5]
+    assert [len(x) for x in out["item_ids"]] == [10, 10, 5]
+    assert out["cold_start"].tolist() == [False, False, True]
+    assert all(list(s) == sorted(s, reverse=True) for s in out["scores"])
+    bundle = resolve_bundle(f"models:/{REGISTERED_MODEL}@challenger", home=happy.home)
+    assert (bundle / "bundle.json").is_file()
+    assert resolve_bundle(happy.parent.info.run_id, home=happy.home) == bundle
+    assert resolve_bundle(None, home=happy.home) == bundle
+    rec = load_recommender(f"models:/{REGISTERED_MODEL}/1", home=happy.home)
+    assert rec.recommend(users[:1], k=3)[0]["items"] == out["item_ids"][0][:3]
+
+
+# ---- bad data: fail in ingest, register nothing ---------------------------------------------------
+def _one_file(root: Path, day: str) -> Path:
+    return sorted((root / "events" / f"dt={day}").glob("*.parquet"))[0]
+
+
+def _cascade(root: Path) -> None:
+    f = _one_file(root, "2026-01-03")
+    df = pl.read_parquet(f)
+    df.with_columns(converted=pl.col("converted") | (pl.int_range(pl.len()) < 3)).write_parquet(f)
+
+
+def _missing_column(root: Path) -> None:
+    f = _one_file(root, "2026-01-02")
+    pl.read_parquet(f).drop("clicked").write_parquet(f)
+
+
+def _wrong_type(root: Path) -> None:
+    f = _one_file(root, "2026-01-04")
+    pl.read_parquet(f).with_columns(pl.col("user_id").cast(pl.String)).write_parquet(f)
+
+
+def _empty_partition(root: Path) -> None:
+    f = _one_file(root, "2026-01-05")
+    pl.read_parquet(f).head(0).write_parquet(f)
+
+
+def _corrupt_file(root: Path) -> None:
+    _one_file(root, "2026-01-02").write_bytes(b"PAR1 this is not a parquet file")
+
+
+BAD = {
+    "cascade": (_cascade, "rule: cascade"),
+    "missing_column": (_missing_column, "rule: missing_column, column clicked"),
+    "wrong_type": (_wrong_type, "rule: wrong_type, column user_id"),
+    "empty_partition": (_empty_partition, "partition has zero event rows (rule: empty_partition)"),
+    "corrupt_file": (_corrupt_file, "rule: corrupt_file"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bad-home")
+
+
+def _runs_for(client: mlflow.MlflowClient, data: Path) -> tuple[list, list]:
+    exp = client.get_experiment_by_name("csmf")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    parents = [r for r in runs if r.data.tags.get("csmf.dataset_dir") == str(data.resolve())]
+    ids = {r.info.run_id for r in parents}
+    return parents, [r for r in runs if r.data.tags.get("mlflow.parentRunId") in ids]
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_data_fails_in_ingest_and_registers_nothing(case, prefect_harness, tiny, bad_home, tmp_path):
+    data = tmp_path / f"bad-{case}"
+    shutil.copytree(tiny, data)
+    breaker, text = BAD[case]
+    breaker(data)
+    with _store(bad_home) as client:
+        with pytest.raises(ContractError) as err:
+            csmf_daily(data=str(data), home=str(bad_home), overrides=OVERRIDES)
+        assert text in str(err.value)
+        assert client.search_model_versions(f"name='{REGISTERED_MODEL}'") == []
+        parents, children = _runs_for(client, data)
+    assert [p.info.status for p in parents] == ["FAILED"]
+    assert [(c.info.run_name, c.info.status) for c in children] == [("ingest", "FAILED")]
+
+
+def test_diverged_loss_fails_the_run(prefect_harness, tiny, bad_home):
+    with _store(bad_home) as client:
+        with pytest.raises(TrainingDiverged):
+            csmf_daily(data=str(tiny), home=str(bad_home), overrides=[*OVERRIDES, "train.max_loss=0.001"])
+        assert client.search_model_versions(f"name='{REGISTERED_MODEL}'") == []
+        parents, children = _runs_for(client, tiny)
+    assert [p.info.status for p in parents] == ["FAILED"]
+    assert [(c.info.run_name, c.info.status) for c in children] == [
+        ("ingest", "FINISHED"),
+        (STEPS[0], "FAILED"),
+    ]
+
+
+def test_missing_partition_fails_before_any_work(prefect_harness, tiny, bad_home):
+    with _store(bad_home):
+        with pytest.raises(ValueError, match=r"missing partitions \['2026-01-09'\]"):
+            csmf_daily(date="2026-01-09", data=str(tiny), home=str(bad_home), overrides=OVERRIDES)
+    assert not (bad_home / "runs" / "2026-01-09").exists()
+    assert os.environ.get("CSMF_HOME") != str(bad_home)  # the test's environment was restored

@@ -1,0 +1,146 @@
+"""The pipeline's plain helpers (no Prefect run, no tracking server): date windows, digests,
+tracking key rules, pyfunc input parsing, the quarantine clean copy, retry conditions, figures."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pandas as pd
+import polars as pl
+import pytest
+
+from csmf_core.config import DataConfig
+from csmf_core.synth import generate
+from data_contracts import validate_dataset
+from flows.inputs import code_version, dataset_digest, plan_window
+from flows.registry import _k, _weights
+from flows.reporting import LossCurve, clean_copy
+from flows.tracking import NullTracker, metric_key
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("flows") / "tiny"
+    generate(out, "tiny", seed=0, n_users=60, n_items=40, requests_per_day=40)
+    return out  # dates 2026-01-01 .. 2026-01-06
+
+
+def test_window_defaults_to_the_last_partition(tiny):
+    w = plan_window(tiny, None, DataConfig())
+    assert w.date == "2026-01-06" and w.eval_dates == ["2026-01-06"]
+    assert w.train_dates == [f"2026-01-0{d}" for d in range(1, 6)]
+    assert w.validate_dates == [f"2026-01-0{d}" for d in range(1, 7)]
+
+
+def test_window_with_train_and_eval_days(tiny):
+    w = plan_window(tiny, "2026-01-04", DataConfig(train_days=2, eval_days=2))
+    assert w.train_dates == ["2026-01-02", "2026-01-03"] and w.eval_dates == ["2026-01-04", "2026-01-05"]
+    # prep reads every earlier partition for history: validate those too, not the later ones
+    assert w.validate_dates == [f"2026-01-0{d}" for d in range(1, 6)]
+
+
+@pytest.mark.parametrize(
+    ("date", "data", "match"),
+    [
+        ("2026-01-06", DataConfig(eval_days=2), r"missing partitions \['2026-01-07'\]"),
+        ("2026-01-02", DataConfig(train_days=3), r"missing partitions \['2025-12-30', '2025-12-31'\]"),
+        ("2026-01-01", DataConfig(), "no partition before it"),
+        ("01/06/2026", DataConfig(), "is not YYYY-MM-DD"),
+    ],
+)
+def test_window_errors_name_the_problem(tiny, date, data, match):
+    with pytest.raises(ValueError, match=match):
+        plan_window(tiny, date, data)
+
+
+def test_dataset_digest_follows_content(tiny, tmp_path):
+    dates = ["2026-01-01", "2026-01-02"]
+    d1, kind = dataset_digest(tiny, dates)
+    assert kind == "content" and d1 == dataset_digest(tiny, dates)[0]
+    assert dataset_digest(tiny, dates[:1])[0] != d1
+    copy = tmp_path / "copy"
+    clean_copy(tiny, ["2026-01-01", "2026-01-02"], copy)  # same rows, rewritten files
+    assert dataset_digest(copy, dates)[0] != d1
+
+
+def test_code_version_is_the_package_version_plus_commit():
+    v = code_version()
+    assert v.startswith("0.1.0") or v.startswith("0+")
+
+
+def test_metric_keys_and_null_tracker():
+    assert metric_key("val/click/recall@50") == "val/click/recall_at_50"
+    t = NullTracker()
+    t.log_params({"a": 1})
+    t.log_metrics({"x@1": 1.0}, step=3)
+    assert t.child("x") is t and t.run_id is None
+
+
+def test_loss_curve_flushes_every_n_steps():
+    logged: list[tuple[str, list[float], int]] = []
+    lines: list[str] = []
+    tracker = SimpleNamespace(log_series=lambda k, v, first_step: logged.append((k, list(v), first_step)))
+    logger = SimpleNamespace(info=lambda msg, *a: lines.append(msg % a))
+    curve = LossCurve(tracker, logger, "pretrain_exposure", every=2)
+    for s, loss in enumerate([3.0, 2.0, 1.5], start=1):
+        curve(s, loss)
+    curve.flush()
+    assert logged == [("train/loss", [3.0, 2.0], 1), ("train/loss", [1.5], 3)]
+    assert lines == ["pretrain_exposure: step 2 loss 2.0000", "pretrain_exposure: step 3 loss 1.5000 (last)"]
+
+
+def test_pyfunc_input_parsing():
+    assert _weights(None) is None and _weights(float("nan")) is None and _weights("") is None
+    assert _weights("1,1.8,1.2") == (1.0, 1.8, 1.2) and _weights("[1, 2, 3]") == (1.0, 2.0, 3.0)
+    assert _weights([1, 2, 3]) == (1.0, 2.0, 3.0)
+    with pytest.raises(ValueError, match="comma-separated"):
+        _weights("a,b")
+    assert _k(None) == 50 and _k(float("nan")) == 50 and _k(7) == 7
+    assert pd.isna(pd.DataFrame({"w": [None, "1,2,3"]})["w"][0])
+
+
+def test_clean_copy_drops_exactly_the_quarantined_rows(tiny, tmp_path):
+    bad = tmp_path / "bad"
+    clean_copy(tiny, ["2026-01-01", "2026-01-02", "2026-01-03"], bad)
+    f = next((bad / "events" / "dt=2026-01-02").glob("*.parquet"))
+    df = pl.read_parquet(f)
+    df.with_columns(converted=pl.col("converted") | (pl.int_range(pl.len()) < 2)).write_parquet(f)
+    dates = ["2026-01-01", "2026-01-02", "2026-01-03"]
+    report = validate_dataset(bad, dates=dates, max_violation_rate=0.5, quarantine_dir=tmp_path / "q")
+    assert report.ok and report.quarantined.get("cascade", 0) >= 1
+    clean = clean_copy(bad, dates, tmp_path / "clean")
+    again = validate_dataset(clean, dates=dates)
+    assert again.ok and not again.quarantined
+    assert again.counts["rows"] == report.counts["rows"] - sum(report.quarantined.values())
+
+
+def test_retry_condition_only_for_transient_errors():
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+
+    from flows.pipeline import _transient
+
+    def state(exc):
+        return SimpleNamespace(data=exc)
+
+    assert _transient(None, None, state(OSError("disk hiccup")))
+    assert _transient(None, None, state(MlflowException("locked", error_code=INTERNAL_ERROR)))
+    assert not _transient(None, None, state(FileNotFoundError("gone")))
+    assert not _transient(None, None, state(ValueError("bad data")))
+    assert not _transient(None, None, state(MlflowException("bad key", error_code=INVALID_PARAMETER_VALUE)))
+
+
+def test_figures_render():
+    from flows.figures import ownership_figure, recall_at_k_figure
+
+    rows = [
+        {"objective": o, "scorer": s, "k": k, "recall": 0.1 * k / 50, "ndcg": 0.0, "users": 3}
+        for o in ("exposure", "click")
+        for s in (o, "fused", "popularity")
+        for k in (10, 50)
+    ]
+    assert len(recall_at_k_figure(rows).axes) == 2
+    fig = ownership_figure(
+        {"after cpp_prune_exposure": {"user.layers.0": [3, 5], "output": [4, 4]}}, ["e", "c"]
+    )
+    assert len(fig.axes) == 1
