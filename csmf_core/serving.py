@@ -300,6 +300,29 @@ class Recommender:
         )
 
 
+def summary_table(rows: list[dict], k: int) -> str:
+    """evaluate_model rows at one K -> a compact text table for a terminal: one line per objective,
+    "recall / ndcg" under its own mode, the fused score, popularity and random (whichever are present)."""
+    cols = [("own mode", None), ("fused", "fused"), ("popularity", "popularity"), ("random", "random")]
+    at_k = [r for r in rows if int(r["k"]) == int(k)]
+    objectives = list(dict.fromkeys(r["objective"] for r in at_k))
+    present = [(h, s) for h, s in cols if s is None or any(r["scorer"] == s for r in at_k)]
+    header = ["objective", "users"] + [h for h, _ in present]
+    body = []
+    for o in objectives:
+        cell = {r["scorer"]: r for r in at_k if r["objective"] == o}
+        users = cell[o]["users"] if o in cell else next(iter(cell.values()))["users"]
+        line = [o, str(users)]
+        for _, s in present:
+            r = cell.get(o if s is None else s)
+            line.append("-" if r is None else f"{r['recall']:.4f} / {r['ndcg']:.4f}")
+        body.append(line)
+    widths = [max(len(x[i]) for x in [header, *body]) for i in range(len(header))]
+    fmt = lambda xs: "  ".join(x.ljust(w) for x, w in zip(xs, widths)).rstrip()  # noqa: E731
+    title = f"Recall@{k} / nDCG@{k} per objective (evaluation users with >= 1 positive of it):"
+    return "\n".join([title, fmt(header), fmt(["-" * w for w in widths]), *map(fmt, body)])
+
+
 def metrics_table(rows: list[dict]) -> str:
     """evaluate_model rows -> a markdown table (objective x scorer x k)."""
     lines = ["| objective | scorer | k | recall | ndcg | users |", "|---|---|---:|---:|---:|---:|"]

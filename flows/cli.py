@@ -182,7 +182,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from csmf_core.config import load_config
 
     home = setup_home(args.home)  # before the flow module imports prefect and mlflow
-    load_config(args.config, args.set)  # fail fast, before Prefect starts, on a bad config
+    cfg = load_config(args.config, args.set)  # fail fast, before Prefect starts, on a bad config
     data = Path(args.data).resolve() if args.data else default_dataset(home)
     dates = partition_dates(data)
     date = args.date or dates[-1]
@@ -196,12 +196,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = csmf_daily(
         date=date, data=str(data), config=args.config, overrides=list(args.set), home=str(home)
     )
-    print(summarize_run(result))
+    print(summarize_run(result, cfg.eval.primary_k))
     return 0
 
 
-def summarize_run(result: dict) -> str:
-    """The end-of-run message: where the run is, how to look at it, and the final metrics."""
+def summarize_run(result: dict, k: int = 50) -> str:
+    """The end-of-run message: where the run is, how to look at it, and the final metrics at K=k."""
+    from csmf_core.serving import summary_table
+
     uri = result.get("tracking_uri") or tracking_uri()
     lines = [
         "",
@@ -213,7 +215,10 @@ def summarize_run(result: dict) -> str:
         f"mlflow ui --backend-store-uri {uri}",
         "Try the model:     csmf recommend --user-id <id> --k 10",
         "",
-        result.get("metrics_table", "").rstrip(),
+        summary_table(result["metrics"], k)
+        if result.get("metrics")
+        else result.get("metrics_table", "").rstrip(),
+        "(every K and every mode: the MLflow run's metrics/test_metrics.md, or `csmf evaluate`)",
     ]
     return "\n".join(lines)
 

@@ -38,7 +38,7 @@ from csmf_core.checkpoint import load_checkpoint, save_checkpoint
 from csmf_core.config import CSMFConfig, load_config
 from csmf_core.evaluate import evaluate_model, metric_dict
 from csmf_core.prep import prepare
-from csmf_core.serving import metrics_table, write_bundle
+from csmf_core.serving import metrics_table, summary_table, write_bundle
 from data_contracts import validate_dataset
 from flows import reporting
 from flows.inputs import EXPERIMENT, Window, code_version, dataset_digest, plan_window, setup_home
@@ -347,7 +347,7 @@ def evaluate(checkpoint: Path, ready: Ingested, cfg: CSMFConfig, run: RunContext
         prunes = {s.name: run.workdir / s.name / "checkpoint" for s in steps if s.kind == "prune"}
         for target in (tracker, run.parent()):
             reporting.log_evaluation(target, rows, prunes, data.objectives)
-    get_run_logger().info("evaluation:\n%s", metrics_table(rows))
+    get_run_logger().info("evaluation:\n%s", summary_table(rows, cfg.eval.primary_k))
     return rows
 
 

@@ -141,6 +141,14 @@ def _fake_pipeline(monkeypatch, calls: list):
             "model_version": "7",
             "bundle_dir": "/somewhere/bundle",
             "metrics_table": "| objective | recall@50 |\n|---|---|\n| click | 0.5 |",
+            "metrics": [
+                {"objective": "click", "scorer": sc, "k": k, "recall": r, "ndcg": n, "users": 9}
+                for sc, k, r, n in [
+                    ("click", 50, 0.5, 0.25),
+                    ("click", 10, 0.2, 0.1),
+                    ("popularity", 50, 0.125, 0.0625),
+                ]
+            ],
         }
 
     monkeypatch.setitem(sys.modules, "flows.pipeline", types.SimpleNamespace(csmf_daily=csmf_daily))
@@ -166,7 +174,11 @@ def test_run_calls_the_flow_with_the_home_set_up(tiny_world, tmp_path, monkeypat
         call["env"]["PREFECT_API_URL"] is None and call["env"]["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
     )
     out = capsys.readouterr().out
-    assert "0123abcd" * 4 in out and "csmf ui" in out and "| click | 0.5 |" in out and "version 7" in out
+    assert "0123abcd" * 4 in out and "csmf ui" in out and "version 7" in out
+    # the compact table: K=50 only (primary_k), own mode and popularity, "recall / ndcg"
+    assert "Recall@50 / nDCG@50" in out and "0.2000" not in out
+    (line,) = [x for x in out.splitlines() if x.startswith("click ")]
+    assert line.split() == ["click", "9", "0.5000", "/", "0.2500", "0.1250", "/", "0.0625"]
 
     assert cli.main([*args, "--set", "train.lr=-1"]) == 2  # config checked before the flow starts
     assert "train.lr must be > 0" in capsys.readouterr().err and len(calls) == 1

@@ -222,3 +222,36 @@ def test_evaluate_same_and_remapped_vocabulary(rec, tiny_world, tmp_path):
     prep.prepare(ds2, tmp_path / "mr2", train_dates=(d[0], d[-2]), eval_dates=d[-1], seq_len=5, n_req_neg=4)
     assert pl.read_parquet(tmp_path / "mr2" / "items.parquet").height == data.tables.items_cat.shape[0] + 1
     assert rec.evaluate(tmp_path / "mr2", ks=(10, 50)) == want
+
+
+def test_summary_table_pivots_one_k_by_hand():
+    from csmf_core.serving import summary_table
+
+    rows = [
+        {"objective": o, "scorer": sc, "k": k, "recall": r, "ndcg": n, "users": u}
+        for o, sc, k, r, n, u in [
+            ("exposure", "exposure", 50, 0.3, 0.2, 10),
+            ("exposure", "popularity", 50, 0.1, 0.05, 10),
+            ("click", "exposure", 50, 0.11, 0.01, 4),
+            ("click", "click", 50, 0.4, 0.3, 4),
+            ("click", "fused", 50, 0.45, 0.35, 4),
+            ("click", "popularity", 50, 0.2, 0.1, 4),
+            ("click", "click", 10, 0.9, 0.9, 4),
+        ]
+    ]
+    lines = summary_table(rows, 50).splitlines()
+    assert lines[1].split() == ["objective", "users", "own", "mode", "fused", "popularity"]
+    assert lines[3].split() == ["exposure", "10", "0.3000", "/", "0.2000", "-", "0.1000", "/", "0.0500"]
+    assert lines[4].split() == [
+        "click",
+        "4",
+        "0.4000",
+        "/",
+        "0.3000",
+        "0.4500",
+        "/",
+        "0.3500",
+        "0.2000",
+        "/",
+        "0.1000",
+    ]
