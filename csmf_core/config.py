@@ -97,6 +97,22 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class GateConfig:
+    """Champion/challenger gate (flows/gate.py): when a new version may replace the champion."""
+
+    enabled: bool = True  # false = never promote automatically (every run stays a challenger)
+    # Largest allowed drop (absolute) of any gated metric vs the champion re-evaluated on the same day:
+    # recall and nDCG at eval.primary_k, per objective, under the objective's own score and the fused one.
+    tolerance: float = 0.005
+    sample_users: int = 256  # users checked for exact fusion and index == towers
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    keep_days: int = 7  # run dirs (checkpoints, indexes) of the last N run dates kept; 0 = keep all
+
+
+@dataclass(frozen=True)
 class CSMFConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cpp: CPPConfig = field(default_factory=CPPConfig)
@@ -105,6 +121,8 @@ class CSMFConfig:
     recover: RecoverConfig = field(default_factory=RecoverConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -199,6 +217,9 @@ def _check_ranges(cfg: CSMFConfig, errors: list[str]) -> None:
         (cfg.eval.primary_k in cfg.eval.ks, "eval.primary_k must be one of eval.ks"),
         (cfg.data.seq_len >= 1 and cfg.data.n_req_neg >= 0, "data.seq_len >= 1, data.n_req_neg >= 0"),
         (cfg.data.eval_days >= 1 and cfg.data.train_days >= 0, "data.eval_days >= 1, data.train_days >= 0"),
+        (cfg.gate.tolerance >= 0, "gate.tolerance must be >= 0"),
+        (cfg.gate.sample_users >= 1, "gate.sample_users must be >= 1"),
+        (cfg.retention.keep_days >= 0, "retention.keep_days must be >= 0 (0 = keep all)"),
     ]
     errors.extend(msg for ok, msg in checks if not ok)
 
