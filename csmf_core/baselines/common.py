@@ -288,3 +288,213 @@ def train_plain_two_tower(
     )
     model.eval()
     return model, log
+
+
+# =============================================================================================
+# Multi-task helpers for the complex baselines (mvke, moppr, dtml, dmmp, resflow). This block is
+# owned by the complex-baselines engineer; everything above is the harness's.
+# =============================================================================================
+
+
+class FeatureEmbedding(nn.Module):
+    """The input half of a tower: embeddings, mean-pooled sequences and numeric columns -> (B, out_dim).
+
+    Same features, embedding sizes and init as `csmf_core.model.Tower` (built from one and keeping
+    its embedding tables), so methods that put their own networks on top (experts, task towers,
+    cross-feature teachers) read exactly what every other method reads.
+    """
+
+    def __init__(self, spec: TowerSpec, cfg: ModelConfig, *, seed: int = 0):
+        super().__init__()
+        t = make_tower(spec, cfg, seed=seed)
+        self.spec = spec
+        self.emb = t.emb
+        self.hist = t.hist
+        self.out_dim = int(t.layers[0].in_features)
+
+    def forward(self, x: TowerInputs) -> torch.Tensor:
+        parts = [e(x.cat[:, k]) for k, e in enumerate(self.emb.values())]
+        for k, e in enumerate(self.hist.values()):
+            seq = x.hists[k]
+            pooled = torch.nn.functional.embedding_bag(seq, e.weight, mode="sum", padding_idx=0)
+            parts.append(pooled / (seq > 0).sum(dim=1, keepdim=True).clamp_min(1).to(pooled.dtype))
+        if self.spec.n_num:
+            parts.append(x.num)
+        return torch.cat(parts, dim=1)
+
+
+class MLP(nn.Module):
+    """Linear layers in_dim -> widths... -> out_dim, ReLU between (none after the last), nn.Linear init."""
+
+    def __init__(self, in_dim: int, widths: tuple[int, ...], out_dim: int, *, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(int(seed))
+        dims = [int(in_dim), *(int(w) for w in widths), int(out_dim)]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        with torch.no_grad():
+            for lin in self.layers:
+                bound = 1.0 / math.sqrt(lin.weight.shape[1])
+                lin.weight.uniform_(-bound, bound, generator=gen)
+                lin.bias.uniform_(-bound, bound, generator=gen)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        last = len(self.layers) - 1
+        for k, lin in enumerate(self.layers):
+            h = lin(h)
+            if k < last:
+                h = torch.relu(h)
+        return h
+
+
+def stage_pools(data: CascadeData) -> list[TrainRows]:
+    """Positive rows of every objective (pool t = rows with level >= t), in cascade order."""
+    return [data.rows.for_stage(t) for t in range(len(data.objectives))]
+
+
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    """How many batches `iter_batches` yields for n rows (a trailing 1-row batch is dropped)."""
+    bs = min(batch_size, n)
+    return n // bs + (1 if n % bs >= 2 else 0)
+
+
+def task_active(step: int, task_steps: int, total_steps: int) -> bool:
+    """Whether a task with `task_steps` batches takes part in joint step `step` of `total_steps`.
+
+    Spreads the task's batches evenly: it takes part when floor((s+1) k / S) > floor(s k / S),
+    which is true for exactly k of the S steps (k <= S).
+    """
+    return (step + 1) * task_steps // total_steps > step * task_steps // total_steps
+
+
+def joint_train_loop(
+    params: list[torch.nn.Parameter],
+    pools: list,
+    epochs: list[int],
+    loss_fn: Callable[[list], torch.Tensor],
+    cfg: CSMFConfig,
+    *,
+    seed: int,
+    name: str,
+    batch_sizes: list[int] | None = None,
+    on_step: OnStep = None,
+) -> TrainLog:
+    """Joint multi-task training with the same per-objective sample budget as CSMF's stages.
+
+    Task t makes exactly `epochs[t]` shuffled passes over `pools[t]` (anything with len() and
+    select(idx), e.g. TrainRows), in batches of `batch_sizes[t]` (default train.batch_size). Its
+    batches are spread evenly over S = max_t(batches of t) joint steps (`task_active`); at each
+    step `loss_fn(batches)` gets one batch per task, None where the task sits out, and returns the
+    summed loss. Adam(W) at train.lr; the same divergence check as `train_loop`.
+    """
+    if len(pools) != len(epochs):
+        raise ValueError(f"{name}: {len(pools)} pools but {len(epochs)} epoch counts")
+    sizes = batch_sizes or [cfg.train.batch_size] * len(pools)
+    for t, p in enumerate(pools):
+        if epochs[t] > 0 and len(p) < 2:
+            raise ValueError(
+                f"{name}: task {t} has {len(p)} training rows; a sampled softmax needs at least 2"
+            )
+    per_task = [
+        batches_per_epoch(len(p), sizes[t]) * int(epochs[t]) if epochs[t] > 0 else 0
+        for t, p in enumerate(pools)
+    ]
+    total = max(per_task)
+    gens = [torch.Generator().manual_seed(int(seed) * 1009 + t * 31) for t in range(len(pools))]
+
+    def stream(t: int) -> Iterator:
+        for _ in range(int(epochs[t])):
+            yield from iter_batches(len(pools[t]), min(sizes[t], len(pools[t])), gens[t])
+
+    streams = [stream(t) for t in range(len(pools))]
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    log = TrainLog(name, sum(len(p) for p in pools), max(int(e) for e in epochs))
+    running: list[float] = []
+    per_epoch = max(1, total // max(1, log.epochs))
+    t0 = time.perf_counter()
+    for s in range(total):
+        batches = [
+            pools[t].select(next(streams[t])) if per_task[t] and task_active(s, per_task[t], total) else None
+            for t in range(len(pools))
+        ]
+        loss = loss_fn(batches)
+        value = float(loss.detach())
+        if not math.isfinite(value) or value > cfg.train.max_loss:
+            raise TrainingDiverged(
+                f"{name}: loss {value} at step {s + 1} of {total}. Lower train.lr (now {cfg.train.lr:g}) "
+                f"or raise loss.temperature (now {cfg.loss.temperature:g})."
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+        opt.step()
+        log.steps += 1
+        log.losses.append(value)
+        running.append(value)
+        if len(running) == per_epoch or s == total - 1:
+            log.epoch_losses.append(sum(running) / len(running))
+            running = []
+        if on_step is not None:
+            on_step(log.steps, value)
+    log.seconds = time.perf_counter() - t0
+    return log
+
+
+def unique_items(items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct item indices of any-shaped `items` and the inverse map (same shape as `items`).
+
+    Item towers run once per distinct item of a batch, then vectors are gathered back.
+    """
+    uniq, inv = torch.unique(items.flatten(), return_inverse=True)
+    return uniq, inv.view(items.shape)
+
+
+def distill_lists(b: TrainRows, n_inbatch: int) -> torch.Tensor:
+    """(B, L) candidate items per row for listwise distillation; item 0 = padding (ignored).
+
+    Column 0 is the row's item, then its same-request negatives (if any), then the items of the
+    next `n_inbatch` rows of the batch (a cyclic shift: other users' positives, i.e. in-batch
+    negatives), so teacher and student are compared on the kind of lists retrieval ranks.
+    """
+    cols = [b.i[:, None]]
+    if b.neg is not None and b.neg.shape[1]:
+        cols.append(b.neg)
+    for k in range(1, min(n_inbatch, b.i.numel() - 1) + 1):
+        cols.append(torch.roll(b.i, -k)[:, None])
+    return torch.cat(cols, dim=1)
+
+
+def listwise_kl(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """Mean over rows of KL(softmax(teacher) || softmax(student)) over each row's valid columns.
+
+    teacher_logits, student_logits, valid: (B, L). Zero exactly when the two rows of logits differ
+    by a per-row constant (same distribution), positive otherwise; the teacher is a constant here.
+    """
+    neg = torch.finfo(student_logits.dtype).min
+    lt = torch.log_softmax(teacher_logits.detach().masked_fill(~valid, neg), dim=1)
+    ls = torch.log_softmax(student_logits.masked_fill(~valid, neg), dim=1)
+    pt = lt.exp() * valid
+    return (pt * (lt - ls)).masked_fill(~valid, 0.0).sum(dim=1).mean()
+
+
+def esmm_log_probs(ctr_logit: torch.Tensor, cvr_logit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pCTR and log pCTCVR = log sigmoid(ctr) + log sigmoid(cvr) (ESMM, Ma et al. SIGIR 2018)."""
+    lc = torch.nn.functional.logsigmoid(ctr_logit)
+    return lc, lc + torch.nn.functional.logsigmoid(cvr_logit)
+
+
+def esmm_loss(ctr_logit: torch.Tensor, cvr_logit: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """Teacher loss over exposed rows: BCE(pCTR, clicked) + BCE(pCTCVR, converted), entire space.
+
+    level: (B,) deepest objective reached (1 = click, 2 = conversion); pCVR is never fitted on
+    clicked rows alone (no sample selection bias), it is learned through pCTCVR = pCTR * pCVR.
+    """
+    click = (level >= 1).float()
+    conv = (level >= 2).float()
+    l_ctr = torch.nn.functional.binary_cross_entropy_with_logits(ctr_logit, click)
+    _, log_ctcvr = esmm_log_probs(ctr_logit, cvr_logit)
+    log_not = torch.log(-torch.expm1(log_ctcvr.clamp(max=-1e-6)))  # log(1 - pCTCVR), stable
+    l_ctcvr = -(conv * log_ctcvr + (1 - conv) * log_not).mean()
+    return l_ctr + l_ctcvr
