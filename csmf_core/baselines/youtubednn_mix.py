@@ -1,0 +1,67 @@
+"""YouTubeDNN-Mix: one two-tower model trained on the mixed positives of the later objectives.
+
+Source: Covington et al. (RecSys 2016), in the CSMF paper's setting (seeds/000, Table 2:
+"YouTubeDNN-Mix", one model on the union of click and conversion samples).
+Simplifications: same towers and sampled softmax with log-Q as YouTubeDNN-Sep. The training set
+is the click rows plus the conversion rows again (objectives 1..N-1 of the cascade; a converted
+row appears once per objective it reached), so conversions weigh more than plain clicks while
+one vector serves both. Log-Q uses the summed positive counts of those objectives; epochs are
+cfg.epochs_for(1) (the click stage's). The exposure objective is not served (the paper's Mix
+covers click and conversion only). Serving stores one dim-d vector per item.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from csmf_core.baselines.base import MethodResult
+from csmf_core.baselines.common import (
+    OnStep,
+    count_params,
+    encode_items,
+    encode_users,
+    set_threads,
+    train_plain_two_tower,
+    with_seed,
+)
+from csmf_core.cascade import CascadeData
+from csmf_core.config import CSMFConfig
+from csmf_core.train import TrainRows, item_log_q
+
+
+def mixed_rows(data: CascadeData) -> TrainRows:
+    """Rows of objectives 1..N-1 concatenated: a row with level L appears L times (once per objective)."""
+    idx = torch.cat([torch.nonzero(data.rows.level >= t).flatten() for t in range(1, len(data.objectives))])
+    return data.rows.select(idx)
+
+
+def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -> MethodResult:
+    """Train one plain two-tower model on the mixed later-objective positives; serve it for all of them."""
+    cfg = with_seed(cfg, seed)
+    set_threads(cfg)
+    t0 = time.perf_counter()
+    counts = sum(torch.as_tensor(data.counts[t]).double() for t in range(1, len(data.objectives)))
+    model, log = train_plain_two_tower(
+        data,
+        cfg,
+        mixed_rows(data),
+        stage=1,
+        seed=seed * 101 + 1,
+        name="youtubednn_mix",
+        log_q=item_log_q(counts),
+        on_step=on_step,
+    )
+    u = encode_users(model.user_vectors, data.tables, data.eval)
+    v = encode_items(model.item_vectors, data.tables)
+    served = data.objectives[1:]
+    return MethodResult(
+        method="youtubednn_mix",
+        user_vecs={o: u for o in served},
+        item_vecs={o: v for o in served},
+        train_seconds=time.perf_counter() - t0,
+        n_params=count_params(model),
+        item_bytes_per_item=4 * v.shape[1],
+        info={"model": log.summary(), "objectives": served},
+    )

@@ -1,0 +1,63 @@
+"""YouTubeDNN-Sep: one independent two-tower model per objective.
+
+Source: Covington et al., "Deep Neural Networks for YouTube Recommendations" (RecSys 2016), as
+used for multi-objective retrieval by the CSMF paper (seeds/000, Table 2: "YouTubeDNN-Sep").
+Simplifications: the towers are the same MLP towers CSMF uses (feature embeddings, mean-pooled
+behaviour sequences, numeric columns, hidden layers, cfg.model.dim output); training is the
+in-batch sampled softmax with log-Q correction (Yi et al. 2019) instead of YouTube's sampled
+softmax over a fixed candidate sample. Objective t's model trains on objective t's positives for
+cfg.epochs_for(t) epochs (the epochs CSMF's stage t gets); the exposure model also sees the
+same-request negatives, as CSMF's stage 0 does. Serving stores one dim-d vector per objective.
+"""
+
+from __future__ import annotations
+
+import time
+
+from csmf_core.baselines.base import MethodResult
+from csmf_core.baselines.common import (
+    OnStep,
+    count_params,
+    encode_items,
+    encode_users,
+    set_threads,
+    stage_log_q,
+    train_plain_two_tower,
+    with_seed,
+)
+from csmf_core.cascade import CascadeData
+from csmf_core.config import CSMFConfig
+
+
+def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -> MethodResult:
+    """Train one plain two-tower model per objective in data.objectives."""
+    cfg = with_seed(cfg, seed)
+    set_threads(cfg)
+    t0 = time.perf_counter()
+    users, items, info, n_params, steps = {}, {}, {}, 0, 0
+    for t, o in enumerate(data.objectives):
+        model, log = train_plain_two_tower(
+            data,
+            cfg,
+            data.rows.for_stage(t),
+            stage=t,
+            seed=seed * 101 + t,
+            name=f"youtubednn_sep/{o}",
+            log_q=stage_log_q(data, t),
+            on_step=on_step,
+            step_offset=steps,
+        )
+        steps += log.steps
+        users[o] = encode_users(model.user_vectors, data.tables, data.eval)
+        items[o] = encode_items(model.item_vectors, data.tables)
+        info[o] = log.summary()
+        n_params += count_params(model)
+    return MethodResult(
+        method="youtubednn_sep",
+        user_vecs=users,
+        item_vecs=items,
+        train_seconds=time.perf_counter() - t0,
+        n_params=n_params,
+        item_bytes_per_item=4 * sum(v.shape[1] for v in items.values()),
+        info={"models": info},
+    )
