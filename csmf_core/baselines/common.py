@@ -479,22 +479,23 @@ def listwise_kl(
     return (pt * (lt - ls)).masked_fill(~valid, 0.0).sum(dim=1).mean()
 
 
-def esmm_log_probs(ctr_logit: torch.Tensor, cvr_logit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pCTR and log pCTCVR = log sigmoid(ctr) + log sigmoid(cvr) (ESMM, Ma et al. SIGIR 2018)."""
-    lc = torch.nn.functional.logsigmoid(ctr_logit)
-    return lc, lc + torch.nn.functional.logsigmoid(cvr_logit)
+def cascade_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """(..., T') per-step logits -> (..., T') log P(objective t+1 | exposed), chained as in ESMM.
 
-
-def esmm_loss(ctr_logit: torch.Tensor, cvr_logit: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-    """Teacher loss over exposed rows: BCE(pCTR, clicked) + BCE(pCTCVR, converted), entire space.
-
-    level: (B,) deepest objective reached (1 = click, 2 = conversion); pCVR is never fitted on
-    clicked rows alone (no sample selection bias), it is learned through pCTCVR = pCTR * pCVR.
+    Step q's logit models P(objective q+1 | objective q) (pCTR, pCVR, ...); the entire-space
+    probability of objective t+1 is the product of the steps up to it, so its log is the running
+    sum of log sigmoid (ESMM, Ma et al. SIGIR 2018: pCTCVR = pCTR * pCVR).
     """
-    click = (level >= 1).float()
-    conv = (level >= 2).float()
-    l_ctr = torch.nn.functional.binary_cross_entropy_with_logits(ctr_logit, click)
-    _, log_ctcvr = esmm_log_probs(ctr_logit, cvr_logit)
-    log_not = torch.log(-torch.expm1(log_ctcvr.clamp(max=-1e-6)))  # log(1 - pCTCVR), stable
-    l_ctcvr = -(conv * log_ctcvr + (1 - conv) * log_not).mean()
-    return l_ctr + l_ctcvr
+    return torch.cumsum(torch.nn.functional.logsigmoid(logits), dim=-1)
+
+
+def cascade_bce(logits: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """Teacher loss over exposed rows: sum over t of BCE(P(objective t+1 | exposed), level >= t+1).
+
+    logits: (B, T') step logits; level: (B,) deepest objective reached. Every probability is fitted
+    on the entire exposure space (no sample-selection bias): pCVR is only learned through pCTCVR.
+    """
+    logp = cascade_log_probs(logits)
+    labels = (level[:, None] >= torch.arange(1, logits.shape[1] + 1, device=level.device)[None, :]).float()
+    log_not = torch.log(-torch.expm1(logp.clamp(max=-1e-6)))  # log(1 - p), stable
+    return -(labels * logp + (1 - labels) * log_not).mean(dim=0).sum()
