@@ -1,0 +1,190 @@
+"""DTML: a multi-task cross-feature teacher distilled into a two-tower student (per-task vectors).
+
+Source: Zhao et al., "Distillation based Multi-task Learning: A Candidate Generation Model for
+Improving Reading Duration" (SIGIR 2023; the CSMF paper's "DTML", seeds/000). A ranking-style
+multi-task teacher sees user and item features together (cross features) and models the deeper
+objective through its dependence on the click; a two-tower candidate-generation student, trained
+at the same time, learns the objectives from the data and from the teacher's scores.
+
+Here:
+* Teacher: the user and item feature embeddings concatenated -> MLP (cfg.model.hidden, shared
+  bottom) -> one logit per step after the first objective (pCTR, pCVR, ...). It is trained on the
+  exposed rows with the entire-space cascade loss (`common.cascade_bce`: BCE of pCTR on clicks and
+  of pCTCVR = pCTR * pCVR on conversions), the paper's way of tying the deeper objective to the
+  click (its duration regression becomes a conversion probability here).
+* Student: a plain user tower and item tower with output (T-1) * cfg.model.dim, split into one
+  d-dim vector per objective after the first (click, conversion). Its loss per objective is the
+  same in-batch sampled softmax (log-Q, accidental hits removed) as every method, plus
+  `DISTILL_WEIGHT` times the listwise distillation KL(teacher || student) (`common.listwise_kl`)
+  over each exposed row's candidate list (its item, its unexposed same-request items, and
+  `DISTILL_INBATCH` other in-batch items): the teacher's log entire-space probability of the
+  objective against the student's score / temperature. The teacher gets no gradient from it.
+* Joint training with CSMF's per-objective budget (`common.joint_train_loop`): the exposed rows
+  (teacher + distillation) make cfg.epochs_for(0) passes, objective t's positives
+  cfg.epochs_for(t) passes.
+Simplifications: no duration-specific tricks (duration bucketing, negative-sample handling of
+unread items); a fixed distillation weight; the teacher is not kept for serving. The exposure
+objective has no student vector (DTML serves click and conversion).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from csmf_core.baselines.base import MethodResult
+from csmf_core.baselines.common import (
+    MLP,
+    FeatureEmbedding,
+    OnStep,
+    cascade_bce,
+    cascade_log_probs,
+    count_params,
+    distill_lists,
+    encode_items,
+    encode_users,
+    joint_train_loop,
+    listwise_kl,
+    make_tower,
+    set_threads,
+    softmax_loss,
+    stage_log_q,
+    stage_pools,
+    unique_items,
+    with_seed,
+)
+from csmf_core.cascade import CascadeData
+from csmf_core.config import CSMFConfig, ModelConfig
+from csmf_core.model import TowerInputs, TowerSpec
+from csmf_core.train import FeatureTables, TrainRows
+
+DISTILL_WEIGHT = 1.0
+DISTILL_INBATCH = 8  # in-batch items added to each distillation list
+
+
+class CrossTeacher(nn.Module):
+    """Shared-bottom multi-task teacher over concatenated user and item features -> (B, T-1) step logits."""
+
+    def __init__(
+        self, user_spec: TowerSpec, item_spec: TowerSpec, cfg: ModelConfig, n_steps: int, *, seed: int
+    ):
+        super().__init__()
+        self.user = FeatureEmbedding(user_spec, cfg, seed=seed + 11)
+        self.item = FeatureEmbedding(item_spec, cfg, seed=seed + 13)
+        self.mlp = MLP(self.user.out_dim + self.item.out_dim, cfg.hidden, n_steps, seed=seed + 17)
+
+    def pair_logits(self, hu: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """hu: (..., du) user features, hi: (..., di) item features -> (..., T-1) step logits."""
+        return self.mlp(torch.cat([hu, hi], dim=-1))
+
+
+def teacher_step(
+    teacher: nn.Module,
+    tables: FeatureTables,
+    b: TrainRows,
+    n_inbatch: int,
+    pair_logits,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher loss on an exposed batch and its list targets.
+
+    Returns (cascade BCE on the batch's own pairs, (B, L, T-1) detached teacher log entire-space
+    probabilities over the distillation lists, (B, L) list items). `pair_logits(hu, hi)` is the
+    teacher's scoring function over feature embeddings.
+    """
+    hu = teacher.user(tables.user_inputs(b.u, b.hists))
+    lists = distill_lists(b, n_inbatch)
+    uniq, inv = unique_items(lists)
+    hi_all = teacher.item(tables.item_inputs(uniq))
+    own = pair_logits(hu, hi_all[inv[:, 0]])
+    bce = cascade_bce(own, b.level)
+    with torch.no_grad():
+        hl = hi_all[inv]  # (B, L, di)
+        logp = cascade_log_probs(pair_logits(hu[:, None, :].expand(-1, hl.shape[1], -1), hl))
+    return bce, logp, lists
+
+
+class TwoTowerStudent(nn.Module):
+    """User and item towers with output n_obj * d; slice o is objective o's vector."""
+
+    def __init__(
+        self, user_spec: TowerSpec, item_spec: TowerSpec, cfg: ModelConfig, n_obj: int, *, seed: int
+    ):
+        super().__init__()
+        self.d, self.n = cfg.dim, n_obj
+        self.user = make_tower(user_spec, cfg, dim=cfg.dim * n_obj, seed=seed)
+        self.item = make_tower(item_spec, cfg, dim=cfg.dim * n_obj, seed=seed + 7919)
+
+    def user_vectors(self, x: TowerInputs) -> torch.Tensor:
+        return self.user(x, None).view(-1, self.n, self.d)  # (B, n_obj, d)
+
+    def item_vectors(self, x: TowerInputs) -> torch.Tensor:
+        return self.item(x, None).view(-1, self.n, self.d)
+
+
+def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -> MethodResult:
+    """Train teacher and student jointly; serve the student's per-objective vectors (objectives 1..T-1)."""
+    cfg = with_seed(cfg, seed)
+    set_threads(cfg)
+    t0 = time.perf_counter()
+    n = len(data.objectives)
+    served = data.objectives[1:]
+    teacher = CrossTeacher(data.user_spec, data.item_spec, cfg.model, n - 1, seed=seed * 7 + 1)
+    student = TwoTowerStudent(data.user_spec, data.item_spec, cfg.model, n - 1, seed=seed)
+    pools = stage_pools(data)
+    log_qs = [stage_log_q(data, t) for t in range(n)]
+    tables, temp = data.tables, cfg.loss.temperature
+    parts: dict[str, float] = {}
+
+    def loss_fn(batches):
+        total = torch.zeros(())
+        b = batches[0]
+        if b is not None:  # exposed rows: teacher loss + listwise distillation per served objective
+            bce, logp, lists = teacher_step(teacher, tables, b, DISTILL_INBATCH, teacher.pair_logits)
+            uniq, inv = unique_items(lists)
+            sv = student.item_vectors(tables.item_inputs(uniq))[inv]  # (B, L, n-1, d)
+            su = student.user_vectors(tables.user_inputs(b.u, b.hists))  # (B, n-1, d)
+            s = torch.einsum("bod,blod->blo", su, sv) / temp
+            valid = lists > 0
+            kl = sum(listwise_kl(logp[:, :, o], s[:, :, o], valid) for o in range(n - 1))
+            parts["teacher_bce"], parts["distill_kl"] = float(bce.detach()), float(kl.detach())
+            total = total + bce + DISTILL_WEIGHT * kl
+        for t in range(1, n):
+            bt = batches[t]
+            if bt is None:
+                continue
+            uvec = student.user_vectors(tables.user_inputs(bt.u, bt.hists))[:, t - 1]
+            uniq, inv = unique_items(bt.i)
+            ivec = student.item_vectors(tables.item_inputs(uniq))[inv, t - 1]
+            total = total + softmax_loss(uvec, ivec, bt.i, cfg, log_q=log_qs[t])
+        return total
+
+    teacher.train()
+    student.train()
+    log = joint_train_loop(
+        list(teacher.parameters()) + list(student.parameters()),
+        pools,
+        [cfg.epochs_for(t) for t in range(n)],
+        loss_fn,
+        cfg,
+        seed=seed,
+        name="dtml",
+        on_step=on_step,
+    )
+    teacher.eval()
+    student.eval()
+    u = encode_users(lambda x: student.user_vectors(x).flatten(1), tables, data.eval)
+    v = encode_items(lambda x: student.item_vectors(x).flatten(1), tables)
+    d = cfg.model.dim
+    users = {o: u[:, k * d : (k + 1) * d].contiguous() for k, o in enumerate(served)}
+    items = {o: v[:, k * d : (k + 1) * d].contiguous() for k, o in enumerate(served)}
+    return MethodResult(
+        method="dtml",
+        user_vecs=users,
+        item_vecs=items,
+        train_seconds=time.perf_counter() - t0,
+        n_params=count_params(teacher, student),
+        item_bytes_per_item=4 * sum(x.shape[1] for x in items.values()),
+        info={"train": log.summary(), "last_terms": parts, "student_params": count_params(student)},
+    )
