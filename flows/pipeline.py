@@ -40,9 +40,13 @@ from csmf_core.evaluate import evaluate_model, metric_dict
 from csmf_core.prep import prepare
 from csmf_core.serving import metrics_table, summary_table, write_bundle
 from data_contracts import validate_dataset
+from flows import gate as gating
 from flows import reporting
 from flows.inputs import EXPERIMENT, Window, code_version, dataset_digest, plan_window, setup_home
-from flows.registry import RUN_TAG, log_and_register
+from flows.lock import date_lock
+from flows.registry import RUN_TAG, champion, log_and_register, promote, resolve_bundle
+from flows.resume import StageCache, training_digest
+from flows.retention import apply_retention
 from flows.tracking import MlflowTracker, ensure_experiment, metric_key
 
 LOG_EVERY = 50  # training steps between progress lines (and MLflow loss flushes)
@@ -66,6 +70,8 @@ class RunContext:
     experiment_id: str
     parent_run_id: str
     data_digest: str
+    home: Path | None = None
+    cache: StageCache | None = None  # completed stages of earlier runs with identical inputs
 
     def parent(self) -> MlflowTracker:
         return MlflowTracker.attach(self.parent_run_id, self.tracking_uri)
@@ -116,34 +122,46 @@ def csmf_daily(
     overrides: list[str] | None = None,
     home: str | None = None,
     max_violation_rate: float = 0.0,
+    train_days: int | None = None,
 ) -> dict:
     """Train, evaluate and register the CSMF model for evaluation day `date` (default: the last one).
 
     data: canonical dataset dir (default: generated `small` data under <home>/data); config: YAML
     file; overrides: ["train.lr=1e-3", ...]; home: state dir (default $CSMF_HOME or ./.csmf);
-    max_violation_rate: share of rows per row-level rule that is quarantined instead of failing.
-    Returns mlflow_run_id, tracking_uri, experiment, model_version, bundle_dir, metrics, metrics_table.
+    max_violation_rate: share of rows per row-level rule that is quarantined instead of failing;
+    train_days: training window length in days before `date` (= override data.train_days; 0 = all).
+    Returns mlflow_run_id, tracking_uri, experiment, model_version, bundle_dir, metrics, metrics_table,
+    gate (promoted, reason, champion_version) and resumed_stages.
+
+    Production semantics (docs/operations.md): one run per date at a time (file lock), stages
+    resumed from earlier runs with identical inputs, the gate decides on the champion, retention
+    trims old local run dirs.
     """
     env = setup_home(home)
+    if train_days is not None:
+        overrides = [*(overrides or []), f"data.train_days={int(train_days)}"]
     cfg = load_config(config, overrides)
     dataset = Path(data).resolve() if data else generate_data(env.root)
     window = plan_window(dataset, date, cfg.data)  # missing partitions fail here, before any work
-    run = open_run(env.root, env.tracking_uri, env.artifacts, cfg, dataset, window)
-    try:
-        ready = ingest(run, cfg, max_violation_rate)
-        checkpoint: Path | None = None
-        for index, step in enumerate(plan(ready.objectives, cfg)):
-            checkpoint = cascade_step.with_options(task_run_name=step.name)(
-                step, index, checkpoint, ready, cfg, run
-            )
-        bundle = build_index(checkpoint, ready, cfg, run)
-        rows = evaluate(checkpoint, ready, cfg, run)
-        version = register(bundle, rows, cfg, run)
-    except BaseException:
-        run.parent().finish("FAILED")
-        raise
-    run.parent().finish("FINISHED")
-    return publish(run, rows, version, bundle)
+    with date_lock(env.root, window.date, who=f"prefect flow run {flow_run.id or 'local'}"):
+        run = open_run(env.root, env.tracking_uri, env.artifacts, cfg, dataset, window)
+        try:
+            ready = ingest(run, cfg, max_violation_rate)
+            checkpoint: Path | None = None
+            for index, step in enumerate(plan(ready.objectives, cfg)):
+                checkpoint = cascade_step.with_options(task_run_name=step.name)(
+                    step, index, checkpoint, ready, cfg, run
+                )
+            bundle = build_index(checkpoint, ready, cfg, run)
+            rows = evaluate(checkpoint, ready, cfg, run)
+            version = register(bundle, rows, cfg, run)
+            decision = gate(bundle, version, ready, cfg, run)
+        except BaseException:
+            run.parent().finish("FAILED")
+            raise
+        run.parent().finish("FINISHED")
+        retain(run, cfg)
+        return publish(run, rows, version, bundle, decision)
 
 
 # ---- tasks -----------------------------------------------------------------------------------------
@@ -176,6 +194,7 @@ def open_run(
         "csmf.dataset_digest": digest,
         "csmf.dataset_digest_kind": kind,
         "csmf.config_digest": cfg.digest(),
+        "csmf.training_digest": training_digest(cfg),
         "csmf.code_version": code_version(),
         "csmf.workdir": str(workdir),
         "prefect.flow_run_id": str(flow_run.id),
@@ -189,13 +208,19 @@ def open_run(
     )
     (workdir / "config.yaml").write_text(yaml.safe_dump(reporting.plain(cfg.to_dict()), sort_keys=False))
     parent.log_artifact(workdir / "config.yaml", "config")
-    return RunContext(workdir, dataset, window, tracking_uri, experiment_id, parent.run_id, digest)
+    cache = StageCache.for_run(home, digest, training_digest(cfg), code_version(), window)
+    return RunContext(
+        workdir, dataset, window, tracking_uri, experiment_id, parent.run_id, digest, home, cache
+    )
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=NO_CACHE)
 def ingest(run: RunContext, cfg: CSMFConfig, max_violation_rate: float = 0.0) -> Ingested:
     """Validate the dataset (data contract), quarantine within the allowed rate, build model-ready data."""
     logger = get_run_logger()
+    hit = run.cache.lookup("ingest", -1) if run.cache is not None else None
+    if hit is not None:
+        return _resume_ingest(run, hit)
     with _child(run, "ingest", kind="ingest") as tracker:
         qdir = run.workdir / "quarantine"
         report = validate_dataset(
@@ -230,7 +255,31 @@ def ingest(run: RunContext, cfg: CSMFConfig, max_violation_rate: float = 0.0) ->
                 f"{len(objectives)} objectives {objectives}; set eval.fused_weights=[...] with one weight each"
             )
         reporting.log_prep(tracker, summary)
+    if run.cache is not None:
+        outputs = {"model_ready": summary.out_dir} | ({"clean": source} if report.quarantined else {})
+        run.cache.record(
+            "ingest", -1, outputs, source_run=run.parent_run_id, extra={"objectives": objectives}
+        )
     return Ingested(summary.out_dir, source, objectives)
+
+
+def _resume_ingest(run: RunContext, hit: dict) -> Ingested:
+    """Ingest of an earlier run with the same dataset digest, config and window: copy its outputs."""
+    out = hit["outputs"]
+    with _child(run, "ingest", kind="ingest", resumed_from=hit["source_run"]):
+        ready = StageCache.restore(out["model_ready"], run.workdir / "model_ready")
+        source = (
+            StageCache.restore(out["clean"], run.workdir / "clean") if "clean" in out else run.dataset_dir
+        )
+        run.parent().set_tags({"csmf.resumed.ingest": hit["source_run"]})
+        create_markdown_artifact(
+            f"Validation and prep resumed from MLflow run {hit['source_run']} (identical dataset digest "
+            f"{run.data_digest}, config and window).",
+            key="csmf-validation",
+            description="resumed",
+        )
+    get_run_logger().info("ingest: resumed from MLflow run %s (%s)", hit["source_run"], out["model_ready"])
+    return Ingested(ready, source, list(hit["objectives"]))
 
 
 @task(name="cascade-step", cache_policy=NO_CACHE)
@@ -239,6 +288,9 @@ def cascade_step(
 ) -> Path:
     """Run one step of the cascade from the previous checkpoint; returns `<workdir>/<step>/checkpoint`."""
     logger = get_run_logger()
+    resumed = _resume_step(step, index, ready, run)
+    if resumed is not None:
+        return resumed
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = _device(cfg)
@@ -299,6 +351,33 @@ def cascade_step(
         run.parent().log_metrics(val, step=index)
         primary = {k: round(v, 4) for k, v in val.items() if k.endswith(f"recall@{cfg.eval.primary_k}")}
         logger.info("%s done: %s", step.name, primary)
+    if run.cache is not None:
+        run.cache.record(step.name, index, {"checkpoint": out}, metrics=val, source_run=run.parent_run_id)
+    return out
+
+
+def _resume_step(step: Step, index: int, ready: Ingested, run: RunContext) -> Path | None:
+    """The step's checkpoint from an earlier run with identical inputs (flows/resume.py), or None.
+
+    The child run is still created (tag csmf.resumed_from) with the step's validation metrics, so
+    the MLflow compare view and the parent's per-step history stay complete."""
+    hit = run.cache.lookup(step.name, index) if run.cache is not None else None
+    if hit is None:
+        return None
+    with _child(
+        run,
+        step.name,
+        kind=step.kind,
+        stage=step.stage,
+        stage_name=ready.objectives[step.stage],
+        step_index=index,
+        resumed_from=hit["source_run"],
+    ) as tracker:
+        out = StageCache.restore(hit["outputs"]["checkpoint"], run.workdir / step.name / "checkpoint")
+        tracker.log_metrics(hit["metrics"])
+        run.parent().log_metrics(hit["metrics"], step=index)
+        run.parent().set_tags({f"csmf.resumed.{step.name}": hit["source_run"]})
+    get_run_logger().info("%s: resumed from MLflow run %s", step.name, hit["source_run"])
     return out
 
 
@@ -353,7 +432,8 @@ def evaluate(checkpoint: Path, ready: Ingested, cfg: CSMFConfig, run: RunContext
 
 @task(name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=NO_CACHE)
 def register(bundle: Path, rows: list[dict], cfg: CSMFConfig, run: RunContext) -> str:
-    """Log the bundle as a pyfunc, register a new version of "csmf", alias it "challenger"."""
+    """Log the bundle as a pyfunc, register a new version of "csmf", alias it "challenger" (the gate
+    task decides on "champion")."""
     parent = run.parent()
     ptags = parent.client.get_run(run.parent_run_id).data.tags
     primary = metric_dict([r for r in rows if r["k"] == cfg.eval.primary_k], prefix="test", own_only=False)
@@ -364,11 +444,12 @@ def register(bundle: Path, rows: list[dict], cfg: CSMFConfig, run: RunContext) -
             "csmf.dataset",
             "csmf.dataset_digest",
             "csmf.config_digest",
+            "csmf.training_digest",
             "csmf.code_version",
             "prefect.flow_run_id",
         )
     }
-    tags |= {RUN_TAG: run.parent_run_id}
+    tags |= {RUN_TAG: run.parent_run_id, "csmf.workdir": str(run.workdir)}
     tags |= {metric_key(k): f"{v:.4f}" for k, v in primary.items() if "/fused/" in k and "recall" in k}
     with _child(run, "register", kind="register") as tracker:
         version = log_and_register(
@@ -384,9 +465,140 @@ def register(bundle: Path, rows: list[dict], cfg: CSMFConfig, run: RunContext) -
     return str(version.version)
 
 
+@task(name="gate", cache_policy=NO_CACHE)
+def gate(bundle: Path, version: str, ready: Ingested, cfg: CSMFConfig, run: RunContext) -> dict:
+    """Promote this run's version to champion only if flows/gate.py says so; say why either way.
+
+    The champion is re-evaluated on THIS run's evaluation data (its own bundle, mapped through the
+    original ids by Recommender.evaluate), and so is the challenger, with the same function."""
+    from mlflow.exceptions import MlflowException
+
+    from csmf_core.serving import Recommender
+
+    logger = get_run_logger()
+    client = run.parent().client
+    k = cfg.eval.primary_k
+    with _child(run, "gate", kind="gate") as tracker:
+        current = champion(client)
+        rec = Recommender.load(bundle)
+        steps = plan(ready.objectives, cfg)
+        stage_ends = {
+            t: run.workdir / [s for s in steps if s.stage == t][-1].name / "checkpoint"
+            for t in range(len(ready.objectives) - 1)
+        }
+        checks = gating.verify_model(rec, bundle / "checkpoint", stage_ends, cfg.gate.sample_users)
+        new = gating.gate_metrics(rec.evaluate(ready.model_ready, ks=(k,)), rec.objectives, k)
+        old, why_not, identical = None, None, False
+        if current is not None and str(current.version) != version:
+            identical = _same_inputs(current.tags or {}, run, cfg)
+            if not identical:
+                try:
+                    champ = Recommender.load(resolve_bundle(f"models:/csmf/{current.version}", home=run.home))
+                    if champ.objectives != rec.objectives:
+                        why_not = f"objectives {champ.objectives} differ from {rec.objectives}"
+                    else:
+                        old = gating.gate_metrics(
+                            champ.evaluate(ready.model_ready, ks=(k,)), rec.objectives, k
+                        )
+                except (OSError, ValueError, LookupError, MlflowException) as exc:
+                    why_not = f"{type(exc).__name__}: {exc}"
+        if current is not None and str(current.version) == version:  # a retry of this very run
+            decision = gating.Decision(True, f"v{version} is already champion", checks, new, {}, version)
+        else:
+            decision = gating.decide(
+                checks,
+                new,
+                old,
+                champion_version=None if current is None else str(current.version),
+                identical_inputs=identical,
+                tolerance=cfg.gate.tolerance,
+                enabled=cfg.gate.enabled,
+                incomparable=why_not,
+            )
+        if decision.promote:
+            promote(version, client)
+        tags = {
+            "csmf.gate": "promoted" if decision.promote else "kept",
+            "csmf.gate_reason": decision.reason[:4000],
+        }
+        for key, value in tags.items():
+            client.set_model_version_tag("csmf", version, key, value)
+        tracker.set_tags(tags)
+        run.parent().set_tags(tags)
+        tracker.log_metrics({f"gate/challenger/{key}": v for key, v in decision.challenger.items()})
+        tracker.log_metrics({f"gate/champion/{key}": v for key, v in decision.champion.items()})
+        tracker.log_metrics({f"gate/check/{c.name}": float(c.ok) for c in checks})
+        (run.workdir / "gate.md").write_text(decision.to_markdown())
+        tracker.log_artifact(run.workdir / "gate.md", "gate")
+    create_markdown_artifact(
+        decision.to_markdown(),
+        key="csmf-gate",
+        description=f"v{version}: {'promoted to champion' if decision.promote else 'champion kept'}",
+    )
+    now = champion(client)
+    logger.info("gate: v%s %s. %s", version, tags["csmf.gate"], decision.reason)
+    return {
+        "promoted": decision.promote,
+        "reason": decision.reason,
+        "champion_version": None if now is None else str(now.version),
+        "checks": {c.name: c.ok for c in checks},
+    }
+
+
+def _same_inputs(tags: dict, run: RunContext, cfg: CSMFConfig) -> bool:
+    """Was a version (its registry tags) trained on exactly this run's inputs?"""
+    mine = {
+        "csmf.dataset_digest": run.data_digest,
+        "csmf.code_version": code_version(),
+        "csmf.date": run.window.date,
+    }
+    if "csmf.training_digest" in tags:
+        mine["csmf.training_digest"] = training_digest(cfg)
+    else:
+        mine["csmf.config_digest"] = cfg.digest()
+    return all(tags.get(key) == value for key, value in mine.items())
+
+
+@task(name="retention", cache_policy=NO_CACHE)
+def retain(run: RunContext, cfg: CSMFConfig) -> list[str]:
+    """Delete local run dirs older than retention.keep_days, never the champion's or this run's."""
+    logger = get_run_logger()
+    client = run.parent().client
+    protect = [run.workdir]
+    current = champion(client)
+    if current is not None:
+        tags = current.tags or {}
+        workdir = tags.get("csmf.workdir")
+        if not workdir and tags.get(RUN_TAG):
+            workdir = client.get_run(tags[RUN_TAG]).data.tags.get("csmf.workdir")
+        if workdir:
+            protect.append(Path(workdir))
+    if run.home is None:
+        return []
+    try:
+        removed = apply_retention(run.home, cfg.retention.keep_days, protect)
+    except OSError as exc:  # never fail a finished run over housekeeping
+        logger.warning("retention skipped: %s", exc)
+        return []
+    if removed:
+        logger.info(
+            "retention (keep_days=%s): removed %s", cfg.retention.keep_days, [str(p) for p in removed]
+        )
+    return [str(p) for p in removed]
+
+
 @task(name="publish", cache_policy=NO_CACHE)
-def publish(run: RunContext, rows: list[dict], version: str, bundle: Path) -> dict:
+def publish(
+    run: RunContext, rows: list[dict], version: str, bundle: Path, decision: dict | None = None
+) -> dict:
     """Prefect artifacts (metrics table, link to the MLflow run) and the flow's return value."""
+    parent = run.parent()
+    resumed = sorted(
+        k.removeprefix("csmf.resumed.")
+        for k in parent.client.get_run(run.parent_run_id).data.tags
+        if k.startswith("csmf.resumed.")
+    )
+    parent.set_tags({"csmf.resumed_stages": ",".join(resumed) or "none"})
     table = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
     create_table_artifact(
         table, key="csmf-metrics", description=f"csmf-daily {run.window.date}, model v{version}"
@@ -408,6 +620,8 @@ def publish(run: RunContext, rows: list[dict], version: str, bundle: Path) -> di
         "workdir": str(run.workdir),
         "metrics": rows,
         "metrics_table": metrics_table(rows),
+        "gate": decision or {},
+        "resumed_stages": resumed,
     }
 
 

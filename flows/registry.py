@@ -8,9 +8,9 @@
     rec = load_recommender(None)                          # latest registered version
 
 Registered model "csmf": every successful pipeline run logs a new version (`log_and_register`) and
-points the alias "challenger" at it. "champion" is set too when no version holds it yet, so that a
-fresh installation can serve `models:/csmf@champion` at once; promoting a later challenger is the job
-of a gating step (not done here). The pyfunc carries the bundle as the artifact "bundle" and the
+points the alias "challenger" at it. "champion" moves only through `promote`, which the flow's gate
+task calls when flows/gate.py says so (the first model always becomes champion, so a fresh
+installation can serve `models:/csmf@champion` after its first run). The pyfunc carries the bundle as the artifact "bundle" and the
 `csmf_core`, `data_contracts` and `flows` source trees as code paths, so it loads without this
 checkout (given the pinned requirements).
 
@@ -59,6 +59,10 @@ class CSMFPyfunc(mlflow.pyfunc.PythonModel):
     row: a list of N floats, a "k0,k1,k2" string, or empty = the bundle's default fused weights).
     Output: one row per input row, same order: user_id, item_ids (list[int]), scores (list[float]),
     cold_start (bool: the user id is unknown to the model and got the generic vector).
+
+    Bad input (no user_id column, a non-integer id, k outside 1..MAX_K, weights that are not one
+    finite non-negative number per objective) raises MlflowException INVALID_PARAMETER_VALUE, which
+    `mlflow models serve` answers with HTTP 400 and the message; anything else would be a generic 400.
     """
 
     def load_context(self, context: Any) -> None:
@@ -69,9 +73,20 @@ class CSMFPyfunc(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
+        try:
+            return self._predict(model_input)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+                f"csmf: {exc}. Input: user_id (int), optional k (1..{_max_k()}), optional weights "
+                "(one number >= 0 per objective, e.g. '1,1.8,1.2')"
+            ) from exc
+
+    def _predict(self, model_input: pd.DataFrame) -> pd.DataFrame:
+        if not isinstance(model_input, pd.DataFrame):
+            raise TypeError(f"expected a DataFrame with a user_id column, got {type(model_input).__name__}")
         if "user_id" not in model_input.columns:
             raise ValueError(f"input needs a user_id column, got columns {list(model_input.columns)}")
-        users = [int(u) for u in model_input["user_id"]]
+        users = [_user_id(u) for u in model_input["user_id"]]
         ks = [_k(v) for v in model_input["k"]] if "k" in model_input.columns else [DEFAULT_K] * len(users)
         ws = (
             [_weights(v) for v in model_input["weights"]]
@@ -100,8 +115,35 @@ def _missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
 
 
+def _max_k() -> int:
+    from csmf_core.serving import MAX_K
+
+    return MAX_K
+
+
+def _user_id(v: Any) -> int:
+    if isinstance(v, bool) or _missing(v):
+        raise ValueError(f"user_id {v!r} is not an integer id")
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"user_id {v!r} is not an integer id") from None
+    if not f.is_integer():
+        raise ValueError(f"user_id {v!r} is not an integer id")
+    return int(f)
+
+
 def _k(v: Any) -> int:
-    return DEFAULT_K if _missing(v) else int(v)
+    """A row's k: missing = DEFAULT_K; else an integer 1..MAX_K (10.0 from a JSON float column is 10)."""
+    if _missing(v):
+        return DEFAULT_K
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        f = float("nan")
+    if isinstance(v, bool) or not f.is_integer() or not 1 <= f <= _max_k():
+        raise ValueError(f"k must be an integer from 1 to {_max_k()}, got {v!r}")
+    return int(f)
 
 
 def _weights(v: Any) -> tuple[float, ...] | None:
@@ -165,9 +207,21 @@ def log_and_register(
     if description:
         client.update_model_version(REGISTERED_MODEL, version.version, description=description)
     client.set_registered_model_alias(REGISTERED_MODEL, CHALLENGER, version.version)
-    if CHAMPION not in client.get_registered_model(REGISTERED_MODEL).aliases:
-        client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, version.version)
     return client.get_model_version(REGISTERED_MODEL, version.version)
+
+
+def champion(client: mlflow.MlflowClient | None = None):
+    """The ModelVersion holding alias "champion", or None (no registered model or no champion yet)."""
+    client = client or mlflow.MlflowClient()
+    try:
+        return client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def promote(version: str, client: mlflow.MlflowClient | None = None) -> None:
+    """Point alias "champion" at `version` (the gate's decision; also for a manual rollback)."""
+    (client or mlflow.MlflowClient()).set_registered_model_alias(REGISTERED_MODEL, CHAMPION, str(version))
 
 
 def _registered_by(client: mlflow.MlflowClient, pipeline_run_id: str | None):

@@ -44,7 +44,7 @@ OVERRIDES = [
 ]
 OBJECTIVES = ["exposure", "click", "conversion"]
 STEPS = [s.name for s in plan(OBJECTIVES, build_config(None, OVERRIDES))]
-CHILDREN = ["ingest", *STEPS, "build_index", "evaluate", "register"]
+CHILDREN = ["ingest", *STEPS, "build_index", "evaluate", "register", "gate"]
 
 
 @pytest.fixture(scope="session")
