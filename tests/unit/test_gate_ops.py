@@ -1,0 +1,125 @@
+"""Operations around the gate: the per-date run lock, the stage-result cache, retention."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from csmf_core.config import build_config
+from flows.lock import RunLocked, date_lock
+from flows.resume import StageCache, training_digest
+from flows.retention import apply_retention
+
+WINDOW = SimpleNamespace(
+    date="2026-01-06", train_dates=["2026-01-04", "2026-01-05"], eval_dates=["2026-01-06"]
+)
+
+
+# ---- lock ------------------------------------------------------------------------------------------
+def test_second_run_for_the_same_date_is_refused(tmp_path):
+    with date_lock(tmp_path, "2026-01-06", who="flow run A"):
+        with pytest.raises(RunLocked) as err:
+            with date_lock(tmp_path, "2026-01-06", who="flow run B"):
+                pass
+        msg = str(err.value)
+        assert "2026-01-06 is training" in msg and f"pid {os.getpid()}" in msg and "flow run A" in msg
+        with date_lock(tmp_path, "2026-01-07"):  # another date is independent
+            pass
+    with date_lock(tmp_path, "2026-01-06"):  # released after the block
+        pass
+
+
+def test_lock_of_a_killed_process_is_released(tmp_path):
+    code = (
+        "import sys, time; sys.path.insert(0, sys.argv[2]); from flows.lock import date_lock\n"
+        "with date_lock(sys.argv[1], '2026-01-06', who='child'):\n"
+        "    print('locked', flush=True); time.sleep(60)\n"
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path), root], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLocked, match=f"pid {child.pid}"):
+            with date_lock(tmp_path, "2026-01-06"):
+                pass
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+    with date_lock(tmp_path, "2026-01-06"):  # kill -9 left no stale lock
+        pass
+
+
+# ---- stage cache -----------------------------------------------------------------------------------
+def _checkpoint(d: Path, content: str = "w") -> Path:
+    d.mkdir(parents=True)
+    (d / "checkpoint.json").write_text("{}")
+    (d / "model.pt").write_text(content)
+    return d
+
+
+def test_training_digest_ignores_gate_and_retention_only():
+    base = build_config()
+    assert training_digest(base) == training_digest(build_config(None, ["gate.tolerance=0.5"]))
+    assert training_digest(base) == training_digest(build_config(None, ["retention.keep_days=1"]))
+    assert training_digest(base) != training_digest(build_config(None, ["train.lr=0.01"]))
+
+
+def test_stage_cache_round_trip_and_keys(tmp_path):
+    cache = StageCache.for_run(tmp_path, "d1", "c1", "0.1.0+gabc", WINDOW)
+    assert cache.lookup("pretrain_exposure", 0) is None
+    ckpt = _checkpoint(tmp_path / "runs" / "2026-01-06" / "r1" / "pretrain_exposure" / "checkpoint")
+    cache.record("pretrain_exposure", 0, {"checkpoint": ckpt}, metrics={"val/x": 0.5}, source_run="p1")
+    hit = cache.lookup("pretrain_exposure", 0)
+    assert hit["source_run"] == "p1" and hit["metrics"] == {"val/x": 0.5}
+    # a new run with identical inputs finds it; any changed input does not
+    assert StageCache.for_run(tmp_path, "d1", "c1", "0.1.0+gabc", WINDOW).lookup("pretrain_exposure", 0)
+    for other in (
+        StageCache.for_run(tmp_path, "d2", "c1", "0.1.0+gabc", WINDOW),
+        StageCache.for_run(tmp_path, "d1", "c2", "0.1.0+gabc", WINDOW),
+        StageCache.for_run(tmp_path, "d1", "c1", "0.1.0+gdef", WINDOW),
+        StageCache.for_run(
+            tmp_path,
+            "d1",
+            "c1",
+            "0.1.0+gabc",
+            SimpleNamespace(**{**vars(WINDOW), "train_dates": ["2026-01-05"]}),
+        ),
+    ):
+        assert other.lookup("pretrain_exposure", 0) is None
+    assert cache.lookup("pretrain_exposure", 1) is None and cache.lookup("finetune_click", 0) is None
+    dest = StageCache.restore(hit["outputs"]["checkpoint"], tmp_path / "runs" / "2026-01-06" / "r2" / "ck")
+    assert (dest / "model.pt").read_text() == "w" and (dest / "checkpoint.json").is_file()
+    # an incomplete output (no checkpoint.json) or a deleted one is not a hit
+    (ckpt / "checkpoint.json").unlink()
+    assert cache.lookup("pretrain_exposure", 0) is None
+
+
+# ---- retention -------------------------------------------------------------------------------------
+def test_retention_keeps_last_days_and_the_champion(tmp_path):
+    runs = tmp_path / "runs"
+    dirs = {}
+    for day in range(1, 11):
+        dirs[day] = _checkpoint(runs / f"2026-01-{day:02d}" / f"run{day}" / "bundle" / "checkpoint").parents[
+            1
+        ]
+    champion = dirs[2]
+    cache = StageCache.for_run(tmp_path, "d", "c", "v", WINDOW)
+    cache.record("s_old", 0, {"checkpoint": dirs[1] / "bundle" / "checkpoint"})
+    cache.record("s_new", 0, {"checkpoint": dirs[9] / "bundle" / "checkpoint"})
+    assert apply_retention(tmp_path, 0, [champion]) == []  # 0 = keep all
+    removed = apply_retention(tmp_path, 3, [champion, dirs[10]])
+    assert sorted(removed) == sorted(dirs[d] for d in (1, 3, 4, 5, 6, 7))
+    left = sorted(p.name for p in runs.iterdir())
+    assert left == ["2026-01-02", "2026-01-08", "2026-01-09", "2026-01-10"]
+    assert (champion / "bundle" / "checkpoint" / "model.pt").is_file()
+    assert cache.lookup("s_old", 0) is None and cache.lookup("s_new", 0) is not None
+    assert len(list((tmp_path / "cache" / "stages").glob("*.json"))) == 1
+    assert json.loads(next((tmp_path / "cache" / "stages").glob("*.json")).read_text())["stage"] == "s_new"
