@@ -24,7 +24,8 @@ Here:
 * Losses, summed with fixed weights (the paper's adaptive loss weighting is not reproduced): the
   teacher's BCE; per objective, the in-batch sampled softmax on its positives (log-Q, accidental
   hits removed) and `DISTILL_WEIGHT` x listwise KL(teacher || student) over each exposed row's
-  list (its item, its unexposed same-request items, `DISTILL_INBATCH` in-batch items); and the
+  list (its item, its unexposed same-request items, `DISTILL_INBATCH` in-batch items; target =
+  teacher log P(objective | exposed) + log exposure popularity, as in `dtml`); and the
   fused score's sampled softmax on the second objective's positives (clicks, which contain the
   conversions), which is what trains the preference gate.
 * Joint training with CSMF's per-objective budget (`common.joint_train_loop`). The per-objective
@@ -156,7 +157,8 @@ def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -
             su = student.user_vectors(tables.user_inputs(b.u, b.hists))  # (B, n-1, d)
             s = torch.einsum("bod,bld->blo", su, sv) / temp
             valid = lists > 0
-            kl = sum(listwise_kl(logp[:, :, o], s[:, :, o], valid) for o in range(n - 1))
+            target = logp + log_qs[0][lists][:, :, None]  # P(exposed) prior x teacher P(. | exposed)
+            kl = sum(listwise_kl(target[:, :, o], s[:, :, o], valid) for o in range(n - 1))
             parts["teacher_bce"], parts["distill_kl"] = float(bce.detach()), float(kl.detach())
             total = total + bce + DISTILL_WEIGHT * kl
         for t in range(1, n):

@@ -17,8 +17,13 @@ Here:
   same in-batch sampled softmax (log-Q, accidental hits removed) as every method, plus
   `DISTILL_WEIGHT` times the listwise distillation KL(teacher || student) (`common.listwise_kl`)
   over each exposed row's candidate list (its item, its unexposed same-request items, and
-  `DISTILL_INBATCH` other in-batch items): the teacher's log entire-space probability of the
-  objective against the student's score / temperature. The teacher gets no gradient from it.
+  `DISTILL_INBATCH` other in-batch items): the teacher's log probability of the objective
+  *given exposure*, plus the log exposure popularity of the item (the prior the teacher cannot
+  know: a ranking teacher only sees exposed items, while retrieval ranks the whole catalog, so
+  the target is P(exposed) x P(objective | exposed); the same prior the log-Q correction stands
+  for), against the student's score / temperature. The teacher gets no gradient from it.
+  Without the prior the student ranked near random on a tiny generated world (Recall@50 click
+  0.077 vs random 0.071); with it 0.330.
 * Joint training with CSMF's per-objective budget (`common.joint_train_loop`): the exposed rows
   (teacher + distillation) make cfg.epochs_for(0) passes, objective t's positives
   cfg.epochs_for(t) passes.
@@ -147,7 +152,8 @@ def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -
             su = student.user_vectors(tables.user_inputs(b.u, b.hists))  # (B, n-1, d)
             s = torch.einsum("bod,blod->blo", su, sv) / temp
             valid = lists > 0
-            kl = sum(listwise_kl(logp[:, :, o], s[:, :, o], valid) for o in range(n - 1))
+            target = logp + log_qs[0][lists][:, :, None]  # P(exposed) prior x teacher P(. | exposed)
+            kl = sum(listwise_kl(target[:, :, o], s[:, :, o], valid) for o in range(n - 1))
             parts["teacher_bce"], parts["distill_kl"] = float(bce.detach()), float(kl.detach())
             total = total + bce + DISTILL_WEIGHT * kl
         for t in range(1, n):
