@@ -1,0 +1,220 @@
+"""`mlflow models serve -m models:/csmf@champion --env-manager local` on loopback, for real.
+
+A tiny model is trained in-process (synth tiny -> prep -> cascade -> bundle), registered in a
+temporary SQLite store and promoted to champion; the scoring server runs as a subprocess on a free
+127.0.0.1 port. Valid requests must equal the Recommender and `csmf recommend`; invalid ones must
+get HTTP 400 with a message naming the problem, and the server must keep answering afterwards.
+
+    .venv/bin/pytest -m integration tests/integration/test_rest_serving.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from csmf_core import prep, synth
+from csmf_core.cascade import load_cascade_data, run_cascade
+from csmf_core.checkpoint import save_checkpoint
+from csmf_core.config import build_config
+from csmf_core.serving import write_bundle
+from flows.cli import main as csmf
+from flows.registry import REGISTERED_MODEL, champion, load_recommender, log_and_register, promote
+
+pytestmark = pytest.mark.integration
+
+CONFIG = {
+    "model": {"dim": 16, "hidden": [32]},
+    "train": {"batch_size": 256, "epochs": [1, 1, 1]},
+    "data": {"seq_len": 5, "n_req_neg": 4},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, payload: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        url, json.dumps(payload).encode(), {"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rest")
+    home = root / "home"
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    home.mkdir()
+    s = synth.generate(root / "ds", "tiny", seed=0)
+    cfg = build_config(CONFIG)
+    prep.prepare(
+        root / "ds",
+        root / "mr",
+        train_dates=(s.dates[0], s.dates[-2]),
+        eval_dates=s.dates[-1],
+        seq_len=cfg.data.seq_len,
+        n_req_neg=cfg.data.n_req_neg,
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, owners, _ = run_cascade(load_cascade_data(root / "mr"), cfg)
+    finally:
+        torch.set_num_threads(threads)
+    save_checkpoint(root / "ckpt", model, owners)
+    bundle = write_bundle(
+        root / "bundle",
+        checkpoint_dir=root / "ckpt",
+        model_ready_dir=root / "mr",
+        dataset_dir=root / "ds",
+        config=cfg,
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("CSMF_HOME", str(home))
+        mlflow.set_tracking_uri(uri)
+        client = mlflow.MlflowClient(uri)
+        exp = client.create_experiment("csmf", artifact_location=str(home / "mlartifacts"))
+        run = client.create_run(exp)
+        version = log_and_register(run.info.run_id, bundle)
+        assert champion(client) is None  # registering alone never promotes
+        promote(version.version, client)
+        port = free_port()
+        log = (root / "serve.log").open("w")
+        server = subprocess.Popen(
+            [
+                sys.executable, "-m", "mlflow", "models", "serve",
+                "-m", f"models:/{REGISTERED_MODEL}@champion",
+                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            # mlflow execs `uvicorn` by name: the venv's bin must be on PATH (as when it is activated)
+            env={
+                **os.environ,
+                "MLFLOW_TRACKING_URI": uri,
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            },
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"scoring server did not come up:\n{(root / 'serve.log').read_text()[-3000:]}"
+                    )
+                time.sleep(0.5)
+            users = pl.read_parquet(root / "ds" / "users.parquet")["user_id"].head(3).to_list()
+            yield {
+                "url": f"http://127.0.0.1:{port}/invocations",
+                "home": home,
+                "users": users,
+                "server": server,
+            }
+        finally:
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait(timeout=10)
+            log.close()
+            mlflow.set_tracking_uri(None)
+
+
+def _cli_recommend(
+    capsys, user: int, k: int, weights: str | None, home: Path
+) -> tuple[list[int], list[float]]:
+    args = [
+        "recommend",
+        "--user-id",
+        str(user),
+        "--k",
+        str(k),
+        "--model",
+        "models:/csmf@champion",
+        "--home",
+        str(home),
+    ]
+    capsys.readouterr()
+    assert csmf([*args, *(["--weights", weights] if weights else [])]) == 0
+    rows = [ln.split() for ln in capsys.readouterr().out.splitlines()]
+    rows = [r for r in rows if len(r) == 3 and r[0].isdigit()]
+    return [int(r[1]) for r in rows], [float(r[2]) for r in rows]
+
+
+def test_valid_requests_match_the_recommender_and_the_cli(served, capsys):
+    users = served["users"]
+    unknown = -12345
+    records = [
+        {"user_id": users[0], "k": 5, "weights": None},
+        {"user_id": users[1], "k": 7, "weights": "1,3,0.5"},
+        {"user_id": unknown, "k": 4, "weights": None},
+    ]
+    status, body = post(served["url"], {"dataframe_records": records})
+    assert status == 200, body
+    preds = body["predictions"]
+    assert [p["user_id"] for p in preds] == [users[0], users[1], unknown]
+    assert [len(p["item_ids"]) for p in preds] == [5, 7, 4]
+    assert [p["cold_start"] for p in preds] == [False, False, True]
+    rec = load_recommender("models:/csmf@champion", home=served["home"])
+    for p, r in zip(preds, records):
+        w = None if r["weights"] is None else [float(x) for x in r["weights"].split(",")]
+        want = rec.recommend([r["user_id"]], k=r["k"], weights=w)[0]
+        assert p["item_ids"] == want["items"]
+        np.testing.assert_allclose(p["scores"], want["scores"], rtol=1e-6)
+        items, scores = _cli_recommend(capsys, r["user_id"], r["k"], r["weights"], served["home"])
+        assert items == p["item_ids"]
+        np.testing.assert_allclose(scores, p["scores"], atol=1e-4)  # the CLI prints 4 decimals
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"user_id": 1, "k": 0}, "k must be an integer from 1 to"),
+        ({"user_id": 1, "k": 2.5}, "k must be an integer from 1 to"),
+        ({"user_id": 1, "k": 10**9}, "k must be an integer from 1 to"),
+        ({"user_id": 1, "weights": "1,2"}, "expected 3 objective weights, got 2"),
+        ({"user_id": 1, "weights": "1,-2,1"}, "must be finite, >= 0"),
+        ({"user_id": 1, "weights": "a,b,c"}, "expected comma-separated numbers"),
+        ({"user_id": "alice"}, "user_id 'alice' is not an integer id"),
+        ({"item": 3}, "input needs a user_id column"),
+    ],
+)
+def test_invalid_requests_get_400_with_a_message(served, record, message):
+    status, body = post(served["url"], {"dataframe_records": [record]})
+    assert status == 400, body
+    assert body.get("error_code") == "INVALID_PARAMETER_VALUE" and message in body["message"], body
+    assert served["server"].poll() is None  # never a crash
+    ok, _ = post(served["url"], {"dataframe_records": [{"user_id": served["users"][0], "k": 2}]})
+    assert ok == 200
