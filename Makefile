@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: run test test-fast lint bench venv clean ui
+.PHONY: run test test-fast lint bench venv clean ui serve stop
 
 run: $(STAMP)
 	$(BIN)/csmf run $(ARGS)
@@ -29,6 +29,14 @@ bench: $(STAMP)
 
 ui: $(STAMP)
 	$(BIN)/csmf ui
+
+# Persistent local Prefect server + process work pool + deployments (prefect.yaml) + worker on
+# 127.0.0.1 (state and PIDs under $(CSMF_HOME) or ./.csmf/serve); `make stop` stops exactly those.
+serve: $(STAMP)
+	$(BIN)/python -m flows.deploy up $(ARGS)
+
+stop:
+	$(BIN)/python -m flows.deploy down $(ARGS)
 
 venv: $(STAMP)
 
