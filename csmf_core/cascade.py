@@ -22,7 +22,7 @@ from csmf_core.cpp import prune_stage
 from csmf_core.evaluate import EvalRows
 from csmf_core.masks import UnitOwners, param_owners
 from csmf_core.model import TowerSpec, TwoTower
-from csmf_core.train import FeatureTables, TrainRows, item_log_q, train_stage
+from csmf_core.train import BatchSource, FeatureTables, TrainRows, item_log_q, train_stage
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,15 @@ class CascadeData:
     """Everything training and evaluation need, in memory.
 
     objectives: names in cascade order. counts[t]: (N_items,) positives of objective t per item
-    in the training window (log-Q correction and the popularity baseline).
+    in the training window (log-Q correction and the popularity baseline). rows: the train rows
+    in memory, or a BatchSource streaming them (`load_cascade_data(..., loader="parquet")`).
     """
 
     objectives: list[str]
     user_spec: TowerSpec
     item_spec: TowerSpec
     tables: FeatureTables
-    rows: TrainRows
+    rows: TrainRows | BatchSource
     eval: EvalRows
     counts: list[np.ndarray]
 
@@ -87,16 +88,31 @@ def run_step(
     if step.kind == "prune":
         c = cfg.cpp
         new, stats = prune_stage(
-            model, owners, step.stage, rule=c.rule, tau=c.tau, ratio=c.ratio, min_keep=c.min_keep,
-            min_free=c.min_free, min_free_output=c.min_free_output, freed_init=c.freed_init,
+            model,
+            owners,
+            step.stage,
+            rule=c.rule,
+            tau=c.tau,
+            ratio=c.ratio,
+            min_keep=c.min_keep,
+            min_free=c.min_free,
+            min_free_output=c.min_free_output,
+            freed_init=c.freed_init,
             seed=cfg.train.seed + step.stage,
         )
         return new, StepReport(step, {"layers": [s.as_dict() for s in stats], "units": new.counts()})
     log_q = item_log_q(torch.as_tensor(data.counts[step.stage]))
     res = train_stage(
-        model, data.tables, data.rows, step.stage, cfg,
+        model,
+        data.tables,
+        data.rows,
+        step.stage,
+        cfg,
         phase="recover" if step.kind == "recover" else "train",
-        log_q=log_q, output_owners=owners.output_owners(), on_step=on_step, stage_name=step.name,
+        log_q=log_q,
+        output_owners=owners.output_owners(),
+        on_step=on_step,
+        stage_name=step.name,
     )
     return owners, StepReport(step, res.summary(), res.losses)
 
@@ -120,15 +136,30 @@ def run_cascade(
     return model, owners, reports
 
 
-def load_cascade_data(path, *, load_train: bool = True) -> CascadeData:
-    """Read a model-ready dataset directory (docs/architecture.md section 2) into CascadeData."""
+def load_cascade_data(
+    path,
+    *,
+    load_train: bool = True,
+    loader: str = "memory",
+    shuffle_window: int = 1 << 20,
+    rank: int = 0,
+    world_size: int = 1,
+) -> CascadeData:
+    """Read a model-ready dataset directory (docs/architecture.md section 2) into CascadeData.
+
+    loader "memory" loads the train rows (unless `load_train=False`); "parquet" leaves them on
+    disk and streams them through `csmf_core.loader.ParquetTrainSource` (shard `rank` of
+    `world_size`, shuffle window `shuffle_window` rows).
+    """
     from pathlib import Path
 
     import pyarrow.parquet as pq
 
     from csmf_core.data import load_model_ready
 
-    mr = load_model_ready(path, load_train=load_train)
+    if loader not in ("memory", "parquet"):
+        raise ValueError(f"loader must be 'memory' or 'parquet', got {loader!r}")
+    mr = load_model_ready(path, load_train=load_train and loader == "memory")
     objs = mr.objectives
     hist_names = tuple(objs[1:])
     user_spec = TowerSpec(
@@ -146,10 +177,18 @@ def load_cascade_data(path, *, load_train: bool = True) -> CascadeData:
     tables = FeatureTables(mr.users_cat, mr.users_num, mr.items_cat, mr.items_num)
     if mr.train is not None:
         tr = mr.train
-        rows = TrainRows(tr.u, tr.i, tr.level, [tr.hist[o] for o in hist_names], tr.neg if tr.neg.shape[1] else None)
+        rows = TrainRows(
+            tr.u, tr.i, tr.level, [tr.hist[o] for o in hist_names], tr.neg if tr.neg.shape[1] else None
+        )
     else:
         empty = torch.zeros(0, dtype=torch.long)
-        rows = TrainRows(empty, empty, empty.to(torch.int8), [torch.zeros(0, 1, dtype=torch.long) for _ in hist_names])
+        rows = TrainRows(
+            empty, empty, empty.to(torch.int8), [torch.zeros(0, 1, dtype=torch.long) for _ in hist_names]
+        )
+    if load_train and loader == "parquet":
+        from csmf_core.loader import ParquetTrainSource
+
+        rows = ParquetTrainSource(path, window_rows=shuffle_window, rank=rank, world_size=world_size)
     ev = EvalRows(mr.eval.u, [mr.eval.hist[o] for o in hist_names], [mr.eval.pos[o] for o in objs])
     pop = pq.read_table(Path(path) / "popularity.parquet")
     idx = pop["i"].to_numpy().astype(np.int64)

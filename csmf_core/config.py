@@ -68,6 +68,12 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0  # torch threads; 0 = leave as is
     device: str = "cpu"  # "cpu" | "cuda" | "auto"
+    # Where batches come from: "memory" loads the train table (fastest for data that fits),
+    # "parquet" streams it from the model-ready Parquet in bounded memory (csmf_core/loader.py).
+    loader: str = "memory"
+    shuffle_window: int = 1048576  # parquet loader: rows shuffled together (exact permutation below it)
+    processes: int = 1  # > 1: each training step runs under torchrun with this many ranks (DDP)
+    dist_backend: str = "auto"  # "auto" (nccl on CUDA, else gloo) | "gloo" | "nccl"
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,8 @@ _CHOICES = {
     ("loss", "request_negatives"): {"first", "all", "none"},
     ("loss", "upstream"): {"log_prob", "last_logit"},
     ("train", "device"): {"cpu", "cuda", "auto"},
+    ("train", "loader"): {"memory", "parquet"},
+    ("train", "dist_backend"): {"auto", "gloo", "nccl"},
 }
 
 
@@ -211,6 +219,8 @@ def _check_ranges(cfg: CSMFConfig, errors: list[str]) -> None:
         (cfg.loss.eta > 0, "loss.eta must be > 0"),
         (cfg.train.batch_size >= 2, "train.batch_size must be >= 2 (in-batch negatives)"),
         (cfg.train.lr > 0, "train.lr must be > 0"),
+        (cfg.train.processes >= 1, "train.processes must be >= 1"),
+        (cfg.train.shuffle_window >= 1, "train.shuffle_window must be >= 1"),
         (all(e >= 0 for e in cfg.train.epochs), "train.epochs must be >= 0"),
         (0.0 < cfg.recover.fraction <= 1.0, "recover.fraction must be in (0, 1]"),
         (all(k >= 1 for k in cfg.eval.ks), "eval.ks must be >= 1"),

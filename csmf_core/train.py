@@ -1,4 +1,16 @@
-"""Stage training: one cascade stage (train or accuracy recovery) over in-memory tensors.
+"""Stage training: one cascade stage (train or accuracy recovery) over in-memory rows or a batch source.
+
+Rows come from a `TrainRows` (the whole table in memory, `train.loader: memory`) or a
+`BatchSource` such as `csmf_core.loader.ParquetTrainSource` (streamed from the model-ready
+Parquet, `train.loader: parquet`).
+
+Under torch.distributed (`csmf_core.distributed`), every rank trains on its share of each global
+batch of `train.batch_size` rows; initial parameters are broadcast from rank 0, the gradients of
+the trained parameters (weighted by each rank's rows) are all-reduced in one flat buffer before
+the stage's gradient mask is applied, so every rank takes the same Adam step and parameters stay
+bit-identical across ranks; the divergence check uses the all-reduced loss, so every rank stops
+together. In-batch negatives are each rank's own rows (B / world per rank), so a 2-rank step is
+not numerically the 1-rank step of the same global batch (docs/distributed.md).
 
 Freezing that survives Adam: each call builds a fresh optimizer over the parameters holding at
 least one entry the stage owns, gradients are multiplied by the stage's 0/1 mask before every
@@ -11,8 +23,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -36,7 +49,9 @@ class FeatureTables:
     items_num: torch.Tensor
 
     def to(self, device) -> FeatureTables:
-        return FeatureTables(*(t.to(device) for t in (self.users_cat, self.users_num, self.items_cat, self.items_num)))
+        return FeatureTables(
+            *(t.to(device) for t in (self.users_cat, self.users_num, self.items_cat, self.items_num))
+        )
 
     def user_inputs(self, u: torch.Tensor, hists: list[torch.Tensor]) -> TowerInputs:
         return TowerInputs(self.users_cat[u], self.users_num[u], hists)
@@ -48,24 +63,54 @@ class FeatureTables:
 @dataclass
 class TrainRows:
     """Training events. u, i: (R,) int64; level: (R,) int8 deepest objective reached;
-    hists: [(R, L) int64] behaviour sequences; neg: (R, M) int64 same-request negatives or None."""
+    hists: [(R, L) int64] behaviour sequences; neg: (R, M) int64 same-request negatives or None;
+    row: (R,) int64 row ids in the train table, when known (streamed batches carry them)."""
 
     u: torch.Tensor
     i: torch.Tensor
     level: torch.Tensor
     hists: list[torch.Tensor]
     neg: torch.Tensor | None = None
+    row: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.u.numel())
 
     def select(self, idx: torch.Tensor) -> TrainRows:
         neg = None if self.neg is None else self.neg[idx]
-        return TrainRows(self.u[idx], self.i[idx], self.level[idx], [h[idx] for h in self.hists], neg)
+        row = None if self.row is None else self.row[idx]
+        return TrainRows(self.u[idx], self.i[idx], self.level[idx], [h[idx] for h in self.hists], neg, row)
 
     def for_stage(self, stage: int) -> TrainRows:
         """Rows that are positives of `stage` (level >= stage)."""
         return self.select(torch.nonzero(self.level >= stage).flatten())
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """Where a stage's batches come from when the rows are not in memory (csmf_core.loader).
+
+    `batches` yields this process's share (torch.distributed rank) of every global batch of
+    `batch_size` rows with level >= stage, in an order fixed by (seed, epoch, stage, salt);
+    `fraction` < 1 keeps a fixed subset of about that share (the same in every epoch).
+    """
+
+    has_neg: bool
+
+    def n_rows(self, stage: int, *, fraction: float = 1.0, seed: int = 0, salt: int = 0) -> int: ...
+
+    def batches(
+        self, stage: int, batch_size: int, *, seed: int, epoch: int, fraction: float = 1.0, salt: int = 0
+    ) -> Iterator[TrainRows]: ...
+
+
+def dist_world() -> tuple[int, int]:
+    """(rank, world_size) of the initialised torch.distributed group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 @dataclass
@@ -108,15 +153,61 @@ def _grad_masks(model: TwoTower, stage: int) -> dict[str, torch.Tensor]:
     return {k: v for k, v in masks.items() if bool(v.any())}
 
 
-def _segment_scores(u: torch.Tensor, v: torch.Tensor, out_owners: torch.Tensor, stage: int) -> list[torch.Tensor]:
+def _segment_scores(
+    u: torch.Tensor, v: torch.Tensor, out_owners: torch.Tensor, stage: int
+) -> list[torch.Tensor]:
     """(B, D) x (K, D) -> [ (B, K) contribution of segment r for r < stage ]."""
     return [u[:, out_owners == r] @ v[:, out_owners == r].T for r in range(stage)]
+
+
+def _memory_epochs(
+    data: TrainRows, bs: int, gen: torch.Generator, rank: int, world: int
+) -> Callable[[int], Iterator[TrainRows]]:
+    """Per-epoch batches of in-memory rows: a fresh permutation per epoch, this rank's share of
+    each global batch (world 1: exactly the original single-process order, last 1-row batch skipped)."""
+
+    def epoch_batches(epoch: int) -> Iterator[TrainRows]:
+        perm = torch.randperm(len(data), generator=gen)
+        for start in range(0, len(data) - 1, bs):
+            idx = perm[start : start + bs]
+            n = idx.numel()
+            if n // world < 2:  # every rank decides the same: no rank waits on a skipped step
+                continue
+            yield data.select(idx[rank * n // world : (rank + 1) * n // world])
+
+    return epoch_batches
+
+
+def _broadcast_params(model: TwoTower) -> None:
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for p in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(p.data, src=0)
+
+
+def _allreduce(params: list[torch.Tensor], loss: float, n: int) -> tuple[float, int]:
+    """Sum over ranks of (grad * n_rank, loss * n_rank, n_rank) in one flat buffer; grads become
+    the row-weighted mean gradient. Returns (row-weighted mean loss, global rows)."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) * n for g in grads] + [torch.tensor([loss * n, n], dtype=grads[0].dtype)])
+    dist.all_reduce(flat)
+    total_n = float(flat[-1])
+    flat /= total_n
+    offset = 0
+    for p, g in zip(params, grads):
+        k = g.numel()
+        p.grad = flat[offset : offset + k].view_as(g).clone()
+        offset += k
+    return float(flat[-2]), int(round(total_n))
 
 
 def train_stage(
     model: TwoTower,
     tables: FeatureTables,
-    rows: TrainRows,
+    rows: TrainRows | BatchSource,
     stage: int,
     cfg: CSMFConfig,
     *,
@@ -128,102 +219,86 @@ def train_stage(
 ) -> StageResult:
     """Train the entries owned by `stage` on rows with level >= stage.
 
+    rows: the train rows in memory (TrainRows) or a BatchSource streaming them (csmf_core.loader).
     phase "train" runs cfg.epochs_for(stage) epochs at train.lr; "recover" runs
     recover.epochs on a recover.fraction subset at train.lr * recover.lr_scale.
     log_q: (N_items,) log sampling probability per item (None = no correction).
     output_owners: (D,) owner of each output dimension (needed for AML when stage >= 1).
+    Under torch.distributed every rank calls this with the same arguments (module docstring).
     Raises TrainingDiverged on a non-finite or exploding loss.
     """
     name = stage_name or f"stage {stage}"
     device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(cfg.train.seed * 1009 + stage * 31 + (phase == "recover"))
-    data = rows.for_stage(stage)
-    lr, epochs = cfg.train.lr, cfg.epochs_for(stage)
-    if phase == "recover":
-        n = max(2, int(math.ceil(len(data) * cfg.recover.fraction)))
-        data = data.select(torch.randperm(len(data), generator=gen)[:n])
-        lr, epochs = cfg.train.lr * cfg.recover.lr_scale, cfg.recover.epochs
-    elif phase != "train":
+    rank, world = dist_world()
+    if phase not in ("train", "recover"):
         raise ValueError(f"phase must be 'train' or 'recover', got {phase!r}")
-    if len(data) < 2:
-        raise ValueError(f"{name}: {len(data)} positive rows; a sampled softmax needs at least 2")
+    recover = phase == "recover"
+    lr, epochs = cfg.train.lr, cfg.epochs_for(stage)
+    if recover:
+        lr, epochs = cfg.train.lr * cfg.recover.lr_scale, cfg.recover.epochs
+    bs_global = cfg.train.batch_size
+    if isinstance(rows, TrainRows):
+        gen = torch.Generator().manual_seed(cfg.train.seed * 1009 + stage * 31 + recover)
+        data = rows.for_stage(stage)
+        if recover:
+            n = max(2, int(math.ceil(len(data) * cfg.recover.fraction)))
+            data = data.select(torch.randperm(len(data), generator=gen)[:n])
+        n_rows, has_neg = len(data), data.neg is not None
+        bs_global = min(bs_global, n_rows)
+        epoch_batches = _memory_epochs(data, bs_global, gen, rank, world)
+    else:
+        source = rows
+        frac = cfg.recover.fraction if recover else 1.0
+        n_rows = source.n_rows(stage, fraction=frac, seed=cfg.train.seed, salt=int(recover))
+        has_neg = source.has_neg
+        bs_global = max(2 * world, min(bs_global, n_rows))
+
+        def epoch_batches(epoch: int) -> Iterator[TrainRows]:
+            return source.batches(
+                stage, bs_global, seed=cfg.train.seed, epoch=epoch, fraction=frac, salt=int(recover)
+            )
+
+    if n_rows < 2 * world:
+        raise ValueError(
+            f"{name}: {n_rows} positive rows; a sampled softmax needs at least 2 per process ({world})"
+        )
     use_aml = cfg.loss.aml and stage >= 1
     if use_aml and output_owners is None:
         raise ValueError("AML needs output_owners (the owner of each output dimension)")
-    use_neg = data.neg is not None and (
+    use_neg = has_neg and (
         cfg.loss.request_negatives == "all" or (cfg.loss.request_negatives == "first" and stage == 0)
     )
     masks = _grad_masks(model, stage)
     params = dict(model.named_parameters())
-    opt = torch.optim.Adam([params[k] for k in masks], lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    trained = [params[k] for k in masks]
+    if world > 1:
+        _broadcast_params(model)
+    opt = torch.optim.Adam(trained, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     wd = cfg.train.weight_decay
     out_owners = output_owners.to(device) if output_owners is not None else None
     log_q = log_q.to(device) if (log_q is not None and cfg.loss.logq) else None
-    bs = min(cfg.train.batch_size, len(data))
-    result = StageResult(stage, phase, len(data), epochs, 0, 0.0, 0.0)
+    result = StageResult(stage, phase, n_rows, epochs, 0, 0.0, 0.0)
     model.train()
     t0 = time.perf_counter()
+    seen = 0
     for epoch in range(epochs):
-        perm = torch.randperm(len(data), generator=gen)
         total, count = 0.0, 0
-        for start in range(0, len(data) - 1, bs):
-            idx = perm[start : start + bs]
-            if idx.numel() < 2:
-                continue
-            b = data.select(idx)
-            u_in = tables.user_inputs(b.u.to(device), [h.to(device) for h in b.hists])
-            it = b.i.to(device)
-            uvec = model.user_vectors(u_in, stage)
-            extra_items = b.neg.to(device) if use_neg else None
-            # one item-tower pass over the distinct items of the batch (positives and request
-            # negatives overlap heavily), then gather: the tower cost scales with distinct items
-            wanted = it if extra_items is None else torch.cat([it, extra_items.flatten()])
-            uniq, inv = torch.unique(wanted, return_inverse=True)
-            all_vec = model.item_vectors(tables.item_inputs(uniq), stage)
-            ivec = all_vec[inv[: it.numel()]]
-            scores = uvec @ ivec.T
-            margins = None
-            if use_aml:
-                with torch.no_grad():
-                    up = upstream_scores(_segment_scores(uvec, ivec, out_owners, stage), stage, cfg.loss.upstream)
-                    margins = aml_margins(up.diagonal(), up, cfg.loss.sigma, cfg.loss.eta)
-            extra = extra_margins = None
-            if use_neg:
-                nvec = all_vec[inv[it.numel() :]].view(extra_items.shape[0], extra_items.shape[1], -1)
-                extra = torch.einsum("bd,bmd->bm", uvec, nvec)
-                if use_aml:
-                    with torch.no_grad():
-                        segs = [
-                            torch.einsum("bd,bmd->bm", uvec[:, out_owners == r], nvec[:, :, out_owners == r])
-                            for r in range(stage)
-                        ]
-                        up_n = upstream_scores(segs, stage, cfg.loss.upstream)
-                        extra_margins = aml_margins(up.diagonal(), up_n, cfg.loss.sigma, cfg.loss.eta)
-            terms = sampled_softmax(
-                scores,
-                it,
-                temperature=cfg.loss.temperature,
-                log_q=None if log_q is None else log_q[it],
-                margins=margins,
-                extra_scores=extra,
-                extra_items=extra_items,
-                extra_margins=extra_margins,
-            )
-            value = float(terms.loss.detach())
-            if not math.isfinite(value) or value > cfg.train.max_loss:
-                raise TrainingDiverged(
-                    f"{name} ({phase}): loss {value} at epoch {epoch + 1}, step {result.steps + 1}; "
-                    f"nothing from this stage is kept. Lower train.lr (now {lr:g}) or raise "
-                    f"loss.temperature (now {cfg.loss.temperature:g})."
-                )
+        for b in epoch_batches(epoch):
+            loss = _batch_loss(model, tables, b, stage, cfg, device, use_neg, use_aml, out_owners, log_q)
+            value, n_b = float(loss.detach()), len(b)
+            if world == 1:
+                _check_loss(value, name, phase, epoch, result.steps, lr, cfg)
             opt.zero_grad(set_to_none=True)
-            terms.loss.backward()
+            loss.backward()
+            if world > 1:
+                value, n_b = _allreduce(trained, value, n_b)
+                _check_loss(value, name, phase, epoch, result.steps, lr, cfg)
             with torch.no_grad():
                 for k, m in masks.items():
                     if params[k].grad is not None:
                         params[k].grad.mul_(m)
                 if cfg.train.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_([params[k] for k in masks], cfg.train.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(trained, cfg.train.grad_clip)
             opt.step()
             if wd > 0:
                 with torch.no_grad():
@@ -231,12 +306,79 @@ def train_stage(
                         params[k].sub_(params[k] * m, alpha=lr * wd)
             result.steps += 1
             result.losses.append(value)
-            total += value * idx.numel()
-            count += idx.numel()
+            total += value * n_b
+            count += n_b
             if on_step is not None:
                 on_step(result.steps, value)
+        seen += count
         result.epoch_losses.append(total / max(count, 1))
     result.seconds = time.perf_counter() - t0
-    result.samples_per_s = len(data) * epochs / max(result.seconds, 1e-9)
+    result.samples_per_s = seen / max(result.seconds, 1e-9)
     model.eval()
     return result
+
+
+def _check_loss(
+    value: float, name: str, phase: str, epoch: int, step: int, lr: float, cfg: CSMFConfig
+) -> None:
+    if not math.isfinite(value) or value > cfg.train.max_loss:
+        raise TrainingDiverged(
+            f"{name} ({phase}): loss {value} at epoch {epoch + 1}, step {step + 1}; "
+            f"nothing from this stage is kept. Lower train.lr (now {lr:g}) or raise "
+            f"loss.temperature (now {cfg.loss.temperature:g})."
+        )
+
+
+def _batch_loss(
+    model: TwoTower,
+    tables: FeatureTables,
+    b: TrainRows,
+    stage: int,
+    cfg: CSMFConfig,
+    device,
+    use_neg: bool,
+    use_aml: bool,
+    out_owners: torch.Tensor | None,
+    log_q: torch.Tensor | None,
+) -> torch.Tensor:
+    """The stage's sampled-softmax loss on one batch (in-batch + optional request negatives, AML)."""
+    u_in = tables.user_inputs(b.u.to(device), [h.to(device) for h in b.hists])
+    it = b.i.to(device)
+    uvec = model.user_vectors(u_in, stage)
+    extra_items = b.neg.to(device) if use_neg else None
+    # one item-tower pass over the distinct items of the batch (positives and request
+    # negatives overlap heavily), then gather: the tower cost scales with distinct items
+    wanted = it if extra_items is None else torch.cat([it, extra_items.flatten()])
+    uniq, inv = torch.unique(wanted, return_inverse=True)
+    all_vec = model.item_vectors(tables.item_inputs(uniq), stage)
+    ivec = all_vec[inv[: it.numel()]]
+    scores = uvec @ ivec.T
+    margins = None
+    up = None
+    if use_aml:
+        with torch.no_grad():
+            up = upstream_scores(_segment_scores(uvec, ivec, out_owners, stage), stage, cfg.loss.upstream)
+            margins = aml_margins(up.diagonal(), up, cfg.loss.sigma, cfg.loss.eta)
+    extra = extra_margins = None
+    if use_neg:
+        nvec = all_vec[inv[it.numel() :]].view(extra_items.shape[0], extra_items.shape[1], -1)
+        extra = torch.einsum("bd,bmd->bm", uvec, nvec)
+        if use_aml:
+            with torch.no_grad():
+                segs = [
+                    torch.einsum("bd,bmd->bm", uvec[:, out_owners == r], nvec[:, :, out_owners == r])
+                    for r in range(stage)
+                ]
+                up_n = upstream_scores(segs, stage, cfg.loss.upstream)
+                extra_margins = aml_margins(up.diagonal(), up_n, cfg.loss.sigma, cfg.loss.eta)
+    terms = sampled_softmax(
+        scores,
+        it,
+        temperature=cfg.loss.temperature,
+        log_q=None if log_q is None else log_q[it],
+        margins=margins,
+        extra_scores=extra,
+        extra_items=extra_items,
+        extra_margins=extra_margins,
+    )
+    return terms.loss
