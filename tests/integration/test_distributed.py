@@ -1,0 +1,131 @@
+"""One cascade stage trained by 2 processes under torchrun (gloo, CPU) against single-process training.
+
+What is exactly true, and tested: frozen entries are bit-identical, parameters are bit-identical
+across ranks (the worker compares digests; the returned model carries rank 0's), the loss falls,
+every rank stops on a diverged loss. What is true only within noise: with in-batch negatives per
+rank (B/2 rows each) a 2-process step is not the 1-process step of the same global batch, so the
+trained models differ. Noise = the gap between two single-process runs that differ only in the
+shuffling seed; the 2-process model's loss on fixed full batches must be within 3x that gap
+(or 2% of the loss) of the single-process model's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from csmf_core import prep, synth
+from csmf_core.cascade import Step, build_model, load_cascade_data, run_step
+from csmf_core.config import build_config
+from csmf_core.distributed import params_digest, run_step_distributed
+from csmf_core.masks import param_owners
+from csmf_core.train import TrainingDiverged, TrainRows, _batch_loss, item_log_q
+
+pytestmark = pytest.mark.integration
+
+RAW = {
+    "model": {"dim": 8, "hidden": [16]},
+    "train": {"batch_size": 128, "epochs": [1, 6], "threads": 1},
+    "data": {"seq_len": 5, "n_req_neg": 4},
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Tiny world; model after pretrain_exposure (1 epoch) + cpp_prune_exposure, ready for stage 1."""
+    root = tmp_path_factory.mktemp("dist")
+    s = synth.generate(root / "ds", "tiny", seed=0)
+    prep.prepare(
+        root / "ds",
+        root / "mr",
+        train_dates=(s.dates[0], s.dates[-2]),
+        eval_dates=s.dates[-1],
+        seq_len=5,
+        n_req_neg=4,
+    )
+    cfg = build_config(RAW)
+    data = load_cascade_data(root / "mr")
+    torch.set_num_threads(1)
+    model, owners = build_model(data, cfg)
+    owners, _ = run_step(Step("pretrain_exposure", "train", 0), model, owners, data, cfg)
+    owners, _ = run_step(Step("cpp_prune_exposure", "prune", 0), model, owners, data, cfg)
+    return {"root": root, "mr": root / "mr", "cfg": cfg, "data": data, "model": model, "owners": owners}
+
+
+def _fixed_batch_loss(model, data, cfg, out_owners, stage=1) -> float:
+    """Mean stage loss of `model` over every stage row in fixed batches of B, single process."""
+    rows: TrainRows = data.rows.for_stage(stage)
+    log_q = item_log_q(torch.as_tensor(data.counts[stage]))
+    total = 0.0
+    with torch.no_grad():
+        for lo in range(0, len(rows) - 1, cfg.train.batch_size):
+            b = rows.select(torch.arange(lo, min(lo + cfg.train.batch_size, len(rows))))
+            loss = _batch_loss(model, data.tables, b, stage, cfg, "cpu", False, True, out_owners, log_q)
+            total += float(loss) * len(b)
+    return total / len(rows)
+
+
+def test_two_processes_match_one_within_noise(world, tmp_path):
+    cfg, data = world["cfg"], world["data"]
+    step = Step("finetune_click", "train", 1)
+    out_owners = world["owners"].output_owners()
+    before = {k: v.detach().clone() for k, v in world["model"].named_parameters()}
+    owner_of = param_owners(world["model"], world["owners"])
+
+    singles = []
+    for seed in (0, 1):
+        m = copy.deepcopy(world["model"])
+        c = build_config(RAW, [f"train.seed={seed}"])
+        run_step(step, m, world["owners"], data, c)
+        singles.append(_fixed_batch_loss(m, data, c, out_owners))
+
+    ddp = copy.deepcopy(world["model"])
+    c2 = build_config(RAW, ["train.processes=2", "train.loader=parquet"])
+    lines: list[str] = []
+    losses: list[tuple[int, float]] = []
+    owners, rep = run_step_distributed(
+        step, ddp, world["owners"], world["mr"], c2, tmp_path / "ddp",
+        on_step=lambda k, v: losses.append((k, v)), log=lines.append,
+    )  # fmt: skip
+    assert rep.info["world_size"] == 2 and rep.info["rows"] == world["data"].rows.for_stage(1).__len__()
+    assert [k for k, _ in losses] == list(range(1, rep.info["steps"] + 1))  # rank 0's lines streamed
+    assert any("2 processes (gloo, cpu)" in x for x in lines)
+
+    # exact: frozen entries (owner < 1) bit-identical; rank 0's digest is every rank's digest
+    params = dict(ddp.named_parameters())
+    for name, owner in owner_of.items():
+        frozen = (owner < 1).expand(params[name].shape) if owner.shape != params[name].shape else owner < 1
+        assert torch.equal(params[name][frozen], before[name][frozen]), name
+    assert any(not torch.equal(params[n], before[n]) for n in params)
+    out_dirs = list((tmp_path / "ddp").glob("out-*"))
+    assert json.loads((out_dirs[0] / "report.json").read_text())["params_digest"] == params_digest(ddp)
+
+    # the loss falls
+    vals = [v for _, v in losses]
+    k = max(1, len(vals) // 4)
+    assert sum(vals[-k:]) / k < sum(vals[:k]) / k
+
+    # within noise of single-process training
+    two = _fixed_batch_loss(ddp, data, c2, out_owners)
+    noise = abs(singles[0] - singles[1])
+    start = _fixed_batch_loss(world["model"], data, cfg, out_owners)
+    assert two < start - 0.05
+    assert abs(two - singles[0]) <= max(3 * noise, 0.02 * singles[0]), (two, singles, start)
+
+
+def test_divergence_stops_every_rank(world, tmp_path):
+    c = build_config(RAW, ["train.processes=2", "train.max_loss=0.001"])
+    m = copy.deepcopy(world["model"])
+    with pytest.raises(TrainingDiverged, match="finetune_click"):
+        run_step_distributed(
+            Step("finetune_click", "train", 1),
+            m,
+            world["owners"],
+            world["mr"],
+            c,
+            tmp_path,
+            log=lambda s: None,
+        )
