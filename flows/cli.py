@@ -10,6 +10,7 @@ How to run:
     csmf recommend --user-id 42 --k 10 --weights 1,1.8,1.2
     csmf embed --side user --mode click --out users.parquet
     csmf evaluate --model models:/csmf@champion --data data/synth-small
+    csmf compare --data data/synth-small --methods all --seeds 3       # baselines + ablations report
     csmf ui                                               # MLflow UI on http://127.0.0.1:5000
 
 State lives in one directory: --home, else $CSMF_HOME, else ./.csmf (flows.env.setup_home), set up
@@ -200,6 +201,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    home = setup_home(args.home)  # before flows.compare imports prefect and mlflow
+    from flows.compare import compare_from_cli
+
+    return compare_from_cli(args, home)
+
+
 def summarize_run(result: dict, k: int = 50) -> str:
     """The end-of-run message: where the run is, how to look at it, and the final metrics at K=k."""
     from csmf_core.serving import summary_table
@@ -323,6 +331,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="config override, e.g. --set train.epochs=1,2,2 (repeatable)",
     )
     r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser(
+        "compare",
+        parents=[common, homed],
+        help="compare CSMF with the paper's baselines and ablations (Prefect + MLflow, report)",
+        description="Train every method x seed on one dataset window and write the comparison report "
+        "(reports/<dataset>/comparison.md). How to run: csmf compare --data DIR [--methods all|a,b] [--seeds 3]",
+    )
+    c.add_argument("--data", required=True, help="canonical dataset directory")
+    c.add_argument("--date", help="evaluation day YYYY-MM-DD (default: the last partition)")
+    c.add_argument("--methods", default="all", help="all, or a comma list (csmf_core.baselines.METHODS)")
+    c.add_argument("--seeds", type=int, default=3, help="seeds per method (95%% t-intervals need >= 2)")
+    c.add_argument("--config", help="YAML config (csmf_core.config sections)")
+    c.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)"
+    )
+    c.add_argument("--sweeps", default="", help="optional sensitivity sweeps: tau,eta,weights")
+    c.add_argument("--report-dir", help="where the report goes (default: ./reports/<dataset name>)")
+    c.set_defaults(func=cmd_compare)
 
     cli_serving.add_commands(sub, [common, homed])
 
