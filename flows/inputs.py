@@ -144,7 +144,10 @@ def code_version() -> str:
     """Package version plus the git commit when the source tree is a checkout ("0.1.0+g1a2b3c4d5e6f").
 
     Reads .git/HEAD and the ref files directly (no git process): cheap and safe inside tasks.
+    $CSMF_CODE_VERSION, when set, wins: set it where the tree has no .git (a container image tag).
     """
+    if os.environ.get("CSMF_CODE_VERSION"):
+        return os.environ["CSMF_CODE_VERSION"]
     try:
         version = metadata.version("csmf")
     except metadata.PackageNotFoundError:
