@@ -237,20 +237,33 @@ def prepare(
     users_df = _read_features(dataset_dir / "users.parquet", "user_id")
     items_df = _read_features(dataset_dir / "items.parquet", "item_id")
 
-    c0, is_train = pl.col(cols[0]), pl.col("_train")
-    train_lf = ev.filter(is_train & c0).select("request_id", "user_id", "item_id", "ts", *cols)
+    c0, is_train, rid = pl.col(cols[0]), pl.col("_train"), pl.col("request_id")
+    # Bounded memory (bench/bench_scaling.py): request ids become dense uint32 codes once (a table of
+    # n_requests strings), so no event-sized frame below carries a string column (a 16-character id
+    # costs ~32 B a row in polars, its code 4 B); the queries run on polars' streaming engine, and the
+    # wide train columns (histories, negatives) are built part by part. Codes are an internal detail:
+    # the output is the same as with the ids themselves (tests/unit/test_prep_bounded.py).
+    req = (
+        ev.filter(is_train & rid.is_not_null())
+        .select("request_id")
+        .unique()
+        .collect(engine="streaming")
+        .with_row_index("rc", offset=1)
+    )
+    coded = ev.filter(is_train).join(req.lazy(), on="request_id", how="left", maintain_order="left")
+    train_lf = coded.filter(c0).select("rc", "user_id", "item_id", "ts", *cols)
     train_lf = train_lf.sort(["ts", "user_id", "item_id"], maintain_order=True)
     neg_lf = (
-        ev.filter(is_train & ~c0 & pl.col("request_id").is_not_null())
-        .select("request_id", "item_id")
+        coded.filter(~c0 & pl.col("rc").is_not_null())
+        .select("rc", "item_id")
         .join(
-            train_lf.select("request_id", "item_id"),
-            on=["request_id", "item_id"],
+            coded.filter(c0 & pl.col("rc").is_not_null()).select("rc", "item_id"),
+            on=["rc", "item_id"],
             how="anti",
             maintain_order="left",
         )
         .unique(maintain_order=True)
-        .with_columns(k=pl.int_range(pl.len()).over("request_id"))
+        .with_columns(k=pl.int_range(pl.len()).over("rc"))
         .filter(pl.col("k") < n_req_neg)
     )
     eval_lf = ev.filter(pl.col("_eval") & pl.any_horizontal(cols)).select("user_id", "item_id", *cols)
@@ -258,7 +271,7 @@ def prepare(
     uid_lf = pl.concat([users_df.lazy().select("user_id"), ev.select("user_id")]).unique()
     iid_lf = pl.concat([items_df.lazy().select("item_id"), ev.select("item_id")]).unique()
     train, negs, evals, uids, iids, *hists = pl.collect_all(
-        [train_lf, neg_lf, eval_lf, uid_lf, iid_lf, *hist_lfs]
+        [train_lf, neg_lf, eval_lf, uid_lf, iid_lf, *hist_lfs], engine="streaming"
     )
 
     user_ids = np.sort(uids["user_id"].drop_nulls().to_numpy())
@@ -272,17 +285,18 @@ def prepare(
         n: HistoryIndex(uidx(h["user_id"]), iidx(h["item_id"]), h["ts"].to_numpy())
         for n, h in zip(names[1:], hists)
     }
+    del hists
 
     # Request negatives: one (n_requests + 1, M) matrix, row 0 = no negatives, gathered per train row.
-    req = negs.select("request_id").unique(maintain_order=True).with_row_index("rc", offset=1)
-    negs = negs.join(req, on="request_id", maintain_order="left")
     neg_mat = np.zeros((len(req) + 1, n_req_neg), np.int32)
     neg_mat[negs["rc"].to_numpy(), negs["k"].to_numpy()] = iidx(negs["item_id"])
-    train_rc = train.select("request_id").join(req, on="request_id", how="left", maintain_order="left")
-    train_rc = train_rc["rc"].fill_null(0).to_numpy()
+    del negs, req
+    train_rc = train["rc"].fill_null(0).to_numpy()
 
     t_u, t_i, t_ts = uidx(train["user_id"]), iidx(train["item_id"]), train["ts"].to_numpy()
     flags = np.stack([train[c].to_numpy() for c in cols], 1) if len(train) else np.zeros((0, len(cols)), bool)
+    n_train = len(train)
+    del train
     level = (flags.sum(1) - 1).astype(np.int8)
     eval_start = int(dt.datetime.fromisoformat(min(eval_d)).replace(tzinfo=dt.UTC).timestamp()) * 10**6
 
@@ -292,7 +306,7 @@ def prepare(
         items_tab.write_parquet(tmp / "items.parquet")
         (tmp / "train").mkdir()
         train_parts = []
-        for k, lo in enumerate(range(0, max(len(train), 1), part_rows)):
+        for k, lo in enumerate(range(0, max(n_train, 1), part_rows)):
             s = slice(lo, lo + part_rows)
             table = {"u": pa.array(t_u[s]), "i": pa.array(t_i[s]), "level": pa.array(level[s]), "ts": t_ts[s]}
             for n in names[1:]:
@@ -332,7 +346,7 @@ def prepare(
             "eval_dates": eval_d,
             "history_dates": needed,
             "eval_start_ts": eval_start,
-            "rows": {"train": len(train), "eval": len(eval_users), "train_by_level": by_level},
+            "rows": {"train": n_train, "eval": len(eval_users), "train_by_level": by_level},
             "train_parts": [str(p.relative_to(tmp)) for p in train_parts],
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
@@ -344,7 +358,7 @@ def prepare(
         out_dir=out_dir,
         n_users=n_users,
         n_items=n_items,
-        n_train=len(train),
+        n_train=n_train,
         n_eval=len(eval_users),
         train_by_level=by_level,
         train_dates=train_d,

@@ -1,0 +1,171 @@
+"""Benchmark 1 (training step): a CSMF stage against the same architecture with no masks and plain softmax.
+
+How to run:  .venv/bin/python bench/bench_train_step.py [--rows 16384] [--rounds 5] [--profile] [--quick]
+
+CSMF arm: `csmf_core.train.train_stage` itself, one epoch of a late stage (click = 1, conversion = 2)
+after real CPP pruning of the earlier stages, so the gradient masks, per-mode weight masks, log-Q and
+AML margins (upstream segment scores) all run. Reference arm: the same `TwoTower` with no owner tensors
+(no masks), Adam over every parameter, the same batches and item-tower de-duplication, and a plain
+in-batch softmax (cross-entropy on u @ v.T). Both arms train on the same in-memory rows of the generated
+`small` world (every row relabelled as a positive of the stage, so the stage sees `--rows` rows).
+Arms alternate; the figure is the median of per-round ratios. Target: samples/s ratio >= 0.8.
+
+FLOP/s: FLOPs per sample counted by torch.utils.flop_counter over a few steps of each arm (matmuls,
+the work that scales), times the measured samples/s, as a share of the machine's matmul rate
+(1024 x 1024 float32, measured in the same process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+try:
+    from bench import benchlib
+except ImportError:  # run as `python bench/bench_train_step.py`
+    import benchlib  # type: ignore[no-redef]
+
+from csmf_core.cascade import build_model, load_cascade_data
+from csmf_core.config import CSMFConfig, build_config
+from csmf_core.cpp import prune_stage
+from csmf_core.model import TwoTower
+from csmf_core.train import FeatureTables, TrainRows, item_log_q, train_stage
+
+
+def stage_rows(rows: TrainRows, stage: int, n: int) -> TrainRows:
+    """The first n rows, every one a positive of `stage` (throughput does not depend on the labels)."""
+    sub = rows.select(torch.arange(min(n, len(rows))))
+    return dataclasses.replace(sub, level=torch.full_like(sub.level, stage))
+
+
+def reference_epoch(model: TwoTower, opt, tables: FeatureTables, rows: TrainRows, bs: int, seed: int) -> int:
+    """One epoch of the plain two-tower step; returns the number of steps."""
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(rows), generator=gen)
+    steps = 0
+    model.train()
+    for start in range(0, len(rows) - 1, bs):
+        b = rows.select(perm[start : start + bs])
+        uvec = model.user_vectors(tables.user_inputs(b.u, b.hists))
+        uniq, inv = torch.unique(b.i, return_inverse=True)
+        ivec = model.item_vectors(tables.item_inputs(uniq))[inv]
+        scores = uvec @ ivec.T
+        loss = F.cross_entropy(scores, torch.arange(len(b.u)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        steps += 1
+    return steps
+
+
+def count_flops(fn) -> float:
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return float(fc.get_total_flops())
+
+
+def setup(cfg: CSMFConfig, data_overrides: dict):
+    """Generated data, a CSMF model pruned through stage 1, and an unmasked copy of the architecture."""
+    ds, dates, _ = benchlib.synth_dataset(data_overrides.pop("name"), **data_overrides)
+    mr, _ = benchlib.model_ready(ds, dates, ds.name)
+    data = load_cascade_data(mr)
+    model, owners = build_model(data, cfg)
+    c = cfg.cpp
+    for s in range(len(data.objectives) - 1):  # prune stage 0 and 1 as the cascade does (no training)
+        owners, _ = prune_stage(
+            model, owners, s, rule=c.rule, tau=c.tau, ratio=c.ratio, min_keep=c.min_keep,
+            min_free=c.min_free, min_free_output=c.min_free_output, freed_init=c.freed_init, seed=s,
+        )  # fmt: skip
+    ref = TwoTower(data.user_spec, data.item_spec, cfg.model, len(data.objectives))
+    return data, model, owners, ref
+
+
+def run(
+    rows: int = 16384,
+    rounds: int = 5,
+    stages: tuple[int, ...] = (1, 2),
+    profile: bool = False,
+    write: bool = True,
+    threads: int | None = None,
+    data: dict | None = None,
+) -> list[dict]:
+    n_threads = benchlib.set_threads(threads)
+    cfg = build_config(None, ["train.epochs=[1,1,1]"])
+    bs = cfg.train.batch_size
+    rec = benchlib.Recorder("train_step", {"batch_size": bs, "rows": rows, "threads": n_threads}, write=write)
+    data_kw = dict(data or {"name": "small"})
+    cd, model, owners, ref = setup(cfg, data_kw)
+    opt = torch.optim.Adam(ref.parameters(), lr=cfg.train.lr)
+    peak = benchlib.matmul_gflops()
+    out = owners.output_owners()  # fixed once stage 1 is pruned
+    rec.add("matmul rate (1024x1024 float32)", peak, "GFLOP/s")
+    for stage in stages:
+        data = stage_rows(cd.rows, stage, rows)
+        log_q = item_log_q(torch.as_tensor(cd.counts[stage]))
+
+        def csmf(d=data, s=stage, lq=log_q):
+            train_stage(model, cd.tables, d, s, cfg, log_q=lq, output_owners=out)
+
+        def plain(d=data):
+            reference_epoch(ref, opt, cd.tables, d, bs, seed=0)
+
+        csmf(), plain()  # warm-up (allocator, mask caches)
+        t = benchlib.interleaved({"csmf": csmf, "plain": plain}, rounds)
+        sps = {a: len(data) / benchlib.median(t[a]) for a in t}
+        name = cd.objectives[stage]
+        p = {"stage": stage, "stage_name": name, "rounds": rounds}
+        rec.add(
+            f"samples/s ratio csmf/plain, stage {stage} ({name})",
+            benchlib.paired_ratio(t["plain"], t["csmf"]),
+            "x",
+            ">= 0.8",
+            **p,
+        )
+        few = stage_rows(cd.rows, stage, 4 * bs)
+        fl = {
+            "csmf": count_flops(lambda f=few, s=stage, lq=log_q: train_stage(model, cd.tables, f, s, cfg, log_q=lq,
+                                                                             output_owners=out)),
+            "plain": count_flops(lambda f=few: reference_epoch(ref, opt, cd.tables, f, bs, seed=0)),
+        }  # fmt: skip
+        for arm in ("csmf", "plain"):
+            rec.add(f"{arm} samples/s, stage {stage}", sps[arm], "samples/s", **p)
+            gflops = fl[arm] / len(few) * sps[arm] / 1e9
+            rec.add(f"{arm} achieved GFLOP/s, stage {stage}", gflops, "GFLOP/s", **p)
+            rec.add(f"{arm} share of matmul rate, stage {stage}", gflops / peak, "", **p)
+        if profile:
+            print_profile(lambda d=data, s=stage, lq=log_q: train_stage(model, cd.tables, d, s, cfg, log_q=lq,
+                                                                        output_owners=out), f"csmf stage {stage}")  # fmt: skip
+            print_profile(lambda d=data: reference_epoch(ref, opt, cd.tables, d, bs, seed=0), "plain")
+    return rec.flush()
+
+
+def print_profile(fn, title: str, rows: int = 15) -> None:
+    """torch.profiler table of one call, top ops by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    print(f"== profile: {title}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=16384, help="rows per epoch (per round and arm)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="print torch.profiler tables of both arms")
+    p.add_argument("--quick", action="store_true", help="tiny world, few rows (smoke test)")
+    p.add_argument("--no-write", action="store_true", help="do not append to bench/results/")
+    a = p.parse_args(argv)
+    if a.quick:
+        tiny = {"name": "tiny", "n_users": 300, "n_items": 200, "n_days": 6, "requests_per_day": 340}
+        return run(rows=1024, rounds=2, profile=a.profile, write=not a.no_write, data=tiny)
+    return run(rows=a.rows, rounds=a.rounds, profile=a.profile, write=not a.no_write)
+
+
+if __name__ == "__main__":
+    main()

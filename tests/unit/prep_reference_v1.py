@@ -1,0 +1,386 @@
+"""REFERENCE ONLY: csmf_core/prep.py as of commit fee2f0f, before the bounded-memory change.
+
+Kept verbatim (this docstring added) so tests/unit/test_prep_bounded.py can check that the
+bounded-memory prep writes exactly the same model-ready dataset as the code it replaced.
+Do not import it from product code.
+
+Original module docstring follows.
+
+Canonical dataset -> model-ready dataset (docs/architecture.md sections 1 and 2).
+
+``prepare(dataset_dir, out_dir, train_dates=..., eval_dates=...)`` reads the canonical dataset with
+polars lazy scans (only the partitions up to the last evaluation date; source files are only read) and
+writes, into a temp dir renamed into place at the end:
+
+* ``users.parquet`` / ``items.parquet``: row r = index r, row 0 = unknown. Vocabularies are the ids of
+  the feature table and of the events read, sorted by id. ``c_uid`` / ``c_iid`` = r; categorical
+  feature codes 1..K by sorted distinct value (0 = null or not in the feature table); numeric features
+  standardised with the mean and (population) std of the feature table, null/NaN -> 0.
+* ``train/part-NNNNN.parquet``: events of the training dates whose first objective is true, sorted by
+  (ts, user_id, item_id); ``level`` = number of objectives true - 1; ``hist_<objective>`` for every
+  objective after the first; ``neg`` = the first M unexposed candidates of the same request in source
+  order (distinct, excluding items exposed in that request), right-padded with 0.
+* ``eval.parquet``: one row per user (sorted by index) with >= 1 positive of any objective in the
+  evaluation dates; ``hist_*`` as of midnight UTC of the first evaluation date; ``pos_<objective>``
+  sorted distinct item indices.
+* ``popularity.parquet`` (every item index 0..n_items-1) and ``meta.json``.
+
+Point-in-time history: the last L items the user had the label on with ``ts`` strictly before the
+row's ``ts`` (events at the same ts or later never count), over every partition read (so history
+before the training window counts too), most recent last, left-padded with 0. Ties at the same ts are
+ordered by item index, so the result does not depend on the row order of the source files.
+
+Feature kinds when ``dataset.yaml`` has no ``features`` for a table: string, categorical, enum and
+boolean columns are categorical; integer columns are categorical when they have at most
+``INT_CATEGORICAL_MAX_DISTINCT`` distinct values, numeric otherwise; float and decimal columns are
+numeric; other dtypes (dates, lists, ...) are ignored.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+INT_CATEGORICAL_MAX_DISTINCT = 1000
+DAY_US = 86_400_000_000
+
+
+@dataclass
+class PrepSummary:
+    """What ``prepare`` wrote. ``train_by_level[k]`` = train rows with level == k."""
+
+    out_dir: Path
+    n_users: int  # rows of users.parquet (including row 0)
+    n_items: int
+    n_train: int
+    n_eval: int
+    train_by_level: list[int]
+    train_dates: list[str]
+    eval_dates: list[str]
+    train_parts: list[Path] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+
+def _resolve_dates(spec: str | list[str] | tuple[str, str]) -> list[str]:
+    """A str = one date, a tuple (start, end) = every calendar date in [start, end], a list = those."""
+    if isinstance(spec, str):
+        spec = [spec]
+    if isinstance(spec, tuple):
+        start, end = (dt.date.fromisoformat(str(d)) for d in spec)
+        return [(start + dt.timedelta(days=k)).isoformat() for k in range((end - start).days + 1)]
+    return sorted({dt.date.fromisoformat(str(d)).isoformat() for d in spec})
+
+
+def _partitions(dataset_dir: Path) -> dict[str, list[Path]]:
+    """date -> sorted parquet files of ``events/dt=<date>/``."""
+    out = {}
+    for d in sorted((dataset_dir / "events").glob("dt=*")):
+        files = sorted(p for p in d.glob("*.parquet") if not p.name.startswith((".", "_")))
+        if d.is_dir() and files:
+            out[dt.date.fromisoformat(d.name[3:]).isoformat()] = files
+    return out
+
+
+def _infer_spec(df: pl.DataFrame, id_col: str) -> dict[str, list[str]]:
+    spec: dict[str, list[str]] = {"categorical": [], "numeric": []}
+    for name, dtype in df.schema.items():
+        if name == id_col:
+            continue
+        if dtype in (pl.String, pl.Boolean) or isinstance(dtype, pl.Categorical | pl.Enum):
+            spec["categorical"].append(name)
+        elif dtype.is_integer():
+            small = df[name].n_unique() <= INT_CATEGORICAL_MAX_DISTINCT
+            spec["categorical" if small else "numeric"].append(name)
+        elif dtype.is_float() or dtype.is_decimal():
+            spec["numeric"].append(name)
+    return spec
+
+
+def _encode_table(df: pl.DataFrame, id_col: str, ids: np.ndarray, spec: dict | None, idx_name: str):
+    """Feature table -> (model-ready table, feature specs). ``ids`` (n,) sorted vocabulary."""
+    df = df.filter(pl.col(id_col).is_not_null()).unique(subset=id_col, keep="first", maintain_order=True)
+    spec = spec or _infer_spec(df, id_col)
+    joined = pl.DataFrame({id_col: ids}).join(df, on=id_col, how="left", maintain_order="left")
+    n = len(ids) + 1
+    cols = {
+        id_col: pl.Series(id_col, [None, *ids.tolist()], pl.Int64),
+        idx_name: np.arange(n, dtype=np.int32),
+    }
+    specs = [{"name": idx_name, "kind": "categorical", "cardinality": n, "source": id_col}]
+    for f in spec.get("categorical", []):
+        values = df[f].drop_nulls().unique().sort()
+        codes = joined[f].replace_strict(values, range(1, len(values) + 1), default=0, return_dtype=pl.Int32)
+        cols[f"c_{f}"] = np.concatenate([[0], codes.fill_null(0).to_numpy()]).astype(np.int32)
+        specs.append(
+            {"name": f"c_{f}", "kind": "categorical", "cardinality": len(values) + 1, "source": f}
+            | {"values": values.to_list()}
+        )
+    for f in spec.get("numeric", []):
+        x = df[f].cast(pl.Float64).fill_nan(None)
+        mean, std = x.mean() or 0.0, x.std(ddof=0) or 0.0
+        std = std if std > 0 else 1.0  # a constant column standardises to 0, not NaN
+        z = ((joined[f].cast(pl.Float64).fill_nan(None) - mean) / std).fill_null(0.0).to_numpy()
+        cols[f"n_{f}"] = np.concatenate([[0.0], z]).astype(np.float32)
+        specs.append({"name": f"n_{f}", "kind": "numeric", "source": f, "mean": mean, "std": std})
+    return pl.DataFrame(cols), specs
+
+
+class HistoryIndex:
+    """Positives (u, i, ts) of one objective, indexed for point-in-time history look-ups.
+
+    Events are sorted by a combined key ``u * stride + rank(ts)`` (ranks over the distinct event ts,
+    so the key never overflows whatever the time span) with ties broken by item index.
+    """
+
+    def __init__(self, u: np.ndarray, i: np.ndarray, ts: np.ndarray):
+        self.uniq_ts = np.unique(ts)
+        self.stride = np.int64(len(self.uniq_ts) + 1)
+        key = u.astype(np.int64) * self.stride + np.searchsorted(self.uniq_ts, ts)
+        order = np.lexsort((i, key))
+        self.key, self.items = key[order], i[order].astype(np.int32)
+
+    def query(self, u: np.ndarray, ts: np.ndarray, seq_len: int, chunk: int = 1 << 20) -> np.ndarray:
+        """(Q,) user indices and ts (us) -> (Q, seq_len) int32, most recent last, 0-padded left."""
+        out = np.zeros((len(u), seq_len), np.int32)
+        if len(self.items) == 0 or len(u) == 0:
+            return out
+        u64 = u.astype(np.int64)
+        # searchsorted 'left' on the distinct ts = number of distinct event ts strictly before ts, so
+        # key(event) < key(query) <=> same-or-earlier user, or same user and strictly earlier ts.
+        end = np.searchsorted(self.key, u64 * self.stride + np.searchsorted(self.uniq_ts, ts), "left")
+        start = np.searchsorted(self.key, u64 * self.stride, "left")
+        offs = np.arange(seq_len) - seq_len
+        for lo in range(0, len(u), chunk):  # bounds the (chunk, L) int64 temporaries
+            pos = end[lo : lo + chunk, None] + offs
+            ok = pos >= start[lo : lo + chunk, None]
+            out[lo : lo + chunk] = np.where(ok, self.items[np.maximum(pos, 0)], 0)
+        return out
+
+
+def _fixed_list(a: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(a.ravel(), pa.int32()), a.shape[1])
+
+
+def _scan_events(parts: dict[str, list[Path]], dates: list[str], cols: list[str], train: set, ev: set):
+    frames = []
+    for d in dates:
+        lf = pl.scan_parquet(parts[d])
+        has_req = "request_id" in lf.collect_schema()
+        ts = pl.col("ts")
+        ts = ts.dt.epoch("us") if lf.collect_schema()["ts"].is_temporal() else ts.cast(pl.Int64)
+        frames.append(
+            lf.select(
+                (pl.col("request_id") if has_req else pl.lit(None)).cast(pl.String).alias("request_id"),
+                pl.col("user_id").cast(pl.Int64),
+                pl.col("item_id").cast(pl.Int64),
+                ts.alias("ts"),
+                *[pl.col(c).cast(pl.Boolean).fill_null(False) for c in cols],
+                pl.lit(d in train).alias("_train"),
+                pl.lit(d in ev).alias("_eval"),
+            ).filter(pl.col("user_id").is_not_null() & pl.col("item_id").is_not_null())
+        )
+    return pl.concat(frames, how="vertical")
+
+
+def _read_features(path: Path, id_col: str) -> pl.DataFrame:
+    return pl.read_parquet(path) if path.exists() else pl.DataFrame({id_col: []}, schema={id_col: pl.Int64})
+
+
+def _list_column(u_rows: np.ndarray, u: np.ndarray, i: np.ndarray) -> pa.ListArray:
+    """Sorted distinct items per user of ``u_rows`` (sorted) from pairs (u, i) -> list<int32>."""
+    pairs = np.unique(u.astype(np.int64) << 32 | i.astype(np.int64))
+    pu, pi = pairs >> 32, (pairs & 0xFFFFFFFF).astype(np.int32)
+    offsets = np.searchsorted(pu, np.append(u_rows, np.iinfo(np.int64).max)).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(pi, pa.int32()))
+
+
+def prepare(
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    train_dates: str | list[str] | tuple[str, str],
+    eval_dates: str | list[str] | tuple[str, str],
+    seq_len: int = 20,
+    n_req_neg: int = 10,
+    overwrite: bool = False,
+    part_rows: int = 1_000_000,
+) -> PrepSummary:
+    """Build the model-ready dataset of ``dataset_dir`` into ``out_dir``.
+
+    Dates: a ``tuple`` (start, end) means every calendar date from start to end inclusive, a ``list``
+    means exactly those dates, a ``str`` one date. Every training date must precede the first
+    evaluation date. ``seq_len`` = L (history length), ``n_req_neg`` = M (request negatives per row),
+    ``part_rows`` = rows per train part (one row group each). Datasets without request ids or
+    unexposed rows get all-zero ``neg`` lists. The objectives come from dataset.yaml.
+    A non-empty out_dir is refused unless ``overwrite``.
+    """
+    dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
+    cfg = yaml.safe_load((dataset_dir / "dataset.yaml").read_text())
+    objectives = [(o["name"], o["column"]) for o in cfg["objectives"]]
+    names, cols = [n for n, _ in objectives], [c for _, c in objectives]
+    train_d, eval_d = _resolve_dates(train_dates), _resolve_dates(eval_dates)
+    if not train_d or not eval_d or max(train_d) >= min(eval_d):
+        raise ValueError("need non-empty train and eval dates, every train date before the first eval date")
+    if seq_len < 1 or n_req_neg < 1:  # arrow has no fixed_size_list of size 0; all-0 rows mean "none"
+        raise ValueError("need seq_len >= 1 and n_req_neg >= 1")
+    _prepare_out_dir(out_dir, overwrite, check_only=True)  # fail before the heavy work
+    parts = _partitions(dataset_dir)
+    missing = [d for d in train_d if d not in parts], [d for d in eval_d if d not in parts]
+    if len(missing[0]) == len(train_d) or len(missing[1]) == len(eval_d):
+        raise ValueError(f"no event partitions for the train or eval dates in {dataset_dir / 'events'}")
+    needed = [d for d in parts if d <= max(eval_d)]  # history needs every earlier partition
+    ev = _scan_events(parts, needed, cols, set(train_d), set(eval_d))
+    feats = cfg.get("features") or {}
+    users_df = _read_features(dataset_dir / "users.parquet", "user_id")
+    items_df = _read_features(dataset_dir / "items.parquet", "item_id")
+
+    c0, is_train = pl.col(cols[0]), pl.col("_train")
+    train_lf = ev.filter(is_train & c0).select("request_id", "user_id", "item_id", "ts", *cols)
+    train_lf = train_lf.sort(["ts", "user_id", "item_id"], maintain_order=True)
+    neg_lf = (
+        ev.filter(is_train & ~c0 & pl.col("request_id").is_not_null())
+        .select("request_id", "item_id")
+        .join(
+            train_lf.select("request_id", "item_id"),
+            on=["request_id", "item_id"],
+            how="anti",
+            maintain_order="left",
+        )
+        .unique(maintain_order=True)
+        .with_columns(k=pl.int_range(pl.len()).over("request_id"))
+        .filter(pl.col("k") < n_req_neg)
+    )
+    eval_lf = ev.filter(pl.col("_eval") & pl.any_horizontal(cols)).select("user_id", "item_id", *cols)
+    hist_lfs = [ev.filter(pl.col(c)).select("user_id", "item_id", "ts") for c in cols[1:]]
+    uid_lf = pl.concat([users_df.lazy().select("user_id"), ev.select("user_id")]).unique()
+    iid_lf = pl.concat([items_df.lazy().select("item_id"), ev.select("item_id")]).unique()
+    train, negs, evals, uids, iids, *hists = pl.collect_all(
+        [train_lf, neg_lf, eval_lf, uid_lf, iid_lf, *hist_lfs]
+    )
+
+    user_ids = np.sort(uids["user_id"].drop_nulls().to_numpy())
+    item_ids = np.sort(iids["item_id"].drop_nulls().to_numpy())
+    uidx = lambda s: (np.searchsorted(user_ids, s.to_numpy()) + 1).astype(np.int32)  # noqa: E731
+    iidx = lambda s: (np.searchsorted(item_ids, s.to_numpy()) + 1).astype(np.int32)  # noqa: E731
+    users_tab, user_specs = _encode_table(users_df, "user_id", user_ids, feats.get("users"), "c_uid")
+    items_tab, item_specs = _encode_table(items_df, "item_id", item_ids, feats.get("items"), "c_iid")
+    n_users, n_items = len(user_ids) + 1, len(item_ids) + 1
+    index = {
+        n: HistoryIndex(uidx(h["user_id"]), iidx(h["item_id"]), h["ts"].to_numpy())
+        for n, h in zip(names[1:], hists)
+    }
+
+    # Request negatives: one (n_requests + 1, M) matrix, row 0 = no negatives, gathered per train row.
+    req = negs.select("request_id").unique(maintain_order=True).with_row_index("rc", offset=1)
+    negs = negs.join(req, on="request_id", maintain_order="left")
+    neg_mat = np.zeros((len(req) + 1, n_req_neg), np.int32)
+    neg_mat[negs["rc"].to_numpy(), negs["k"].to_numpy()] = iidx(negs["item_id"])
+    train_rc = train.select("request_id").join(req, on="request_id", how="left", maintain_order="left")
+    train_rc = train_rc["rc"].fill_null(0).to_numpy()
+
+    t_u, t_i, t_ts = uidx(train["user_id"]), iidx(train["item_id"]), train["ts"].to_numpy()
+    flags = np.stack([train[c].to_numpy() for c in cols], 1) if len(train) else np.zeros((0, len(cols)), bool)
+    level = (flags.sum(1) - 1).astype(np.int8)
+    eval_start = int(dt.datetime.fromisoformat(min(eval_d)).replace(tzinfo=dt.UTC).timestamp()) * 10**6
+
+    tmp = _prepare_out_dir(out_dir, overwrite)
+    try:
+        users_tab.write_parquet(tmp / "users.parquet")
+        items_tab.write_parquet(tmp / "items.parquet")
+        (tmp / "train").mkdir()
+        train_parts = []
+        for k, lo in enumerate(range(0, max(len(train), 1), part_rows)):
+            s = slice(lo, lo + part_rows)
+            table = {"u": pa.array(t_u[s]), "i": pa.array(t_i[s]), "level": pa.array(level[s]), "ts": t_ts[s]}
+            for n in names[1:]:
+                table[f"hist_{n}"] = _fixed_list(index[n].query(t_u[s], t_ts[s], seq_len))
+            table["neg"] = _fixed_list(neg_mat[train_rc[s]])
+            train_parts.append(tmp / "train" / f"part-{k:05d}.parquet")
+            pq.write_table(pa.table(table), train_parts[-1], row_group_size=part_rows)
+
+        e_u, e_i = uidx(evals["user_id"]), iidx(evals["item_id"])
+        eval_users = np.unique(e_u)
+        etab = {"u": pa.array(eval_users, pa.int32())}
+        for n in names[1:]:
+            etab[f"hist_{n}"] = _fixed_list(
+                index[n].query(eval_users, np.full(len(eval_users), eval_start), seq_len)
+            )
+        for n, c in objectives:
+            m = evals[c].to_numpy()
+            etab[f"pos_{n}"] = _list_column(eval_users, e_u[m], e_i[m])
+        pq.write_table(pa.table(etab), tmp / "eval.parquet")
+
+        pop = {"i": np.arange(n_items, dtype=np.int32)}
+        for k, n in enumerate(names):
+            pop[f"count_{n}"] = np.bincount(t_i[flags[:, k]], minlength=n_items).astype(np.int64)
+        pq.write_table(pa.table(pop), tmp / "popularity.parquet")
+
+        by_level = np.bincount(level, minlength=len(names))[: len(names)].tolist()
+        meta = {
+            "format_version": 1,
+            "dataset": {"name": cfg.get("name"), "dir": str(dataset_dir)},
+            "objectives": [{"name": n, "column": c} for n, c in objectives],
+            "features": {"users": user_specs, "items": item_specs},
+            "n_users": n_users,
+            "n_items": n_items,
+            "seq_len": seq_len,
+            "n_req_neg": n_req_neg,
+            "train_dates": train_d,
+            "eval_dates": eval_d,
+            "history_dates": needed,
+            "eval_start_ts": eval_start,
+            "rows": {"train": len(train), "eval": len(eval_users), "train_by_level": by_level},
+            "train_parts": [str(p.relative_to(tmp)) for p in train_parts],
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        _commit_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return PrepSummary(
+        out_dir=out_dir,
+        n_users=n_users,
+        n_items=n_items,
+        n_train=len(train),
+        n_eval=len(eval_users),
+        train_by_level=by_level,
+        train_dates=train_d,
+        eval_dates=eval_d,
+        train_parts=[out_dir / p.relative_to(tmp) for p in train_parts],
+        meta=meta,
+    )
+
+
+# Same helpers as csmf_core.synth (kept local so prep does not depend on the generator).
+def _prepare_out_dir(out_dir: Path, overwrite: bool, check_only: bool = False) -> Path:
+    """Refuse a non-empty out_dir unless overwrite; return a fresh temp dir beside it."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True)")
+    if check_only:
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def _commit_dir(tmp: Path, out_dir: Path) -> None:
+    """Move tmp into out_dir; an old out_dir is renamed away first so a reader never sees half a dataset."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
