@@ -55,7 +55,11 @@ def prefect_run(api: str, home: Path, deployment: str, *params: str) -> str:
     for p in params:
         cmd += ["--param", p]
     res = subprocess.run(
-        [*cmd, "--watch", "--watch-timeout", "300"], env=env, capture_output=True, text=True, timeout=330
+        [*cmd, "--watch", "--watch-interval", "2", "--watch-timeout", "300"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=330,
     )
     out = res.stdout + res.stderr
     assert res.returncode == 0 and "Completed" in out, out[-4000:]

@@ -123,3 +123,28 @@ def test_retention_keeps_last_days_and_the_champion(tmp_path):
     assert cache.lookup("s_old", 0) is None and cache.lookup("s_new", 0) is not None
     assert len(list((tmp_path / "cache" / "stages").glob("*.json"))) == 1
     assert json.loads(next((tmp_path / "cache" / "stages").glob("*.json")).read_text())["stage"] == "s_new"
+
+
+def test_the_flow_refuses_a_date_that_is_training(tmp_path):
+    """csmf_daily takes the date's lock after planning the window and before any task or MLflow run:
+    with the lock held elsewhere it fails at once with the holder in the message."""
+    from csmf_core.synth import generate
+    from flows.pipeline import csmf_daily
+
+    data = generate(tmp_path / "tiny", "tiny", seed=0).out_dir
+    home = tmp_path / "home"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+        mp.setenv("PREFECT_HOME", str(home / "prefect"))
+        mp.setenv("CSMF_HOME", str(home))  # the flow sets it: restored with the others
+        with date_lock(home, "2026-01-05", who="flow run A"):
+            with pytest.raises(
+                RunLocked, match="another csmf-daily run for 2026-01-05 is training .*flow run A"
+            ):
+                try:
+                    csmf_daily.fn(date="2026-01-05", data=str(data), home=str(home))
+                finally:
+                    import mlflow
+
+                    mlflow.set_tracking_uri(None)  # the flow sets the process-wide tracking URI
+    assert not (home / "runs").exists() and not (home / "mlflow.db").exists()
