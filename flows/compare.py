@@ -61,6 +61,7 @@ WEIGHT_GRID = (
     3.0,
 )  # each objective's weight in turn, the others at eval.fused_weights
 LOG_EVERY = 200
+LATENCY_ITEMS = 100_000  # fused-query latency is measured on the catalog tiled to at least this many rows
 
 
 def parse_sweeps(spec: str | None) -> list[str]:
@@ -124,31 +125,6 @@ def csmf_compare(
     run = open_compare_run(env.root, env.tracking_uri, env.artifacts, cfg, dataset, window, names, seeds)
     try:
         ready = ingest(run, cfg, max_violation_rate)
-        records = []
-        for name in names:
-            for seed in range(seeds):
-                records.append(
-                    fit_method.with_options(task_run_name=f"{name}-seed{seed}")(
-                        name,
-                        seed,
-                        ready,
-                        cfg,
-                        run,
-                        weight_sweep=("weights" in sweep_names and name == "csmf" and seed == 0),
-                    )
-                )
-        sweep_records = []
-        for s in sweep_names:
-            if s == "weights":
-                continue
-            key, grid = SWEEPS[s]
-            for value in grid:
-                c = build_config(reporting.plain(cfg.to_dict()), [f"{key}={value}"])
-                sweep_records.append(
-                    fit_method.with_options(task_run_name=f"csmf-{s}={value}")(
-                        "csmf", 0, ready, c, run, sweep=(s, value)
-                    )
-                )
         meta = {
             "dataset": _dataset_name(dataset),
             "dataset_dir": str(dataset),
@@ -163,8 +139,41 @@ def csmf_compare(
             "methods": names,
             "overrides": list(overrides or []),
             "mlflow_run_id": run.parent_run_id,
+            "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "epochs": list(cfg.train.epochs),
         }
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "meta.partial.json").write_text(json.dumps(meta, indent=1))
+        partial = out_dir / "runs.partial.jsonl"
+        partial.write_text("")
+        records, failures = [], []
+        # seeds outer: after each seed a complete comparison exists (runs.partial.jsonl, rebuild_report)
+        for seed in range(seeds):
+            for name in names:
+                state = fit_method.with_options(task_run_name=f"{name}-seed{seed}")(
+                    name,
+                    seed,
+                    ready,
+                    cfg,
+                    run,
+                    weight_sweep=("weights" in sweep_names and name == "csmf" and seed == 0),
+                    return_state=True,
+                )
+                _collect(state, name, seed, records, failures, partial)
+        sweep_records = []
+        for s in sweep_names:
+            if s == "weights":
+                continue
+            key, grid = SWEEPS[s]
+            for value in grid:
+                c = build_config(reporting.plain(cfg.to_dict()), [f"{key}={value}"])
+                state = fit_method.with_options(task_run_name=f"csmf-{s}={value}")(
+                    "csmf", 0, ready, c, run, sweep=(s, value), return_state=True
+                )
+                _collect(state, f"csmf {s}={value}", 0, sweep_records, failures, partial)
+        if not records:
+            raise RuntimeError(f"every run failed: {failures}")
+        meta["failures"] = failures
         path = write_report(records, sweep_records, meta, out_dir, run, time.perf_counter() - t0)
     except BaseException:
         run.parent().finish("FAILED")
@@ -176,6 +185,26 @@ def csmf_compare(
         "tracking_uri": run.tracking_uri,
         "runs": len(records) + len(sweep_records),
     }
+
+
+def _collect(state, name: str, seed: int, ok: list, failures: list, partial: Path) -> None:
+    """Keep a finished run's record, or note a failed one (the other runs go on; the report lists it)."""
+    if state.is_completed():
+        rec = state.result()
+        ok.append(rec)
+    else:
+        try:
+            state.result()
+            err = f"state {state.type}"
+        except BaseException as exc:  # the task's exception, re-raised by result()
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            err = f"{type(exc).__name__}: {exc}"
+        rec = {"failed": name, "seed": seed, "error": err[:500]}
+        failures.append(rec)
+        get_run_logger().error("%s seed %d failed: %s", name, seed, err)
+    with partial.open("a") as fh:
+        fh.write(json.dumps(rec, default=float) + "\n")
 
 
 def _command(data, date, methods, seeds, config, overrides, sweeps) -> str:
@@ -273,7 +302,7 @@ def fit_method(
         rows = [{**r, "scorer": r["objective"]} for r in own]
         relevant = {o: data.eval.pos[t] for t, o in enumerate(data.objectives) if o in result.user_vecs}
         rows += fused_rows(result, relevant, weights, ks)
-        serving = serving_costs(result, weights, k=cfg.eval.primary_k)
+        serving = serving_costs(result, weights, k=cfg.eval.primary_k, min_items=LATENCY_ITEMS)
         metrics = {
             f"test/{r['objective']}/{'' if r['scorer'] == r['objective'] else 'fused/'}{m}@{r['k']}": r[m]
             for r in rows
@@ -341,6 +370,33 @@ def write_report(
     records: list[dict], sweep_records: list[dict], meta: dict, out_dir: Path, run: RunContext, seconds: float
 ) -> Path:
     """Markdown + runs.json + figures under out_dir; the same to the parent run and Prefect artifacts."""
+    path, md, t2_rows, t3_rows, t4_rows = render_report(records, sweep_records, meta, out_dir, seconds)
+    for stale in ("runs.partial.jsonl", "meta.partial.json"):  # the complete report replaces them
+        (out_dir / stale).unlink(missing_ok=True)
+    parent = run.parent()
+    parent.log_artifact(path, "report")
+    parent.log_artifact(out_dir / "runs.json", "report")
+    parent.log_artifact(out_dir / "figures", "report/figures")
+    parent.log_table(t2_rows, "report/table2_accuracy.json")
+    if t3_rows:
+        parent.log_table(t3_rows, "report/table3_ablations.json")
+    parent.log_table(t4_rows, "report/table4_serving.json")
+    parent.log_metrics({"compare/wall_seconds": seconds})
+    for name, rows in (("table2", t2_rows), ("table3", t3_rows), ("table4", t4_rows)):
+        if rows:
+            create_table_artifact(
+                [{a: (round(b, 5) if isinstance(b, float) else b) for a, b in r.items()} for r in rows],
+                key=f"csmf-compare-{name}",
+                description=f"csmf-compare {meta['dataset']} {name}",
+            )
+    create_markdown_artifact(md, key="csmf-compare-report", description=f"csmf-compare {meta['dataset']}")
+    return path
+
+
+def render_report(
+    records: list[dict], sweep_records: list[dict], meta: dict, out_dir: Path, seconds: float
+) -> tuple[Path, str, list[dict], list[dict], list[dict]]:
+    """Write comparison.md, runs.json and figures/ under out_dir; returns (path, markdown, table rows 2-4)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "figures").mkdir(exist_ok=True)
     k, objs = meta["k"], meta["objectives"]
@@ -407,24 +463,31 @@ def write_report(
     (out_dir / "runs.json").write_text(
         json.dumps({"meta": meta, "runs": records, "sweeps": sweep_records}, indent=1, default=float)
     )
-    parent = run.parent()
-    parent.log_artifact(path, "report")
-    parent.log_artifact(out_dir / "runs.json", "report")
-    parent.log_artifact(out_dir / "figures", "report/figures")
-    parent.log_table(t2_rows, "report/table2_accuracy.json")
-    if t3_rows:
-        parent.log_table(t3_rows, "report/table3_ablations.json")
-    parent.log_table(t4_rows, "report/table4_serving.json")
-    parent.log_metrics({"compare/wall_seconds": seconds})
-    for name, rows in (("table2", t2_rows), ("table3", t3_rows), ("table4", t4_rows)):
-        if rows:
-            create_table_artifact(
-                [{a: (round(b, 5) if isinstance(b, float) else b) for a, b in r.items()} for r in rows],
-                key=f"csmf-compare-{name}",
-                description=f"csmf-compare {meta['dataset']} {name}",
-            )
-    create_markdown_artifact(md, key="csmf-compare-report", description=f"csmf-compare {meta['dataset']}")
-    return path
+    return path, md, t2_rows, t3_rows, t4_rows
+
+
+def rebuild_report(out_dir: str | Path) -> Path:
+    """Render the report from the runs finished so far (runs.partial.jsonl) of an interrupted compare.
+
+    The report says it is partial; wall time is the time from the start to the last finished run.
+    """
+    out_dir = Path(out_dir)
+    meta = json.loads((out_dir / "meta.partial.json").read_text())
+    recs = [json.loads(x) for x in (out_dir / "runs.partial.jsonl").read_text().splitlines() if x.strip()]
+    meta["failures"] = [r for r in recs if "failed" in r]
+    recs = [r for r in recs if "failed" not in r]
+    records = [r for r in recs if "sweep" not in r]
+    sweeps = [r for r in recs if "sweep" in r]
+    seeds = sorted({r["seed"] for r in records})
+    full = [s for s in seeds if {r["method"] for r in records if r["seed"] == s} >= set(meta["methods"])]
+    meta = {
+        **meta,
+        "partial": f"interrupted: {len(records)} of {len(meta['methods']) * meta['seeds']} runs finished; "
+        f"seeds with every method: {full}",
+    }
+    started = dt.datetime.fromisoformat(meta["started"])
+    last = max(Path(out_dir / "runs.partial.jsonl").stat().st_mtime, started.timestamp())
+    return render_report(records, sweeps, meta, out_dir, last - started.timestamp())[0]
 
 
 def _markdown(meta, seconds, t2, t2e, t2f, t3, t4, verdict, verdict3, sweep_md, per_seed, records) -> str:
@@ -437,6 +500,7 @@ def _markdown(meta, seconds, t2, t2e, t2f, t3, t4, verdict, verdict3, sweep_md, 
         f"(per-seed values at the end and in `runs.json`; MLflow parent run `{meta['mlflow_run_id']}`, "
         f"experiment `{EXPERIMENT}`).",
         "",
+        *([f"- **Partial report**: {meta['partial']}"] if meta.get("partial") else []),
         f"- Command: `{meta['command']}`",
         f"- Machine: {meta['machine']}",
         f"- Wall time: {seconds / 60:.1f} min ({len(records)} runs + sweeps, sequential)",
@@ -486,6 +550,9 @@ def _markdown(meta, seconds, t2, t2e, t2f, t3, t4, verdict, verdict3, sweep_md, 
     ]
     if sweep_md:
         lines += ["## Sensitivity (like the paper's Figures 4-5)", "", *sweep_md]
+    if meta.get("failures"):
+        lines += ["## Failed runs (left out of every table above)", ""]
+        lines += [f"- {f['failed']} seed {f['seed']}: {f['error']}" for f in meta["failures"]] + [""]
     lines += ["## Per-seed values", "", per_seed, ""]
     return "\n".join(lines)
 
