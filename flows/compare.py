@@ -312,7 +312,7 @@ def fit_method(
         metrics |= {f"serving/{k}": float(v) for k, v in serving.items()}
         metrics |= {"train/seconds": result.train_seconds, "model/n_params": result.n_params}
         tracker.log_metrics(metrics)
-        tracker.log_dict(reporting.plain(result.info), "method/info.json")
+        tracker.log_text(json.dumps(reporting.plain(result.info), indent=1, default=str), "method/info.json")
         tracker.log_table([{k: v for k, v in r.items() if k != "method"} for r in rows], "metrics/test.json")
         record = {
             "method": method,
