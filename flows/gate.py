@@ -206,6 +206,20 @@ def gate_metrics(rows: list[dict], objectives: list[str], k: int) -> dict[str, f
     return out
 
 
+def same_day_metrics(challenger, champion, model_ready: Path, k: int):
+    """(challenger metrics, champion metrics or None, why not comparable or None), both models
+    evaluated with the same function on the same model-ready data: this run's evaluation day(s).
+
+    `Recommender.evaluate` maps the data's users and items to each model's own vocabulary through
+    the original ids, so a champion trained on an older window is scored on today's events."""
+    new = gate_metrics(challenger.evaluate(model_ready, ks=(k,)), challenger.objectives, k)
+    if champion is None:
+        return new, None, None
+    if champion.objectives != challenger.objectives:
+        return new, None, f"objectives {champion.objectives} differ from {challenger.objectives}"
+    return new, gate_metrics(champion.evaluate(model_ready, ks=(k,)), challenger.objectives, k), None
+
+
 def regressions(
     challenger: Mapping[str, float], champion: Mapping[str, float], tolerance: float
 ) -> list[str]:

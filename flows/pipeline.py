@@ -36,6 +36,7 @@ from prefect.runtime import flow_run
 from csmf_core.cascade import Step, build_model, load_cascade_data, plan, run_step
 from csmf_core.checkpoint import load_checkpoint, save_checkpoint
 from csmf_core.config import CSMFConfig, load_config
+from csmf_core.distributed import run_step_distributed
 from csmf_core.evaluate import evaluate_model, metric_dict
 from csmf_core.prep import prepare
 from csmf_core.serving import metrics_table, summary_table, write_bundle
@@ -294,7 +295,12 @@ def cascade_step(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = _device(cfg)
-    data = load_cascade_data(ready.model_ready)
+    data = load_cascade_data(
+        ready.model_ready,
+        load_train=cfg.train.processes == 1,  # > 1: the torchrun ranks read the rows themselves
+        loader=cfg.train.loader,
+        shuffle_window=cfg.train.shuffle_window,
+    )
     data.tables = data.tables.to(device)
     if previous is None:
         model, owners = build_model(data, cfg)
@@ -319,7 +325,13 @@ def cascade_step(
             }
         )
         curve = reporting.LossCurve(tracker, logger, step.name, every=LOG_EVERY)
-        owners, report = run_step(step, model, owners, data, cfg, on_step=curve)
+        if cfg.train.processes > 1 and step.kind != "prune":  # DDP under torchrun; rank 0 reports back
+            owners, report = run_step_distributed(
+                step, model, owners, ready.model_ready, cfg, run.workdir / step.name / "ddp",
+                on_step=curve, log=logger.info,
+            )  # fmt: skip
+        else:
+            owners, report = run_step(step, model, owners, data, cfg, on_step=curve)
         curve.flush()
         meta = {
             "step": step.name,
@@ -487,21 +499,16 @@ def gate(bundle: Path, version: str, ready: Ingested, cfg: CSMFConfig, run: RunC
             for t in range(len(ready.objectives) - 1)
         }
         checks = gating.verify_model(rec, bundle / "checkpoint", stage_ends, cfg.gate.sample_users)
-        new = gating.gate_metrics(rec.evaluate(ready.model_ready, ks=(k,)), rec.objectives, k)
-        old, why_not, identical = None, None, False
+        champ, why_not, identical = None, None, False
         if current is not None and str(current.version) != version:
             identical = _same_inputs(current.tags or {}, run, cfg)
             if not identical:
                 try:
                     champ = Recommender.load(resolve_bundle(f"models:/csmf/{current.version}", home=run.home))
-                    if champ.objectives != rec.objectives:
-                        why_not = f"objectives {champ.objectives} differ from {rec.objectives}"
-                    else:
-                        old = gating.gate_metrics(
-                            champ.evaluate(ready.model_ready, ks=(k,)), rec.objectives, k
-                        )
                 except (OSError, ValueError, LookupError, MlflowException) as exc:
                     why_not = f"{type(exc).__name__}: {exc}"
+        new, old, mismatch = gating.same_day_metrics(rec, champ, ready.model_ready, k)
+        why_not = why_not or mismatch
         if current is not None and str(current.version) == version:  # a retry of this very run
             decision = gating.Decision(True, f"v{version} is already champion", checks, new, {}, version)
         else:

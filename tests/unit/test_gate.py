@@ -148,3 +148,33 @@ def test_decide_rules_in_order():
     assert not odd.promote and "objectives differ" in odd.reason
     md = worse.to_markdown()
     assert "champion kept" in md and "| click/click/recall@50 | 0.3000 | 0.3200 | -0.0200 |" in md
+
+
+def test_champion_is_scored_on_this_runs_day(tiny_world, tmp_path):
+    """same_day_metrics evaluates the champion on the model-ready data it is given (this run's
+    evaluation day), not on the day it was trained for."""
+    from types import SimpleNamespace
+
+    from csmf_core import prep
+    from flows.gate import same_day_metrics
+
+    d = tiny_world["dates"]
+    cfg = tiny_world["cfg"]
+    prep.prepare(
+        tiny_world["ds"],
+        tmp_path / "mr5",
+        train_dates=(d[0], d[-3]),
+        eval_dates=d[-2],
+        seq_len=cfg.data.seq_len,
+        n_req_neg=cfg.data.n_req_neg,
+    )
+    challenger = Recommender.load(tiny_world["bundle"])
+    champion = Recommender.load(tiny_world["bundle"])
+    new, old, why = same_day_metrics(challenger, champion, tmp_path / "mr5", 50)
+    assert why is None and old == new and len(new) == 12  # 3 objectives x (own, fused) x (recall, ndcg)
+    on_day6 = gate_metrics(champion.evaluate(tiny_world["mr"], ks=(50,)), champion.objectives, 50)
+    assert old != on_day6  # a different day gives different numbers: the day given was used
+    assert decide(OK, new, old, champion_version="1").promote  # equal is not worse
+    odd = SimpleNamespace(objectives=["exposure", "click"])
+    _, none, why = same_day_metrics(challenger, odd, tmp_path / "mr5", 50)
+    assert none is None and "differ" in why
