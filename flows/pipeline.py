@@ -10,11 +10,14 @@ The flow body reads like the design card (the middle is `csmf_core.cascade.plan`
 
     ingest -> pretrain_exposure -> cpp_prune_exposure -> recover_exposure -> finetune_click
     -> cpp_prune_click -> recover_click -> finetune_conversion -> build_index -> evaluate -> register
+    -> gate (champion or not, flows/gate.py) -> retention -> publish
 
 Tasks pass paths, ids and small metadata, never tensors. Every output goes to the run's own work dir
 `<home>/runs/<date>/<flow-run-id>/` (`<step>/checkpoint`, `model_ready`, `bundle`, `quarantine`).
 Only a run that got through evaluate registers a model, so a failed run (bad data, a diverged loss)
-never replaces a good one. MLflow layout: flows/reporting.py.
+never replaces a good one; a registered model becomes champion only through the gate. One run per
+date at a time (flows/lock.py); completed stages of an earlier run with identical inputs are
+resumed (flows/resume.py). MLflow layout: flows/reporting.py; operations: docs/operations.md.
 """
 
 from __future__ import annotations
