@@ -217,6 +217,19 @@ def summarize_run(result: dict, k: int = 50) -> str:
         "",
         f"MLflow run:        {result['mlflow_run_id']}  (experiment {result.get('experiment', '?')})",
         f"Registered model:  csmf version {result.get('model_version', '?')}",
+        *(
+            [
+                f"Gate:              {'promoted to champion' if g.get('promoted') else 'champion kept'} "
+                f"(champion: v{g.get('champion_version')}): {g.get('reason', '')}"
+            ]
+            if (g := result.get("gate"))
+            else []
+        ),
+        *(
+            [f"Resumed stages:    {', '.join(result['resumed_stages'])} (identical inputs, earlier run)"]
+            if result.get("resumed_stages")
+            else []
+        ),
         f"Serving bundle:    {result.get('bundle_dir', '?')}",
         f"Tracking store:    {uri}",
         "Open the UI:       csmf ui   (then http://127.0.0.1:5000)   or: "
