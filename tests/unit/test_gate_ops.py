@@ -148,3 +148,19 @@ def test_the_flow_refuses_a_date_that_is_training(tmp_path):
 
                     mlflow.set_tracking_uri(None)  # the flow sets the process-wide tracking URI
     assert not (home / "runs").exists() and not (home / "mlflow.db").exists()
+
+
+def test_non_finite_loss_stops_the_stage(tiny_world):
+    """With max_loss out of reach, only a non-finite loss can stop training: lr 1e30 blows the
+    weights up within a few steps and the stage raises TrainingDiverged naming it."""
+    import dataclasses
+
+    from csmf_core.cascade import run_cascade
+    from csmf_core.train import TrainingDiverged
+
+    cfg = tiny_world["cfg"]
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=1e30, max_loss=1e308))
+    with pytest.raises(TrainingDiverged) as err:
+        run_cascade(tiny_world["data"], cfg)
+    msg = str(err.value)
+    assert msg.startswith("pretrain_exposure (train): loss nan") and "Lower train.lr" in msg
