@@ -1,0 +1,115 @@
+"""`csmf compare` end to end on the tiny world: 2 methods x 2 seeds through Prefect and MLflow.
+
+Checks the report tables against values recomputed independently from the child MLflow runs'
+logged metrics (not from the flow's own records), the method tags, the artifacts, and that a
+failing method is reported without stopping the others.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import mlflow
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+import flows.compare as compare
+from csmf_core.synth import generate
+from flows.compare import csmf_compare, rebuild_report
+
+pytestmark = pytest.mark.integration
+
+OVERRIDES = [
+    "model.dim=16",
+    "model.hidden=[32]",
+    "train.epochs=[1,1,1]",
+    "train.batch_size=256",
+    "train.threads=1",
+    "recover.epochs=1",
+    "data.seq_len=5",
+    "data.n_req_neg=4",
+    "eval.ks=[10,50]",
+]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    generate(root / "synth-tiny", "tiny", seed=0)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(compare, "LATENCY_ITEMS", 2000)  # keep the latency probe small in tests
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'home' / 'mlflow.db'}")
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            out = csmf_compare(
+                data=str(root / "synth-tiny"),
+                methods="youtubednn_mix,csmf",
+                seeds=2,
+                overrides=OVERRIDES,
+                home=str(root / "home"),
+                sweeps="weights",
+                report_dir=str(root / "report"),
+            )
+    finally:
+        mp.undo()
+    return {"root": root, "out": out, "report": root / "report"}
+
+
+def _child_metrics(out) -> list[tuple[dict, dict]]:
+    client = mlflow.MlflowClient(out["tracking_uri"])
+    parent = client.get_run(out["mlflow_run_id"])
+    runs = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{out['mlflow_run_id']}'"
+    )
+    return [(r.data.tags, r.data.metrics) for r in runs if "method" in r.data.tags]
+
+
+def test_children_tagged_per_method_and_seed(compared):
+    kids = _child_metrics(compared["out"])
+    got = sorted((t["method"], t["seed"]) for t, _ in kids)
+    assert got == [("csmf", "0"), ("csmf", "1"), ("youtubednn_mix", "0"), ("youtubednn_mix", "1")]
+    for _, m in kids:
+        assert math.isfinite(m["test/click/recall_at_50"]) and m["serving/item_bytes_per_item"] == 64
+    assert compared["out"]["runs"] == 4
+
+
+def test_report_cell_recomputed_from_mlflow(compared):
+    md = (compared["report"] / "comparison.md").read_text()
+    kids = _child_metrics(compared["out"])
+    vals = [
+        m["test/conversion/recall_at_50"]
+        for t, m in sorted(kids, key=lambda x: x[0]["seed"])
+        if t["method"] == "csmf"
+    ]
+    mean = sum(vals) / 2
+    half = 12.706205 * abs(vals[0] - vals[1]) / math.sqrt(2) / math.sqrt(2)  # t_{.975,1} * s / sqrt(n)
+    row = next(ln for ln in md.splitlines() if ln.startswith("| csmf | 2 |"))
+    assert f"{mean:.4f} ± {half:.4f}" in row
+    assert "## Accuracy" in md and "## Serving" in md and "## Ablations" in md and "k_click" in md
+    serving = next(ln for ln in md.splitlines() if ln.startswith("| youtubednn_mix | click,conversion |"))
+    assert "| 64 |" in serving  # one 16-d vector shared by click and conversion: 64 bytes per item
+
+
+def test_report_files_and_mlflow_artifacts(compared):
+    rep = compared["report"]
+    data = json.loads((rep / "runs.json").read_text())
+    assert len(data["runs"]) == 4 and data["meta"]["methods"] == ["youtubednn_mix", "csmf"]
+    assert (rep / "figures" / "accuracy.png").stat().st_size > 1000
+    assert not (rep / "runs.partial.jsonl").exists()
+    client = mlflow.MlflowClient(compared["out"]["tracking_uri"])
+    names = {f.path for f in client.list_artifacts(compared["out"]["mlflow_run_id"], "report")}
+    assert {"report/comparison.md", "report/runs.json", "report/table2_accuracy.json"} <= names
+
+
+def test_rebuild_from_partial_runs(compared, tmp_path):
+    data = json.loads((compared["report"] / "runs.json").read_text())
+    meta = {**data["meta"], "seeds": 3}
+    (tmp_path / "meta.partial.json").write_text(json.dumps(meta))
+    fail = {"failed": "csmf", "seed": 2, "error": "TrainingDiverged: loss nan"}
+    lines = [json.dumps(r) for r in data["runs"]] + [json.dumps(fail)]
+    (tmp_path / "runs.partial.jsonl").write_text("\n".join(lines) + "\n")
+    md = Path(rebuild_report(tmp_path)).read_text()
+    assert "Partial report" in md and "4 of 6 runs finished" in md and "seeds with every method: [0, 1]" in md
+    assert "csmf seed 2: TrainingDiverged: loss nan" in md
