@@ -1,0 +1,148 @@
+"""Benchmark 2 (data path): training fed from the model-ready Parquet through the loader vs in-memory rows.
+
+How to run:  .venv/bin/python bench/bench_data_path.py [--rounds 5] [--stages 0 2] [--profile] [--quick]
+
+Arms (the same `csmf_core.train.train_stage`, the same model architecture and config, one epoch of a
+stage over the generated `small` world, alternated round by round):
+  memory   rows loaded into tensors beforehand (`train.loader: memory`, the reference);
+  parquet  `csmf_core.loader.ParquetTrainSource` over `train/part-*.parquet` with the default shuffle
+           window (2^20 rows: the whole stage fits, so an epoch is an exact permutation);
+  parquet-window-64k  the same with a 65,536-row window: the bounded-memory regime of large data
+           (row groups interleaved, approximate shuffle).
+The model-ready data is written with 65,536-row parts so the loader opens several files and row
+groups as it would at scale. Figures: samples/s of each arm, ratio parquet / memory (median of
+per-round ratios), target >= 0.7; and the loader alone (batches produced per second with no
+training) as the headroom. Stage 0 is the dense case (every row used); the last stage is the sparse
+one (the loader decodes every row to keep the few with level >= stage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+
+try:
+    from bench import benchlib
+except ImportError:  # run as `python bench/bench_data_path.py`
+    import benchlib  # type: ignore[no-redef]
+
+from csmf_core.cascade import build_model, load_cascade_data
+from csmf_core.config import build_config
+from csmf_core.cpp import prune_stage
+from csmf_core.loader import ParquetTrainSource
+from csmf_core.train import item_log_q, train_stage
+
+PART_ROWS = 65_536
+
+
+def setup(cfg, data_kw: dict):
+    name = data_kw.pop("name")
+    ds, dates, _ = benchlib.synth_dataset(name, **data_kw)
+    mr, _ = benchlib.model_ready(ds, dates, f"{name}-parts64k", part_rows=PART_ROWS)
+    data = load_cascade_data(mr)
+    model, owners = build_model(data, cfg)
+    c = cfg.cpp
+    for s in range(len(data.objectives) - 1):  # late stages need owners as the cascade leaves them
+        owners, _ = prune_stage(
+            model, owners, s, rule=c.rule, tau=c.tau, ratio=c.ratio, min_keep=c.min_keep,
+            min_free=c.min_free, min_free_output=c.min_free_output, freed_init=c.freed_init, seed=s,
+        )  # fmt: skip
+    return mr, data, model, owners
+
+
+def run(
+    rounds: int = 5,
+    stages: tuple[int, ...] = (0, 2),
+    profile: bool = False,
+    write: bool = True,
+    threads: int | None = None,
+    data: dict | None = None,
+) -> list[dict]:
+    n_threads = benchlib.set_threads(threads)
+    cfg = build_config(None, ["train.epochs=[1,1,1]"])
+    mr, cd, model, owners = setup(cfg, dict(data or {"name": "small"}))
+    rec = benchlib.Recorder(
+        "data_path",
+        {
+            "batch_size": cfg.train.batch_size,
+            "threads": n_threads,
+            "part_rows": PART_ROWS,
+            "rows": len(cd.rows),
+        },
+        write=write,
+    )
+    sources = {
+        "parquet": ParquetTrainSource(mr),
+        "parquet-window-64k": ParquetTrainSource(mr, window_rows=65_536),
+    }
+    for stage in stages:
+        log_q = item_log_q(torch.as_tensor(cd.counts[stage]))
+        out = owners.output_owners()
+        models = {a: copy.deepcopy(model) for a in ("memory", *sources)}
+        n = len(cd.rows.for_stage(stage))
+
+        def arm(name, stage=stage, log_q=log_q, out=out, models=models):
+            rows = cd.rows if name == "memory" else sources[name]
+            return lambda: train_stage(
+                models[name], cd.tables, rows, stage, cfg, log_q=log_q, output_owners=out
+            )
+
+        arms = {a: arm(a) for a in models}
+        for f in arms.values():  # warm-up (allocator, page cache, level column)
+            f()
+        t = benchlib.interleaved(arms, rounds)
+        name = cd.objectives[stage]
+        p = {"stage": stage, "stage_name": name, "rounds": rounds, "stage_rows": n}
+        for a in arms:
+            rec.add(f"{a} samples/s, stage {stage} ({name})", n / benchlib.median(t[a]), "samples/s", **p)
+        for a in sources:
+            rec.add(
+                f"samples/s ratio {a}/memory, stage {stage} ({name})",
+                benchlib.paired_ratio(t["memory"], t[a]),
+                "x",
+                ">= 0.7",
+                **p,
+            )
+        for a, src in sources.items():  # the loader alone: how far ahead of training it can run
+
+            def drain(src=src, stage=stage) -> int:
+                return sum(1 for _ in src.batches(stage, cfg.train.batch_size, seed=0, epoch=0))
+
+            lt = benchlib.interleaved({a: drain}, 2)
+            rec.add(f"{a} loader alone, stage {stage}", n / benchlib.median(lt[a]), "rows/s", **p)
+        st = sources["parquet-window-64k"].stats
+        rec.add("window-64k loader: most rows held in the window", st.max_window_rows, "rows", **p)
+        if profile:
+            print_profile(arms["parquet"], f"parquet arm, stage {stage}")
+            print_profile(arms["memory"], f"memory arm, stage {stage}")
+    return rec.flush()
+
+
+def print_profile(fn, title: str, rows: int = 15) -> None:
+    """torch.profiler table of one epoch (main thread; the loader thread shows as its waits)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    print(f"== profile: {title}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--stages", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--profile", action="store_true", help="print torch.profiler tables of both arms")
+    p.add_argument("--quick", action="store_true", help="tiny world (smoke test)")
+    p.add_argument("--no-write", action="store_true", help="do not append to bench/results/")
+    a = p.parse_args(argv)
+    if a.quick:
+        tiny = {"name": "tiny", "n_users": 300, "n_items": 200, "n_days": 6, "requests_per_day": 340}
+        return run(rounds=2, stages=tuple(a.stages), profile=a.profile, write=not a.no_write, data=tiny)
+    return run(rounds=a.rounds, stages=tuple(a.stages), profile=a.profile, write=not a.no_write)
+
+
+if __name__ == "__main__":
+    main()
