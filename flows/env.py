@@ -32,6 +32,9 @@ def home_defaults(root: Path) -> dict[str, str]:
         "PREFECT_HOME": str(root / "prefect"),
         # Prefect's telemetry on the embedded server only adds "database is locked" noise.
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # Prefect's default 20 s for the temporary local API to come up is too short on a busy
+        # 2-core machine ("Timed out while attempting to connect to ephemeral Prefect API server").
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     }
 
 
