@@ -1,16 +1,16 @@
 """Benchmark 2 (data path): training fed from the model-ready Parquet through the loader vs in-memory rows.
 
-How to run:  .venv/bin/python bench/bench_data_path.py [--rounds 5] [--stages 0 2] [--profile] [--quick]
+How to run:  .venv/bin/python bench/bench_data_path.py [--rows 32768] [--rounds 5] [--stages 0 2] [--profile] [--quick]
 
 Arms (the same `csmf_core.train.train_stage`, the same model architecture and config, one epoch of a
-stage over the generated `small` world, alternated round by round):
+stage over the first `--rows` train rows of the generated `small` world, alternated round by round):
   memory   rows loaded into tensors beforehand (`train.loader: memory`, the reference);
   parquet  `csmf_core.loader.ParquetTrainSource` over `train/part-*.parquet` with the default shuffle
            window (2^20 rows: the whole stage fits, so an epoch is an exact permutation);
-  parquet-window-64k  the same with a 65,536-row window: the bounded-memory regime of large data
-           (row groups interleaved, approximate shuffle).
-The model-ready data is written with 65,536-row parts so the loader opens several files and row
-groups as it would at scale. Figures: samples/s of each arm, ratio parquet / memory (median of
+  parquet-window-8k  the same with an 8,192-row window (a quarter of the rows): the bounded-memory
+           regime of large data (row groups interleaved, approximate shuffle).
+The rows are rewritten as 8,192-row parts so the loader opens several files and row groups as it
+would at scale. Figures: samples/s of each arm, ratio parquet / memory (median of
 per-round ratios), target >= 0.7; and the loader alone (batches produced per second with no
 training) as the headroom. Stage 0 is the dense case (every row used); the last stage is the sparse
 one (the loader decodes every row to keep the few with level >= stage).
@@ -20,7 +20,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import shutil
+from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 try:
@@ -34,13 +39,44 @@ from csmf_core.cpp import prune_stage
 from csmf_core.loader import ParquetTrainSource
 from csmf_core.train import item_log_q, train_stage
 
-PART_ROWS = 65_536
+PART_ROWS = 8_192
+WINDOW = 8_192
 
 
-def setup(cfg, data_kw: dict):
+def subset(mr: Path, rows: int, part_rows: int) -> Path:
+    """A model-ready copy of `mr` whose train table is its first `rows` rows, in parts of `part_rows`.
+
+    Cached under benchlib.work_dir(); the feature tables, eval and popularity files are linked.
+    """
+    out = benchlib.work_dir() / "model_ready" / f"{mr.name}-first{rows}-parts{part_rows}"
+    stamp = out / "_bench_params.json"
+    src_stamp = mr / "_bench_params.json"
+    if stamp.exists() and stamp.stat().st_mtime >= src_stamp.stat().st_mtime:
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "train").mkdir(parents=True)
+    meta = json.loads((mr / "meta.json").read_text())
+    table = pa.concat_tables([pq.read_table(mr / p) for p in meta["train_parts"]]).slice(0, rows)
+    parts = []
+    for k, lo in enumerate(range(0, table.num_rows, part_rows)):
+        parts.append(f"train/part-{k:05d}.parquet")
+        pq.write_table(table.slice(lo, part_rows), out / parts[-1], row_group_size=part_rows)
+    for f in ("users.parquet", "items.parquet", "eval.parquet", "popularity.parquet"):
+        shutil.copyfile(mr / f, out / f)
+    level = table["level"].to_numpy()
+    meta["train_parts"] = parts
+    meta["rows"] = {**meta["rows"], "train": table.num_rows,
+                    "train_by_level": [int((level == t).sum()) for t in range(len(meta["objectives"]))]}  # fmt: skip
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    stamp.write_text(json.dumps({"rows": rows, "part_rows": part_rows}))
+    return out
+
+
+def setup(cfg, data_kw: dict, rows: int):
     name = data_kw.pop("name")
     ds, dates, _ = benchlib.synth_dataset(name, **data_kw)
-    mr, _ = benchlib.model_ready(ds, dates, f"{name}-parts64k", part_rows=PART_ROWS)
+    full, _ = benchlib.model_ready(ds, dates, name)
+    mr = subset(full, rows, PART_ROWS)
     data = load_cascade_data(mr)
     model, owners = build_model(data, cfg)
     c = cfg.cpp
@@ -53,6 +89,7 @@ def setup(cfg, data_kw: dict):
 
 
 def run(
+    rows: int = 32_768,
     rounds: int = 5,
     stages: tuple[int, ...] = (0, 2),
     profile: bool = False,
@@ -62,7 +99,7 @@ def run(
 ) -> list[dict]:
     n_threads = benchlib.set_threads(threads)
     cfg = build_config(None, ["train.epochs=[1,1,1]"])
-    mr, cd, model, owners = setup(cfg, dict(data or {"name": "small"}))
+    mr, cd, model, owners = setup(cfg, dict(data or {"name": "small"}), rows)
     rec = benchlib.Recorder(
         "data_path",
         {
@@ -75,7 +112,7 @@ def run(
     )
     sources = {
         "parquet": ParquetTrainSource(mr),
-        "parquet-window-64k": ParquetTrainSource(mr, window_rows=65_536),
+        "parquet-window-8k": ParquetTrainSource(mr, window_rows=WINDOW),
     }
     for stage in stages:
         log_q = item_log_q(torch.as_tensor(cd.counts[stage]))
@@ -112,8 +149,8 @@ def run(
 
             lt = benchlib.interleaved({a: drain}, 2)
             rec.add(f"{a} loader alone, stage {stage}", n / benchlib.median(lt[a]), "rows/s", **p)
-        st = sources["parquet-window-64k"].stats
-        rec.add("window-64k loader: most rows held in the window", st.max_window_rows, "rows", **p)
+        st = sources["parquet-window-8k"].stats
+        rec.add("window-8k loader: most rows held in the window", st.max_window_rows, "rows", **p)
         if profile:
             print_profile(arms["parquet"], f"parquet arm, stage {stage}")
             print_profile(arms["memory"], f"memory arm, stage {stage}")
@@ -132,6 +169,7 @@ def print_profile(fn, title: str, rows: int = 15) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=32_768, help="train rows used (the first rows of the table)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--stages", type=int, nargs="+", default=[0, 2])
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of both arms")
@@ -140,8 +178,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     a = p.parse_args(argv)
     if a.quick:
         tiny = {"name": "tiny", "n_users": 300, "n_items": 200, "n_days": 6, "requests_per_day": 340}
-        return run(rounds=2, stages=tuple(a.stages), profile=a.profile, write=not a.no_write, data=tiny)
-    return run(rounds=a.rounds, stages=tuple(a.stages), profile=a.profile, write=not a.no_write)
+        return run(
+            rows=4096, rounds=2, stages=tuple(a.stages), profile=a.profile, write=not a.no_write, data=tiny
+        )
+    return run(rows=a.rows, rounds=a.rounds, stages=tuple(a.stages), profile=a.profile, write=not a.no_write)
 
 
 if __name__ == "__main__":
