@@ -205,3 +205,19 @@ def test_weight_masks_freeze_and_prune_per_weight(tiny_world, method_cfg):
         own0 = (new[k] == 0).expand(p.shape)
         assert torch.equal(p.detach()[own0], after_recover[k][own0]), k  # stage-0 entries bit-identical
         assert not torch.equal(p.detach(), after_recover[k]) or not (new[k] == 1).any()
+
+
+def test_cli_rejects_bad_arguments_before_any_work(tmp_path, capsys, monkeypatch):
+    from flows.cli import main
+
+    home = str(tmp_path / "home")
+    # set (not delete) so that monkeypatch restores whatever setup_home changes
+    monkeypatch.setenv("CSMF_HOME", home)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    assert main(["compare", "--data", str(tmp_path), "--methods", "csmf,nope", "--home", home]) == 2
+    assert "unknown method(s) ['nope']" in capsys.readouterr().err
+    assert main(["compare", "--data", str(tmp_path), "--sweeps", "gamma", "--home", home]) == 2
+    assert "unknown sweep(s) ['gamma']" in capsys.readouterr().err
+    assert main(["compare", "--data", str(tmp_path / "missing"), "--home", home]) == 2
+    assert "no such directory" in capsys.readouterr().err
