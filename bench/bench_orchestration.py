@@ -112,7 +112,11 @@ def run_arm(arm: str, data: Path, work: Path, overrides: list[str], prefect_home
 
 
 def run(
-    rounds: int = 1, overrides: list[str] | None = None, data: dict | None = None, write: bool = True
+    rounds: int = 1,
+    overrides: list[str] | None = None,
+    data: dict | None = None,
+    write: bool = True,
+    arms: tuple[str, ...] = ("flow", "direct"),
 ) -> list[dict]:
     import shutil
 
@@ -122,34 +126,34 @@ def run(
     rec = benchlib.Recorder("orchestration", {"dataset": ds.name, "overrides": overrides}, write=write)
     base = benchlib.work_dir() / "orchestration"
     prefect_home = base / "prefect"
-    res: dict[str, list[dict]] = {"flow": [], "direct": []}
+    res: dict[str, list[dict]] = {a: [] for a in arms}
     for r in range(rounds):
-        for arm in ("flow", "direct") if r % 2 == 0 else ("direct", "flow"):
+        for arm in arms if r % 2 == 0 else arms[::-1]:
             work = base / f"{arm}-{r}"
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
             res[arm].append(run_arm(arm, ds, work, overrides, prefect_home))
             shutil.rmtree(work, ignore_errors=True)
-    f = benchlib.median([x["seconds"] for x in res["flow"]])
-    d = benchlib.median([x["seconds"] for x in res["direct"]])
-    ratios = [(a["seconds"] - b["seconds"]) / a["seconds"] for a, b in zip(res["flow"], res["direct"])]
-    rec.add(
-        "orchestration overhead (flow - direct) / flow", benchlib.median(ratios), "", "<= 0.1", rounds=rounds
-    )
-    rec.add("flow seconds (after imports)", f, "s")
-    rec.add("direct seconds (after imports)", d, "s")
-    for k in ("ingest", "cascade", "final"):
-        rec.add(f"direct phase: {k}", benchlib.median([x["phases"][k] for x in res["direct"]]), "s")
-    rec.add(
-        "flow imports (prefect, mlflow, flows)", benchlib.median([x["imports"] for x in res["flow"]]), "s"
-    )
-    rec.add(
-        "direct imports (csmf_core, data_contracts)",
-        benchlib.median([x["imports"] for x in res["direct"]]),
-        "s",
-    )
-    rec.add("flow process wall", benchlib.median([x["wall"] for x in res["flow"]]), "s")
-    rec.add("direct process wall", benchlib.median([x["wall"] for x in res["direct"]]), "s")
+    med = lambda arm, key: benchlib.median([x[key] for x in res[arm]])  # noqa: E731
+    if len(arms) == 2:
+        ratios = [(a["seconds"] - b["seconds"]) / a["seconds"] for a, b in zip(res["flow"], res["direct"])]
+        rec.add(
+            "orchestration overhead (flow - direct) / flow",
+            benchlib.median(ratios),
+            "",
+            "<= 0.1",
+            rounds=rounds,
+        )
+    if "flow" in arms:
+        rec.add("flow seconds (after imports)", med("flow", "seconds"), "s")
+    if "direct" in arms:
+        rec.add("direct seconds (after imports)", med("direct", "seconds"), "s")
+        for k in ("ingest", "cascade", "final"):
+            rec.add(f"direct phase: {k}", benchlib.median([x["phases"][k] for x in res["direct"]]), "s")
+    labels = {"flow": "prefect, mlflow, flows", "direct": "csmf_core, data_contracts"}
+    for arm in arms:
+        rec.add(f"{arm} imports ({labels[arm]})", med(arm, "imports"), "s")
+        rec.add(f"{arm} process wall", med(arm, "wall"), "s")
     return rec.flush()
 
 
@@ -158,6 +162,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--rounds", type=int, default=1, help="flow/direct pairs (alternating order)")
     p.add_argument("--overrides", nargs="*", default=[], help="config overrides for both arms")
     p.add_argument("--quick", action="store_true", help="tiny world, 1 epoch per stage (smoke test)")
+    p.add_argument("--arms", nargs="+", choices=["flow", "direct"], default=["flow", "direct"])
     p.add_argument("--no-write", action="store_true", help="do not append to bench/results/")
     p.add_argument("--child", choices=["flow", "direct"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -168,8 +173,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     if a.quick:
         tiny = {"name": "tiny", "n_users": 300, "n_items": 200, "n_days": 6, "requests_per_day": 340}
-        return run(1, ["train.epochs=[1,1,1]", "recover.epochs=1", *a.overrides], tiny, write=not a.no_write)
-    return run(a.rounds, a.overrides, write=not a.no_write)
+        quick = ["train.epochs=[1,1,1]", "recover.epochs=1", *a.overrides]
+        return run(1, quick, tiny, write=not a.no_write, arms=tuple(a.arms))
+    return run(a.rounds, a.overrides, write=not a.no_write, arms=tuple(a.arms))
 
 
 if __name__ == "__main__":

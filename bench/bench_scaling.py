@@ -101,15 +101,16 @@ def run_child(args: list[str]) -> tuple[dict, float, float]:
     return json.loads(lines[-1][7:]), wall, usage.ru_maxrss * 1024.0
 
 
-def run(sizes=(1_000_000, 4_000_000), write: bool = True, quick: bool = False) -> list[dict]:
+def run(
+    sizes=(1_000_000, 4_000_000), write: bool = True, quick: bool = False, train: bool = True
+) -> list[dict]:
     rec = benchlib.Recorder("scaling", {"users": N_USERS, "items": N_ITEMS, "days": N_DAYS}, write=write)
     totals: dict[int, float] = {}
+    ingest: dict[int, float] = {}
     for n in sizes:
         ds, _, gen_s = benchlib.synth_dataset(f"scale-{n}", **world(n, quick))
         mr = benchlib.work_dir() / "model_ready" / f"scale-{n}"
         ing, ing_wall, ing_rss = run_child(["--child", "ingest", "--data", str(ds), "--mr", str(mr)])
-        tr, tr_wall, tr_rss = run_child(["--child", "train", "--mr", str(mr)])
-        totals[n] = ing_wall + tr_wall
         p = {"exposures": n, "train_rows": ing["train_rows"]}
         tag = f"{n / 1e6:g}M exposures"
         rec.add(
@@ -121,6 +122,15 @@ def run(sizes=(1_000_000, 4_000_000), write: bool = True, quick: bool = False) -
             prepare_s=ing["prepare"],
         )
         rec.add(f"ingest peak RSS, {tag}", ing_rss / GIB, "GiB", "< 4" if n >= 16_000_000 else None, **p)
+        if gen_s:
+            rec.add(f"generation (not in the totals), {tag}", gen_s, "s", **p)
+        ingest[n] = ing_wall
+        if n != min(ingest):
+            rec.add(f"ingest time ratio {tag} / {min(ingest) / 1e6:g}M", ing_wall / ingest[min(ingest)], "x")
+        if not train:
+            continue
+        tr, tr_wall, tr_rss = run_child(["--child", "train", "--mr", str(mr)])
+        totals[n] = ing_wall + tr_wall
         rec.add(
             f"train epoch wall (stage 0, parquet loader), {tag}",
             tr_wall,
@@ -133,8 +143,6 @@ def run(sizes=(1_000_000, 4_000_000), write: bool = True, quick: bool = False) -
         rec.add(f"train peak RSS, {tag}", tr_rss / GIB, "GiB", "< 4" if n >= 16_000_000 else None, **p)
         rec.add(f"train samples/s, {tag}", tr["rows"] / tr["epoch"], "samples/s", **p)
         rec.add(f"ingest + epoch wall, {tag}", totals[n], "s", **p)
-        if gen_s:
-            rec.add(f"generation (not timed in the total), {tag}", gen_s, "s", **p)
         base = min(totals)
         if n != base:
             ratio, factor = totals[n] / totals[base], n / base
@@ -149,6 +157,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 4_000_000])
     p.add_argument("--full", action="store_true", help="also 16M exposures (10+ minutes)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    p.add_argument("--ingest-only", action="store_true", help="skip the training epoch")
     p.add_argument("--no-write", action="store_true", help="do not append to bench/results/")
     p.add_argument("--child", choices=["ingest", "train"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -164,9 +173,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print("RESULT " + json.dumps(res))
         return []
     if a.quick:
-        return run([16_000, 32_000], write=not a.no_write, quick=True)
+        return run([8_000, 16_000], write=not a.no_write, quick=True)
     sizes = sorted(set(a.sizes) | ({16_000_000} if a.full else set()))
-    return run(sizes, write=not a.no_write)
+    return run(sizes, write=not a.no_write, train=not a.ingest_only)
 
 
 if __name__ == "__main__":

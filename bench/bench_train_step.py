@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     a = p.parse_args(argv)
     if a.quick:
         tiny = {"name": "tiny", "n_users": 300, "n_items": 200, "n_days": 6, "requests_per_day": 340}
-        return run(rows=1024, rounds=2, profile=a.profile, write=not a.no_write, data=tiny)
+        return run(rows=1024, rounds=2, stages=(2,), profile=a.profile, write=not a.no_write, data=tiny)
     return run(rows=a.rows, rounds=a.rounds, profile=a.profile, write=not a.no_write)
 
 

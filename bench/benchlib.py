@@ -4,7 +4,7 @@ Every figure is a ratio against a reference measured in the same process, interl
 because the development machine is shared (2 cores, other jobs running): absolute samples/s
 move by 20-30% between minutes, ratios of interleaved medians much less.
 
-Results: `bench/results/<bench>.jsonl`, one JSON object per figure:
+Results: `bench/results/<bench>.jsonl` ($CSMF_BENCH_RESULTS overrides the folder), one JSON object per figure:
     {bench, figure, value, unit, target, met, machine, date, params}
 `target` is a string such as ">= 0.8" (or null for informational figures) and `met` the verdict.
 """
@@ -31,6 +31,11 @@ REPO = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "results"
 if str(REPO) not in sys.path:  # `python bench/bench_x.py` from anywhere
     sys.path.insert(0, str(REPO))
+
+
+def results_dir() -> Path:
+    """Where figures are appended: $CSMF_BENCH_RESULTS, else bench/results (tests point it at a tmp dir)."""
+    return Path(os.environ.get("CSMF_BENCH_RESULTS") or RESULTS)
 
 
 def work_dir() -> Path:
@@ -123,8 +128,9 @@ class Recorder:
             )
         )
         if self.write and self.records:
-            RESULTS.mkdir(parents=True, exist_ok=True)
-            with open(RESULTS / f"{self.bench}.jsonl", "a") as f:
+            out = results_dir()
+            out.mkdir(parents=True, exist_ok=True)
+            with open(out / f"{self.bench}.jsonl", "a") as f:
                 for r in self.records:
                     f.write(json.dumps(r, default=str) + "\n")
         return self.records

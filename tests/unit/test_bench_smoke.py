@@ -1,0 +1,99 @@
+"""Smoke runs of every benchmark's main() at tiny size: the scripts run and report well-formed figures.
+
+The figures themselves mean nothing at this size; what is checked is that each benchmark produces
+the figures the issue asks for, with the right targets, and the values that are exact by
+construction (bytes per item = 4 x dim, recall in [0, 1], ratios positive and finite).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def bench_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("CSMF_BENCH_DIR", str(tmp_path / "work"))
+    monkeypatch.setenv("CSMF_BENCH_RESULTS", str(tmp_path / "results"))
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    monkeypatch.syspath_prepend(str(REPO))
+
+
+def _bench(name: str):
+    return importlib.import_module(f"bench.{name}")
+
+
+def _by_figure(records: list[dict]) -> dict[str, dict]:
+    for r in records:
+        assert set(r) >= {"bench", "figure", "value", "unit", "target", "met", "machine", "date", "params"}
+        if isinstance(r["value"], float):
+            assert math.isfinite(r["value"]), r
+    return {r["figure"]: r for r in records}
+
+
+def test_train_step_smoke():
+    figs = _by_figure(_bench("bench_train_step").main(["--quick"]))
+    for stage in (2,):  # --quick runs the last stage only
+        ratio = next(r for f, r in figs.items() if f.startswith(f"samples/s ratio csmf/plain, stage {stage}"))
+        assert ratio["target"] == ">= 0.8" and ratio["value"] > 0 and ratio["met"] == (ratio["value"] >= 0.8)
+        assert figs[f"csmf achieved GFLOP/s, stage {stage}"]["value"] > 0
+        assert 0 < figs[f"plain share of matmul rate, stage {stage}"]["value"] < 1.5
+
+
+def test_serving_smoke():
+    figs = _by_figure(_bench("bench_serving").main(["--quick"]))
+    n = "2,000"
+    for kind in ("flat", "hnsw"):
+        assert (
+            figs[f"item-vector bytes per item, {kind} n={n}"]["value"] == 256
+        )  # 4 x 64, one vector per item
+        assert figs[f"item-vector bytes per item, {kind} n={n}"]["met"] is True
+        for batch in (1, 1024):
+            r = figs[f"latency ratio fused/single, {kind} n={n} batch={batch}"]
+            assert r["target"] == "<= 1.05" and r["value"] > 0
+    assert figs[f"serialized flat index bytes per item, n={n}"]["value"] == pytest.approx(256, abs=1)
+    for label in ("single", "fused"):
+        assert 0.5 <= figs[f"hnsw recall@50 vs exact ({label}), n={n}"]["value"] <= 1.0
+
+
+@pytest.mark.integration
+def test_orchestration_both_arms():
+    """Both arms on the tiny world: the Prefect flow (child process, temporary API) and the direct calls."""
+    figs = _by_figure(_bench("bench_orchestration").main(["--quick"]))
+    r = figs["orchestration overhead (flow - direct) / flow"]
+    flow, direct = (
+        figs["flow seconds (after imports)"]["value"],
+        figs["direct seconds (after imports)"]["value"],
+    )
+    assert r["target"] == "<= 0.1" and r["value"] == pytest.approx((flow - direct) / flow)
+
+
+def test_scaling_smoke():
+    figs = _by_figure(_bench("bench_scaling").main(["--quick"]))
+    for tag in ("0.008M", "0.016M"):
+        assert 0.05 < figs[f"ingest peak RSS, {tag} exposures"]["value"] < 4
+        assert figs[f"train samples/s, {tag} exposures"]["value"] > 0
+        total = figs[f"ingest + epoch wall, {tag} exposures"]["value"]
+        parts = figs[f"ingest wall (validate + prepare), {tag} exposures"]["value"]
+        parts += figs[f"train epoch wall (stage 0, parquet loader), {tag} exposures"]["value"]
+        assert total == pytest.approx(parts)
+    ratio = figs["time ratio 0.016M exposures / 0.008M"]
+    assert ratio["target"] == "<= 2.25"
+
+
+def test_run_all_summarises(tmp_path, capsys):
+    """run_all over one quick benchmark: the records land in the results dir and in the summary."""
+    run_all = _bench("run_all")
+    assert run_all.main(["--quick", "--only", "serving"]) == 0
+    out = capsys.readouterr().out
+    assert "targets met:" in out and "all figures of this run" in out
+    lines = (tmp_path / "results" / "serving.jsonl").read_text().splitlines()
+    assert lines and all(json.loads(x)["bench"] == "serving" for x in lines)
+    assert {p.stem[6:] for p in run_all.scripts()} >= {"train_step", "serving", "orchestration", "scaling"}
