@@ -162,6 +162,8 @@ def run_step_distributed(
     env = dict(os.environ)
     repo = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # one process per core share: N ranks x the parent's thread count would oversubscribe the cores
+    env["OMP_NUM_THREADS"] = str(cfg.train.threads or max(1, (os.cpu_count() or 1) // cfg.train.processes))
     tail: list[str] = []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     assert proc.stdout is not None

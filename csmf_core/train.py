@@ -192,7 +192,10 @@ def _allreduce(params: list[torch.Tensor], loss: float, n: int) -> tuple[float, 
     import torch.distributed as dist
 
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) * n for g in grads] + [torch.tensor([loss * n, n], dtype=grads[0].dtype)])
+    flat = torch.cat(
+        [g.reshape(-1) * n for g in grads]
+        + [torch.tensor([loss * n, n], dtype=grads[0].dtype, device=grads[0].device)]
+    )
     dist.all_reduce(flat)
     total_n = float(flat[-1])
     flat /= total_n

@@ -208,3 +208,21 @@ def test_train_stage_through_the_parquet_loader(mr):
     assert res.rows == data.rows.n_rows(0)
     assert res.steps == 3 * steps_per_epoch(res.rows, 256)
     assert res.epoch_losses[-1] < res.epoch_losses[0] - 0.1
+
+
+def test_in_memory_rows_shard_like_the_loader(mem):
+    """train.loader=memory under DDP: rank shares of each global batch, equal steps, no row twice."""
+    from csmf_core.train import TrainRows, _memory_epochs
+
+    rows = TrainRows(mem.u, mem.i, mem.level, [mem.hist["click"]], mem.neg, row=torch.arange(len(mem)))
+    data = rows.for_stage(1)
+    one = [b.row for b in _memory_epochs(data, 100, torch.Generator().manual_seed(4), 0, 1)(0)]
+    shards = [
+        [b.row for b in _memory_epochs(data, 100, torch.Generator().manual_seed(4), r, 3)(0)]
+        for r in range(3)
+    ]
+    assert all(len(s) == len(one) for s in shards)
+    for k in range(len(one)):
+        assert torch.equal(torch.cat([s[k] for s in shards]), one[k])
+    seen = torch.cat([torch.cat(s) for s in shards])
+    assert len(seen) == len(set(seen.tolist())) >= len(data) - 1
