@@ -24,8 +24,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check csmf_core flows data_contracts tests bench
 	$(BIN)/ruff format --check csmf_core flows data_contracts tests bench
 
-bench: $(STAMP)
-	$(BIN)/python bench/run_all.py
+bench: $(STAMP)  # BENCH_ARGS=--full adds the 16M-exposure scaling case (docs/performance.md)
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 ui: $(STAMP)
 	$(BIN)/csmf ui
