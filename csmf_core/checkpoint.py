@@ -77,7 +77,9 @@ def save_checkpoint(
     return directory
 
 
-def load_checkpoint(directory: str | Path, device: str = "cpu") -> tuple[TwoTower, UnitOwners, dict[str, Any]]:
+def load_checkpoint(
+    directory: str | Path, device: str = "cpu"
+) -> tuple[TwoTower, UnitOwners, dict[str, Any]]:
     """Rebuild the model from its metadata, load weights strictly, install validated masks."""
     directory = Path(directory)
     for f in ("model.pt", "checkpoint.json", "masks/masks.json"):
@@ -85,11 +87,17 @@ def load_checkpoint(directory: str | Path, device: str = "cpu") -> tuple[TwoTowe
             raise CheckpointError(f"{directory}: missing {f}; is this a csmf checkpoint directory?")
     info = json.loads((directory / "checkpoint.json").read_text())
     if info.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{directory}/checkpoint.json: unsupported format {info.get('format_version')!r}")
+        raise CheckpointError(
+            f"{directory}/checkpoint.json: unsupported format {info.get('format_version')!r}"
+        )
     mcfg = info["model"]
     mcfg["hidden"] = tuple(mcfg["hidden"])
-    model = TwoTower(_spec_from_json(info["user_spec"]), _spec_from_json(info["item_spec"]), ModelConfig(**mcfg),
-                     int(info["n_stages"]))
+    model = TwoTower(
+        _spec_from_json(info["user_spec"]),
+        _spec_from_json(info["item_spec"]),
+        ModelConfig(**mcfg),
+        int(info["n_stages"]),
+    )
     state = torch.load(directory / "model.pt", weights_only=True, map_location="cpu")
     model.load_state_dict(state, strict=True)
     owners = load_masks(directory / "masks", model)

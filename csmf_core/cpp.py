@@ -103,9 +103,11 @@ def _reinit_freed(model: TwoTower, groups_freed: dict[str, torch.Tensor], how: s
             if g.kind != "emb" or idx is None or idx.numel() == 0:
                 continue
             w = params[g.params[0]]
-            new = torch.zeros(w.shape[0], idx.numel()) if how == "zero" else torch.randn(
-                w.shape[0], idx.numel(), generator=gen
-            ) * 0.1
+            new = (
+                torch.zeros(w.shape[0], idx.numel())
+                if how == "zero"
+                else torch.randn(w.shape[0], idx.numel(), generator=gen) * 0.1
+            )
             w[:, idx] = new.to(w.device, w.dtype)
         for g, owner_group in linear_groups(model):
             idx = groups_freed.get(owner_group)
@@ -152,7 +154,9 @@ def prune_stage(
         if mine.numel() == 0:
             continue
         m_free = min_free_output if name == "output" else min_free
-        local = select_pruned(values[mine], rule=rule, tau=tau, ratio=ratio, min_keep=min_keep, min_free=m_free)
+        local = select_pruned(
+            values[mine], rule=rule, tau=tau, ratio=ratio, min_keep=min_keep, min_free=m_free
+        )
         idx = mine[local]
         freed[name] = idx
         new.units[name][idx] = stage + 1
@@ -170,7 +174,8 @@ def prune_stage(
         # owner tensors of embeddings are per column: count real entries (rows x columns)
         w_kept = sum(int(expand_to_param(after[p] == stage, params[p]).sum()) for p in pnames)
         w_freed = sum(
-            int(expand_to_param((before[p] == stage) & (after[p] == stage + 1), params[p]).sum()) for p in pnames
+            int(expand_to_param((before[p] == stage) & (after[p] == stage + 1), params[p]).sum())
+            for p in pnames
         )
         edges = _edges_removed(model, name, before, after)
         stats.append(

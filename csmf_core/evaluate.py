@@ -68,8 +68,14 @@ def user_matrix(
 
 def _rows(objective: str, scorer: str, res: dict[int, dict[str, float]]) -> list[dict]:
     return [
-        {"objective": objective, "scorer": scorer, "k": k, "recall": v["recall"], "ndcg": v["ndcg"],
-         "users": v["users"]}
+        {
+            "objective": objective,
+            "scorer": scorer,
+            "k": k,
+            "recall": v["recall"],
+            "ndcg": v["ndcg"],
+            "users": v["users"],
+        }
         for k, v in sorted(res.items())
     ]
 

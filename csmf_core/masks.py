@@ -182,6 +182,8 @@ def load_masks(directory: str | Path, model: TwoTower) -> UnitOwners:
         )
     for k, v in stored.items():
         if v.shape != expected[k].shape or not torch.equal(v, expected[k]):
-            raise MaskError(f"{directory}/masks.pt: {k} (shape {list(v.shape)}) disagrees with the unit owners")
+            raise MaskError(
+                f"{directory}/masks.pt: {k} (shape {list(v.shape)}) disagrees with the unit owners"
+            )
         expand_to_param(v, params[k])  # raises if it cannot cover the parameter
     return owners

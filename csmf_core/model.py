@@ -135,7 +135,9 @@ class Tower(nn.Module):
             if masks is None:
                 h = F.linear(h, lin.weight, lin.bias)
             else:
-                h = F.linear(h, lin.weight * masks[f"layers.{k}.weight"], lin.bias * masks[f"layers.{k}.bias"])
+                h = F.linear(
+                    h, lin.weight * masks[f"layers.{k}.weight"], lin.bias * masks[f"layers.{k}.bias"]
+                )
             if k < last:
                 h = F.relu(h)
         return h

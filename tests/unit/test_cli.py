@@ -215,7 +215,9 @@ def test_setup_home_keeps_variables_already_set(tmp_path, monkeypatch, clean_env
     assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "true"
     assert os.environ["PREFECT_HOME"] == str(home / "prefect") and Path(os.environ["PREFECT_HOME"]).is_dir()
     assert os.environ["CSMF_HOME"] == str(home) and "PREFECT_API_URL" not in os.environ
-    assert os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "120"  # Prefect's 20 s is too short
+    assert (
+        os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "120"
+    )  # Prefect's 20 s is too short
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "p"))
     monkeypatch.setenv("CSMF_HOME", str(tmp_path / "env-home"))
     assert setup_home(None) == (tmp_path / "env-home").resolve()

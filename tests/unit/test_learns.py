@@ -30,8 +30,16 @@ def learned(tmp_path_factory):
     torch.manual_seed(0)
     model, owners, _ = run_cascade(data, cfg)
     rows = evaluate_model(
-        model, owners.output_owners(), data.tables, data.eval, data.objectives, ks=(50,), scorers="all",
-        fused_weights=cfg.eval.fused_weights, popularity=data.counts, random_seed=0,
+        model,
+        owners.output_owners(),
+        data.tables,
+        data.eval,
+        data.objectives,
+        ks=(50,),
+        scorers="all",
+        fused_weights=cfg.eval.fused_weights,
+        popularity=data.counts,
+        random_seed=0,
     )
     print("\n" + format_metrics_table(rows))
     return {(r["objective"], r["scorer"]): r for r in rows}
