@@ -112,6 +112,9 @@ def test_two_processes_match_one_within_noise(world, tmp_path):
     two = _fixed_batch_loss(ddp, data, c2, out_owners)
     noise = abs(singles[0] - singles[1])
     start = _fixed_batch_loss(world["model"], data, cfg, out_owners)
+    print(
+        f"fixed-batch stage loss: start {start:.4f}, 1 process (seed 0, 1) {singles}, 2 processes {two:.4f}"
+    )
     assert two < start - 0.05
     assert abs(two - singles[0]) <= max(3 * noise, 0.02 * singles[0]), (two, singles, start)
 
