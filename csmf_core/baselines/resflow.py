@@ -155,8 +155,14 @@ def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -
     full_u = encode_users(lambda x: model.user.vector(x, n - 1), data.tables, data.eval)
     full_i = encode_items(lambda x: model.item.vector(x, n - 1), data.tables)
     ends = torch.cumsum(torch.tensor(model.seg), 0).tolist()
-    users = {o: full_u[:, : ends[t]].contiguous() for t, o in enumerate(data.objectives)}
-    items = {o: full_i[:, : ends[t]].contiguous() for t, o in enumerate(data.objectives)}
+    # One shared item matrix (what a server stores); task t's query zeroes the segments after its
+    # own, so its inner product is exactly the prefix score s_0 + ... + s_t.
+    users = {}
+    for t, o in enumerate(data.objectives):
+        q = full_u.clone()
+        q[:, ends[t] :] = 0.0
+        users[o] = q
+    items = {o: full_i for o in data.objectives}
     return MethodResult(
         method="resflow",
         user_vecs=users,

@@ -23,6 +23,7 @@ from csmf_core.baselines.common import (
     listwise_kl,
     task_active,
 )
+from csmf_core.baselines.serving_cost import item_groups
 from csmf_core.cascade import load_cascade_data
 from csmf_core.config import build_config
 from csmf_core.model import TowerInputs, TowerSpec
@@ -70,6 +71,9 @@ def test_method_learns_above_random(world, name):
     check_result(res, world)
     assert set(res.user_vecs) == set(served)
     assert res.item_bytes_per_item == nbytes
+    # what the serving-cost table indexes (distinct item matrices) is what the method says it stores
+    groups, _ = item_groups(res)
+    assert 4 * sum(int(g.shape[1]) for g in groups) == nbytes
     assert res.n_params > 0 and res.train_seconds > 0
     rows = {r["objective"]: r for r in evaluate_result(res, world, (50,))}
     n_candidates = world.tables.items_cat.shape[0] - 1
