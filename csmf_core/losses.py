@@ -11,8 +11,8 @@ Sampled softmax for row i (positive = column i of the in-batch score matrix):
 with l = score / temperature - log q(item_j) (log-Q correction on in-batch columns only, Yi et
 al. 2019), x = extra negatives' scores / temperature, and margins m = 0 unless AML is on.
 An in-batch column holding the same item as row i's positive is an *accidental hit*: it is not a
-negative and is removed (-inf), as are padded extra negatives (item 0) and extra negatives equal
-to the positive.
+negative and is removed (a huge negative additive bias: exactly 0 after exp, like -inf), as are
+padded extra negatives (item 0) and extra negatives equal to the positive.
 
 AML margin for positive i and negative j from upstream scores up (constants, no gradient):
 
@@ -32,6 +32,13 @@ import torch.nn.functional as F
 NEG_INF = float("-inf")
 
 
+def removed_bias(dtype: torch.dtype) -> float:
+    """Additive bias of a removed in-batch column: a quarter of the dtype's most negative finite
+    value. exp(bias + any finite logit - max) is exactly 0, so the loss and its gradient equal those
+    of a -inf entry; a finite value lets the bias be built by arithmetic (0 * -inf would be nan)."""
+    return torch.finfo(dtype).min / 4
+
+
 @dataclass
 class LossTerms:
     loss: torch.Tensor  # scalar, mean over rows
@@ -39,11 +46,17 @@ class LossTerms:
 
 
 def aml_margins(up_pos: torch.Tensor, up_neg: torch.Tensor, sigma: float, eta: float) -> torch.Tensor:
-    """Adaptive margins. up_pos: (B, 1) or (B,), up_neg: (B, K) -> (B, K)."""
+    """Adaptive margins. up_pos: (B, 1) or (B,), up_neg: (B, K) -> (B, K).
+
+    Computed as sigma + (1 + eta) * relu(d) - eta * d with d = up_pos - up_neg, which is
+    d + sigma for d >= 0 and eta * (-d) + sigma for d < 0 (no boolean select: `torch.where` and
+    `masked_fill` on a (B, B) matrix cost 3-5x more than this arithmetic on the CPU builds measured).
+    """
     if up_pos.dim() == 1:
         up_pos = up_pos[:, None]
     diff = up_pos - up_neg
-    return torch.where(diff >= 0, diff + sigma, eta * (-diff) + sigma)
+    m = torch.relu(diff).mul_(1.0 + eta)
+    return m.sub_(diff, alpha=eta).add_(sigma)
 
 
 def accidental_hits(items: torch.Tensor) -> torch.Tensor:
@@ -51,6 +64,23 @@ def accidental_hits(items: torch.Tensor) -> torch.Tensor:
     same = items[:, None] == items[None, :]
     same.fill_diagonal_(False)
     return same
+
+
+def _hit_pairs(items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The accidental hits as index pairs: (rows, cols, hits per row).
+
+    Same entries as `accidental_hits(items)`, found among the rows whose item occurs more than
+    once (a few per batch) instead of by a (B, B) comparison: boolean (B, B) matrices and
+    masked fills cost several times more than float arithmetic on the CPU builds measured
+    (bench/bench_train_step.py).
+    """
+    _, inv, counts = torch.unique(items, return_inverse=True, return_counts=True)
+    per_row = counts[inv] - 1
+    dup = torch.nonzero(per_row > 0).flatten()
+    same = inv[dup][:, None] == inv[dup][None, :]
+    same.fill_diagonal_(False)
+    a, b = torch.nonzero(same, as_tuple=True)
+    return dup[a], dup[b], per_row
 
 
 def sampled_softmax(
@@ -72,14 +102,24 @@ def sampled_softmax(
     margins: (B, B) AML margins for in-batch negatives (diagonal ignored), or None.
     extra_scores / extra_items / extra_margins: (B, M) same-request negatives; item 0 = padding.
     """
-    logits = scores / temperature
-    if log_q is not None:
-        logits = logits - log_q[None, :]
-    eye = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
-    if margins is not None:
-        logits = logits - margins.masked_fill(eye, 0.0)
-    logits = logits.masked_fill(accidental_hits(items), NEG_INF)
-    n_neg = (logits.shape[1] - 1) - accidental_hits(items).sum(dim=1).float()
+    logits = scores if temperature == 1.0 else scores / temperature
+    with torch.no_grad():  # log-Q, margins and removed columns go into one additive (B, B) bias
+        rows, cols, per_row = _hit_pairs(items)
+        n_neg = (logits.shape[1] - 1) - per_row.to(logits.dtype)
+        bias = None
+        if margins is not None:
+            bias = -margins
+            bias.diagonal().zero_()  # the positive gets no margin
+            if log_q is not None:
+                bias.sub_(log_q[None, :])
+        elif log_q is not None:
+            bias = (-log_q[None, :]).expand_as(logits).clone()
+        if rows.numel():
+            if bias is None:
+                bias = torch.zeros_like(logits)
+            bias[rows, cols] = removed_bias(logits.dtype)
+    if bias is not None:
+        logits = logits + bias
     if extra_scores is not None:
         x = extra_scores / temperature
         if extra_margins is not None:
@@ -90,7 +130,7 @@ def sampled_softmax(
         n_neg = n_neg + (~invalid).sum(dim=1).float()
     target = torch.arange(logits.shape[0], device=logits.device)
     loss = F.cross_entropy(logits, target)
-    return LossTerms(loss=loss, n_neg=float(n_neg.mean()))
+    return LossTerms(loss=loss, n_neg=float(n_neg.float().mean()))
 
 
 def upstream_scores(segment_scores: list[torch.Tensor], stage: int, how: str = "log_prob") -> torch.Tensor:
@@ -106,11 +146,11 @@ def upstream_scores(segment_scores: list[torch.Tensor], stage: int, how: str = "
     """
     if stage < 1:
         raise ValueError("AML has no upstream for stage 0")
-    running = torch.zeros_like(segment_scores[0])
-    total = torch.zeros_like(segment_scores[0])
-    for r in range(stage):
+    running = segment_scores[0]
+    total = F.logsigmoid(running) if how == "log_prob" else None
+    for r in range(1, stage):
         running = running + segment_scores[r]
-        if how == "log_prob":
+        if total is not None:
             total = total + F.logsigmoid(running)
     if how == "log_prob":
         return total

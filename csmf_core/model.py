@@ -110,13 +110,16 @@ class Tower(nn.Module):
         for lin in self.layers:
             _init_linear(lin.weight, lin.bias, gen)
 
-    def forward(self, x: TowerInputs, masks: dict[str, torch.Tensor] | None) -> torch.Tensor:
-        """(B, ...) inputs -> (B, dim). `masks`: this tower's float 0/1 masks keyed by local param name."""
+    def forward(self, x: TowerInputs, masks: dict[str, torch.Tensor | None] | None) -> torch.Tensor:
+        """(B, ...) inputs -> (B, dim). `masks`: this tower's float 0/1 masks keyed by local param
+        name; a None entry means every entry is used (multiplying by ones is skipped, same values)."""
         parts = []
+        masks = masks or {}
         for k, (name, e) in enumerate(self.emb.items()):
             v = e(x.cat[:, k])
-            if masks is not None:
-                v = v * masks[f"emb.{name}.weight"]
+            m = masks.get(f"emb.{name}.weight")
+            if m is not None:
+                v = v * m
             parts.append(v)
         for k, (name, e) in enumerate(self.hist.items()):
             seq = x.hists[k]
@@ -124,20 +127,18 @@ class Tower(nn.Module):
             pooled = F.embedding_bag(seq, e.weight, mode="sum", padding_idx=0)
             count = (seq > 0).sum(dim=1, keepdim=True).clamp_min(1).to(pooled.dtype)
             v = pooled / count
-            if masks is not None:
-                v = v * masks[f"hist.{name}.weight"]
+            m = masks.get(f"hist.{name}.weight")
+            if m is not None:
+                v = v * m
             parts.append(v)
         if self.spec.n_num:
             parts.append(x.num)
         h = torch.cat(parts, dim=1)
         last = len(self.layers) - 1
         for k, lin in enumerate(self.layers):
-            if masks is None:
-                h = F.linear(h, lin.weight, lin.bias)
-            else:
-                h = F.linear(
-                    h, lin.weight * masks[f"layers.{k}.weight"], lin.bias * masks[f"layers.{k}.bias"]
-                )
+            w, b = lin.weight, lin.bias
+            mw, mb = masks.get(f"layers.{k}.weight"), masks.get(f"layers.{k}.bias")
+            h = F.linear(h, w if mw is None else w * mw, b if mb is None else b * mb)
             if k < last:
                 h = F.relu(h)
         return h
@@ -180,7 +181,7 @@ class TwoTower(nn.Module):
         self.user = Tower(user_spec, cfg, gen)
         self.item = Tower(item_spec, cfg, gen)
         self._owners: dict[str, torch.Tensor] | None = None
-        self._mode_masks: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+        self._mode_masks: dict[int, dict[str, dict[str, torch.Tensor | None]]] = {}
 
     # -- ownership -------------------------------------------------------------------------
     def unit_groups(self) -> list[UnitGroup]:
@@ -201,6 +202,9 @@ class TwoTower(nn.Module):
             for name in owners:
                 if name not in params:
                     raise KeyError(f"owner tensor for unknown parameter {name!r}")
+            missing = sorted(set(params) - set(owners))
+            if missing:
+                raise KeyError(f"no owner tensor for parameter(s) {missing}: every parameter needs one")
         self._owners = owners
         self._mode_masks.clear()
 
@@ -208,15 +212,17 @@ class TwoTower(nn.Module):
     def owners(self) -> dict[str, torch.Tensor] | None:
         return self._owners
 
-    def _masks_for(self, mode: int) -> dict[str, dict[str, torch.Tensor]] | None:
+    def _masks_for(self, mode: int) -> dict[str, dict[str, torch.Tensor | None]] | None:
+        """Per tower, the float 0/1 mask of the entries mode `mode` uses (None: all of them)."""
         if self._owners is None:
             return None
         if mode not in self._mode_masks:
             dev = next(self.parameters()).device
-            split: dict[str, dict[str, torch.Tensor]] = {"user": {}, "item": {}}
+            split: dict[str, dict[str, torch.Tensor | None]] = {"user": {}, "item": {}}
             for name, o in self._owners.items():
                 tower, local = name.split(".", 1)
-                split[tower][local] = (o.to(dev).long() <= mode).to(torch.float32)
+                used = o.to(dev).long() <= mode
+                split[tower][local] = None if bool(used.all()) else used.to(torch.float32)
             self._mode_masks[mode] = split
         return self._mode_masks[mode]
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -141,16 +141,47 @@ def item_log_q(counts: torch.Tensor) -> torch.Tensor:
     return torch.log(c / c.sum()).float()
 
 
-def _grad_masks(model: TwoTower, stage: int) -> dict[str, torch.Tensor]:
+def adam(
+    params: Iterable[torch.Tensor], lr: float, *, weight_decay: float = 0.0, decoupled: bool = False
+) -> torch.optim.Optimizer:
+    """Adam (AdamW when `decoupled`) using torch's fused kernel when the parameters allow it.
+
+    Same update rule as the per-parameter loop; one kernel over every parameter instead of ~10
+    small ops per parameter: 0.6 ms instead of 4.9 ms per step over this model's parameters on the
+    2-core CPU measured (bench/bench_train_step.py). Entries whose gradient is always zero keep
+    exactly their value either way (zero first moment -> zero update), which freezing relies on.
+    """
+    params = list(params)
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    fusable = all(
+        p.dtype in (torch.float32, torch.float64) and p.device.type in ("cpu", "cuda") for p in params
+    )
+    if fusable:
+        try:
+            return cls(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, fused=True)
+        except (RuntimeError, TypeError):  # a torch build without the fused kernel
+            pass
+    return cls(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+
+
+def _grad_masks(model: TwoTower, stage: int) -> dict[str, torch.Tensor | None]:
+    """The parameters stage `stage` trains, each with its 0/1 gradient mask.
+
+    A mask keeps the owner tensor's own shape (embedding columns: (d,) or (1, d), broadcast over
+    the table's rows when multiplied) instead of a full-shape copy, and is None when the stage owns
+    every entry of the parameter (nothing to mask). Parameters with no entry of the stage are left
+    out: they get no optimizer state and no update at all.
+    """
     if model.owners is None:
         raise RuntimeError("the model has no owner tensors: call model.set_owners(param_owners(...)) first")
     params = dict(model.named_parameters())
-    masks = {}
+    masks: dict[str, torch.Tensor | None] = {}
     for name, m in trainable_masks(model.owners, stage).items():
+        if not bool(m.any()):
+            continue
         p = params[name]
-        m = m.to(p.device, torch.float32)
-        masks[name] = m.expand(p.shape).contiguous() if m.shape != p.shape else m
-    return {k: v for k, v in masks.items() if bool(v.any())}
+        masks[name] = None if bool(m.all()) else m.to(p.device, p.dtype)
+    return masks
 
 
 def _segment_scores(
@@ -276,7 +307,7 @@ def train_stage(
     trained = [params[k] for k in masks]
     if world > 1:
         _broadcast_params(model)
-    opt = torch.optim.Adam(trained, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    opt = adam(trained, lr)
     wd = cfg.train.weight_decay
     out_owners = output_owners.to(device) if output_owners is not None else None
     log_q = log_q.to(device) if (log_q is not None and cfg.loss.logq) else None
@@ -298,7 +329,7 @@ def train_stage(
                 _check_loss(value, name, phase, epoch, result.steps, lr, cfg)
             with torch.no_grad():
                 for k, m in masks.items():
-                    if params[k].grad is not None:
+                    if m is not None and params[k].grad is not None:
                         params[k].grad.mul_(m)
                 if cfg.train.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(trained, cfg.train.grad_clip)
@@ -306,7 +337,8 @@ def train_stage(
             if wd > 0:
                 with torch.no_grad():
                     for k, m in masks.items():
-                        params[k].sub_(params[k] * m, alpha=lr * wd)
+                        p = params[k]
+                        p.sub_(p if m is None else p * m, alpha=lr * wd)
             result.steps += 1
             result.losses.append(value)
             total += value * n_b

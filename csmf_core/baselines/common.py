@@ -25,7 +25,7 @@ from csmf_core.evaluate import EvalRows
 from csmf_core.losses import sampled_softmax
 from csmf_core.model import Tower as _Tower
 from csmf_core.model import TowerInputs, TowerSpec
-from csmf_core.train import FeatureTables, TrainingDiverged, TrainRows, item_log_q
+from csmf_core.train import FeatureTables, TrainingDiverged, TrainRows, adam, item_log_q
 
 OnStep = Callable[[int, float], None] | None
 
@@ -196,7 +196,7 @@ def train_loop(
     if len(rows) < 2:
         raise ValueError(f"{name}: {len(rows)} training rows; a sampled softmax needs at least 2")
     lr = cfg.train.lr if lr is None else lr
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
+    opt = adam(params, lr, weight_decay=cfg.train.weight_decay, decoupled=True)
     gen = torch.Generator().manual_seed(int(seed))
     bs = min(cfg.train.batch_size, len(rows))
     log = TrainLog(name, len(rows), epochs)
@@ -406,7 +406,7 @@ def joint_train_loop(
             yield from iter_batches(len(pools[t]), min(sizes[t], len(pools[t])), gens[t])
 
     streams = [stream(t) for t in range(len(pools))]
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    opt = adam(params, cfg.train.lr, weight_decay=cfg.train.weight_decay, decoupled=True)
     log = TrainLog(name, sum(len(p) for p in pools), max(int(e) for e in epochs))
     running: list[float] = []
     per_epoch = max(1, total // max(1, log.epochs))

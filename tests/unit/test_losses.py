@@ -92,3 +92,40 @@ def test_upstream_log_prob_and_last_logit():
     assert upstream_scores([seg0, seg1], 2, "last_logit").tolist()[0] == pytest.approx([0.75, 1.0])
     with pytest.raises(ValueError):
         upstream_scores([seg0], 0)
+
+
+def _reference_loss(scores, items, temperature, log_q, up, sigma, eta):
+    """The textbook path, written independently: boolean masks, -inf fills and torch.where."""
+    logits = scores / temperature - log_q[None, :]
+    pos = up.diagonal()[:, None]
+    m = torch.where(pos >= up, pos - up + sigma, eta * (up - pos) + sigma)
+    m = m.masked_fill(torch.eye(len(items), dtype=torch.bool), 0.0)
+    logits = logits - m
+    same = items[:, None] == items[None, :]
+    same &= ~torch.eye(len(items), dtype=torch.bool)
+    logits = logits.masked_fill(same, float("-inf"))
+    return torch.nn.functional.cross_entropy(logits, torch.arange(len(items)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_bias_path_matches_the_textbook_one(dtype):
+    # many duplicated positives (items drawn from 12 ids for 40 rows), log-Q, AML margins with
+    # both branches, temperature: the loss and the gradient must match the -inf / where version
+    g = torch.Generator().manual_seed(3)
+    b = 40
+    items = torch.randint(0, 12, (b,), generator=g)
+    log_q = torch.randn(b, generator=g, dtype=dtype)
+    up = torch.randn(b, b, generator=g, dtype=dtype)
+    s1 = torch.randn(b, b, generator=g, dtype=dtype, requires_grad=True)
+    s2 = s1.detach().clone().requires_grad_(True)
+    m = aml_margins(up.diagonal(), up, 0.1, 1.8)
+    got = sampled_softmax(s1, items, temperature=0.7, log_q=log_q, margins=m)
+    ref = _reference_loss(s2, items, 0.7, log_q, up, 0.1, 1.8)
+    got.loss.backward()
+    ref.backward()
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert float(got.loss.detach()) == pytest.approx(float(ref.detach()), rel=tol)
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=tol, atol=tol)
+    hits = accidental_hits(items)
+    assert got.n_neg == pytest.approx(float((b - 1) - hits.sum(dim=1).double().mean()))
+    assert bool(hits.any())  # the case under test really has accidental hits
