@@ -103,8 +103,21 @@ def time_case(
         **p,
     )
     rec.add(f"fusion transform / single search, {tag}", t_fuse / benchlib.median(t["single"]), "x", **p)
+    if index.kind == "hnsw":  # where a fused HNSW query's extra time goes: a longer graph walk?
+        rec.add(
+            f"hnsw distance computations fused/single, {tag}", hnsw_ndis(fused) / hnsw_ndis(single), "x", **p
+        )
     rec.add(f"fused latency per query, {tag}", per_query["fused"] * 1e6, "us", **p)
     rec.add(f"single latency per query, {tag}", per_query["single"] * 1e6, "us", **p)
+
+
+def hnsw_ndis(fn) -> int:
+    """Distance computations FAISS's HNSW search made during one call of `fn` (faiss.cvar.hnsw_stats)."""
+    import faiss
+
+    faiss.cvar.hnsw_stats.reset()
+    fn()
+    return int(faiss.cvar.hnsw_stats.ndis)
 
 
 def run(

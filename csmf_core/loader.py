@@ -6,7 +6,11 @@ files (docs/architecture.md section 2) in record batches of at most `read_rows` 
 into one (rows, C) int32 matrix with vectorised numpy (no per-row Python), keeps the rows with
 `level >= stage`, shuffles them in a bounded window and hands out batches from a background
 prefetch thread. Memory is bounded by `window_rows + interleave * read_rows` packed rows (about
-4 * C bytes each: 220 bytes at L = 20, three objectives, M = 10) plus `prefetch` batches.
+4 * C bytes each: 220 bytes at L = 20, three objectives, M = 10) plus `prefetch` batches, plus
+the stage cache: when a stage's selection has at most `cache_rows` rows (default `window_rows`),
+its packed rows are kept and later epochs replay them instead of decoding the whole table again
+(the click and conversion stages are a few percent of the rows, so without it every epoch of
+theirs would decode 20-200 rows per row trained on). Batches are identical either way.
 
 Shuffling is deterministic in (seed, epoch, stage, salt) and is an approximation of a full
 permutation, by design (it never holds the table):
@@ -66,6 +70,7 @@ class LoaderStats:
     max_open_readers: int = 0  # row groups open at once
     rows_read: int = 0  # rows decoded (all levels) since the source was made
     batches: int = 0  # batches handed to the consumer
+    cached_rows: int = 0  # packed rows kept across epochs (the latest stage selection; see cache_rows)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -96,6 +101,9 @@ class ParquetTrainSource:
     rank: int = 0
     world_size: int = 1
     use_threads: bool = False  # pyarrow decoding on its own thread pool: measured slower on 2 shared cores
+    cache_rows: int | None = (
+        None  # keep a stage's packed rows across epochs when <= this (None: window_rows; 0: never)
+    )
     stats: LoaderStats = field(default_factory=LoaderStats)
 
     def __post_init__(self) -> None:
@@ -129,6 +137,7 @@ class ParquetTrainSource:
         # packed int32 row layout: row id, u, i, level, hist_<o> (L each), neg (M)
         self.width = 4 + L * len(self.hist_names) + M
         self._levels: np.ndarray | None = None
+        self._cache: tuple[tuple, list[list[np.ndarray]]] | None = None
 
     # ---- sizes -----------------------------------------------------------------------------------
     def levels(self) -> np.ndarray:
@@ -207,32 +216,65 @@ class ParquetTrainSource:
             col += width
         return out
 
+    def _group_chunks(
+        self, grp: _Group, stage: int, keep_hash: np.uint64 | None, fraction: float
+    ) -> Iterator[np.ndarray]:
+        """Packed chunks (possibly empty) of one row group, one per Parquet read of `read_rows`."""
+        reader = pq.ParquetFile(grp.path).iter_batches(
+            batch_size=self.read_rows,
+            row_groups=[grp.index],
+            columns=self.columns,
+            use_threads=self.use_threads,
+        )
+        pos = grp.first_row
+        for rb in reader:
+            self.stats.max_read_rows = max(self.stats.max_read_rows, rb.num_rows)
+            self.stats.rows_read += rb.num_rows
+            yield self._pack(rb, pos, stage, keep_hash, fraction)
+            pos += rb.num_rows
+
+    def _stage_chunks(
+        self, stage: int, keep_hash: np.uint64 | None, fraction: float, seed: int, salt: int
+    ) -> list[list[np.ndarray]] | None:
+        """Every row group's packed chunks for (stage, subset), kept across epochs, or None.
+
+        Kept only when the selection has at most `cache_rows` rows (default: `window_rows`), and
+        only the latest selection: later stages (click, conversion) are a few percent of the
+        table, so their epochs replay these chunks instead of decoding the whole table again.
+        The replay consumes the same random draws in the same order, so batches are identical
+        with or without the cache.
+        """
+        limit = self.window_rows if self.cache_rows is None else self.cache_rows
+        key = (stage, None if keep_hash is None else int(keep_hash), fraction)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        if limit <= 0 or self.n_rows(stage, fraction=fraction, seed=seed, salt=salt) > limit:
+            return None
+        self._cache = None  # drop the previous selection before decoding the next
+        chunks = [list(self._group_chunks(g, stage, keep_hash, fraction)) for g in self.groups]
+        self._cache = (key, chunks)
+        self.stats.cached_rows = sum(len(c) for cs in chunks for c in cs)
+        return chunks
+
     def _windows(self, stage: int, rng: np.random.Generator, fraction: float, salt: int, seed: int):
         """Packed chunks of the stage's rows, row groups in random order, `interleave` open at a time."""
         keep_hash = _subset_key(seed, stage, salt) if fraction < 1.0 else None
+        cached = self._stage_chunks(stage, keep_hash, fraction, seed, salt)
         order = list(rng.permutation(len(self.groups)))
-        open_: list[tuple[Iterator[pa.RecordBatch], list[int]]] = []
+        open_: list[Iterator[np.ndarray]] = []
         while order or open_:
             while order and len(open_) < self.interleave:
-                grp = self.groups[order.pop()]
-                it = pq.ParquetFile(grp.path).iter_batches(
-                    batch_size=self.read_rows,
-                    row_groups=[grp.index],
-                    columns=self.columns,
-                    use_threads=self.use_threads,
-                )
-                open_.append((it, [grp.first_row]))
+                gi = int(order.pop())
+                if cached is not None:
+                    open_.append(iter(cached[gi]))
+                else:
+                    open_.append(self._group_chunks(self.groups[gi], stage, keep_hash, fraction))
                 self.stats.max_open_readers = max(self.stats.max_open_readers, len(open_))
             k = int(rng.integers(len(open_)))
-            it, pos = open_[k]
-            rb = next(it, None)
-            if rb is None:
+            chunk = next(open_[k], None)
+            if chunk is None:
                 open_.pop(k)
                 continue
-            self.stats.max_read_rows = max(self.stats.max_read_rows, rb.num_rows)
-            self.stats.rows_read += rb.num_rows
-            chunk = self._pack(rb, pos[0], stage, keep_hash, fraction)
-            pos[0] += rb.num_rows
             if len(chunk):
                 yield chunk
 

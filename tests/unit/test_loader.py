@@ -226,3 +226,36 @@ def test_in_memory_rows_shard_like_the_loader(mem):
         assert torch.equal(torch.cat([s[k] for s in shards]), one[k])
     seen = torch.cat([torch.cat(s) for s in shards])
     assert len(seen) == len(set(seen.tolist())) >= len(data) - 1
+
+
+@pytest.mark.parametrize("stage, fraction", [(1, 1.0), (2, 1.0), (1, 0.5)])
+def test_stage_cache_gives_identical_batches_and_decodes_once(mr, mem, stage, fraction):
+    # the click / conversion stages fit the cache: their epochs replay packed rows instead of
+    # decoding the whole table, with exactly the batches (rows, order, content) of the streamed path
+    kw = dict(read_rows=300, window_rows=2000, interleave=3, prefetch=0)
+    cached, streamed = ParquetTrainSource(mr, **kw), ParquetTrainSource(mr, cache_rows=0, **kw)
+    n = cached.n_rows(stage, fraction=fraction, seed=2, salt=1)
+    assert 0 < n <= 2000
+    for epoch in (0, 1, 2):
+        a = list(cached.batches(stage, 64, seed=2, epoch=epoch, fraction=fraction, salt=1))
+        b = list(streamed.batches(stage, 64, seed=2, epoch=epoch, fraction=fraction, salt=1))
+        assert [x.row.tolist() for x in a] == [x.row.tolist() for x in b]
+        for x, y in zip(a, b):
+            assert torch.equal(x.u, y.u) and torch.equal(x.i, y.i) and torch.equal(x.neg, y.neg)
+            assert all(torch.equal(h, g) for h, g in zip(x.hists, y.hists))
+            assert torch.equal(x.i, mem.i[x.row])  # and the content is the table's
+    assert cached.stats.rows_read == len(mem)  # decoded once, for the first epoch only
+    assert streamed.stats.rows_read == 3 * len(mem)
+    assert cached.stats.cached_rows == n
+
+
+def test_stage_cache_bounded_and_only_latest(mr, mem):
+    src = ParquetTrainSource(mr, read_rows=300, window_rows=2000, prefetch=0)
+    assert src.n_rows(0) > 2000
+    list(src.batches(0, 128, seed=0, epoch=0))
+    list(src.batches(0, 128, seed=0, epoch=1))
+    assert src.stats.cached_rows == 0 and src.stats.rows_read == 2 * len(mem)  # too large: streamed
+    list(src.batches(2, 32, seed=0, epoch=0))
+    list(src.batches(1, 32, seed=0, epoch=0))
+    assert src.stats.cached_rows == src.n_rows(1)  # the latest selection replaced the previous one
+    assert src._cache is not None and src._cache[0][0] == 1
