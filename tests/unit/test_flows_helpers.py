@@ -144,3 +144,35 @@ def test_figures_render():
         {"after cpp_prune_exposure": {"user.layers.0": [3, 5], "output": [4, 4]}}, ["e", "c"]
     )
     assert len(fig.axes) == 1
+
+
+def test_model_ready_data_loaded_once_per_run(tiny, tmp_path, monkeypatch):
+    import os
+
+    import torch
+
+    from csmf_core import prep
+    from csmf_core.config import build_config
+    from flows import pipeline
+
+    mr = tmp_path / "mr"
+    prep.prepare(tiny, mr, train_dates=("2026-01-01", "2026-01-05"), eval_dates="2026-01-06", seq_len=3)
+    calls = []
+    real = pipeline.load_cascade_data
+    monkeypatch.setattr(pipeline, "load_cascade_data", lambda *a, **k: calls.append(k) or real(*a, **k))
+    cache, cfg = pipeline._LoadedData(), build_config(None, [])
+    a = cache.get(mr, cfg, load_train=True)
+    a.tables = None  # what a task does to its copy (tables.to(device)) must not reach the next task
+    b = cache.get(mr, cfg, load_train=False)  # the evaluate task: served by the train-loaded entry
+    assert len(calls) == 1 and b.tables is not None and b.rows is a.rows
+    assert torch.equal(b.rows.u, real(mr).rows.u)  # the same content as a fresh load
+    other = build_config(None, ["train.loader=parquet"])
+    cache.get(mr, other, load_train=True)  # other loader settings: reloaded, not shared
+    assert len(calls) == 2
+    meta = mr / "meta.json"
+    os.utime(meta, ns=(meta.stat().st_atime_ns, meta.stat().st_mtime_ns + 10**9))  # rewritten data
+    cache.get(mr, other, load_train=True)
+    assert len(calls) == 3
+    cache.clear()
+    cache.get(mr, other, load_train=True)
+    assert len(calls) == 4
