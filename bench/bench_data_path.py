@@ -37,9 +37,8 @@ try:
 except ImportError:  # run as `python bench/bench_data_path.py`
     import benchlib  # type: ignore[no-redef]
 
-from csmf_core.cascade import build_model, load_cascade_data
+from csmf_core.cascade import load_cascade_data
 from csmf_core.config import build_config
-from csmf_core.cpp import prune_stage
 from csmf_core.loader import ParquetTrainSource
 from csmf_core.train import item_log_q, train_stage
 
@@ -82,13 +81,7 @@ def setup(cfg, data_kw: dict, rows: int):
     full, _ = benchlib.model_ready(ds, dates, name)
     mr = subset(full, rows, PART_ROWS)
     data = load_cascade_data(mr)
-    model, owners = build_model(data, cfg)
-    c = cfg.cpp
-    for s in range(len(data.objectives) - 1):  # late stages need owners as the cascade leaves them
-        owners, _ = prune_stage(
-            model, owners, s, rule=c.rule, tau=c.tau, ratio=c.ratio, min_keep=c.min_keep,
-            min_free=c.min_free, min_free_output=c.min_free_output, freed_init=c.freed_init, seed=s,
-        )  # fmt: skip
+    model, owners = benchlib.pruned_model(data, cfg)  # late stages train under the cascade's owners
     return mr, data, model, owners
 
 

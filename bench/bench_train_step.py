@@ -29,9 +29,8 @@ try:
 except ImportError:  # run as `python bench/bench_train_step.py`
     import benchlib  # type: ignore[no-redef]
 
-from csmf_core.cascade import build_model, load_cascade_data
+from csmf_core.cascade import load_cascade_data
 from csmf_core.config import CSMFConfig, build_config
-from csmf_core.cpp import prune_stage
 from csmf_core.model import TwoTower
 from csmf_core.train import FeatureTables, TrainRows, adam, item_log_q, train_stage
 
@@ -73,13 +72,7 @@ def setup(cfg: CSMFConfig, data_overrides: dict):
     ds, dates, _ = benchlib.synth_dataset(data_overrides.pop("name"), **data_overrides)
     mr, _ = benchlib.model_ready(ds, dates, ds.name)
     data = load_cascade_data(mr)
-    model, owners = build_model(data, cfg)
-    c = cfg.cpp
-    for s in range(len(data.objectives) - 1):  # prune stage 0 and 1 as the cascade does (no training)
-        owners, _ = prune_stage(
-            model, owners, s, rule=c.rule, tau=c.tau, ratio=c.ratio, min_keep=c.min_keep,
-            min_free=c.min_free, min_free_output=c.min_free_output, freed_init=c.freed_init, seed=s,
-        )  # fmt: skip
+    model, owners = benchlib.pruned_model(data, cfg)  # late stages train under the cascade's owners
     ref = TwoTower(data.user_spec, data.item_spec, cfg.model, len(data.objectives))
     return data, model, owners, ref
 

@@ -250,3 +250,14 @@ def model_ready(
     )
     stamp.write_text(want)
     return path, time.perf_counter() - t0
+
+
+def pruned_model(data, cfg):
+    """A fresh CSMF model with every stage but the last pruned as the cascade prunes it (its own
+    `run_step`, no training): the owners a late stage trains under. Returns (model, owners)."""
+    from csmf_core.cascade import Step, build_model, run_step
+
+    model, owners = build_model(data, cfg)
+    for s in range(len(data.objectives) - 1):
+        owners, _ = run_step(Step(f"cpp_prune_{data.objectives[s]}", "prune", s), model, owners, data, cfg)
+    return model, owners

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +41,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+
+from csmf_core.fsutil import commit_dir, fresh_temp_dir
 
 INT_CATEGORICAL_MAX_DISTINCT = 1000
 DAY_US = 86_400_000_000
@@ -226,7 +226,7 @@ def prepare(
         raise ValueError("need non-empty train and eval dates, every train date before the first eval date")
     if seq_len < 1 or n_req_neg < 1:  # arrow has no fixed_size_list of size 0; all-0 rows mean "none"
         raise ValueError("need seq_len >= 1 and n_req_neg >= 1")
-    _prepare_out_dir(out_dir, overwrite, check_only=True)  # fail before the heavy work
+    fresh_temp_dir(out_dir, overwrite, check_only=True)  # fail before the heavy work
     parts = _partitions(dataset_dir)
     missing = [d for d in train_d if d not in parts], [d for d in eval_d if d not in parts]
     if len(missing[0]) == len(train_d) or len(missing[1]) == len(eval_d):
@@ -300,7 +300,7 @@ def prepare(
     level = (flags.sum(1) - 1).astype(np.int8)
     eval_start = int(dt.datetime.fromisoformat(min(eval_d)).replace(tzinfo=dt.UTC).timestamp()) * 10**6
 
-    tmp = _prepare_out_dir(out_dir, overwrite)
+    tmp = fresh_temp_dir(out_dir, overwrite)
     try:
         users_tab.write_parquet(tmp / "users.parquet")
         items_tab.write_parquet(tmp / "items.parquet")
@@ -350,7 +350,7 @@ def prepare(
             "train_parts": [str(p.relative_to(tmp)) for p in train_parts],
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-        _commit_dir(tmp, out_dir)
+        commit_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -366,27 +366,3 @@ def prepare(
         train_parts=[out_dir / p.relative_to(tmp) for p in train_parts],
         meta=meta,
     )
-
-
-# Same helpers as csmf_core.synth (kept local so prep does not depend on the generator).
-def _prepare_out_dir(out_dir: Path, overwrite: bool, check_only: bool = False) -> Path:
-    """Refuse a non-empty out_dir unless overwrite; return a fresh temp dir beside it."""
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True)")
-    if check_only:
-        return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    return tmp
-
-
-def _commit_dir(tmp: Path, out_dir: Path) -> None:
-    """Move tmp into out_dir; an old out_dir is renamed away first so a reader never sees half a dataset."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()

@@ -55,9 +55,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +63,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+
+from csmf_core.fsutil import commit_dir, fresh_temp_dir
 
 OBJECTIVES = (("exposure", "exposed"), ("click", "clicked"), ("conversion", "converted"))
 FEATURES = {
@@ -361,27 +361,6 @@ def _dataset_yaml(cfg: SynthConfig, preset: str | None, overrides: dict) -> dict
     }
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
-    """Refuse a non-empty out_dir unless overwrite; return a fresh temp dir beside it."""
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    return tmp
-
-
-def _commit_dir(tmp: Path, out_dir: Path) -> None:
-    """Move tmp into out_dir; an old out_dir is renamed away first so a reader never sees half a dataset."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-
-
 def generate(
     out_dir: str | Path,
     preset: str | None = "small",
@@ -403,7 +382,7 @@ def generate(
     """
     cfg = config if config is not None else SynthConfig.from_preset(preset or "small", seed, **overrides)
     out_dir = Path(out_dir)
-    tmp = _prepare_out_dir(out_dir, overwrite)
+    tmp = fresh_temp_dir(out_dir, overwrite)
     try:
         world = _World(cfg)
         b = _calibrate(world, cfg)
@@ -425,7 +404,7 @@ def generate(
             config=np.array(json.dumps(dataclasses.asdict(cfg))),
             **{k: getattr(world, k) for k in TRUTH_FIELDS},
         )
-        _commit_dir(tmp, out_dir)
+        commit_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

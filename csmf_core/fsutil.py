@@ -1,0 +1,34 @@
+"""Directory outputs that appear whole or not at all (generated datasets, model-ready data)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+
+def fresh_temp_dir(out_dir: Path, overwrite: bool, check_only: bool = False) -> Path:
+    """Refuse a non-empty out_dir unless overwrite; return a fresh temp dir beside it.
+
+    check_only: only the refusal (fail before heavy work), returns out_dir and creates nothing.
+    """
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True)")
+    if check_only:
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def commit_dir(tmp: Path, out_dir: Path) -> None:
+    """Move tmp into out_dir; an old out_dir is renamed away first so a reader never sees half a dataset."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
