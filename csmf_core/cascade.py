@@ -23,6 +23,7 @@ from csmf_core.evaluate import EvalRows
 from csmf_core.masks import UnitOwners, param_owners
 from csmf_core.model import TowerSpec, TwoTower
 from csmf_core.train import BatchSource, FeatureTables, TrainRows, item_log_q, train_stage
+from csmf_core.validation import EpochSelector, split_validation
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class CascadeData:
     rows: TrainRows | BatchSource
     eval: EvalRows
     counts: list[np.ndarray]
+    val: EvalRows | None = None  # validation users (data.val_days > 0): csmf_core/validation.py
 
 
 @dataclass
@@ -102,6 +104,12 @@ def run_step(
         )
         return new, StepReport(step, {"layers": [s.as_dict() for s in stats], "units": new.counts()})
     log_q = item_log_q(torch.as_tensor(data.counts[step.stage]))
+    selector = None
+    if step.kind == "train" and data.val is not None and any(len(p) for p in data.val.pos[step.stage]):
+        selector = EpochSelector(
+            model, owners.output_owners(), data.tables, data.val, step.stage, cfg.eval.primary_k
+        )
+        selector.consider(0)  # the starting point is a candidate
     res = train_stage(
         model,
         data.tables,
@@ -113,8 +121,13 @@ def run_step(
         output_owners=owners.output_owners(),
         on_step=on_step,
         stage_name=step.name,
+        on_epoch=None if selector is None else selector.consider,
     )
-    return owners, StepReport(step, res.summary(), res.losses)
+    info = res.summary()
+    if selector is not None:
+        selector.restore()
+        info.update(selector.summary())
+    return owners, StepReport(step, info, res.losses)
 
 
 def run_cascade(
@@ -144,12 +157,14 @@ def load_cascade_data(
     shuffle_window: int = 1 << 20,
     rank: int = 0,
     world_size: int = 1,
+    val_days: int = 0,
 ) -> CascadeData:
     """Read a model-ready dataset directory (docs/architecture.md section 2) into CascadeData.
 
     loader "memory" loads the train rows (unless `load_train=False`); "parquet" leaves them on
     disk and streams them through `csmf_core.loader.ParquetTrainSource` (shard `rank` of
-    `world_size`, shuffle window `shuffle_window` rows).
+    `world_size`, shuffle window `shuffle_window` rows). val_days > 0 (memory loader): the last
+    val_days days of the train rows become `val` instead of training rows (csmf_core/validation.py).
     """
     from pathlib import Path
 
@@ -175,7 +190,12 @@ def load_cascade_data(
         id_feature="c_iid",
     )
     tables = FeatureTables(mr.users_cat, mr.users_num, mr.items_cat, mr.items_num)
-    if mr.train is not None:
+    val = None
+    if val_days > 0 and load_train and loader != "memory":
+        raise ValueError("data.val_days needs train.loader=memory (validation rows are split in memory)")
+    if mr.train is not None and val_days > 0:
+        rows, val, _ = split_validation(mr.train, objs, val_days)
+    elif mr.train is not None:
         tr = mr.train
         rows = TrainRows(
             tr.u, tr.i, tr.level, [tr.hist[o] for o in hist_names], tr.neg if tr.neg.shape[1] else None
@@ -197,4 +217,4 @@ def load_cascade_data(
         c = np.zeros(mr.n_items, dtype=np.int64)
         c[idx] = pop[f"count_{o}"].to_numpy()
         counts.append(c)
-    return CascadeData(objs, user_spec, item_spec, tables, rows, ev, counts)
+    return CascadeData(objs, user_spec, item_spec, tables, rows, ev, counts, val)

@@ -100,6 +100,9 @@ class DataConfig:
     n_req_neg: int = 10
     train_days: int = 0  # 0 = every partition before the evaluation day(s)
     eval_days: int = 1
+    # last days of the training window held out to pick each train step's best epoch
+    # (csmf_core/validation.py); 0 = off: every epoch of train.epochs is kept
+    val_days: int = 0
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,15 @@ def _check_ranges(cfg: CSMFConfig, errors: list[str]) -> None:
         (cfg.eval.primary_k in cfg.eval.ks, "eval.primary_k must be one of eval.ks"),
         (cfg.data.seq_len >= 1 and cfg.data.n_req_neg >= 0, "data.seq_len >= 1, data.n_req_neg >= 0"),
         (cfg.data.eval_days >= 1 and cfg.data.train_days >= 0, "data.eval_days >= 1, data.train_days >= 0"),
+        (cfg.data.val_days >= 0, "data.val_days must be >= 0 (0 = off)"),
+        (
+            cfg.data.val_days == 0 or cfg.data.train_days == 0 or cfg.data.val_days < cfg.data.train_days,
+            "data.val_days must be smaller than data.train_days (some days must remain to train on)",
+        ),
+        (
+            cfg.data.val_days == 0 or (cfg.train.loader == "memory" and cfg.train.processes == 1),
+            "data.val_days needs train.loader=memory and train.processes=1 (epoch selection is single-process)",
+        ),
         (cfg.gate.tolerance >= 0, "gate.tolerance must be >= 0"),
         (cfg.gate.sample_users >= 1, "gate.sample_users must be >= 1"),
         (cfg.retention.keep_days >= 0, "retention.keep_days must be >= 0 (0 = keep all)"),

@@ -250,6 +250,7 @@ def train_stage(
     output_owners: torch.Tensor | None = None,
     on_step: Callable[[int, float], None] | None = None,
     stage_name: str | None = None,
+    on_epoch: Callable[[int], None] | None = None,
 ) -> StageResult:
     """Train the entries owned by `stage` on rows with level >= stage.
 
@@ -258,6 +259,7 @@ def train_stage(
     recover.epochs on a recover.fraction subset at train.lr * recover.lr_scale.
     log_q: (N_items,) log sampling probability per item (None = no correction).
     output_owners: (D,) owner of each output dimension (needed for AML when stage >= 1).
+    on_epoch(epoch): called after each epoch (1-based), e.g. to score and keep the best epoch.
     Under torch.distributed every rank calls this with the same arguments (module docstring).
     Raises TrainingDiverged on a non-finite or exploding loss.
     """
@@ -347,6 +349,11 @@ def train_stage(
                 on_step(result.steps, value)
         seen += count
         result.epoch_losses.append(total / max(count, 1))
+        if on_epoch is not None:  # e.g. csmf_core.validation.EpochSelector (not timed as training)
+            t_cb = time.perf_counter()
+            on_epoch(epoch + 1)
+            model.train()
+            t0 += time.perf_counter() - t_cb
     result.seconds = time.perf_counter() - t0
     result.samples_per_s = seen / max(result.seconds, 1e-9)
     model.eval()

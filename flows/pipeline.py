@@ -191,7 +191,13 @@ class _LoadedData:
 
     def get(self, model_ready: Path, cfg: CSMFConfig, *, load_train: bool):
         path = Path(model_ready).resolve()
-        key = (str(path), (path / "meta.json").stat().st_mtime_ns, cfg.train.loader, cfg.train.shuffle_window)
+        key = (
+            str(path),
+            (path / "meta.json").stat().st_mtime_ns,
+            cfg.train.loader,
+            cfg.train.shuffle_window,
+            cfg.data.val_days,
+        )
         with self._lock:
             if self._entry is not None and self._entry[0] == (key, True):
                 return dataclasses.replace(self._entry[1])  # train rows loaded: serves either request
@@ -199,7 +205,11 @@ class _LoadedData:
                 return dataclasses.replace(self._entry[1])
             self._entry = None  # free the previous entry before loading the next
             data = load_cascade_data(
-                path, load_train=load_train, loader=cfg.train.loader, shuffle_window=cfg.train.shuffle_window
+                path,
+                load_train=load_train,
+                loader=cfg.train.loader,
+                shuffle_window=cfg.train.shuffle_window,
+                val_days=cfg.data.val_days if load_train else 0,
             )
             self._entry = ((key, load_train), data)
             return dataclasses.replace(data)

@@ -1,0 +1,150 @@
+"""Model selection on validation days held out from the training window (`data.val_days`).
+
+Why: with few positives (KuaiRand's conversion = click & like: ~2,600 training rows) a stage's
+fixed epoch count either over- or under-fits, and the evaluation days must not be used to choose
+it. With `data.val_days = V > 0` the last V days of the training window are held out:
+
+* the train rows of those days are removed from training (`split_validation`);
+* they become validation users exactly like evaluation users: a user's behaviour sequences are
+  those of their earliest row in the validation days (built point in time by prep, so as of
+  that moment), and their positives for objective t are the items with level >= t on those days;
+* every *train* step of the cascade scores its objective under its own mode on those users
+  (Recall@eval.primary_k over the whole catalog, csmf_core.metrics) before its first epoch and
+  after each epoch, and ends with the parameters of the best (`EpochSelector`). "Before the first
+  epoch" is a candidate: for a late stage that is the starting point the cascade handed over.
+
+The popularity counts (log-Q correction, popularity baseline) still cover the whole training
+window, validation days included: item frequencies only, no user's label.
+
+Only entries the stage owns change during a step, so restoring the best snapshot leaves every
+earlier stage's entries bit-identical (the no-forgetting guarantee is unaffected).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from csmf_core.data import TrainData
+from csmf_core.evaluate import EvalRows, item_matrix, user_matrix
+from csmf_core.fusion import mode_queries
+from csmf_core.metrics import recall_ndcg, topk_items
+from csmf_core.model import TwoTower
+from csmf_core.train import FeatureTables, TrainRows
+
+DAY_US = 86_400_000_000
+
+
+def split_validation(
+    tr: TrainData, objectives: list[str], val_days: int
+) -> tuple[TrainRows, EvalRows, tuple[int, int]]:
+    """(train rows before the validation days, validation users, (first, last) validation day number).
+
+    Day numbers are UTC days since the epoch (ts // 86,400,000,000 us). The validation days are the
+    last `val_days` calendar days up to the latest train row's day.
+    """
+    if val_days < 1:
+        raise ValueError(f"val_days must be >= 1, got {val_days}")
+    hist_names = objectives[1:]
+    day = torch.div(tr.ts, DAY_US, rounding_mode="floor")
+    last = int(day.max()) if len(day) else 0
+    first = last - val_days + 1
+    is_val = day >= first
+    keep = torch.nonzero(~is_val).flatten()
+    if keep.numel() < 2:
+        raise ValueError(
+            f"data.val_days={val_days} leaves {keep.numel()} training rows: the training window is too "
+            "short to hold out validation days (lower data.val_days or widen data.train_days)"
+        )
+    neg = tr.neg if tr.neg.shape[1] else None
+    train = TrainRows(
+        tr.u[keep],
+        tr.i[keep],
+        tr.level[keep],
+        [tr.hist[o][keep] for o in hist_names],
+        None if neg is None else neg[keep],
+    )
+    vi = torch.nonzero(is_val).flatten().numpy()
+    u = tr.u.numpy()[vi]
+    order = np.lexsort((tr.ts.numpy()[vi], u))  # by user, then time
+    vi, u = vi[order], u[order]
+    users, first_row = np.unique(u, return_index=True)
+    earliest = torch.from_numpy(vi[first_row])
+    hists = [tr.hist[o][earliest] for o in hist_names]
+    items, level = tr.i.numpy()[vi], tr.level.numpy()[vi]
+    pos: list[list[np.ndarray]] = []
+    for t in range(len(objectives)):
+        m = level >= t
+        pairs = np.unique(np.stack([u[m], items[m]], 1), axis=0) if m.any() else np.zeros((0, 2), np.int64)
+        cuts = np.searchsorted(pairs[:, 0], users)
+        ends = np.searchsorted(pairs[:, 0], users, side="right")
+        pos.append([pairs[a:b, 1].astype(np.int64) for a, b in zip(cuts, ends)])
+    val = EvalRows(torch.from_numpy(users.astype(np.int64)), hists, pos)
+    return train, val, (first, last)
+
+
+@torch.no_grad()
+def own_mode_recall(
+    model: TwoTower,
+    output_owners: torch.Tensor,
+    tables: FeatureTables,
+    val: EvalRows,
+    stage: int,
+    k: int,
+) -> float:
+    """Recall@k of objective `stage` under mode `stage` on the validation users (NaN if none has a positive)."""
+    items = item_matrix(model, tables)
+    users = user_matrix(model, tables, val.u, val.hists)
+    top = topk_items(mode_queries(users, output_owners, stage), items, k)
+    return float(recall_ndcg(top, val.pos[stage], (k,))[k]["recall"])
+
+
+class EpochSelector:
+    """`on_epoch` callback of `train_stage`: scores the model after each epoch, keeps the best.
+
+    Call `consider(0)` before training (the starting point is a candidate), pass `consider` as
+    `train_stage(..., on_epoch=...)`, then `restore()` loads the best parameters back.
+    Ties keep the earlier epoch (fewer steps on sparse data).
+    """
+
+    def __init__(
+        self,
+        model: TwoTower,
+        output_owners: torch.Tensor,
+        tables: FeatureTables,
+        val: EvalRows,
+        stage: int,
+        k: int,
+    ):
+        self.model, self.out, self.tables, self.val, self.stage, self.k = (
+            model,
+            output_owners,
+            tables,
+            val,
+            stage,
+            k,
+        )
+        self.scores: list[float] = []
+        self.best_epoch = -1
+        self.best_score = float("-inf")
+        self._best_state: dict[str, torch.Tensor] | None = None
+
+    def consider(self, epoch: int) -> None:
+        score = own_mode_recall(self.model, self.out, self.tables, self.val, self.stage, self.k)
+        self.scores.append(score)
+        if score > self.best_score or self._best_state is None:
+            self.best_epoch, self.best_score = epoch, score
+            self._best_state = {n: p.detach().clone() for n, p in self.model.state_dict().items()}
+
+    def restore(self) -> None:
+        if self._best_state is None:
+            raise RuntimeError("EpochSelector.restore() before any consider()")
+        self.model.load_state_dict(self._best_state)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "val_best_epoch": float(self.best_epoch),
+            f"val_best_recall@{self.k}": self.best_score,
+            f"val_start_recall@{self.k}": self.scores[0] if self.scores else float("nan"),
+            f"val_last_recall@{self.k}": self.scores[-1] if self.scores else float("nan"),
+        }
