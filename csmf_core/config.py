@@ -41,7 +41,9 @@ class CPPConfig:
     min_keep: int = 1  # per layer, units the pruned stage always keeps
     min_free: int = 1  # per layer, units always handed to the next stage
     min_free_output: int = 4  # the same for the output layer (the next stage's vector segment)
-    freed_init: str = "keep"  # what freed units start from: "keep" | "zero" | "random"
+    # what freed units start from: "keep" | "zero" | "random" | "continue" (the next mode starts
+    # exactly at this mode's scores: the user-side rows of the freed output dimensions are zeroed)
+    freed_init: str = "keep"
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,7 @@ class CSMFConfig:
 
 _CHOICES = {
     ("cpp", "rule"): {"cpp", "fixed"},
-    ("cpp", "freed_init"): {"keep", "zero", "random"},
+    ("cpp", "freed_init"): {"keep", "zero", "random", "continue"},
     ("loss", "request_negatives"): {"first", "all", "none"},
     ("loss", "upstream"): {"log_prob", "last_logit"},
     ("train", "device"): {"cpu", "cuda", "auto"},

@@ -97,6 +97,15 @@ def _reinit_freed(model: TwoTower, groups_freed: dict[str, torch.Tensor], how: s
         return
     gen = torch.Generator().manual_seed(seed)
     params = dict(model.named_parameters())
+    if how == "continue":  # the next mode starts exactly at this one: freed output dims are 0 for
+        # every user (user-side rows zeroed); their item side keeps its values, so gradients flow
+        idx = groups_freed.get("output")
+        if idx is not None and idx.numel():
+            user_out = model.output_layers()[0]
+            with torch.no_grad():
+                params[f"{user_out}.weight"][idx] = 0.0
+                params[f"{user_out}.bias"][idx] = 0.0
+        return
     with torch.no_grad():
         for g in model.unit_groups():
             idx = groups_freed.get(g.name)
@@ -141,7 +150,7 @@ def prune_stage(
 
     Returns the new unit owners (the input is not modified) and per-group statistics. The
     model's owner tensors are updated, removed edges are zeroed, and freed units are
-    re-initialised according to `freed_init` ("keep" | "zero" | "random").
+    re-initialised according to `freed_init` ("keep" | "zero" | "random" | "continue").
     """
     if stage + 1 >= model.n_stages:
         raise ValueError(f"stage {stage} is the last stage: there is no next stage to free units to")

@@ -128,6 +128,7 @@ class StageResult:
     def summary(self) -> dict[str, float]:
         return {
             "rows": self.rows,
+            "epochs": self.epochs,
             "steps": self.steps,
             "seconds": round(self.seconds, 3),
             "samples_per_s": round(self.samples_per_s, 1),

@@ -416,6 +416,18 @@ def cascade_step(
         run.parent().log_metrics(val, step=index)
         primary = {k: round(v, 4) for k, v in val.items() if k.endswith(f"recall@{cfg.eval.primary_k}")}
         logger.info("%s done: %s", step.name, primary)
+        if "val_best_epoch" in report.info:  # data.val_days > 0 (csmf_core/validation.py)
+            k = cfg.eval.primary_k
+            logger.info(
+                "%s: kept epoch %d of %d (validation recall@%d: start %.4f, best %.4f, last %.4f)",
+                step.name,
+                int(report.info["val_best_epoch"]),
+                report.info.get("epochs", -1),
+                k,
+                report.info[f"val_start_recall@{k}"],
+                report.info[f"val_best_recall@{k}"],
+                report.info[f"val_last_recall@{k}"],
+            )
     if run.cache is not None:
         run.cache.record(step.name, index, {"checkpoint": out}, metrics=val, source_run=run.parent_run_id)
     return out
