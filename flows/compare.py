@@ -141,7 +141,17 @@ def csmf_compare(
             "mlflow_run_id": run.parent_run_id,
             "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "epochs": list(cfg.train.epochs),
+            "notes": (
+                [
+                    f"data.val_days={cfg.data.val_days} is not applied by the comparison: every method, csmf "
+                    "included, trains on the whole window with its fixed epochs"
+                ]
+                if cfg.data.val_days
+                else []
+            ),
         }
+        for note in meta["notes"]:
+            get_run_logger().warning(note)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "meta.partial.json").write_text(json.dumps(meta, indent=1))
         partial = out_dir / "runs.partial.jsonl"
@@ -503,6 +513,7 @@ def _markdown(meta, seconds, t2, t2e, t2f, t3, t4, verdict, verdict3, sweep_md, 
         *([f"- **Partial report**: {meta['partial']}"] if meta.get("partial") else []),
         f"- Command: `{meta['command']}`",
         f"- Machine: {meta['machine']}",
+        *[f"- Note: {n}" for n in meta.get("notes", [])],
         f"- Wall time: {seconds / 60:.1f} min ({len(records)} runs + sweeps, sequential)",
         f"- Data: `{meta['dataset_dir']}`; training days {w['train_dates'][0]} .. {w['train_dates'][-1]}, "
         f"evaluation day(s) {', '.join(w['eval_dates'])}",

@@ -31,6 +31,7 @@ OVERRIDES = [
     "data.seq_len=5",
     "data.n_req_neg=4",
     "eval.ks=[10,50]",
+    "data.val_days=1",  # not applied by the comparison: the report must say so
 ]
 
 
@@ -113,3 +114,8 @@ def test_rebuild_from_partial_runs(compared, tmp_path):
     md = Path(rebuild_report(tmp_path)).read_text()
     assert "Partial report" in md and "4 of 6 runs finished" in md and "seeds with every method: [0, 1]" in md
     assert "csmf seed 2: TrainingDiverged: loss nan" in md
+
+
+def test_report_says_val_days_is_not_applied(compared):
+    text = (compared["report"] / "comparison.md").read_text()
+    assert "- Note: data.val_days=1 is not applied by the comparison" in text
