@@ -193,13 +193,14 @@ def load_cascade_data(
     val = None
     if val_days > 0 and load_train and loader != "memory":
         raise ValueError("data.val_days needs train.loader=memory (validation rows are split in memory)")
-    if mr.train is not None and val_days > 0:
-        rows, val, _ = split_validation(mr.train, objs, val_days)
-    elif mr.train is not None:
+    if mr.train is not None:
         tr = mr.train
         rows = TrainRows(
             tr.u, tr.i, tr.level, [tr.hist[o] for o in hist_names], tr.neg if tr.neg.shape[1] else None
         )
+        if val_days > 0:
+            keep, val, _ = split_validation(tr, objs, val_days)
+            rows = rows.select(keep)
     else:
         empty = torch.zeros(0, dtype=torch.long)
         rows = TrainRows(

@@ -4,7 +4,7 @@ Why: with few positives (KuaiRand's conversion = click & like: ~2,600 training r
 fixed epoch count either over- or under-fits, and the evaluation days must not be used to choose
 it. With `data.val_days = V > 0` the last V days of the training window are held out:
 
-* the train rows of those days are removed from training (`split_validation`);
+* the train rows of those days are removed from training (`split_validation` returns the rest);
 * they become validation users exactly like evaluation users: a user's behaviour sequences are
   those of their earliest row in the validation days (built point in time by prep, so as of
   that moment), and their positives for objective t are the items with level >= t on those days;
@@ -30,15 +30,15 @@ from csmf_core.evaluate import EvalRows, item_matrix, user_matrix
 from csmf_core.fusion import mode_queries
 from csmf_core.metrics import recall_ndcg, topk_items
 from csmf_core.model import TwoTower
-from csmf_core.train import FeatureTables, TrainRows
+from csmf_core.train import FeatureTables
 
 DAY_US = 86_400_000_000
 
 
 def split_validation(
     tr: TrainData, objectives: list[str], val_days: int
-) -> tuple[TrainRows, EvalRows, tuple[int, int]]:
-    """(train rows before the validation days, validation users, (first, last) validation day number).
+) -> tuple[torch.Tensor, EvalRows, tuple[int, int]]:
+    """(indices of the train rows before the validation days, validation users, (first, last) day).
 
     Day numbers are UTC days since the epoch (ts // 86,400,000,000 us). The validation days are the
     last `val_days` calendar days up to the latest train row's day.
@@ -56,14 +56,6 @@ def split_validation(
             f"data.val_days={val_days} leaves {keep.numel()} training rows: the training window is too "
             "short to hold out validation days (lower data.val_days or widen data.train_days)"
         )
-    neg = tr.neg if tr.neg.shape[1] else None
-    train = TrainRows(
-        tr.u[keep],
-        tr.i[keep],
-        tr.level[keep],
-        [tr.hist[o][keep] for o in hist_names],
-        None if neg is None else neg[keep],
-    )
     vi = torch.nonzero(is_val).flatten().numpy()
     u = tr.u.numpy()[vi]
     order = np.lexsort((tr.ts.numpy()[vi], u))  # by user, then time
@@ -80,7 +72,7 @@ def split_validation(
         ends = np.searchsorted(pairs[:, 0], users, side="right")
         pos.append([pairs[a:b, 1].astype(np.int64) for a, b in zip(cuts, ends)])
     val = EvalRows(torch.from_numpy(users.astype(np.int64)), hists, pos)
-    return train, val, (first, last)
+    return keep, val, (first, last)
 
 
 @torch.no_grad()

@@ -199,10 +199,10 @@ class _LoadedData:
             cfg.data.val_days,
         )
         with self._lock:
-            if self._entry is not None and self._entry[0] == (key, True):
-                return dataclasses.replace(self._entry[1])  # train rows loaded: serves either request
-            if self._entry is not None and self._entry[0] == (key, load_train):
-                return dataclasses.replace(self._entry[1])
+            if self._entry is not None:
+                (k, has_train), data = self._entry
+                if k == key and (has_train or not load_train):  # train rows loaded: serves either request
+                    return dataclasses.replace(data)
             self._entry = None  # free the previous entry before loading the next
             data = load_cascade_data(
                 path,

@@ -27,10 +27,9 @@ def test_split_by_hand():
     ]
     u, i, lv, ts = (torch.tensor([r[k] for r in rows]) for k in range(4))
     tr = TrainData(u, i, lv, ts, {"click": torch.arange(len(rows))[:, None] + 100}, torch.zeros(len(rows), 0))
-    train, val, (first, last) = split_validation(tr, ["exposure", "click"], 1)
+    keep, val, (first, last) = split_validation(tr, ["exposure", "click"], 1)
     assert (first, last) == (20_001, 20_001)
-    assert train.u.tolist() == [1, 2] and train.i.tolist() == [1, 2] and train.neg is None
-    assert train.hists[0][:, 0].tolist() == [100, 101]
+    assert keep.tolist() == [0, 1]  # the two rows of the first day: (1, 1) and (2, 2)
     assert val.u.tolist() == [1, 3]
     assert val.hists[0][:, 0].tolist() == [103, 104]  # user 1: row 3 (earliest), user 3: row 4
     assert [p.tolist() for p in val.pos[0]] == [[3, 4], [3]]
@@ -56,6 +55,10 @@ def test_each_train_step_ends_at_its_best_epoch(tiny_world):
     data = load_cascade_data(tiny_world["mr"], val_days=1)
     full = load_cascade_data(tiny_world["mr"])
     assert len(data.rows) < len(full.rows) and len(data.val) > 0
+    n = len(data.rows)  # prep writes train rows in time order: the kept rows are the first n
+    assert torch.equal(data.rows.u, full.rows.u[:n]) and torch.equal(data.rows.i, full.rows.i[:n])
+    assert torch.equal(data.rows.neg, full.rows.neg[:n])
+    assert all(torch.equal(a, b[:n]) for a, b in zip(data.rows.hists, full.rows.hists))
     model, owners = build_model(data, cfg)
     k = cfg.eval.primary_k
     chosen = []
