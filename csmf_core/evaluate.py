@@ -123,12 +123,24 @@ def evaluate_model(
             top = ranked("fused", fuse_queries(users, output_owners, torch.tensor(fused_weights)))
             rows += _rows(objectives[t], "fused", recall_ndcg(top, rel, ks))
         if scorers == "all" and popularity is not None:
-            top = popularity_topk(np.asarray(popularity[t]), len(ev), kmax)
-            rows += _rows(objectives[t], "popularity", recall_ndcg(top, rel, ks))
+            rows += _popularity(ev, t, objectives[t], popularity[t], ks)
         if scorers == "all" and random_seed is not None:
             top = random_topk(items.shape[0], len(ev), kmax, random_seed)
             rows += _rows(objectives[t], "random", recall_ndcg(top, rel, ks))
     return rows
+
+
+def _popularity(ev: EvalRows, t: int, objective: str, counts, ks: tuple[int, ...]) -> list[dict]:
+    top = popularity_topk(np.asarray(counts), len(ev), max(ks))
+    return _rows(objective, "popularity", recall_ndcg(top, ev.pos[t], ks))
+
+
+def popularity_rows(
+    ev: EvalRows, objectives: list[str], counts: list[np.ndarray], ks: tuple[int, ...] = (50,)
+) -> list[dict]:
+    """The popularity ranking's Recall/nDCG rows per objective (no model: items by their positives of
+    that objective in the training window, `counts[t]`); the same rows evaluate_model gives it."""
+    return [r for t, o in enumerate(objectives) for r in _popularity(ev, t, o, counts[t], ks)]
 
 
 def metric_dict(rows: list[dict], prefix: str = "val", own_only: bool = True) -> dict[str, float]:

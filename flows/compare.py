@@ -41,6 +41,7 @@ from csmf_core.baselines.csmf import train_csmf
 from csmf_core.baselines.serving_cost import fused_rows, serving_costs
 from csmf_core.cascade import CascadeData, load_cascade_data
 from csmf_core.config import CSMFConfig, build_config, load_config
+from csmf_core.evaluate import popularity_rows
 from flows import compare_report as rep
 from flows import reporting
 from flows.inputs import Window, code_version, dataset_digest, plan_window, setup_home
@@ -150,6 +151,7 @@ def csmf_compare(
                 else []
             ),
         }
+        meta["reference"] = {"popularity": reference_rows(ready, cfg, run)}
         for note in meta["notes"]:
             get_run_logger().warning(note)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -269,6 +271,22 @@ def open_compare_run(
         }
     )
     return RunContext(workdir, dataset, window, tracking_uri, experiment_id, parent.run_id, digest)
+
+
+def reference_rows(ready: Ingested, cfg: CSMFConfig, run: RunContext) -> list[dict]:
+    """The popularity ranking on the same split (no training; deterministic), logged to the parent run."""
+    data = load_cascade_data(ready.model_ready, load_train=False)
+    rows = popularity_rows(
+        data.eval.head(cfg.eval.max_users), data.objectives, data.counts, tuple(cfg.eval.ks)
+    )
+    run.parent().log_metrics(
+        {
+            f"reference/popularity/{r['objective']}/{m}@{r['k']}": r[m]
+            for r in rows
+            for m in ("recall", "ndcg")
+        }
+    )
+    return [{**r, "scorer": r["objective"]} for r in rows]
 
 
 def _load(ready: Ingested, cfg: CSMFConfig) -> CascadeData:
@@ -414,14 +432,19 @@ def render_report(
     main_methods = [m for m in meta["methods"] if m not in ABLATIONS or m == "csmf"]
     abl_methods = [m for m in meta["methods"] if m in ABLATIONS]
     later = shown[1:] if len(shown) > 1 else shown  # click, conversion: the paper's Table 2 objectives
-    t2, t2_rows = rep.accuracy_table(records, main_methods, later, k)
-    t2e, _ = rep.accuracy_table(records, main_methods, shown[:1], k)
+    # deterministic reference rankings on the same split (popularity), shown under the trained methods
+    refs = [{"method": n, "seed": 0, "metrics": rows} for n, rows in meta.get("reference", {}).items()]
+    fixed = [r["method"] for r in refs]
+    t2, t2_rows = rep.accuracy_table(records + refs, main_methods + fixed, later, k, fixed=fixed)
+    t2e, _ = rep.accuracy_table(records + refs, main_methods + fixed, shown[:1], k, fixed=fixed)
     t2f, _ = rep.accuracy_table(records, meta["methods"], shown, k, scorer="fused")
     t3, t3_rows = rep.accuracy_table(
         records, abl_methods, shown, k, reference="csmf" if "csmf" in abl_methods else None
     )
     t4, t4_rows = rep.serving_table(records, meta["methods"])
     verdict = rep.verdicts(records, main_methods, later, k) if "csmf" in main_methods else []
+    if "csmf" in main_methods and "popularity" in fixed:
+        verdict += rep.floor_verdicts(records + refs, shown, k)
     verdict3 = rep.verdicts(records, abl_methods, shown, k) if "csmf" in abl_methods else []
     figs = {"accuracy": rep.accuracy_figure(records, meta["methods"], later, k)}
     sweep_md = []

@@ -119,9 +119,11 @@ def accuracy_table(
     *,
     scorer: str | None = None,
     reference: str | None = None,
+    fixed: Sequence[str] = (),
 ) -> tuple[str, list[dict]]:
     """Markdown table (mean ± 95% half-width over seeds) of Recall@k and nDCG@k per objective, and
-    the same as rows. With `reference`, each cell also shows the relative change of the mean vs it."""
+    the same as rows. With `reference`, each cell also shows the relative change of the mean vs it.
+    `fixed`: methods without training or seeds (popularity): one value, shown without an interval."""
     sc = None if scorer in (None, "own") else scorer
     cols = [(o, m) for o in objectives for m in ("recall", "ndcg")]
     head = (
@@ -134,7 +136,7 @@ def accuracy_table(
         nseeds = len({r["seed"] for r in runs if r["method"] == meth})
         for o, m in cols:
             mean, half, n = mean_ci(metric_values(runs, meth, o, m, k, sc))
-            txt = _fmt(mean, half, n)
+            txt = _fmt(mean, half, n) if meth not in fixed or n == 0 else f"{mean:.4f}"
             if reference and meth != reference and n:
                 ref, _, rn = mean_ci(metric_values(runs, reference, o, m, k, sc))
                 if rn and ref > 0:
@@ -143,7 +145,8 @@ def accuracy_table(
             row[f"{o}/{m}@{k}"] = mean
             row[f"{o}/{m}@{k}/ci95"] = half
         row["seeds"] = nseeds
-        lines.append(f"| {meth} | {nseeds} | " + " | ".join(cells) + " |")
+        label = f"{meth} (no training)" if meth in fixed else meth
+        lines.append(f"| {label} | {'–' if meth in fixed else nseeds} | " + " | ".join(cells) + " |")
         rows.append(row)
     return "\n".join(lines), rows
 
@@ -178,6 +181,29 @@ def verdicts(
                     f"{label}: {focus} does NOT have the best mean: {best} {bm:.4f} vs {focus} {fm:.4f} "
                     f"({'intervals do not overlap' if sep else 'intervals overlap'})."
                 )
+    return out
+
+
+def floor_verdicts(
+    runs: list[dict], objectives: Sequence[str], k: int, floor: str = "popularity", focus: str = "csmf"
+) -> list[str]:
+    """One sentence per (objective, metric): `focus` (mean and 95% interval over seeds) against the
+    deterministic `floor` ranking: above or below it, and whether the interval clears it."""
+    out = []
+    for o in objectives:
+        for m in ("recall", "ndcg"):
+            fv = metric_values(runs, floor, o, m, k)
+            fm, fh, n = mean_ci(metric_values(runs, focus, o, m, k))
+            if not fv or n == 0:
+                continue
+            p = fv[0]
+            side = "above" if fm > p else "BELOW"
+            if math.isfinite(fh):
+                clear = (fm - fh > p) if fm > p else (fm + fh < p)
+                how = "the 95% interval clears it" if clear else "the 95% interval includes it"
+            else:
+                how = "one seed: no interval"
+            out.append(f"{o} {m}@{k}: {focus} {fm:.4f} is {side} {floor} {p:.4f} ({how}).")
     return out
 
 

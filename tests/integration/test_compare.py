@@ -119,3 +119,22 @@ def test_rebuild_from_partial_runs(compared, tmp_path):
 def test_report_says_val_days_is_not_applied(compared):
     text = (compared["report"] / "comparison.md").read_text()
     assert "- Note: data.val_days=1 is not applied by the comparison" in text
+
+
+def test_report_has_the_popularity_floor(compared):
+    """The popularity ranking on the same split: a row under the methods (no interval), equal to the
+    value logged on the parent run, and one sentence per metric placing csmf above or below it."""
+    md = (compared["report"] / "comparison.md").read_text()
+    client = mlflow.MlflowClient(compared["out"]["tracking_uri"])
+    logged = client.get_run(compared["out"]["mlflow_run_id"]).data.metrics
+    row = next(ln for ln in md.splitlines() if ln.startswith("| popularity (no training) | – |"))
+    cells = [c.strip() for c in row.strip("|").split("|")][2:]  # click R, click N, conversion R, conversion N
+    want = [
+        logged[f"reference/popularity/{o}/{m}_at_50"]
+        for o in ("click", "conversion")
+        for m in ("recall", "ndcg")
+    ]
+    assert cells == [f"{v:.4f}" for v in want]
+    csmf = [m["test/click/recall_at_50"] for t, m in _child_metrics(compared["out"]) if t["method"] == "csmf"]
+    side = "above" if sum(csmf) / 2 > want[0] else "BELOW"
+    assert f"click recall@50: csmf {sum(csmf) / 2:.4f} is {side} popularity {want[0]:.4f}" in md

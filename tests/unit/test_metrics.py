@@ -170,6 +170,23 @@ def test_popularity_topk():
     assert popularity_topk(counts, 1, 99).tolist() == [[5, 2, 3, 1, 4]]
 
 
+def test_popularity_rows_hand_computed():
+    from csmf_core.evaluate import EvalRows, popularity_rows
+
+    # objective a: counts -> order 2, 1, 4, 3; objective b: order 3, 4 (tie by index), ...
+    counts = [np.array([50, 5, 9, 1, 3]), np.array([50, 0, 0, 4, 4])]
+    pos = [
+        [np.array([1]), np.array([3, 4])],  # a: user 0 hit at rank 2; user 1 none in the top 2
+        [np.array([], dtype=np.int64), np.array([4])],  # b: user 0 skipped; user 1 hit at rank 2
+    ]
+    ev = EvalRows(torch.tensor([1, 2]), [], pos)
+    rows = {r["objective"]: r for r in popularity_rows(ev, ["a", "b"], counts, ks=(2,))}
+    assert rows["a"]["recall"] == pytest.approx(0.5) and rows["a"]["ndcg"] == pytest.approx(L3 / 2)
+    assert rows["a"]["users"] == 2 and rows["a"]["scorer"] == "popularity" and rows["a"]["k"] == 2
+    assert rows["b"]["recall"] == pytest.approx(1.0) and rows["b"]["ndcg"] == pytest.approx(L3)
+    assert rows["b"]["users"] == 1
+
+
 @pytest.mark.parametrize(("n_items", "k"), [(1000, 5), (10, 8), (10, 50)])
 def test_random_topk(n_items, k):
     got = random_topk(n_items, 500, k, seed=1)
