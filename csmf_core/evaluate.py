@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from csmf_core.fusion import fuse_queries, mode_queries
-from csmf_core.metrics import popularity_topk, random_topk, recall_ndcg, topk_items
+from csmf_core.metrics import paired_bootstrap, popularity_topk, random_topk, recall_ndcg, topk_items
 from csmf_core.model import TwoTower
 from csmf_core.train import FeatureTables
 
@@ -141,6 +141,59 @@ def popularity_rows(
     """The popularity ranking's Recall/nDCG rows per objective (no model: items by their positives of
     that objective in the training window, `counts[t]`); the same rows evaluate_model gives it."""
     return [r for t, o in enumerate(objectives) for r in _popularity(ev, t, o, counts[t], ks)]
+
+
+def popularity_gaps(
+    model: TwoTower,
+    output_owners: torch.Tensor,
+    tables: FeatureTables,
+    ev: EvalRows,
+    objectives: list[str],
+    counts: list[np.ndarray],
+    fused_weights: tuple[float, ...],
+    k: int = 50,
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> list[dict]:
+    """Is the model better than popularity on these users? Per objective, for its own mode and the
+    fused score: the mean per-user difference of Recall@k and nDCG@k minus the popularity ranking's,
+    with a paired 95% bootstrap interval over users (metrics.paired_bootstrap).
+
+    Returns rows {objective, scorer, k, metric, diff, lo, hi, users}; an interval that excludes 0
+    is a difference these users can resolve, one that includes 0 is not.
+    """
+    items = item_matrix(model, tables)
+    users = user_matrix(model, tables, ev.u, ev.hists)
+    fused = topk_items(fuse_queries(users, output_owners, torch.tensor(fused_weights)), items, k)
+    out = []
+    for t, o in enumerate(objectives):
+        rel = ev.pos[t]
+        pop = recall_ndcg(popularity_topk(np.asarray(counts[t]), len(ev), k), rel, (k,), per_user=True)[k]
+        own = topk_items(mode_queries(users, output_owners, t), items, k)
+        for scorer, top in ((o, own), ("fused", fused)):
+            res = recall_ndcg(top, rel, (k,), per_user=True)[k]
+            for m in ("recall", "ndcg"):
+                ci = paired_bootstrap(res[f"{m}_per_user"], pop[f"{m}_per_user"], n_boot=n_boot, seed=seed)
+                out.append(
+                    {"objective": o, "scorer": scorer, "k": k, "metric": m, **ci, "users": ci.pop("n")}
+                )
+    return out
+
+
+def gaps_table(rows: list[dict]) -> str:
+    """Markdown table of popularity_gaps rows."""
+    lines = [
+        "| objective | scorer | metric | model - popularity | 95% interval | users | resolved |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        verdict = "better" if r["lo"] > 0 else "worse" if r["hi"] < 0 else "not resolved"
+        lines.append(
+            f"| {r['objective']} | {r['scorer']} | {r['metric']}@{r['k']} | {r['diff']:+.4f} | "
+            f"[{r['lo']:+.4f}, {r['hi']:+.4f}] | {r['users']} | {verdict} |"
+        )
+    return "\n".join(lines)
 
 
 def metric_dict(rows: list[dict], prefix: str = "val", own_only: bool = True) -> dict[str, float]:

@@ -111,8 +111,8 @@ def topk_items(
 
 
 def recall_ndcg(
-    topk: np.ndarray, relevant: Sequence[np.ndarray], ks: Sequence[int]
-) -> dict[int, dict[str, float]]:
+    topk: np.ndarray, relevant: Sequence[np.ndarray], ks: Sequence[int], *, per_user: bool = False
+) -> dict[int, dict]:
     """Recall@k and nDCG@k for each k in ks, averaged over users with >= 1 relevant item.
 
     topk: (U, K) ranked item indices, best first; negative entries (ANN padding -1) never hit,
@@ -120,7 +120,8 @@ def recall_ndcg(
     relevant item indices (duplicates are removed). If k > K the ranking is shorter than k: the
     missing positions are misses, while IDCG still uses min(|relevant|, k).
     Returns {k: {"recall": float, "ndcg": float, "users": n}} with n the number of users counted
-    (0 users -> recall and ndcg are NaN).
+    (0 users -> recall and ndcg are NaN). per_user=True adds "recall_per_user" and "ndcg_per_user":
+    (n,) arrays over the counted users in row order (for paired comparisons, `paired_bootstrap`).
     """
     topk = np.asarray(topk)
     if topk.ndim != 2:
@@ -164,12 +165,47 @@ def recall_ndcg(
         ideal = np.cumsum(disc)  # ideal[m-1] = IDCG with m relevant items at the top
         if n_eval == 0:
             results[k] = {"recall": float("nan"), "ndcg": float("nan"), "users": 0}
+            if per_user:
+                results[k] |= {"recall_per_user": np.zeros(0), "ndcg_per_user": np.zeros(0)}
             continue
         hk = hit[:, :kw]
         recall = hk.sum(axis=1) / n_rel
         ndcg = (hk @ disc[:kw]) / ideal[np.minimum(n_rel, k) - 1]
         results[k] = {"recall": float(recall.mean()), "ndcg": float(ndcg.mean()), "users": n_eval}
+        if per_user:
+            results[k] |= {"recall_per_user": recall, "ndcg_per_user": ndcg}
     return results
+
+
+def paired_bootstrap(
+    a: np.ndarray, b: np.ndarray, *, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict[str, float]:
+    """Mean of a - b over paired per-user values and its percentile bootstrap interval.
+
+    a, b: (n,) the same users' metric under two rankings (recall_ndcg(..., per_user=True)).
+    Users are resampled with replacement n_boot times (seeded). Returns {"diff", "lo", "hi", "n"}.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(
+            f"paired values must be two (n,) arrays of the same users, got {a.shape} and {b.shape}"
+        )
+    if a.size == 0:
+        return {"diff": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
+    d = a - b
+    rng = np.random.default_rng(seed)
+    boots = np.empty(n_boot)
+    step = max(1, 2_000_000 // d.size)  # resamples per chunk: bounded memory for many users
+    for s in range(0, n_boot, step):
+        m = min(step, n_boot - s)
+        boots[s : s + m] = d[rng.integers(0, d.size, size=(m, d.size))].mean(axis=1)
+    tail = (1 - level) / 2
+    return {
+        "diff": float(d.mean()),
+        "lo": float(np.quantile(boots, tail)),
+        "hi": float(np.quantile(boots, 1 - tail)),
+        "n": int(d.size),
+    }
 
 
 def popularity_topk(counts: np.ndarray, n_users: int, k: int) -> np.ndarray:

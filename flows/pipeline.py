@@ -42,7 +42,7 @@ from csmf_core.cascade import Step, build_model, load_cascade_data, plan, run_st
 from csmf_core.checkpoint import load_checkpoint, save_checkpoint
 from csmf_core.config import CSMFConfig, load_config
 from csmf_core.distributed import run_step_distributed
-from csmf_core.evaluate import evaluate_model, metric_dict
+from csmf_core.evaluate import evaluate_model, gaps_table, metric_dict, popularity_gaps
 from csmf_core.prep import prepare
 from csmf_core.serving import metrics_table, summary_table, write_bundle
 from data_contracts import validate_dataset
@@ -503,7 +503,27 @@ def evaluate(checkpoint: Path, ready: Ingested, cfg: CSMFConfig, run: RunContext
         prunes = {s.name: run.workdir / s.name / "checkpoint" for s in steps if s.kind == "prune"}
         for target in (tracker, run.parent()):
             reporting.log_evaluation(target, rows, prunes, data.objectives)
-    get_run_logger().info("evaluation:\n%s", summary_table(rows, cfg.eval.primary_k))
+        # is the model better than popularity on these users? paired bootstrap over users
+        gaps = popularity_gaps(
+            model,
+            owners.output_owners(),
+            data.tables,
+            data.eval.head(cfg.eval.max_users),
+            data.objectives,
+            data.counts,
+            cfg.eval.fused_weights,
+            cfg.eval.primary_k,
+        )
+        gap_metrics = {}
+        for g in gaps:
+            key = f"test/{g['objective']}/{'fused/' if g['scorer'] == 'fused' else ''}vs_popularity/{g['metric']}@{g['k']}"
+            gap_metrics |= {key: g["diff"], f"{key}/lo": g["lo"], f"{key}/hi": g["hi"]}
+        for target in (tracker, run.parent()):
+            target.log_metrics(gap_metrics)
+        tracker.log_text(gaps_table(gaps) + "\n", "metrics/vs_popularity.md")
+    logger = get_run_logger()
+    logger.info("evaluation:\n%s", summary_table(rows, cfg.eval.primary_k))
+    logger.info("model minus popularity, paired 95%% bootstrap over users:\n%s", gaps_table(gaps))
     return rows
 
 

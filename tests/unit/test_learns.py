@@ -12,7 +12,7 @@ import torch
 
 from csmf_core.cascade import load_cascade_data, run_cascade
 from csmf_core.config import build_config
-from csmf_core.evaluate import evaluate_model
+from csmf_core.evaluate import evaluate_model, popularity_gaps
 from csmf_core.metrics import format_metrics_table
 from csmf_core.prep import prepare
 from csmf_core.synth import generate
@@ -42,7 +42,18 @@ def learned(tmp_path_factory):
         random_seed=0,
     )
     print("\n" + format_metrics_table(rows))
-    return {(r["objective"], r["scorer"]): r for r in rows}
+    gaps = popularity_gaps(
+        model,
+        owners.output_owners(),
+        data.tables,
+        data.eval,
+        data.objectives,
+        data.counts,
+        cfg.eval.fused_weights,
+        50,
+        n_boot=500,
+    )
+    return {(r["objective"], r["scorer"]): r for r in rows} | {"gaps": gaps}
 
 
 @pytest.mark.parametrize("objective", ["exposure", "click", "conversion"])
@@ -60,3 +71,18 @@ def test_cascade_adds_something_for_conversion(learned):
     conv = learned[("conversion", "conversion")]["recall"]
     expo = learned[("conversion", "exposure")]["recall"]
     assert conv >= expo + 0.02, f"conversion mode {conv:.4f} vs exposure mode {expo:.4f} on conversions"
+
+
+def test_popularity_gaps_agree_with_the_evaluation(learned):
+    """The paired differences are the differences of evaluate_model's means on the same users, inside
+    their intervals; exposure (thousands of users, a clear margin) is resolved as better."""
+    assert len(learned["gaps"]) == 3 * 2 * 2
+    for g in learned["gaps"]:
+        model = learned[(g["objective"], g["scorer"])]
+        pop = learned[(g["objective"], "popularity")]
+        assert g["diff"] == pytest.approx(model[g["metric"]] - pop[g["metric"]], abs=1e-12)
+        assert g["lo"] <= g["diff"] <= g["hi"] and g["users"] == model["users"]
+    expo = next(
+        g for g in learned["gaps"] if g["objective"] == g["scorer"] == "exposure" and g["metric"] == "recall"
+    )
+    assert expo["lo"] > 0

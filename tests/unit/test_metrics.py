@@ -170,6 +170,49 @@ def test_popularity_topk():
     assert popularity_topk(counts, 1, 99).tolist() == [[5, 2, 3, 1, 4]]
 
 
+def test_per_user_values_match_the_means_and_a_loop():
+    rng = np.random.default_rng(3)
+    topk = rng.integers(1, 40, size=(30, 10))
+    relevant = [rng.choice(np.arange(1, 40), size=int(rng.integers(0, 4)), replace=False) for _ in range(30)]
+    res = recall_ndcg(topk, relevant, [5], per_user=True)[5]
+    want_r, want_n = [], []
+    for row, rel in zip(topk, relevant, strict=True):  # textbook loop, first occurrence counts
+        rel = set(rel.tolist())
+        if not rel:
+            continue
+        seen, hits = set(), []
+        for x in row[:5].tolist():
+            hits.append(x in rel and x not in seen)
+            seen.add(x)
+        want_r.append(sum(hits) / len(rel))
+        dcg = sum(h / math.log2(p + 2) for p, h in enumerate(hits))
+        want_n.append(dcg / sum(1 / math.log2(p + 2) for p in range(min(len(rel), 5))))
+    np.testing.assert_allclose(res["recall_per_user"], want_r)
+    np.testing.assert_allclose(res["ndcg_per_user"], want_n)
+    assert res["recall"] == pytest.approx(np.mean(want_r)) and res["users"] == len(want_r)
+
+
+def test_paired_bootstrap():
+    from csmf_core.metrics import paired_bootstrap
+
+    # constant difference: every resample has the same mean, the interval is that point
+    out = paired_bootstrap(np.array([0.5, 0.2, 0.9]), np.array([0.4, 0.1, 0.8]))
+    assert (
+        out["diff"] == pytest.approx(0.1)
+        and out["lo"] == pytest.approx(0.1)
+        and out["hi"] == pytest.approx(0.1)
+    )
+    # symmetric +-1 differences over many users: mean 0, interval about +-1.96 / sqrt(n)
+    n = 10_000
+    a = np.where(np.arange(n) % 2 == 0, 1.0, 0.0)
+    got = paired_bootstrap(a, 1 - a, n_boot=500, seed=1)
+    assert got["diff"] == 0.0 and got["n"] == n
+    assert got["lo"] == pytest.approx(-1.96 / math.sqrt(n), rel=0.15)
+    assert got["hi"] == pytest.approx(1.96 / math.sqrt(n), rel=0.15)
+    with pytest.raises(ValueError, match="same users"):
+        paired_bootstrap(np.zeros(3), np.zeros(4))
+
+
 def test_popularity_rows_hand_computed():
     from csmf_core.evaluate import EvalRows, popularity_rows
 
