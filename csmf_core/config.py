@@ -70,6 +70,9 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0  # torch threads; 0 = leave as is
     device: str = "cpu"  # "cpu" | "cuda" | "auto"
+    # torch deterministic kernels while training: the same data, config and seed give the same model
+    # (without them, multi-threaded CPU reductions made two identical runs differ; no measured cost)
+    deterministic: bool = True
     # Where batches come from: "memory" loads the train table (fastest for data that fits),
     # "parquet" streams it from the model-ready Parquet in bounded memory (csmf_core/loader.py).
     loader: str = "memory"

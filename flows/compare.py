@@ -42,6 +42,7 @@ from csmf_core.baselines.serving_cost import fused_rows, serving_costs
 from csmf_core.cascade import CascadeData, load_cascade_data
 from csmf_core.config import CSMFConfig, build_config, load_config
 from csmf_core.evaluate import popularity_rows
+from csmf_core.train import deterministic_kernels
 from flows import compare_report as rep
 from flows import reporting
 from flows.inputs import Window, code_version, dataset_digest, plan_window, setup_home
@@ -320,11 +321,12 @@ def fit_method(
         tracker.log_params({**cfg.flat(), "method": method, "seed": seed})
         curve = reporting.LossCurve(tracker, logger, name, every=LOG_EVERY)
         trained = None
-        if method == "csmf":
-            trained = train_csmf(data, cfg, seed, curve)
-            result = trained.result
-        else:
-            result = METHODS[method](data, cfg, seed, on_step=curve)
+        with deterministic_kernels(cfg.train.deterministic):  # every method, not only csmf's train_stage
+            if method == "csmf":
+                trained = train_csmf(data, cfg, seed, curve)
+                result = trained.result
+            else:
+                result = METHODS[method](data, cfg, seed, on_step=curve)
         curve.flush()
         own = evaluate_result(result, data, ks)
         rows = [{**r, "scorer": r["objective"]} for r in own]
