@@ -487,11 +487,12 @@ def evaluate(checkpoint: Path, ready: Ingested, cfg: CSMFConfig, run: RunContext
         model, owners, _ = load_checkpoint(checkpoint, device=_device(cfg))
         data = _LOADED.get(ready.model_ready, cfg, load_train=False)
         data.tables = data.tables.to(_device(cfg))
+        ev, out = data.eval.head(cfg.eval.max_users), owners.output_owners()
         rows = evaluate_model(
             model,
-            owners.output_owners(),
+            out,
             data.tables,
-            data.eval.head(cfg.eval.max_users),
+            ev,
             data.objectives,
             ks=cfg.eval.ks,
             scorers="all",
@@ -504,15 +505,9 @@ def evaluate(checkpoint: Path, ready: Ingested, cfg: CSMFConfig, run: RunContext
         for target in (tracker, run.parent()):
             reporting.log_evaluation(target, rows, prunes, data.objectives)
         # is the model better than popularity on these users? paired bootstrap over users
+        k = cfg.eval.primary_k
         gaps = popularity_gaps(
-            model,
-            owners.output_owners(),
-            data.tables,
-            data.eval.head(cfg.eval.max_users),
-            data.objectives,
-            data.counts,
-            cfg.eval.fused_weights,
-            cfg.eval.primary_k,
+            model, out, data.tables, ev, data.objectives, data.counts, cfg.eval.fused_weights, k
         )
         gap_metrics = {}
         for g in gaps:

@@ -171,6 +171,13 @@ def test_stage_metrics_are_comparable(happy):
     for o in OBJECTIVES:
         for scorer in (o, "fused", "popularity"):
             assert 0.0 <= test[f"test/{o}/{scorer}/recall_at_50"] <= 1.0
+        for m in ("recall", "ndcg"):  # paired model-minus-popularity: the difference of the logged means
+            for part, scorer in (("", o), ("fused/", "fused")):
+                gap = f"test/{o}/{part}vs_popularity/{m}_at_50"
+                want = test[f"test/{o}/{scorer}/{m}_at_50"] - test[f"test/{o}/popularity/{m}_at_50"]
+                assert test[gap] == pytest.approx(want, abs=1e-9)
+                assert test[f"{gap}/lo"] <= test[gap] <= test[f"{gap}/hi"]
+    assert "metrics/vs_popularity.md" in _artifacts(happy.client, happy.children["evaluate"].info.run_id)
 
 
 def test_later_stages_leave_exposure_untouched(happy):
