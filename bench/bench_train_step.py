@@ -87,7 +87,8 @@ def run(
     data: dict | None = None,
 ) -> list[dict]:
     n_threads = benchlib.set_threads(threads)
-    cfg = build_config(None, ["train.epochs=[1,1,1]"])
+    cfg = build_config(None, ["train.epochs=[1,1,1]"])  # train.deterministic: the default, on
+    cfg_nondet = build_config(None, ["train.epochs=[1,1,1]", "train.deterministic=false"])
     bs = cfg.train.batch_size
     rec = benchlib.Recorder("train_step", {"batch_size": bs, "rows": rows, "threads": n_threads}, write=write)
     data_kw = dict(data or {"name": "small"})
@@ -103,11 +104,14 @@ def run(
         def csmf(d=data, s=stage, lq=log_q):
             train_stage(model, cd.tables, d, s, cfg, log_q=lq, output_owners=out)
 
+        def csmf_nondet(d=data, s=stage, lq=log_q):
+            train_stage(model, cd.tables, d, s, cfg_nondet, log_q=lq, output_owners=out)
+
         def plain(d=data):
             reference_epoch(ref, opt, cd.tables, d, bs, seed=0)
 
-        csmf(), plain()  # warm-up (allocator, mask caches)
-        t = benchlib.interleaved({"csmf": csmf, "plain": plain}, rounds)
+        csmf(), csmf_nondet(), plain()  # warm-up (allocator, mask caches)
+        t = benchlib.interleaved({"csmf": csmf, "csmf_nondet": csmf_nondet, "plain": plain}, rounds)
         sps = {a: len(data) / benchlib.median(t[a]) for a in t}
         name = cd.objectives[stage]
         p = {"stage": stage, "stage_name": name, "rounds": rounds}
@@ -116,6 +120,12 @@ def run(
             benchlib.paired_ratio(t["plain"], t["csmf"]),
             "x",
             ">= 0.8",
+            **p,
+        )
+        rec.add(
+            f"samples/s ratio deterministic/non-deterministic kernels (train.deterministic), stage {stage}",
+            benchlib.paired_ratio(t["csmf_nondet"], t["csmf"]),
+            "x",
             **p,
         )
         few = stage_rows(cd.rows, stage, 4 * bs)

@@ -88,7 +88,7 @@ def machine() -> str:
     """One line describing where the run happened."""
     return (
         f"{platform.node()}: {platform.machine()} {platform.processor() or ''}".strip()
-        + f", {os.cpu_count()} CPU cores visible, torch {torch.__version__} with {torch.get_num_threads()} threads, "
+        + f", {os.cpu_count()} CPU cores visible, torch {torch.__version__}, torch threads: {torch.get_num_threads()}, "
         f"load average at start {os.getloadavg()[0]:.1f}"
     )
 
@@ -429,6 +429,7 @@ def render_report(
     """Write comparison.md, runs.json and figures/ under out_dir; returns (path, markdown, table rows 2-4)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "figures").mkdir(exist_ok=True)
+    meta = {**meta, "wall_seconds": seconds}
     k, objs = meta["k"], meta["objectives"]
     shown = [o for o in objs if any(m["objective"] == o for r in records for m in r["metrics"])]
     main_methods = [m for m in meta["methods"] if m not in ABLATIONS or m == "csmf"]
@@ -443,6 +444,8 @@ def render_report(
     t3, t3_rows = rep.accuracy_table(
         records, abl_methods, shown, k, reference="csmf" if "csmf" in abl_methods else None
     )
+    if not any(m != "csmf" for m in abl_methods):  # csmf alone is not an ablation table
+        t3, t3_rows = "", []
     t4, t4_rows = rep.serving_table(records, meta["methods"])
     verdict = rep.verdicts(records, main_methods, later, k) if "csmf" in main_methods else []
     if "csmf" in main_methods and "popularity" in fixed:
@@ -505,8 +508,18 @@ def rebuild_report(out_dir: str | Path) -> Path:
     """Render the report from the runs finished so far (runs.partial.jsonl) of an interrupted compare.
 
     The report says it is partial; wall time is the time from the start to the last finished run.
+    A finished report (runs.json, no partial files) is rendered again from its own records, the same
+    numbers in the current layout; its wall time is the one recorded in runs.json.
     """
     out_dir = Path(out_dir)
+    if not (out_dir / "runs.partial.jsonl").exists() and (out_dir / "runs.json").exists():
+        done = json.loads((out_dir / "runs.json").read_text())
+        meta = done["meta"]
+        if "wall_seconds" not in meta:
+            raise ValueError(
+                f"{out_dir / 'runs.json'} has no meta.wall_seconds (written before it was recorded)"
+            )
+        return render_report(done["runs"], done["sweeps"], meta, out_dir, meta["wall_seconds"])[0]
     meta = json.loads((out_dir / "meta.partial.json").read_text())
     recs = [json.loads(x) for x in (out_dir / "runs.partial.jsonl").read_text().splitlines() if x.strip()]
     meta["failures"] = [r for r in recs if "failed" in r]
@@ -563,7 +576,7 @@ def _markdown(meta, seconds, t2, t2e, t2f, t3, t4, verdict, verdict3, sweep_md, 
         t2f,
         "",
     ]
-    if t3.count("\n") > 1:
+    if t3:
         lines += [
             "## Ablations (like the paper's Table 3; relative change of the mean vs csmf)",
             "",
@@ -579,7 +592,7 @@ def _markdown(meta, seconds, t2, t2e, t2f, t3, t4, verdict, verdict3, sweep_md, 
         "Index: serialized flat inner-product FAISS index over the concatenation of the method's distinct item "
         "matrices, the index an exact fused query must search. Latency: exact fused top-"
         f"{k} per request (best of 3 passes), catalog tiled to {records[0]['serving']['latency_items']:,} rows, "
-        f"FAISS with {records[0]['serving']['faiss_threads']} threads, on the shared machine above (noisy).",
+        f"FAISS threads: {records[0]['serving']['faiss_threads']}, on the machine above (noisy when shared).",
         "",
         t4,
         "",
