@@ -36,6 +36,7 @@ from csmf_core.bundle import FORMAT_VERSION, lookup_index, read_feature_tables, 
 from csmf_core.checkpoint import load_checkpoint
 from csmf_core.data import load_model_ready
 from csmf_core.evaluate import EvalRows, evaluate_model, item_matrix
+from csmf_core.evaluate import popularity_gaps as _popularity_gaps
 from csmf_core.fusion import fuse_queries, mode_queries, validate_weights
 from csmf_core.index import ItemIndex
 
@@ -262,6 +263,36 @@ class Recommender:
         stay in the recall denominator but can never be retrieved. Popularity counts of unknown items
         are dropped. Users keep this bundle's feature rows (the encoding the model was trained on).
         """
+        ev, popularity = self._mapped_eval(model_ready_dir)
+        return evaluate_model(
+            self.model,
+            self._owners.to(next(self.model.parameters()).device),
+            self.tables,
+            ev,
+            self.objectives,
+            ks=tuple(int(k) for k in ks),
+            scorers="all",
+            fused_weights=tuple(self.info["default_weights"]),
+            popularity=popularity,
+        )
+
+    def popularity_gaps(self, model_ready_dir: str | Path, k: int = 50) -> list[dict]:
+        """Model minus popularity per objective (own mode and fused) on another dataset's eval rows, with
+        paired 95% bootstrap intervals over users (csmf_core.evaluate.popularity_gaps)."""
+        ev, popularity = self._mapped_eval(model_ready_dir)
+        return _popularity_gaps(
+            self.model,
+            self._owners.to(next(self.model.parameters()).device),
+            self.tables,
+            ev,
+            self.objectives,
+            popularity,
+            tuple(self.info["default_weights"]),
+            int(k),
+        )
+
+    def _mapped_eval(self, model_ready_dir: str | Path) -> tuple[EvalRows, list[np.ndarray]]:
+        """The other dataset's eval rows and popularity counts in this model's index space (see evaluate)."""
         mr = Path(model_ready_dir)
         other = load_model_ready(mr, load_train=False)
         if other.objectives != self.objectives:
@@ -287,17 +318,7 @@ class Recommender:
             np.bincount(pop_idx, weights=pop_t[f"count_{o}"].to_numpy(), minlength=n_items).astype(np.int64)
             for o in self.objectives
         ]
-        return evaluate_model(
-            self.model,
-            self._owners.to(next(self.model.parameters()).device),
-            self.tables,
-            ev,
-            self.objectives,
-            ks=tuple(int(k) for k in ks),
-            scorers="all",
-            fused_weights=tuple(self.info["default_weights"]),
-            popularity=popularity,
-        )
+        return ev, popularity
 
 
 def summary_table(rows: list[dict], k: int) -> str:

@@ -121,6 +121,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from csmf_core.config import load_config
+    from csmf_core.evaluate import gaps_table
     from csmf_core.prep import prepare
     from csmf_core.serving import metrics_table
     from data_contracts import validate_dataset
@@ -150,11 +151,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             )
         with Progress("evaluating"):
             rows = rec.evaluate(Path(tmp) / "mr", ks=ks)
+            k = load_config(rec.bundle_dir / "config.yaml").eval.primary_k
+            gaps = rec.popularity_gaps(Path(tmp) / "mr", k=k)
     print(
         f"\nModel {rec.bundle_dir} on {data}, evaluation day {date} (fused weights "
         f"{rec.default_weights.tolist()}):\n"
     )
     print(metrics_table(rows))
+    print("\nModel minus popularity, paired 95% bootstrap interval over the evaluation users:\n")
+    print(gaps_table(gaps))
     return 0
 
 

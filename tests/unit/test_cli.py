@@ -129,7 +129,9 @@ def test_evaluate_command(tiny_world, capsys):
     ]
     assert cli.main(args) == 0
     want = metrics_table(Recommender.load(tiny_world["bundle"]).evaluate(tiny_world["mr"], ks=(10, 50)))
-    assert want in capsys.readouterr().out  # same windows as the model-ready data of the fixture
+    out = capsys.readouterr().out
+    assert want in out  # same windows as the model-ready data of the fixture
+    assert "Model minus popularity" in out and "| click | fused | recall@50 |" in out
 
 
 def _fake_pipeline(monkeypatch, calls: list):

@@ -222,6 +222,15 @@ def test_evaluate_same_and_remapped_vocabulary(rec, tiny_world, tmp_path):
     prep.prepare(ds2, tmp_path / "mr2", train_dates=(d[0], d[-2]), eval_dates=d[-1], seq_len=5, n_req_neg=4)
     assert pl.read_parquet(tmp_path / "mr2" / "items.parquet").height == data.tables.items_cat.shape[0] + 1
     assert rec.evaluate(tmp_path / "mr2", ks=(10, 50)) == want
+    # the paired model-minus-popularity gaps use the same remapped rows: diff = difference of the means
+    for g in rec.popularity_gaps(tmp_path / "mr2", k=50):
+        if g["objective"] != "click":
+            continue
+        mean = {r["scorer"]: r for r in want if r["k"] == 50 and r["objective"] == "click"}
+        assert g["diff"] == pytest.approx(
+            mean[g["scorer"]][g["metric"]] - mean["popularity"][g["metric"]], abs=1e-12
+        )
+        assert g["users"] == mean["popularity"]["users"]
 
 
 def test_summary_table_pivots_one_k_by_hand():
