@@ -175,9 +175,8 @@ def popularity_gaps(
             res = recall_ndcg(top, rel, (k,), per_user=True)[k]
             for m in ("recall", "ndcg"):
                 ci = paired_bootstrap(res[f"{m}_per_user"], pop[f"{m}_per_user"], n_boot=n_boot, seed=seed)
-                out.append(
-                    {"objective": o, "scorer": scorer, "k": k, "metric": m, **ci, "users": ci.pop("n")}
-                )
+                n_users = ci.pop("n")
+                out.append({"objective": o, "scorer": scorer, "k": k, "metric": m, **ci, "users": n_users})
     return out
 
 

@@ -22,6 +22,8 @@ earlier stage's entries bit-identical (the no-forgetting guarantee is unaffected
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -108,21 +110,15 @@ class EpochSelector:
         stage: int,
         k: int,
     ):
-        self.model, self.out, self.tables, self.val, self.stage, self.k = (
-            model,
-            output_owners,
-            tables,
-            val,
-            stage,
-            k,
-        )
+        self.model, self.k = model, k
+        self._score = functools.partial(own_mode_recall, model, output_owners, tables, val, stage, k)
         self.scores: list[float] = []
         self.best_epoch = -1
         self.best_score = float("-inf")
         self._best_state: dict[str, torch.Tensor] | None = None
 
     def consider(self, epoch: int) -> None:
-        score = own_mode_recall(self.model, self.out, self.tables, self.val, self.stage, self.k)
+        score = self._score()
         self.scores.append(score)
         if score > self.best_score or self._best_state is None:
             self.best_epoch, self.best_score = epoch, score
