@@ -14,7 +14,10 @@ mask, and keeps every rank's parameters bit-identical). At the end the ranks com
 their parameters (a mismatch fails the step), and rank 0 alone writes `OUT/checkpoint`,
 `OUT/report.json` and prints progress lines; nothing else logs (MLflow is the caller's business:
 `run_step_distributed` turns rank 0's lines into `on_step` calls). A diverged loss is written to
-`OUT/error.json` and re-raised by the launcher as `TrainingDiverged`.
+`OUT/error.json` and re-raised by the launcher as `TrainingDiverged`. Every rank's output is kept in
+torchrun's log directory (`WORKDIR/logs-*/<run>/attempt_0/<rank>/`), and a failure quotes each rank's
+stderr. A non-zero exit after rank 0 wrote the agreed result (a rank aborting in gloo's teardown, seen
+once in CI) keeps the result and logs the exit (`step_completed`).
 """
 
 from __future__ import annotations
@@ -120,8 +123,11 @@ def worker(args: argparse.Namespace) -> int:
                 "device": device,
                 "params_digest": digests[0],
             }
-            (out / "report.json").write_text(json.dumps(info, default=str))
+            tmp = out / "report.json.tmp"
+            tmp.write_text(json.dumps(info, default=str))
+            tmp.replace(out / "report.json")  # the report exists only once the checkpoint is whole
             print(f"{step.name}: {world} processes ({backend}, {device}) done: {report.info}", flush=True)
+        dist.barrier()  # no rank tears down while another still writes or talks
     finally:
         dist.destroy_process_group()
     return 0
@@ -151,9 +157,11 @@ def run_step_distributed(
     out = Path(tempfile.mkdtemp(prefix="out-", dir=workdir))
     cfg_path = workdir / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+    logs = Path(tempfile.mkdtemp(prefix="logs-", dir=workdir))
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         "--nproc-per-node", str(cfg.train.processes), "--local-ranks-filter", "0",
+        "--log-dir", str(logs), "--tee", "3",  # every rank's output in a file, rank 0's on the console
         "-m", "csmf_core.distributed",
         "--model-ready", str(model_ready), "--checkpoint-in", str(ckpt_in), "--out", str(out),
         "--config", str(cfg_path),
@@ -182,10 +190,10 @@ def run_step_distributed(
     if (out / "error.json").is_file():
         err = json.loads((out / "error.json").read_text())
         raise TrainingDiverged(err["message"])
-    if rc != 0 or not (out / "report.json").is_file():
+    if not step_completed(rc, out, cfg.train.processes, logs, log):
         raise RuntimeError(
             f"{step.name}: torchrun with {cfg.train.processes} processes failed (exit {rc}); "
-            "last output:\n" + "\n".join(tail)
+            "last output:\n" + "\n".join(tail) + _rank_log_tails(logs)
         )
     trained, new_owners, _ = load_checkpoint(out / "checkpoint", device=str(next(model.parameters()).device))
     model.load_state_dict(trained.state_dict(), strict=True)
@@ -193,6 +201,34 @@ def run_step_distributed(
     rep = json.loads((out / "report.json").read_text())
     info = {**rep["info"], "world_size": rep["world_size"]}
     return new_owners, StepReport(step, info, rep["losses"])
+
+
+def step_completed(rc: int, out: Path, processes: int, logs: Path, log: Callable[[str], None]) -> bool:
+    """Whether the step's result in `out` is whole and agreed on by every rank.
+
+    `report.json` is written by rank 0 only after every rank's parameter digest matched and the
+    checkpoint was saved, so with it present a non-zero exit can only come from the teardown after
+    it (a gloo peer closing its sockets while the other rank destroys its process group can abort
+    that rank): the result is kept and the exit logged with each rank's error output.
+    """
+    if not (out / "report.json").is_file():
+        return False
+    if rc != 0:
+        log(
+            f"torchrun exited {rc} after the step completed on all {processes} ranks (identical "
+            "parameter digests, checkpoint written); keeping the result" + _rank_log_tails(logs)
+        )
+    return True
+
+
+def _rank_log_tails(logs: Path, lines: int = 15) -> str:
+    """The last `lines` lines of every rank's stderr log that has any, one block per rank."""
+    blocks = []
+    for f in sorted(logs.glob("**/stderr.log")):
+        text = f.read_text(errors="replace").strip().splitlines()[-lines:]
+        if text:
+            blocks.append(f"\n--- {f.relative_to(logs)} ---\n" + "\n".join(text))
+    return "".join(blocks)
 
 
 def _plain(x):

@@ -20,7 +20,7 @@ import torch
 from csmf_core import prep, synth
 from csmf_core.cascade import Step, build_model, load_cascade_data, run_step
 from csmf_core.config import build_config
-from csmf_core.distributed import params_digest, run_step_distributed
+from csmf_core.distributed import params_digest, run_step_distributed, step_completed
 from csmf_core.masks import param_owners
 from csmf_core.train import TrainingDiverged, TrainRows, _batch_loss, item_log_q
 
@@ -132,3 +132,26 @@ def test_divergence_stops_every_rank(world, tmp_path):
             tmp_path,
             log=lambda s: None,
         )
+
+
+def test_teardown_exit_after_a_whole_result_is_kept_and_logged(tmp_path):
+    """CI saw rank 1 abort (SIGABRT) in gloo's teardown after rank 0 had written the agreed result.
+
+    The report is written only after every rank's digest matched, so a non-zero exit with it
+    present keeps the result and logs each rank's stderr; without it the step fails.
+    """
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    (logs / "run" / "attempt_0" / "1").mkdir(parents=True)
+    (logs / "run" / "attempt_0" / "1" / "stderr.log").write_text("terminate called\nAborted\n")
+    (logs / "run" / "attempt_0" / "0").mkdir(parents=True)
+    (logs / "run" / "attempt_0" / "0" / "stderr.log").write_text("")
+    out.mkdir()
+    lines: list[str] = []
+    assert not step_completed(-6, out, 2, logs, lines.append)  # no report: nothing to keep
+    assert lines == []
+    (out / "report.json").write_text("{}")
+    assert step_completed(0, out, 2, logs, lines.append) and lines == []
+    assert step_completed(-6, out, 2, logs, lines.append)
+    assert len(lines) == 1 and "exited -6" in lines[0] and "keeping the result" in lines[0]
+    assert "attempt_0/1/stderr.log ---\nterminate called\nAborted" in lines[0]
+    assert "attempt_0/0" not in lines[0]  # empty logs are left out
