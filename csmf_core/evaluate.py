@@ -66,6 +66,12 @@ def user_matrix(
     return torch.cat(out) if out else torch.zeros(0, model.cfg.dim)
 
 
+def encode(model: TwoTower, tables: FeatureTables, ev: EvalRows) -> tuple[torch.Tensor, torch.Tensor]:
+    """(item_matrix, user_matrix of ev's users): pass as `vectors=` to evaluate_model and
+    popularity_gaps to encode once for both."""
+    return item_matrix(model, tables), user_matrix(model, tables, ev.u, ev.hists)
+
+
 def _rows(objective: str, scorer: str, res: dict[int, dict[str, float]]) -> list[dict]:
     return [
         {
@@ -93,17 +99,18 @@ def evaluate_model(
     fused_weights: tuple[float, ...] | None = None,
     popularity: list[np.ndarray] | None = None,
     random_seed: int | None = None,
+    vectors: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[dict]:
     """Recall@K / nDCG@K rows for objectives 0..objectives_upto.
 
     scorers = "own": each objective under its own stage's mode only (the per-stage metrics);
     scorers = "all": every trained mode, plus "fused" (needs fused_weights), plus "popularity"
     (needs popularity[t]: (N_items,) counts) and "random" (needs random_seed).
+    vectors: `encode(model, tables, ev)` when the caller already has it.
     Returns rows {objective, scorer, k, recall, ndcg, users}.
     """
     upto = len(objectives) - 1 if objectives_upto is None else objectives_upto
-    items = item_matrix(model, tables)
-    users = user_matrix(model, tables, ev.u, ev.hists)
+    items, users = encode(model, tables, ev) if vectors is None else vectors
     kmax = max(ks)
     rows: list[dict] = []
     cache: dict[str, np.ndarray] = {}
@@ -155,16 +162,16 @@ def popularity_gaps(
     *,
     n_boot: int = 2000,
     seed: int = 0,
+    vectors: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[dict]:
     """Is the model better than popularity on these users? Per objective, for its own mode and the
     fused score: the mean per-user difference of Recall@k and nDCG@k minus the popularity ranking's,
     with a paired 95% bootstrap interval over users (metrics.paired_bootstrap).
 
     Returns rows {objective, scorer, k, metric, diff, lo, hi, users}; an interval that excludes 0
-    is a difference these users can resolve, one that includes 0 is not.
+    is a difference these users can resolve, one that includes 0 is not. vectors: as evaluate_model.
     """
-    items = item_matrix(model, tables)
-    users = user_matrix(model, tables, ev.u, ev.hists)
+    items, users = encode(model, tables, ev) if vectors is None else vectors
     fused = topk_items(fuse_queries(users, output_owners, torch.tensor(fused_weights)), items, k)
     out = []
     for t, o in enumerate(objectives):

@@ -35,7 +35,7 @@ import torch
 from csmf_core.bundle import FORMAT_VERSION, lookup_index, read_feature_tables, read_vocab, write_bundle
 from csmf_core.checkpoint import load_checkpoint
 from csmf_core.data import load_model_ready
-from csmf_core.evaluate import EvalRows, evaluate_model, item_matrix
+from csmf_core.evaluate import EvalRows, encode, evaluate_model, item_matrix
 from csmf_core.evaluate import popularity_gaps as _popularity_gaps
 from csmf_core.fusion import fuse_queries, mode_queries, validate_weights
 from csmf_core.index import ItemIndex
@@ -263,33 +263,54 @@ class Recommender:
         stay in the recall denominator but can never be retrieved. Popularity counts of unknown items
         are dropped. Users keep this bundle's feature rows (the encoding the model was trained on).
         """
-        ev, popularity = self._mapped_eval(model_ready_dir)
-        return evaluate_model(
-            self.model,
-            self._owners.to(next(self.model.parameters()).device),
-            self.tables,
-            ev,
-            self.objectives,
-            ks=tuple(int(k) for k in ks),
-            scorers="all",
-            fused_weights=tuple(self.info["default_weights"]),
-            popularity=popularity,
-        )
+        return self.evaluate_with_gaps(model_ready_dir, ks=ks, gaps_k=None)[0]
 
     def popularity_gaps(self, model_ready_dir: str | Path, k: int = 50) -> list[dict]:
         """Model minus popularity per objective (own mode and fused) on another dataset's eval rows, with
         paired 95% bootstrap intervals over users (csmf_core.evaluate.popularity_gaps)."""
+        return self.evaluate_with_gaps(model_ready_dir, ks=(), gaps_k=k)[1]
+
+    def evaluate_with_gaps(
+        self, model_ready_dir: str | Path, ks: Sequence[int] = (50,), gaps_k: int | None = 50
+    ) -> tuple[list[dict], list[dict]]:
+        """`evaluate` rows at `ks` (none when empty) and `popularity_gaps` rows at `gaps_k` (none when
+        None), mapping the other dataset and encoding its users and the catalog once for both."""
         ev, popularity = self._mapped_eval(model_ready_dir)
-        return _popularity_gaps(
-            self.model,
-            self._owners.to(next(self.model.parameters()).device),
-            self.tables,
-            ev,
-            self.objectives,
-            popularity,
-            tuple(self.info["default_weights"]),
-            int(k),
+        owners = self._owners.to(next(self.model.parameters()).device)
+        weights = tuple(self.info["default_weights"])
+        vectors = encode(self.model, self.tables, ev)
+        rows = (
+            evaluate_model(
+                self.model,
+                owners,
+                self.tables,
+                ev,
+                self.objectives,
+                ks=tuple(int(k) for k in ks),
+                scorers="all",
+                fused_weights=weights,
+                popularity=popularity,
+                vectors=vectors,
+            )  # fmt: skip
+            if ks
+            else []
         )
+        gaps = (
+            _popularity_gaps(
+                self.model,
+                owners,
+                self.tables,
+                ev,
+                self.objectives,
+                popularity,
+                weights,
+                int(gaps_k),
+                vectors=vectors,
+            )  # fmt: skip
+            if gaps_k is not None
+            else []
+        )
+        return rows, gaps
 
     def _mapped_eval(self, model_ready_dir: str | Path) -> tuple[EvalRows, list[np.ndarray]]:
         """The other dataset's eval rows and popularity counts in this model's index space (see evaluate)."""

@@ -150,9 +150,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 n_req_neg=int(meta["n_req_neg"]),
             )
         with Progress("evaluating"):
-            rows = rec.evaluate(Path(tmp) / "mr", ks=ks)
             k = load_config(rec.bundle_dir / "config.yaml").eval.primary_k
-            gaps = rec.popularity_gaps(Path(tmp) / "mr", k=k)
+            rows, gaps = rec.evaluate_with_gaps(Path(tmp) / "mr", ks=ks, gaps_k=k)
     print(
         f"\nModel {rec.bundle_dir} on {data}, evaluation day {date} (fused weights "
         f"{rec.default_weights.tolist()}):\n"

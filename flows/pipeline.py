@@ -42,7 +42,7 @@ from csmf_core.cascade import Step, build_model, load_cascade_data, plan, run_st
 from csmf_core.checkpoint import load_checkpoint, save_checkpoint
 from csmf_core.config import CSMFConfig, load_config
 from csmf_core.distributed import run_step_distributed
-from csmf_core.evaluate import evaluate_model, gaps_table, metric_dict, popularity_gaps
+from csmf_core.evaluate import encode, evaluate_model, gaps_table, metric_dict, popularity_gaps
 from csmf_core.prep import prepare
 from csmf_core.serving import metrics_table, summary_table, write_bundle
 from data_contracts import validate_dataset
@@ -488,6 +488,7 @@ def evaluate(checkpoint: Path, ready: Ingested, cfg: CSMFConfig, run: RunContext
         data = _LOADED.get(ready.model_ready, cfg, load_train=False)
         data.tables = data.tables.to(_device(cfg))
         ev, out = data.eval.head(cfg.eval.max_users), owners.output_owners()
+        vectors = encode(model, data.tables, ev)  # once for the metrics and the popularity gaps
         rows = evaluate_model(
             model,
             out,
@@ -499,6 +500,7 @@ def evaluate(checkpoint: Path, ready: Ingested, cfg: CSMFConfig, run: RunContext
             fused_weights=cfg.eval.fused_weights,
             popularity=data.counts,
             random_seed=0,
+            vectors=vectors,
         )
         steps = plan(data.objectives, cfg)
         prunes = {s.name: run.workdir / s.name / "checkpoint" for s in steps if s.kind == "prune"}
@@ -507,7 +509,15 @@ def evaluate(checkpoint: Path, ready: Ingested, cfg: CSMFConfig, run: RunContext
         # is the model better than popularity on these users? paired bootstrap over users
         k = cfg.eval.primary_k
         gaps = popularity_gaps(
-            model, out, data.tables, ev, data.objectives, data.counts, cfg.eval.fused_weights, k
+            model,
+            out,
+            data.tables,
+            ev,
+            data.objectives,
+            data.counts,
+            cfg.eval.fused_weights,
+            k,
+            vectors=vectors,
         )
         gap_metrics = {}
         for g in gaps:

@@ -223,7 +223,9 @@ def test_evaluate_same_and_remapped_vocabulary(rec, tiny_world, tmp_path):
     assert pl.read_parquet(tmp_path / "mr2" / "items.parquet").height == data.tables.items_cat.shape[0] + 1
     assert rec.evaluate(tmp_path / "mr2", ks=(10, 50)) == want
     # the paired model-minus-popularity gaps use the same remapped rows: diff = difference of the means
-    for g in rec.popularity_gaps(tmp_path / "mr2", k=50):
+    gaps = rec.popularity_gaps(tmp_path / "mr2", k=50)
+    assert rec.evaluate_with_gaps(tmp_path / "mr2", ks=(10, 50), gaps_k=50) == (want, gaps)  # one encoding
+    for g in gaps:
         if g["objective"] != "click":
             continue
         mean = {r["scorer"]: r for r in want if r["k"] == 50 and r["objective"] == "click"}
