@@ -66,10 +66,32 @@ def user_matrix(
     return torch.cat(out) if out else torch.zeros(0, model.cfg.dim)
 
 
-def encode(model: TwoTower, tables: FeatureTables, ev: EvalRows) -> tuple[torch.Tensor, torch.Tensor]:
-    """(item_matrix, user_matrix of ev's users): pass as `vectors=` to evaluate_model and
-    popularity_gaps to encode once for both."""
-    return item_matrix(model, tables), user_matrix(model, tables, ev.u, ev.hists)
+class Ranked:
+    """One model on one eval set, encoded once (full-mode item and user vectors), with every top-k
+    ranking computed from it kept: pass as `ranked=` to evaluate_model and popularity_gaps so the
+    second neither encodes nor ranks again. A ranking computed at k serves every k' <= k (prefix)."""
+
+    def __init__(self, model: TwoTower, output_owners: torch.Tensor, tables: FeatureTables, ev: EvalRows):
+        self.items = item_matrix(model, tables)
+        self.users = user_matrix(model, tables, ev.u, ev.hists)
+        self.output_owners = output_owners
+        self._top: dict[tuple, tuple[int, np.ndarray]] = {}
+
+    def mode(self, m: int, k: int) -> np.ndarray:
+        """(U, k) items by mode m's score."""
+        return self._get(("mode", m), k, lambda: mode_queries(self.users, self.output_owners, m))
+
+    def fused(self, weights: tuple[float, ...], k: int) -> np.ndarray:
+        """(U, k) items by the fused score with these weights."""
+        w = tuple(float(x) for x in weights)
+        return self._get(
+            ("fused", w), k, lambda: fuse_queries(self.users, self.output_owners, torch.tensor(w))
+        )
+
+    def _get(self, key: tuple, k: int, queries) -> np.ndarray:
+        if key not in self._top or self._top[key][0] < k:
+            self._top[key] = (k, topk_items(queries(), self.items, k))
+        return self._top[key][1][:, :k]
 
 
 def _rows(objective: str, scorer: str, res: dict[int, dict[str, float]]) -> list[dict]:
@@ -99,40 +121,31 @@ def evaluate_model(
     fused_weights: tuple[float, ...] | None = None,
     popularity: list[np.ndarray] | None = None,
     random_seed: int | None = None,
-    vectors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ranked: Ranked | None = None,
 ) -> list[dict]:
     """Recall@K / nDCG@K rows for objectives 0..objectives_upto.
 
     scorers = "own": each objective under its own stage's mode only (the per-stage metrics);
     scorers = "all": every trained mode, plus "fused" (needs fused_weights), plus "popularity"
     (needs popularity[t]: (N_items,) counts) and "random" (needs random_seed).
-    vectors: `encode(model, tables, ev)` when the caller already has it.
+    ranked: `Ranked(model, output_owners, tables, ev)` shared with popularity_gaps.
     Returns rows {objective, scorer, k, recall, ndcg, users}.
     """
     upto = len(objectives) - 1 if objectives_upto is None else objectives_upto
-    items, users = encode(model, tables, ev) if vectors is None else vectors
+    ranked = Ranked(model, output_owners, tables, ev) if ranked is None else ranked
     kmax = max(ks)
     rows: list[dict] = []
-    cache: dict[str, np.ndarray] = {}
-
-    def ranked(name: str, q: torch.Tensor) -> np.ndarray:
-        if name not in cache:
-            cache[name] = topk_items(q, items, kmax)
-        return cache[name]
-
     for t in range(upto + 1):
         rel = ev.pos[t]
         modes = [t] if scorers == "own" else list(range(upto + 1))
         for m in modes:
-            top = ranked(f"mode{m}", mode_queries(users, output_owners, m))
-            rows += _rows(objectives[t], objectives[m], recall_ndcg(top, rel, ks))
+            rows += _rows(objectives[t], objectives[m], recall_ndcg(ranked.mode(m, kmax), rel, ks))
         if scorers == "all" and fused_weights is not None:
-            top = ranked("fused", fuse_queries(users, output_owners, torch.tensor(fused_weights)))
-            rows += _rows(objectives[t], "fused", recall_ndcg(top, rel, ks))
+            rows += _rows(objectives[t], "fused", recall_ndcg(ranked.fused(fused_weights, kmax), rel, ks))
         if scorers == "all" and popularity is not None:
             rows += _popularity(ev, t, objectives[t], popularity[t], ks)
         if scorers == "all" and random_seed is not None:
-            top = random_topk(items.shape[0], len(ev), kmax, random_seed)
+            top = random_topk(ranked.items.shape[0], len(ev), kmax, random_seed)
             rows += _rows(objectives[t], "random", recall_ndcg(top, rel, ks))
     return rows
 
@@ -162,23 +175,22 @@ def popularity_gaps(
     *,
     n_boot: int = 2000,
     seed: int = 0,
-    vectors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ranked: Ranked | None = None,
 ) -> list[dict]:
     """Is the model better than popularity on these users? Per objective, for its own mode and the
     fused score: the mean per-user difference of Recall@k and nDCG@k minus the popularity ranking's,
     with a paired 95% bootstrap interval over users (metrics.paired_bootstrap).
 
     Returns rows {objective, scorer, k, metric, diff, lo, hi, users}; an interval that excludes 0
-    is a difference these users can resolve, one that includes 0 is not. vectors: as evaluate_model.
+    is a difference these users can resolve, one that includes 0 is not. ranked: as evaluate_model.
     """
-    items, users = encode(model, tables, ev) if vectors is None else vectors
-    fused = topk_items(fuse_queries(users, output_owners, torch.tensor(fused_weights)), items, k)
+    ranked = Ranked(model, output_owners, tables, ev) if ranked is None else ranked
+    fused = ranked.fused(fused_weights, k)
     out = []
     for t, o in enumerate(objectives):
         rel = ev.pos[t]
         pop = recall_ndcg(popularity_topk(np.asarray(counts[t]), len(ev), k), rel, (k,), per_user=True)[k]
-        own = topk_items(mode_queries(users, output_owners, t), items, k)
-        for scorer, top in ((o, own), ("fused", fused)):
+        for scorer, top in ((o, ranked.mode(t, k)), ("fused", fused)):
             res = recall_ndcg(top, rel, (k,), per_user=True)[k]
             for m in ("recall", "ndcg"):
                 ci = paired_bootstrap(res[f"{m}_per_user"], pop[f"{m}_per_user"], n_boot=n_boot, seed=seed)

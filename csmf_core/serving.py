@@ -35,7 +35,7 @@ import torch
 from csmf_core.bundle import FORMAT_VERSION, lookup_index, read_feature_tables, read_vocab, write_bundle
 from csmf_core.checkpoint import load_checkpoint
 from csmf_core.data import load_model_ready
-from csmf_core.evaluate import EvalRows, encode, evaluate_model, item_matrix
+from csmf_core.evaluate import EvalRows, Ranked, evaluate_model, item_matrix
 from csmf_core.evaluate import popularity_gaps as _popularity_gaps
 from csmf_core.fusion import fuse_queries, mode_queries, validate_weights
 from csmf_core.index import ItemIndex
@@ -274,11 +274,11 @@ class Recommender:
         self, model_ready_dir: str | Path, ks: Sequence[int] = (50,), gaps_k: int | None = 50
     ) -> tuple[list[dict], list[dict]]:
         """`evaluate` rows at `ks` (none when empty) and `popularity_gaps` rows at `gaps_k` (none when
-        None), mapping the other dataset and encoding its users and the catalog once for both."""
+        None), mapping the other dataset, encoding its users and the catalog, and ranking once for both."""
         ev, popularity = self._mapped_eval(model_ready_dir)
         owners = self._owners.to(next(self.model.parameters()).device)
         weights = tuple(self.info["default_weights"])
-        vectors = encode(self.model, self.tables, ev)
+        ranked = Ranked(self.model, owners, self.tables, ev)
         rows = (
             evaluate_model(
                 self.model,
@@ -290,7 +290,7 @@ class Recommender:
                 scorers="all",
                 fused_weights=weights,
                 popularity=popularity,
-                vectors=vectors,
+                ranked=ranked,
             )  # fmt: skip
             if ks
             else []
@@ -305,7 +305,7 @@ class Recommender:
                 popularity,
                 weights,
                 int(gaps_k),
-                vectors=vectors,
+                ranked=ranked,
             )  # fmt: skip
             if gaps_k is not None
             else []

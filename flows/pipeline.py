@@ -42,7 +42,7 @@ from csmf_core.cascade import Step, build_model, load_cascade_data, plan, run_st
 from csmf_core.checkpoint import load_checkpoint, save_checkpoint
 from csmf_core.config import CSMFConfig, load_config
 from csmf_core.distributed import run_step_distributed
-from csmf_core.evaluate import encode, evaluate_model, gaps_table, metric_dict, popularity_gaps
+from csmf_core.evaluate import Ranked, evaluate_model, gaps_table, metric_dict, popularity_gaps
 from csmf_core.prep import prepare
 from csmf_core.serving import metrics_table, summary_table, write_bundle
 from data_contracts import validate_dataset
@@ -488,7 +488,7 @@ def evaluate(checkpoint: Path, ready: Ingested, cfg: CSMFConfig, run: RunContext
         data = _LOADED.get(ready.model_ready, cfg, load_train=False)
         data.tables = data.tables.to(_device(cfg))
         ev, out = data.eval.head(cfg.eval.max_users), owners.output_owners()
-        vectors = encode(model, data.tables, ev)  # once for the metrics and the popularity gaps
+        ranked = Ranked(model, out, data.tables, ev)  # encoded and ranked once for metrics and gaps
         rows = evaluate_model(
             model,
             out,
@@ -500,7 +500,7 @@ def evaluate(checkpoint: Path, ready: Ingested, cfg: CSMFConfig, run: RunContext
             fused_weights=cfg.eval.fused_weights,
             popularity=data.counts,
             random_seed=0,
-            vectors=vectors,
+            ranked=ranked,
         )
         steps = plan(data.objectives, cfg)
         prunes = {s.name: run.workdir / s.name / "checkpoint" for s in steps if s.kind == "prune"}
@@ -517,7 +517,7 @@ def evaluate(checkpoint: Path, ready: Ingested, cfg: CSMFConfig, run: RunContext
             data.counts,
             cfg.eval.fused_weights,
             k,
-            vectors=vectors,
+            ranked=ranked,
         )
         gap_metrics = {}
         for g in gaps:
