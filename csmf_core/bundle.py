@@ -11,13 +11,16 @@ Bundle layout (built in a temp dir beside `out_dir` and renamed into place):
     checkpoint/          copy of the csmf_core.checkpoint directory (model.pt, masks/, checkpoint.json)
     index/               csmf_core.index.ItemIndex over the full-mode vectors of item indices >= 1,
                          ids = original item_id (index.faiss, ids.npy, index.json)
-    features/            users.parquet, items.parquet, meta.json of the model-ready dataset
+    features/            users.parquet, items.parquet, meta.json of the model-ready dataset, and
+                         item_stats.parquet with data.item_stats (as of the first evaluation day;
+                         appended to the items' numeric columns when read)
     user_state.parquet   user_id int64, u int32 (user index >= 1), hist_<objective>
                          fixed_size_list<int32>[L] for every objective after the first, as of the end
                          of `history_until` (item indices of features/items.parquet)
     config.yaml          the CSMFConfig
     bundle.json          format_version, objectives, dim, n_items, n_users, seq_len, default_weights,
-                         output_owners (D,), segment_sizes, index kind, history_until, dates,
+                         output_owners (D,), segment_sizes, index kind, history_until, item_stats
+                         (windows, columns, as_of, mean, std; null without), dates,
                          config_digest, data_digest, created_at, extra
 
 Only the full-mode item vectors are indexed: ownership is per unit and only the *user* side
@@ -46,6 +49,7 @@ from csmf_core.config import CSMFConfig
 from csmf_core.evaluate import item_matrix
 from csmf_core.fusion import validate_weights
 from csmf_core.index import ItemIndex
+from csmf_core.item_stats import model_ready_item_stats
 from csmf_core.model import TwoTower
 from csmf_core.prep import HistoryIndex
 from csmf_core.train import FeatureTables
@@ -53,6 +57,7 @@ from csmf_core.train import FeatureTables
 FORMAT_VERSION = 1
 DAY_US = 86_400_000_000
 FEATURE_FILES = ("users.parquet", "items.parquet", "meta.json")
+ITEM_STATS_FILE = "item_stats.parquet"  # features/: data.item_stats as of the evaluation day
 
 
 # ---- reading model-ready pieces ------------------------------------------------------------------
@@ -71,7 +76,21 @@ def read_feature_tables(features_dir: Path, meta: dict) -> FeatureTables:
 
     uc, un = side(features_dir / "users.parquet", meta["features"]["users"])
     ic, inum = side(features_dir / "items.parquet", meta["features"]["items"])
+    stats_path = features_dir / ITEM_STATS_FILE
+    if stats_path.is_file():  # a bundle's item statistics as of its evaluation day: more numeric columns
+        t = pq.read_table(stats_path)
+        if t.num_rows != inum.shape[0] or not np.array_equal(t["i"].to_numpy(), np.arange(t.num_rows)):
+            raise ValueError(f"{stats_path}: expected one row per item index 0..{inum.shape[0] - 1} in order")
+        cols = [t[c].to_numpy().astype(np.float32) for c in t.column_names if c != "i"]
+        inum = torch.cat([inum, torch.from_numpy(np.stack(cols, 1))], 1)
     return FeatureTables(uc, un, ic, inum)
+
+
+def write_item_stats(path: Path, columns: list[str], values: np.ndarray) -> None:
+    """(N_items, k) statistics of one day -> ``item_stats.parquet`` (i, then one column each)."""
+    table = {"i": pa.array(np.arange(values.shape[0]), pa.int32())}
+    table |= {c: pa.array(values[:, k], pa.float32()) for k, c in enumerate(columns)}
+    pq.write_table(pa.table(table), path)
 
 
 def read_vocab(path: Path, column: str) -> np.ndarray:
@@ -91,17 +110,23 @@ def lookup_index(vocab: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.where(vocab[pos] == ids, pos + 1, 0).astype(np.int64)
 
 
-def _check_compatible(model: TwoTower, meta: dict, where: Path) -> None:
-    """The checkpoint must have been trained on this vocabulary and these feature columns."""
+def _check_compatible(model: TwoTower, meta: dict, where: Path, n_item_stats: int = 0) -> None:
+    """The checkpoint must have been trained on this vocabulary and these feature columns (plus
+    `n_item_stats` item statistics columns, data.item_stats)."""
     for tower, side in ((model.user.spec, "users"), (model.item.spec, "items")):
         specs = meta["features"][side]
         cat = tuple((s["name"], int(s["cardinality"])) for s in specs if s["kind"] == "categorical")
-        n_num = sum(s["kind"] == "numeric" for s in specs)
+        n_num = sum(s["kind"] == "numeric" for s in specs) + (n_item_stats if side == "items" else 0)
         if cat != tower.cat or n_num != tower.n_num:
             raise ValueError(
                 f"{where}: the checkpoint's {side} tower expects categorical {list(tower.cat)} and "
-                f"{tower.n_num} numeric columns, the model-ready features have {list(cat)} and {n_num}; "
-                "pass the model-ready directory the checkpoint was trained on"
+                f"{tower.n_num} numeric columns, the model-ready features have {list(cat)} and {n_num}"
+                + (
+                    f" (with {n_item_stats} item statistics columns)"
+                    if side == "items" and n_item_stats
+                    else ""
+                )
+                + "; pass the model-ready directory and the config the checkpoint was trained with"
             )
     if model.user.spec.hist and model.user.spec.n_items != meta["n_items"]:
         raise ValueError(
@@ -204,7 +229,8 @@ def write_bundle(
     objectives = [o["name"] for o in meta["objectives"]]
     validate_weights(config.eval.fused_weights, len(objectives))  # fail before the heavy work
     model, owners, _ = load_checkpoint(ckpt)
-    _check_compatible(model, meta, mr)
+    stats = model_ready_item_stats(mr, config.data.item_stats) if config.data.item_stats else None
+    _check_compatible(model, meta, mr, len(stats.columns) if stats is not None else 0)
     until = history_until or meta["eval_dates"][-1]
     until = dt.date.fromisoformat(until).isoformat()
 
@@ -216,7 +242,9 @@ def write_bundle(
         (tmp / "features").mkdir()
         for f in FEATURE_FILES:
             shutil.copy2(mr / f, tmp / "features" / f)
-        tables = read_feature_tables(mr, meta)
+        if stats is not None:
+            write_item_stats(tmp / "features" / ITEM_STATS_FILE, stats.columns, stats.at(stats.eval_day))
+        tables = read_feature_tables(tmp / "features", meta)
         item_ids = read_vocab(mr / "items.parquet", "item_id")
         vecs = item_matrix(model, tables).numpy()[1:]
         index = ItemIndex.build(item_ids, vecs, index_kind)
@@ -254,6 +282,7 @@ def write_bundle(
             ),
             "index": {"kind": index.kind, "params": index.params},
             "history_until": until,
+            "item_stats": stats.describe() if stats is not None else None,
             "train_dates": meta.get("train_dates"),
             "eval_dates": meta.get("eval_dates"),
             "dataset": meta.get("dataset"),

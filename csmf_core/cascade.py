@@ -11,6 +11,7 @@ step on a model in memory; `run_cascade` runs the whole plan and reports after e
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ import torch
 from csmf_core.config import CSMFConfig
 from csmf_core.cpp import prune_stage
 from csmf_core.evaluate import EvalRows
+from csmf_core.item_stats import DAY_US, day_number, model_ready_item_stats
 from csmf_core.masks import UnitOwners, param_owners
 from csmf_core.model import TowerSpec, TwoTower
 from csmf_core.train import BatchSource, FeatureTables, TrainRows, item_log_q, train_stage
@@ -50,6 +52,18 @@ class CascadeData:
     eval: EvalRows
     counts: list[np.ndarray]
     val: EvalRows | None = None  # validation users (data.val_days > 0): csmf_core/validation.py
+    eval_day: int | None = None  # UTC day number of the first evaluation date
+    val_day: int | None = None  # UTC day number of the first validation day (data.val_days > 0)
+
+    def catalog_tables(self, split: str = "eval") -> FeatureTables:
+        """The feature tables a catalog encoding of `split` ("eval" or "val") reads: with item
+        statistics, those as of that split's first day (csmf_core/item_stats.py)."""
+        if self.tables.item_stats is None:
+            return self.tables
+        day = {"eval": self.eval_day, "val": self.val_day}[split]
+        if day is None:
+            raise ValueError(f"no {split} day is known for these item statistics")
+        return self.tables.as_of(day)
 
 
 @dataclass
@@ -107,7 +121,12 @@ def run_step(
     selector = None
     if step.kind == "train" and data.val is not None and any(len(p) for p in data.val.pos[step.stage]):
         selector = EpochSelector(
-            model, owners.output_owners(), data.tables, data.val, step.stage, cfg.eval.primary_k
+            model,
+            owners.output_owners(),
+            data.catalog_tables("val"),
+            data.val,
+            step.stage,
+            cfg.eval.primary_k,
         )
         selector.consider(0)  # the starting point is a candidate
     res = train_stage(
@@ -158,6 +177,7 @@ def load_cascade_data(
     rank: int = 0,
     world_size: int = 1,
     val_days: int = 0,
+    item_stats_windows: tuple[int, ...] = (),
 ) -> CascadeData:
     """Read a model-ready dataset directory (docs/architecture.md section 2) into CascadeData.
 
@@ -193,13 +213,22 @@ def load_cascade_data(
     val = None
     if val_days > 0 and load_train and loader != "memory":
         raise ValueError("data.val_days needs train.loader=memory (validation rows are split in memory)")
+    eval_day = day_number(mr.meta["eval_dates"][0])
+    val_day = None
+    if item_stats_windows:
+        st = model_ready_item_stats(path, item_stats_windows)
+        tables = FeatureTables(
+            mr.users_cat, mr.users_num, mr.items_cat, mr.items_num, torch.from_numpy(st.values), st.first_day
+        )
+        item_spec = dataclasses.replace(item_spec, n_num=item_spec.n_num + len(st.columns))
     if mr.train is not None:
         tr = mr.train
         rows = TrainRows(
-            tr.u, tr.i, tr.level, [tr.hist[o] for o in hist_names], tr.neg if tr.neg.shape[1] else None
-        )
+            tr.u, tr.i, tr.level, [tr.hist[o] for o in hist_names], tr.neg if tr.neg.shape[1] else None,
+            day=torch.div(tr.ts, DAY_US, rounding_mode="floor") if item_stats_windows else None,
+        )  # fmt: skip
         if val_days > 0:
-            keep, val, _ = split_validation(tr, objs, val_days)
+            keep, val, (val_day, _) = split_validation(tr, objs, val_days)
             rows = rows.select(keep)
     else:
         empty = torch.zeros(0, dtype=torch.long)
@@ -209,7 +238,13 @@ def load_cascade_data(
     if load_train and loader == "parquet":
         from csmf_core.loader import ParquetTrainSource
 
-        rows = ParquetTrainSource(path, window_rows=shuffle_window, rank=rank, world_size=world_size)
+        rows = ParquetTrainSource(
+            path,
+            window_rows=shuffle_window,
+            rank=rank,
+            world_size=world_size,
+            with_days=bool(item_stats_windows),
+        )
     ev = EvalRows(mr.eval.u, [mr.eval.hist[o] for o in hist_names], [mr.eval.pos[o] for o in objs])
     pop = pq.read_table(Path(path) / "popularity.parquet")
     idx = pop["i"].to_numpy().astype(np.int64)
@@ -218,4 +253,4 @@ def load_cascade_data(
         c = np.zeros(mr.n_items, dtype=np.int64)
         c[idx] = pop[f"count_{o}"].to_numpy()
         counts.append(c)
-    return CascadeData(objs, user_spec, item_spec, tables, rows, ev, counts, val)
+    return CascadeData(objs, user_spec, item_spec, tables, rows, ev, counts, val, eval_day, val_day)

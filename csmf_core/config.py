@@ -108,6 +108,9 @@ class DataConfig:
     # last days of the training window held out to pick each train step's best epoch
     # (csmf_core/validation.py); 0 = off: every epoch of train.epochs is kept
     val_days: int = 0
+    # point-in-time item statistics as item-tower inputs: windows in days (csmf_core/item_stats.py);
+    # empty = off. Each window adds one column per objective: log(1 + positives per day before).
+    item_stats: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,9 @@ _CHOICES = {
 }
 
 
+MAY_BE_EMPTY = {"data.item_stats"}  # list settings where [] means "off"
+
+
 def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
     origin = typing.get_origin(tp)
     if origin is tuple:
@@ -178,7 +184,7 @@ def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             value = [value]
         if isinstance(value, str):
             value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
-        if not isinstance(value, list | tuple) or not value:
+        if not isinstance(value, list | tuple) or (not value and where not in MAY_BE_EMPTY):
             errors.append(f"{where}: expected a non-empty list, got {value!r}")
             return None
         return tuple(_coerce(v, inner, where, errors) for v in value)
@@ -236,6 +242,11 @@ def _check_ranges(cfg: CSMFConfig, errors: list[str]) -> None:
         (cfg.data.seq_len >= 1 and cfg.data.n_req_neg >= 0, "data.seq_len >= 1, data.n_req_neg >= 0"),
         (cfg.data.eval_days >= 1 and cfg.data.train_days >= 0, "data.eval_days >= 1, data.train_days >= 0"),
         (cfg.data.val_days >= 0, "data.val_days must be >= 0 (0 = off)"),
+        (
+            all(w >= 1 for w in cfg.data.item_stats)
+            and len(set(cfg.data.item_stats)) == len(cfg.data.item_stats),
+            "data.item_stats must be distinct windows of >= 1 day (empty = off)",
+        ),
         (
             cfg.data.val_days == 0 or cfg.data.train_days == 0 or cfg.data.val_days < cfg.data.train_days,
             "data.val_days must be smaller than data.train_days (some days must remain to train on)",

@@ -95,6 +95,7 @@ def worker(args: argparse.Namespace) -> int:
             shuffle_window=cfg.train.shuffle_window,
             rank=rank,
             world_size=world,
+            item_stats_windows=cfg.data.item_stats,
         )
         data.tables = data.tables.to(device)
         model, owners, _ = load_checkpoint(args.checkpoint_in, device=device)

@@ -56,6 +56,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from csmf_core.item_stats import DAY_US
 from csmf_core.train import TrainRows
 
 _SPLITMIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
@@ -105,6 +106,7 @@ class ParquetTrainSource:
         None  # keep a stage's packed rows across epochs when <= this (None: window_rows; 0: never)
     )
     stats: LoaderStats = field(default_factory=LoaderStats)
+    with_days: bool = False  # batches carry each row's UTC day (point-in-time item statistics)
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory)
@@ -137,6 +139,9 @@ class ParquetTrainSource:
         # packed int32 row layout: row id, u, i, level, hist_<o> (L each), neg (M)
         self.width = 4 + L * len(self.hist_names) + M
         self._levels: np.ndarray | None = None
+        self._days: np.ndarray | None = None
+        if self.with_days:
+            self.days()  # read here, not first in the prefetch thread
         self._cache: tuple[tuple, list[list[np.ndarray]]] | None = None
 
     # ---- sizes -----------------------------------------------------------------------------------
@@ -148,6 +153,16 @@ class ParquetTrainSource:
                 parts.append(pq.read_table(path, columns=["level"])["level"].to_numpy().astype(np.int8))
             self._levels = np.concatenate(parts) if parts else np.zeros(0, np.int8)
         return self._levels
+
+    def days(self) -> np.ndarray:
+        """(total_rows,) int32 UTC day number of every train row in row-id order (read once)."""
+        if self._days is None:
+            parts = []
+            for path in dict.fromkeys(g.path for g in self.groups):
+                ts = pq.read_table(path, columns=["ts"])["ts"].cast(pa.int64()).to_numpy()
+                parts.append(np.floor_divide(ts, DAY_US).astype(np.int32))
+            self._days = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+        return self._days
 
     def n_rows(self, stage: int, *, fraction: float = 1.0, seed: int = 0, salt: int = 0) -> int:
         """Rows that are positives of `stage` (level >= stage), in the `fraction` subset if < 1."""
@@ -188,7 +203,9 @@ class ParquetTrainSource:
         hists = [c(4 + k * L, 4 + (k + 1) * L) for k in range(H)]
         neg = c(4 + H * L, self.width) if self.n_neg else None
         self.stats.batches += 1
-        return TrainRows(c(1, 2)[:, 0], c(2, 3)[:, 0], t[:, 3].to(torch.int8), hists, neg, row=c(0, 1)[:, 0])
+        row = c(0, 1)[:, 0]
+        day = torch.from_numpy(self.days()[row.numpy()]).long() if self.with_days else None
+        return TrainRows(c(1, 2)[:, 0], c(2, 3)[:, 0], t[:, 3].to(torch.int8), hists, neg, row=row, day=day)
 
     def _pack(
         self, rb: pa.RecordBatch, first_row: int, stage: int, keep_hash: np.uint64 | None, fraction: float

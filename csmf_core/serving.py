@@ -23,6 +23,7 @@ flagged (`cold` / `cold_start`) so callers can route them elsewhere if they wish
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +40,8 @@ from csmf_core.evaluate import EvalRows, Ranked, evaluate_model, item_matrix
 from csmf_core.evaluate import popularity_gaps as _popularity_gaps
 from csmf_core.fusion import fuse_queries, mode_queries, validate_weights
 from csmf_core.index import ItemIndex
+from csmf_core.item_stats import model_ready_item_stats
+from csmf_core.train import FeatureTables
 
 __all__ = ["MAX_K", "Recommender", "write_bundle"]
 
@@ -275,15 +278,15 @@ class Recommender:
     ) -> tuple[list[dict], list[dict]]:
         """`evaluate` rows at `ks` (none when empty) and `popularity_gaps` rows at `gaps_k` (none when
         None), mapping the other dataset, encoding its users and the catalog, and ranking once for both."""
-        ev, popularity = self._mapped_eval(model_ready_dir)
+        ev, popularity, tables = self._mapped_eval(model_ready_dir)
         owners = self._owners.to(next(self.model.parameters()).device)
         weights = tuple(self.info["default_weights"])
-        ranked = Ranked(self.model, owners, self.tables, ev)
+        ranked = Ranked(self.model, owners, tables, ev)
         rows = (
             evaluate_model(
                 self.model,
                 owners,
-                self.tables,
+                tables,
                 ev,
                 self.objectives,
                 ks=tuple(int(k) for k in ks),
@@ -299,7 +302,7 @@ class Recommender:
             _popularity_gaps(
                 self.model,
                 owners,
-                self.tables,
+                tables,
                 ev,
                 self.objectives,
                 popularity,
@@ -312,8 +315,11 @@ class Recommender:
         )
         return rows, gaps
 
-    def _mapped_eval(self, model_ready_dir: str | Path) -> tuple[EvalRows, list[np.ndarray]]:
-        """The other dataset's eval rows and popularity counts in this model's index space (see evaluate)."""
+    def _mapped_eval(self, model_ready_dir: str | Path) -> tuple[EvalRows, list[np.ndarray], FeatureTables]:
+        """The other dataset's eval rows and popularity counts in this model's index space (see evaluate),
+        and the feature tables to encode the catalog with: this bundle's, except that with item
+        statistics (data.item_stats) the items carry the other dataset's statistics as of its first
+        evaluation day, standardised as this model was trained (items it never saw: zero counts)."""
         mr = Path(model_ready_dir)
         other = load_model_ready(mr, load_train=False)
         if other.objectives != self.objectives:
@@ -339,7 +345,27 @@ class Recommender:
             np.bincount(pop_idx, weights=pop_t[f"count_{o}"].to_numpy(), minlength=n_items).astype(np.int64)
             for o in self.objectives
         ]
-        return ev, popularity
+        return ev, popularity, self._tables_with_stats_of(mr, imap)
+
+    def _tables_with_stats_of(self, mr: Path, imap: np.ndarray) -> FeatureTables:
+        st = self.info.get("item_stats")
+        if not st:
+            return self.tables
+        k = len(st["columns"])
+        mean, std = np.array(st["mean"]), np.array(st["std"])
+        other = model_ready_item_stats(mr, st["windows"], mean=mean, std=std)
+        if other.columns != st["columns"]:
+            raise ValueError(
+                f"{mr}: item statistics {other.columns}, the model was trained on {st['columns']}"
+            )
+        zero = (0.0 - mean) / np.where(std > 0, std, 1.0)  # log(1 + 0) standardised
+        values = np.tile(zero, (len(self.item_vocab) + 1, 1))
+        values[0] = 0.0
+        known = np.flatnonzero(imap > 0)
+        values[imap[known]] = other.at(other.eval_day)[known]
+        num = self.tables.items_num
+        num = torch.cat([num[:, : num.shape[1] - k], torch.from_numpy(values).to(num.device, num.dtype)], 1)
+        return dataclasses.replace(self.tables, items_num=num)
 
 
 def summary_table(rows: list[dict], k: int) -> str:

@@ -22,6 +22,7 @@ therefore bit-identical after the stage; `tests/unit/test_freeze.py` checks it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -43,30 +44,72 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class FeatureTables:
-    """Feature rows by entity index (row 0 = unknown). cat: (N, n_cat) int64, num: (N, n_num) float32."""
+    """Feature rows by entity index (row 0 = unknown). cat: (N, n_cat) int64, num: (N, n_num) float32.
+
+    item_stats (optional): (D, N_items, k) float32 point-in-time item statistics, row d = as of the
+    start of UTC day ``stats_day0 + d`` (csmf_core/item_stats.py); they are appended to the item's
+    numeric columns. A training row reads the statistics of its own day (``item_inputs(i, day)``);
+    catalog encodings (evaluation, validation, the index) read those of ``stats_day``, set with
+    ``as_of(day)``. With statistics and neither a row day nor ``stats_day``, ``item_inputs`` raises
+    instead of guessing a day (a guess could show training rows the future).
+    """
 
     users_cat: torch.Tensor
     users_num: torch.Tensor
     items_cat: torch.Tensor
     items_num: torch.Tensor
+    item_stats: torch.Tensor | None = None
+    stats_day0: int = 0
+    stats_day: int | None = None
 
     def to(self, device) -> FeatureTables:
-        return FeatureTables(
-            *(t.to(device) for t in (self.users_cat, self.users_num, self.items_cat, self.items_num))
+        return dataclasses.replace(
+            self,
+            **{k: getattr(self, k).to(device) for k in ("users_cat", "users_num", "items_cat", "items_num")},
+            item_stats=None if self.item_stats is None else self.item_stats.to(device),
         )
+
+    @property
+    def stats_days(self) -> tuple[int, int]:
+        """(first, last) UTC day number the statistics cover (empty range (0, -1) without them)."""
+        if self.item_stats is None:
+            return 0, -1
+        return self.stats_day0, self.stats_day0 + self.item_stats.shape[0] - 1
+
+    def as_of(self, day: int) -> FeatureTables:
+        """The same tables with catalog encodings reading the statistics as of UTC day `day`."""
+        if self.item_stats is None:
+            return self
+        first, last = self.stats_days
+        if not first <= int(day) <= last:
+            raise ValueError(f"item statistics cover days {first}..{last}, not day {day}")
+        return dataclasses.replace(self, stats_day=int(day))
 
     def user_inputs(self, u: torch.Tensor, hists: list[torch.Tensor]) -> TowerInputs:
         return TowerInputs(self.users_cat[u], self.users_num[u], hists)
 
-    def item_inputs(self, i: torch.Tensor) -> TowerInputs:
-        return TowerInputs(self.items_cat[i], self.items_num[i])
+    def item_inputs(self, i: torch.Tensor, day: torch.Tensor | None = None) -> TowerInputs:
+        """Items `i` (B,); `day` (B,) UTC day numbers of the rows, only read with item statistics."""
+        if self.item_stats is None:
+            return TowerInputs(self.items_cat[i], self.items_num[i])
+        if day is None:
+            if self.stats_day is None:
+                raise ValueError(
+                    "these feature tables carry point-in-time item statistics: give each row's day "
+                    "(item_inputs(i, day)) or choose the day of a catalog encoding with as_of(day)"
+                )
+            stats = self.item_stats[self.stats_day - self.stats_day0][i]
+        else:
+            stats = self.item_stats[day - self.stats_day0, i]
+        return TowerInputs(self.items_cat[i], torch.cat([self.items_num[i], stats], 1))
 
 
 @dataclass
 class TrainRows:
     """Training events. u, i: (R,) int64; level: (R,) int8 deepest objective reached;
     hists: [(R, L) int64] behaviour sequences; neg: (R, M) int64 same-request negatives or None;
-    row: (R,) int64 row ids in the train table, when known (streamed batches carry them)."""
+    row: (R,) int64 row ids in the train table, when known (streamed batches carry them);
+    day: (R,) int64 UTC day number of each row, needed with point-in-time item statistics."""
 
     u: torch.Tensor
     i: torch.Tensor
@@ -74,14 +117,24 @@ class TrainRows:
     hists: list[torch.Tensor]
     neg: torch.Tensor | None = None
     row: torch.Tensor | None = None
+    day: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.u.numel())
 
     def select(self, idx: torch.Tensor) -> TrainRows:
-        neg = None if self.neg is None else self.neg[idx]
-        row = None if self.row is None else self.row[idx]
-        return TrainRows(self.u[idx], self.i[idx], self.level[idx], [h[idx] for h in self.hists], neg, row)
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[idx]
+
+        return TrainRows(
+            self.u[idx],
+            self.i[idx],
+            self.level[idx],
+            [h[idx] for h in self.hists],
+            pick(self.neg),
+            pick(self.row),
+            pick(self.day),
+        )
 
     def for_stage(self, stage: int) -> TrainRows:
         """Rows that are positives of `stage` (level >= stage)."""
@@ -419,8 +472,19 @@ def _batch_loss(
     # one item-tower pass over the distinct items of the batch (positives and request
     # negatives overlap heavily), then gather: the tower cost scales with distinct items
     wanted = it if extra_items is None else torch.cat([it, extra_items.flatten()])
-    uniq, inv = torch.unique(wanted, return_inverse=True)
-    all_vec = model.item_vectors(tables.item_inputs(uniq), stage)
+    if tables.item_stats is None:
+        uniq, inv = torch.unique(wanted, return_inverse=True)
+        all_vec = model.item_vectors(tables.item_inputs(uniq), stage)
+    else:  # an item's inputs depend on the row's day: distinct (day, item) pairs
+        if b.day is None:
+            raise ValueError("the feature tables carry item statistics but the batch has no row days")
+        day = b.day.to(device)
+        days = day if extra_items is None else torch.cat([day, day.repeat_interleave(extra_items.shape[1])])
+        n = tables.items_cat.shape[0]
+        uniq, inv = torch.unique(days * n + wanted, return_inverse=True)
+        all_vec = model.item_vectors(
+            tables.item_inputs(uniq % n, torch.div(uniq, n, rounding_mode="floor")), stage
+        )
     ivec = all_vec[inv[: it.numel()]]
     scores = uvec @ ivec.T
     margins = None

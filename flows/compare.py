@@ -143,14 +143,24 @@ def csmf_compare(
             "mlflow_run_id": run.parent_run_id,
             "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "epochs": list(cfg.train.epochs),
-            "notes": (
-                [
-                    f"data.val_days={cfg.data.val_days} is not applied by the comparison: every method, csmf "
-                    "included, trains on the whole window with its fixed epochs"
-                ]
-                if cfg.data.val_days
-                else []
-            ),
+            "notes": [
+                *(
+                    [
+                        f"data.val_days={cfg.data.val_days} is not applied by the comparison: every method, "
+                        "csmf included, trains on the whole window with its fixed epochs"
+                    ]
+                    if cfg.data.val_days
+                    else []
+                ),
+                *(
+                    [
+                        f"data.item_stats={list(cfg.data.item_stats)} is not applied by the comparison: every "
+                        "method, csmf included, sees the dataset's own item features only"
+                    ]
+                    if cfg.data.item_stats
+                    else []
+                ),
+            ],
         }
         meta["reference"] = {"popularity": reference_rows(ready, cfg, run)}
         for note in meta["notes"]:

@@ -197,6 +197,7 @@ class _LoadedData:
             cfg.train.loader,
             cfg.train.shuffle_window,
             cfg.data.val_days,
+            cfg.data.item_stats,
         )
         with self._lock:
             if self._entry is not None:
@@ -210,6 +211,7 @@ class _LoadedData:
                 loader=cfg.train.loader,
                 shuffle_window=cfg.train.shuffle_window,
                 val_days=cfg.data.val_days if load_train else 0,
+                item_stats_windows=cfg.data.item_stats,
             )
             self._entry = ((key, load_train), data)
             return dataclasses.replace(data)
@@ -404,7 +406,7 @@ def cascade_step(
         rows = evaluate_model(
             model,
             owners.output_owners(),
-            data.tables,
+            data.catalog_tables("eval"),
             data.eval.head(cfg.eval.max_users),
             data.objectives,
             ks=cfg.eval.ks,
@@ -488,11 +490,12 @@ def evaluate(checkpoint: Path, ready: Ingested, cfg: CSMFConfig, run: RunContext
         data = _LOADED.get(ready.model_ready, cfg, load_train=False)
         data.tables = data.tables.to(_device(cfg))
         ev, out = data.eval.head(cfg.eval.max_users), owners.output_owners()
-        ranked = Ranked(model, out, data.tables, ev)  # encoded and ranked once for metrics and gaps
+        tables = data.catalog_tables("eval")  # with item statistics: as of the first evaluation day
+        ranked = Ranked(model, out, tables, ev)  # encoded and ranked once for metrics and gaps
         rows = evaluate_model(
             model,
             out,
-            data.tables,
+            tables,
             ev,
             data.objectives,
             ks=cfg.eval.ks,
@@ -511,7 +514,7 @@ def evaluate(checkpoint: Path, ready: Ingested, cfg: CSMFConfig, run: RunContext
         gaps = popularity_gaps(
             model,
             out,
-            data.tables,
+            tables,
             ev,
             data.objectives,
             data.counts,

@@ -32,6 +32,7 @@ OVERRIDES = [
     "data.n_req_neg=4",
     "eval.ks=[10,50]",
     "data.val_days=1",  # not applied by the comparison: the report must say so
+    "data.item_stats=[1]",  # idem
 ]
 
 
@@ -117,9 +118,10 @@ def test_rebuild_from_partial_runs(compared, tmp_path):
     assert "csmf seed 2: TrainingDiverged: loss nan" in md
 
 
-def test_report_says_val_days_is_not_applied(compared):
+def test_report_says_val_days_and_item_stats_are_not_applied(compared):
     text = (compared["report"] / "comparison.md").read_text()
     assert "- Note: data.val_days=1 is not applied by the comparison" in text
+    assert "- Note: data.item_stats=[1] is not applied by the comparison" in text
 
 
 def test_report_has_the_popularity_floor(compared):

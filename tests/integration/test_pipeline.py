@@ -41,6 +41,7 @@ OVERRIDES = [
     "train.threads=1",  # 2 shared cores: one torch thread is several times faster than two here
     "recover.epochs=1",
     "eval.ks=[10,50]",
+    "data.item_stats=[1,2]",  # point-in-time item statistics through every task, the bundle and the gate
 ]
 OBJECTIVES = ["exposure", "click", "conversion"]
 STEPS = [s.name for s in plan(OBJECTIVES, build_config(None, OVERRIDES))]
@@ -219,7 +220,7 @@ def test_registered_model_loads_and_predicts(happy, tiny):
     assert out["cold_start"].tolist() == [False, False, True]
     assert all(list(s) == sorted(s, reverse=True) for s in out["scores"])
     bundle = resolve_bundle(f"models:/{REGISTERED_MODEL}@challenger", home=happy.home)
-    assert (bundle / "bundle.json").is_file()
+    assert (bundle / "bundle.json").is_file() and (bundle / "features" / "item_stats.parquet").is_file()
     assert resolve_bundle(happy.parent.info.run_id, home=happy.home) == bundle
     assert resolve_bundle(None, home=happy.home) == bundle
     rec = load_recommender(f"models:/{REGISTERED_MODEL}/1", home=happy.home)
