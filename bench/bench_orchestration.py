@@ -49,17 +49,17 @@ def direct(data: str, work: Path, overrides: list[str]) -> dict:
     mr = prepare(data, work / "model_ready", train_dates=window.train_dates, eval_dates=window.eval_dates,
                  seq_len=cfg.data.seq_len, n_req_neg=cfg.data.n_req_neg, overwrite=True).out_dir  # fmt: skip
     t["ingest"] = time.perf_counter()
-    cd = load_cascade_data(mr)
+    cd = load_cascade_data(mr, item_stats_windows=cfg.data.item_stats)
     model, owners = build_model(cd, cfg)
     for step in plan(cd.objectives, cfg):
         owners, _ = run_step(step, model, owners, cd, cfg)
-        evaluate_model(model, owners.output_owners(), cd.tables, cd.eval.head(cfg.eval.max_users), cd.objectives,
+        evaluate_model(model, owners.output_owners(), cd.catalog_tables("eval"), cd.eval.head(cfg.eval.max_users), cd.objectives,
                        ks=cfg.eval.ks, objectives_upto=step.stage, scorers="own")  # fmt: skip
     t["cascade"] = time.perf_counter()
     ckpt = save_checkpoint(work / "checkpoint", model, owners)
     write_bundle(work / "bundle", checkpoint_dir=ckpt, model_ready_dir=mr, dataset_dir=data, config=cfg,
                  index_kind="flat", overwrite=True)  # fmt: skip
-    evaluate_model(model, owners.output_owners(), cd.tables, cd.eval.head(cfg.eval.max_users), cd.objectives,
+    evaluate_model(model, owners.output_owners(), cd.catalog_tables("eval"), cd.eval.head(cfg.eval.max_users), cd.objectives,
                    ks=cfg.eval.ks, scorers="all", fused_weights=cfg.eval.fused_weights, popularity=cd.counts,
                    random_seed=0)  # fmt: skip
     t["end"] = time.perf_counter()

@@ -227,6 +227,11 @@ def load_cascade_data(
             tr.u, tr.i, tr.level, [tr.hist[o] for o in hist_names], tr.neg if tr.neg.shape[1] else None,
             day=torch.div(tr.ts, DAY_US, rounding_mode="floor") if item_stats_windows else None,
         )  # fmt: skip
+        if item_stats_windows and len(tr.ts) and int(rows.day.max()) >= eval_day:
+            raise ValueError(
+                f"{path}: train rows on or after the first evaluation day {mr.meta['eval_dates'][0]}: "
+                "point-in-time item statistics need every train row before it"
+            )
         if val_days > 0:
             keep, val, (val_day, _) = split_validation(tr, objs, val_days)
             rows = rows.select(keep)

@@ -180,6 +180,8 @@ def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
     origin = typing.get_origin(tp)
     if origin is tuple:
         (inner, *_rest) = typing.get_args(tp)
+        if value is None and where in MAY_BE_EMPTY:
+            value = []
         if isinstance(value, int | float) and not isinstance(value, bool):
             value = [value]
         if isinstance(value, str):

@@ -48,7 +48,8 @@ class FeatureTables:
 
     item_stats (optional): (D, N_items, k) float32 point-in-time item statistics, row d = as of the
     start of UTC day ``stats_day0 + d`` (csmf_core/item_stats.py); they are appended to the item's
-    numeric columns. A training row reads the statistics of its own day (``item_inputs(i, day)``);
+    numeric columns. A training row scores items with the statistics of its own day
+    (``item_inputs(i, day)``, in-batch negatives included: ``_batch_loss``);
     catalog encodings (evaluation, validation, the index) read those of ``stats_day``, set with
     ``as_of(day)``. With statistics and neither a row day nor ``stats_day``, ``item_inputs`` raises
     instead of guessing a day (a guess could show training rows the future).
@@ -100,6 +101,10 @@ class FeatureTables:
                 )
             stats = self.item_stats[self.stats_day - self.stats_day0][i]
         else:
+            first, last = self.stats_days
+            lo, hi = int(day.min()), int(day.max())
+            if lo < first or hi > last:  # a negative index would silently read the last (latest) row
+                raise ValueError(f"item statistics cover days {first}..{last}, rows ask for {lo}..{hi}")
             stats = self.item_stats[day - self.stats_day0, i]
         return TowerInputs(self.items_cat[i], torch.cat([self.items_num[i], stats], 1))
 
@@ -238,13 +243,6 @@ def _grad_masks(model: TwoTower, stage: int) -> dict[str, torch.Tensor | None]:
         p = params[name]
         masks[name] = None if bool(m.all()) else m.to(p.device, p.dtype)
     return masks
-
-
-def _segment_scores(
-    u: torch.Tensor, v: torch.Tensor, out_owners: torch.Tensor, stage: int
-) -> list[torch.Tensor]:
-    """(B, D) x (K, D) -> [ (B, K) contribution of segment r for r < stage ]."""
-    return [u[:, out_owners == r] @ v[:, out_owners == r].T for r in range(stage)]
 
 
 def _memory_epochs(
@@ -472,30 +470,58 @@ def _batch_loss(
     # one item-tower pass over the distinct items of the batch (positives and request
     # negatives overlap heavily), then gather: the tower cost scales with distinct items
     wanted = it if extra_items is None else torch.cat([it, extra_items.flatten()])
+    uniq, inv = torch.unique(wanted, return_inverse=True)
+    B = it.numel()
     if tables.item_stats is None:
-        uniq, inv = torch.unique(wanted, return_inverse=True)
         all_vec = model.item_vectors(tables.item_inputs(uniq), stage)
-    else:  # an item's inputs depend on the row's day: distinct (day, item) pairs
+        ivec = all_vec[inv[:B]]
+
+        def pair_scores(cols: torch.Tensor | None = None) -> torch.Tensor:
+            """(B, B): row r's user against in-batch item j (on `cols` output dims when given)."""
+            return uvec @ ivec.T if cols is None else uvec[:, cols] @ ivec[:, cols].T
+
+        def neg_vectors() -> torch.Tensor:
+            return all_vec[inv[B:]].view(B, extra_items.shape[1], -1)
+
+    else:
+        # An item's inputs depend on the day. Every row scores the batch's items *as of its own day*,
+        # as the catalog is encoded at serving: scoring another row's positive with that row's day
+        # would let the model match users to items by day (the statistics and the behaviour
+        # sequences both tell the day) instead of by preference. One item-tower pass over (distinct
+        # day of the batch) x (distinct item); rows are scored day by day.
         if b.day is None:
             raise ValueError("the feature tables carry item statistics but the batch has no row days")
-        day = b.day.to(device)
-        days = day if extra_items is None else torch.cat([day, day.repeat_interleave(extra_items.shape[1])])
-        n = tables.items_cat.shape[0]
-        uniq, inv = torch.unique(days * n + wanted, return_inverse=True)
-        all_vec = model.item_vectors(
-            tables.item_inputs(uniq % n, torch.div(uniq, n, rounding_mode="floor")), stage
-        )
-    ivec = all_vec[inv[: it.numel()]]
-    scores = uvec @ ivec.T
+        days, dinv = torch.unique(b.day.to(device), return_inverse=True)
+        nd, nu = days.numel(), uniq.numel()
+        day_vec = model.item_vectors(
+            tables.item_inputs(uniq.repeat(nd), days.repeat_interleave(nu)), stage
+        ).view(nd, nu, -1)
+        order = torch.argsort(dinv, stable=True)
+        groups = torch.split(order, torch.bincount(dinv, minlength=nd).tolist())
+        back = torch.argsort(order)
+        inb = inv[:B]
+
+        def pair_scores(cols: torch.Tensor | None = None) -> torch.Tensor:
+            blocks = []
+            for k, rows in enumerate(groups):
+                u, v = uvec[rows], day_vec[k, inb]
+                blocks.append(u @ v.T if cols is None else u[:, cols] @ v[:, cols].T)
+            return torch.cat(blocks)[back]
+
+        def neg_vectors() -> torch.Tensor:
+            return day_vec[dinv[:, None], inv[B:].view(B, extra_items.shape[1])]
+
+    scores = pair_scores()
     margins = None
     up = None
     if use_aml:
         with torch.no_grad():
-            up = upstream_scores(_segment_scores(uvec, ivec, out_owners, stage), stage, cfg.loss.upstream)
+            segs = [pair_scores(out_owners == r) for r in range(stage)]
+            up = upstream_scores(segs, stage, cfg.loss.upstream)
             margins = aml_margins(up.diagonal(), up, cfg.loss.sigma, cfg.loss.eta)
     extra = extra_margins = None
     if use_neg:
-        nvec = all_vec[inv[it.numel() :]].view(extra_items.shape[0], extra_items.shape[1], -1)
+        nvec = neg_vectors()
         extra = torch.einsum("bd,bmd->bm", uvec, nvec)
         if use_aml:
             with torch.no_grad():

@@ -20,7 +20,7 @@ from csmf_core.checkpoint import save_checkpoint
 from csmf_core.config import build_config
 from csmf_core.evaluate import evaluate_model, item_matrix
 from csmf_core.item_stats import DAY_US, item_rates, model_ready_item_stats
-from csmf_core.losses import sampled_softmax
+from csmf_core.losses import aml_margins, sampled_softmax, upstream_scores
 from csmf_core.serving import Recommender, write_bundle
 from csmf_core.train import FeatureTables, TrainRows, _batch_loss, item_log_q
 
@@ -123,32 +123,48 @@ def test_item_inputs_read_the_row_day_and_refuse_to_guess(stats_world):
         tables.as_of(stats_world.eval_day + 1)
 
 
-def test_training_loss_uses_each_rows_day(stats_world):
-    """_batch_loss encodes distinct (day, item) pairs once; the same loss computed row by row."""
+@pytest.mark.parametrize("stage", [0, 2])
+def test_every_row_scores_the_batch_as_of_its_own_day(stats_world, stage):
+    """_batch_loss encodes (distinct day) x (distinct item) once; the same loss built row by row: row r
+    scores every in-batch item and its request negatives with the statistics of r's day (as the
+    catalog is encoded at serving), AML margins from those scores too."""
     cfg = build_config(TINY_CONFIG)
     data = stats_world
-    model, _ = build_model(data, cfg)
-    b = data.rows.select(torch.randperm(len(data.rows), generator=torch.Generator().manual_seed(0))[:300])
-    assert len(torch.unique(b.day)) > 1
-    log_q = item_log_q(torch.as_tensor(data.counts[0]))
-    got = _batch_loss(model, data.tables, b, 0, cfg, "cpu", True, False, None, log_q)
-    uvec = model.user_vectors(data.tables.user_inputs(b.u, b.hists), 0)
-    ivec = model.item_vectors(data.tables.item_inputs(b.i, b.day), 0)
-    m = b.neg.shape[1]
-    nvec = model.item_vectors(data.tables.item_inputs(b.neg.flatten(), b.day.repeat_interleave(m)), 0)
-    extra = (uvec[:, None, :] * nvec.view(len(b), m, -1)).sum(-1)
+    model, owners = build_model(data, cfg)
+    b = data.rows.select(torch.randperm(len(data.rows), generator=torch.Generator().manual_seed(0))[:120])
+    assert len(torch.unique(b.day)) > 2
+    log_q = item_log_q(torch.as_tensor(data.counts[stage]))
+    out_owners = torch.arange(16) % 3  # three output segments, to exercise the AML upstream scores
+    use_aml = stage > 0
+    got = _batch_loss(model, data.tables, b, stage, cfg, "cpu", True, use_aml, out_owners, log_q)
+
+    uvec = model.user_vectors(data.tables.user_inputs(b.u, b.hists), stage)
+    rows, negs, segs, neg_segs = [], [], [[] for _ in range(stage)], [[] for _ in range(stage)]
+    for r in range(len(b)):
+        day = b.day[r].expand(len(b))
+        v = model.item_vectors(data.tables.item_inputs(b.i, day), stage)  # the batch as of r's day
+        n = model.item_vectors(data.tables.item_inputs(b.neg[r], day[: b.neg.shape[1]]), stage)
+        rows.append(v @ uvec[r])
+        negs.append(n @ uvec[r])
+        for s in range(stage):
+            c = out_owners == s
+            segs[s].append(v[:, c] @ uvec[r, c])
+            neg_segs[s].append(n[:, c] @ uvec[r, c])
+    scores, extra = torch.stack(rows), torch.stack(negs)
+    margins = extra_margins = None
+    if use_aml:
+        up = upstream_scores([torch.stack(x) for x in segs], stage, cfg.loss.upstream)
+        up_n = upstream_scores([torch.stack(x) for x in neg_segs], stage, cfg.loss.upstream)
+        margins = aml_margins(up.diagonal(), up, cfg.loss.sigma, cfg.loss.eta)
+        extra_margins = aml_margins(up.diagonal(), up_n, cfg.loss.sigma, cfg.loss.eta)
     want = sampled_softmax(
-        uvec @ ivec.T,
-        b.i,
-        temperature=cfg.loss.temperature,
-        log_q=log_q[b.i],
-        extra_scores=extra,
-        extra_items=b.neg,
-    ).loss
+        scores, b.i, temperature=cfg.loss.temperature, log_q=log_q[b.i], margins=margins,
+        extra_scores=extra, extra_items=b.neg, extra_margins=extra_margins,
+    ).loss  # fmt: skip
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     no_day = dataclasses.replace(b, day=None)
     with pytest.raises(ValueError, match="no row days"):
-        _batch_loss(model, data.tables, no_day, 0, cfg, "cpu", True, False, None, log_q)
+        _batch_loss(model, data.tables, no_day, stage, cfg, "cpu", True, use_aml, out_owners, log_q)
 
 
 def test_parquet_loader_batches_carry_the_same_days(tiny_world, stats_world):
@@ -233,3 +249,65 @@ def test_validation_encodes_the_catalog_as_of_the_first_validation_day(tiny_worl
 def test_tables_move_with_their_statistics(stats_world):
     t = stats_world.tables.as_of(stats_world.eval_day).to("cpu")
     assert isinstance(t, FeatureTables) and t.stats_day == stats_world.eval_day and t.item_stats is not None
+
+
+def test_days_outside_the_statistics_are_refused(stats_world):
+    tables = stats_world.tables
+    first, last = tables.stats_days
+    i = torch.tensor([1, 2])
+    for bad in (first - 1, last + 1):
+        with pytest.raises(ValueError, match="cover days"):
+            tables.item_inputs(i, torch.tensor([first, bad]))
+
+
+def test_one_training_day_is_refused_with_what_to_do(tiny_world, tmp_path):
+    dates = tiny_world["dates"]
+    prep.prepare(
+        tiny_world["ds"], tmp_path / "mr", train_dates=dates[-2], eval_dates=dates[-1], seq_len=5, n_req_neg=4
+    )
+    with pytest.raises(ValueError, match="at least 2 days .*found 1.*data.train_days"):
+        load_cascade_data(tmp_path / "mr", item_stats_windows=(1,))
+
+
+def test_config_windows(tmp_path):
+    assert build_config(None, ["data.item_stats=[]"]).data.item_stats == ()
+    assert build_config({"data": {"item_stats": None}}).data.item_stats == ()
+    assert build_config(None, ["data.item_stats=[28]"]).data.item_stats == (28,)
+    for bad in ("[0]", "[7,7]", "[-3]"):
+        with pytest.raises(ValueError, match="data.item_stats must be distinct windows"):
+            build_config(None, [f"data.item_stats={bad}"])
+
+
+def test_re_evaluation_maps_the_other_datasets_items(tiny_world, stats_bundle):
+    """Other-dataset index k -> this model's index imap[k]; this model's items the other dataset lacks get
+    the standardised zero count; unknown items (imap 0) are dropped."""
+    root, *_ = stats_bundle
+    rec = Recommender.load(root / "bundle")
+    st = rec.info["item_stats"]
+    n = len(rec.item_vocab) + 1
+    imap = np.zeros(n, np.int64)
+    imap[1:11] = np.arange(20, 10, -1)  # other items 1..10 are this model's 20..11, the rest unknown
+    tables = rec._tables_with_stats_of(tiny_world["mr"], imap)
+    mean, std = np.array(st["mean"]), np.array(st["std"])
+    st_other = model_ready_item_stats(tiny_world["mr"], (1, 2), mean=mean, std=std)
+    other = st_other.at(st_other.eval_day)
+    k = len(st["columns"])
+    got = tables.items_num[:, -k:].numpy()
+    np.testing.assert_array_equal(got[20:10:-1], other[1:11])
+    zero = (0.0 - mean) / np.where(std > 0, std, 1.0)
+    np.testing.assert_allclose(got[21:], np.tile(zero, (n - 21, 1)), rtol=1e-6)
+    np.testing.assert_allclose(got[1:11], np.tile(zero, (10, 1)), rtol=1e-6)
+    assert not got[0].any()
+
+
+def test_parquet_loader_days_over_many_parts(tiny_world, tmp_path):
+    dates = tiny_world["dates"]
+    prep.prepare(
+        tiny_world["ds"], tmp_path / "mr", train_dates=(dates[0], dates[-2]), eval_dates=dates[-1],
+        seq_len=5, n_req_neg=4, part_rows=700,
+    )  # fmt: skip
+    mem = load_cascade_data(tmp_path / "mr", item_stats_windows=(1,))
+    streamed = load_cascade_data(tmp_path / "mr", loader="parquet", item_stats_windows=(1,))
+    assert len(streamed.rows.groups) > 5
+    for b in streamed.rows.batches(0, 512, seed=1, epoch=0):
+        assert torch.equal(b.day, mem.rows.day[b.row]) and torch.equal(b.i, mem.rows.i[b.row])
