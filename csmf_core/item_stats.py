@@ -3,8 +3,9 @@ on the days before, as numeric inputs of the item tower.
 
 Why: a popularity ranking (items by their positives in the training window) is a strong floor on
 sparse objectives, and the item tower sees ids and content features but no count. On the KuaiRand
-slice these statistics lift the conversion stage's own-score nDCG@50 above popularity's
-(docs/method-notes.md). They are built the way the behaviour sequences are, point in time:
+slice they raise every objective's mean over 5 seeds and take the conversion stage's own nDCG@50
+from below popularity's to level with it (docs/method-notes.md).
+They are built the way the behaviour sequences are, point in time:
 
     raw[d, i, (t, w)] = log(1 + positives of objective t for item i per day, over the days
                         [d - w, d - 1] that have train rows)
