@@ -12,8 +12,9 @@ Bundle layout (built in a temp dir beside `out_dir` and renamed into place):
     index/               csmf_core.index.ItemIndex over the full-mode vectors of item indices >= 1,
                          ids = original item_id (index.faiss, ids.npy, index.json)
     features/            users.parquet, items.parquet, meta.json of the model-ready dataset, and
-                         item_stats.parquet with data.item_stats (as of the first evaluation day;
-                         appended to the items' numeric columns when read)
+                         item_stats.parquet with data.item_stats as of the day after
+                         history_until (training days and the evaluation days up to it counted,
+                         standardised as in training; appended to the items' numeric columns)
     user_state.parquet   user_id int64, u int32 (user index >= 1), hist_<objective>
                          fixed_size_list<int32>[L] for every objective after the first, as of the end
                          of `history_until` (item indices of features/items.parquet)
@@ -49,7 +50,13 @@ from csmf_core.config import CSMFConfig
 from csmf_core.evaluate import item_matrix
 from csmf_core.fusion import validate_weights
 from csmf_core.index import ItemIndex
-from csmf_core.item_stats import model_ready_item_stats
+from csmf_core.item_stats import (
+    day_number,
+    day_to_date,
+    model_ready_item_stats,
+    model_ready_rows,
+    serving_row,
+)
 from csmf_core.model import TwoTower
 from csmf_core.prep import HistoryIndex
 from csmf_core.train import FeatureTables
@@ -57,7 +64,7 @@ from csmf_core.train import FeatureTables
 FORMAT_VERSION = 1
 DAY_US = 86_400_000_000
 FEATURE_FILES = ("users.parquet", "items.parquet", "meta.json")
-ITEM_STATS_FILE = "item_stats.parquet"  # features/: data.item_stats as of the evaluation day
+ITEM_STATS_FILE = "item_stats.parquet"  # features/: data.item_stats as of the day after history_until
 
 
 # ---- reading model-ready pieces ------------------------------------------------------------------
@@ -198,6 +205,41 @@ def user_histories(
     return out
 
 
+def event_rows(
+    dataset_dir: str | Path, objectives: list[str], item_vocab: np.ndarray, dates: list[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(day, item, level) of the canonical events of `dates` whose first objective is true, as prep's
+    train rows (item index in `item_vocab`, 0 = unknown; level = objectives true - 1): the rows the
+    serving bundle's item statistics add after the training window."""
+    dataset_dir = Path(dataset_dir)
+    cols = _label_columns(dataset_dir, objectives)
+    frames = []
+    for date in dates:
+        files = sorted(
+            p
+            for p in (dataset_dir / "events" / f"dt={date}").glob("*.parquet")
+            if not p.name.startswith((".", "_"))
+        )
+        if not files:
+            continue
+        lf = pl.scan_parquet(files)
+        ts = pl.col("ts")
+        ts = ts.dt.epoch("us") if lf.collect_schema()["ts"].is_temporal() else ts.cast(pl.Int64)
+        labels = [pl.col(cols[o]).fill_null(False).cast(pl.Int64) for o in objectives]
+        frames.append(
+            lf.filter(pl.col(cols[objectives[0]]).fill_null(False)).select(
+                pl.col("item_id").cast(pl.Int64),
+                ts.alias("ts"),
+                (pl.sum_horizontal(labels) - 1).alias("level"),
+            )
+        )
+    if not frames:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    ev = pl.concat(frames).collect()
+    item = lookup_index(item_vocab, ev["item_id"].to_numpy())
+    return np.floor_divide(ev["ts"].to_numpy(), DAY_US), item, ev["level"].to_numpy().astype(np.int64)
+
+
 # ---- writing ---------------------------------------------------------------------------------------
 def write_bundle(
     out_dir: str | Path,
@@ -242,10 +284,15 @@ def write_bundle(
         (tmp / "features").mkdir()
         for f in FEATURE_FILES:
             shutil.copy2(mr / f, tmp / "features" / f)
-        if stats is not None:
-            write_item_stats(tmp / "features" / ITEM_STATS_FILE, stats.columns, stats.at(stats.eval_day))
-        tables = read_feature_tables(tmp / "features", meta)
         item_ids = read_vocab(mr / "items.parquet", "item_id")
+        if stats is not None:  # as of the day after history_until, like the users' histories
+            served = [d for d in meta["eval_dates"] if d <= until]
+            rows = [model_ready_rows(mr), event_rows(data, objectives, item_ids, served)]
+            day, item, level = (np.concatenate(x) for x in zip(*rows))
+            stats_as_of = day_number(until) + 1
+            row = serving_row(stats, day, item, level, stats_as_of)
+            write_item_stats(tmp / "features" / ITEM_STATS_FILE, stats.columns, row)
+        tables = read_feature_tables(tmp / "features", meta)
         vecs = item_matrix(model, tables).numpy()[1:]
         index = ItemIndex.build(item_ids, vecs, index_kind)
         index.save(tmp / "index")
@@ -282,7 +329,9 @@ def write_bundle(
             ),
             "index": {"kind": index.kind, "params": index.params},
             "history_until": until,
-            "item_stats": stats.describe() if stats is not None else None,
+            "item_stats": stats.describe() | {"as_of": day_to_date(stats_as_of)}
+            if stats is not None
+            else None,
             "train_dates": meta.get("train_dates"),
             "eval_dates": meta.get("eval_dates"),
             "dataset": meta.get("dataset"),

@@ -23,11 +23,11 @@ serving. Scoring another row's positive with *that* row's day was measured to be
 statistics and the behaviour sequences both tell the day, the model learned to match users to
 items by day, training loss fell and validation recall fell with it (generated data: exposure
 Recall@50 0.23 instead of 0.32). The catalog is encoded (for
-evaluation, the per-stage metrics and the index) with the row of the first evaluation day, which
+evaluation and the per-stage metrics) with the row of the first evaluation day, which
 counts every training day and none of the evaluation days; the validation users of
-``data.val_days`` see the row of the first validation day. The serving bundle keeps the
-evaluation-day row (csmf_core/bundle.py): statistics are as of the end of the training window and
-are refreshed by the next daily run.
+``data.val_days`` see the row of the first validation day. The serving bundle stores the row as of
+the day after its users' histories end, the evaluation days' events included (csmf_core/bundle.py),
+so at serving, as in training, statistics and behaviour sequences end at the same moment.
 """
 
 from __future__ import annotations
@@ -146,6 +146,34 @@ def standardise(raw: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarra
     return out.astype(np.float32)
 
 
+def model_ready_rows(model_ready_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(day, item, level) int64 of every train row of a model-ready dataset (columns ts, i, level only)."""
+    path = Path(model_ready_dir)
+    meta = json.loads((path / "meta.json").read_text())
+    parts = [pq.read_table(path / p, columns=["ts", "i", "level"]) for p in meta["train_parts"]]
+    t = pa.concat_tables(parts) if parts else None
+    if t is None or t.num_rows == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    ts = t["ts"].cast(pa.int64()).to_numpy()
+    return (
+        np.floor_divide(ts, DAY_US),
+        t["i"].to_numpy().astype(np.int64),
+        t["level"].to_numpy().astype(np.int64),
+    )
+
+
+def serving_row(
+    stats: ItemStats, day: np.ndarray, item: np.ndarray, level: np.ndarray, as_of: int
+) -> np.ndarray:
+    """(N_items, k) statistics as of the start of UTC day `as_of` from these rows (the training rows
+    plus, for a serving bundle, the evaluation days' rows), standardised as `stats` (the training's)."""
+    raw = item_rates(
+        day, item, level, n_items=stats.values.shape[1], n_objectives=len(stats.columns) // len(stats.windows),
+        first_day=stats.first_day, last_day=as_of, windows=stats.windows,
+    )[-1]  # fmt: skip
+    return standardise(raw, stats.mean, stats.std)
+
+
 def model_ready_item_stats(
     model_ready_dir: str | Path,
     windows,
@@ -161,14 +189,7 @@ def model_ready_item_stats(
     windows = check_windows(windows)
     objectives = [o["name"] for o in meta["objectives"]]
     eval_day = day_number(meta["eval_dates"][0])
-    parts = [pq.read_table(path / p, columns=["ts", "i", "level"]) for p in meta["train_parts"]]
-    t = pa.concat_tables(parts) if parts else None
-    if t is None or t.num_rows == 0:
-        ts, item, level = (np.zeros(0, np.int64),) * 3
-    else:
-        ts = t["ts"].cast(pa.int64()).to_numpy()
-        item, level = t["i"].to_numpy().astype(np.int64), t["level"].to_numpy().astype(np.int64)
-    day = np.floor_divide(ts, DAY_US)
+    day, item, level = model_ready_rows(path)
     first = int(day.min()) if len(day) else eval_day
     raw = item_rates(
         day, item, level, n_items=int(meta["n_items"]), n_objectives=len(objectives),

@@ -5,10 +5,12 @@ loaders, and the serving bundle (index vectors and re-evaluation on another data
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import math
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -189,15 +191,47 @@ def stats_bundle(tiny_world, tmp_path_factory):
     return root, cfg, data, model, owners
 
 
-def test_bundle_serves_the_evaluation_day_statistics(tiny_world, stats_bundle):
+def test_bundle_serves_the_statistics_of_the_day_after_its_histories(tiny_world, stats_bundle):
+    """The index's items carry the statistics as of the day after history_until (the last evaluation
+    day): counted here straight from the canonical events, standardised with the training's mean/std."""
     root, cfg, data, model, owners = stats_bundle
     rec = Recommender.load(root / "bundle")
+    dates = tiny_world["dates"]
+    st = rec.info["item_stats"]
     assert (
-        rec.info["item_stats"]["windows"] == [1, 2]
-        and rec.info["item_stats"]["as_of"] == tiny_world["dates"][-1]
+        st["windows"] == [1, 2]
+        and st["as_of"] == (dt.date.fromisoformat(dates[-1]) + dt.timedelta(days=1)).isoformat()
     )
-    want = item_matrix(model, data.catalog_tables("eval")).numpy()[1:]
-    np.testing.assert_allclose(rec.item_vectors()[1], want, rtol=1e-5, atol=1e-6)
+    mean, std = np.array(st["mean"]), np.array(st["std"])
+    ev = pl.read_parquet(tiny_world["ds"] / "events" / "**" / "*.parquet", hive_partitioning=True)
+    ev = ev.with_columns(pl.col("dt").cast(pl.String)).filter(pl.col("exposed"))
+    vocab = rec.item_vocab
+    want = np.zeros((len(vocab) + 1, 6))
+    for w_k, days in enumerate([dates[-1:], dates[-2:]]):  # windows 1 and 2 before the day after dates[-1]
+        part = ev.filter(pl.col("dt").is_in(days))
+        for t, col in enumerate(["exposed", "clicked", "converted"]):
+            c = part.filter(pl.col(col)).group_by("item_id").len()
+            idx = np.searchsorted(vocab, c["item_id"].to_numpy()) + 1
+            want[idx, t * 2 + w_k] = np.log1p(c["len"].to_numpy() / len(days))
+    want = (want - mean) / np.where(std > 0, std, 1.0)
+    want[0] = 0.0
+    got = rec.tables.items_num[:, -6:].numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # the index holds exactly these vectors
+    served = dataclasses.replace(
+        data.tables,
+        item_stats=None,
+        items_num=torch.cat([data.tables.items_num, torch.from_numpy(want).float()], 1),
+    )
+    np.testing.assert_allclose(
+        rec.item_vectors()[1], item_matrix(model, served).numpy()[1:], rtol=1e-5, atol=1e-5
+    )
+
+
+def test_bundle_re_evaluated_on_its_own_data_matches_the_flow(tiny_world, stats_bundle):
+    """Evaluation (flow, gate, csmf evaluate) encodes the catalog as of the first evaluation day."""
+    root, cfg, data, model, owners = stats_bundle
+    rec = Recommender.load(root / "bundle")
     rows = rec.evaluate(tiny_world["mr"], ks=(10,))
     ref = evaluate_model(
         model, owners.output_owners(), data.catalog_tables("eval"), data.eval, data.objectives, ks=(10,),
