@@ -84,7 +84,7 @@ def read_feature_tables(features_dir: Path, meta: dict) -> FeatureTables:
     uc, un = side(features_dir / "users.parquet", meta["features"]["users"])
     ic, inum = side(features_dir / "items.parquet", meta["features"]["items"])
     stats_path = features_dir / ITEM_STATS_FILE
-    if stats_path.is_file():  # a bundle's item statistics as of its evaluation day: more numeric columns
+    if stats_path.is_file():  # a bundle's item statistics (data.item_stats): more numeric columns
         t = pq.read_table(stats_path)
         if t.num_rows != inum.shape[0] or not np.array_equal(t["i"].to_numpy(), np.arange(t.num_rows)):
             raise ValueError(f"{stats_path}: expected one row per item index 0..{inum.shape[0] - 1} in order")
@@ -225,9 +225,11 @@ def event_rows(
         lf = pl.scan_parquet(files)
         ts = pl.col("ts")
         ts = ts.dt.epoch("us") if lf.collect_schema()["ts"].is_temporal() else ts.cast(pl.Int64)
-        labels = [pl.col(cols[o]).fill_null(False).cast(pl.Int64) for o in objectives]
+        labels = [pl.col(cols[o]).cast(pl.Boolean).fill_null(False).cast(pl.Int64) for o in objectives]
+        keys = pl.col("user_id").is_not_null() & pl.col("item_id").is_not_null()
+        first = pl.col(cols[objectives[0]]).cast(pl.Boolean).fill_null(False)
         frames.append(
-            lf.filter(pl.col(cols[objectives[0]]).fill_null(False)).select(
+            lf.filter(keys & first).select(
                 pl.col("item_id").cast(pl.Int64),
                 ts.alias("ts"),
                 (pl.sum_horizontal(labels) - 1).alias("level"),
@@ -285,11 +287,20 @@ def write_bundle(
         for f in FEATURE_FILES:
             shutil.copy2(mr / f, tmp / "features" / f)
         item_ids = read_vocab(mr / "items.parquet", "item_id")
-        if stats is not None:  # as of the day after history_until, like the users' histories
-            served = [d for d in meta["eval_dates"] if d <= until]
-            rows = [model_ready_rows(mr), event_rows(data, objectives, item_ids, served)]
-            day, item, level = (np.concatenate(x) for x in zip(*rows))
+        if stats is not None:  # as of the day after history_until, the day a request reads them
             stats_as_of = day_number(until) + 1
+            if stats_as_of < stats.first_day:
+                raise ValueError(
+                    f"history_until {until} is before the first training day {day_to_date(stats.first_day)}"
+                )
+            # every partition after the training window up to history_until (the histories' days)
+            after = sorted(
+                d.name[3:]
+                for d in (data / "events").glob("dt=*")
+                if max(meta["train_dates"]) < d.name[3:] <= until
+            )
+            rows = [model_ready_rows(mr), event_rows(data, objectives, item_ids, after)]
+            day, item, level = (np.concatenate(x) for x in zip(*rows))
             row = serving_row(stats, day, item, level, stats_as_of)
             write_item_stats(tmp / "features" / ITEM_STATS_FILE, stats.columns, row)
         tables = read_feature_tables(tmp / "features", meta)
@@ -329,9 +340,7 @@ def write_bundle(
             ),
             "index": {"kind": index.kind, "params": index.params},
             "history_until": until,
-            "item_stats": stats.describe() | {"as_of": day_to_date(stats_as_of)}
-            if stats is not None
-            else None,
+            "item_stats": stats.describe(stats_as_of) if stats is not None else None,
             "train_dates": meta.get("train_dates"),
             "eval_dates": meta.get("eval_dates"),
             "dataset": meta.get("dataset"),

@@ -26,8 +26,9 @@ Recall@50 0.23 instead of 0.32). The catalog is encoded (for
 evaluation and the per-stage metrics) with the row of the first evaluation day, which
 counts every training day and none of the evaluation days; the validation users of
 ``data.val_days`` see the row of the first validation day. The serving bundle stores the row as of
-the day after its users' histories end, the evaluation days' events included (csmf_core/bundle.py),
-so at serving, as in training, statistics and behaviour sequences end at the same moment.
+the day after its users' histories end (``history_until``, the last evaluation day by default),
+every event up to then included (csmf_core/bundle.py): a request on that day reads that day's row,
+as a training row reads its own day's.
 """
 
 from __future__ import annotations
@@ -121,12 +122,13 @@ class ItemStats:
             raise ValueError(f"item statistics cover days {self.first_day}..{self.eval_day}, not {day}")
         return self.values[day - self.first_day]
 
-    def describe(self) -> dict:
-        """What a bundle records (bundle.json "item_stats")."""
+    def describe(self, as_of: int | None = None) -> dict:
+        """What a bundle records (bundle.json "item_stats"); as_of: the day of the stored row (default
+        the first evaluation day)."""
         return {
             "windows": list(self.windows),
             "columns": self.columns,
-            "as_of": day_to_date(self.eval_day),
+            "as_of": day_to_date(self.eval_day if as_of is None else as_of),
             "mean": [float(x) for x in self.mean],
             "std": [float(x) for x in self.std],
         }

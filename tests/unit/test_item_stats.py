@@ -191,6 +191,25 @@ def stats_bundle(tiny_world, tmp_path_factory):
     return root, cfg, data, model, owners
 
 
+def _counted(ds, vocab, last: str, mean, std) -> np.ndarray:
+    """Windows 1 and 2 of the statistics as of the day after `last`, counted from the canonical events by
+    partition, standardised with mean / std."""
+    ev = pl.read_parquet(ds / "events" / "**" / "*.parquet", hive_partitioning=True)
+    ev = ev.with_columns(pl.col("dt").cast(pl.String)).filter(pl.col("exposed"))
+    day = dt.date.fromisoformat(last)
+    want = np.zeros((len(vocab) + 1, 6))
+    for w_k, w in enumerate((1, 2)):
+        days = [(day - dt.timedelta(days=k)).isoformat() for k in range(w)]
+        part = ev.filter(pl.col("dt").is_in(days))
+        for t, col in enumerate(["exposed", "clicked", "converted"]):
+            c = part.filter(pl.col(col)).group_by("item_id").len()
+            idx = np.searchsorted(vocab, c["item_id"].to_numpy()) + 1
+            want[idx, t * 2 + w_k] = np.log1p(c["len"].to_numpy() / w)
+    want = (want - mean) / np.where(std > 0, std, 1.0)
+    want[0] = 0.0
+    return want
+
+
 def test_bundle_serves_the_statistics_of_the_day_after_its_histories(tiny_world, stats_bundle):
     """The index's items carry the statistics as of the day after history_until (the last evaluation
     day): counted here straight from the canonical events, standardised with the training's mean/std."""
@@ -203,18 +222,8 @@ def test_bundle_serves_the_statistics_of_the_day_after_its_histories(tiny_world,
         and st["as_of"] == (dt.date.fromisoformat(dates[-1]) + dt.timedelta(days=1)).isoformat()
     )
     mean, std = np.array(st["mean"]), np.array(st["std"])
-    ev = pl.read_parquet(tiny_world["ds"] / "events" / "**" / "*.parquet", hive_partitioning=True)
-    ev = ev.with_columns(pl.col("dt").cast(pl.String)).filter(pl.col("exposed"))
-    vocab = rec.item_vocab
-    want = np.zeros((len(vocab) + 1, 6))
-    for w_k, days in enumerate([dates[-1:], dates[-2:]]):  # windows 1 and 2 before the day after dates[-1]
-        part = ev.filter(pl.col("dt").is_in(days))
-        for t, col in enumerate(["exposed", "clicked", "converted"]):
-            c = part.filter(pl.col(col)).group_by("item_id").len()
-            idx = np.searchsorted(vocab, c["item_id"].to_numpy()) + 1
-            want[idx, t * 2 + w_k] = np.log1p(c["len"].to_numpy() / len(days))
-    want = (want - mean) / np.where(std > 0, std, 1.0)
-    want[0] = 0.0
+    np.testing.assert_allclose(mean, model_ready_item_stats(tiny_world["mr"], (1, 2)).mean)
+    want = _counted(tiny_world["ds"], rec.item_vocab, dates[-1], mean, std)
     got = rec.tables.items_num[:, -6:].numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # the index holds exactly these vectors
@@ -345,3 +354,31 @@ def test_parquet_loader_days_over_many_parts(tiny_world, tmp_path):
     assert len(streamed.rows.groups) > 5
     for b in streamed.rows.batches(0, 512, seed=1, epoch=0):
         assert torch.equal(b.day, mem.rows.day[b.row]) and torch.equal(b.i, mem.rows.i[b.row])
+
+
+def test_bundle_statistics_follow_history_until(tiny_world, stats_bundle, tmp_path):
+    """history_until inside the training window: the evaluation-day row, no evaluation event. After the
+    last evaluation day: every partition up to it counts, not only the evaluation dates."""
+    root, cfg, *_ = stats_bundle
+    dates = tiny_world["dates"]
+    early = write_bundle(
+        tmp_path / "early", checkpoint_dir=root / "ckpt", model_ready_dir=tiny_world["mr"],
+        dataset_dir=tiny_world["ds"], config=cfg, history_until=dates[-2],
+    )  # fmt: skip
+    st = model_ready_item_stats(tiny_world["mr"], (1, 2))
+    got = pq.read_table(early / "features" / "item_stats.parquet").drop(["i"]).to_pandas().to_numpy()
+    np.testing.assert_allclose(got, st.at(st.eval_day), rtol=1e-6, atol=1e-6)
+    prep.prepare(
+        tiny_world["ds"], tmp_path / "mr", train_dates=(dates[0], dates[-3]), eval_dates=dates[-2],
+        seq_len=cfg.data.seq_len, n_req_neg=cfg.data.n_req_neg,
+    )  # fmt: skip
+    late = write_bundle(
+        tmp_path / "late", checkpoint_dir=root / "ckpt", model_ready_dir=tmp_path / "mr",
+        dataset_dir=tiny_world["ds"], config=cfg, history_until=dates[-1],
+    )  # fmt: skip
+    info = json.loads((late / "bundle.json").read_text())["item_stats"]
+    own = model_ready_item_stats(tmp_path / "mr", (1, 2))
+    want = _counted(tiny_world["ds"], Recommender.load(late).item_vocab, dates[-1], own.mean, own.std)
+    got = pq.read_table(late / "features" / "item_stats.parquet").drop(["i"]).to_pandas().to_numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert info["as_of"] == (dt.date.fromisoformat(dates[-1]) + dt.timedelta(days=1)).isoformat()
