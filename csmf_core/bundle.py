@@ -58,11 +58,10 @@ from csmf_core.item_stats import (
     serving_row,
 )
 from csmf_core.model import TwoTower
-from csmf_core.prep import HistoryIndex
+from csmf_core.prep import DAY_US, HistoryIndex, _partitions
 from csmf_core.train import FeatureTables
 
 FORMAT_VERSION = 1
-DAY_US = 86_400_000_000
 FEATURE_FILES = ("users.parquet", "items.parquet", "meta.json")
 ITEM_STATS_FILE = "item_stats.parquet"  # features/: data.item_stats as of the day after history_until
 
@@ -173,11 +172,7 @@ def user_histories(
     dataset_dir = Path(dataset_dir)
     cols = _label_columns(dataset_dir, objectives)
     end_us = int(dt.datetime.fromisoformat(until).replace(tzinfo=dt.UTC).timestamp()) * 10**6 + DAY_US
-    parts = []
-    for d in sorted((dataset_dir / "events").glob("dt=*")):
-        files = sorted(p for p in d.glob("*.parquet") if not p.name.startswith((".", "_")))
-        if files and dt.date.fromisoformat(d.name[3:]).isoformat() <= until:
-            parts.append(files)
+    parts = [files for date, files in _partitions(dataset_dir).items() if date <= until]
     n_users = len(user_vocab) + 1
     out = {o: np.zeros((n_users, seq_len), np.int32) for o in objectives[1:]}
     if not parts or n_users == 1:
@@ -187,11 +182,9 @@ def user_histories(
         lfs = []
         for files in parts:
             lf = pl.scan_parquet(files)
-            ts = pl.col("ts")
-            ts = ts.dt.epoch("us") if lf.collect_schema()["ts"].is_temporal() else ts.cast(pl.Int64)
             lfs.append(
                 lf.filter(pl.col(cols[o]).fill_null(False))
-                .select(pl.col("user_id").cast(pl.Int64), pl.col("item_id").cast(pl.Int64), ts.alias("ts"))
+                .select(pl.col("user_id").cast(pl.Int64), pl.col("item_id").cast(pl.Int64), _ts_us(lf))
                 .filter(pl.col("ts") < end_us)
             )
         frames.append(pl.concat(lfs))
@@ -205,34 +198,28 @@ def user_histories(
     return out
 
 
+def _ts_us(lf: pl.LazyFrame) -> pl.Expr:
+    """`ts` as int64 microseconds UTC, whether stored as a timestamp or as integers."""
+    ts = pl.col("ts")
+    return (ts.dt.epoch("us") if lf.collect_schema()["ts"].is_temporal() else ts.cast(pl.Int64)).alias("ts")
+
+
 def event_rows(
-    dataset_dir: str | Path, objectives: list[str], item_vocab: np.ndarray, dates: list[str]
+    dataset_dir: str | Path, objectives: list[str], item_vocab: np.ndarray, parts: list[list[Path]]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(day, item, level) of the canonical events of `dates` whose first objective is true, as prep's
-    train rows (item index in `item_vocab`, 0 = unknown; level = objectives true - 1): the rows the
-    serving bundle's item statistics add after the training window."""
-    dataset_dir = Path(dataset_dir)
-    cols = _label_columns(dataset_dir, objectives)
+    """(day, item, level) of the canonical events in `parts` (file lists of partitions) whose first
+    objective is true, as prep's train rows (item index in `item_vocab`, 0 = unknown; level =
+    objectives true - 1): the rows the serving bundle's item statistics add after the training window."""
+    cols = _label_columns(Path(dataset_dir), objectives)
+    labels = [pl.col(cols[o]).cast(pl.Boolean).fill_null(False).cast(pl.Int64) for o in objectives]
+    keys = pl.col("user_id").is_not_null() & pl.col("item_id").is_not_null()
+    first = pl.col(cols[objectives[0]]).cast(pl.Boolean).fill_null(False)
     frames = []
-    for date in dates:
-        files = sorted(
-            p
-            for p in (dataset_dir / "events" / f"dt={date}").glob("*.parquet")
-            if not p.name.startswith((".", "_"))
-        )
-        if not files:
-            continue
+    for files in parts:
         lf = pl.scan_parquet(files)
-        ts = pl.col("ts")
-        ts = ts.dt.epoch("us") if lf.collect_schema()["ts"].is_temporal() else ts.cast(pl.Int64)
-        labels = [pl.col(cols[o]).cast(pl.Boolean).fill_null(False).cast(pl.Int64) for o in objectives]
-        keys = pl.col("user_id").is_not_null() & pl.col("item_id").is_not_null()
-        first = pl.col(cols[objectives[0]]).cast(pl.Boolean).fill_null(False)
         frames.append(
             lf.filter(keys & first).select(
-                pl.col("item_id").cast(pl.Int64),
-                ts.alias("ts"),
-                (pl.sum_horizontal(labels) - 1).alias("level"),
+                pl.col("item_id").cast(pl.Int64), _ts_us(lf), (pl.sum_horizontal(labels) - 1).alias("level")
             )
         )
     if not frames:
@@ -294,11 +281,8 @@ def write_bundle(
                     f"history_until {until} is before the first training day {day_to_date(stats.first_day)}"
                 )
             # every partition after the training window up to history_until (the histories' days)
-            after = sorted(
-                d.name[3:]
-                for d in (data / "events").glob("dt=*")
-                if max(meta["train_dates"]) < d.name[3:] <= until
-            )
+            last_train = max(meta["train_dates"])
+            after = [f for date, f in _partitions(data).items() if last_train < date <= until]
             rows = [model_ready_rows(mr), event_rows(data, objectives, item_ids, after)]
             day, item, level = (np.concatenate(x) for x in zip(*rows))
             row = serving_row(stats, day, item, level, stats_as_of)

@@ -21,9 +21,10 @@ import torch
 from csmf_core.config import CSMFConfig
 from csmf_core.cpp import prune_stage
 from csmf_core.evaluate import EvalRows
-from csmf_core.item_stats import DAY_US, day_number, model_ready_item_stats
+from csmf_core.item_stats import day_number, model_ready_item_stats
 from csmf_core.masks import UnitOwners, param_owners
 from csmf_core.model import TowerSpec, TwoTower
+from csmf_core.prep import DAY_US
 from csmf_core.train import BatchSource, FeatureTables, TrainRows, item_log_q, train_stage
 from csmf_core.validation import EpochSelector, split_validation
 

@@ -42,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-DAY_US = 86_400_000_000
+from csmf_core.prep import DAY_US
 
 
 def column_names(objectives: list[str], windows: tuple[int, ...]) -> list[str]:
@@ -169,9 +169,10 @@ def serving_row(
 ) -> np.ndarray:
     """(N_items, k) statistics as of the start of UTC day `as_of` from these rows (the training rows
     plus, for a serving bundle, the evaluation days' rows), standardised as `stats` (the training's)."""
+    first = max(stats.first_day, as_of - max(stats.windows))  # the last row reads no earlier day
     raw = item_rates(
         day, item, level, n_items=stats.values.shape[1], n_objectives=len(stats.columns) // len(stats.windows),
-        first_day=stats.first_day, last_day=as_of, windows=stats.windows,
+        first_day=first, last_day=as_of, windows=stats.windows,
     )[-1]  # fmt: skip
     return standardise(raw, stats.mean, stats.std)
 

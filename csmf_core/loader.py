@@ -56,7 +56,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from csmf_core.item_stats import DAY_US
+from csmf_core.prep import DAY_US
 from csmf_core.train import TrainRows
 
 _SPLITMIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
@@ -145,23 +145,28 @@ class ParquetTrainSource:
         self._cache: tuple[tuple, list[list[np.ndarray]]] | None = None
 
     # ---- sizes -----------------------------------------------------------------------------------
+    def _per_row(self, column: str, convert, dtype) -> np.ndarray:
+        """`convert(column)` of every train row in row-id order, one column read per part file."""
+        parts = [
+            convert(pq.read_table(path, columns=[column])[column])
+            for path in dict.fromkeys(g.path for g in self.groups)
+        ]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
     def levels(self) -> np.ndarray:
         """(total_rows,) int8 `level` of every train row in row-id order (1 byte a row, read once)."""
         if self._levels is None:
-            parts = []
-            for path in dict.fromkeys(g.path for g in self.groups):
-                parts.append(pq.read_table(path, columns=["level"])["level"].to_numpy().astype(np.int8))
-            self._levels = np.concatenate(parts) if parts else np.zeros(0, np.int8)
+            self._levels = self._per_row("level", lambda c: c.to_numpy().astype(np.int8), np.int8)
         return self._levels
 
     def days(self) -> np.ndarray:
         """(total_rows,) int32 UTC day number of every train row in row-id order (read once)."""
         if self._days is None:
-            parts = []
-            for path in dict.fromkeys(g.path for g in self.groups):
-                ts = pq.read_table(path, columns=["ts"])["ts"].cast(pa.int64()).to_numpy()
-                parts.append(np.floor_divide(ts, DAY_US).astype(np.int32))
-            self._days = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+            self._days = self._per_row(
+                "ts",
+                lambda c: np.floor_divide(c.cast(pa.int64()).to_numpy(), DAY_US).astype(np.int32),
+                np.int32,
+            )
         return self._days
 
     def n_rows(self, stage: int, *, fraction: float = 1.0, seed: int = 0, salt: int = 0) -> int:

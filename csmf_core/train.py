@@ -77,13 +77,16 @@ class FeatureTables:
             return 0, -1
         return self.stats_day0, self.stats_day0 + self.item_stats.shape[0] - 1
 
+    def _check_days(self, lo: int, hi: int) -> None:
+        first, last = self.stats_days
+        if lo < first or hi > last:  # a negative index would silently read the last (latest) row
+            raise ValueError(f"item statistics cover days {first}..{last}, not days {lo}..{hi}")
+
     def as_of(self, day: int) -> FeatureTables:
         """The same tables with catalog encodings reading the statistics as of UTC day `day`."""
         if self.item_stats is None:
             return self
-        first, last = self.stats_days
-        if not first <= int(day) <= last:
-            raise ValueError(f"item statistics cover days {first}..{last}, not day {day}")
+        self._check_days(int(day), int(day))
         return dataclasses.replace(self, stats_day=int(day))
 
     def user_inputs(self, u: torch.Tensor, hists: list[torch.Tensor]) -> TowerInputs:
@@ -101,10 +104,7 @@ class FeatureTables:
                 )
             stats = self.item_stats[self.stats_day - self.stats_day0][i]
         else:
-            first, last = self.stats_days
-            lo, hi = int(day.min()), int(day.max())
-            if lo < first or hi > last:  # a negative index would silently read the last (latest) row
-                raise ValueError(f"item statistics cover days {first}..{last}, rows ask for {lo}..{hi}")
+            self._check_days(int(day.min()), int(day.max()))
             stats = self.item_stats[day - self.stats_day0, i]
         return TowerInputs(self.items_cat[i], torch.cat([self.items_num[i], stats], 1))
 

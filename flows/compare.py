@@ -144,22 +144,20 @@ def csmf_compare(
             "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "epochs": list(cfg.train.epochs),
             "notes": [
-                *(
-                    [
-                        f"data.val_days={cfg.data.val_days} is not applied by the comparison: every method, "
-                        "csmf included, trains on the whole window with its fixed epochs"
-                    ]
-                    if cfg.data.val_days
-                    else []
-                ),
-                *(
-                    [
-                        f"data.item_stats={list(cfg.data.item_stats)} is not applied by the comparison: every "
-                        "method, csmf included, sees the dataset's own item features only"
-                    ]
-                    if cfg.data.item_stats
-                    else []
-                ),
+                f"{setting} is not applied by the comparison: every method, csmf included, {instead}"
+                for setting, on, instead in (
+                    (
+                        f"data.val_days={cfg.data.val_days}",
+                        cfg.data.val_days,
+                        "trains on the whole window with its fixed epochs",
+                    ),
+                    (
+                        f"data.item_stats={list(cfg.data.item_stats)}",
+                        cfg.data.item_stats,
+                        "sees the dataset's own item features only",
+                    ),
+                )
+                if on
             ],
         }
         meta["reference"] = {"popularity": reference_rows(ready, cfg, run)}
