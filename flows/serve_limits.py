@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import REQUEST_LIMIT_EXCEEDED
 
 ENV_MAX_USERS = "CSMF_SERVE_MAX_USERS"
 ENV_MAX_BODY_BYTES = "CSMF_SERVE_MAX_BODY_BYTES"
@@ -170,5 +171,5 @@ def _too_large(what: str, limits: Limits) -> PayloadTooLarge:
         f"csmf: request body too large ({what}); the limit is {ENV_MAX_BODY_BYTES}="
         f"{limits.max_body_bytes:,} bytes. Send at most {limits.max_users:,} users per request "
         f"({ENV_MAX_USERS}) and split larger batches",
-        error_code="REQUEST_LIMIT_EXCEEDED",
+        error_code=REQUEST_LIMIT_EXCEEDED,
     )
