@@ -16,6 +16,9 @@ from flows import serve_limits
 from flows.registry import CSMFPyfunc, code_paths
 from flows.serve_limits import Limits, json_depth
 
+# starlette's TestClient still runs on httpx 0.28, with a deprecation warning
+pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+
 
 def _reference_depth(text: str) -> int:
     """Depth of a JSON document from its parsed value (iterative: deep documents too)."""
