@@ -318,3 +318,17 @@ def test_prep_reads_only_iso_partition_names(tiny_world, tmp_path):
     parts = prep._partitions(ds)
     assert list(parts) == tiny_world["dates"]
     assert parts[first] == real
+
+
+def test_index_keeps_extreme_item_ids_through_save_and_load(tmp_path):
+    from csmf_core.index import ItemIndex
+
+    ids = np.array([INT64_MIN, -1, 0, 2**53 + 1, INT64_MAX], np.int64)
+    vecs = np.eye(5, dtype=np.float32) * np.arange(1, 6, dtype=np.float32)[:, None]
+    ItemIndex.build(ids, vecs).save(tmp_path / "ix")
+    ix = ItemIndex.load(tmp_path / "ix")
+    assert ix.ids.dtype == np.int64 and ix.ids.tolist() == ids.tolist()
+    res = ix.search(np.ones((1, 5), np.float32), 5)  # scores 5, 4, 3, 2, 1: INT64_MAX first
+    assert res.ids[0].tolist() == ids[::-1].tolist() and res.counts.tolist() == [5]
+    with pytest.raises(ValueError, match="9223372036854775808 is outside the int64 range"):
+        ItemIndex.build(np.array([1, 2**63], np.uint64), vecs[:2])
