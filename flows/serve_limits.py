@@ -27,7 +27,7 @@ connections open (uvicorn's `--timeout-keep-alive`, a proxy), the number of conc
 limits; MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT only answers early). A reverse proxy in front
 (`client_max_body_size`) is still the place for limits per client.
 
-This module never imports prefect; mlflow and starlette are imported only inside the server.
+This module never imports prefect; starlette is imported only when the guard is installed.
 """
 
 from __future__ import annotations
