@@ -72,7 +72,7 @@ def _sample_users(wide, n=8) -> list[int]:
 
 # ---- prep, bundle, index -----------------------------------------------------------------------------
 def test_prep_writes_wide_ids_exactly_and_nothing_else_changes(wide, tiny_world):
-    small_users, small_items = _ids(tiny_world["mr"] / "users.parquet", "user_id"), None
+    small_users = _ids(tiny_world["mr"] / "users.parquet", "user_id")
     small_items = _ids(tiny_world["mr"] / "items.parquet", "item_id")
     assert _ids(wide.mr / "users.parquet", "user_id") == [None] + [wide.users[u] for u in small_users[1:]]
     assert _ids(wide.mr / "items.parquet", "item_id") == [None] + [wide.items[i] for i in small_items[1:]]
