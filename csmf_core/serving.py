@@ -39,6 +39,7 @@ from csmf_core.data import load_model_ready
 from csmf_core.evaluate import EvalRows, Ranked, evaluate_model, item_matrix
 from csmf_core.evaluate import popularity_gaps as _popularity_gaps
 from csmf_core.fusion import fuse_queries, mode_queries, validate_weights
+from csmf_core.ids import as_id_array
 from csmf_core.index import ItemIndex
 from csmf_core.item_stats import model_ready_item_stats
 from csmf_core.train import FeatureTables
@@ -50,14 +51,8 @@ _BATCH = 65536
 
 
 def _as_ids(user_ids: Sequence[int] | np.ndarray) -> np.ndarray:
-    a = np.asarray(user_ids)
-    if a.ndim == 0:
-        a = a.reshape(1)
-    if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
-        raise ValueError(
-            f"user_ids must be a 1-D sequence of integer ids, got {a.dtype} array of shape {a.shape}"
-        )
-    return a.astype(np.int64)
+    """Exact (n,) int64 ids, or ValueError for anything outside int64 or not an integer (csmf_core/ids.py)."""
+    return as_id_array(user_ids, "user_ids")
 
 
 class Recommender:
