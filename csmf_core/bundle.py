@@ -60,7 +60,7 @@ from csmf_core.item_stats import (
 )
 from csmf_core.model import TwoTower
 from csmf_core.prep import DAY_US, HistoryIndex, _partitions
-from csmf_core.train import FeatureTables
+from csmf_core.rows import FeatureTables
 
 FORMAT_VERSION = 1
 FEATURE_FILES = ("users.parquet", "items.parquet", "meta.json")

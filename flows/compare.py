@@ -42,7 +42,7 @@ from csmf_core.baselines.serving_cost import fused_rows, serving_costs
 from csmf_core.cascade import CascadeData, load_cascade_data
 from csmf_core.config import CSMFConfig, build_config, load_config
 from csmf_core.evaluate import popularity_rows
-from csmf_core.train import deterministic_kernels
+from csmf_core.optim import deterministic_kernels
 from flows import compare_report as rep
 from flows import reporting
 from flows.inputs import Window, code_version, contained, dataset_digest, plan_window, safe_name, setup_home

@@ -12,7 +12,7 @@ from csmf_core.cascade import CascadeData, run_cascade
 from csmf_core.config import build_config
 from csmf_core.evaluate import EvalRows
 from csmf_core.model import TowerSpec
-from csmf_core.train import FeatureTables, TrainRows
+from csmf_core.rows import FeatureTables, TrainRows
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))

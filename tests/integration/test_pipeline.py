@@ -25,8 +25,8 @@ from prefect.testing.utilities import prefect_test_harness
 
 from csmf_core.cascade import plan
 from csmf_core.config import build_config
+from csmf_core.optim import TrainingDiverged
 from csmf_core.synth import generate
-from csmf_core.train import TrainingDiverged
 from data_contracts import ContractError
 from flows.pipeline import csmf_daily
 from flows.registry import REGISTERED_MODEL, load_recommender, resolve_bundle
