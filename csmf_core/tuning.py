@@ -201,12 +201,17 @@ def changed_keys(base: CSMFConfig, tuned: CSMFConfig) -> dict[str, dict[str, Any
 
 @dataclass
 class TrialResult:
+    """One selection pass: what `csmf tune` scores a trial by, and what a run refits from."""
+
     score: float
     weights: tuple[float, ...]
     epochs: list[int]  # the epoch each train step kept (validation selection)
     step_scores: list[float]  # the pruner's view after each train step
     metrics: dict[str, float] = field(default_factory=dict)  # validation metrics (selection.ValidationScore)
     weight_rows: list[dict] = field(default_factory=list)  # the auto-weight grid, when used
+    model: Any = None  # the selection pass's model (validation days held out) and unit owners
+    owners: Any = None
+    reports: list = field(default_factory=list)  # cascade.StepReport of every step
 
 
 def step_score(model, owners, data: CascadeData, upto: int, k: int) -> float:
@@ -227,7 +232,8 @@ def run_trial(
     report: Callable[[int, float], bool] | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrialResult:
-    """Train the cascade of `cfg` on `data` (validation days held out: data.val) and score it.
+    """The selection pass: train the cascade of `cfg` on `data` (validation days held out: data.val),
+    every train step keeping its best epoch there, and score it on the validation users.
 
     report(step_index, score) after each train step returns True to stop the trial (TrialPruned).
     The score is `selection.validation_score` with the chosen (auto) or configured fusion weights."""
@@ -235,10 +241,11 @@ def run_trial(
         raise ValueError("run_trial needs data loaded with validation days (load_cascade_data(val_days=...))")
     k = cfg.eval.primary_k
     model, owners = build_model(data, cfg)
-    epochs, step_scores = [], []
+    epochs, step_scores, reports = [], [], []
     n_train = 0
     for step in plan(data.objectives, cfg):
         owners, rep = run_step(step, model, owners, data, cfg, on_step=on_step)
+        reports.append(rep)
         if step.kind != "train":
             continue
         epochs.append(int(rep.info.get("val_best_epoch", cfg.epochs_for(step.stage))))
@@ -258,7 +265,19 @@ def run_trial(
     score = validation_score(
         Ranked(model, out, tables, data.val), data.val, data.objectives, data.val_counts, weights, k
     )
-    return TrialResult(score.score, weights, epochs, step_scores, score.metrics(), rows)
+    return TrialResult(
+        score.score, weights, epochs, step_scores, score.metrics(), rows, model, owners, reports
+    )
+
+
+def refit_config(cfg: CSMFConfig, result: TrialResult) -> CSMFConfig:
+    """The config of the refit: every train step trains for the epochs the selection pass kept, on
+    the whole window (no held-out days), with the chosen default weights
+    (docs/method-notes.md, "Validation days and the refit")."""
+    return trial_config(
+        cfg,
+        {"train.epochs": list(result.epochs), "data.val_days": 0, "eval.fused_weights": list(result.weights)},
+    )
 
 
 def describe(space: list[Param]) -> list[dict]:
