@@ -332,7 +332,7 @@ def decide(
     evaluation days, if so; incomparable: why the champion could not be re-evaluated, if so."""
     days = _dates(days)
     on = f" on {', '.join(days)}" if days else ""
-    tail = f" ({note})" if note else ""
+    tail = f". Why these days: {note}" if note else ""
 
     def d(promote: bool, reason: str) -> Decision:
         return Decision(

@@ -289,7 +289,7 @@ def test_the_reason_names_the_days_and_why_they_were_chosen():
     )
     assert d.promote and d.days == ["2026-01-06"]
     assert d.reason == (
-        f"no metric below champion v1 on 2026-01-06 by more than 0.03 (2 metrics compared) ({note})"
+        f"no metric below champion v1 on 2026-01-06 by more than 0.03 (2 metrics compared). Why these days: {note}"
     )
 
 
