@@ -3,6 +3,12 @@
 One frozen dataclass per concern, one root (`CSMFConfig`). Configs come from YAML files
 plus dotted overrides (`train.lr=3e-4`); unknown keys and bad values are all reported
 together in one `ConfigError`. Modules take plain arguments; only builders read config.
+
+Every key has a rule (`_check_ranges`: enums, positive ints, probabilities, finite floats, list
+lengths), checked when the config is built, so that `csmf run` refuses a bad value before Prefect
+starts instead of after hours of training: NaN and inf are refused for every float key, whatever its
+range. Rules that need the dataset (one fused weight per objective) are in `check_objectives`,
+which the pipeline calls right after validation, before prep and training.
 """
 
 from __future__ import annotations
@@ -10,8 +16,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,6 +186,7 @@ _CHOICES = {
 
 
 MAY_BE_EMPTY = {"data.item_stats"}  # list settings where [] means "off"
+MAX_SEED = 2**32 - 1  # numpy's SeedSequence needs seeds >= 0; torch seeds are derived as seed * 1009 + ...
 
 
 def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
@@ -223,30 +232,74 @@ def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
     return value
 
 
+def _non_finite(cfg: CSMFConfig) -> dict[str, Any]:
+    """Dotted key -> value of every float setting (or list of floats) holding NaN or +-inf."""
+    bad = {}
+    for key, value in cfg.flat().items():
+        values = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            bad[key] = value
+    return bad
+
+
 def _check_ranges(cfg: CSMFConfig, errors: list[str]) -> None:
+    """One rule per key (enums, then finiteness, then ranges); messages start with the dotted key."""
     for (section, key), allowed in _CHOICES.items():
         v = getattr(getattr(cfg, section), key)
         if v not in allowed:
             errors.append(f"{section}.{key}: {v!r} is not one of {sorted(allowed)}")
+    # NaN fails every comparison and inf passes "> 0": finiteness first, for every float key.
+    non_finite = _non_finite(cfg)
+    errors.extend(f"{k} must be finite (no NaN or inf), got {v!r}" for k, v in non_finite.items())
+    m, t, fw = cfg.model, cfg.train, cfg.eval.fused_weights
     checks = [
         (0.0 < cfg.cpp.tau < 1.0, "cpp.tau must be in (0, 1)"),
         (0.0 < cfg.cpp.ratio < 1.0, "cpp.ratio must be in (0, 1)"),
-        (cfg.cpp.min_keep >= 1 and cfg.cpp.min_free >= 1, "cpp.min_keep and cpp.min_free must be >= 1"),
+        (cfg.cpp.min_keep >= 1, f"cpp.min_keep must be >= 1, got {cfg.cpp.min_keep}"),
+        (cfg.cpp.min_free >= 1, f"cpp.min_free must be >= 1, got {cfg.cpp.min_free}"),
         (cfg.cpp.min_free_output >= 1, "cpp.min_free_output must be >= 1"),
         (cfg.model.dim >= 2, "model.dim must be >= 2"),
         (all(h >= 2 for h in cfg.model.hidden), "model.hidden widths must be >= 2"),
+        (m.emb_dim >= 1, f"model.emb_dim must be >= 1 (columns per feature embedding), got {m.emb_dim}"),
+        (m.id_emb_dim >= 1, f"model.id_emb_dim must be >= 1, got {m.id_emb_dim}"),
+        (m.hist_emb_dim >= 1, f"model.hist_emb_dim must be >= 1, got {m.hist_emb_dim}"),
+        (0 <= m.init_seed <= MAX_SEED, f"model.init_seed must be in [0, {MAX_SEED}], got {m.init_seed}"),
         (cfg.loss.temperature > 0, "loss.temperature must be > 0"),
         (cfg.loss.eta > 0, "loss.eta must be > 0"),
+        (cfg.loss.sigma >= 0, f"loss.sigma must be >= 0 (the minimum AML margin), got {cfg.loss.sigma}"),
         (cfg.train.batch_size >= 2, "train.batch_size must be >= 2 (in-batch negatives)"),
         (cfg.train.lr > 0, "train.lr must be > 0"),
+        (t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}"),
+        (t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}"),
+        (t.max_loss > 0, f"train.max_loss must be > 0, got {t.max_loss}"),
+        (0 <= t.seed <= MAX_SEED, f"train.seed must be in [0, {MAX_SEED}], got {t.seed}"),
+        (t.threads >= 0, f"train.threads must be >= 0 (0 = leave torch's setting), got {t.threads}"),
+        (
+            t.dist_backend != "nccl" or t.device != "cpu",
+            "train.dist_backend=nccl needs CUDA: set train.device to cuda or auto, or use gloo",
+        ),
         (cfg.train.processes >= 1, "train.processes must be >= 1"),
         (cfg.train.shuffle_window >= 1, "train.shuffle_window must be >= 1"),
         (all(e >= 0 for e in cfg.train.epochs), "train.epochs must be >= 0"),
         (0.0 < cfg.recover.fraction <= 1.0, "recover.fraction must be in (0, 1]"),
+        (cfg.recover.epochs >= 0, f"recover.epochs must be >= 0, got {cfg.recover.epochs}"),
+        (cfg.recover.lr_scale > 0, f"recover.lr_scale must be > 0, got {cfg.recover.lr_scale}"),
         (all(k >= 1 for k in cfg.eval.ks), "eval.ks must be >= 1"),
+        (len(set(cfg.eval.ks)) == len(cfg.eval.ks), f"eval.ks must be distinct, got {list(cfg.eval.ks)}"),
         (cfg.eval.primary_k in cfg.eval.ks, "eval.primary_k must be one of eval.ks"),
-        (cfg.data.seq_len >= 1 and cfg.data.n_req_neg >= 0, "data.seq_len >= 1, data.n_req_neg >= 0"),
-        (cfg.data.eval_days >= 1 and cfg.data.train_days >= 0, "data.eval_days >= 1, data.train_days >= 0"),
+        (
+            all(x >= 0 for x in fw) and sum(fw) > 0,
+            f"eval.fused_weights must be >= 0 and not all zero (one weight per objective), got {list(fw)}",
+        ),
+        (cfg.eval.max_users >= 0, f"eval.max_users must be >= 0 (0 = every user), got {cfg.eval.max_users}"),
+        (cfg.data.seq_len >= 1, f"data.seq_len must be >= 1, got {cfg.data.seq_len}"),
+        (
+            cfg.data.n_req_neg >= 1,
+            f"data.n_req_neg must be >= 1, got {cfg.data.n_req_neg} "
+            "(to train without request negatives set loss.request_negatives=none)",
+        ),
+        (cfg.data.eval_days >= 1, f"data.eval_days must be >= 1, got {cfg.data.eval_days}"),
+        (cfg.data.train_days >= 0, f"data.train_days must be >= 0 (0 = all), got {cfg.data.train_days}"),
         (cfg.data.val_days >= 0, "data.val_days must be >= 0 (0 = off)"),
         (
             all(w >= 1 for w in cfg.data.item_stats)
@@ -269,7 +322,19 @@ def _check_ranges(cfg: CSMFConfig, errors: list[str]) -> None:
         ),
         (cfg.retention.keep_days >= 0, "retention.keep_days must be >= 0 (0 = keep all)"),
     ]
-    errors.extend(msg for ok, msg in checks if not ok)
+    # a NaN/inf key already has its message; its range message would only restate it less clearly
+    errors.extend(msg for ok, msg in checks if not ok and msg.split(" ", 1)[0] not in non_finite)
+
+
+def check_objectives(cfg: CSMFConfig, objectives: Sequence[str]) -> None:
+    """The rules that depend on the dataset: raise `ConfigError` naming the key when `cfg` does not fit
+    a dataset with these objectives (cascade order). Called before prep, so no training is wasted."""
+    n, w = len(objectives), cfg.eval.fused_weights
+    if len(w) != n:
+        raise ConfigError(
+            f"invalid configuration:\n  eval.fused_weights has {len(w)} values {list(w)} but the dataset "
+            f"has {n} objectives {list(objectives)}; set eval.fused_weights=[...] with one weight each"
+        )
 
 
 def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | None = None) -> CSMFConfig:

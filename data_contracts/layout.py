@@ -23,11 +23,16 @@ _DT_DIR = re.compile(r"^dt=(\d{4}-\d{2}-\d{2})$")
 
 @dataclass(frozen=True)
 class Partition:
-    """One `events/dt=YYYY-MM-DD/` directory and its Parquet files (sorted by name)."""
+    """One `events/dt=YYYY-MM-DD/` directory and its Parquet files (sorted by name).
+
+    `others` names the entries that are read by nobody (not hidden, not a `*.parquet` file: a CSV, a
+    README, a sub-directory), so that validation can say so instead of ignoring them silently.
+    """
 
     date: dt.date
     path: Path
     files: tuple[Path, ...]
+    others: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -60,7 +65,8 @@ def list_partitions(root: str | os.PathLike) -> tuple[list[Partition], list[str]
             stray.append(f"{EVENTS_DIR}/{entry.name}")
             continue
         files = tuple(sorted(p for p in entry.glob("*.parquet") if p.is_file() and not _hidden(p)))
-        partitions.append(Partition(date=date, path=entry, files=files))
+        others = tuple(sorted(p.name for p in entry.iterdir() if not _hidden(p) and p not in files))
+        partitions.append(Partition(date=date, path=entry, files=files, others=others))
     return partitions, stray
 
 

@@ -2,9 +2,10 @@
 
 Source files are never modified. `validate_dataset(..., max_violation_rate=r, quarantine_dir=Q)`
 copies the offending rows of every quarantined rule to `Q/dt=YYYY-MM-DD.parquet` (canonical columns
-plus `source_file` and `reason`, e.g. "cascade:converted;null_key:ts"). Because the row rules are pure
-functions of the partition, `clean_events_lazy` re-applies them instead of reading those files: the
-quarantined rows and the clean rows partition the source rows exactly.
+plus `source_file` and `reason`, e.g. "cascade:converted;partition_date:ts"). Because the row rules are
+pure functions of the partition (its rows and its dt= date), `clean_events_lazy` re-applies them
+instead of reading those files: the quarantined rows and the clean rows partition the source rows
+exactly.
 
 Example::
 
@@ -89,12 +90,12 @@ def clean_events_lazy(
             f"{root}: no partition for {[d.isoformat() for d in missing]}; "
             f"available: {[p.date.isoformat() for p in partitions]}"
         )
-    checks = [c for c in row_checks(spec.objective_columns) if c.rule in drop]
     columns = [*KEY_COLUMNS, *spec.objective_columns]
     out = []
     for part in selected:
         if not part.files:
             continue
+        checks = [c for c in row_checks(spec.objective_columns, part.date) if c.rule in drop]
         frames = [scan_event_file(f, spec.objective_columns) for f in part.files]
         lf = flag_partition(frames, checks)
         if checks:

@@ -9,6 +9,8 @@ missing_path       error     dataset.yaml, users.parquet, items.parquet, events/
                              dt= partition does not exist
 spec               error     dataset.yaml does not parse (unknown keys, < 2 objectives, ...)
 partition_name     error     an entry of events/ is not a `dt=YYYY-MM-DD` directory
+stray_file         warning   an entry of a dt= directory that is not a `*.parquet` file (a CSV, a
+                             README, a sub-directory): it is never read, so it is named, not ignored
 corrupt_file       error     a Parquet file cannot be read (footer, schema or data pages)
 missing_column     error     a required column (or a feature listed in dataset.yaml) is absent
 wrong_type         error     a column has the wrong type (e.g. user_id as string, label as int)
@@ -19,12 +21,21 @@ null_label         row       an objective column is null
 cascade            row       objective t is true while objective t-1 is not
 duplicate_event    row       a (request_id, user_id, item_id) row repeats within a partition
                              (rows with a null request_id are never duplicates)
+partition_date     row       the UTC date of `ts` differs from the partition's dt value. Training and
+                             evaluation days are chosen by partition, so such a row would be trained
+                             on as its partition's day: an evaluation-day event in a training
+                             partition leaks the evaluation labels into the model
 duplicate_id       error     users.parquet / items.parquet repeats a user_id / item_id
+non_finite         error     a numeric feature of users.parquet / items.parquet holds inf or -inf
+                             (NaN is read as null, i.e. the feature's mean)
 leakage            error     a users/items feature column is label-like (see LABEL_NAME_PATTERNS) or
                              carries an events column's name; a warning when the column is present
                              but not used as a feature (dataset.yaml lists features without it)
 unknown_id         warning   events whose user or item has no feature row (handled as unknown)
-partition_date     warning   the UTC date of `ts` differs from the partition's dt value
+no_positives       warning   a partition has no positive of an objective among its rows that break
+                             no row rule: as an evaluation day it measures nothing for that objective
+                             (the pipeline names it an evaluation partition), as a training day it
+                             usually means a broken label join
 =================  ========  =====================================================================
 
 "row" rules are errors unless quarantined: when the share of event rows breaking the rule is at most
@@ -50,16 +61,19 @@ RULES = (
     "wrong_type",
     "naive_timestamp",
     "empty_partition",
+    "stray_file",
     "null_key",
     "null_label",
     "cascade",
     "duplicate_event",
+    "partition_date",
     "duplicate_id",
+    "non_finite",
     "leakage",
     "unknown_id",
-    "partition_date",
+    "no_positives",
 )
-ROW_RULES = ("null_key", "null_label", "cascade", "duplicate_event")
+ROW_RULES = ("null_key", "null_label", "cascade", "duplicate_event", "partition_date")
 
 # Feature names that look like outcomes of the event rather than attributes known before it.
 # Matched with re.search on the lower-cased column name. Deliberately not included: "follow"
@@ -106,8 +120,8 @@ class RowCheck:
         return f"{self.rule}:{self.column}"
 
 
-def row_checks(objective_columns: tuple[str, ...]) -> list[RowCheck]:
-    """The row-level rules for a dataset whose cascade is `objective_columns` (in order)."""
+def row_checks(objective_columns: tuple[str, ...], day: dt.date) -> list[RowCheck]:
+    """The row-level rules for partition `day` of a dataset whose cascade is `objective_columns`."""
     checks = [
         RowCheck(
             "null_key",
@@ -144,10 +158,22 @@ def row_checks(objective_columns: tuple[str, ...]) -> list[RowCheck]:
             pl.col("request_id").is_not_null() & ~pl.struct(keys).is_first_distinct(),
         )
     )
+    # Runs pick training and evaluation days by partition (csmf_core/prep.py), so a row filed under
+    # the wrong day is trained or evaluated as that day: an evaluation-day event inside a training
+    # partition would put evaluation labels into the model. Hence a row rule, not a warning.
+    checks.append(
+        RowCheck(
+            "partition_date",
+            "ts",
+            f"have a UTC date of ts other than the partition's {day} (they would be used as {day})",
+            "write each row into the partition of its UTC date, events/dt=<pl.col('ts').dt.date()>/",
+            (pl.col("ts").dt.date() != pl.lit(day)).fill_null(False),
+        )
+    )
     return checks
 
 
-def warning_checks(dt_value: dt.date) -> list[RowCheck]:
+def warning_checks() -> list[RowCheck]:
     """Row-level warnings (never quarantined): unknown ids need the id tables as `__known_*` flags."""
     return [
         RowCheck(
@@ -163,12 +189,5 @@ def warning_checks(dt_value: dt.date) -> list[RowCheck]:
             "have an item_id without a row in items.parquet (handled as unknown)",
             "add the items to items.parquet if they have features; otherwise nothing to do",
             pl.col(ITEM_ID).is_not_null() & ~pl.col("__known_item"),
-        ),
-        RowCheck(
-            "partition_date",
-            "ts",
-            f"have a UTC date of ts other than the partition's {dt_value}",
-            "partition events by the UTC date of ts (pl.col('ts').dt.date())",
-            (pl.col("ts").dt.date() != pl.lit(dt_value)).fill_null(False),
         ),
     ]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import polars as pl
 
-from data_contracts.report import ValidationReport, example_rows
+from data_contracts.report import N_EXAMPLES, ValidationReport, example_rows
 from data_contracts.rules import label_like
 from data_contracts.schema import KEY_COLUMNS, DatasetSpec, TableFeatures, check_id_column
 
@@ -20,7 +20,7 @@ def check_table(
 
     Returns its unique non-null ids (None when they cannot be trusted, which turns the unknown-id
     check off) and its non-id columns (for the leakage check, which needs the events columns first).
-    Only the id column is loaded.
+    Only the id column is loaded; float feature columns are scanned for inf.
     """
     path = root / filename
     if not path.is_file():
@@ -43,6 +43,7 @@ def check_table(
         if col in schema and not (schema[col].is_numeric() or schema[col] == pl.Boolean):
             fix = f"cast {col} to a number or list it under categorical in dataset.yaml"
             report.add("wrong_type", filename, col, f"numeric feature {col} has type {schema[col]}", fix)
+    _check_finite(path, filename, id_column, schema, features, report)
     problem = check_id_column(schema, id_column)
     if problem is not None:
         report.add(problem.rule, filename, id_column, problem.message, problem.fix)
@@ -64,6 +65,46 @@ def check_table(
         fix = f"keep one feature row per {id_column}"
         report.add("duplicate_id", filename, id_column, msg, fix, rows=n_rows, examples=examples)
     return ids.drop_nulls().unique(), columns
+
+
+def _check_finite(
+    path: Path, filename: str, id_column: str, schema: pl.Schema, features: TableFeatures | None, report
+) -> None:
+    """`non_finite`: inf / -inf in the float columns used as numeric features.
+
+    Prep standardises numeric features with the table's mean and std: one inf makes them inf/NaN for
+    every row, and training then fails with a non-finite loss that points at the learning rate.
+    NaN is not flagged: prep reads it as null (the feature's mean). Float columns listed as
+    categorical are codes of distinct values, where inf is just one more value.
+    """
+    if features is None:  # inferred: every float column is a numeric feature (csmf_core/prep.py)
+        columns = [c for c, t in schema.items() if c != id_column and t.is_float()]
+    else:
+        columns = [c for c in features.numeric if c in schema and schema[c].is_float()]
+    if not columns:
+        return
+    try:
+        counts = (
+            pl.scan_parquet(path)
+            .select(pl.col(c).is_infinite().sum().alias(c) for c in columns)
+            .collect()
+            .row(0, named=True)
+        )
+    except READ_ERRORS as exc:
+        report.add("corrupt_file", filename, None, f"cannot be read ({exc})", "rewrite the file")
+        return
+    keys = [id_column] if id_column in schema else []
+    for col, n in counts.items():
+        if not n:
+            continue
+        bad = pl.scan_parquet(path).filter(pl.col(col).is_infinite()).select(*keys, col)
+        examples = example_rows(bad.head(N_EXAMPLES).collect())
+        fix = (
+            f"replace them upstream with a finite value or null (null = the column mean), e.g. "
+            f"pl.when(pl.col('{col}').is_infinite()).then(None).otherwise(pl.col('{col}'))"
+        )
+        msg = f"{n} rows have an infinite {col} (numeric feature)"
+        report.add("non_finite", filename, col, msg, fix, rows=int(n), examples=examples)
 
 
 def check_leakage(

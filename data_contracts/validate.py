@@ -68,6 +68,14 @@ class _PartitionResult:
 
 _REEXPORT = "re-export the file; the other files were still checked"
 _EMPTY_FIX = "remove the directory or re-export the day"
+_STRAY_FIX = (
+    "if it holds events, convert it to Parquet in the same directory (e.g. "
+    "pl.read_csv(path).write_parquet(...)); otherwise move it out of events/ or prefix its name with _"
+)
+_NO_POSITIVES_FIX = (
+    "check this day's label join upstream (the objective columns of dataset.yaml), "
+    "or evaluate on another day (csmf run --date)"
+)
 _EVENTS_FIX = "write events as events/dt=YYYY-MM-DD/*.parquet (UTC date of ts)"
 
 
@@ -95,6 +103,9 @@ def _aggregate(
         flagged = flag_partition(list(good.values()), checks)
         aggs = [pl.len().alias("__rows"), *(pl.col(c.key).sum() for c in checks)]
         aggs += [pl.col(c).sum().alias(f"__pos:{c}") for c in objective_columns]
+        # positives that survive quarantine: a row breaking any row rule is never trained or evaluated on
+        clean = ~pl.any_horizontal([pl.col(c.key) for c in checks if c.rule in ROW_RULES])
+        aggs += [(pl.col(c) & clean).sum().alias(f"__clean_pos:{c}") for c in objective_columns]
         for rule in ROW_RULES:  # rows breaking the rule on any column (a row counts once)
             keys = [pl.col(c.key) for c in checks if c.rule == rule]
             aggs.append((pl.any_horizontal(keys) if keys else pl.lit(False)).sum().alias(f"__any:{rule}"))
@@ -125,9 +136,19 @@ def _check_partition(
     report: ValidationReport,
     event_columns: set[str],
     findings: list[_Finding],
+    evaluation: bool = False,
 ) -> _PartitionResult:
-    """File-level checks, then one aggregation over the partition's readable, well-typed files."""
+    """File-level checks, then one aggregation over the partition's readable, well-typed files.
+
+    evaluation: the partition is an evaluation day of the run (only changes the no_positives wording).
+    """
     objective_columns = spec.objective_columns if spec else ()
+    if part.others:
+        shown = ", ".join(part.others[:N_EXAMPLES]) + (", ..." if len(part.others) > N_EXAMPLES else "")
+        n = len(part.others)
+        what = "1 entry is not a *.parquet file" if n == 1 else f"{n} entries are not *.parquet files"
+        msg = f"{what} and never read: {shown}"
+        report.add("stray_file", f"{EVENTS_DIR}/{part.name}", None, msg, _STRAY_FIX, severity="warning")
     if not part.files:
         report.add(
             "empty_partition", f"{EVENTS_DIR}/{part.name}", None, "partition has no Parquet files", _EMPTY_FIX
@@ -153,7 +174,7 @@ def _check_partition(
         if not problems and spec is not None:
             scan = scan_event_file(path, objective_columns)
             good[path] = scan.with_columns(source_file_column(root, path), **known)
-    checks = row_checks(objective_columns) + warning_checks(part.date)
+    checks = row_checks(objective_columns, part.date) + warning_checks()
     agg, flagged = _aggregate(root, good, checks, objective_columns, report)
     result = _PartitionResult(good_files=list(good))
     if agg is None:
@@ -169,6 +190,7 @@ def _check_partition(
     for obj in spec.objectives:
         positives[obj.name] = positives.get(obj.name, 0) + int(agg[f"__pos:{obj.column}"].sum())
     result.rule_rows = {rule: int(agg[f"__any:{rule}"].sum()) for rule in ROW_RULES}
+    _check_positives(part, spec, agg, report, evaluation)
     example_cols = [*KEY_COLUMNS, *objective_columns]
     for row in agg.iter_rows(named=True):
         for check in (c for c in checks if row[c.key]):
@@ -178,16 +200,47 @@ def _check_partition(
     return result
 
 
+def _check_positives(
+    part: Partition, spec: DatasetSpec, agg: pl.DataFrame, report: ValidationReport, evaluation: bool
+) -> None:
+    """`no_positives`: objectives without a positive among the partition's rows that break no row rule.
+
+    Metrics average over users with a positive, so an evaluation day without any click silently
+    measures nothing for the click objective (and a gate comparing on it compares nothing).
+    """
+    empty = [o for o in spec.objectives if int(agg[f"__clean_pos:{o.column}"].sum()) == 0]
+    if not empty:
+        return
+    names = ", ".join(f"{o.name} ({o.column})" for o in empty)
+    if evaluation:
+        msg = (
+            f"evaluation partition has no positives of {names} among the rows that break no row rule: "
+            "Recall/nDCG of these objectives cannot be measured on this day"
+        )
+    else:
+        msg = (
+            f"partition has no positives of {names} among the rows that break no row rule: as an "
+            "evaluation day it measures nothing for these objectives, as a training day it adds none"
+        )
+    column = ", ".join(o.column for o in empty)
+    report.add(
+        "no_positives", f"{EVENTS_DIR}/{part.name}", column, msg, _NO_POSITIVES_FIX, severity="warning"
+    )
+
+
 def validate_dataset(
     directory: str | os.PathLike,
     *,
     dates: Iterable[str | dt.date] | None = None,
     max_violation_rate: float = 0.0,
     quarantine_dir: str | os.PathLike | None = None,
+    eval_dates: Iterable[str | dt.date] | None = None,
 ) -> ValidationReport:
     """Check `directory` against the canonical dataset contract and return every finding.
 
     dates: partitions to check (all when None); users/items/dataset.yaml are always checked.
+    eval_dates: the evaluation days of the run, if any: a `no_positives` warning on one of them says
+        that it is an evaluation partition (every checked partition gets the warning either way).
     max_violation_rate: a row-level rule (`rules.ROW_RULES`) whose offending rows are at most this
         share of the checked event rows is quarantined (a warning) instead of failing (an error).
     quarantine_dir: where quarantined rows go, as `<dir>/dt=YYYY-MM-DD.parquet`; required when
@@ -234,8 +287,11 @@ def validate_dataset(
     findings: list[_Finding] = []
     ids = {"user": users_ids, "item": items_ids}
     results = {}
+    evaluation = set(parse_dates(eval_dates) or ())
     for part in selected:
-        results[part.name] = _check_partition(root, part, spec, ids, report, event_columns, findings)
+        results[part.name] = _check_partition(
+            root, part, spec, ids, report, event_columns, findings, part.date in evaluation
+        )
         report.counts["rows"] += results[part.name].rows
     check_leakage(report, USERS_FILE, user_cols, user_features, spec, event_columns)
     check_leakage(report, ITEMS_FILE, item_cols, item_features, spec, event_columns)
@@ -287,7 +343,7 @@ def _decide_quarantine(
     for part in selected:
         target = qdir / f"{part.name}.parquet"
         result = results[part.name]
-        all_checks = row_checks(spec.objective_columns)
+        all_checks = row_checks(spec.objective_columns, part.date)
         checks = [c for c in all_checks if c.rule in quarantined and result.rule_rows.get(c.rule)]
         if not checks:
             target.unlink(missing_ok=True)  # a stale file from an earlier run would mislead

@@ -40,12 +40,12 @@ from prefect.runtime import flow_run
 
 from csmf_core.cascade import Step, build_model, load_cascade_data, plan, run_step
 from csmf_core.checkpoint import load_checkpoint, save_checkpoint
-from csmf_core.config import CSMFConfig, load_config
+from csmf_core.config import CSMFConfig, check_objectives, load_config
 from csmf_core.distributed import run_step_distributed
 from csmf_core.evaluate import Ranked, evaluate_model, gaps_table, metric_dict, popularity_gaps
 from csmf_core.prep import prepare
 from csmf_core.serving import metrics_table, summary_table, write_bundle
-from data_contracts import list_partitions, validate_dataset
+from data_contracts import list_partitions, load_spec, validate_dataset
 from flows import gate as gating
 from flows import reporting
 from flows.inputs import EXPERIMENT, Window, code_version, dataset_digest, plan_window, setup_home
@@ -298,6 +298,7 @@ def ingest(run: RunContext, cfg: CSMFConfig, max_violation_rate: float = 0.0) ->
             dates=run.window.validate_dates,
             max_violation_rate=max_violation_rate,
             quarantine_dir=qdir if max_violation_rate > 0 else None,
+            eval_dates=run.window.eval_dates,
         )
         reporting.log_validation(tracker, report)
         create_markdown_artifact(
@@ -305,6 +306,8 @@ def ingest(run: RunContext, cfg: CSMFConfig, max_violation_rate: float = 0.0) ->
         )
         logger.info(report.summary_line())
         report.raise_if_errors()
+        objectives = list(load_spec(run.dataset_dir).objective_names)
+        check_objectives(cfg, objectives)  # dataset-dependent settings, before prep and training
         source = run.dataset_dir
         if report.quarantined:
             source = reporting.clean_copy(run.dataset_dir, run.window.validate_dates, run.workdir / "clean")
@@ -318,12 +321,6 @@ def ingest(run: RunContext, cfg: CSMFConfig, max_violation_rate: float = 0.0) ->
             n_req_neg=cfg.data.n_req_neg,
             overwrite=True,
         )
-        objectives = [o["name"] for o in summary.meta["objectives"]]
-        if len(cfg.eval.fused_weights) != len(objectives):
-            raise ValueError(
-                f"eval.fused_weights has {len(cfg.eval.fused_weights)} values but the dataset has "
-                f"{len(objectives)} objectives {objectives}; set eval.fused_weights=[...] with one weight each"
-            )
         reporting.log_prep(tracker, summary)
     if run.cache is not None:
         outputs = {"model_ready": summary.out_dir} | ({"clean": source} if report.quarantined else {})
@@ -740,7 +737,7 @@ def _comparison_data(
     try:
         window = plan_window(run.dataset_dir, days[0], cfg.data)
         unchecked = sorted(set(window.validate_dates) - set(run.window.validate_dates))
-        report = validate_dataset(run.dataset_dir, dates=unchecked) if unchecked else None
+        report = validate_dataset(run.dataset_dir, dates=unchecked, eval_dates=days) if unchecked else None
         if report is not None and not report.ok:
             return here(
                 f"it {late}, and the re-evaluation day(s) {', '.join(days)} fail the data contract: "

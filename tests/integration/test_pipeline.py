@@ -257,12 +257,29 @@ def _corrupt_file(root: Path) -> None:
     _one_file(root, "2026-01-02").write_bytes(b"PAR1 this is not a parquet file")
 
 
+def _eval_day_in_training_partition(root: Path) -> None:
+    """Issue #13 item 6: 3 events of the evaluation day (the last partition) filed under the day before."""
+    days = sorted(p.name for p in (root / "events").iterdir())
+    leaked = pl.read_parquet(_one_file(root, days[-1][3:])).head(3)
+    leaked.write_parquet(root / "events" / days[-2] / "part-leak.parquet")
+
+
+def _infinite_feature(root: Path) -> None:
+    items = pl.read_parquet(root / "items.parquet")
+    column = next(c for c, t in items.schema.items() if t.is_float())
+    items.with_columns(
+        pl.when(pl.int_range(pl.len()) == 1).then(float("inf")).otherwise(pl.col(column)).alias(column)
+    ).write_parquet(root / "items.parquet")
+
+
 BAD = {
     "cascade": (_cascade, "rule: cascade"),
     "missing_column": (_missing_column, "rule: missing_column, column clicked"),
     "wrong_type": (_wrong_type, "rule: wrong_type, column user_id"),
     "empty_partition": (_empty_partition, "partition has zero event rows (rule: empty_partition)"),
     "corrupt_file": (_corrupt_file, "rule: corrupt_file"),
+    "partition_date": (_eval_day_in_training_partition, "3 rows have a UTC date of ts other than"),
+    "non_finite": (_infinite_feature, "1 rows have an infinite"),
 }
 
 
@@ -306,6 +323,19 @@ def test_diverged_loss_fails_the_run(prefect_harness, tiny, bad_home):
         ("ingest", "FINISHED"),
         (STEPS[0], "FAILED"),
     ]
+
+
+def test_fused_weights_of_another_dataset_fail_in_ingest_before_prep(
+    prefect_harness, tiny, bad_home, tmp_path
+):
+    data = tmp_path / "two-weights"
+    shutil.copytree(tiny, data)
+    with _store(bad_home) as client:
+        with pytest.raises(ValueError, match=r"eval.fused_weights has 2 values .* 3 objectives"):
+            csmf_daily(data=str(data), home=str(bad_home), overrides=[*OVERRIDES, "eval.fused_weights=[1,1]"])
+        parents, children = _runs_for(client, data)
+    assert [(c.info.run_name, c.info.status) for c in children] == [("ingest", "FAILED")]
+    assert not (Path(parents[0].data.tags["csmf.workdir"]) / "model_ready").exists()
 
 
 def test_missing_partition_fails_before_any_work(prefect_harness, tiny, bad_home):

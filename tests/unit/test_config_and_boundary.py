@@ -51,3 +51,138 @@ def test_configs_default_yaml_is_the_builtin_default():
     root = pathlib.Path(__file__).resolve().parents[2]
     assert load_config(root / "configs" / "default.yaml") == build_config()
     load_config(root / "configs" / "kuairand.yaml")  # parses and validates
+
+
+# Issue #13 item 7: every key has a rule. Bad values per key, as `--set` would pass them; every
+# float key (and list of floats) is also tried with nan, inf and -inf below.
+BAD_VALUES = {
+    "model.dim": ["1"],
+    "model.hidden": ["[64,1]", "[]"],
+    "model.emb_dim": ["0"],
+    "model.id_emb_dim": ["0"],
+    "model.hist_emb_dim": ["0"],
+    "model.init_seed": ["-1", str(2**32)],
+    "cpp.rule": ["magic"],
+    "cpp.tau": ["0", "1"],
+    "cpp.ratio": ["0", "1.5"],
+    "cpp.min_keep": ["0"],
+    "cpp.min_free": ["0"],
+    "cpp.min_free_output": ["0"],
+    "cpp.freed_init": ["magic"],
+    "loss.temperature": ["0"],
+    "loss.logq": ["maybe"],
+    "loss.request_negatives": ["some"],
+    "loss.aml": ["maybe"],
+    "loss.sigma": ["-0.1"],
+    "loss.eta": ["0"],
+    "loss.upstream": ["magic"],
+    "train.batch_size": ["1"],
+    "train.lr": ["0", "-1"],
+    "train.epochs": ["[1,-1]", "[]"],
+    "train.weight_decay": ["-0.1"],
+    "train.grad_clip": ["-1"],
+    "train.max_loss": ["0"],
+    "train.seed": ["-1", str(2**32)],
+    "train.threads": ["-1"],
+    "train.device": ["tpu"],
+    "train.deterministic": ["maybe"],
+    "train.loader": ["disk"],
+    "train.shuffle_window": ["0"],
+    "train.processes": ["0"],
+    "train.dist_backend": ["mpi", "nccl"],  # nccl with the default train.device=cpu
+    "recover.enabled": ["maybe"],
+    "recover.fraction": ["0", "1.5"],
+    "recover.epochs": ["-1"],
+    "recover.lr_scale": ["0"],
+    "eval.ks": ["[0,50]", "[10,50,50]"],
+    "eval.primary_k": ["7"],
+    "eval.fused_weights": ["[-1,1,1]", "[0,0,0]"],
+    "eval.max_users": ["-1"],
+    "data.seq_len": ["0"],
+    "data.n_req_neg": ["0"],
+    "data.train_days": ["-1"],
+    "data.eval_days": ["0"],
+    "data.val_days": ["-1"],
+    "data.item_stats": ["[0]", "[7,7]"],
+    "gate.enabled": ["maybe"],
+    "gate.tolerance": ["-0.1"],
+    "gate.sample_users": ["0"],
+    "gate.min_users": ["0", "-3", "2.5"],
+    "retention.keep_days": ["-1"],
+}
+
+
+def _float_keys() -> set[str]:
+    import dataclasses
+    import typing
+
+    from csmf_core.config import CSMFConfig
+
+    out = set()
+    for section, cls in typing.get_type_hints(CSMFConfig).items():
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            if tp is float or typing.get_args(tp)[:1] == (float,):
+                out.add(f"{section}.{f.name}")
+    return out
+
+
+def _cases():
+    for key, values in BAD_VALUES.items():
+        for v in values:
+            yield key, v
+    for key in sorted(_float_keys()):
+        for v in ("nan", "inf", "-inf"):
+            yield key, f"[1,{v},1]" if key == "eval.fused_weights" else v
+
+
+def test_every_config_key_has_a_rule():
+    assert set(BAD_VALUES) == set(build_config().flat()), "add bad values for new keys to BAD_VALUES"
+    assert _float_keys() >= {"train.lr", "eval.fused_weights", "gate.tolerance"}
+
+
+@pytest.mark.parametrize(("key", "value"), list(_cases()))
+def test_bad_value_is_refused_naming_the_key(key, value):
+    with pytest.raises(ConfigError) as e:
+        build_config(None, [f"{key}={value}"])
+    lines = str(e.value).splitlines()[1:]
+    assert len(lines) == 1 and lines[0].strip().startswith(key), lines  # one message, for this key
+
+
+def test_boundary_values_are_accepted():
+    ok = [
+        "train.threads=0",
+        "recover.epochs=0",
+        "loss.sigma=0",
+        "train.grad_clip=0",
+        "eval.max_users=0",
+        "eval.fused_weights=[0,1,0]",
+        "data.n_req_neg=1",
+        "train.seed=4294967295",
+        "recover.fraction=1",
+        "train.dist_backend=nccl",
+        "train.device=cuda",
+    ]
+    cfg = build_config(None, ok)
+    assert cfg.train.threads == 0 and cfg.eval.fused_weights == (0.0, 1.0, 0.0)
+
+
+def test_issue_values_reported_together_before_training():
+    bad = ["eval.fused_weights=[nan,1,1]", "train.threads=-1", "recover.epochs=-1"]
+    bad += ["model.emb_dim=0", "train.lr=inf"]
+    with pytest.raises(ConfigError) as e:
+        build_config(None, bad)
+    lines = [x.strip() for x in str(e.value).splitlines()[1:]]
+    assert sorted(x.split(" ", 1)[0] for x in lines) == sorted(b.split("=", 1)[0] for b in bad)
+    assert "eval.fused_weights must be finite (no NaN or inf), got (nan, 1.0, 1.0)" in lines
+
+
+def test_fused_weights_must_match_the_objectives():
+    from csmf_core.config import check_objectives
+
+    cfg = build_config()
+    check_objectives(cfg, ["exposure", "click", "conversion"])  # 3 weights, 3 objectives
+    with pytest.raises(
+        ConfigError, match=r"eval.fused_weights has 3 values .* 2 objectives \['view', 'buy'\]"
+    ):
+        check_objectives(cfg, ["view", "buy"])

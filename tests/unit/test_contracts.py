@@ -224,13 +224,14 @@ def test_naive_timestamp(tmp_path):
 
 def test_corrupt_parquet_names_the_file_and_other_files_still_checked(tmp_path):
     root = write_dataset(
-        tmp_path / "d", events={DAY: [make_events(), b"not parquet" * 20], "2026-11-22": make_events(4)}
+        tmp_path / "d",
+        events={DAY: [make_events(), b"not parquet" * 20], "2026-11-22": make_events(4, "2026-11-22", 50)},
     )
     report = validate_dataset(root)
     v = only(report, "corrupt_file")
     assert_reported(v, rule="corrupt_file", file=f"events/dt={DAY}/part-1.parquet", column=None, rows=0)
     assert report.counts["rows_per_partition"] == {DAY: 10, "2026-11-22": 4}
-    assert {v.rule for v in report.violations} == {"corrupt_file", "partition_date"}  # day 2 holds day-1 ts
+    assert [v.rule for v in report.violations] == ["corrupt_file"]  # the other files are clean
 
 
 def test_corrupt_data_pages_found_on_read(tmp_path):
@@ -262,6 +263,26 @@ def test_stray_partition_name(tmp_path):
     (root / "events" / "_SUCCESS").write_text("")  # hidden marker files are ignored
     v = only(validate_dataset(root), "partition_name")
     assert v.file == "events/day=1"
+
+
+def test_non_parquet_entries_in_a_partition_are_named(tmp_path):
+    root = write_dataset(tmp_path / "d", events={DAY: make_events(), "2026-11-22": None})
+    day = root / "events" / f"dt={DAY}"
+    (day / "README.md").write_text("exported by job 7")
+    make_events(4, req_offset=40).write_csv(day / "part-2.csv")  # events that would never be read
+    (day / "nested").mkdir()
+    (day / "_SUCCESS").write_text("")  # hidden marker files stay silent
+    (root / "events" / "dt=2026-11-22" / "day.csv").write_text("a,b\n")
+    report = validate_dataset(root)
+    found = {v.file: v for v in report.violations if v.rule == "stray_file"}
+    assert set(found) == {f"events/dt={DAY}", "events/dt=2026-11-22"}
+    v = found[f"events/dt={DAY}"]
+    assert v.severity == "warning" and v.rows == 0
+    assert "3 entries are not *.parquet files and never read: README.md, nested, part-2.csv" in str(v)
+    assert "convert it to Parquet" in v.fix
+    assert "1 entry is not a *.parquet file and never read: day.csv" in found["events/dt=2026-11-22"].message
+    # the CSV-only partition is still an empty partition (an error); the rows of day 1 are unchanged
+    assert report.rules("error") == {"empty_partition"} and report.counts["rows_per_partition"] == {DAY: 10}
 
 
 # ---------------------------------------------------------------- row-level rules
@@ -313,14 +334,78 @@ def test_unknown_ids_are_warnings(tmp_path):
     assert "handled as unknown" in str(v) and report.ok
 
 
-def test_partition_date_mismatch_is_a_warning(tmp_path):
-    report = validate_dataset(write_dataset(tmp_path / "d", events={"2026-11-22": make_events()}))
+def _leaky(n_leaked: int = 3) -> dict:
+    """Issue #13 item 6: training partition DAY also holds `n_leaked` events of the next day (the
+    evaluation day), in a second file; the evaluation partition is clean."""
+    leaked = make_events(n_leaked, "2026-11-22", 90)
+    return {DAY: [make_events(), leaked], "2026-11-22": make_events(10, "2026-11-22", 50)}
+
+
+def test_partition_date_mismatch_is_an_error(tmp_path):
+    report = validate_dataset(write_dataset(tmp_path / "d", events=_leaky(3)))
     v = only(report, "partition_date")
-    assert (v.severity, v.rows, v.file) == (
-        "warning",
-        10,
-        "events/dt=2026-11-22/part-0.parquet",
-    ) and report.ok
+    leak_file = f"events/dt={DAY}/part-1.parquet"
+    assert_reported(v, rule="partition_date", file=leak_file, column="ts", rows=3)
+    assert not report.ok and report.rules("error") == {"partition_date"}
+    assert "3 rows have a UTC date of ts other than the partition's 2026-11-21" in str(v)
+    assert [e["ts"][:10] for e in v.examples] == ["2026-11-22"] * 3 and "dt=<" in v.fix
+    with pytest.raises(ContractError, match="partition_date"):
+        report.raise_if_errors()
+
+
+def test_partition_date_quarantine_drops_the_misfiled_rows(tmp_path):
+    root = write_dataset(tmp_path / "d", events=_leaky(3))
+    before = tree_hashes(root)
+    qdir = tmp_path / "q"
+    over = validate_dataset(root, max_violation_rate=0.1, quarantine_dir=qdir)  # 3 of 23 rows > 10%
+    assert only(over, "partition_date").severity == "error" and not over.ok
+    report = validate_dataset(root, max_violation_rate=0.2, quarantine_dir=qdir)  # 3/23 = 13% <= 20%
+    assert report.ok and report.quarantined == {"partition_date": 3}, str(report)
+    assert only(report, "partition_date").severity == "warning"
+    assert report.quarantine_files == [qdir / f"dt={DAY}.parquet"]
+    bad = pl.read_parquet(qdir / f"dt={DAY}.parquet")
+    assert bad.height == 3 and set(bad["reason"]) == {"partition_date:ts"}
+    assert set(bad["source_file"]) == {f"events/dt={DAY}/part-1.parquet"}
+    day1 = clean_events_lazy(root, dates=[DAY]).collect()
+    assert day1.equals(make_events())  # exactly the 10 rows that belong to the day
+    assert clean_events_lazy(root).collect().height == 20
+    assert tree_hashes(root) == before
+
+
+def _no_clicks(day: str) -> pl.DataFrame:
+    return make_events(8, day, 60).with_columns(clicked=pl.lit(False), converted=pl.lit(False))
+
+
+def test_evaluation_day_without_positives_is_a_warning(tmp_path):
+    root = write_dataset(tmp_path / "d", events={DAY: make_events(), "2026-11-22": _no_clicks("2026-11-22")})
+    report = validate_dataset(root, eval_dates=["2026-11-22"])
+    v = only(report, "no_positives")
+    assert_reported(
+        v,
+        rule="no_positives",
+        file="events/dt=2026-11-22",
+        column="clicked, converted",
+        rows=0,
+        severity="warning",
+    )
+    assert v.message.startswith(
+        "evaluation partition has no positives of click (clicked), conversion (converted)"
+    )
+    assert report.ok and report.counts["positives"] == {"exposure": 18, "click": 5, "conversion": 3}
+    # without eval_dates (csmf validate) every partition is checked, worded for either use
+    plain = only(validate_dataset(root), "no_positives")
+    assert plain.file == "events/dt=2026-11-22" and plain.message.startswith("partition has no positives")
+
+
+def test_positives_only_on_quarantined_rows_count_as_none(tmp_path):
+    # day 2: 2 of 8 rows are converted without a click (cascade); no row is clicked
+    day2 = _no_clicks("2026-11-22").with_columns(converted=pl.int_range(pl.len()) < 2)
+    root = write_dataset(tmp_path / "d", events={DAY: make_events(), "2026-11-22": day2})
+    report = validate_dataset(
+        root, max_violation_rate=0.2, quarantine_dir=tmp_path / "q", eval_dates=["2026-11-22"]
+    )
+    assert report.ok and report.quarantined == {"cascade": 2}
+    assert only(report, "no_positives").column == "clicked, converted"
 
 
 # ---------------------------------------------------------------- users / items tables
@@ -344,6 +429,33 @@ def test_table_feature_columns_checked(tmp_path):
     assert_reported(
         only(report, "wrong_type"), rule="wrong_type", file="items.parquet", column="price", rows=0
     )
+
+
+def test_infinite_numeric_features_are_errors(tmp_path):
+    inf = float("inf")
+    price = [float(i) for i in range(20)]
+    price[3], price[7], price[11], price[12] = inf, -inf, inf, float("nan")  # NaN is read as null
+    items = pl.DataFrame(
+        {"item_id": list(range(1, 21)), "category": [i % 3 for i in range(20)], "price": price}
+    )
+    users = pl.DataFrame(
+        {
+            "user_id": [1, 2, 3, 4],
+            "age_bucket": ["a"] * 4,
+            "activity": [0.1] * 4,
+            "score": [inf, 1.0, 2.0, 3.0],
+        }
+    )
+    report = validate_dataset(write_dataset(tmp_path / "d", users=users, items=items))
+    v = only(report, "non_finite")  # users.score is not a listed feature: never read, not an error
+    assert_reported(v, rule="non_finite", file="items.parquet", column="price", rows=3)
+    assert [e["item_id"] for e in v.examples] == [4, 8, 12] and "is_infinite()" in v.fix
+    assert report.rules("error") == {"non_finite"}
+    # Without a features block every float column is a numeric feature: users.score counts too.
+    no_features = {k: v for k, v in SPEC.items() if k != "features"}
+    report = validate_dataset(write_dataset(tmp_path / "e", users=users, items=items, spec=no_features))
+    found = {(v.file, v.column, v.rows) for v in report.violations if v.rule == "non_finite"}
+    assert found == {("items.parquet", "price", 3), ("users.parquet", "score", 1)}
 
 
 def test_leakage_columns(tmp_path):
@@ -398,9 +510,9 @@ def test_label_name_patterns(name, label):
 # ---------------------------------------------------------------- quarantine
 
 
-def _cascade_breaking(n_bad: int) -> pl.DataFrame:
+def _cascade_breaking(n_bad: int, day: str = DAY) -> pl.DataFrame:
     bad = pl.int_range(pl.len()).is_in([1, 3, 5, 7, 9][:n_bad])
-    return make_events().with_columns(converted=pl.when(bad).then(True).otherwise(pl.col("converted")))
+    return make_events(day=day).with_columns(converted=pl.when(bad).then(True).otherwise(pl.col("converted")))
 
 
 def test_quarantine_within_rate(tmp_path):
@@ -456,7 +568,7 @@ def test_file_level_problems_are_never_quarantined(tmp_path):
 
 def test_contract_error_lists_every_error(tmp_path):
     ev = _cascade_breaking(2).with_columns(pl.col("item_id").cast(pl.Int32))
-    root = write_dataset(tmp_path / "d", events={DAY: ev, "2026-11-22": _cascade_breaking(1)})
+    root = write_dataset(tmp_path / "d", events={DAY: ev, "2026-11-22": _cascade_breaking(1, "2026-11-22")})
     (root / "items.parquet").unlink()
     report = validate_dataset(root)
     with pytest.raises(ContractError) as err:

@@ -114,6 +114,38 @@ def test_clean_copy_drops_exactly_the_quarantined_rows(tiny, tmp_path):
     assert again.counts["rows"] == report.counts["rows"] - sum(report.quarantined.values())
 
 
+def test_evaluation_day_events_in_a_training_partition_are_never_trained_on(tiny, tmp_path):
+    """Issue #13 item 6: 3 clicked events of the evaluation day, filed under the last training day."""
+    from csmf_core.prep import prepare
+
+    w = plan_window(tiny, None, DataConfig())  # evaluate 2026-01-06, train on 01-01 .. 01-05
+    leaky = clean_copy(tiny, w.validate_dates, tmp_path / "leaky")
+    eval_rows = pl.read_parquet(leaky / "events" / "dt=2026-01-06" / "part-00000.parquet")
+    leaked = eval_rows.filter(pl.col("clicked")).head(3)
+    assert leaked.height == 3
+    leaked.write_parquet(leaky / "events" / "dt=2026-01-05" / "part-leak.parquet")
+    eval_start = int(pd.Timestamp("2026-01-06", tz="UTC").value // 1000)  # microseconds
+
+    def train_ts(dataset, out):
+        prepare(dataset, out, train_dates=w.train_dates, eval_dates=w.eval_dates, seq_len=3, n_req_neg=2)
+        return pl.read_parquet(out / "train" / "*.parquet")["ts"]
+
+    # prep picks training rows by partition: without the contract the 3 events are trained on
+    assert (train_ts(leaky, tmp_path / "mr-leaky") >= eval_start).sum() == 3
+    strict = validate_dataset(leaky, dates=w.validate_dates, eval_dates=w.eval_dates)
+    v = next(v for v in strict.errors if v.rule == "partition_date")
+    assert (v.file, v.column, v.rows) == ("events/dt=2026-01-05/part-leak.parquet", "ts", 3) and not strict.ok
+    # the pipeline's quarantine path (flows.pipeline.ingest): quarantine, clean copy, prep
+    rate = 3 / strict.counts["rows"]
+    report = validate_dataset(
+        leaky, dates=w.validate_dates, max_violation_rate=rate, quarantine_dir=tmp_path / "q"
+    )
+    assert report.ok and report.quarantined == {"partition_date": 3}
+    clean = clean_copy(leaky, w.validate_dates, tmp_path / "clean")
+    ts = train_ts(clean, tmp_path / "mr-clean")
+    assert (ts >= eval_start).sum() == 0 and ts.len() == train_ts(tiny, tmp_path / "mr-tiny").len()
+
+
 def test_retry_condition_only_for_transient_errors():
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
