@@ -30,7 +30,7 @@ then calls these functions and moves "champion" only when `decide` says so. Rule
    the fused score, of the challenger and of the champion re-evaluated on the SAME days, days that
    come after every training day of both models (`trained_too_late`, `comparison_dates`): a
    backfill's evaluation day lies inside a newer champion's training window, where the champion
-   would look far better than it is. Both metric sets must have the same keys and at least one;
+   would be scored on data it learned from. Both metric sets must have the same keys and at least one;
    any drop larger than `gate.tolerance` (absolute) keeps the champion.
 
 No prefect or mlflow here: pure functions over a `Recommender`, testable on their own.
