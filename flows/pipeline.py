@@ -722,7 +722,9 @@ def _comparison_data(
 
     trained = champ.info.get("train_dates")
     if not trained:
-        return here(f"its bundle records no training dates, so it cannot be told whether it trained on {own}")
+        return here(
+            f"its bundle records no training dates, so it cannot be told whether it trained on {', '.join(own)}"
+        )
     late = gating.trained_too_late(own, trained)
     if late is None:
         return here(None)
@@ -752,8 +754,8 @@ def _comparison_data(
             n_req_neg=cfg.data.n_req_neg,
             overwrite=True,
         )
-    except ValueError as exc:
-        return here(f"it {late}, and preparing {', '.join(days)} failed: {exc}")
+    except (ValueError, OSError) as exc:  # bad data or a full disk: keep the champion, say why
+        return here(f"it {late}, and preparing {', '.join(days)} failed: {type(exc).__name__}: {exc}")
     note = (
         f"champion v{champion_version} {late}: both models re-evaluated on {', '.join(days)}, "
         "the newest day(s) after both training windows"

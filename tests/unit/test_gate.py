@@ -384,3 +384,67 @@ def test_champion_is_scored_on_this_runs_day(tiny_world, tmp_path):
     odd = SimpleNamespace(objectives=["exposure", "click"])
     _, none, why, _ = same_day_metrics(challenger, odd, tmp_path / "mr5", 50)
     assert none is None and "differ" in why
+
+
+# ---- the flow's choice of days, on real partitions (flows/pipeline.py::_comparison_data) ------------------
+@pytest.fixture(scope="module")
+def six_days(tmp_path_factory):
+    from csmf_core.synth import generate
+
+    return generate(tmp_path_factory.mktemp("days") / "ds", "tiny", seed=1, n_users=60, n_items=40).out_dir
+
+
+def _choose(ds, tmp_path, date: str, champion_train, cfg_overrides=()):
+    from types import SimpleNamespace
+
+    from csmf_core.config import build_config
+    from flows.inputs import plan_window
+    from flows.pipeline import _comparison_data
+
+    cfg = build_config(None, ["data.seq_len=5", "data.n_req_neg=4", *cfg_overrides])
+    run = SimpleNamespace(window=plan_window(ds, date, cfg.data), dataset_dir=ds, workdir=tmp_path / "run")
+    ready = SimpleNamespace(model_ready=tmp_path / "own-model-ready")
+    champ = SimpleNamespace(info={"train_dates": champion_train} if champion_train is not None else {})
+    return _comparison_data(champ, "1", ready, cfg, run)
+
+
+def test_daily_case_compares_on_this_runs_day(six_days, tmp_path):
+    data, days, note, why = _choose(six_days, tmp_path, "2026-01-05", _days(1, 4))
+    assert (data, days, note, why) == (tmp_path / "own-model-ready", ["2026-01-05"], None, None)
+    assert not (tmp_path / "run" / "gate").exists()  # nothing prepared
+
+
+def test_backfill_is_prepared_for_the_newest_day_after_both_windows(six_days, tmp_path):
+    import json
+
+    data, days, note, why = _choose(six_days, tmp_path, "2026-01-03", _days(1, 4))
+    assert why is None and days == ["2026-01-06"] and data == tmp_path / "run" / "gate" / "model_ready"
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["eval_dates"] == ["2026-01-06"] and meta["train_dates"] == _days(1, 5)  # a 01-06 run's window
+    assert note == (
+        "champion v1 trained on 2026-01-03 (its window 2026-01-01..2026-01-04), not before the evaluation "
+        "day(s) 2026-01-03: both models re-evaluated on 2026-01-06, the newest day(s) after both training windows"
+    )
+    # two evaluation days: the newest two after both windows
+    _, two, _, why2 = _choose(six_days, tmp_path / "two", "2026-01-02", _days(1, 4), ["data.eval_days=2"])
+    assert why2 is None and two == ["2026-01-05", "2026-01-06"]
+
+
+def test_no_day_after_both_windows_or_no_dates_keeps_the_champion(six_days, tmp_path):
+    data, days, note, why = _choose(six_days, tmp_path, "2026-01-04", _days(1, 6))
+    assert data == tmp_path / "own-model-ready" and days == ["2026-01-04"] and note is None
+    assert why.startswith("it trained on 2026-01-04 (its window 2026-01-01..2026-01-06)")
+    assert "has no 1 consecutive day(s) after both training windows (newest partition 2026-01-06)" in why
+    _, _, _, why = _choose(six_days, tmp_path, "2026-01-04", None)
+    assert "records no training dates" in why
+
+
+def test_a_broken_re_evaluation_day_keeps_the_champion(six_days, tmp_path):
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(six_days, ds)
+    next((ds / "events" / "dt=2026-01-06").glob("*.parquet")).write_bytes(b"PAR1 not parquet")
+    data, _, note, why = _choose(ds, tmp_path, "2026-01-03", _days(1, 4))  # its own window is intact
+    assert data == tmp_path / "own-model-ready" and note is None
+    assert "the re-evaluation day(s) 2026-01-06 fail the data contract" in why and "1 errors" in why
