@@ -723,7 +723,8 @@ def _comparison_data(
     trained = champ.info.get("train_dates")
     if not trained:
         return here(
-            f"its bundle records no training dates, so it cannot be told whether it trained on {', '.join(own)}"
+            "its bundle records no training dates, so it cannot be told whether it trained on "
+            + ", ".join(own)
         )
     late = gating.trained_too_late(own, trained)
     if late is None:

@@ -262,7 +262,8 @@ def _days(a: int, b: int) -> list[str]:
 def test_trained_too_late():
     assert trained_too_late(["2026-01-05"], _days(1, 4)) is None  # the daily case: window before the day
     assert trained_too_late(["2026-01-04"], _days(1, 4)) == (
-        "trained on 2026-01-04 (its window 2026-01-01..2026-01-04), not before the evaluation day(s) 2026-01-04"
+        "trained on 2026-01-04 (its window 2026-01-01..2026-01-04), "
+        "not before the evaluation day(s) 2026-01-04"
     )
     two = trained_too_late(["2026-01-04", "2026-01-03"], list(reversed(_days(1, 5))))  # order ignored
     assert two.startswith("trained on 2026-01-03, 2026-01-04 (its window 2026-01-01..2026-01-05)")
@@ -289,7 +290,8 @@ def test_the_reason_names_the_days_and_why_they_were_chosen():
     )
     assert d.promote and d.days == ["2026-01-06"]
     assert d.reason == (
-        f"no metric below champion v1 on 2026-01-06 by more than 0.03 (2 metrics compared). Why these days: {note}"
+        "no metric below champion v1 on 2026-01-06 by more than 0.03 (2 metrics compared). "
+        f"Why these days: {note}"
     )
 
 
@@ -423,7 +425,8 @@ def test_backfill_is_prepared_for_the_newest_day_after_both_windows(six_days, tm
     assert meta["eval_dates"] == ["2026-01-06"] and meta["train_dates"] == _days(1, 5)  # a 01-06 run's window
     assert note == (
         "champion v1 trained on 2026-01-03 (its window 2026-01-01..2026-01-04), not before the evaluation "
-        "day(s) 2026-01-03: both models re-evaluated on 2026-01-06, the newest day(s) after both training windows"
+        "day(s) 2026-01-03: both models re-evaluated on 2026-01-06, "
+        "the newest day(s) after both training windows"
     )
     # two evaluation days: the newest two after both windows
     _, two, _, why2 = _choose(six_days, tmp_path / "two", "2026-01-02", _days(1, 4), ["data.eval_days=2"])
