@@ -40,7 +40,8 @@ except ImportError:  # run as `python bench/bench_data_path.py`
 from csmf_core.cascade import load_cascade_data
 from csmf_core.config import build_config
 from csmf_core.loader import ParquetTrainSource
-from csmf_core.train import item_log_q, train_stage
+from csmf_core.losses import item_log_q
+from csmf_core.train import train_stage
 
 PART_ROWS = 8_192
 WINDOW = 8_192

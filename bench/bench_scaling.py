@@ -68,7 +68,8 @@ def child_train(mr: Path) -> dict:
     from csmf_core.cascade import build_model, load_cascade_data
     from csmf_core.config import build_config
     from csmf_core.loader import ParquetTrainSource
-    from csmf_core.train import item_log_q, train_stage
+    from csmf_core.losses import item_log_q
+    from csmf_core.train import train_stage
 
     cfg = build_config(None, ["train.epochs=[1,1,1]", "train.loader=parquet"])
     t0 = time.perf_counter()

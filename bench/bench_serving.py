@@ -2,8 +2,10 @@
 
 How to run:  .venv/bin/python bench/bench_serving.py [--sizes 100000 1000000] [--no-hnsw-1m] [--quick]
 
-The fused query is the product's path: per-request objective weights (Q, N) -> `fusion.fuse_queries_np`
-(scale each user dimension by the suffix sum of the weights at or after its owner) -> `ItemIndex.search`.
+The fused query is the product's path, the one `Recommender.user_vectors(weights=...)` takes after its
+user tower: per-request objective weights (Q, N) -> `fusion.fuse_queries_np` (scale each user dimension
+by the suffix sum of the weights at or after its owner; bit-identical to the torch `fuse_queries` that
+offline evaluation uses) -> `ItemIndex.search`.
 The single-objective query is the plain user vector -> `ItemIndex.search` on the same index (what a
 single-objective two-tower model serves). Both arms run interleaved; the figure is the median of
 per-round ratios. Targets: latency ratio <= 1.05 at batch 1 and 1024, exact (flat) and HNSW, at 100k

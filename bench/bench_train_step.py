@@ -31,8 +31,11 @@ except ImportError:  # run as `python bench/bench_train_step.py`
 
 from csmf_core.cascade import load_cascade_data
 from csmf_core.config import CSMFConfig, build_config
+from csmf_core.losses import item_log_q
 from csmf_core.model import TwoTower
-from csmf_core.train import FeatureTables, TrainRows, adam, item_log_q, train_stage
+from csmf_core.optim import adam
+from csmf_core.rows import FeatureTables, TrainRows
+from csmf_core.train import train_stage
 
 
 def stage_rows(rows: TrainRows, stage: int, n: int) -> TrainRows:

@@ -49,6 +49,7 @@ from csmf_core.checkpoint import load_checkpoint
 from csmf_core.config import CSMFConfig
 from csmf_core.evaluate import item_matrix
 from csmf_core.fusion import validate_weights
+from csmf_core.ids import as_id_array
 from csmf_core.index import ItemIndex
 from csmf_core.item_stats import (
     day_number,
@@ -59,7 +60,7 @@ from csmf_core.item_stats import (
 )
 from csmf_core.model import TwoTower
 from csmf_core.prep import DAY_US, HistoryIndex, _partitions
-from csmf_core.train import FeatureTables
+from csmf_core.rows import FeatureTables
 
 FORMAT_VERSION = 1
 FEATURE_FILES = ("users.parquet", "items.parquet", "meta.json")
@@ -100,8 +101,21 @@ def write_item_stats(path: Path, columns: list[str], values: np.ndarray) -> None
 
 
 def read_vocab(path: Path, column: str) -> np.ndarray:
-    """(n - 1,) original ids of rows 1..n-1 of a model-ready users/items.parquet (prep sorts them)."""
-    ids = pq.read_table(path, columns=[column])[column].to_numpy(zero_copy_only=False)[1:].astype(np.int64)
+    """(n - 1,) original ids of rows 1..n-1 of a model-ready users/items.parquet (prep sorts them).
+
+    Row 0 (the unknown user/item) holds a null, so the column must never go through `to_numpy` as a
+    whole: pyarrow turns an int64 column with a null into float64, which corrupts every id above 2**53
+    (csmf_core/ids.py). Rows >= 1 are sliced off first and read as int64, exactly.
+    """
+    col = pq.read_table(path, columns=[column])[column]
+    if col.type != pa.int64():
+        raise ValueError(f"{path}: {column} has type {col.type}, expected int64 (as prep writes it)")
+    rest = col.slice(1)
+    if rest.null_count:
+        raise ValueError(
+            f"{path}: {column} has {rest.null_count} nulls in rows >= 1 (only row 0 may be null)"
+        )
+    ids = np.asarray(rest.to_numpy(), dtype=np.int64)
     if ids.size > 1 and not bool((ids[1:] > ids[:-1]).all()):
         raise ValueError(f"{path}: {column} of rows >= 1 must be unique and ascending (as prep writes them)")
     return ids
@@ -109,7 +123,7 @@ def read_vocab(path: Path, column: str) -> np.ndarray:
 
 def lookup_index(vocab: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Original ids -> model-ready indices (position in the sorted vocab + 1); unknown ids -> 0."""
-    ids = np.asarray(ids, dtype=np.int64)
+    ids = as_id_array(ids, "ids")  # never through float: a float64 id above 2**53 may be a neighbour's
     if vocab.size == 0:
         return np.zeros(ids.shape, np.int64)
     pos = np.clip(np.searchsorted(vocab, ids), 0, vocab.size - 1)
@@ -183,7 +197,9 @@ def user_histories(
         for files in parts:
             lf = pl.scan_parquet(files)
             lfs.append(
-                lf.filter(pl.col(cols[o]).fill_null(False))
+                # null ids would turn the whole id column into floats in to_numpy (csmf_core/ids.py)
+                lf.filter(pl.col(cols[o]).fill_null(False) & pl.col("user_id").is_not_null())
+                .filter(pl.col("item_id").is_not_null())
                 .select(pl.col("user_id").cast(pl.Int64), pl.col("item_id").cast(pl.Int64), _ts_us(lf))
                 .filter(pl.col("ts") < end_us)
             )

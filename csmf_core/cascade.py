@@ -22,10 +22,12 @@ from csmf_core.config import CSMFConfig
 from csmf_core.cpp import prune_stage
 from csmf_core.evaluate import EvalRows
 from csmf_core.item_stats import day_number, model_ready_item_stats
+from csmf_core.losses import item_log_q
 from csmf_core.masks import UnitOwners, param_owners
 from csmf_core.model import TowerSpec, TwoTower
 from csmf_core.prep import DAY_US
-from csmf_core.train import BatchSource, FeatureTables, TrainRows, item_log_q, train_stage
+from csmf_core.rows import BatchSource, FeatureTables, TrainRows
+from csmf_core.train import train_stage
 from csmf_core.validation import EpochSelector, split_validation
 
 

@@ -1,4 +1,4 @@
-"""Load a model-ready dataset (docs/architecture.md section 2) into torch tensors, and batch it.
+"""Load a model-ready dataset (docs/architecture.md section 2) into torch tensors.
 
 Memory-simple on purpose: the whole train table is loaded (R rows x (3 + L * (N - 1) + M) int64).
 """
@@ -6,7 +6,6 @@ Memory-simple on purpose: the whole train table is loaded (R rows x (3 + L * (N 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,24 +127,3 @@ def load_model_ready(path: str | Path, *, load_train: bool = True) -> ModelReady
         if s["kind"] == "categorical"
     }
     return ModelReadyData(meta, uc, un, ic, inum, ucn, unn, icn, inn, train, ev, card)
-
-
-def iterate_batches(
-    train: TrainData, stage: int, batch_size: int, seed: int = 0, epoch: int = 0, drop_last: bool = False
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Shuffled batches of the rows with ``level >= stage`` (the positives of stage ``stage``).
-
-    The order depends only on (seed, epoch, stage). Each batch: ``row`` (B,) row indices into ``train``,
-    ``u``, ``i``, ``level`` (B,), ``hist_<obj>`` (B, L), ``neg`` (B, M), all int64.
-    """
-    rows = torch.nonzero(train.level >= stage).squeeze(1)
-    state = np.random.SeedSequence([seed, epoch, stage]).generate_state(1, np.uint64)[0]
-    gen = torch.Generator().manual_seed(int(state))
-    rows = rows[torch.randperm(len(rows), generator=gen)]
-    stop = len(rows) - len(rows) % batch_size if drop_last else len(rows)
-    for lo in range(0, stop, batch_size):
-        idx = rows[lo : lo + batch_size]
-        batch = {"row": idx, "u": train.u[idx], "i": train.i[idx], "level": train.level[idx]}
-        batch.update({f"hist_{o}": h[idx] for o, h in train.hist.items()})
-        batch["neg"] = train.neg[idx]
-        yield batch

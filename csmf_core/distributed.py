@@ -40,7 +40,7 @@ from csmf_core.checkpoint import load_checkpoint, save_checkpoint
 from csmf_core.config import CSMFConfig, build_config
 from csmf_core.masks import UnitOwners
 from csmf_core.model import TwoTower
-from csmf_core.train import TrainingDiverged
+from csmf_core.optim import TrainingDiverged
 
 LOSS_TAG = "csmf-loss"  # rank 0 prints "csmf-loss <step> <loss>" after every optimizer step
 

@@ -11,6 +11,7 @@ exactly the mode-t score with unit-level ownership.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,8 +19,8 @@ import torch
 
 from csmf_core.fusion import fuse_queries, mode_queries
 from csmf_core.metrics import paired_bootstrap, popularity_topk, random_topk, recall_ndcg, topk_items
-from csmf_core.model import TwoTower
-from csmf_core.train import FeatureTables
+from csmf_core.model import TowerInputs, TwoTower
+from csmf_core.rows import FeatureTables
 
 
 @dataclass
@@ -41,29 +42,51 @@ class EvalRows:
 
 
 @torch.no_grad()
-def item_matrix(model: TwoTower, tables: FeatureTables, batch: int = 65536) -> torch.Tensor:
-    """(N_items, D) full-mode item vectors for every item index (row 0 included)."""
-    dev = next(model.parameters()).device
+def encode_items(
+    fn: Callable[[TowerInputs], torch.Tensor], tables: FeatureTables, *, device=None, batch: int = 65536
+) -> torch.Tensor:
+    """(N_items, d) float32 CPU vectors of every item index (row 0 included): `fn` (a model's item
+    side, any method's) over the catalog's tower inputs in chunks of `batch` items on `device`."""
     n = tables.items_cat.shape[0]
     out = []
     for s in range(0, n, batch):
-        idx = torch.arange(s, min(n, s + batch), device=dev)
-        out.append(model.item_vectors(tables.item_inputs(idx)).float().cpu())
+        idx = torch.arange(s, min(n, s + batch), device=device)
+        out.append(fn(tables.item_inputs(idx)).float().cpu())
     return torch.cat(out)
 
 
 @torch.no_grad()
+def encode_users(
+    fn: Callable[[TowerInputs], torch.Tensor],
+    tables: FeatureTables,
+    u: torch.Tensor,
+    hists: list[torch.Tensor],
+    *,
+    device="cpu",
+    batch: int = 65536,
+    dim: int = 0,
+) -> torch.Tensor:
+    """(E, d) float32 CPU vectors of users `u` (E,) with behaviour sequences `hists` [(E, L)]: `fn`
+    (a model's user side) in chunks of `batch` users on `device`; (0, dim) when there are none."""
+    out = []
+    for s in range(0, u.numel(), batch):
+        sl = slice(s, s + batch)
+        x = tables.user_inputs(u[sl].to(device), [h[sl].to(device) for h in hists])
+        out.append(fn(x).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, dim)
+
+
+def item_matrix(model: TwoTower, tables: FeatureTables, batch: int = 65536) -> torch.Tensor:
+    """(N_items, D) full-mode item vectors for every item index (row 0 included)."""
+    return encode_items(model.item_vectors, tables, device=next(model.parameters()).device, batch=batch)
+
+
 def user_matrix(
     model: TwoTower, tables: FeatureTables, u: torch.Tensor, hists: list[torch.Tensor], batch: int = 65536
 ) -> torch.Tensor:
     """(E, D) full-mode user vectors."""
     dev = next(model.parameters()).device
-    out = []
-    for s in range(0, u.numel(), batch):
-        sl = slice(s, s + batch)
-        x = tables.user_inputs(u[sl].to(dev), [h[sl].to(dev) for h in hists])
-        out.append(model.user_vectors(x).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, model.cfg.dim)
+    return encode_users(model.user_vectors, tables, u, hists, device=dev, batch=batch, dim=model.cfg.dim)
 
 
 class Ranked:

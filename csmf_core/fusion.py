@@ -42,19 +42,23 @@ def fuse_queries(user_full: torch.Tensor, output_owners: torch.Tensor, weights: 
 
 
 def fuse_queries_np(user_full: np.ndarray, output_owners: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """`fuse_queries` in numpy, for the serving hot path: (Q, D) float32 vectors, (D,) owners,
-    (N,) or (Q, N) weights -> (Q, D) float32.
+    """`fuse_queries` in numpy, the serving hot path (`Recommender.user_vectors`, timed by
+    bench/bench_serving.py): (Q, D) float32 vectors, (D,) owners, (N,) or (Q, N) weights -> (Q, D)
+    float32, bit-identical to `fuse_queries` (the suffix sums accumulate in float64, as torch's CPU
+    cumsum does for float32; accumulated in float32 they differed in the last bit for ~40% of random
+    weight vectors), so serving and offline evaluation (`evaluate.Ranked.fused`) rank alike.
 
-    Why a numpy twin: at batch 1 the torch version costs ~30 us of op dispatch, and alternating
-    torch's and FAISS's OpenMP pools between queries added ~70 us more per HNSW query on 2 cores
-    (bench/bench_serving.py); this path is ~6 us and never wakes torch's pool.
+    Why a numpy twin: at batch 1 the torch version costs ~12-30 us of op dispatch (measured 17.9 us
+    vs 5.6 us in `Recommender.user_vectors` on 2 cores: 8% of the call), and alternating torch's and
+    FAISS's OpenMP pools between queries added ~70 us more per HNSW query on 2 cores; this path never
+    wakes torch's pool.
     """
     w = np.asarray(weights, dtype=np.float32)
     owners = np.asarray(output_owners, dtype=np.int64)
     n = w.shape[-1]
     if owners.size and int(owners.max()) >= n:
         raise ValueError(f"{n} weights for a model with output owners up to stage {int(owners.max())}")
-    tail = np.cumsum(w[..., ::-1], axis=-1)[..., ::-1]
+    tail = np.cumsum(w[..., ::-1], axis=-1, dtype=np.float64)[..., ::-1].astype(np.float32)
     return (np.asarray(user_full, dtype=np.float32) * np.take(tail, owners, axis=-1)).astype(
         np.float32, copy=False
     )

@@ -4,7 +4,8 @@
 and a numpy id map (position -> item id) kept next to it instead of faiss.IndexIDMap, so that
 save/load is three plain files. FAISS pads results with label -1 when an approximate index finds
 fewer than k items; `search` reports those slots as id -1 / score -inf and never maps -1 through
-the id map (numpy would silently return the last item).
+the id map (numpy would silently return the last item). Item ids are any int64 (-1 included: the
+valid slots of a row are its first `counts[q]`, never "id != -1"); ids.npy is int64, never float.
 
 On-disk layout (`save`/`load`):  DIR/index.faiss, DIR/ids.npy, DIR/index.json.
 """
@@ -22,6 +23,8 @@ from typing import Any
 
 import faiss
 import numpy as np
+
+from csmf_core.ids import as_id_array
 
 KINDS = ("flat", "hnsw", "ivf")
 _FILES = ("index.faiss", "ids.npy", "index.json")
@@ -104,7 +107,7 @@ class ItemIndex:
         ids = np.asarray(item_ids)
         if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"item_ids must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
-        ids = ids.astype(np.int64, copy=True)
+        ids = as_id_array(ids, "item_ids").copy()  # uint64 above 2**63 - 1 is refused, never wrapped
         n, d = vecs.shape
         if ids.shape[0] != n:
             raise ValueError(f"item_ids has {ids.shape[0]} rows but vectors has {n} rows")

@@ -57,7 +57,7 @@ import pyarrow.parquet as pq
 import torch
 
 from csmf_core.prep import DAY_US
-from csmf_core.train import TrainRows
+from csmf_core.rows import TrainRows
 
 _SPLITMIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
 

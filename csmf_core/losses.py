@@ -45,6 +45,13 @@ class LossTerms:
     n_neg: float  # mean number of valid negatives per row (diagnostic)
 
 
+def item_log_q(counts: torch.Tensor) -> torch.Tensor:
+    """(N,) log of each item's share of positives, the log-Q correction's log q (items never seen
+    get the smallest share). counts: (N,) positives per item in the training window."""
+    c = counts.double().clamp_min(0.5)
+    return torch.log(c / c.sum()).float()
+
+
 def aml_margins(up_pos: torch.Tensor, up_neg: torch.Tensor, sigma: float, eta: float) -> torch.Tensor:
     """Adaptive margins. up_pos: (B, 1) or (B,), up_neg: (B, K) -> (B, K).
 

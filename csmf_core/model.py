@@ -83,6 +83,40 @@ def _init_linear(weight: torch.Tensor, bias: torch.Tensor, gen: torch.Generator)
         bias.uniform_(-bound, bound, generator=gen)
 
 
+def embed_inputs(
+    x: TowerInputs,
+    spec: TowerSpec,
+    emb: nn.ModuleDict,
+    hist: nn.ModuleDict,
+    masks: dict[str, torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """The input half of a tower: categorical embeddings, mean-pooled behaviour sequences and the
+    numeric columns, concatenated -> (B, in_dim). `emb` / `hist`: a tower's embedding tables;
+    `masks` as in `Tower.forward` (keys "emb.<name>.weight", "hist.<name>.weight"; None = no mask).
+    Comparison methods that put their own networks on the features call it with no masks."""
+    parts = []
+    masks = masks or {}
+    for k, (name, e) in enumerate(emb.items()):
+        v = e(x.cat[:, k])
+        m = masks.get(f"emb.{name}.weight")
+        if m is not None:
+            v = v * m
+        parts.append(v)
+    for k, (name, e) in enumerate(hist.items()):
+        seq = x.hists[k]
+        # mean over non-padding entries; embedding_bag skips padding_idx in the sum
+        pooled = F.embedding_bag(seq, e.weight, mode="sum", padding_idx=0)
+        count = (seq > 0).sum(dim=1, keepdim=True).clamp_min(1).to(pooled.dtype)
+        v = pooled / count
+        m = masks.get(f"hist.{name}.weight")
+        if m is not None:
+            v = v * m
+        parts.append(v)
+    if spec.n_num:
+        parts.append(x.num)
+    return torch.cat(parts, dim=1)
+
+
 class Tower(nn.Module):
     """Embeddings (+ mean-pooled sequences) + numeric columns -> MLP -> (B, dim)."""
 
@@ -113,27 +147,8 @@ class Tower(nn.Module):
     def forward(self, x: TowerInputs, masks: dict[str, torch.Tensor | None] | None) -> torch.Tensor:
         """(B, ...) inputs -> (B, dim). `masks`: this tower's float 0/1 masks keyed by local param
         name; a None entry means every entry is used (multiplying by ones is skipped, same values)."""
-        parts = []
         masks = masks or {}
-        for k, (name, e) in enumerate(self.emb.items()):
-            v = e(x.cat[:, k])
-            m = masks.get(f"emb.{name}.weight")
-            if m is not None:
-                v = v * m
-            parts.append(v)
-        for k, (name, e) in enumerate(self.hist.items()):
-            seq = x.hists[k]
-            # mean over non-padding entries; embedding_bag skips padding_idx in the sum
-            pooled = F.embedding_bag(seq, e.weight, mode="sum", padding_idx=0)
-            count = (seq > 0).sum(dim=1, keepdim=True).clamp_min(1).to(pooled.dtype)
-            v = pooled / count
-            m = masks.get(f"hist.{name}.weight")
-            if m is not None:
-                v = v * m
-            parts.append(v)
-        if self.spec.n_num:
-            parts.append(x.num)
-        h = torch.cat(parts, dim=1)
+        h = embed_inputs(x, self.spec, self.emb, self.hist, masks)
         last = len(self.layers) - 1
         for k, lin in enumerate(self.layers):
             w, b = lin.weight, lin.bias

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ from csmf_core.fsutil import commit_dir, fresh_temp_dir
 
 INT_CATEGORICAL_MAX_DISTINCT = 1000
 DAY_US = 86_400_000_000
+_PARTITION = re.compile(r"dt=[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 @dataclass
@@ -75,12 +77,22 @@ def _resolve_dates(spec: str | list[str] | tuple[str, str]) -> list[str]:
 
 
 def _partitions(dataset_dir: Path) -> dict[str, list[Path]]:
-    """date -> sorted parquet files of ``events/dt=<date>/``."""
+    """date -> sorted parquet files of ``events/dt=YYYY-MM-DD/``.
+
+    Only names of exactly that form count, as in data_contracts.layout (which reports every other
+    entry as a stray): ``date.fromisoformat`` alone would also read ``dt=20260101`` (a second
+    directory for the same day) and fail with a bare error on ``dt=..``."""
     out = {}
     for d in sorted((dataset_dir / "events").glob("dt=*")):
+        if not _PARTITION.fullmatch(d.name) or not d.is_dir():
+            continue
+        try:
+            date = dt.date.fromisoformat(d.name[3:]).isoformat()
+        except ValueError:  # dt=2026-13-40: validation reports it
+            continue
         files = sorted(p for p in d.glob("*.parquet") if not p.name.startswith((".", "_")))
-        if d.is_dir() and files:
-            out[dt.date.fromisoformat(d.name[3:]).isoformat()] = files
+        if files:
+            out[date] = files
     return out
 
 

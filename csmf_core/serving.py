@@ -38,10 +38,11 @@ from csmf_core.checkpoint import load_checkpoint
 from csmf_core.data import load_model_ready
 from csmf_core.evaluate import EvalRows, Ranked, evaluate_model, item_matrix
 from csmf_core.evaluate import popularity_gaps as _popularity_gaps
-from csmf_core.fusion import fuse_queries, mode_queries, validate_weights
+from csmf_core.fusion import fuse_queries_np, mode_queries, validate_weights
+from csmf_core.ids import as_id_array
 from csmf_core.index import ItemIndex
 from csmf_core.item_stats import model_ready_item_stats
-from csmf_core.train import FeatureTables
+from csmf_core.rows import FeatureTables
 
 __all__ = ["MAX_K", "Recommender", "write_bundle"]
 
@@ -50,14 +51,8 @@ _BATCH = 65536
 
 
 def _as_ids(user_ids: Sequence[int] | np.ndarray) -> np.ndarray:
-    a = np.asarray(user_ids)
-    if a.ndim == 0:
-        a = a.reshape(1)
-    if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
-        raise ValueError(
-            f"user_ids must be a 1-D sequence of integer ids, got {a.dtype} array of shape {a.shape}"
-        )
-    return a.astype(np.int64)
+    """Exact (n,) int64 ids, or ValueError for anything outside int64 or not an integer (csmf_core/ids.py)."""
+    return as_id_array(user_ids, "user_ids")
 
 
 class Recommender:
@@ -193,7 +188,7 @@ class Recommender:
             x = self.tables.user_inputs(b.to(dev), [h[b].to(dev) for h in self._hists])
             full[s : s + _BATCH] = self.model.user_vectors(x).float().cpu()
         if mode is not None:
-            q = mode_queries(full, self._owners, self.stage_index(mode))
+            q = mode_queries(full, self._owners, self.stage_index(mode)).numpy()
         elif weights is not None:
             try:
                 w = validate_weights(weights, self.n_stages)
@@ -201,10 +196,11 @@ class Recommender:
                 raise ValueError(
                     f"{exc}; give one weight per objective ({', '.join(self.objectives)})"
                 ) from None
-            q = fuse_queries(full, self._owners, w)
+            # numpy: the same values as fusion.fuse_queries, without torch's dispatch (bench_serving)
+            q = fuse_queries_np(full.numpy(), self._owners.numpy(), w.numpy())
         else:
-            q = full
-        return q.numpy().astype(np.float32, copy=False), cold
+            q = full.numpy()
+        return q.astype(np.float32, copy=False), cold
 
     def item_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids (N,) int64 original item ids, vectors (N, D) float32): the full-mode item vectors that

@@ -2,7 +2,9 @@
 
 Rows come from a `TrainRows` (the whole table in memory, `train.loader: memory`) or a
 `BatchSource` such as `csmf_core.loader.ParquetTrainSource` (streamed from the model-ready
-Parquet, `train.loader: parquet`).
+Parquet, `train.loader: parquet`); both types live in `csmf_core.rows`. The optimiser step, its
+log and the divergence check are every method's (`csmf_core.optim`); this module holds what is
+CSMF's own: which entries a stage trains (its gradient masks), its batches and its loss.
 
 Under torch.distributed (`csmf_core.distributed`), every rank trains on its share of each global
 batch of `train.batch_size` rows; initial parameters are broadcast from rank 0, the gradients of
@@ -15,153 +17,23 @@ not numerically the 1-rank step of the same global batch (docs/distributed.md).
 Freezing that survives Adam: each call builds a fresh optimizer over the parameters holding at
 least one entry the stage owns, gradients are multiplied by the stage's 0/1 mask before every
 step (so Adam's moments of frozen entries stay exactly zero and their update is exactly zero),
-and weight decay is decoupled and applied to the stage's entries only. Frozen entries are
-therefore bit-identical after the stage; `tests/unit/test_freeze.py` checks it.
+and weight decay is decoupled and applied to the stage's entries only (`csmf_core.optim`). Frozen
+entries are therefore bit-identical after the stage; `tests/unit/test_freeze_and_fusion.py` checks it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import math
-import os
-import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Iterator
 
 import torch
 
 from csmf_core.config import CSMFConfig
 from csmf_core.losses import aml_margins, sampled_softmax, upstream_scores
 from csmf_core.masks import trainable_masks
-from csmf_core.model import TowerInputs, TwoTower
-
-
-class TrainingDiverged(RuntimeError):
-    """A non-finite or exploding loss; the stage stops and nothing downstream may use it."""
-
-
-@dataclass
-class FeatureTables:
-    """Feature rows by entity index (row 0 = unknown). cat: (N, n_cat) int64, num: (N, n_num) float32.
-
-    item_stats (optional): (D, N_items, k) float32 point-in-time item statistics, row d = as of the
-    start of UTC day ``stats_day0 + d`` (csmf_core/item_stats.py); they are appended to the item's
-    numeric columns. A training row scores items with the statistics of its own day
-    (``item_inputs(i, day)``, in-batch negatives included: ``_batch_loss``);
-    catalog encodings (evaluation, validation, the index) read those of ``stats_day``, set with
-    ``as_of(day)``. With statistics and neither a row day nor ``stats_day``, ``item_inputs`` raises
-    instead of guessing a day (a guess could show training rows the future).
-    """
-
-    users_cat: torch.Tensor
-    users_num: torch.Tensor
-    items_cat: torch.Tensor
-    items_num: torch.Tensor
-    item_stats: torch.Tensor | None = None
-    stats_day0: int = 0
-    stats_day: int | None = None
-
-    def to(self, device) -> FeatureTables:
-        return dataclasses.replace(
-            self,
-            **{k: getattr(self, k).to(device) for k in ("users_cat", "users_num", "items_cat", "items_num")},
-            item_stats=None if self.item_stats is None else self.item_stats.to(device),
-        )
-
-    @property
-    def stats_days(self) -> tuple[int, int]:
-        """(first, last) UTC day number the statistics cover (empty range (0, -1) without them)."""
-        if self.item_stats is None:
-            return 0, -1
-        return self.stats_day0, self.stats_day0 + self.item_stats.shape[0] - 1
-
-    def _check_days(self, lo: int, hi: int) -> None:
-        first, last = self.stats_days
-        if lo < first or hi > last:  # a negative index would silently read the last (latest) row
-            raise ValueError(f"item statistics cover days {first}..{last}, not days {lo}..{hi}")
-
-    def as_of(self, day: int) -> FeatureTables:
-        """The same tables with catalog encodings reading the statistics as of UTC day `day`."""
-        if self.item_stats is None:
-            return self
-        self._check_days(int(day), int(day))
-        return dataclasses.replace(self, stats_day=int(day))
-
-    def user_inputs(self, u: torch.Tensor, hists: list[torch.Tensor]) -> TowerInputs:
-        return TowerInputs(self.users_cat[u], self.users_num[u], hists)
-
-    def item_inputs(self, i: torch.Tensor, day: torch.Tensor | None = None) -> TowerInputs:
-        """Items `i` (B,); `day` (B,) UTC day numbers of the rows, only read with item statistics."""
-        if self.item_stats is None:
-            return TowerInputs(self.items_cat[i], self.items_num[i])
-        if day is None:
-            if self.stats_day is None:
-                raise ValueError(
-                    "these feature tables carry point-in-time item statistics: give each row's day "
-                    "(item_inputs(i, day)) or choose the day of a catalog encoding with as_of(day)"
-                )
-            stats = self.item_stats[self.stats_day - self.stats_day0][i]
-        else:
-            self._check_days(int(day.min()), int(day.max()))
-            stats = self.item_stats[day - self.stats_day0, i]
-        return TowerInputs(self.items_cat[i], torch.cat([self.items_num[i], stats], 1))
-
-
-@dataclass
-class TrainRows:
-    """Training events. u, i: (R,) int64; level: (R,) int8 deepest objective reached;
-    hists: [(R, L) int64] behaviour sequences; neg: (R, M) int64 same-request negatives or None;
-    row: (R,) int64 row ids in the train table, when known (streamed batches carry them);
-    day: (R,) int64 UTC day number of each row, needed with point-in-time item statistics."""
-
-    u: torch.Tensor
-    i: torch.Tensor
-    level: torch.Tensor
-    hists: list[torch.Tensor]
-    neg: torch.Tensor | None = None
-    row: torch.Tensor | None = None
-    day: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return int(self.u.numel())
-
-    def select(self, idx: torch.Tensor) -> TrainRows:
-        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[idx]
-
-        return TrainRows(
-            self.u[idx],
-            self.i[idx],
-            self.level[idx],
-            [h[idx] for h in self.hists],
-            pick(self.neg),
-            pick(self.row),
-            pick(self.day),
-        )
-
-    def for_stage(self, stage: int) -> TrainRows:
-        """Rows that are positives of `stage` (level >= stage)."""
-        return self.select(torch.nonzero(self.level >= stage).flatten())
-
-
-@runtime_checkable
-class BatchSource(Protocol):
-    """Where a stage's batches come from when the rows are not in memory (csmf_core.loader).
-
-    `batches` yields this process's share (torch.distributed rank) of every global batch of
-    `batch_size` rows with level >= stage, in an order fixed by (seed, epoch, stage, salt);
-    `fraction` < 1 keeps a fixed subset of about that share (the same in every epoch).
-    """
-
-    has_neg: bool
-
-    def n_rows(self, stage: int, *, fraction: float = 1.0, seed: int = 0, salt: int = 0) -> int: ...
-
-    def batches(
-        self, stage: int, batch_size: int, *, seed: int, epoch: int, fraction: float = 1.0, salt: int = 0
-    ) -> Iterator[TrainRows]: ...
+from csmf_core.model import TwoTower
+from csmf_core.optim import Optimiser, TrainLog, run_epochs
+from csmf_core.rows import BatchSource, FeatureTables, TrainRows, shuffled_batches
 
 
 def dist_world() -> tuple[int, int]:
@@ -171,58 +43,6 @@ def dist_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-@dataclass
-class StageResult:
-    stage: int
-    phase: str  # "train" | "recover"
-    rows: int
-    epochs: int
-    steps: int
-    seconds: float
-    samples_per_s: float
-    losses: list[float] = field(default_factory=list)  # per step
-    epoch_losses: list[float] = field(default_factory=list)
-
-    def summary(self) -> dict[str, float]:
-        return {
-            "rows": self.rows,
-            "epochs": self.epochs,
-            "steps": self.steps,
-            "seconds": round(self.seconds, 3),
-            "samples_per_s": round(self.samples_per_s, 1),
-            "final_loss": self.epoch_losses[-1] if self.epoch_losses else float("nan"),
-        }
-
-
-def item_log_q(counts: torch.Tensor) -> torch.Tensor:
-    """(N,) log of each item's share of positives (items never seen get the smallest share)."""
-    c = counts.double().clamp_min(0.5)
-    return torch.log(c / c.sum()).float()
-
-
-def adam(
-    params: Iterable[torch.Tensor], lr: float, *, weight_decay: float = 0.0, decoupled: bool = False
-) -> torch.optim.Optimizer:
-    """Adam (AdamW when `decoupled`) using torch's fused kernel when the parameters allow it.
-
-    Same update rule as the per-parameter loop; one kernel over every parameter instead of ~10
-    small ops per parameter: 0.6 ms instead of 4.9 ms per step over this model's parameters on the
-    2-core CPU measured (bench/bench_train_step.py). Entries whose gradient is always zero keep
-    exactly their value either way (zero first moment -> zero update), which freezing relies on.
-    """
-    params = list(params)
-    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
-    fusable = all(
-        p.dtype in (torch.float32, torch.float64) and p.device.type in ("cpu", "cuda") for p in params
-    )
-    if fusable:
-        try:
-            return cls(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, fused=True)
-        except (RuntimeError, TypeError):  # a torch build without the fused kernel
-            pass
-    return cls(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
 
 
 def _grad_masks(model: TwoTower, stage: int) -> dict[str, torch.Tensor | None]:
@@ -252,9 +72,7 @@ def _memory_epochs(
     each global batch (world 1: exactly the original single-process order, last 1-row batch skipped)."""
 
     def epoch_batches(epoch: int) -> Iterator[TrainRows]:
-        perm = torch.randperm(len(data), generator=gen)
-        for start in range(0, len(data) - 1, bs):
-            idx = perm[start : start + bs]
+        for idx in shuffled_batches(len(data), bs, gen):
             n = idx.numel()
             if n // world < 2:  # every rank decides the same: no rank waits on a skipped step
                 continue
@@ -292,30 +110,6 @@ def _allreduce(params: list[torch.Tensor], loss: float, n: int) -> tuple[float, 
     return float(flat[-2]), int(round(total_n))
 
 
-@contextlib.contextmanager
-def deterministic_kernels(enabled: bool) -> Iterator[None]:
-    """Run the block with torch's deterministic kernels (restoring the previous setting after).
-
-    Measured: on this CPU build with 2 threads, two identical cascades differed by up to 0.12 in a
-    weight without it (multi-threaded scatter/index-add reductions), and were bit-identical with it,
-    at no measurable cost. warn_only: an op without a deterministic kernel warns instead of failing.
-    On CUDA, cuBLAS also needs CUBLAS_WORKSPACE_CONFIG (set here if absent, before CUDA starts).
-    """
-    if not enabled:
-        yield
-        return
-    prev, prev_warn = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
-
-
 def train_stage(
     model: TwoTower,
     tables: FeatureTables,
@@ -329,7 +123,7 @@ def train_stage(
     on_step: Callable[[int, float], None] | None = None,
     stage_name: str | None = None,
     on_epoch: Callable[[int], None] | None = None,
-) -> StageResult:
+) -> TrainLog:
     """Train the entries owned by `stage` on rows with level >= stage.
 
     rows: the train rows in memory (TrainRows) or a BatchSource streaming them (csmf_core.loader).
@@ -339,6 +133,7 @@ def train_stage(
     output_owners: (D,) owner of each output dimension (needed for AML when stage >= 1).
     on_epoch(epoch): called after each epoch (1-based), e.g. to score and keep the best epoch.
     Under torch.distributed every rank calls this with the same arguments (module docstring).
+    Returns the stage's TrainLog, named "<stage_name> (<phase>)".
     Raises TrainingDiverged on a non-finite or exploding loss.
     """
     name = stage_name or f"stage {stage}"
@@ -384,70 +179,34 @@ def train_stage(
     )
     masks = _grad_masks(model, stage)
     params = dict(model.named_parameters())
-    trained = [params[k] for k in masks]
     if world > 1:
         _broadcast_params(model)
-    opt = adam(trained, lr)
-    wd = cfg.train.weight_decay
+    opt = Optimiser(
+        [params[k] for k in masks],
+        lr,
+        cfg,
+        TrainLog(f"{name} ({phase})", n_rows, epochs),
+        masks=list(masks.values()),
+        reduce=_allreduce if world > 1 else None,
+        on_step=on_step,
+    )
     out_owners = output_owners.to(device) if output_owners is not None else None
     log_q = log_q.to(device) if (log_q is not None and cfg.loss.logq) else None
-    result = StageResult(stage, phase, n_rows, epochs, 0, 0.0, 0.0)
+
+    def after_epoch(epoch: int) -> None:  # e.g. csmf_core.validation.EpochSelector
+        on_epoch(epoch)
+        model.train()
+
     model.train()
-    t0 = time.perf_counter()
-    seen = 0
-    with deterministic_kernels(cfg.train.deterministic):
-        for epoch in range(epochs):
-            total, count = 0.0, 0
-            for b in epoch_batches(epoch):
-                loss = _batch_loss(model, tables, b, stage, cfg, device, use_neg, use_aml, out_owners, log_q)
-                value, n_b = float(loss.detach()), len(b)
-                if world == 1:
-                    _check_loss(value, name, phase, epoch, result.steps, lr, cfg)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if world > 1:
-                    value, n_b = _allreduce(trained, value, n_b)
-                    _check_loss(value, name, phase, epoch, result.steps, lr, cfg)
-                with torch.no_grad():
-                    for k, m in masks.items():
-                        if m is not None and params[k].grad is not None:
-                            params[k].grad.mul_(m)
-                    if cfg.train.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(trained, cfg.train.grad_clip)
-                opt.step()
-                if wd > 0:
-                    with torch.no_grad():
-                        for k, m in masks.items():
-                            p = params[k]
-                            p.sub_(p if m is None else p * m, alpha=lr * wd)
-                result.steps += 1
-                result.losses.append(value)
-                total += value * n_b
-                count += n_b
-                if on_step is not None:
-                    on_step(result.steps, value)
-            seen += count
-            result.epoch_losses.append(total / max(count, 1))
-            if on_epoch is not None:  # e.g. csmf_core.validation.EpochSelector (not timed as training)
-                t_cb = time.perf_counter()
-                on_epoch(epoch + 1)
-                model.train()
-                t0 += time.perf_counter() - t_cb
-    result.seconds = time.perf_counter() - t0
-    result.samples_per_s = seen / max(result.seconds, 1e-9)
+    log = run_epochs(
+        opt,
+        epochs,
+        lambda epoch: ((len(b), b) for b in epoch_batches(epoch)),
+        lambda b: _batch_loss(model, tables, b, stage, cfg, device, use_neg, use_aml, out_owners, log_q),
+        on_epoch=None if on_epoch is None else after_epoch,
+    )
     model.eval()
-    return result
-
-
-def _check_loss(
-    value: float, name: str, phase: str, epoch: int, step: int, lr: float, cfg: CSMFConfig
-) -> None:
-    if not math.isfinite(value) or value > cfg.train.max_loss:
-        raise TrainingDiverged(
-            f"{name} ({phase}): loss {value} at epoch {epoch + 1}, step {step + 1}; "
-            f"nothing from this stage is kept. Lower train.lr (now {lr:g}) or raise "
-            f"loss.temperature (now {cfg.loss.temperature:g})."
-        )
+    return log
 
 
 def _batch_loss(

@@ -32,7 +32,7 @@ from csmf_core.evaluate import EvalRows, item_matrix, user_matrix
 from csmf_core.fusion import mode_queries
 from csmf_core.metrics import recall_ndcg, topk_items
 from csmf_core.model import TwoTower
-from csmf_core.train import FeatureTables
+from csmf_core.rows import FeatureTables
 
 DAY_US = 86_400_000_000
 

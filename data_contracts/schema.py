@@ -36,6 +36,9 @@ KEY_COLUMNS = ("request_id", USER_ID, ITEM_ID, "ts")
 UTC_NAMES = frozenset({"UTC", "Etc/UTC", "+00:00", "Z", "GMT", "Etc/GMT"})
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A dataset's name becomes a directory (reports/<name>/): one path component, no '..', no separator.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+NAME_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 
 class SpecError(ValueError):
@@ -177,6 +180,11 @@ def parse_spec(data: Any, *, source: str = SPEC_FILE) -> DatasetSpec:
     name, provenance = data.get("name"), data.get("provenance")
     if not isinstance(name, str) or not name.strip():
         errors.append(f"name: must be a non-empty string, got {name!r}")
+    elif not NAME_PATTERN.fullmatch(name):
+        errors.append(
+            f"name: must be {NAME_RULE} (it names directories such as reports/<name>/), got {name!r}; "
+            "e.g. 'my-shop-2026'"
+        )
     if not isinstance(provenance, str) or not provenance.strip():
         errors.append(
             f"provenance: must be a non-empty string saying where the data came from, got {provenance!r}"

@@ -19,12 +19,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import tempfile
 import uuid
 from pathlib import Path
 
 from flows.cli import Progress, parse_weights, partition_dates, text_table
 from flows.env import setup_home
+
+
+def parse_user_id(text: str) -> int:
+    """argparse type of --user-id: a decimal integer inside int64, exactly (never through float)."""
+    from csmf_core.ids import check_id
+
+    digits = text.strip()
+    if not re.fullmatch(r"[+-]?[0-9]+", digits):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer user id (decimal digits, e.g. 42)")
+    try:
+        return check_id(int(digits), "user id")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def open_recommender(ref: str | None, home: str | None):
@@ -192,7 +206,11 @@ def add_commands(sub, parents: list[argparse.ArgumentParser]) -> None:
         description="How to run: csmf recommend --user-id 42 [--k 50] [--weights 1,1.8,1.2]",
     )
     r.add_argument(
-        "--user-id", required=True, type=int, action="append", help="original user id (repeatable)"
+        "--user-id",
+        required=True,
+        type=parse_user_id,
+        action="append",
+        help="original user id, an integer in int64's range (repeatable)",
     )
     r.add_argument("--k", type=int, default=50, help="items per user, 1..10000 (default 50)")
     r.add_argument(

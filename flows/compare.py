@@ -42,10 +42,10 @@ from csmf_core.baselines.serving_cost import fused_rows, serving_costs
 from csmf_core.cascade import CascadeData, load_cascade_data
 from csmf_core.config import CSMFConfig, build_config, load_config
 from csmf_core.evaluate import popularity_rows
-from csmf_core.train import deterministic_kernels
+from csmf_core.optim import deterministic_kernels
 from flows import compare_report as rep
 from flows import reporting
-from flows.inputs import Window, code_version, dataset_digest, plan_window, setup_home
+from flows.inputs import Window, code_version, contained, dataset_digest, plan_window, safe_name, setup_home
 from flows.pipeline import Ingested, RunContext, _dataset_name, ingest
 from flows.tracking import MlflowTracker, ensure_experiment
 
@@ -93,6 +93,33 @@ def machine() -> str:
     )
 
 
+REPORT_FILES = ("comparison.md", "runs.json", "runs.partial.jsonl", "meta.partial.json")
+
+
+def report_out_dir(dataset: Path, report_dir: str | os.PathLike | None, cwd: Path | None = None) -> Path:
+    """Where the report goes: `report_dir`, else `<cwd>/reports/<dataset name>`, checked.
+
+    The dataset name comes from dataset.yaml, i.e. from the data: it must be one directory name
+    (data_contracts NAME_PATTERN) and the joined path must stay inside reports/ ("../../x",
+    "/etc", "a/b" are refused). An explicit `report_dir` may be anywhere, but the report writes fixed
+    file names into it, so it must be new, empty or hold an earlier csmf report (REPORT_FILES): a
+    mistyped `--report-dir ..` or `--report-dir ~` is refused instead of filled.
+    """
+    if report_dir:
+        out = Path(report_dir)
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"--report-dir {out} is a file; pass a directory for the report")
+        if out.is_dir() and any(out.iterdir()) and not any((out / f).exists() for f in REPORT_FILES):
+            raise FileExistsError(
+                f"--report-dir {out} ({out.resolve()}) is a non-empty directory without a csmf report "
+                f"({', '.join(REPORT_FILES)}); pass a new or empty directory, or one holding an earlier report"
+            )
+        return out
+    name = _dataset_name(dataset)
+    safe_name(name, f"the dataset name in {dataset / 'dataset.yaml'} (used for reports/<name>/)")
+    return contained((cwd or Path.cwd()) / "reports", name, what="report directory")
+
+
 # ---- the flow --------------------------------------------------------------------------------------
 @flow(name="csmf-compare")
 def csmf_compare(
@@ -123,7 +150,7 @@ def csmf_compare(
         raise ValueError("the weights sweep reuses the trained csmf model: include csmf in --methods")
     dataset = Path(data).resolve()
     window = plan_window(dataset, date, cfg.data)
-    out_dir = Path(report_dir) if report_dir else Path.cwd() / "reports" / _dataset_name(dataset)
+    out_dir = report_out_dir(dataset, report_dir)
     run = open_compare_run(env.root, env.tracking_uri, env.artifacts, cfg, dataset, window, names, seeds)
     try:
         ready = ingest(run, cfg, max_violation_rate)
@@ -622,6 +649,7 @@ def compare_from_cli(args, home: Path) -> int:
     data = Path(args.data).resolve()
     if not data.is_dir():
         raise FileNotFoundError(f"--data {data}: no such directory")
+    report_out_dir(data, args.report_dir)  # a bad dataset name or --report-dir fails before Prefect starts
     command = "csmf compare " + " ".join(
         [f"--data {args.data}", f"--methods {args.methods}", f"--seeds {args.seeds}"]
         + ([f"--date {args.date}"] if args.date else [])

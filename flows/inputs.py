@@ -25,6 +25,7 @@ from pathlib import Path
 
 from csmf_core.config import DataConfig
 from data_contracts import list_partitions
+from data_contracts.schema import NAME_PATTERN, NAME_RULE
 
 EXPERIMENT = "csmf"
 CONTENT_DIGEST_MAX_BYTES = 512 * 2**20
@@ -37,6 +38,24 @@ class Home:
     root: Path
     tracking_uri: str
     artifacts: Path  # MLflow artifact root of the "csmf" experiment
+
+
+def safe_name(name: str, what: str) -> str:
+    """`name` if it can be one directory name (data_contracts NAME_PATTERN: no '..', no separator,
+    not absolute), else ValueError naming `what` and the rule."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise ValueError(f"{what} {name!r} cannot name a directory: it must be {NAME_RULE}")
+    return name
+
+
+def contained(base: str | os.PathLike, *parts: str | os.PathLike, what: str = "path") -> Path:
+    """`base / parts...` if it stays inside `base` once both are resolved (symlinks, '..'), else
+    ValueError: the guard wherever a path is joined from input (names, references, manifests)."""
+    root = Path(base).resolve()
+    path = root.joinpath(*parts).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"{what} {Path(*parts)} leads outside {root} (to {path}); refusing to use it")
+    return path
 
 
 def resolve_home(home: str | os.PathLike | None) -> Path:

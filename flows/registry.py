@@ -37,6 +37,9 @@ import mlflow
 import pandas as pd
 import yaml
 
+from flows import serve_limits
+from flows.inputs import contained, resolve_home, safe_name
+
 REGISTERED_MODEL = "csmf"
 CHALLENGER, CHAMPION = "challenger", "champion"
 RUN_TAG = "csmf.parent_run_id"  # version tag: the pipeline's MLflow parent run
@@ -64,14 +67,23 @@ class CSMFPyfunc(mlflow.pyfunc.PythonModel):
     Output: one row per input row, same order: user_id, item_ids (list[int]), scores (list[float]),
     cold_start (bool: the user id is unknown to the model and got the generic vector).
 
-    Bad input (no user_id column, a non-integer id, k outside 1..MAX_K, weights that are not one
-    finite non-negative number per objective) raises MlflowException INVALID_PARAMETER_VALUE, which
-    `mlflow models serve` answers with HTTP 400 and the message; anything else would be a generic 400.
+    Ids are int64 end to end (csmf_core/ids.py): an id outside int64, a string, a bool, a missing id,
+    a non-integral float, or a float beyond 2**53 (where a float may already be another id: pandas
+    makes a whole column float when one row is) is refused, never rounded.
+
+    Bad input (no user_id column, such an id, more rows than CSMF_SERVE_MAX_USERS, k outside 1..MAX_K,
+    weights that are not one finite non-negative number per objective) raises MlflowException
+    INVALID_PARAMETER_VALUE, which `mlflow models serve` answers with HTTP 400 and the message;
+    anything else would be a generic 400. Inside the scoring server `load_context` also installs the
+    body size and JSON depth limits (flows/serve_limits.py).
     """
 
     def load_context(self, context: Any) -> None:
         from csmf_core.serving import Recommender
 
+        self.limits = serve_limits.Limits.from_env()  # a bad setting stops the server at start
+        if serve_limits.in_scoring_server():
+            serve_limits.install_request_guard(self.limits)
         self.recommender = Recommender.load(context.artifacts["bundle"])
 
     def predict(
@@ -90,6 +102,12 @@ class CSMFPyfunc(mlflow.pyfunc.PythonModel):
             raise TypeError(f"expected a DataFrame with a user_id column, got {type(model_input).__name__}")
         if "user_id" not in model_input.columns:
             raise ValueError(f"input needs a user_id column, got columns {list(model_input.columns)}")
+        limits = getattr(self, "limits", None) or serve_limits.Limits.from_env()
+        if len(model_input) > limits.max_users:
+            raise ValueError(
+                f"{len(model_input):,} users in one request, more than "
+                f"{serve_limits.ENV_MAX_USERS}={limits.max_users:,}; split them over several requests"
+            )
         users = [_user_id(u) for u in model_input["user_id"]]
         ks = [_k(v) for v in model_input["k"]] if "k" in model_input.columns else [DEFAULT_K] * len(users)
         ws = (
@@ -126,15 +144,12 @@ def _max_k() -> int:
 
 
 def _user_id(v: Any) -> int:
-    if isinstance(v, bool) or _missing(v):
-        raise ValueError(f"user_id {v!r} is not an integer id")
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"user_id {v!r} is not an integer id") from None
-    if not f.is_integer():
-        raise ValueError(f"user_id {v!r} is not an integer id")
-    return int(f)
+    """A row's user id: an exact int64 (csmf_core.ids.check_id), never through float."""
+    from csmf_core.ids import check_id
+
+    if _missing(v):
+        raise ValueError(f"user_id is missing ({v!r}); every row needs an integer user_id")
+    return check_id(v, "user_id")
 
 
 def _k(v: Any) -> int:
@@ -288,6 +303,7 @@ def _version_for(ref: str | None, client: mlflow.MlflowClient):
     m = re.fullmatch(r"models:/([^/@]+)(?:@([\w-]+)|/(\d+))", ref)
     if m:
         name, alias, number = m.groups()
+        safe_name(name, f"model reference {ref!r}: the model name")  # it names the cache directory
         return (
             client.get_model_version_by_alias(name, alias)
             if alias
@@ -317,11 +333,15 @@ def resolve_bundle(ref: str | None = None, *, home: str | os.PathLike | None = N
     """
     if ref is not None and Path(ref).is_dir() and (Path(ref) / "bundle.json").is_file():
         return Path(ref).resolve()
-    from flows.inputs import resolve_home
-
     client = mlflow.MlflowClient()
     version = _version_for(ref, client)
-    dest = resolve_home(home) / "cache" / "models" / version.name / str(version.version)
+    # names and numbers from the registry become directories: one safe component each, inside the cache
+    cache = resolve_home(home) / "cache" / "models"
+    name = safe_name(version.name, "registered model name")
+    number = str(version.version)
+    if not number.isascii() or not number.isdigit():
+        raise ValueError(f"registered model {name!r} has version {number!r}, expected a number")
+    dest = contained(cache, name, number, what="model cache directory")
     if not (dest / "MLmodel").is_file():  # download beside it, then rename: never a half-filled cache
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{version.version}-", dir=dest.parent))
@@ -334,7 +354,7 @@ def resolve_bundle(ref: str | None = None, *, home: str | os.PathLike | None = N
             shutil.rmtree(tmp, ignore_errors=True)
     mlmodel = yaml.safe_load((dest / "MLmodel").read_text())
     rel = mlmodel["flavors"]["python_function"]["artifacts"]["bundle"]["path"]
-    bundle = dest / rel
+    bundle = contained(dest, rel, what=f"the bundle path in {dest / 'MLmodel'}")
     if not (bundle / "bundle.json").is_file():
         raise FileNotFoundError(
             f"{bundle}: downloaded model {version.name}/{version.version} has no bundle.json"

@@ -12,7 +12,7 @@ from csmf_core.cascade import CascadeData, run_cascade
 from csmf_core.config import build_config
 from csmf_core.evaluate import EvalRows
 from csmf_core.model import TowerSpec
-from csmf_core.train import FeatureTables, TrainRows
+from csmf_core.rows import FeatureTables, TrainRows
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -90,3 +90,57 @@ def trained_random():
         "exposure_scores": scores,
         "probe": (probe_u, probe_i),
     }
+
+
+# ---- wide ids: a canonical dataset whose ids fill int64 (issue 13 item 3) ----------------------------
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+WIDE_USER_SPECIALS = (INT64_MIN, 2**53 + 1, INT64_MAX)  # 2**53 + 1: the first integer float64 cannot hold
+WIDE_ITEM_SPECIALS = (INT64_MIN, -1, 0, 2**53 + 1, INT64_MAX)  # -1: FAISS's padding label
+
+
+def widen_ids(src, dst, seed: int = 0) -> dict[str, dict[int, int]]:
+    """Copy canonical dataset `src` to `dst` with every user and item id replaced by a wide int64 id.
+
+    The map is increasing (the k-th smallest old id -> the k-th smallest new id), so prep gives every
+    user and item the index it has in `src`: a model trained on `src` fits `dst`, and every result on
+    `dst` is the result on `src` with the ids mapped, an oracle computed on ids small enough for any
+    float. New ids: random values of up to 62 bits (either sign) plus int64's extremes, 2**53 + 1 and,
+    for items, -1 and 0. Returns {"user_id": {old: new}, "item_id": {old: new}}.
+    """
+    import shutil
+    from pathlib import Path
+
+    import polars as pl
+
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst)
+    rng = np.random.default_rng(seed)
+    events = sorted((dst / "events").rglob("*.parquet"))
+    maps = {}
+    for col, table, specials in (
+        ("user_id", "users.parquet", WIDE_USER_SPECIALS),
+        ("item_id", "items.parquet", WIDE_ITEM_SPECIALS),
+    ):
+        old = set(pl.read_parquet(dst / table, columns=[col])[col].drop_nulls().to_list())
+        for f in events:
+            old |= set(pl.read_parquet(f, columns=[col])[col].drop_nulls().to_list())
+        new = set(specials)
+        while len(new) < len(old):
+            new |= {int(x) for x in rng.integers(-(2**62), 2**62, len(old) - len(new), dtype=np.int64)}
+        maps[col] = dict(zip(sorted(old), sorted(new)))
+    for f, cols in [(dst / "users.parquet", ["user_id"]), (dst / "items.parquet", ["item_id"])] + [
+        (f, ["user_id", "item_id"]) for f in events
+    ]:
+        df = pl.read_parquet(f)
+        df = df.with_columns(
+            pl.col(c).replace_strict(list(maps[c]), list(maps[c].values()), return_dtype=pl.Int64)
+            for c in cols
+        )
+        df.write_parquet(f)
+    return maps
+
+
+@pytest.fixture(scope="session")
+def wide_ids():
+    """`widen_ids(src, dst, seed=0)` (above), for tests that need a dataset with ids across int64."""
+    return widen_ids

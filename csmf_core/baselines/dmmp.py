@@ -15,7 +15,7 @@ Here:
   shared experts + one expert per task, each an MLP (cfg.model.hidden); task t's gate (softmax
   over the shared experts and its own, computed from the input) mixes them, and a linear head
   gives its step logit (pCTR, pCVR, ...). Trained on exposed rows with the entire-space cascade
-  BCE (`common.cascade_bce`: pCTR on clicks, pCTCVR = pCTR * pCVR on conversions).
+  BCE (`distill.cascade_bce`: pCTR on clicks, pCTCVR = pCTR * pCVR on conversions).
 * Student, three towers: a user tower with one d-dim head per objective after the first
   (click, conversion), ONE item tower (a single d-dim item vector, so storage equals a
   single-vector model as in the paper's Table 4), and a preference tower: user features ->
@@ -23,12 +23,12 @@ Here:
   fused query is sum_o w_o(u) u_o (one ANN search against the same index).
 * Losses, summed with fixed weights (the paper's adaptive loss weighting is not reproduced): the
   teacher's BCE; per objective, the in-batch sampled softmax on its positives (log-Q, accidental
-  hits removed) and `DISTILL_WEIGHT` x listwise KL(teacher || student) over each exposed row's
-  list (its item, its unexposed same-request items, `DISTILL_INBATCH` in-batch items; target =
+  hits removed) and `distill.DISTILL_WEIGHT` x listwise KL(teacher || student) over each exposed row's
+  list (its item, its unexposed same-request items, `distill.DISTILL_INBATCH` in-batch items; target =
   teacher log P(objective | exposed) + log exposure popularity, as in `dtml`); and the
   fused score's sampled softmax on the second objective's positives (clicks, which contain the
   conversions), which is what trains the preference gate.
-* Joint training with CSMF's per-objective budget (`common.joint_train_loop`). The per-objective
+* Joint training with CSMF's per-objective budget (`multitask.joint_train_loop`). The per-objective
   metrics use u_o (the gate only affects them through shared training); the fused query's mean
   weights are reported in info.
 """
@@ -42,30 +42,22 @@ from torch import nn
 
 from csmf_core.baselines.base import MethodResult
 from csmf_core.baselines.common import (
-    MLP,
-    FeatureEmbedding,
     OnStep,
     count_params,
-    encode_items,
-    encode_users,
-    joint_train_loop,
-    listwise_kl,
+    encode_eval_users,
     make_tower,
     set_threads,
     softmax_loss,
-    stage_log_q,
-    stage_pools,
-    unique_items,
     with_seed,
 )
-from csmf_core.baselines.dtml import teacher_step
+from csmf_core.baselines.distill import train_distilled
+from csmf_core.baselines.multitask import MLP, FeatureEmbedding, unique_items
 from csmf_core.cascade import CascadeData
 from csmf_core.config import CSMFConfig, ModelConfig
+from csmf_core.evaluate import encode_items
 from csmf_core.model import TowerInputs, TowerSpec
 
 SHARED_EXPERTS = 2
-DISTILL_WEIGHT = 1.0
-DISTILL_INBATCH = 8
 
 
 class CGCTeacher(nn.Module):
@@ -142,57 +134,31 @@ def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -
     served = data.objectives[1:]
     teacher = CGCTeacher(data.user_spec, data.item_spec, cfg.model, n - 1, seed=seed * 7 + 1)
     student = ThreeTowerStudent(data.user_spec, data.item_spec, cfg.model, n - 1, seed=seed)
-    pools = stage_pools(data)
-    log_qs = [stage_log_q(data, t) for t in range(n)]
-    tables, temp = data.tables, cfg.loss.temperature
-    parts: dict[str, float] = {}
+    tables = data.tables
 
-    def loss_fn(batches):
-        total = torch.zeros(())
-        b = batches[0]
-        if b is not None:
-            bce, logp, lists = teacher_step(teacher, tables, b, DISTILL_INBATCH, teacher.pair_logits)
-            uniq, inv = unique_items(lists)
-            sv = student.item_vectors(tables.item_inputs(uniq))[inv]  # (B, L, d)
-            su = student.user_vectors(tables.user_inputs(b.u, b.hists))  # (B, n-1, d)
-            s = torch.einsum("bod,bld->blo", su, sv) / temp
-            valid = lists > 0
-            target = logp + log_qs[0][lists][:, :, None]  # P(exposed) prior x teacher P(. | exposed)
-            kl = sum(listwise_kl(target[:, :, o], s[:, :, o], valid) for o in range(n - 1))
-            parts["teacher_bce"], parts["distill_kl"] = float(bce.detach()), float(kl.detach())
-            total = total + bce + DISTILL_WEIGHT * kl
-        for t in range(1, n):
-            bt = batches[t]
-            if bt is None:
-                continue
-            x = tables.user_inputs(bt.u, bt.hists)
-            uniq, inv = unique_items(bt.i)
-            ivec = student.item_vectors(tables.item_inputs(uniq))[inv]
-            total = total + softmax_loss(student.user_vectors(x)[:, t - 1], ivec, bt.i, cfg, log_q=log_qs[t])
-            if t == 1:  # the preference gate learns through the fused score on click positives
-                total = total + softmax_loss(student.fused_query(x), ivec, bt.i, cfg, log_q=log_qs[t])
-        return total
+    def list_scores(b, lists):  # (B, L, n-1): row b's per-objective user vectors against its list items
+        uniq, inv = unique_items(lists)
+        sv = student.item_vectors(tables.item_inputs(uniq))[inv]  # (B, L, d)
+        su = student.user_vectors(tables.user_inputs(b.u, b.hists))  # (B, n-1, d)
+        return torch.einsum("bod,bld->blo", su, sv)
 
-    teacher.train()
-    student.train()
-    log = joint_train_loop(
-        list(teacher.parameters()) + list(student.parameters()),
-        pools,
-        [cfg.epochs_for(t) for t in range(n)],
-        loss_fn,
-        cfg,
-        seed=seed,
-        name="dmmp",
-        on_step=on_step,
+    def objective_terms(t, bt, log_q):
+        x = tables.user_inputs(bt.u, bt.hists)
+        uniq, inv = unique_items(bt.i)
+        ivec = student.item_vectors(tables.item_inputs(uniq))[inv]
+        yield softmax_loss(student.user_vectors(x)[:, t - 1], ivec, bt.i, cfg, log_q=log_q)
+        if t == 1:  # the preference gate learns through the fused score on click positives
+            yield softmax_loss(student.fused_query(x), ivec, bt.i, cfg, log_q=log_q)
+
+    log, parts = train_distilled(
+        teacher, student, data, cfg, list_scores, objective_terms, seed=seed, name="dmmp", on_step=on_step
     )
-    teacher.eval()
-    student.eval()
-    u = encode_users(lambda x: student.user_vectors(x).flatten(1), tables, data.eval)
+    u = encode_eval_users(lambda x: student.user_vectors(x).flatten(1), data)
     v = encode_items(student.item_vectors, tables)
     d = cfg.model.dim
     users = {o: u[:, k * d : (k + 1) * d].contiguous() for k, o in enumerate(served)}
     with torch.no_grad():
-        w = encode_users(student.preference, tables, data.eval).mean(0).tolist()
+        w = encode_eval_users(student.preference, data).mean(0).tolist()
     return MethodResult(
         method="dmmp",
         user_vecs=users,

@@ -9,22 +9,22 @@ at the same time, learns the objectives from the data and from the teacher's sco
 Here:
 * Teacher: the user and item feature embeddings concatenated -> MLP (cfg.model.hidden, shared
   bottom) -> one logit per step after the first objective (pCTR, pCVR, ...). It is trained on the
-  exposed rows with the entire-space cascade loss (`common.cascade_bce`: BCE of pCTR on clicks and
+  exposed rows with the entire-space cascade loss (`distill.cascade_bce`: BCE of pCTR on clicks and
   of pCTCVR = pCTR * pCVR on conversions), the paper's way of tying the deeper objective to the
   click (its duration regression becomes a conversion probability here).
 * Student: a plain user tower and item tower with output (T-1) * cfg.model.dim, split into one
   d-dim vector per objective after the first (click, conversion). Its loss per objective is the
   same in-batch sampled softmax (log-Q, accidental hits removed) as every method, plus
-  `DISTILL_WEIGHT` times the listwise distillation KL(teacher || student) (`common.listwise_kl`)
+  `distill.DISTILL_WEIGHT` times the listwise distillation KL(teacher || student) (`distill.listwise_kl`)
   over each exposed row's candidate list (its item, its unexposed same-request items, and
-  `DISTILL_INBATCH` other in-batch items): the teacher's log probability of the objective
+  `distill.DISTILL_INBATCH` other in-batch items): the teacher's log probability of the objective
   *given exposure*, plus the log exposure popularity of the item (the prior the teacher cannot
   know: a ranking teacher only sees exposed items, while retrieval ranks the whole catalog, so
   the target is P(exposed) x P(objective | exposed); the same prior the log-Q correction stands
   for), against the student's score / temperature. The teacher gets no gradient from it.
   Without the prior the student ranked near random on a tiny generated world (Recall@50 click
   0.077 vs random 0.071); with it 0.330.
-* Joint training with CSMF's per-objective budget (`common.joint_train_loop`): the exposed rows
+* Joint training with CSMF's per-objective budget (`multitask.joint_train_loop`): the exposed rows
   (teacher + distillation) make cfg.epochs_for(0) passes, objective t's positives
   cfg.epochs_for(t) passes.
 Simplifications: no duration-specific tricks (duration bucketing, negative-sample handling of
@@ -41,32 +41,20 @@ from torch import nn
 
 from csmf_core.baselines.base import MethodResult
 from csmf_core.baselines.common import (
-    MLP,
-    FeatureEmbedding,
     OnStep,
-    cascade_bce,
-    cascade_log_probs,
     count_params,
-    distill_lists,
-    encode_items,
-    encode_users,
-    joint_train_loop,
-    listwise_kl,
+    encode_eval_users,
     make_tower,
     set_threads,
     softmax_loss,
-    stage_log_q,
-    stage_pools,
-    unique_items,
     with_seed,
 )
+from csmf_core.baselines.distill import train_distilled
+from csmf_core.baselines.multitask import MLP, FeatureEmbedding, unique_items
 from csmf_core.cascade import CascadeData
 from csmf_core.config import CSMFConfig, ModelConfig
+from csmf_core.evaluate import encode_items
 from csmf_core.model import TowerInputs, TowerSpec
-from csmf_core.train import FeatureTables, TrainRows
-
-DISTILL_WEIGHT = 1.0
-DISTILL_INBATCH = 8  # in-batch items added to each distillation list
 
 
 class CrossTeacher(nn.Module):
@@ -83,31 +71,6 @@ class CrossTeacher(nn.Module):
     def pair_logits(self, hu: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         """hu: (..., du) user features, hi: (..., di) item features -> (..., T-1) step logits."""
         return self.mlp(torch.cat([hu, hi], dim=-1))
-
-
-def teacher_step(
-    teacher: nn.Module,
-    tables: FeatureTables,
-    b: TrainRows,
-    n_inbatch: int,
-    pair_logits,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Teacher loss on an exposed batch and its list targets.
-
-    Returns (cascade BCE on the batch's own pairs, (B, L, T-1) detached teacher log entire-space
-    probabilities over the distillation lists, (B, L) list items). `pair_logits(hu, hi)` is the
-    teacher's scoring function over feature embeddings.
-    """
-    hu = teacher.user(tables.user_inputs(b.u, b.hists))
-    lists = distill_lists(b, n_inbatch)
-    uniq, inv = unique_items(lists)
-    hi_all = teacher.item(tables.item_inputs(uniq))
-    own = pair_logits(hu, hi_all[inv[:, 0]])
-    bce = cascade_bce(own, b.level)
-    with torch.no_grad():
-        hl = hi_all[inv]  # (B, L, di)
-        logp = cascade_log_probs(pair_logits(hu[:, None, :].expand(-1, hl.shape[1], -1), hl))
-    return bce, logp, lists
 
 
 class TwoTowerStudent(nn.Module):
@@ -137,50 +100,24 @@ def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -
     served = data.objectives[1:]
     teacher = CrossTeacher(data.user_spec, data.item_spec, cfg.model, n - 1, seed=seed * 7 + 1)
     student = TwoTowerStudent(data.user_spec, data.item_spec, cfg.model, n - 1, seed=seed)
-    pools = stage_pools(data)
-    log_qs = [stage_log_q(data, t) for t in range(n)]
-    tables, temp = data.tables, cfg.loss.temperature
-    parts: dict[str, float] = {}
+    tables = data.tables
 
-    def loss_fn(batches):
-        total = torch.zeros(())
-        b = batches[0]
-        if b is not None:  # exposed rows: teacher loss + listwise distillation per served objective
-            bce, logp, lists = teacher_step(teacher, tables, b, DISTILL_INBATCH, teacher.pair_logits)
-            uniq, inv = unique_items(lists)
-            sv = student.item_vectors(tables.item_inputs(uniq))[inv]  # (B, L, n-1, d)
-            su = student.user_vectors(tables.user_inputs(b.u, b.hists))  # (B, n-1, d)
-            s = torch.einsum("bod,blod->blo", su, sv) / temp
-            valid = lists > 0
-            target = logp + log_qs[0][lists][:, :, None]  # P(exposed) prior x teacher P(. | exposed)
-            kl = sum(listwise_kl(target[:, :, o], s[:, :, o], valid) for o in range(n - 1))
-            parts["teacher_bce"], parts["distill_kl"] = float(bce.detach()), float(kl.detach())
-            total = total + bce + DISTILL_WEIGHT * kl
-        for t in range(1, n):
-            bt = batches[t]
-            if bt is None:
-                continue
-            uvec = student.user_vectors(tables.user_inputs(bt.u, bt.hists))[:, t - 1]
-            uniq, inv = unique_items(bt.i)
-            ivec = student.item_vectors(tables.item_inputs(uniq))[inv, t - 1]
-            total = total + softmax_loss(uvec, ivec, bt.i, cfg, log_q=log_qs[t])
-        return total
+    def list_scores(b, lists):  # (B, L, n-1): row b's user against its list items, per objective
+        uniq, inv = unique_items(lists)
+        sv = student.item_vectors(tables.item_inputs(uniq))[inv]  # (B, L, n-1, d)
+        su = student.user_vectors(tables.user_inputs(b.u, b.hists))  # (B, n-1, d)
+        return torch.einsum("bod,blod->blo", su, sv)
 
-    teacher.train()
-    student.train()
-    log = joint_train_loop(
-        list(teacher.parameters()) + list(student.parameters()),
-        pools,
-        [cfg.epochs_for(t) for t in range(n)],
-        loss_fn,
-        cfg,
-        seed=seed,
-        name="dtml",
-        on_step=on_step,
+    def objective_terms(t, bt, log_q):
+        uvec = student.user_vectors(tables.user_inputs(bt.u, bt.hists))[:, t - 1]
+        uniq, inv = unique_items(bt.i)
+        ivec = student.item_vectors(tables.item_inputs(uniq))[inv, t - 1]
+        yield softmax_loss(uvec, ivec, bt.i, cfg, log_q=log_q)
+
+    log, parts = train_distilled(
+        teacher, student, data, cfg, list_scores, objective_terms, seed=seed, name="dtml", on_step=on_step
     )
-    teacher.eval()
-    student.eval()
-    u = encode_users(lambda x: student.user_vectors(x).flatten(1), tables, data.eval)
+    u = encode_eval_users(lambda x: student.user_vectors(x).flatten(1), data)
     v = encode_items(lambda x: student.item_vectors(x).flatten(1), tables)
     d = cfg.model.dim
     users = {o: u[:, k * d : (k + 1) * d].contiguous() for k, o in enumerate(served)}

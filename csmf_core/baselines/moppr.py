@@ -42,20 +42,20 @@ from csmf_core.baselines.base import MethodResult
 from csmf_core.baselines.common import (
     OnStep,
     PlainTwoTower,
+    batch_vectors,
     count_params,
-    encode_items,
-    encode_users,
+    encode_eval_users,
     set_threads,
     stage_log_q,
     train_loop,
-    unique_items,
     uses_request_negatives,
     with_seed,
 )
 from csmf_core.cascade import CascadeData
 from csmf_core.config import CSMFConfig
+from csmf_core.evaluate import encode_items
 from csmf_core.losses import NEG_INF
-from csmf_core.train import TrainRows
+from csmf_core.rows import TrainRows
 
 GRADE_WEIGHTS = (1.0, 2.0, 3.0)  # row weight by grade (level); deeper levels reuse the last value
 MAX_PV_ROWS = 64
@@ -156,15 +156,8 @@ def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -
 
     def loss_fn(batch):
         b, pv = batch
-        uvec = model.user_vectors(data.tables.user_inputs(b.u, b.hists))
-        wanted = torch.cat([b.i, b.neg.flatten()]) if req else b.i
-        uniq, inv = unique_items(wanted)
-        all_vec = model.item_vectors(data.tables.item_inputs(uniq))
-        ivec = all_vec[inv[: b.i.numel()]]
-        extra = None
-        if req:
-            nvec = all_vec[inv[b.i.numel() :]].view(*b.neg.shape, -1)
-            extra = torch.einsum("bd,bmd->bm", uvec, nvec)
+        uvec, ivec, nvec = batch_vectors(model.user_vectors, model.item_vectors, data.tables, b, req)
+        extra = None if nvec is None else torch.einsum("bd,bmd->bm", uvec, nvec)
         return moppr_loss(
             uvec @ ivec.T,
             b.i,
@@ -189,7 +182,7 @@ def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -
         on_step=on_step,
     )
     model.eval()
-    u = encode_users(model.user_vectors, data.tables, data.eval)
+    u = encode_eval_users(model.user_vectors, data)
     v = encode_items(model.item_vectors, data.tables)
     return MethodResult(
         method="moppr",

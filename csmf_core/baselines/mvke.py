@@ -28,7 +28,7 @@ Choices and simplifications:
 * Every objective of the data is a task (exposure too: it feeds the shared experts), trained
   jointly with the in-batch sampled softmax of each objective (log-Q, accidental hits removed,
   same-request negatives for the first objective) and CSMF's per-objective sample budget
-  (`common.joint_train_loop`).
+  (`multitask.joint_train_loop`).
 """
 
 from __future__ import annotations
@@ -41,24 +41,17 @@ from torch import nn
 
 from csmf_core.baselines.base import MethodResult
 from csmf_core.baselines.common import (
-    MLP,
-    FeatureEmbedding,
     OnStep,
     count_params,
-    encode_items,
-    encode_users,
-    joint_train_loop,
+    encode_eval_users,
     make_tower,
     set_threads,
-    softmax_loss,
-    stage_log_q,
-    stage_pools,
-    unique_items,
-    uses_request_negatives,
     with_seed,
 )
+from csmf_core.baselines.multitask import MLP, FeatureEmbedding, train_objective_towers
 from csmf_core.cascade import CascadeData
 from csmf_core.config import CSMFConfig, ModelConfig
+from csmf_core.evaluate import encode_items
 from csmf_core.model import TowerInputs, TowerSpec
 
 N_EXPERTS = 2  # virtual-kernel experts K
@@ -101,16 +94,6 @@ class MVKE(nn.Module):
         return (g[:, :, None] * v[:, None, :]).flatten(1)
 
 
-def _task_loss(model: MVKE, data: CascadeData, cfg: CSMFConfig, b, t: int, log_q, req: bool):
-    uvec = model.user_vector(data.tables.user_inputs(b.u, b.hists))
-    wanted = torch.cat([b.i, b.neg.flatten()]) if req else b.i
-    uniq, inv = unique_items(wanted)
-    all_vec = model.item_vector(data.tables.item_inputs(uniq), t)
-    ivec = all_vec[inv[: b.i.numel()]]
-    neg_vec = all_vec[inv[b.i.numel() :]].view(*b.neg.shape, -1) if req else None
-    return softmax_loss(uvec, ivec, b.i, cfg, log_q=log_q, neg_vec=neg_vec, neg_items=b.neg if req else None)
-
-
 def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -> MethodResult:
     """Train MVKE jointly on every objective; serve a K*d user vector and a K*d item vector per task."""
     cfg = with_seed(cfg, seed)
@@ -118,30 +101,17 @@ def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -
     t0 = time.perf_counter()
     n = len(data.objectives)
     model = MVKE(data.user_spec, data.item_spec, cfg.model, n, seed=seed, k=N_EXPERTS)
-    pools = stage_pools(data)
-    log_qs = [stage_log_q(data, t) for t in range(n)]
-    reqs = [uses_request_negatives(cfg, t, pools[t]) for t in range(n)]
-
-    def loss_fn(batches):
-        return sum(
-            _task_loss(model, data, cfg, b, t, log_qs[t], reqs[t])
-            for t, b in enumerate(batches)
-            if b is not None
-        )
-
-    model.train()
-    log = joint_train_loop(
-        list(model.parameters()),
-        pools,
-        [cfg.epochs_for(t) for t in range(n)],
-        loss_fn,
+    log = train_objective_towers(
+        [model],
+        data,
         cfg,
+        lambda t, x: model.user_vector(x),
+        lambda t, x: model.item_vector(x, t),
         seed=seed,
         name="mvke",
         on_step=on_step,
     )
-    model.eval()
-    u = encode_users(model.user_vector, data.tables, data.eval)
+    u = encode_eval_users(model.user_vector, data)
     users = {o: u for o in data.objectives}
     items = {
         o: encode_items(lambda x, t=t: model.item_vector(x, t), data.tables)

@@ -24,7 +24,7 @@ needs scores that are inner products of a user vector and a precomputed item vec
 * Training is joint: each step sums the in-batch sampled softmax (log-Q per objective,
   accidental hits removed, same-request negatives for the first objective as CSMF's stage 0) of
   every task whose batch is due; task t makes cfg.epochs_for(t) passes over its positives, the
-  same per-objective budget as CSMF (`common.joint_train_loop`). Gradients flow through the
+  same per-objective budget as CSMF (`multitask.joint_train_loop`). Gradients flow through the
   residual links into earlier tasks, as in the paper. Feature-level parts of the paper (task
   specific feature selection) and its Weighted Recall metric are not reproduced.
 """
@@ -37,24 +37,11 @@ import torch
 from torch import nn
 
 from csmf_core.baselines.base import MethodResult
-from csmf_core.baselines.common import (
-    MLP,
-    FeatureEmbedding,
-    OnStep,
-    count_params,
-    encode_items,
-    encode_users,
-    joint_train_loop,
-    set_threads,
-    softmax_loss,
-    stage_log_q,
-    stage_pools,
-    unique_items,
-    uses_request_negatives,
-    with_seed,
-)
+from csmf_core.baselines.common import OnStep, count_params, encode_eval_users, set_threads, with_seed
+from csmf_core.baselines.multitask import MLP, FeatureEmbedding, train_objective_towers
 from csmf_core.cascade import CascadeData
 from csmf_core.config import CSMFConfig, ModelConfig
+from csmf_core.evaluate import encode_items
 from csmf_core.model import TowerInputs, TowerSpec
 
 
@@ -112,16 +99,6 @@ class ResFlowRetrieval(nn.Module):
         return (self.user.vector(u, task) * self.item.vector(i, task)).sum(dim=1)
 
 
-def _task_loss(model: ResFlowRetrieval, data: CascadeData, cfg: CSMFConfig, b, t: int, log_q, req: bool):
-    uvec = model.user.vector(data.tables.user_inputs(b.u, b.hists), t)
-    wanted = torch.cat([b.i, b.neg.flatten()]) if req else b.i
-    uniq, inv = unique_items(wanted)
-    all_vec = model.item.vector(data.tables.item_inputs(uniq), t)
-    ivec = all_vec[inv[: b.i.numel()]]
-    neg_vec = all_vec[inv[b.i.numel() :]].view(*b.neg.shape, -1) if req else None
-    return softmax_loss(uvec, ivec, b.i, cfg, log_q=log_q, neg_vec=neg_vec, neg_items=b.neg if req else None)
-
-
 def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -> MethodResult:
     """Train ResFlow jointly on every objective; task t's retrieval vector is the prefix [r_0..r_t]."""
     cfg = with_seed(cfg, seed)
@@ -129,30 +106,17 @@ def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -
     t0 = time.perf_counter()
     n = len(data.objectives)
     model = ResFlowRetrieval(data.user_spec, data.item_spec, cfg.model, n, seed=seed)
-    pools = stage_pools(data)
-    log_qs = [stage_log_q(data, t) for t in range(n)]
-    reqs = [uses_request_negatives(cfg, t, pools[t]) for t in range(n)]
-
-    def loss_fn(batches):
-        return sum(
-            _task_loss(model, data, cfg, b, t, log_qs[t], reqs[t])
-            for t, b in enumerate(batches)
-            if b is not None
-        )
-
-    model.train()
-    log = joint_train_loop(
-        list(model.parameters()),
-        pools,
-        [cfg.epochs_for(t) for t in range(n)],
-        loss_fn,
+    log = train_objective_towers(
+        [model],
+        data,
         cfg,
+        lambda t, x: model.user.vector(x, t),
+        lambda t, x: model.item.vector(x, t),
         seed=seed,
         name="resflow",
         on_step=on_step,
     )
-    model.eval()
-    full_u = encode_users(lambda x: model.user.vector(x, n - 1), data.tables, data.eval)
+    full_u = encode_eval_users(lambda x: model.user.vector(x, n - 1), data)
     full_i = encode_items(lambda x: model.item.vector(x, n - 1), data.tables)
     ends = torch.cumsum(torch.tensor(model.seg), 0).tolist()
     # One shared item matrix (what a server stores); task t's query zeroes the segments after its

@@ -32,8 +32,7 @@ from csmf_core.baselines.base import MethodResult
 from csmf_core.baselines.common import (
     OnStep,
     count_params,
-    encode_items,
-    encode_users,
+    encode_eval_users,
     set_threads,
     stage_log_q,
     train_loop,
@@ -43,10 +42,11 @@ from csmf_core.baselines.common import (
 from csmf_core.cascade import CascadeData
 from csmf_core.config import CSMFConfig
 from csmf_core.cpp import select_pruned
+from csmf_core.evaluate import encode_items
 from csmf_core.losses import aml_margins, sampled_softmax, upstream_scores
 from csmf_core.metrics import recall_ndcg, topk_items
 from csmf_core.model import TwoTower
-from csmf_core.train import TrainRows
+from csmf_core.rows import TrainRows
 
 
 def initial_owners(model: TwoTower) -> dict[str, torch.Tensor]:
@@ -185,14 +185,13 @@ def _train_phase(
         rows = rows.select(torch.randperm(len(rows), generator=gen)[:k])
         lr, epochs = cfg.train.lr * cfg.recover.lr_scale, cfg.recover.epochs
     params = dict(model.named_parameters())
-    trained, hooks = [], []
+    trained, masks = [], []
     for name, o in owners.items():
         m = (o == stage).to(torch.float32)
         if not bool(m.any()):
             continue
-        m = m.expand(params[name].shape).contiguous()
         trained.append(params[name])
-        hooks.append(params[name].register_hook(lambda g, m=m: g * m))
+        masks.append(m.expand(params[name].shape).contiguous())
     use_neg = uses_request_negatives(cfg, stage, rows)
     log_q = stage_log_q(data, stage)
     model.train()
@@ -208,10 +207,9 @@ def _train_phase(
             lr=lr,
             on_step=on_step,
             step_offset=offset,
+            masks=masks,  # frozen entries: zero gradient, no decay (csmf_core.optim)
         )
     finally:
-        for h in hooks:
-            h.remove()
         model.eval()
     return log.summary()
 
@@ -219,7 +217,8 @@ def _train_phase(
 def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -> MethodResult:
     """Weight-level-mask cascade; serving stores the concatenated per-mode item vectors."""
     cfg = with_seed(cfg, seed)
-    # decoupled weight decay would move frozen entries: this variant trains without it
+    # this variant has always trained without weight decay (its figures); the masked optimiser step
+    # (csmf_core.optim) would decay only the stage's own entries
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, weight_decay=0.0))
     set_threads(cfg)
     t0 = time.perf_counter()
@@ -247,9 +246,7 @@ def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -
                 steps += s["steps"]
                 info[f"recover_{data.objectives[t]}"] = s
     train_seconds = time.perf_counter() - t0
-    per_mode_u = [
-        encode_users(lambda x, t=t: model.user_vectors(x, t), data.tables, data.eval) for t in range(n)
-    ]
+    per_mode_u = [encode_eval_users(lambda x, t=t: model.user_vectors(x, t), data) for t in range(n)]
     per_mode_v = [encode_items(lambda x, t=t: model.item_vectors(x, t), data.tables) for t in range(n)]
     concat = torch.cat(per_mode_v, dim=1)
     d = cfg.model.dim

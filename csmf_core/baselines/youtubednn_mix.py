@@ -20,15 +20,16 @@ from csmf_core.baselines.base import MethodResult
 from csmf_core.baselines.common import (
     OnStep,
     count_params,
-    encode_items,
-    encode_users,
+    encode_eval_users,
     set_threads,
     train_plain_two_tower,
     with_seed,
 )
 from csmf_core.cascade import CascadeData
 from csmf_core.config import CSMFConfig
-from csmf_core.train import TrainRows, item_log_q
+from csmf_core.evaluate import encode_items
+from csmf_core.losses import item_log_q
+from csmf_core.rows import TrainRows
 
 
 def mixed_rows(data: CascadeData) -> TrainRows:
@@ -53,7 +54,7 @@ def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -
         log_q=item_log_q(counts),
         on_step=on_step,
     )
-    u = encode_users(model.user_vectors, data.tables, data.eval)
+    u = encode_eval_users(model.user_vectors, data)
     v = encode_items(model.item_vectors, data.tables)
     served = data.objectives[1:]
     return MethodResult(

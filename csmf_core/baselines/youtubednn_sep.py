@@ -18,8 +18,7 @@ from csmf_core.baselines.base import MethodResult
 from csmf_core.baselines.common import (
     OnStep,
     count_params,
-    encode_items,
-    encode_users,
+    encode_eval_users,
     set_threads,
     stage_log_q,
     train_plain_two_tower,
@@ -27,6 +26,7 @@ from csmf_core.baselines.common import (
 )
 from csmf_core.cascade import CascadeData
 from csmf_core.config import CSMFConfig
+from csmf_core.evaluate import encode_items
 
 
 def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -> MethodResult:
@@ -48,7 +48,7 @@ def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -
             step_offset=steps,
         )
         steps += log.steps
-        users[o] = encode_users(model.user_vectors, data.tables, data.eval)
+        users[o] = encode_eval_users(model.user_vectors, data)
         items[o] = encode_items(model.item_vectors, data.tables)
         info[o] = log.summary()
         n_params += count_params(model)

@@ -21,8 +21,11 @@ from csmf_core import prep, synth
 from csmf_core.cascade import Step, build_model, load_cascade_data, run_step
 from csmf_core.config import build_config
 from csmf_core.distributed import params_digest, run_step_distributed, step_completed
+from csmf_core.losses import item_log_q
 from csmf_core.masks import param_owners
-from csmf_core.train import TrainingDiverged, TrainRows, _batch_loss, item_log_q
+from csmf_core.optim import TrainingDiverged
+from csmf_core.rows import TrainRows
+from csmf_core.train import _batch_loss
 
 pytestmark = pytest.mark.integration
 

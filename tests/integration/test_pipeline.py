@@ -25,8 +25,8 @@ from prefect.testing.utilities import prefect_test_harness
 
 from csmf_core.cascade import plan
 from csmf_core.config import build_config
+from csmf_core.optim import TrainingDiverged
 from csmf_core.synth import generate
-from csmf_core.train import TrainingDiverged
 from data_contracts import ContractError
 from flows.pipeline import csmf_daily
 from flows.registry import REGISTERED_MODEL, load_recommender, resolve_bundle
@@ -344,3 +344,36 @@ def test_missing_partition_fails_before_any_work(prefect_harness, tiny, bad_home
             csmf_daily(date="2026-01-09", data=str(tiny), home=str(bad_home), overrides=OVERRIDES)
     assert not (bad_home / "runs" / "2026-01-09").exists()
     assert os.environ.get("CSMF_HOME") != str(bad_home)  # the test's environment was restored
+
+
+# ---- ids across int64 through the whole flow (issue 13 item 3) -------------------------------------------
+def test_flow_serves_ids_across_int64(prefect_harness, tiny, happy, wide_ids, tmp_path_factory):
+    """The tiny data with its ids mapped increasingly onto random 62-bit values and int64's extremes
+    (tests/conftest.py::widen_ids): the flow must train the same model as on the small ids, register
+    it, and serve exactly the mapped ids (the happy run is the oracle)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from csmf_core.serving import Recommender
+
+    int64_min, int64_max = -(2**63), 2**63 - 1
+    root = tmp_path_factory.mktemp("wide")
+    maps = wide_ids(tiny, root / "synth-tiny")
+    home = root / "home"
+    with _store(home):
+        result = csmf_daily(data=str(root / "synth-tiny"), home=str(home), overrides=OVERRIDES)
+        model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@champion")
+    bundle = Path(result["bundle_dir"])
+    assert sorted(np.load(bundle / "index" / "ids.npy").tolist()) == sorted(maps["item_id"].values())
+    state = pq.read_table(bundle / "user_state.parquet")["user_id"].to_pylist()
+    assert sorted(state) == sorted(maps["user_id"].values())
+
+    inverse = {v: k for k, v in maps["user_id"].items()}
+    ids = [int64_max, int64_min, 2**53 + 1, int64_max - 1]
+    out = model.predict(pd.DataFrame({"user_id": ids, "k": [5, 5, 5, 5]}))
+    assert out["user_id"].tolist() == ids
+    assert out["cold_start"].tolist() == [False, False, False, True]
+    small = Recommender.load(happy.result["bundle_dir"])
+    for got, uid in zip(out["item_ids"][:3], ids[:3]):
+        want = small.recommend([inverse[uid]], k=5)[0]["items"]
+        assert list(got) == [maps["item_id"][i] for i in want]

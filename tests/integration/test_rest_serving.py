@@ -1,9 +1,11 @@
 """`mlflow models serve -m models:/csmf@champion --env-manager local` on loopback, for real.
 
-A tiny model is trained in-process (synth tiny -> prep -> cascade -> bundle), registered in a
+A tiny model is trained in-process (synth tiny with its ids mapped onto random 62-bit values and
+int64's extremes (tests/conftest.py::widen_ids) -> prep -> cascade -> bundle), registered in a
 temporary SQLite store and promoted to champion; the scoring server runs as a subprocess on a free
-127.0.0.1 port. Valid requests must equal the Recommender and `csmf recommend`; invalid ones must
-get HTTP 400 with a message naming the problem, and the server must keep answering afterwards.
+127.0.0.1 port with small request limits (flows/serve_limits.py). Valid requests must equal the
+Recommender and `csmf recommend`, ids exactly; invalid ones must get HTTP 400 (413 for a body over
+the limit) with a message naming the problem, and the server must keep answering afterwards.
 
     .venv/bin/pytest -m integration tests/integration/test_rest_serving.py
 """
@@ -36,6 +38,8 @@ from flows.cli import main as csmf
 from flows.registry import REGISTERED_MODEL, champion, load_recommender, log_and_register, promote
 
 pytestmark = pytest.mark.integration
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_USERS, MAX_BODY_BYTES = 50, 16_384  # the server's CSMF_SERVE_MAX_USERS / CSMF_SERVE_MAX_BODY_BYTES
 
 CONFIG = {
     "model": {"dim": 16, "hidden": [32]},
@@ -62,12 +66,13 @@ def post(url: str, payload: dict) -> tuple[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, wide_ids):
     root = tmp_path_factory.mktemp("rest")
     home = root / "home"
     uri = f"sqlite:///{home / 'mlflow.db'}"
     home.mkdir()
-    s = synth.generate(root / "ds", "tiny", seed=0)
+    s = synth.generate(root / "small", "tiny", seed=0)
+    wide_ids(root / "small", root / "ds")
     cfg = build_config(CONFIG)
     prep.prepare(
         root / "ds",
@@ -116,6 +121,8 @@ def served(tmp_path_factory):
                 **os.environ,
                 "MLFLOW_TRACKING_URI": uri,
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                "CSMF_SERVE_MAX_USERS": str(MAX_USERS),
+                "CSMF_SERVE_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
             },
             start_new_session=True,
         )  # fmt: skip
@@ -135,6 +142,7 @@ def served(tmp_path_factory):
                 time.sleep(0.5)
             users = pl.read_parquet(root / "ds" / "users.parquet")["user_id"].head(3).to_list()
             yield {
+                "port": port,
                 "url": f"http://127.0.0.1:{port}/invocations",
                 "home": home,
                 "users": users,
@@ -180,13 +188,16 @@ def test_valid_requests_match_the_recommender_and_the_cli(served, capsys):
         {"user_id": users[0], "k": 5, "weights": None},
         {"user_id": users[1], "k": 7, "weights": "1,3,0.5"},
         {"user_id": unknown, "k": 4, "weights": None},
+        {"user_id": INT64_MAX, "k": 3, "weights": None},  # known users (widen_ids), exact ids
+        {"user_id": INT64_MIN, "k": 3, "weights": "1,3,0.5"},
+        {"user_id": INT64_MAX - 1, "k": 2, "weights": None},  # the same float64 as INT64_MAX: unknown
     ]
     status, body = post(served["url"], {"dataframe_records": records})
     assert status == 200, body
     preds = body["predictions"]
-    assert [p["user_id"] for p in preds] == [users[0], users[1], unknown]
-    assert [len(p["item_ids"]) for p in preds] == [5, 7, 4]
-    assert [p["cold_start"] for p in preds] == [False, False, True]
+    assert [p["user_id"] for p in preds] == [r["user_id"] for r in records]
+    assert [len(p["item_ids"]) for p in preds] == [5, 7, 4, 3, 3, 2]
+    assert [p["cold_start"] for p in preds] == [False, False, True, False, False, True]
     rec = load_recommender("models:/csmf@champion", home=served["home"])
     for p, r in zip(preds, records):
         w = None if r["weights"] is None else [float(x) for x in r["weights"].split(",")]
@@ -216,5 +227,111 @@ def test_invalid_requests_get_400_with_a_message(served, record, message):
     assert status == 400, body
     assert body.get("error_code") == "INVALID_PARAMETER_VALUE" and message in body["message"], body
     assert served["server"].poll() is None  # never a crash
+    ok, _ = post(served["url"], {"dataframe_records": [{"user_id": served["users"][0], "k": 2}]})
+    assert ok == 200
+
+
+# ---- ids across int64 and request limits (issue 13 items 3 and 9) -----------------------------------------
+@pytest.mark.parametrize(
+    "records, message",
+    [
+        ([{"user_id": 2**63}], "user_id 9223372036854775808 is outside the int64 range"),
+        ([{"user_id": -(2**63) - 1}], "user_id -9223372036854775809 is outside the int64 range"),
+        ([{"user_id": 1.5}], "user_id 1.5 is not an integer id"),
+        ([{"user_id": "42"}], "user_id '42' is not an integer id (a string"),
+        ([{"user_id": True}], "user_id True is not an integer id"),
+        ([{"user_id": None}], "user_id is missing"),
+        # one float makes pandas turn the column into float64, where 2**62 + 1 is already 2**62
+        ([{"user_id": 2**62 + 1}, {"user_id": 3.0}], "a float beyond 2**53"),
+    ],
+)
+def test_ids_outside_int64_or_through_float_get_400(served, records, message):
+    status, body = post(served["url"], {"dataframe_records": records})
+    assert status == 400, body
+    assert body.get("error_code") == "INVALID_PARAMETER_VALUE" and message in body["message"], body
+    assert served["server"].poll() is None
+
+
+def test_split_format_keeps_wide_ids(served):
+    ids = [INT64_MIN, INT64_MAX, 2**53 + 1]
+    status, body = post(
+        served["url"], {"dataframe_split": {"columns": ["user_id"], "data": [[u] for u in ids]}}
+    )
+    assert status == 200, body
+    assert [p["user_id"] for p in body["predictions"]] == ids
+    assert [p["cold_start"] for p in body["predictions"]] == [False, False, False]
+
+
+def test_more_users_than_the_limit_get_400(served):
+    users = served["users"]
+    records = [{"user_id": users[n % len(users)], "k": 1} for n in range(MAX_USERS)]
+    status, body = post(served["url"], {"dataframe_records": records})
+    assert status == 200 and len(body["predictions"]) == MAX_USERS
+    status, body = post(served["url"], {"dataframe_records": records + records[:1]})
+    assert status == 400, body
+    assert body["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert (
+        f"{MAX_USERS + 1} users in one request, more than CSMF_SERVE_MAX_USERS={MAX_USERS}" in body["message"]
+    )
+
+
+def test_deeply_nested_json_gets_400(served):
+    body = b'{"dataframe_records": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    assert len(body) < MAX_BODY_BYTES  # refused for its depth, not its size
+    status, reply = _raw(served["port"], body)
+    assert status == 400, reply
+    assert "nested 5001 levels deep, more than CSMF_SERVE_MAX_JSON_DEPTH=32" in reply["message"]
+    ok, _ = post(served["url"], {"dataframe_records": [{"user_id": served["users"][0], "k": 2}]})
+    assert ok == 200
+
+
+def _raw(port: int, body: bytes, headers: dict | None = None, send: bytes | None = None) -> tuple[int, dict]:
+    """POST /invocations over a plain socket: `headers` as given (Content-Length of `body` unless set),
+    then `send` (default `body`); returns (status, JSON reply)."""
+    head = {"Host": "127.0.0.1", "Content-Type": "application/json", "Connection": "close"}
+    head |= headers if headers is not None else {"Content-Length": str(len(body))}
+    lines = "".join(f"{k}: {v}\r\n" for k, v in head.items())
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(f"POST /invocations HTTP/1.1\r\n{lines}\r\n".encode() + (body if send is None else send))
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head_text, _, payload = data.partition(b"\r\n\r\n")
+    status = int(head_text.split()[1])
+    if b"chunked" in head_text.lower():  # de-chunk a chunked reply
+        out, rest = b"", payload
+        while rest:
+            size, _, rest = rest.partition(b"\r\n")
+            n = int(size, 16)
+            if n == 0:
+                break
+            out, rest = out + rest[:n], rest[n + 2 :]
+        payload = out
+    return status, json.loads(payload or b"{}")
+
+
+def test_bodies_over_the_limit_get_413_before_they_are_read(served):
+    valid = json.dumps({"dataframe_records": [{"user_id": served["users"][0], "k": 2}]}).encode()
+    status, reply = _raw(served["port"], valid)
+    assert status == 200, reply
+    padded = valid + b" " * MAX_BODY_BYTES  # valid JSON, one byte too many... and more
+    status, reply = _raw(served["port"], padded)
+    assert status == 413 and reply["error_code"] == "REQUEST_LIMIT_EXCEEDED", reply
+    assert f"CSMF_SERVE_MAX_BODY_BYTES={MAX_BODY_BYTES:,}" in reply["message"]
+    # 1 GB announced, 100 bytes sent: answered at once (the server never waits for the rest)
+    t0 = time.monotonic()
+    status, reply = _raw(served["port"], b"", {"Content-Length": str(10**9)}, send=b" " * 100)
+    assert status == 413 and f"Content-Length {10**9:,}" in reply["message"], reply
+    assert time.monotonic() - t0 < 20
+    # chunked, no Content-Length: refused once the bytes received pass the limit
+    chunk = b" " * (MAX_BODY_BYTES + 100)
+    status, reply = _raw(
+        served["port"],
+        b"",
+        {"Transfer-Encoding": "chunked"},
+        send=f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n",
+    )
+    assert status == 413 and f"more than {MAX_BODY_BYTES:,} bytes sent" in reply["message"], reply
+    assert served["server"].poll() is None
     ok, _ = post(served["url"], {"dataframe_records": [{"user_id": served["users"][0], "k": 2}]})
     assert ok == 200

@@ -16,20 +16,15 @@ import torch
 
 from csmf_core.baselines import dmmp, dtml, moppr, mvke, resflow
 from csmf_core.baselines.base import check_result, evaluate_result
-from csmf_core.baselines.common import (
-    batches_per_epoch,
-    cascade_bce,
-    joint_train_loop,
-    listwise_kl,
-    task_active,
-)
+from csmf_core.baselines.distill import cascade_bce, listwise_kl
+from csmf_core.baselines.multitask import batches_per_epoch, joint_train_loop, task_active
 from csmf_core.baselines.serving_cost import item_groups
 from csmf_core.cascade import load_cascade_data
 from csmf_core.config import build_config
 from csmf_core.model import TowerInputs, TowerSpec
 from csmf_core.prep import prepare
+from csmf_core.rows import TrainRows
 from csmf_core.synth import generate
-from csmf_core.train import TrainRows
 
 CFG = {
     "model": {"dim": 16, "hidden": [32]},
@@ -265,6 +260,6 @@ def test_joint_train_loop_gives_each_pool_its_epochs():
     for t, (n, e) in enumerate([(10, 2), (6, 3), (3, 1)]):
         assert len(seen[t]) == batches_per_epoch(n, 4) * e
         flat = sorted(x for b in seen[t] for x in b)
-        # every row seen once per epoch (a trailing 1-row batch is dropped, as iter_batches does)
+        # every row seen once per epoch (a trailing 1-row batch is dropped, as shuffled_batches does)
         assert len(flat) >= e * (n - 1) and max(np.bincount(flat)) <= e
     assert float(w.detach()) > 0  # the optimiser ran

@@ -47,6 +47,51 @@ def test_core_never_imports_orchestration():
                 assert n.split(".")[0] not in banned, f"{f.name} imports {n}"
 
 
+def _core_import_graph(root: pathlib.Path) -> dict[str, set[str]]:
+    """csmf_core module -> the csmf_core modules it imports anywhere in its file (function-level too)."""
+    graph: dict[str, set[str]] = {}
+    for f in root.rglob("*.py"):
+        parts = f.relative_to(root.parent).with_suffix("").parts
+        mod = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                deps.add(node.module)
+                deps |= {f"{node.module}.{a.name}" for a in node.names}
+        graph[mod] = {d for d in deps if d.startswith("csmf_core")}
+    return {m: {d for d in deps if d in graph} for m, deps in graph.items()}
+
+
+def test_reading_rows_never_imports_training():
+    """Row types live in csmf_core.rows: the loader, the server, the bundle, evaluation and validation
+    reach neither the trainer nor the cascade, even through other modules."""
+    graph = _core_import_graph(pathlib.Path(__file__).resolve().parents[2] / "csmf_core")
+    for start in ("loader", "serving", "bundle", "evaluate", "validation", "rows"):
+        seen, todo = set(), [f"csmf_core.{start}"]
+        while todo:
+            m = todo.pop()
+            if m not in seen:
+                seen.add(m)
+                todo += graph[m]
+        assert not seen & {"csmf_core.train", "csmf_core.cascade", "csmf_core.optim"}, (start, sorted(seen))
+
+
+def test_one_optimiser_step_for_every_method():
+    """CSMF's stages and every comparison method train through csmf_core.optim.Optimiser.step: the only
+    backward call in csmf_core and flows."""
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    calls = [
+        f"{f.relative_to(repo).as_posix()}:{n}"
+        for d in ("csmf_core", "flows")
+        for f in sorted((repo / d).rglob("*.py"))
+        for n, line in enumerate(f.read_text().splitlines(), 1)
+        if ".backward(" in line
+    ]
+    assert len(calls) == 1 and calls[0].startswith("csmf_core/optim.py:"), calls
+
+
 def test_configs_default_yaml_is_the_builtin_default():
     root = pathlib.Path(__file__).resolve().parents[2]
     assert load_config(root / "configs" / "default.yaml") == build_config()

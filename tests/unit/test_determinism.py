@@ -9,9 +9,9 @@ import torch
 
 from csmf_core.cascade import load_cascade_data, run_cascade
 from csmf_core.config import build_config
+from csmf_core.optim import deterministic_kernels
 from csmf_core.prep import prepare
 from csmf_core.synth import generate
-from csmf_core.train import deterministic_kernels
 
 
 @pytest.fixture(scope="module")

@@ -156,7 +156,7 @@ def test_non_finite_loss_stops_the_stage(tiny_world):
     import dataclasses
 
     from csmf_core.cascade import run_cascade
-    from csmf_core.train import TrainingDiverged
+    from csmf_core.optim import TrainingDiverged
 
     cfg = tiny_world["cfg"]
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=1e30, max_loss=1e308))

@@ -22,9 +22,10 @@ from csmf_core.checkpoint import save_checkpoint
 from csmf_core.config import build_config
 from csmf_core.evaluate import evaluate_model, item_matrix
 from csmf_core.item_stats import DAY_US, item_rates, model_ready_item_stats
-from csmf_core.losses import aml_margins, sampled_softmax, upstream_scores
+from csmf_core.losses import aml_margins, item_log_q, sampled_softmax, upstream_scores
+from csmf_core.rows import FeatureTables, TrainRows
 from csmf_core.serving import Recommender, write_bundle
-from csmf_core.train import FeatureTables, TrainRows, _batch_loss, item_log_q
+from csmf_core.train import _batch_loss
 
 TINY_CONFIG = {  # as tests/unit/conftest.py's tiny_world
     "model": {"dim": 16, "hidden": [32]},

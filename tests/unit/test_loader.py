@@ -15,7 +15,8 @@ from csmf_core.cascade import build_model, load_cascade_data
 from csmf_core.config import build_config
 from csmf_core.data import load_model_ready
 from csmf_core.loader import ParquetTrainSource, steps_per_epoch
-from csmf_core.train import item_log_q, train_stage
+from csmf_core.losses import item_log_q
+from csmf_core.train import train_stage
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +213,8 @@ def test_train_stage_through_the_parquet_loader(mr):
 
 def test_in_memory_rows_shard_like_the_loader(mem):
     """train.loader=memory under DDP: rank shares of each global batch, equal steps, no row twice."""
-    from csmf_core.train import TrainRows, _memory_epochs
+    from csmf_core.rows import TrainRows
+    from csmf_core.train import _memory_epochs
 
     rows = TrainRows(mem.u, mem.i, mem.level, [mem.hist["click"]], mem.neg, row=torch.arange(len(mem)))
     data = rows.for_stage(1)

@@ -16,7 +16,9 @@ import torch
 import yaml
 
 from csmf_core import prep, synth
-from csmf_core.data import iterate_batches, load_model_ready
+from csmf_core.data import load_model_ready
+from csmf_core.rows import TrainRows
+from csmf_core.train import _memory_epochs
 
 UTC = dt.UTC
 # (request_id, user_id, item_id, day, hour, exposed, clicked, converted); day d = 2026-01-0d.
@@ -230,19 +232,30 @@ def test_loader_and_batches(hand):
     assert tr.neg[1].tolist() == [5, 1] and tr.hist["click"][4].tolist() == [2, 2, 3]
     assert [p.tolist() for p in data.eval.pos["exposure"]] == [[1, 3], [5]]
     assert [p.tolist() for p in data.eval.pos["conversion"]] == [[], [5]]
+    # the trainer's in-memory rows (csmf_core.cascade.load_cascade_data) and batches (train_stage)
+    rows = TrainRows(
+        tr.u, tr.i, tr.level, [tr.hist["click"], tr.hist["conversion"]], tr.neg, row=torch.arange(7)
+    )
+
+    def batches(data: TrainRows, bs: int, seed: int, epoch: int = 0) -> list[TrainRows]:
+        epochs = _memory_epochs(data, bs, torch.Generator().manual_seed(seed), 0, 1)
+        return [list(epochs(e)) for e in range(epoch + 1)][epoch]
+
     for stage, expected in ((0, 7), (1, 4), (2, 1)):
-        batches = list(iterate_batches(tr, stage, batch_size=3, seed=1, epoch=0))
-        rows = torch.cat([b["row"] for b in batches])
-        assert sorted(rows.tolist()) == torch.nonzero(tr.level >= stage).squeeze(1).tolist()
-        assert len(rows) == expected
-        b = batches[0]
-        assert torch.equal(b["i"], tr.i[b["row"]]) and torch.equal(
-            b["hist_conversion"], tr.hist["conversion"][b["row"]]
-        )
-    order = lambda **kw: torch.cat([b["row"] for b in iterate_batches(tr, 0, 2, **kw)]).tolist()  # noqa: E731
+        sel = rows.for_stage(stage)  # the positives of stage `stage`
+        assert sel.row.tolist() == torch.nonzero(tr.level >= stage).squeeze(1).tolist()
+        assert len(sel) == expected
+        assert torch.equal(sel.i, tr.i[sel.row]) and torch.equal(sel.hists[1], tr.hist["conversion"][sel.row])
+        bs = batches(sel, 3, seed=1)
+        got = torch.cat([b.row for b in bs]).tolist() if bs else []
+        assert len(set(got)) == len(got) >= expected - 1  # each row once; a trailing 1-row batch dropped
+        assert set(got) <= set(sel.row.tolist())
+        for b in bs:
+            assert torch.equal(b.i, tr.i[b.row]) and torch.equal(b.hists[1], tr.hist["conversion"][b.row])
+    order = lambda **kw: torch.cat([b.row for b in batches(rows, 2, **kw)]).tolist()  # noqa: E731
     assert order(seed=3, epoch=1) == order(seed=3, epoch=1)
     assert len({tuple(order(seed=3, epoch=e)) for e in range(6)}) > 1
-    assert sum(len(b["row"]) for b in iterate_batches(tr, 0, 3, drop_last=True)) == 6
+    assert sum(len(b) for b in batches(rows, 3, seed=0)) == 6  # 3 + 3, the trailing 1-row batch dropped
 
 
 def test_tiny_synth_end_to_end(tmp_path):
