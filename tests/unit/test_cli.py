@@ -227,11 +227,17 @@ def test_setup_home_keeps_variables_already_set(tmp_path, monkeypatch, clean_env
 
 
 def test_ui_runs_mlflow_on_the_home_store(tmp_path, monkeypatch, capsys, clean_env):
-    seen = []
-    monkeypatch.setattr(
-        cli.subprocess, "run", lambda cmd, check: seen.append(cmd) or types.SimpleNamespace(returncode=0)
-    )
+    seen, stopped = [], []
+
+    def popen(cmd, **kwargs):
+        seen.append(cmd)
+        assert kwargs == {"start_new_session": True}  # its own group: stopped as a whole (flows.lock)
+        return types.SimpleNamespace(pid=424242, wait=lambda: 0)
+
+    monkeypatch.setattr(cli.subprocess, "Popen", popen)
+    monkeypatch.setattr("flows.lock.stop_process_group", lambda pid, timeout: stopped.append(pid))
     assert cli.main(["ui", "--home", str(tmp_path), "--port", "5099"]) == 0
+    assert stopped == [424242]  # even when mlflow exits by itself: its workers go with it
     uri = f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     assert seen == [
         [
