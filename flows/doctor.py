@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,6 +200,8 @@ def _leftover_processes(root: Path) -> list[psutil.Process]:
 
 
 def _stop(procs: list[psutil.Process], report: Cleanup) -> None:
+    """SIGTERM, then SIGKILL to what still runs after STOP_TIMEOUT seconds. An orphan is not our child:
+    once it exits it is gone, or a zombie until its new parent (init) reaps it; both count as stopped."""
     names = {}
     for proc in procs:
         try:
@@ -206,20 +209,34 @@ def _stop(procs: list[psutil.Process], report: Cleanup) -> None:
             proc.terminate()
         except psutil.Error:
             continue
-    _, alive = psutil.wait_procs(procs, timeout=STOP_TIMEOUT)
+    alive = _wait_gone([p for p in procs if p.pid in names], STOP_TIMEOUT)
     for proc in alive:
         try:
             proc.kill()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(alive, timeout=STOP_TIMEOUT)
-    for proc in procs:
-        if proc.pid not in names:
-            continue
-        if proc in alive:
-            report.errors.append(f"pid {proc.pid} ({names[proc.pid]}) still runs after SIGKILL")
+    alive = _wait_gone(alive, STOP_TIMEOUT)
+    for pid, name in names.items():
+        if any(p.pid == pid for p in alive):
+            report.errors.append(f"pid {pid} ({name}) still runs after SIGKILL")
         else:
-            report.stopped.append(f"pid {proc.pid}: {names[proc.pid]}")
+            report.stopped.append(f"pid {pid}: {name}")
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """The processes of `procs` still running (not exited, not a zombie) after up to `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for proc in procs:
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc)
+            except psutil.Error:
+                continue
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
 
 
 def _reason(owner: dict) -> str:

@@ -69,7 +69,7 @@ def setup_home(home: str | os.PathLike | None = None) -> Path:
 def _mkdir(path: Path, root: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except PermissionError as exc:  # e.g. a --home under a read-only mount or another user's directory
+    except OSError as exc:  # a read-only mount, another user's directory, a file in the way
         raise _not_writable(root, path, exc) from None
 
 
