@@ -343,8 +343,8 @@ def before_run(home: str | os.PathLike, tracking_uri: str | None = None) -> Clea
     """What every flow does first: claim this process and clean up after dead ones. Never fails the
     flow: a cleanup that cannot run is a warning (`csmf doctor` shows the details)."""
     log = _run_logger()
-    claim(home)
     try:
+        claim(home)
         report = cleanup(home, tracking_uri)
     except Exception as exc:  # housekeeping must not stop a run
         log.warning("crash cleanup skipped (%s: %s); run `csmf doctor` to see why", type(exc).__name__, exc)
