@@ -46,8 +46,8 @@ from csmf_core.evaluate import Ranked, evaluate_model, gaps_table, metric_dict, 
 from csmf_core.prep import prepare
 from csmf_core.serving import metrics_table, summary_table, write_bundle
 from data_contracts import list_partitions, load_spec, validate_dataset
+from flows import doctor, reporting
 from flows import gate as gating
-from flows import reporting
 from flows.inputs import EXPERIMENT, Window, code_version, dataset_digest, plan_window, setup_home
 from flows.lock import date_lock
 from flows.registry import (
@@ -114,12 +114,13 @@ def _transient(task_: Any, task_run: Any, state: Any) -> bool:
 
 @contextmanager
 def _child(run: RunContext, name: str, **tags: Any) -> Iterator[MlflowTracker]:
-    """A child MLflow run named `name`, FINISHED on success and FAILED on any exception."""
+    """A child MLflow run named `name`, FINISHED on success and FAILED (tag csmf.failure_reason) on any
+    exception; the exception is re-raised unchanged even when the tracking store refuses the update."""
     tracker = run.parent().child(name, tags={"csmf.step": name, **{f"csmf.{k}": v for k, v in tags.items()}})
     try:
         yield tracker
-    except BaseException:
-        tracker.finish("FAILED")
+    except BaseException as exc:
+        tracker.fail(exc)
         raise
     tracker.finish("FINISHED")
 
@@ -159,6 +160,7 @@ def csmf_daily(
     cfg = load_config(config, overrides)
     dataset = Path(data).resolve() if data else generate_data(env.root)
     window = plan_window(dataset, date, cfg.data)  # missing partitions fail here, before any work
+    doctor.before_run(env.root, env.tracking_uri)  # what killed csmf processes left (flows/doctor.py)
     with date_lock(env.root, window.date, who=f"prefect flow run {flow_run.id or 'local'}"):
         run = open_run(env.root, env.tracking_uri, env.artifacts, cfg, dataset, window)
         try:
@@ -172,8 +174,8 @@ def csmf_daily(
             rows = evaluate(checkpoint, ready, cfg, run)
             version = register(bundle, rows, cfg, run)
             decision = gate(bundle, version, ready, cfg, run)
-        except BaseException:
-            run.parent().finish("FAILED")
+        except BaseException as exc:
+            run.parent().fail(exc)
             raise
         finally:
             _LOADED.clear()
@@ -269,16 +271,21 @@ def open_run(
         "csmf.workdir": str(workdir),
         "prefect.flow_run_id": str(flow_run.id),
         "prefect.flow_run_name": str(flow_run.name),
+        **doctor.owner_tags(),  # who runs it: `csmf doctor` marks it FAILED if this process dies
     }
     parent = MlflowTracker.start(
         experiment_id, f"csmf-daily-{window.date}", tags=tags, tracking_uri=tracking_uri
     )
-    parent.log_params(
-        {**cfg.flat(), "run.train_dates": window.train_dates, "run.eval_dates": window.eval_dates}
-    )
-    (workdir / "config.yaml").write_text(yaml.safe_dump(reporting.plain(cfg.to_dict()), sort_keys=False))
-    parent.log_artifact(workdir / "config.yaml", "config")
-    cache = StageCache.for_run(home, digest, training_digest(cfg), code_version(), window)
+    try:  # the flow's own FAILED handling starts once this task has returned the run
+        parent.log_params(
+            {**cfg.flat(), "run.train_dates": window.train_dates, "run.eval_dates": window.eval_dates}
+        )
+        (workdir / "config.yaml").write_text(yaml.safe_dump(reporting.plain(cfg.to_dict()), sort_keys=False))
+        parent.log_artifact(workdir / "config.yaml", "config")
+        cache = StageCache.for_run(home, digest, training_digest(cfg), code_version(), window)
+    except BaseException as exc:  # an unwritable artifact store, a full disk
+        parent.fail(exc)
+        raise
     return RunContext(
         workdir, dataset, window, tracking_uri, experiment_id, parent.run_id, digest, home, cache
     )
