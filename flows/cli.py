@@ -42,7 +42,7 @@ from flows.env import check_writable, setup_home, tracking_uri
 SYNTH_DEFAULT = ("small", 0)  # preset and seed of the data `csmf run` generates when given no --data
 # Errors that are the user's to fix (data, config, arguments, disk, a run already training): one
 # paragraph, exit 2. The named ones are matched by class name so that this module imports neither
-# mlflow nor torch: MlflowException, flows.lock.RunLocked, csmf_core.train.TrainingDiverged.
+# mlflow nor torch: MlflowException, flows.lock.RunLocked, csmf_core.optim.TrainingDiverged.
 _USER_ERRORS = (ValueError, OSError, LookupError)
 _USER_ERROR_NAMES = {"MlflowException", "RunLocked", "TrainingDiverged"}
 _RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")  # Prefect's flow and task run loggers
