@@ -132,6 +132,10 @@ class GateConfig:
     # recall and nDCG at eval.primary_k, per objective, under the objective's own score and the fused one.
     tolerance: float = 0.005
     sample_users: int = 256  # users checked for exact fusion and index == towers
+    # Fewest evaluation users with a positive, per objective, that can measure a model: below it the
+    # gate promotes nothing (no champion change, no first champion). With 10 users one user moves
+    # recall by 0.1, twenty times the default tolerance; with none every metric is NaN.
+    min_users: int = 10
 
 
 @dataclass(frozen=True)
@@ -333,6 +337,10 @@ def _check_ranges(cfg: CSMFConfig, errors: list[str]) -> None:
         ),
         (cfg.gate.tolerance >= 0, "gate.tolerance must be >= 0"),
         (cfg.gate.sample_users >= 1, "gate.sample_users must be >= 1"),
+        (
+            cfg.gate.min_users >= 1,
+            "gate.min_users must be >= 1 (evaluation users with a positive, per objective)",
+        ),
         (cfg.retention.keep_days >= 0, "retention.keep_days must be >= 0 (0 = keep all)"),
     ]
     # a NaN/inf key already has its message; its range message would only restate it less clearly

@@ -12,29 +12,40 @@ How to run:
     csmf evaluate --model models:/csmf@champion --data data/synth-small
     csmf compare --data data/synth-small --methods all --seeds 3       # baselines + ablations report
     csmf ui                                               # MLflow UI on http://127.0.0.1:5000
+    csmf doctor                                           # clean up after a killed run (flows/doctor.py)
 
 State lives in one directory: --home, else $CSMF_HOME, else ./.csmf (flows.env.setup_home), set up
 before prefect or mlflow are imported (they read their settings at import). Those, torch and the
 flow are imported lazily inside the commands that need them so that `csmf --help` stays fast.
-Errors from the data contract, the configuration or bad arguments print one paragraph and exit 2
-(`--debug` shows the traceback).
+Errors from the data contract, the configuration, bad arguments, a failed run (a held date lock, a
+diverged loss, a full disk or an unwritable file) print one paragraph and exit 2; while a flow runs,
+Prefect's log lines about the failure keep their message but not their traceback on the console (the
+Prefect API and UI keep it). `--debug` shows every traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import logging
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from flows.env import setup_home, tracking_uri
+from flows.env import check_writable, setup_home, tracking_uri
 
 SYNTH_DEFAULT = ("small", 0)  # preset and seed of the data `csmf run` generates when given no --data
-_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, LookupError, NotADirectoryError)
+# Errors that are the user's to fix (data, config, arguments, disk, a run already training): one
+# paragraph, exit 2. The named ones are matched by class name so that this module imports neither
+# mlflow nor torch: MlflowException, flows.lock.RunLocked, csmf_core.optim.TrainingDiverged.
+_USER_ERRORS = (ValueError, OSError, LookupError)
+_USER_ERROR_NAMES = {"MlflowException", "RunLocked", "TrainingDiverged"}
+_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")  # Prefect's flow and task run loggers
 
 
 # ---- small helpers (shared with flows.cli_serving) -------------------------------------------------
@@ -117,7 +128,12 @@ def partition_dates(dataset_dir: Path) -> list[str]:
 # ---- data commands ---------------------------------------------------------------------------------
 def cmd_synth(args: argparse.Namespace) -> int:
     from csmf_core import synth
+    from csmf_core.fsutil import fresh_temp_dir
 
+    try:  # the library's own refusal names its Python argument (overwrite=True)
+        fresh_temp_dir(args.out, args.overwrite, check_only=True)
+    except FileExistsError:
+        raise FileExistsError(f"{args.out} exists and is not empty; add --overwrite to replace it") from None
     with Progress(f"generating synthetic dataset ({args.preset}, seed {args.seed}) in {args.out}"):
         s = synth.generate(args.out, args.preset, args.seed, overwrite=args.overwrite)
     cfg = s.config
@@ -133,6 +149,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from data_contracts import import_kuairand
 
+    if args.out.exists() and not args.overwrite:  # the library would name its Python argument
+        raise FileExistsError(
+            f"{args.out} already exists; add --overwrite to replace it (the old dataset is replaced "
+            "only once the new one is complete)"
+        )
     with Progress(f"importing KuaiRand from {args.src} into {args.out}"):
         s = import_kuairand(args.src, args.out, conversion=args.conversion, overwrite=args.overwrite)
     print(
@@ -183,6 +204,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from csmf_core.config import load_config
 
     home = setup_home(args.home)  # before the flow module imports prefect and mlflow
+    check_writable(home)  # a read-only home: one message now, not Prefect's retry loop later
     cfg = load_config(args.config, args.set)  # fail fast, before Prefect starts, on a bad config
     data = Path(args.data).resolve() if args.data else default_dataset(home)
     dates = partition_dates(data)
@@ -192,20 +214,76 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ValueError(f"--date {date!r} is not YYYY-MM-DD") from exc
     print(f"csmf run: data {data}, evaluation day {date} (training on the partitions before it), home {home}")
+    from flows.doctor import claim
+
+    claim(home)  # before Prefect starts its temporary server: it carries this process as its owner
     from flows.pipeline import csmf_daily
 
-    result = csmf_daily(
-        date=date, data=str(data), config=args.config, overrides=list(args.set), home=str(home)
-    )
+    with _run_console(args):
+        result = csmf_daily(
+            date=date, data=str(data), config=args.config, overrides=list(args.set), home=str(home)
+        )
     print(summarize_run(result, cfg.eval.primary_k))
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     home = setup_home(args.home)  # before flows.compare imports prefect and mlflow
+    check_writable(home)
+    from flows.doctor import claim
+
+    claim(home)
     from flows.compare import compare_from_cli
 
-    return compare_from_cli(args, home)
+    with _run_console(args):
+        return compare_from_cli(args, home)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    home = setup_home(args.home)
+    check_writable(home)
+    from flows.doctor import cleanup
+
+    report = cleanup(home)
+    print(report.summary())
+    return 1 if report.errors else 0
+
+
+class _WithoutTraceback(logging.Formatter):
+    """The console formatter of Prefect's flow/task run records, minus their traceback.
+
+    Formats a copy of the record (the Prefect API handler, which ran first, keeps the traceback)."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info and record.name.startswith(_RUN_LOGGERS):
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+        return self.inner.format(record)
+
+
+@contextmanager
+def quiet_run_tracebacks() -> Iterator[None]:
+    """While a flow runs: Prefect's console shows its failure records ("Task run failed with exception:
+    TrainingDiverged(...)") without the traceback; the error is reported once more, by `main`, as
+    `csmf run: error: ...`. Restores the console formatter afterwards."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    consoles = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
+    saved = [(h, h.formatter) for h in consoles]
+    for handler, formatter in saved:
+        handler.setFormatter(_WithoutTraceback(formatter))
+    try:
+        yield
+    finally:
+        for handler, formatter in saved:
+            handler.setFormatter(formatter)
+
+
+def _run_console(args: argparse.Namespace):
+    return nullcontext() if getattr(args, "debug", False) else quiet_run_tracebacks()
 
 
 def summarize_run(result: dict, k: int = 50) -> str:
@@ -244,7 +322,23 @@ def summarize_run(result: dict, k: int = 50) -> str:
     return "\n".join(lines)
 
 
+class _Signalled(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+
+
+def _raise_signalled(signum: int, frame) -> None:
+    raise _Signalled(signum)
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
+    """`mlflow ui` in its own process group, stopped with everything it started (its uvicorn server
+    and workers) when csmf ui ends: on SIGTERM, on SIGINT (Ctrl+C), or when mlflow exits by itself.
+
+    Own group: a SIGTERM to csmf alone (a supervisor, `kill PID`) would otherwise leave mlflow ui
+    running; csmf forwards SIGTERM to the whole group instead, SIGKILL after 10 s."""
+    from flows.lock import stop_process_group
+
     setup_home(args.home)
     uri = tracking_uri()
     url = f"http://127.0.0.1:{args.port}"
@@ -261,10 +355,23 @@ def cmd_ui(args: argparse.Namespace) -> int:
         "--port",
         str(args.port),
     ]
+    handlers = {sig: signal.signal(sig, _raise_signalled) for sig in (signal.SIGTERM, signal.SIGINT)}
+    proc = None
     try:
-        return subprocess.run(cmd, check=False).returncode
-    except KeyboardInterrupt:
+        proc = subprocess.Popen(cmd, start_new_session=True)
+        return proc.wait()
+    except _Signalled as got:
+        print(f"{got}: stopping the MLflow UI", file=sys.stderr, flush=True)
         return 0
+    finally:
+        for sig in handlers:  # a second Ctrl+C must not interrupt the stop
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            if proc is not None:
+                stop_process_group(proc.pid, timeout=10)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
 
 
 # ---- parser and entry point ------------------------------------------------------------------------
@@ -374,13 +481,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     u.add_argument("--port", type=int, default=5000)
     u.set_defaults(func=cmd_ui)
+
+    d = sub.add_parser(
+        "doctor",
+        parents=[common, homed],
+        help="clean up after killed runs: FAILED runs, orphaned servers, unfinished model versions",
+        description="Mark the MLflow runs of csmf processes that died (kill -9, out of memory) FAILED with "
+        "tag csmf.failure_reason, stop the Prefect servers they left running, tag model versions their "
+        "runs registered. Every `csmf run` does this first. How to run: csmf doctor [--home DIR]",
+    )
+    d.set_defaults(func=cmd_doctor)
     return p
 
 
 def _is_user_error(exc: BaseException) -> bool:
-    # MLflow's own errors (unknown alias, unreachable store) are the user's to fix too; matched by
-    # name so that this module never imports mlflow.
-    return isinstance(exc, _USER_ERRORS) or type(exc).__name__ == "MlflowException"
+    return isinstance(exc, _USER_ERRORS) or any(c.__name__ in _USER_ERROR_NAMES for c in type(exc).__mro__)
+
+
+def _hint(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:  # raised by the OS, not a csmf message
+        return "\n(a file could not be read or written: free space or fix the permissions of that path, then re-run)"
+    return ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -395,7 +516,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if debug or not _is_user_error(exc):
             raise  # a bug, not a usage problem: keep the traceback
-        print(f"csmf {args.command}: error: {exc}\n(run with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"csmf {args.command}: error: {exc}{_hint(exc)}\n(run with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -44,7 +44,7 @@ from csmf_core.config import CSMFConfig, build_config, load_config
 from csmf_core.evaluate import popularity_rows
 from csmf_core.optim import deterministic_kernels
 from flows import compare_report as rep
-from flows import reporting
+from flows import doctor, reporting
 from flows.inputs import Window, code_version, contained, dataset_digest, plan_window, safe_name, setup_home
 from flows.pipeline import Ingested, RunContext, _dataset_name, ingest
 from flows.tracking import MlflowTracker, ensure_experiment
@@ -150,6 +150,7 @@ def csmf_compare(
         raise ValueError("the weights sweep reuses the trained csmf model: include csmf in --methods")
     dataset = Path(data).resolve()
     window = plan_window(dataset, date, cfg.data)
+    doctor.before_run(env.root, env.tracking_uri)  # what killed csmf processes left (flows/doctor.py)
     out_dir = report_out_dir(dataset, report_dir)
     run = open_compare_run(env.root, env.tracking_uri, env.artifacts, cfg, dataset, window, names, seeds)
     try:
@@ -223,8 +224,8 @@ def csmf_compare(
             raise RuntimeError(f"every run failed: {failures}")
         meta["failures"] = failures
         path = write_report(records, sweep_records, meta, out_dir, run, time.perf_counter() - t0)
-    except BaseException:
-        run.parent().finish("FAILED")
+    except BaseException as exc:
+        run.parent().fail(exc)
         raise
     run.parent().finish("FINISHED")
     return {
@@ -293,19 +294,24 @@ def open_compare_run(
         "csmf.workdir": str(workdir),
         "csmf.kind": "compare",
         "prefect.flow_run_id": str(flow_run.id),
+        **doctor.owner_tags(),  # who runs it: `csmf doctor` marks it FAILED if this process dies
     }
     parent = MlflowTracker.start(
         experiment_id, f"csmf-compare-{window.date}", tags=tags, tracking_uri=tracking_uri
     )
-    parent.log_params(
-        {
-            **cfg.flat(),
-            "compare.methods": methods,
-            "compare.seeds": seeds,
-            "run.train_dates": window.train_dates,
-            "run.eval_dates": window.eval_dates,
-        }
-    )
+    try:
+        parent.log_params(
+            {
+                **cfg.flat(),
+                "compare.methods": methods,
+                "compare.seeds": seeds,
+                "run.train_dates": window.train_dates,
+                "run.eval_dates": window.eval_dates,
+            }
+        )
+    except BaseException as exc:  # the flow's own FAILED handling starts once the run is returned
+        parent.fail(exc)
+        raise
     return RunContext(workdir, dataset, window, tracking_uri, experiment_id, parent.run_id, digest)
 
 
@@ -399,8 +405,8 @@ def fit_method(
             if r["k"] == cfg.eval.primary_k
         }
         logger.info("%s done in %.1fs: recall@%d %s", name, result.train_seconds, cfg.eval.primary_k, primary)
-    except BaseException:
-        tracker.finish("FAILED")
+    except BaseException as exc:
+        tracker.fail(exc)
         raise
     tracker.finish("FINISHED")
     return record

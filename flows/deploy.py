@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 import psutil
 
 from flows.env import resolve_home
+from flows.lock import process_alive, stop_process_group
 
 PROJECT = Path(__file__).resolve().parents[1]
 DEFAULT_PORT = 4200
@@ -114,11 +114,7 @@ def _healthy(url: str) -> bool:
 
 
 def _alive(entry: dict) -> bool:
-    try:
-        p = psutil.Process(entry["pid"])
-        return abs(p.create_time() - entry["create_time"]) < 0.01 and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+    return process_alive(entry["pid"], entry["create_time"])
 
 
 def read_state(home: Path) -> dict | None:
@@ -239,24 +235,7 @@ def down(home: str | os.PathLike | None = None, *, timeout: float = 30.0) -> lis
 
 def _stop(entry: dict, timeout: float) -> None:
     """SIGTERM to the process group (the process and the children it spawned), SIGKILL after timeout."""
-    pid = entry["pid"]
-    try:
-        group = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.Error:
-        group = []
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            pass
-        _, alive = psutil.wait_procs(group, timeout=timeout if sig == signal.SIGTERM else 10)
-        if not alive:
-            return
-        for p in alive:  # children that left the group
-            try:
-                p.send_signal(sig)
-            except psutil.Error:
-                pass
+    stop_process_group(entry["pid"], timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,15 +9,26 @@ unset variables get defaults, so anything the user exported (a tracking server, 
 via PREFECT_API_URL, ...) wins. PREFECT_API_URL is never set here: unset, a flow starts Prefect's
 temporary local API in-process (SQLite under PREFECT_HOME), which is what a laptop run wants.
 
+`check_writable(home)` is for the commands that write state (`csmf run`, `compare`, `doctor`, the
+flows): a read-only home fails there at once with one message. Without it, Prefect's temporary API
+server cannot write its database in a read-only PREFECT_HOME, exits at start, and prefect 3.8.8
+restarts it on a new port until PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (120 s here) have
+passed, logging a traceback each time. Serving commands only read, so a read-only home serves.
+
 Imports nothing heavy (no prefect, mlflow or torch): the CLI calls it first thing.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 DEFAULT_HOME = ".csmf"
+
+
+class HomeNotWritable(PermissionError):
+    """The csmf home, or the Prefect home or MLflow SQLite store it uses, cannot be written."""
 
 
 def resolve_home(home: str | os.PathLike | None = None) -> Path:
@@ -47,12 +58,68 @@ def setup_home(home: str | os.PathLike | None = None) -> Path:
     false. Idempotent.
     """
     root = resolve_home(home)
-    root.mkdir(parents=True, exist_ok=True)
+    _mkdir(root, root)
     os.environ["CSMF_HOME"] = str(root)
     for key, value in home_defaults(root).items():
         os.environ.setdefault(key, value)
-    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
+    _mkdir(Path(os.environ["PREFECT_HOME"]).expanduser(), root)
     return root
+
+
+def _mkdir(path: Path, root: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only mount, another user's directory, a file in the way
+        raise _not_writable(root, path, exc) from None
+
+
+def _not_writable(root: Path, path: Path, exc: OSError) -> HomeNotWritable:
+    return HomeNotWritable(
+        f"the csmf home {root} is not writable: {path}: {exc.strerror or exc}. Runs, locks, the MLflow "
+        "store and the Prefect database are written there: make it writable (permissions, a read-write "
+        "mount, free space) or point --home / $CSMF_HOME at a writable directory",
+    )
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` tracking URI (None for other stores and in-memory SQLite)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///") :]).expanduser()
+
+
+def check_writable(root: Path) -> None:
+    """Raise HomeNotWritable unless the home, the Prefect home (when Prefect's temporary local API is
+    used: no PREFECT_API_URL) and the MLflow SQLite store can be written (call after setup_home).
+
+    Writes and removes an empty file in each directory and opens existing database files for writing
+    without changing them: permission bits alone say nothing for root, and a read-only mount
+    (EROFS) refuses root too."""
+    dirs, files = [root], []
+    if not os.environ.get("PREFECT_API_URL"):
+        prefect_home = Path(os.environ.get("PREFECT_HOME") or root / "prefect").expanduser()
+        dirs.append(prefect_home)
+        files.append(prefect_home / "prefect.db")
+    db = sqlite_path(tracking_uri())
+    if db is not None:
+        dirs.append(db.parent)
+        files.append(db)
+    for d in dict.fromkeys(dirs):
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".csmf-write-check-", dir=d)
+            os.close(fd)
+            os.unlink(probe)
+        except FileNotFoundError:
+            continue  # created on first use, under a directory checked here
+        except OSError as exc:
+            raise _not_writable(root, d, exc) from None
+    for f in files:
+        try:
+            os.close(os.open(f, os.O_RDWR))
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise _not_writable(root, f, exc) from None
 
 
 def tracking_uri() -> str:

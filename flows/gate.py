@@ -1,9 +1,10 @@
 """Champion/challenger gate: may this run's model replace the champion?
 
     checks = verify_model(rec, stage_ends, sample_users=256)          # list[Check]
-    new = gate_metrics(rec.evaluate(model_ready, ks=(50,)), rec.objectives, 50)
-    old = gate_metrics(champion_rec.evaluate(model_ready, ks=(50,)), ...)   # SAME eval day
-    d = decide(checks, new, old, champion="3", identical_inputs=False, tolerance=0.005)
+    late = trained_too_late(window.eval_dates, champion_rec.info["train_dates"])  # None: compare here
+    days = comparison_dates(partitions, [champion_train, window.train_dates], eval_days)  # else here
+    new, old, why, users = same_day_metrics(rec, champion_rec, model_ready, 50)   # SAME eval days
+    d = decide(checks, new, old, champion_version="3", users=users, min_users=10, days=days)
     d.promote, d.reason
 
 Every run registers a version with alias "challenger" (flows/registry.py); the flow's `gate` task
@@ -15,18 +16,29 @@ then calls these functions and moves "champion" only when `decide` says so. Rule
    bit-identical between the end of stage t and the final model) and index == towers (the FAISS
    index holds exactly the item tower's full-mode vectors, and its top-k equals brute force).
 2. `gate.enabled=false` never promotes.
-3. No champion yet: promote (the first model becomes champion).
-4. The champion was trained on identical inputs (dataset digest, training-config digest, code
+3. The evaluation data must be able to measure the model: every objective needs at least
+   `gate.min_users` evaluation users with a positive, and at least one metric must be computable.
+   Otherwise nothing is promoted, not even a first model: a day without positives (a broken export)
+   scores every model NaN, and NaN metrics dropped from a comparison used to let an untrained model
+   through. An operator can still promote by hand.
+4. No champion yet: promote (the first measurable model becomes champion).
+5. The champion was trained on identical inputs (dataset digest, training-config digest, code
    version, date): keep it, so re-running a date never promotes twice.
-5. Metrics: recall and nDCG at eval.primary_k, per objective, under the objective's own score and
-   the fused score, of the challenger and of the champion re-evaluated on THIS run's evaluation
-   data. Any drop larger than `gate.tolerance` (absolute) keeps the champion.
+6. The champion could not be re-evaluated (other objectives, bundle not loadable, no training dates,
+   no day after both training windows): keep it.
+7. Metrics: recall and nDCG at eval.primary_k, per objective, under the objective's own score and
+   the fused score, of the challenger and of the champion re-evaluated on the SAME days, days that
+   come after every training day of both models (`trained_too_late`, `comparison_dates`): a
+   backfill's evaluation day lies inside a newer champion's training window, where the champion
+   would be scored on data it learned from. Both metric sets must have the same keys and at least one;
+   any drop larger than `gate.tolerance` (absolute) keeps the champion.
 
 No prefect or mlflow here: pure functions over a `Recommender`, testable on their own.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +47,7 @@ import numpy as np
 import torch
 
 from csmf_core.checkpoint import load_checkpoint
+from csmf_core.config import GateConfig
 from csmf_core.masks import param_owners
 
 FUSION_RTOL = 1e-4  # float32 sums of 64 products, relative to the score scale
@@ -56,12 +69,21 @@ class Decision:
     challenger: dict[str, float] = field(default_factory=dict)
     champion: dict[str, float] = field(default_factory=dict)
     champion_version: str | None = None
+    days: list[str] = field(default_factory=list)  # evaluation days the metrics come from
+    users: dict[str, int] = field(default_factory=dict)  # evaluation users with a positive, per objective
+
+    def verdict(self) -> str:
+        if self.promote:
+            return "promoted to champion"
+        return "champion kept" if self.champion_version else "not promoted (no champion)"
 
     def to_markdown(self) -> str:
-        """The Prefect artifact: verdict, checks, and the metric comparison."""
-        verdict = "promoted to champion" if self.promote else "champion kept"
-        lines = [f"**Gate: {verdict}.** {self.reason}", "", "| check | ok | detail |", "|---|---|---|"]
+        """The Prefect artifact: verdict, checks, the evaluation data, and the metric comparison."""
+        lines = [f"**Gate: {self.verdict()}.** {self.reason}", "", "| check | ok | detail |", "|---|---|---|"]
         lines += [f"| {c.name} | {'yes' if c.ok else 'NO'} | {c.detail} |" for c in self.checks]
+        if self.days or self.users:
+            users = ", ".join(f"{o} {n}" for o, n in self.users.items()) or "unknown"
+            lines += ["", f"Evaluated on {', '.join(self.days) or '?'}; users with a positive: {users}."]
         if self.challenger:
             old = f"champion v{self.champion_version}" if self.champion_version else "champion"
             lines += ["", f"| metric | challenger | {old} | diff |", "|---|---:|---:|---:|"]
@@ -194,7 +216,8 @@ def verify_model(
 def gate_metrics(rows: list[dict], objectives: list[str], k: int) -> dict[str, float]:
     """{"click/click/recall@50": ..., "click/fused/ndcg@50": ...}: own and fused scorers at k.
 
-    NaN values (no evaluation users with that objective) are left out."""
+    NaN values (no evaluation users with that objective) are left out; `gate_users` says why, and
+    `decide` refuses to promote on such data (rule 3)."""
     out = {}
     for r in rows:
         if r["k"] != k or r["objective"] not in objectives or r["scorer"] not in (r["objective"], "fused"):
@@ -206,18 +229,75 @@ def gate_metrics(rows: list[dict], objectives: list[str], k: int) -> dict[str, f
     return out
 
 
+def gate_users(rows: list[dict], objectives: list[str], k: int) -> dict[str, int]:
+    """{objective: evaluation users with at least one positive of it}: the `users` count of the
+    objective's own-scorer row at k (the users its recall is averaged over); 0 when it has no row."""
+    out = dict.fromkeys(objectives, 0)
+    for r in rows:
+        if r["k"] == k and r["objective"] in out and r["scorer"] == r["objective"]:
+            out[r["objective"]] = int(r["users"])
+    return out
+
+
+def unmeasured(users: Mapping[str, int], min_users: int) -> list[str]:
+    """One entry ("click: 3 users with a positive") per objective with fewer than `min_users` such users.
+
+    Below a handful of users one user moves recall by a tenth or more: the comparison would be
+    noise, and with none every metric is NaN."""
+    return [f"{o}: {n} users with a positive" for o, n in users.items() if n < min_users]
+
+
+def _dates(days) -> list[str]:
+    return sorted({str(d) for d in days})
+
+
+def _span(days: list[str]) -> str:
+    return days[0] if len(days) == 1 else f"{days[0]}..{days[-1]}"
+
+
+def trained_too_late(eval_dates, train_dates) -> str | None:
+    """Why a model trained on `train_dates` cannot be judged on `eval_dates`, or None when every one
+    of its training days precedes the first evaluation day (the situation a served model is in).
+
+    Not only a training day equal to an evaluation day counts: a model trained on later days has
+    seen those users' later behaviour (their histories include the evaluation day's positives)."""
+    train, ev = _dates(train_dates), _dates(eval_dates)
+    if not train or not ev or train[-1] < ev[0]:
+        return None
+    inside = [d for d in ev if d in set(train)]
+    what = f"on {', '.join(inside)}" if inside else "on later days"
+    return f"trained {what} (its window {_span(train)}), not before the evaluation day(s) {', '.join(ev)}"
+
+
+def comparison_dates(partitions, train_windows, eval_days: int) -> list[str] | None:
+    """The newest `eval_days` consecutive calendar days that all have a partition and all come after
+    every training day of every window; None when the dataset has no such days."""
+    last = max((d for w in train_windows for d in _dates(w)), default="")
+    have = set(_dates(partitions))
+    for start in sorted(have, reverse=True):
+        if start <= last:
+            return None
+        first = dt.date.fromisoformat(start)
+        days = [(first + dt.timedelta(days=i)).isoformat() for i in range(eval_days)]
+        if all(d in have for d in days):
+            return days
+    return None
+
+
 def same_day_metrics(challenger, champion, model_ready: Path, k: int):
-    """(challenger metrics, champion metrics or None, why not comparable or None), both models
-    evaluated with the same function on the same model-ready data: this run's evaluation day(s).
+    """(challenger metrics, champion metrics or None, why not comparable or None, challenger users per
+    objective), both models evaluated with the same function on the same model-ready data.
 
     `Recommender.evaluate` maps the data's users and items to each model's own vocabulary through
-    the original ids, so a champion trained on an older window is scored on today's events."""
-    new = gate_metrics(challenger.evaluate(model_ready, ks=(k,)), challenger.objectives, k)
+    the original ids, so a champion trained on an older window is scored on these days' events."""
+    rows = challenger.evaluate(model_ready, ks=(k,))
+    new, users = gate_metrics(rows, challenger.objectives, k), gate_users(rows, challenger.objectives, k)
     if champion is None:
-        return new, None, None
+        return new, None, None, users
     if champion.objectives != challenger.objectives:
-        return new, None, f"objectives {champion.objectives} differ from {challenger.objectives}"
-    return new, gate_metrics(champion.evaluate(model_ready, ks=(k,)), challenger.objectives, k), None
+        return new, None, f"objectives {champion.objectives} differ from {challenger.objectives}", users
+    old = gate_metrics(champion.evaluate(model_ready, ks=(k,)), challenger.objectives, k)
+    return new, old, None, users
 
 
 def regressions(
@@ -237,17 +317,33 @@ def decide(
     champion: Mapping[str, float] | None,
     *,
     champion_version: str | None,
+    users: Mapping[str, int],
+    min_users: int = GateConfig.min_users,
+    days=(),
+    note: str | None = None,
     identical_inputs: bool = False,
     tolerance: float = 0.005,
     enabled: bool = True,
     incomparable: str | None = None,
 ) -> Decision:
-    """Apply the rules of the module docstring. champion: its metrics on this run's eval data (None
-    when there is no champion); incomparable: why the champion could not be re-evaluated, if so."""
+    """Apply the rules of the module docstring. champion: its metrics on the same days (None when
+    there is no champion or it was not evaluated); users: evaluation users with a positive per
+    objective on those days (`gate_users`); days: those days; note: why they are not this run's own
+    evaluation days, if so; incomparable: why the champion could not be re-evaluated, if so."""
+    days = _dates(days)
+    on = f" on {', '.join(days)}" if days else ""
+    tail = f". Why these days: {note}" if note else ""
 
     def d(promote: bool, reason: str) -> Decision:
         return Decision(
-            promote, reason, list(checks), dict(challenger), dict(champion or {}), champion_version
+            promote,
+            reason + tail,
+            list(checks),
+            dict(challenger),
+            dict(champion or {}),
+            champion_version,
+            days,
+            dict(users),
         )
 
     failed = [c for c in checks if not c.ok]
@@ -255,8 +351,22 @@ def decide(
         return d(False, "verification failed: " + "; ".join(f"{c.name}: {c.detail}" for c in failed))
     if not enabled:
         return d(False, "gate.enabled is false: versions are never promoted automatically")
+    problems = unmeasured(users, min_users) or ([] if challenger else ["no metric could be computed"])
+    if problems:
+        what = (
+            f"the evaluation data{on} cannot measure the model: {'; '.join(problems)} "
+            f"(gate.min_users {min_users})"
+        )
+        if champion_version is None:
+            return d(
+                False,
+                f"{what}; not promoted although there is no champion yet: a model that was not measured "
+                "never becomes champion by itself. Check the export of those days and re-run, or "
+                "promote this version by hand (flows.registry.promote)",
+            )
+        return d(False, f"{what}; champion v{champion_version} kept")
     if champion_version is None:
-        return d(True, "first model: no champion yet")
+        return d(True, f"first model: no champion yet (measured{on}: {len(challenger)} metrics)")
     if identical_inputs:
         return d(
             False,
@@ -265,18 +375,25 @@ def decide(
         )
     if incomparable:
         return d(False, f"champion v{champion_version} could not be compared: {incomparable}")
-    missing = sorted(set(champion or {}) - set(challenger))
-    if missing:
-        return d(False, f"challenger lacks metrics the champion has: {missing}")
-    worse = regressions(challenger, champion or {}, tolerance)
+    old = dict(champion or {})
+    lacking, extra = sorted(set(old) - set(challenger)), sorted(set(challenger) - set(old))
+    if lacking or extra:
+        return d(
+            False,
+            f"champion v{champion_version} kept: the metric sets differ{on} (challenger lacks {lacking}, "
+            f"champion lacks {extra})",
+        )
+    if not old:
+        return d(False, f"champion v{champion_version} kept: no metric could be compared{on}")
+    worse = regressions(challenger, old, tolerance)
     if worse:
         return d(
             False,
-            f"worse than champion v{champion_version} on the same day beyond tolerance {tolerance:g}: "
+            f"worse than champion v{champion_version}{on} beyond tolerance {tolerance:g}: "
             + "; ".join(worse),
         )
     return d(
         True,
-        f"no metric below champion v{champion_version} on the same day by more than {tolerance:g} "
+        f"no metric below champion v{champion_version}{on} by more than {tolerance:g} "
         f"({len(challenger)} metrics compared)",
     )

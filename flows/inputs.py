@@ -79,6 +79,7 @@ def setup_home(home: str | os.PathLike | None) -> Home:
         _env = None
     if _env is not None and hasattr(_env, "setup_home"):
         _env.setup_home(str(root))
+        _env.check_writable(root)  # a read-only home fails here, not in Prefect's or MLflow's retries
     root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     os.environ.setdefault("PREFECT_HOME", str(root / "prefect"))

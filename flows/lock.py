@@ -9,6 +9,12 @@ lock is `fcntl.flock` on `<home>/locks/csmf-daily-<date>.lock`: the kernel relea
 holding process exits, even after a crash or kill -9, so a stale lock cannot block a later run.
 Local file systems only (POSIX); on a shared cluster use the Prefect deployment's concurrency
 limit instead (prefect.yaml sets both).
+
+Process identity, for everything that outlives a process: a pid alone can be reused by an unrelated
+process, so a process is (host, pid, start time). `process_identity()` records it, `process_alive()`
+checks it (the recorded pid still runs and started at the recorded time), `stop_process_group()`
+stops a process and what it spawned. flows/deploy.py (the local server stack), flows/doctor.py (runs
+and servers of a killed csmf process) and `csmf ui` use them.
 """
 
 from __future__ import annotations
@@ -17,10 +23,13 @@ import datetime as dt
 import fcntl
 import json
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import psutil
 
 
 class RunLocked(RuntimeError):
@@ -66,3 +75,45 @@ def _read(fd: int) -> dict:
         return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
     except (OSError, ValueError):
         return {}
+
+
+# ---- process identity ------------------------------------------------------------------------------
+def process_identity(pid: int | None = None) -> dict:
+    """{"host", "pid", "create_time"} of process `pid` (default: this process)."""
+    proc = psutil.Process(pid if pid is not None else os.getpid())
+    return {"host": socket.gethostname(), "pid": proc.pid, "create_time": proc.create_time()}
+
+
+def process_alive(pid: int | str, create_time: float | str) -> bool:
+    """Does the process `pid` that started at `create_time` (psutil's seconds since the epoch) still run?
+
+    False for a pid now held by a process that started at another time (a recycled pid), for a zombie
+    (exited, not yet reaped) and for anything unreadable."""
+    try:
+        proc = psutil.Process(int(pid))
+        return abs(proc.create_time() - float(create_time)) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, ValueError, TypeError):
+        return False
+
+
+def stop_process_group(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM to the process group of `pid` (a process started with start_new_session=True, and the
+    children it spawned), SIGKILL to whatever still runs after `timeout` seconds; children that left
+    the group are signalled one by one."""
+    try:
+        group = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        group = []
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        _, alive = psutil.wait_procs(group, timeout=timeout if sig == signal.SIGTERM else 10)
+        if not alive:
+            return
+        for p in alive:  # children that left the group
+            try:
+                p.send_signal(sig)
+            except psutil.Error:
+                pass

@@ -45,12 +45,22 @@ from csmf_core.distributed import run_step_distributed
 from csmf_core.evaluate import Ranked, evaluate_model, gaps_table, metric_dict, popularity_gaps
 from csmf_core.prep import prepare
 from csmf_core.serving import metrics_table, summary_table, write_bundle
-from data_contracts import load_spec, validate_dataset
+from data_contracts import list_partitions, load_spec, validate_dataset
+from flows import doctor, reporting
 from flows import gate as gating
-from flows import reporting
 from flows.inputs import EXPERIMENT, Window, code_version, dataset_digest, plan_window, setup_home
 from flows.lock import date_lock
-from flows.registry import RUN_TAG, champion, log_and_register, promote, resolve_bundle
+from flows.registry import (
+    CHALLENGER,
+    REGISTERED_MODEL,
+    RUN_TAG,
+    champion,
+    find_version,
+    log_and_register,
+    model_digest,
+    promote,
+    resolve_bundle,
+)
 from flows.resume import StageCache, training_digest
 from flows.retention import apply_retention
 from flows.tracking import MlflowTracker, ensure_experiment, metric_key
@@ -104,12 +114,13 @@ def _transient(task_: Any, task_run: Any, state: Any) -> bool:
 
 @contextmanager
 def _child(run: RunContext, name: str, **tags: Any) -> Iterator[MlflowTracker]:
-    """A child MLflow run named `name`, FINISHED on success and FAILED on any exception."""
+    """A child MLflow run named `name`, FINISHED on success and FAILED (tag csmf.failure_reason) on any
+    exception; the exception is re-raised unchanged even when the tracking store refuses the update."""
     tracker = run.parent().child(name, tags={"csmf.step": name, **{f"csmf.{k}": v for k, v in tags.items()}})
     try:
         yield tracker
-    except BaseException:
-        tracker.finish("FAILED")
+    except BaseException as exc:
+        tracker.fail(exc)
         raise
     tracker.finish("FINISHED")
 
@@ -149,6 +160,7 @@ def csmf_daily(
     cfg = load_config(config, overrides)
     dataset = Path(data).resolve() if data else generate_data(env.root)
     window = plan_window(dataset, date, cfg.data)  # missing partitions fail here, before any work
+    doctor.before_run(env.root, env.tracking_uri)  # what killed csmf processes left (flows/doctor.py)
     with date_lock(env.root, window.date, who=f"prefect flow run {flow_run.id or 'local'}"):
         run = open_run(env.root, env.tracking_uri, env.artifacts, cfg, dataset, window)
         try:
@@ -162,8 +174,8 @@ def csmf_daily(
             rows = evaluate(checkpoint, ready, cfg, run)
             version = register(bundle, rows, cfg, run)
             decision = gate(bundle, version, ready, cfg, run)
-        except BaseException:
-            run.parent().finish("FAILED")
+        except BaseException as exc:
+            run.parent().fail(exc)
             raise
         finally:
             _LOADED.clear()
@@ -259,16 +271,21 @@ def open_run(
         "csmf.workdir": str(workdir),
         "prefect.flow_run_id": str(flow_run.id),
         "prefect.flow_run_name": str(flow_run.name),
+        **doctor.owner_tags(),  # who runs it: `csmf doctor` marks it FAILED if this process dies
     }
     parent = MlflowTracker.start(
         experiment_id, f"csmf-daily-{window.date}", tags=tags, tracking_uri=tracking_uri
     )
-    parent.log_params(
-        {**cfg.flat(), "run.train_dates": window.train_dates, "run.eval_dates": window.eval_dates}
-    )
-    (workdir / "config.yaml").write_text(yaml.safe_dump(reporting.plain(cfg.to_dict()), sort_keys=False))
-    parent.log_artifact(workdir / "config.yaml", "config")
-    cache = StageCache.for_run(home, digest, training_digest(cfg), code_version(), window)
+    try:  # the flow's own FAILED handling starts once this task has returned the run
+        parent.log_params(
+            {**cfg.flat(), "run.train_dates": window.train_dates, "run.eval_dates": window.eval_dates}
+        )
+        (workdir / "config.yaml").write_text(yaml.safe_dump(reporting.plain(cfg.to_dict()), sort_keys=False))
+        parent.log_artifact(workdir / "config.yaml", "config")
+        cache = StageCache.for_run(home, digest, training_digest(cfg), code_version(), window)
+    except BaseException as exc:  # an unwritable artifact store, a full disk
+        parent.fail(exc)
+        raise
     return RunContext(
         workdir, dataset, window, tracking_uri, experiment_id, parent.run_id, digest, home, cache
     )
@@ -532,12 +549,27 @@ def evaluate(checkpoint: Path, ready: Ingested, cfg: CSMFConfig, run: RunContext
     return rows
 
 
+# version tags that say which inputs and which model a version is (a re-run matching all reuses it)
+IDENTITY_TAGS = (
+    "csmf.dataset_digest",
+    "csmf.training_digest",
+    "csmf.code_version",
+    "csmf.date",
+    "csmf.model_digest",
+)
+
+
 @task(name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=NO_CACHE)
 def register(bundle: Path, rows: list[dict], cfg: CSMFConfig, run: RunContext) -> str:
     """Log the bundle as a pyfunc, register a new version of "csmf", alias it "challenger" (the gate
-    task decides on "champion")."""
+    task decides on "champion").
+
+    A version with this run's inputs and a bit-identical model (IDENTITY_TAGS; a re-run of a date,
+    resumed or retrained deterministically) is reused instead of registering a copy: it becomes the
+    challenger again and the parent run's tag `csmf.registered` says "reused vN"."""
     parent = run.parent()
-    ptags = parent.client.get_run(run.parent_run_id).data.tags
+    client = parent.client
+    ptags = client.get_run(run.parent_run_id).data.tags
     primary = metric_dict([r for r in rows if r["k"] == cfg.eval.primary_k], prefix="test", own_only=False)
     tags = {
         k: ptags.get(k, "")
@@ -551,19 +583,40 @@ def register(bundle: Path, rows: list[dict], cfg: CSMFConfig, run: RunContext) -
             "prefect.flow_run_id",
         )
     }
-    tags |= {RUN_TAG: run.parent_run_id, "csmf.workdir": str(run.workdir)}
+    train = sorted(run.window.train_dates)
+    tags |= {
+        RUN_TAG: run.parent_run_id,
+        "csmf.workdir": str(run.workdir),
+        # the gate compares models only on days after both training windows (flows/gate.py)
+        "csmf.train_dates": f"{train[0]}..{train[-1]} ({len(train)} days)",
+        "csmf.model_digest": model_digest(bundle / "checkpoint"),
+    }
     tags |= {metric_key(k): f"{v:.4f}" for k, v in primary.items() if "/fused/" in k and "recall" in k}
     with _child(run, "register", kind="register") as tracker:
-        version = log_and_register(
-            tracker.run_id,
-            bundle,
-            version_tags=tags,
-            description=f"csmf-daily {run.window.date}: dataset {tags['csmf.dataset']} "
-            f"({run.data_digest}), config {cfg.digest()}",
+        same = find_version(client, {k: tags[k] for k in IDENTITY_TAGS})
+        if same is not None and (same.tags or {}).get(RUN_TAG) != run.parent_run_id:
+            client.set_registered_model_alias(REGISTERED_MODEL, CHALLENGER, same.version)
+            version = client.get_model_version(REGISTERED_MODEL, same.version)
+            how = (
+                f"reused v{version.version}: identical inputs and bit-identical model (model digest "
+                f"{tags['csmf.model_digest']}), registered by MLflow run {same.tags.get(RUN_TAG)}"
+            )
+        else:
+            version = log_and_register(
+                tracker.run_id,
+                bundle,
+                version_tags=tags,
+                description=f"csmf-daily {run.window.date}: dataset {tags['csmf.dataset']} "
+                f"({run.data_digest}), config {cfg.digest()}",
+            )
+            how = "new"
+        tracker.set_tags(
+            {"csmf.model_version": version.version, "csmf.model_id": version.source, "csmf.registered": how}
         )
-        tracker.set_tags({"csmf.model_version": version.version, "csmf.model_id": version.source})
-    parent.set_tags({"csmf.model_version": version.version})
-    get_run_logger().info("registered csmf version %s (aliases %s)", version.version, version.aliases)
+    parent.set_tags({"csmf.model_version": version.version, "csmf.registered": how})
+    get_run_logger().info(
+        "registered csmf version %s (%s; aliases %s)", version.version, how, version.aliases
+    )
     return str(version.version)
 
 
@@ -571,8 +624,10 @@ def register(bundle: Path, rows: list[dict], cfg: CSMFConfig, run: RunContext) -
 def gate(bundle: Path, version: str, ready: Ingested, cfg: CSMFConfig, run: RunContext) -> dict:
     """Promote this run's version to champion only if flows/gate.py says so; say why either way.
 
-    The champion is re-evaluated on THIS run's evaluation data (its own bundle, mapped through the
-    original ids by Recommender.evaluate), and so is the challenger, with the same function."""
+    Challenger and champion are scored with the same function (Recommender.evaluate, ids mapped
+    through the original ids) on the same days: this run's evaluation days, or, when the champion
+    trained on them or later (a backfill), the newest days after both training windows
+    (`_comparison_data`). Days that cannot measure the model promote nothing (flows/gate.py)."""
     from mlflow.exceptions import MlflowException
 
     from csmf_core.serving import Recommender
@@ -582,6 +637,7 @@ def gate(bundle: Path, version: str, ready: Ingested, cfg: CSMFConfig, run: RunC
     k = cfg.eval.primary_k
     with _child(run, "gate", kind="gate") as tracker:
         current = champion(client)
+        already = current is not None and str(current.version) == version  # a retry, or a reused version
         rec = Recommender.load(bundle)
         steps = plan(ready.objectives, cfg)
         stage_ends = {
@@ -590,47 +646,58 @@ def gate(bundle: Path, version: str, ready: Ingested, cfg: CSMFConfig, run: RunC
         }
         checks = gating.verify_model(rec, bundle / "checkpoint", stage_ends, cfg.gate.sample_users)
         champ, why_not, identical = None, None, False
-        if current is not None and str(current.version) != version:
+        if current is not None and not already:
             identical = _same_inputs(current.tags or {}, run, cfg)
             if not identical:
                 try:
                     champ = Recommender.load(resolve_bundle(f"models:/csmf/{current.version}", home=run.home))
                 except (OSError, ValueError, LookupError, MlflowException) as exc:
                     why_not = f"{type(exc).__name__}: {exc}"
-        new, old, mismatch = gating.same_day_metrics(rec, champ, ready.model_ready, k)
+        data, days, note = ready.model_ready, run.window.eval_dates, None
+        if champ is not None:
+            data, days, note, why_not = _comparison_data(champ, str(current.version), ready, cfg, run)
+        new, old, mismatch, users = gating.same_day_metrics(rec, None if why_not else champ, data, k)
         why_not = why_not or mismatch
-        if current is not None and str(current.version) == version:  # a retry of this very run
-            decision = gating.Decision(True, f"v{version} is already champion", checks, new, {}, version)
+        if already:
+            decision = gating.Decision(
+                True, f"v{version} is already champion", checks, new, {}, version, days, users
+            )
         else:
             decision = gating.decide(
                 checks,
                 new,
                 old,
                 champion_version=None if current is None else str(current.version),
+                users=users,
+                min_users=cfg.gate.min_users,
+                days=days,
+                note=note,
                 identical_inputs=identical,
                 tolerance=cfg.gate.tolerance,
                 enabled=cfg.gate.enabled,
                 incomparable=why_not,
             )
-        if decision.promote:
+        if decision.promote and not already:
             promote(version, client)
         tags = {
             "csmf.gate": "promoted" if decision.promote else "kept",
             "csmf.gate_reason": decision.reason[:4000],
         }
-        for key, value in tags.items():
-            client.set_model_version_tag("csmf", version, key, value)
-        tracker.set_tags(tags)
+        if not (already and "csmf.gate" in (current.tags or {})):  # keep the verdict that promoted it
+            for key, value in tags.items():
+                client.set_model_version_tag("csmf", version, key, value)
+        tracker.set_tags({**tags, "csmf.gate_days": ",".join(decision.days)})
         run.parent().set_tags(tags)
         tracker.log_metrics({f"gate/challenger/{key}": v for key, v in decision.challenger.items()})
         tracker.log_metrics({f"gate/champion/{key}": v for key, v in decision.champion.items()})
         tracker.log_metrics({f"gate/check/{c.name}": float(c.ok) for c in checks})
+        tracker.log_metrics({f"gate/users/{o}": float(n) for o, n in decision.users.items()})
         (run.workdir / "gate.md").write_text(decision.to_markdown())
         tracker.log_artifact(run.workdir / "gate.md", "gate")
     create_markdown_artifact(
         decision.to_markdown(),
         key="csmf-gate",
-        description=f"v{version}: {'promoted to champion' if decision.promote else 'champion kept'}",
+        description=f"v{version}: {decision.verdict()}",
     )
     now = champion(client)
     logger.info("gate: v%s %s. %s", version, tags["csmf.gate"], decision.reason)
@@ -639,7 +706,69 @@ def gate(bundle: Path, version: str, ready: Ingested, cfg: CSMFConfig, run: RunC
         "reason": decision.reason,
         "champion_version": None if now is None else str(now.version),
         "checks": {c.name: c.ok for c in checks},
+        "days": decision.days,
+        "users": decision.users,
     }
+
+
+def _comparison_data(
+    champ, champion_version: str, ready: Ingested, cfg: CSMFConfig, run: RunContext
+) -> tuple[Path, list[str], str | None, str | None]:
+    """Where to score challenger and champion: (model-ready dir, its evaluation days, note, why the
+    champion cannot be compared or None).
+
+    This run's evaluation days when every training day of the champion (its bundle.json) precedes
+    them. Otherwise (a backfill, or a champion trained on later data) the newest `data.eval_days`
+    days of this run's dataset after both training windows: the partitions this run's ingest did not
+    check are validated, then the days are prepared as a regular run for them would prepare them,
+    into <workdir>/gate/model_ready. No such days, or days that fail: the champion is kept, and why."""
+    own = list(run.window.eval_dates)
+
+    def here(why: str | None) -> tuple[Path, list[str], None, str | None]:
+        return ready.model_ready, own, None, why
+
+    trained = champ.info.get("train_dates")
+    if not trained:
+        return here(
+            "its bundle records no training dates, so it cannot be told whether it trained on "
+            + ", ".join(own)
+        )
+    late = gating.trained_too_late(own, trained)
+    if late is None:
+        return here(None)
+    partitions = [p.date.isoformat() for p in list_partitions(run.dataset_dir)[0]]
+    days = gating.comparison_dates(partitions, [trained, run.window.train_dates], cfg.data.eval_days)
+    if days is None:
+        return here(
+            f"it {late}, and {run.dataset_dir} has no {cfg.data.eval_days} consecutive day(s) after both "
+            f"training windows (newest partition {partitions[-1]}): re-run once a newer day is exported, "
+            "or promote by hand"
+        )
+    try:
+        window = plan_window(run.dataset_dir, days[0], cfg.data)
+        unchecked = sorted(set(window.validate_dates) - set(run.window.validate_dates))
+        report = validate_dataset(run.dataset_dir, dates=unchecked, eval_dates=days) if unchecked else None
+        if report is not None and not report.ok:
+            return here(
+                f"it {late}, and the re-evaluation day(s) {', '.join(days)} fail the data contract: "
+                f"{report.summary_line()}"
+            )
+        summary = prepare(
+            run.dataset_dir,
+            run.workdir / "gate" / "model_ready",
+            train_dates=window.train_dates,
+            eval_dates=window.eval_dates,
+            seq_len=cfg.data.seq_len,
+            n_req_neg=cfg.data.n_req_neg,
+            overwrite=True,
+        )
+    except (ValueError, OSError) as exc:  # bad data or a full disk: keep the champion, say why
+        return here(f"it {late}, and preparing {', '.join(days)} failed: {type(exc).__name__}: {exc}")
+    note = (
+        f"champion v{champion_version} {late}: both models re-evaluated on {', '.join(days)}, "
+        "the newest day(s) after both training windows"
+    )
+    return summary.out_dir, days, note, None
 
 
 def _same_inputs(tags: dict, run: RunContext, cfg: CSMFConfig) -> bool:

@@ -8,17 +8,21 @@
     rec = load_recommender(None)                          # latest registered version
 
 Registered model "csmf": every successful pipeline run logs a new version (`log_and_register`) and
-points the alias "challenger" at it. "champion" moves only through `promote`, which the flow's gate
-task calls when flows/gate.py says so (the first model always becomes champion, so a fresh
-installation can serve `models:/csmf@champion` after its first run). The pyfunc carries the bundle as the artifact "bundle" and the
-`csmf_core`, `data_contracts` and `flows` source trees as code paths, so it loads without this
-checkout (given the pinned requirements).
+points the alias "challenger" at it, except a re-run whose inputs (dataset digest, training config,
+code version, date) and model (`model_digest`) equal an existing version's: that version is reused
+(`find_version`), so identical re-runs do not fill the registry with copies. "champion" moves only
+through `promote`, which the flow's gate task calls when flows/gate.py says so (the first model the
+evaluation data can measure becomes champion, so a fresh installation can serve
+`models:/csmf@champion` after its first run on a normal day). The pyfunc carries the bundle as the
+artifact "bundle" and the `csmf_core`, `data_contracts` and `flows` source trees as code paths, so it
+loads without this checkout (given the pinned requirements).
 
 This module never imports prefect: it is loaded inside model servers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -237,6 +241,41 @@ def champion(client: mlflow.MlflowClient | None = None):
 def promote(version: str, client: mlflow.MlflowClient | None = None) -> None:
     """Point alias "champion" at `version` (the gate's decision; also for a manual rollback)."""
     (client or mlflow.MlflowClient()).set_registered_model_alias(REGISTERED_MODEL, CHAMPION, str(version))
+
+
+def model_digest(checkpoint_dir: str | os.PathLike) -> str:
+    """16-hex sha256 of what a checkpoint computes: every state-dict tensor (name, dtype, shape, bytes)
+    and the owner stage of every unit. Not the file bytes: checkpoint.json carries the run's step
+    reports (timings differ between identical runs), and the model.pt layout is torch's to change."""
+    import torch
+
+    from csmf_core.checkpoint import load_checkpoint
+
+    model, owners, _ = load_checkpoint(checkpoint_dir)
+    h = hashlib.sha256()
+    parts = [("param", k, v) for k, v in model.state_dict().items()]
+    parts += [("owner", k, v) for k, v in owners.units.items()]
+    for kind, name, t in sorted(parts, key=lambda p: (p[0], p[1])):
+        h.update(f"{kind}\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update("\0".join(owners.stages).encode())
+    return h.hexdigest()[:16]
+
+
+def find_version(client: mlflow.MlflowClient, tags: Mapping[str, str]):
+    """The newest version of "csmf" whose tags hold every one of `tags` (key and value), or None.
+
+    The pipeline's register task asks it for a version with its own inputs and model digest: a
+    re-run with identical inputs that trained (or resumed) the bit-identical model reuses that version
+    instead of filling the registry with copies."""
+    if not tags or not all(tags.values()):
+        return None
+    try:
+        versions = client.search_model_versions(f"name='{REGISTERED_MODEL}'")
+    except mlflow.exceptions.MlflowException:  # no registered model yet
+        return None
+    same = [v for v in versions if all((v.tags or {}).get(k) == str(x) for k, x in tags.items())]
+    return max(same, key=lambda v: int(v.version)) if same else None
 
 
 def _registered_by(client: mlflow.MlflowClient, pipeline_run_id: str | None):

@@ -5,11 +5,16 @@
     step.log_params({"train.lr": 0.002})
     step.log_metrics({"train/loss": 1.23}, step=10)
     step.log_artifact("runs/.../checkpoint", "checkpoint")
-    step.finish()                     # or finish("FAILED")
+    step.finish()                     # or step.fail(exc): FAILED with tag csmf.failure_reason
 
 Why explicit run ids: MLflow's *active run* is thread-local and Prefect runs tasks in threads, so
 every call here goes through `mlflow.MlflowClient` with the run id it is bound to. A tracker is
 cheap to rebuild from `(tracking_uri, run_id)` inside a task (`MlflowTracker.attach`).
+
+A run that fails ends FAILED with the tag `csmf.failure_reason` ("TrainingDiverged: ..."). When the
+tracking store itself refuses that write (disk full, read-only store) `fail` says so in the log and
+returns False instead of raising: the caller's own error stays the one reported, and the run stays
+RUNNING until `csmf doctor` (flows/doctor.py) marks it once its process is gone.
 
 `NullTracker` implements the same interface and does nothing (library tests, dry runs).
 """
@@ -17,6 +22,7 @@ cheap to rebuild from `(tracking_uri, run_id)` inside a task (`MlflowTracker.att
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Iterable, Mapping
@@ -27,6 +33,9 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 
 PARENT_TAG = "mlflow.parentRunId"
+FAILURE_TAG = "csmf.failure_reason"  # why a run (or a model version) did not finish
+_REASON_CHARS = 5000  # MLflow tag values hold 8000 characters
+_log = logging.getLogger(__name__)
 _BATCH = 100  # params and tags per log_batch call (MLflow's limit); metrics allow 1000
 _METRIC_BATCH = 1000
 
@@ -51,6 +60,12 @@ def metric_key(key: str) -> str:
     """MLflow metric names allow letters, digits, `_ - . : /` and spaces, not `@`: `recall@50` is
     logged as `recall_at_50` (so `val/click/recall@50` becomes `val/click/recall_at_50`)."""
     return str(key).replace("@", "_at_")
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The tag value for a run that failed with `exc`: "TrainingDiverged: pretrain_exposure (train): ..."."""
+    text = str(exc).strip() or {KeyboardInterrupt: "interrupted (Ctrl+C or SIGINT)"}.get(type(exc), "")
+    return f"{type(exc).__name__}: {text}"[:_REASON_CHARS] if text else type(exc).__name__
 
 
 def _param_value(v: Any) -> str:
@@ -157,6 +172,30 @@ class MlflowTracker:
         """Mark the run FINISHED, FAILED or KILLED."""
         self.client.set_terminated(self.run_id, status=status)
 
+    def fail(self, reason: BaseException | str) -> bool:
+        """End the run FAILED with tag csmf.failure_reason (an exception or a sentence); never raises.
+
+        Returns False when the tracking store refused (module docstring); the tag and the status are
+        written separately so that a refused tag still leaves the run FAILED."""
+        text = reason if isinstance(reason, str) else failure_reason(reason)
+        ok = True
+        for what, write in (
+            ("tag", lambda: self.set_tags({FAILURE_TAG: text[:_REASON_CHARS]})),
+            ("status", lambda: self.finish("FAILED")),
+        ):
+            try:
+                write()
+            except Exception as exc:  # the store is down or full: report, keep the caller's error
+                ok = False
+                _log.warning(
+                    "could not mark MLflow run %s FAILED (%s: %s); `csmf doctor` marks it once this "
+                    "process has ended",
+                    self.run_id,
+                    what,
+                    exc,
+                )
+        return ok
+
 
 class NullTracker:
     """The same interface, recording nothing: for library use and tests without a tracking store."""
@@ -195,6 +234,9 @@ class NullTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         pass
+
+    def fail(self, reason: BaseException | str) -> bool:
+        return True
 
 
 def ensure_experiment(name: str, artifact_location: str | Path, tracking_uri: str | None = None) -> str:

@@ -6,8 +6,8 @@ prefect deployment run 'csmf-daily/daily' --param date=2026-01-06 --watch
     -> registry: v1 is champion and challenger, tagged with the date and the flow run
 (delete the cache entries of the steps after recover_exposure: a run that crashed there)
 prefect deployment run 'csmf-daily/adhoc' --param date=2026-01-06 --watch
-    -> ingest .. recover_exposure resumed, the rest trained; v2 is challenger, the gate keeps
-       v1 (identical inputs), and says so in the version tags
+    -> ingest .. recover_exposure resumed, the rest trained (deterministically: the same model);
+       no v2: v1 is reused (identical inputs and model digest), still champion and challenger
 python -m flows.deploy down -> every started process is gone
 
 .venv/bin/pytest -m integration tests/integration/test_deployment.py -s
@@ -144,12 +144,21 @@ def test_daily_run_then_resumed_rerun(stack):
         e.unlink()
     prefect_run(api, home, "csmf-daily/adhoc", f"date={DATE}", f"config={stack['root'] / 'tiny.yaml'}")
     t2 = time.perf_counter()
-    v2 = client.get_model_version_by_alias("csmf", "challenger")
-    assert (
-        str(v2.version) == "2" and str(client.get_model_version_by_alias("csmf", "champion").version) == "1"
+    # identical inputs and (deterministic training) a bit-identical model: v1 is reused, no v2
+    assert [str(v.version) for v in client.search_model_versions("name='csmf'")] == ["1"]
+    assert str(client.get_model_version_by_alias("csmf", "challenger").version) == "1"
+    assert str(client.get_model_version_by_alias("csmf", "champion").version) == "1"
+    parents = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`csmf.date` = '{DATE}' and tags.`csmf.model_version` = '1'",
+        order_by=["attributes.start_time DESC"],
     )
-    assert v2.tags["csmf.gate"] == "kept" and "identical inputs" in v2.tags["csmf.gate_reason"]
-    parent2 = client.get_run(v2.tags["csmf.parent_run_id"])
+    parent2 = next(p for p in parents if "mlflow.parentRunId" not in p.data.tags)
+    assert parent2.info.run_id != parent.info.run_id
+    assert parent2.data.tags["csmf.registered"].startswith("reused v1: identical inputs and bit-identical")
+    assert parent2.data.tags["csmf.registered"].endswith(f"registered by MLflow run {parent.info.run_id}")
+    assert parent2.data.tags["csmf.gate"] == "promoted"  # "v1 is already champion"
+    assert client.get_model_version("csmf", "1").tags["csmf.gate_reason"].startswith("first model")
     resumed = parent2.data.tags["csmf.resumed_stages"].split(",")
     assert sorted(resumed) == sorted(
         ["ingest", "pretrain_exposure", "cpp_prune_exposure", "recover_exposure"]

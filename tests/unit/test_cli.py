@@ -3,9 +3,13 @@ directory (no MLflow), `run` with a stand-in flow, and the home/environment set-
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import shutil
+import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -16,10 +20,12 @@ import pytest
 
 from csmf_core.serving import Recommender, metrics_table
 from flows import cli
-from flows.env import setup_home
+from flows.env import HomeNotWritable, check_writable, setup_home
+from flows.lock import RunLocked
 
 ENV = (
     "CSMF_HOME",
+    "CSMF_OWNER",  # set by `csmf run` (flows.doctor.claim)
     "MLFLOW_TRACKING_URI",
     "PREFECT_HOME",
     "PREFECT_SERVER_ANALYTICS_ENABLED",
@@ -227,11 +233,17 @@ def test_setup_home_keeps_variables_already_set(tmp_path, monkeypatch, clean_env
 
 
 def test_ui_runs_mlflow_on_the_home_store(tmp_path, monkeypatch, capsys, clean_env):
-    seen = []
-    monkeypatch.setattr(
-        cli.subprocess, "run", lambda cmd, check: seen.append(cmd) or types.SimpleNamespace(returncode=0)
-    )
+    seen, stopped = [], []
+
+    def popen(cmd, **kwargs):
+        seen.append(cmd)
+        assert kwargs == {"start_new_session": True}  # its own group: stopped as a whole (flows.lock)
+        return types.SimpleNamespace(pid=424242, wait=lambda: 0)
+
+    monkeypatch.setattr(cli.subprocess, "Popen", popen)
+    monkeypatch.setattr("flows.lock.stop_process_group", lambda pid, timeout: stopped.append(pid))
     assert cli.main(["ui", "--home", str(tmp_path), "--port", "5099"]) == 0
+    assert stopped == [424242]  # even when mlflow exits by itself: its workers go with it
     uri = f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     assert seen == [
         [
@@ -248,3 +260,152 @@ def test_ui_runs_mlflow_on_the_home_store(tmp_path, monkeypatch, capsys, clean_e
         ]
     ]
     assert "http://127.0.0.1:5099" in capsys.readouterr().out
+
+
+def _failing_pipeline(monkeypatch, exc: BaseException):
+    def csmf_daily(**kwargs):
+        raise exc
+
+    monkeypatch.setitem(sys.modules, "flows.pipeline", types.SimpleNamespace(csmf_daily=csmf_daily))
+
+
+def _diverged() -> BaseException:
+    from csmf_core.optim import TrainingDiverged
+
+    return TrainingDiverged("pretrain_exposure (train): loss nan at epoch 1, step 3. Lower train.lr")
+
+
+@pytest.mark.parametrize(
+    "make, text",
+    [
+        (lambda: RunLocked("another csmf-daily run for 2026-01-06 is training (pid 7)"), "is training"),
+        (_diverged, "Lower train.lr"),
+        (lambda: OSError(errno.ENOSPC, "No space left on device", "/h/runs/x"), "free space or fix"),
+        (lambda: NotADirectoryError(errno.ENOTDIR, "Not a directory", "/h/mlartifacts/1"), "Not a directory"),
+    ],
+    ids=["RunLocked", "TrainingDiverged", "disk-full", "unwritable-artifacts"],
+)
+def test_a_failed_run_is_one_message_and_exit_2(
+    make, text, tiny_world, tmp_path, monkeypatch, capsys, clean_env
+):
+    """What the flow raises reaches the console as one `csmf run: error:` paragraph, exit 2; --debug
+    keeps the traceback (the exception propagates)."""
+    _failing_pipeline(monkeypatch, make())
+    args = ["run", "--data", str(tiny_world["ds"]), "--home", str(tmp_path / "h")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("csmf run: error:") == 1 and text in err and "Traceback" not in err
+    assert "--debug" in err
+    with pytest.raises(type(make())):
+        cli.main(["--debug", *args])
+
+
+def test_quiet_run_tracebacks_keeps_the_message_drops_the_traceback():
+    """Prefect's console handler formats flow/task run records without exc_info while a run is
+    quiet; other loggers keep their tracebacks; the original formatter comes back afterwards."""
+    import logging
+
+    from prefect.logging.formatters import PrefectFormatter
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    console = PrefectConsoleHandler(stream=io.StringIO())  # as prefect's logging.yml sets up the root's
+    before = PrefectFormatter(format="%(levelname)s | %(name)s - %(message)s")
+    console.setFormatter(before)
+    logging.getLogger().addHandler(console)
+
+    def record(name: str) -> logging.LogRecord:
+        try:
+            raise ValueError("the step's own error")
+        except ValueError:
+            return logging.getLogger(name).makeRecord(
+                name, logging.ERROR, __file__, 1, "Task run failed with exception: %r", (1,), sys.exc_info()
+            )
+
+    with cli.quiet_run_tracebacks():
+        quiet = console.format(record("prefect.task_runs"))
+        other = console.format(record("prefect.server"))
+    assert "Task run failed with exception: 1" in quiet and "Traceback" not in quiet
+    assert "Traceback" in other and "the step's own error" in other
+    assert console.formatter is before
+    assert "Traceback" in console.format(record("prefect.flow_runs"))
+    logging.getLogger().removeHandler(console)
+
+
+def test_import_and_synth_name_the_overwrite_flag(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    (out / "dataset.yaml").write_text("name: old\n")
+    assert cli.main(["import", "kuairand", str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "add --overwrite" in err and "overwrite=True" not in err
+    assert cli.main(["synth", "--out", str(out), "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "add --overwrite" in err and "overwrite=True" not in err
+    assert (out / "dataset.yaml").read_text() == "name: old\n"  # nothing replaced
+
+
+def test_unwritable_prefect_home_is_refused_before_prefect_starts(tmp_path, monkeypatch, capsys, clean_env):
+    """Works as root too: a PREFECT_HOME below a regular file cannot be written by anyone."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    home = tmp_path / "h"
+    setup_home(home)
+    check_writable(home)  # a fresh home is fine
+    monkeypatch.setenv("PREFECT_HOME", str(blocker / "prefect"))
+    with pytest.raises(HomeNotWritable, match="is not writable"):
+        check_writable(home)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")  # a Prefect server: not needed
+    check_writable(home)
+    monkeypatch.delenv("PREFECT_API_URL")
+    assert cli.main(["run", "--home", str(home), "--data", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "is not writable" in err and "--home" in err and "Traceback" not in err
+
+
+def _read_only(home: Path) -> list[str]:
+    """A command prefix under which `home` is read-only: chmod for a normal user; for root (whom
+    permission bits do not stop) a private mount namespace with a read-only bind mount of `home`."""
+    if os.geteuid() != 0:
+        for p in [home, *home.rglob("*")]:
+            p.chmod(p.stat().st_mode & ~0o222)
+        return []
+    if shutil.which("unshare") is None:
+        pytest.skip("running as root without unshare(1): no way to make a directory read-only for root")
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"running as root and unshare -m is not permitted here: {probe.stderr.decode()[:200]}")
+    script = f'mount --bind "{home}" "{home}" && mount -o remount,bind,ro "{home}" && exec "$@"'
+    return ["unshare", "-m", "sh", "-c", script, "sh"]
+
+
+def test_read_only_home_with_state_fails_at_once(tiny_world, tmp_path):
+    """A read-only home that already holds state used to loop ~2 minutes in Prefect's server restarts
+    (thousands of log lines); now: one message, exit 2, in seconds."""
+    home = tmp_path / "home"
+    for d in ("prefect", "runs", "locks"):
+        (home / d).mkdir(parents=True)
+    (home / "mlflow.db").write_bytes(b"")
+    (home / "prefect" / "prefect.db").write_bytes(b"")
+    prefix = _read_only(home)
+    env = {k: v for k, v in os.environ.items() if k not in ENV}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-c", "import sys; from flows.cli import main; sys.exit(main())"]
+    t0 = time.perf_counter()
+    try:
+        res = subprocess.run(
+            [*prefix, *cmd, "run", "--home", str(home), "--data", str(tiny_world["ds"])],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+    finally:
+        if os.geteuid() != 0:
+            for p in [home, *home.rglob("*")]:
+                p.chmod(p.stat().st_mode | 0o200)
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out
+    assert "csmf run: error: the csmf home" in res.stderr and "is not writable" in res.stderr, out
+    assert "Traceback" not in out and len(out.splitlines()) <= 3, out
+    assert time.perf_counter() - t0 < 60

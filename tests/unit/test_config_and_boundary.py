@@ -152,6 +152,7 @@ BAD_VALUES = {
     "gate.enabled": ["maybe"],
     "gate.tolerance": ["-0.1"],
     "gate.sample_users": ["0"],
+    "gate.min_users": ["0", "-3", "2.5"],
     "retention.keep_days": ["-1"],
 }
 
