@@ -111,6 +111,11 @@ def test_deployments_declared_by_prefect_yaml(stack):
     env = daily["job_variables"]["env"]
     assert env["CSMF_HOME"] == str(stack["home"]) and env["MLFLOW_TRACKING_URI"].startswith("sqlite:///")
     assert env["OMP_NUM_THREADS"]
+    weekly = api_get(stack["api"], "/deployments/name/csmf-tune/weekly")
+    crons = [(s["schedule"].get("cron"), s["schedule"].get("timezone")) for s in weekly["schedules"]]
+    assert crons == [("0 1 * * 0", "UTC")] and weekly["parameters"]["trials"] == 30
+    assert weekly["parameters"]["data"] == str(stack["root"] / "tiny")
+    assert weekly["work_pool_name"] == "csmf-process"
     pool = api_get(stack["api"], "/work_pools/csmf-process")
     assert pool["type"] == "process"
     assert pool["base_job_template"]["variables"]["properties"]["env"]["default"]["CSMF_HOME"] == str(
