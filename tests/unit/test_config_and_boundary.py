@@ -159,6 +159,7 @@ BAD_VALUES = {
 
 def _float_keys() -> set[str]:
     import dataclasses
+    import types
     import typing
 
     from csmf_core.config import CSMFConfig
@@ -167,7 +168,11 @@ def _float_keys() -> set[str]:
     for section, cls in typing.get_type_hints(CSMFConfig).items():
         for f in dataclasses.fields(cls):
             tp = typing.get_type_hints(cls)[f.name]
-            if tp is float or typing.get_args(tp)[:1] == (float,):
+            # float, tuple[float, ...], or either of them | str ("auto" settings)
+            options = (
+                typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+            )
+            if any(t is float or typing.get_args(t)[:1] == (float,) for t in options):
                 out.add(f"{section}.{f.name}")
     return out
 
