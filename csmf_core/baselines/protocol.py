@@ -2,7 +2,8 @@
 
 Fixed epochs and no validation are neither what a user would do nor a fair test of any method, so
 every method, CSMF and its ablations included, is trained the way the product's own daily run is
-(docs/method-notes.md, "Validation days and the refit"):
+(`tuning.run_trial`, then `tuning.refit_config`; the full statement is docs/comparison.md, "One
+protocol for every method"):
 
 1. **Selection pass** on `data_val` (`load_cascade_data(..., val_days=V)`: the training window minus
    its last V days). After every epoch each independently trained *part* of the method is scored on
@@ -246,7 +247,9 @@ class Refit(EpochHook):
 
     def epochs(self, part: str, cap: int) -> int:
         if part not in self.chosen:
-            raise ValueError(f"the refit trains part {part!r}, which the selection pass did not ({self.chosen})")
+            raise ValueError(
+                f"the refit trains part {part!r}, which the selection pass did not ({self.chosen})"
+            )
         self.trained[part] = min(int(self.chosen[part]), int(cap))
         return self.trained[part]
 
@@ -403,6 +406,11 @@ def fit_with_protocol(
             raise RuntimeError(f"method {name!r}: the refit did not train part(s) {missing}")
         info["refit_epochs"] = refit.trained
     info["seconds"]["refit"] = time.perf_counter() - t0
-    info |= {"protocol": "select-then-refit", "method": name, "seed": int(seed), "val_days": data_val.val_days}
+    info |= {
+        "protocol": "select-then-refit",
+        "method": name,
+        "seed": int(seed),
+        "val_days": data_val.val_days,
+    }
     result.info["protocol"] = info
     return result, info
