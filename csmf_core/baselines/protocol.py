@@ -306,7 +306,15 @@ def _csmf_selection(name: str, data_val: CascadeData, cfg: CSMFConfig, seed: int
     """CSMF or an ablation: `tuning.run_trial` (weights auto) and the refit config it implies."""
     c = variant_config(name, with_seed(cfg, seed))
     set_threads(c)
-    trial = run_trial(data_val, trial_config(c, {"eval.fused_weights": "auto"}), on_step=on_step)
+    steps = 0
+
+    def counted(_: int, loss: float) -> None:  # run_step numbers each step's own steps from 1
+        nonlocal steps
+        steps += 1
+        on_step(steps, loss)
+
+    cfg_sel = trial_config(c, {"eval.fused_weights": "auto"})
+    trial = run_trial(data_val, cfg_sel, on_step=None if on_step is None else counted)
     k = c.eval.primary_k
     parts = {}
     for rep, chosen in zip([r for r in trial.reports if r.step.kind == "train"], trial.epochs):

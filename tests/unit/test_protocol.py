@@ -279,6 +279,25 @@ def test_refit_steps_of_a_per_objective_and_a_joint_method(proto_data):
     per_epoch = total // max(caps)
     assert info["refit_epochs"]["joint"] == c and len(refit_steps) == min(total, c * per_epoch)
 
+    # CSMF: every train step its kept epochs, every recovery recover.epochs over half its stage's rows
+    refit_steps.clear()
+    sel_steps.clear()
+    _, info = fit_with_protocol(
+        "csmf", dv, df, cfg, 0, on_step=lambda k, v: refit_steps.append(k),
+        on_select_step=lambda k, v: sel_steps.append(k),
+    )  # fmt: skip
+    chosen = list(info["epochs"].values())
+    assert list(info["epochs"]) == ["pretrain_exposure", "finetune_click", "finetune_conversion"]
+    assert chosen == list(info["refit_epochs"].values()) and all(
+        0 <= c <= cap for c, cap in zip(chosen, caps)
+    )
+    n = level_counts(df)
+    recover = sum(n_batches(max(2, math.ceil(n[t] * 0.5)), 256) for t in range(2))  # recover.epochs = 1
+    assert len(refit_steps) == sum(c * n_batches(m, 256) for c, m in zip(chosen, n)) + recover
+    m = level_counts(dv)
+    recover_val = sum(n_batches(max(2, math.ceil(m[t] * 0.5)), 256) for t in range(2))
+    assert sel_steps == list(range(1, sum(c * n_batches(x, 256) for c, x in zip(caps, m)) + recover_val + 1))
+
 
 def test_evaluation_users_change_no_choice_of_a_real_method(proto_data):
     dv, df = proto_data
