@@ -80,6 +80,9 @@ class StepReport:
     step: Step
     info: dict = field(default_factory=dict)  # training summary or pruning table
     losses: list[float] = field(default_factory=list)
+    # with validation days, a train step's own-mode validation Recall@K before its first epoch and after
+    # each epoch (validation.EpochSelector.scores); kept out of `info`, which is logged as metrics
+    val_scores: list[float] = field(default_factory=list)
 
 
 def plan(objectives: list[str], cfg: CSMFConfig) -> list[Step]:
@@ -155,7 +158,7 @@ def run_step(
     if selector is not None:
         selector.restore()
         info.update(selector.summary())
-    return owners, StepReport(step, info, res.losses)
+    return owners, StepReport(step, info, res.losses, list(selector.scores) if selector is not None else [])
 
 
 def run_cascade(
