@@ -270,7 +270,7 @@ def _failing_pipeline(monkeypatch, exc: BaseException):
 
 
 def _diverged() -> BaseException:
-    from csmf_core.train import TrainingDiverged
+    from csmf_core.optim import TrainingDiverged
 
     return TrainingDiverged("pretrain_exposure (train): loss nan at epoch 1, step 3. Lower train.lr")
 
