@@ -47,6 +47,22 @@ def test_core_never_imports_orchestration():
                 assert n.split(".")[0] not in banned, f"{f.name} imports {n}"
 
 
+def test_data_contracts_imports_neither_the_core_nor_orchestration():
+    """csmf_core reads dataset.yaml and partitions through data_contracts, never the other way round:
+    the contract stays loadable without torch, the model code, Prefect or MLflow."""
+    root = pathlib.Path(__file__).resolve().parents[2] / "data_contracts"
+    banned = {"csmf_core", "flows", "torch", "prefect", "mlflow"}
+    for f in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for n in names:
+                assert n.split(".")[0] not in banned, f"{f.name} imports {n}"
+
+
 def _core_import_graph(root: pathlib.Path) -> dict[str, set[str]]:
     """csmf_core module -> the csmf_core modules it imports anywhere in its file (function-level too)."""
     graph: dict[str, set[str]] = {}
