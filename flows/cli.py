@@ -393,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--dates", nargs="+", help="partitions to check (default: all)")
     v.set_defaults(func=cmd_validate)
 
-    # what a flow run takes besides its data: the evaluation day and the configuration
+    # the commands that run a flow: besides their data, an evaluation day and the configuration
     flowed = argparse.ArgumentParser(add_help=False)
     flowed.add_argument("--date", help="evaluation day YYYY-MM-DD (default: the last partition)")
     flowed.add_argument("--config", help="YAML config (csmf_core.config sections)")
@@ -405,21 +405,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="config override, e.g. --set train.epochs=1,2,2 (repeatable)",
     )
 
-    r = sub.add_parser(
+    def flow_command(name: str, func, what: str, description: str) -> argparse.ArgumentParser:
+        """A command that runs a flow (`func`): --home, --debug, --date, --config, --set."""
+        cmd = sub.add_parser(name, parents=[common, homed, flowed], help=what, description=description)
+        cmd.set_defaults(func=func)
+        return cmd
+
+    r = flow_command(
         "run",
-        parents=[common, homed, flowed],
-        help="run the daily pipeline (Prefect + MLflow)",
-        description="Train the cascade on the partitions before --date, evaluate on --date, "
-        "register the model. How to run: csmf run [--data DIR] [--date YYYY-MM-DD]",
+        cmd_run,
+        "run the daily pipeline (Prefect + MLflow)",
+        "Train the cascade on the partitions before --date, evaluate on --date, register the model. "
+        "How to run: csmf run [--data DIR] [--date YYYY-MM-DD]",
     )
     r.add_argument("--data", help="canonical dataset (default: generated synth-small under the home)")
-    r.set_defaults(func=cmd_run)
-
-    c = sub.add_parser(
+    c = flow_command(
         "compare",
-        parents=[common, homed, flowed],
-        help="compare CSMF with the paper's baselines and ablations (Prefect + MLflow, report)",
-        description="Train every method x seed on one dataset window and write the comparison report "
+        cmd_compare,
+        "compare CSMF with the paper's baselines and ablations (Prefect + MLflow, report)",
+        "Train every method x seed on one dataset window and write the comparison report "
         "(reports/<dataset>/comparison.md). How to run: csmf compare --data DIR [--methods all|a,b] [--seeds 3]",
     )
     c.add_argument("--data", required=True, help="canonical dataset directory")
@@ -427,7 +431,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", type=int, default=3, help="seeds per method (95%% t-intervals need >= 2)")
     c.add_argument("--sweeps", default="", help="optional sensitivity sweeps: tau,eta,weights")
     c.add_argument("--report-dir", help="where the report goes (default: ./reports/<dataset name>)")
-    c.set_defaults(func=cmd_compare)
 
     cli_serving.add_commands(sub, [common, homed])
 

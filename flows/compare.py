@@ -51,7 +51,7 @@ from flows.compare_report import SWEEPS, WEIGHT_GRID
 from flows.env import check_writable, setup_home, tracking_uri
 from flows.ingest import Ingested, ingest
 from flows.inputs import code_version, contained, plan_window, safe_name
-from flows.runs import COMPARE, RunContext, child_run, dataset_name, parent_run
+from flows.runs import COMPARE, RunContext, child_run, dataset_name, open_run, run_lifecycle
 
 LOG_EVERY = 200
 LATENCY_ITEMS = 100_000  # fused-query latency is measured on the catalog tiled to at least this many rows
@@ -131,8 +131,8 @@ def csmf_compare(
     doctor.before_run(root, tracking_uri())  # what killed csmf processes left (flows/doctor.py)
     out_dir = report_out_dir(dataset, report_dir)
     command = command or _command(data, date, methods, seeds, config, overrides, sweeps)
-    params = {"compare.methods": names, "compare.seeds": seeds}
-    with parent_run(COMPARE, root, cfg, dataset, window, params) as run:
+    run = open_run(COMPARE, root, cfg, dataset, window, {"compare.methods": names, "compare.seeds": seeds})
+    with run_lifecycle(run):
         ready = ingest(run, cfg, max_violation_rate)
         results = Results(out_dir, report_meta(ready, cfg, run, names, seeds, overrides, command))
         for seed in range(seeds):  # seeds outer: after each seed a complete comparison exists

@@ -47,7 +47,7 @@ from flows.names import RESUMED_PREFIX, RESUMED_STAGES_TAG, RUN_TAG, TEST, WORKD
 from flows.promotion import gate, register
 from flows.registry import champion
 from flows.retention import apply_retention
-from flows.runs import DAILY, RunContext, child_run, device, loaded_data, parent_run
+from flows.runs import DAILY, RunContext, child_run, device, loaded_data, open_run, run_lifecycle
 
 
 # ---- the flow --------------------------------------------------------------------------------------
@@ -83,7 +83,8 @@ def csmf_daily(
     window = plan_window(dataset, date, cfg.data)  # missing partitions fail here, before any work
     doctor.before_run(root, tracking_uri())  # what killed csmf processes left (flows/doctor.py)
     with date_lock(root, window.date, who=f"prefect flow run {flow_run.id or 'local'}"):
-        with parent_run(DAILY, root, cfg, dataset, window) as run:
+        run = open_run(DAILY, root, cfg, dataset, window)
+        with run_lifecycle(run):
             ready = ingest(run, cfg, max_violation_rate)
             checkpoints = train_cascade(ready, cfg, run)  # pretrain_exposure -> ... -> finetune_conversion
             bundle = build_index(checkpoints.final, ready, cfg, run)

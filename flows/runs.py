@@ -1,6 +1,7 @@
 """The run room: the bookkeeping every csmf flow run shares, written once for the daily and the compare flow.
 
-    with parent_run(DAILY, root, cfg, dataset, window) as run:     # work dir + MLflow parent run
+    run = open_run(DAILY, root, cfg, dataset, window)             # work dir + MLflow parent run
+    with run_lifecycle(run):                                       # FINISHED, or FAILED with the reason
         with child_run(run, "ingest", kind="ingest") as tracker:   # one child run per step
             tracker.log_metrics({...})
         data = loaded_data(ready.model_ready, cfg, load_train=True)  # loaded once per flow run
@@ -10,8 +11,8 @@ What is here and why in one place:
 * `RunKind` (`DAILY`, `COMPARE`): the only things that differ between the two flows' runs (MLflow
   experiment, parent-run name, work-dir folder, whether completed stages are resumed).
 * `open_run` (a task) creates the work dir `<home>/<folder>/<date>/<flow-run-id>/` and the parent
-  run with the tags of flows/names.py; `parent_run` wraps it so that the run ends FINISHED when the
-  flow's block completes and FAILED (tag csmf.failure_reason) on any exception, which is re-raised.
+  run with the tags of flows/names.py; `run_lifecycle` ends that run FINISHED when the flow's block
+  completes and FAILED (tag csmf.failure_reason) on any exception, which is re-raised.
 * `child_run`: the same lifecycle for one step's child run. The tracking store refusing the FAILED
   update never hides the step's own exception (flows/tracking.py `fail`).
 * `dataset_name`: the label of a dataset before validation has read it (runs and reports are named
@@ -180,17 +181,10 @@ def open_run(
 
 
 @contextmanager
-def parent_run(
-    kind: RunKind,
-    home: Path,
-    cfg: CSMFConfig,
-    dataset: Path,
-    window: Window,
-    params: dict[str, Any] | None = None,
-) -> Iterator[RunContext]:
-    """`open_run`, then the parent run's end: FINISHED when the block completes, FAILED with the reason
-    on any exception (re-raised unchanged). The run's loaded data is dropped either way."""
-    run = open_run(kind, home, cfg, dataset, window, params)
+def run_lifecycle(run: RunContext) -> Iterator[RunContext]:
+    """The end of an opened parent run around the flow's block: FINISHED when the block completes,
+    FAILED with the reason on any exception (re-raised unchanged). The run's loaded data is dropped
+    either way."""
     try:
         yield run
     except BaseException as exc:
