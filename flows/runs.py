@@ -13,8 +13,8 @@ What is here and why in one place:
 * `open_run` (a task) creates the work dir `<home>/<folder>/<date>/<flow-run-id>/` and the parent
   run with the tags of flows/names.py; `run_lifecycle` ends that run FINISHED when the flow's block
   completes and FAILED (tag csmf.failure_reason) on any exception, which is re-raised.
-* `child_run`: the same lifecycle for one step's child run. The tracking store refusing the FAILED
-  update never hides the step's own exception (flows/tracking.py `fail`).
+* `child_run`: the same end (`ended`) for one step's child run. The tracking store refusing the
+  FAILED update never hides the step's own exception (flows/tracking.py `fail`).
 * `dataset_name`: the label of a dataset before validation has read it (runs and reports are named
   after it before `ingest` runs).
 * `transient`: the retry condition of the tasks that do I/O (ingest, register).
@@ -181,35 +181,33 @@ def open_run(
 
 
 @contextmanager
-def run_lifecycle(run: RunContext) -> Iterator[RunContext]:
-    """The end of an opened parent run around the flow's block: FINISHED when the block completes,
-    FAILED with the reason on any exception (re-raised unchanged). The run's loaded data is dropped
-    either way."""
-    try:
-        yield run
-    except BaseException as exc:
-        run.parent().fail(exc)
-        raise
-    finally:
-        LOADED.clear()
-    run.parent().finish("FINISHED")
-
-
-@contextmanager
-def child_run(
-    run: RunContext, name: str, plain_tags: dict[str, Any] | None = None, **tags: Any
-) -> Iterator[MlflowTracker]:
-    """A child MLflow run named `name` (tags csmf.step=name, csmf.<key> for each keyword, and
-    `plain_tags` as given), FINISHED on success and FAILED (tag csmf.failure_reason) on any exception;
-    the exception is re-raised unchanged even when the tracking store refuses the update."""
-    all_tags = {STEP_TAG: name, **{f"csmf.{k}": v for k, v in tags.items()}, **(plain_tags or {})}
-    tracker = run.parent().child(name, tags=all_tags)
+def ended(tracker: MlflowTracker) -> Iterator[MlflowTracker]:
+    """The end of an MLflow run around a block: FINISHED when the block completes, FAILED with tag
+    csmf.failure_reason on any exception, which is re-raised unchanged, even when the tracking store
+    refuses the FAILED update (`MlflowTracker.fail` never raises)."""
     try:
         yield tracker
     except BaseException as exc:
         tracker.fail(exc)
         raise
     tracker.finish("FINISHED")
+
+
+@contextmanager
+def run_lifecycle(run: RunContext) -> Iterator[RunContext]:
+    """The parent run's end around the flow's block (`ended`); the run's loaded data is dropped either way."""
+    try:
+        with ended(run.parent()):
+            yield run
+    finally:
+        LOADED.clear()
+
+
+def child_run(run: RunContext, name: str, plain_tags: dict[str, Any] | None = None, **tags: Any):
+    """A child MLflow run named `name` for the block (`with child_run(...) as tracker:`), ended like the
+    parent (`ended`). Tags: csmf.step=name, csmf.<key> for each keyword, and `plain_tags` as given."""
+    all_tags = {STEP_TAG: name, **{f"csmf.{k}": v for k, v in tags.items()}, **(plain_tags or {})}
+    return ended(run.parent().child(name, tags=all_tags))
 
 
 # ---- model-ready data, loaded once per flow run -------------------------------------------------
