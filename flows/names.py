@@ -32,8 +32,9 @@ FLOW_RUN_ID_TAG = "prefect.flow_run_id"
 FLOW_RUN_NAME_TAG = "prefect.flow_run_name"
 
 # ---- what the run did ------------------------------------------------------------------------------
-STEP_TAG = "csmf.step"  # on every child run: the step it tracks
-RESUMED_FROM_TAG = "csmf.resumed_from"  # on a resumed child: the earlier parent run it came from
+STEP_TAG = "csmf.step"  # on every child run: the step it tracks; its other tags are csmf.<keyword>
+# of flows.runs.child_run: kind, stage, stage_name, step_index, resumed_from (a resumed step: the
+# earlier parent run it came from), method (a comparison run)
 RESUMED_PREFIX = "csmf.resumed."  # parent: csmf.resumed.<step> = that earlier parent run
 RESUMED_STAGES_TAG = "csmf.resumed_stages"  # parent: the resumed steps, comma-separated, or "none"
 MODEL_VERSION_TAG = "csmf.model_version"
