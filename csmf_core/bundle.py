@@ -46,9 +46,8 @@ import torch
 import yaml
 
 from csmf_core.checkpoint import load_checkpoint
-from csmf_core.config import CSMFConfig
+from csmf_core.config import CSMFConfig, check_objectives
 from csmf_core.evaluate import item_matrix
-from csmf_core.fusion import validate_weights
 from csmf_core.ids import as_id_array
 from csmf_core.index import ItemIndex
 from csmf_core.item_stats import (
@@ -59,8 +58,9 @@ from csmf_core.item_stats import (
     serving_row,
 )
 from csmf_core.model import TwoTower
-from csmf_core.prep import DAY_US, HistoryIndex, _partitions
+from csmf_core.prep import DAY_US, HistoryIndex
 from csmf_core.rows import FeatureTables
+from data_contracts import load_spec, partition_files
 
 FORMAT_VERSION = 1
 FEATURE_FILES = ("users.parquet", "items.parquet", "meta.json")
@@ -156,8 +156,7 @@ def _check_compatible(model: TwoTower, meta: dict, where: Path, n_item_stats: in
 
 # ---- user state ------------------------------------------------------------------------------------
 def _label_columns(dataset_dir: Path, objectives: list[str]) -> dict[str, str]:
-    spec = yaml.safe_load((dataset_dir / "dataset.yaml").read_text())
-    cols = {o["name"]: o["column"] for o in spec["objectives"]}
+    cols = {o.name: o.column for o in load_spec(dataset_dir).objectives}
     if list(cols) != objectives:
         raise ValueError(
             f"{dataset_dir}/dataset.yaml has objectives {list(cols)} but the model was trained on "
@@ -186,7 +185,7 @@ def user_histories(
     dataset_dir = Path(dataset_dir)
     cols = _label_columns(dataset_dir, objectives)
     end_us = int(dt.datetime.fromisoformat(until).replace(tzinfo=dt.UTC).timestamp()) * 10**6 + DAY_US
-    parts = [files for date, files in _partitions(dataset_dir).items() if date <= until]
+    parts = [files for date, files in partition_files(dataset_dir).items() if date <= until]
     n_users = len(user_vocab) + 1
     out = {o: np.zeros((n_users, seq_len), np.int32) for o in objectives[1:]}
     if not parts or n_users == 1:
@@ -274,7 +273,7 @@ def write_bundle(
         raise FileNotFoundError(f"not a model-ready dataset (missing {missing}); run csmf_core.prep.prepare")
     meta = json.loads((mr / "meta.json").read_text())
     objectives = [o["name"] for o in meta["objectives"]]
-    validate_weights(config.eval.fused_weights, len(objectives))  # fail before the heavy work
+    check_objectives(config, objectives)  # one fused weight per objective; before the heavy work
     model, owners, _ = load_checkpoint(ckpt)
     stats = model_ready_item_stats(mr, config.data.item_stats) if config.data.item_stats else None
     _check_compatible(model, meta, mr, len(stats.columns) if stats is not None else 0)
@@ -298,7 +297,7 @@ def write_bundle(
                 )
             # every partition after the training window up to history_until (the histories' days)
             last_train = max(meta["train_dates"])
-            after = [f for date, f in _partitions(data).items() if last_train < date <= until]
+            after = [f for date, f in partition_files(data).items() if last_train < date <= until]
             rows = [model_ready_rows(mr), event_rows(data, objectives, item_ids, after)]
             day, item, level = (np.concatenate(x) for x in zip(*rows))
             row = serving_row(stats, day, item, level, stats_as_of)

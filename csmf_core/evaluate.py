@@ -237,8 +237,10 @@ def gaps_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def metric_dict(rows: list[dict], prefix: str = "val", own_only: bool = True) -> dict[str, float]:
-    """Flatten rows to tracker keys: `val/click/recall@50` (own mode) or `val/click/fused/recall@50`."""
+def metric_dict(rows: list[dict], prefix: str, own_only: bool = True) -> dict[str, float]:
+    """Flatten rows to tracker keys under `prefix`, which says what the rows were measured on ("test":
+    the evaluation days): `<prefix>/click/recall@50` for the own modes only, or with own_only=False
+    `<prefix>/click/<scorer>/recall@50` for every scorer (`.../click/click/...`, `.../click/fused/...`)."""
     out = {}
     for r in rows:
         own = r["scorer"] == r["objective"]

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,13 +40,12 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 
 from csmf_core.fsutil import commit_dir, fresh_temp_dir
+from data_contracts import DatasetSpec, load_spec, partition_files
 
 INT_CATEGORICAL_MAX_DISTINCT = 1000
 DAY_US = 86_400_000_000
-_PARTITION = re.compile(r"dt=[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 @dataclass
@@ -76,24 +74,13 @@ def _resolve_dates(spec: str | list[str] | tuple[str, str]) -> list[str]:
     return sorted({dt.date.fromisoformat(str(d)).isoformat() for d in spec})
 
 
-def _partitions(dataset_dir: Path) -> dict[str, list[Path]]:
-    """date -> sorted parquet files of ``events/dt=YYYY-MM-DD/``.
-
-    Only names of exactly that form count, as in data_contracts.layout (which reports every other
-    entry as a stray): ``date.fromisoformat`` alone would also read ``dt=20260101`` (a second
-    directory for the same day) and fail with a bare error on ``dt=..``."""
-    out = {}
-    for d in sorted((dataset_dir / "events").glob("dt=*")):
-        if not _PARTITION.fullmatch(d.name) or not d.is_dir():
-            continue
-        try:
-            date = dt.date.fromisoformat(d.name[3:]).isoformat()
-        except ValueError:  # dt=2026-13-40: validation reports it
-            continue
-        files = sorted(p for p in d.glob("*.parquet") if not p.name.startswith((".", "_")))
-        if files:
-            out[date] = files
-    return out
+def _feature_lists(spec: DatasetSpec, table: str) -> dict[str, list[str]] | None:
+    """dataset.yaml's feature lists of `table` ("users" or "items"), or None: inferred from the dtypes
+    (no `features` in dataset.yaml, or none listed for that table)."""
+    tf = getattr(spec.features, table) if spec.features is not None else None
+    if tf is None or not tf.columns:
+        return None
+    return {"categorical": list(tf.categorical), "numeric": list(tf.numeric)}
 
 
 def _infer_spec(df: pl.DataFrame, id_col: str) -> dict[str, list[str]]:
@@ -232,8 +219,8 @@ def prepare(
     A non-empty out_dir is refused unless ``overwrite``.
     """
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
-    cfg = yaml.safe_load((dataset_dir / "dataset.yaml").read_text())
-    objectives = [(o["name"], o["column"]) for o in cfg["objectives"]]
+    spec = load_spec(dataset_dir)
+    objectives = [(o.name, o.column) for o in spec.objectives]
     names, cols = [n for n, _ in objectives], [c for _, c in objectives]
     train_d, eval_d = _resolve_dates(train_dates), _resolve_dates(eval_dates)
     if not train_d or (eval_d and max(train_d) >= min(eval_d)):
@@ -241,14 +228,14 @@ def prepare(
     if seq_len < 1 or n_req_neg < 1:  # arrow has no fixed_size_list of size 0; all-0 rows mean "none"
         raise ValueError("need seq_len >= 1 and n_req_neg >= 1")
     fresh_temp_dir(out_dir, overwrite, check_only=True)  # fail before the heavy work
-    parts = _partitions(dataset_dir)
+    parts = partition_files(dataset_dir)
     missing = [d for d in train_d if d not in parts], [d for d in eval_d if d not in parts]
     if len(missing[0]) == len(train_d) or (eval_d and len(missing[1]) == len(eval_d)):
         raise ValueError(f"no event partitions for the train or eval dates in {dataset_dir / 'events'}")
     # history needs every earlier partition; nothing after the last date asked for is ever opened
     needed = [d for d in parts if d <= max(eval_d or train_d)]
     ev = _scan_events(parts, needed, cols, set(train_d), set(eval_d))
-    feats = cfg.get("features") or {}
+    feats = {table: _feature_lists(spec, table) for table in ("users", "items")}
     users_df = _read_features(dataset_dir / "users.parquet", "user_id")
     items_df = _read_features(dataset_dir / "items.parquet", "item_id")
 
@@ -357,7 +344,7 @@ def prepare(
         by_level = np.bincount(level, minlength=len(names))[: len(names)].tolist()
         meta = {
             "format_version": 1,
-            "dataset": {"name": cfg.get("name"), "dir": str(dataset_dir)},
+            "dataset": {"name": spec.name, "dir": str(dataset_dir)},
             "objectives": [{"name": n, "column": c} for n, c in objectives],
             "features": {"users": user_specs, "items": item_specs},
             "n_users": n_users,

@@ -9,7 +9,7 @@ Imports only polars, pyarrow and yaml (never torch, prefect or mlflow).
 """
 
 from data_contracts.kuairand import ImportSummary, import_kuairand
-from data_contracts.layout import Partition, list_partitions
+from data_contracts.layout import Partition, list_partitions, partition_files
 from data_contracts.quarantine import clean_events_lazy
 from data_contracts.report import ContractError, ValidationReport, Violation
 from data_contracts.rules import LABEL_NAME_PATTERNS, ROW_RULES, RULES, label_like
@@ -21,6 +21,7 @@ from data_contracts.schema import (
     TableFeatures,
     load_spec,
     parse_spec,
+    read_name,
     write_spec,
 )
 from data_contracts.validate import validate_dataset
@@ -45,6 +46,8 @@ __all__ = [
     "list_partitions",
     "load_spec",
     "parse_spec",
+    "partition_files",
+    "read_name",
     "validate_dataset",
     "write_spec",
 ]

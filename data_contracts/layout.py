@@ -70,6 +70,16 @@ def list_partitions(root: str | os.PathLike) -> tuple[list[Partition], list[str]
     return partitions, stray
 
 
+def partition_files(root: str | os.PathLike) -> dict[str, list[Path]]:
+    """ISO date -> the Parquet files of every partition that has one: what a reader of events scans.
+
+    The partitions and files of `list_partitions`, so readers see exactly what validation checked
+    (`dt=20260101`, `dt=..`, `dt=2026-13-40` and hidden files are never read); partitions without a
+    Parquet file are left out, since there is nothing in them to read."""
+    partitions, _ = list_partitions(root)
+    return {p.date.isoformat(): list(p.files) for p in partitions if p.files}
+
+
 def parse_dates(dates: Iterable[str | dt.date] | None) -> list[dt.date] | None:
     """Normalise `dates` ("2022-04-25" strings or `date`s) to sorted unique dates; None stays None."""
     if dates is None:

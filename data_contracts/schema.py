@@ -218,6 +218,21 @@ def load_spec(directory: str | os.PathLike) -> DatasetSpec:
     return parse_spec(data, source=str(path))
 
 
+def read_name(directory: str | os.PathLike) -> str | None:
+    """The `name` written in `<directory>/dataset.yaml`, unchecked, or None when the file, the YAML or
+    the key is missing or broken.
+
+    For labels that exist before validation has run (a run's tags, the report directory, which is
+    checked where it is built): `load_spec` would refuse the whole file for an unrelated problem,
+    which validation then reports with its own message."""
+    try:
+        data = yaml.safe_load((Path(directory) / SPEC_FILE).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    name = data.get("name") if isinstance(data, dict) else None
+    return str(name) if name else None
+
+
 def write_spec(directory: str | os.PathLike, spec: DatasetSpec) -> Path:
     """Write `<directory>/dataset.yaml` atomically (temp file then rename). Returns its path."""
     directory = Path(directory)

@@ -31,12 +31,11 @@ import logging
 import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from flows.console import Progress, partition_dates, text_table
 from flows.env import check_writable, setup_home, tracking_uri
 
 SYNTH_DEFAULT = ("small", 0)  # preset and seed of the data `csmf run` generates when given no --data
@@ -46,83 +45,6 @@ SYNTH_DEFAULT = ("small", 0)  # preset and seed of the data `csmf run` generates
 _USER_ERRORS = (ValueError, OSError, LookupError)
 _USER_ERROR_NAMES = {"MlflowException", "RunLocked", "TrainingDiverged"}
 _RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")  # Prefect's flow and task run loggers
-
-
-# ---- small helpers (shared with flows.cli_serving) -------------------------------------------------
-class Progress:
-    """`with Progress("generating data"):` a spinner on a terminal's stderr, start/end lines otherwise."""
-
-    FRAMES = "|/-\\"
-
-    def __init__(self, what: str, stream=None):
-        self.what, self.stream = what, stream or sys.stderr
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _spin(self) -> None:
-        k = 0
-        while not self._stop.wait(0.2):
-            k += 1
-            elapsed = time.perf_counter() - self.t0
-            self.stream.write(f"\r{self.FRAMES[k % 4]} {self.what} ({elapsed:.0f}s)")
-            self.stream.flush()
-
-    def __enter__(self) -> Progress:
-        self.t0 = time.perf_counter()
-        if getattr(self.stream, "isatty", lambda: False)():
-            self._thread = threading.Thread(target=self._spin, daemon=True)
-            self._thread.start()
-        else:
-            print(f"{self.what} ...", file=self.stream, flush=True)
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        status = "done" if exc_type is None else "failed"
-        print(
-            f"\r{self.what}: {status} in {time.perf_counter() - self.t0:.1f}s", file=self.stream, flush=True
-        )
-
-
-def text_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Plain aligned table (numbers right-aligned)."""
-    cells = [[str(h) for h in headers]] + [
-        [f"{v:.4f}" if isinstance(v, float) else str(v) for v in r] for r in rows
-    ]
-    widths = [max(len(r[c]) for r in cells) for c in range(len(headers))]
-    numeric = [all(isinstance(r[c], int | float) for r in rows) for c in range(len(headers))]
-    fmt = lambda r: "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(r, widths, numeric))  # noqa: E731
-    return "\n".join([fmt(cells[0]), "  ".join("-" * w for w in widths), *map(fmt, cells[1:])])
-
-
-def parse_weights(text: str) -> tuple[float, ...]:
-    """argparse type: "1,1.8,1.2" -> (1.0, 1.8, 1.2)."""
-    try:
-        values = tuple(float(x) for x in text.replace("[", "").replace("]", "").split(",") if x.strip())
-    except ValueError:
-        values = ()
-    if not values:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected comma-separated numbers, one per objective, e.g. 1,1.8,1.2"
-        )
-    return values
-
-
-def partition_dates(dataset_dir: Path) -> list[str]:
-    """Sorted dates of the event partitions of a canonical dataset (ValueError when there are none)."""
-    from data_contracts import list_partitions
-
-    if not dataset_dir.is_dir():
-        raise FileNotFoundError(
-            f"dataset directory {dataset_dir} does not exist; create one with `csmf synth --out {dataset_dir}` "
-            "or `csmf import kuairand SRC --out DIR`"
-        )
-    partitions, _ = list_partitions(dataset_dir)
-    if not partitions:
-        raise ValueError(f"{dataset_dir}: no events/dt=YYYY-MM-DD partitions; is this a canonical dataset?")
-    return [p.date.isoformat() for p in partitions]
 
 
 # ---- data commands ---------------------------------------------------------------------------------
@@ -228,15 +150,53 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    """`csmf compare`: the arguments checked before Prefect starts, the flow, where the report is."""
+    from csmf_core.config import load_config
+
     home = setup_home(args.home)  # before flows.compare imports prefect and mlflow
     check_writable(home)
     from flows.doctor import claim
 
     claim(home)
-    from flows.compare import compare_from_cli
+    from flows.compare import check_arguments, csmf_compare, report_out_dir
+    from flows.names import COMPARE_EXPERIMENT
 
+    cfg = load_config(args.config, args.set)  # fail fast on a bad config
+    names, _ = check_arguments(args.methods, args.seeds, args.sweeps)
+    data = Path(args.data).resolve()
+    if not data.is_dir():
+        raise FileNotFoundError(f"--data {data}: no such directory")
+    report_out_dir(data, args.report_dir)  # a bad dataset name or --report-dir fails before Prefect starts
+    command = "csmf compare " + " ".join(
+        [f"--data {args.data}", f"--methods {args.methods}", f"--seeds {args.seeds}"]
+        + ([f"--date {args.date}"] if args.date else [])
+        + ([f"--config {args.config}"] if args.config else [])
+        + [f"--set {o}" for o in args.set]
+        + ([f"--sweeps {args.sweeps}"] if args.sweeps else [])
+        + ([f"--report-dir {args.report_dir}"] if args.report_dir else [])
+    )
+    print(
+        f"csmf compare: {len(names)} method(s) x {args.seeds} seed(s) on {data}; home {home}; "
+        f"epochs {list(cfg.train.epochs)}"
+    )
     with _run_console(args):
-        return compare_from_cli(args, home)
+        out = csmf_compare(
+            data=str(data),
+            date=args.date,
+            methods=args.methods,
+            seeds=args.seeds,
+            config=args.config,
+            overrides=list(args.set),
+            home=str(home),
+            sweeps=args.sweeps,
+            report_dir=args.report_dir,
+            command=command,
+        )
+    print(
+        f"\nreport: {out['report']}\nMLflow parent run: {out['mlflow_run_id']} (experiment "
+        f"{COMPARE_EXPERIMENT}; open with `csmf ui`)"
+    )
+    return 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -433,43 +393,44 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--dates", nargs="+", help="partitions to check (default: all)")
     v.set_defaults(func=cmd_validate)
 
-    r = sub.add_parser(
-        "run",
-        parents=[common, homed],
-        help="run the daily pipeline (Prefect + MLflow)",
-        description="Train the cascade on the partitions before --date, evaluate on --date, "
-        "register the model. How to run: csmf run [--data DIR] [--date YYYY-MM-DD]",
-    )
-    r.add_argument("--data", help="canonical dataset (default: generated synth-small under the home)")
-    r.add_argument("--date", help="evaluation day YYYY-MM-DD (default: the last partition)")
-    r.add_argument("--config", help="YAML config (csmf_core.config sections)")
-    r.add_argument(
+    # the commands that run a flow: besides their data, an evaluation day and the configuration
+    flowed = argparse.ArgumentParser(add_help=False)
+    flowed.add_argument("--date", help="evaluation day YYYY-MM-DD (default: the last partition)")
+    flowed.add_argument("--config", help="YAML config (csmf_core.config sections)")
+    flowed.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
         help="config override, e.g. --set train.epochs=1,2,2 (repeatable)",
     )
-    r.set_defaults(func=cmd_run)
 
-    c = sub.add_parser(
+    def flow_command(name: str, func, what: str, description: str) -> argparse.ArgumentParser:
+        """A command that runs a flow (`func`): --home, --debug, --date, --config, --set."""
+        cmd = sub.add_parser(name, parents=[common, homed, flowed], help=what, description=description)
+        cmd.set_defaults(func=func)
+        return cmd
+
+    r = flow_command(
+        "run",
+        cmd_run,
+        "run the daily pipeline (Prefect + MLflow)",
+        "Train the cascade on the partitions before --date, evaluate on --date, register the model. "
+        "How to run: csmf run [--data DIR] [--date YYYY-MM-DD]",
+    )
+    r.add_argument("--data", help="canonical dataset (default: generated synth-small under the home)")
+    c = flow_command(
         "compare",
-        parents=[common, homed],
-        help="compare CSMF with the paper's baselines and ablations (Prefect + MLflow, report)",
-        description="Train every method x seed on one dataset window and write the comparison report "
+        cmd_compare,
+        "compare CSMF with the paper's baselines and ablations (Prefect + MLflow, report)",
+        "Train every method x seed on one dataset window and write the comparison report "
         "(reports/<dataset>/comparison.md). How to run: csmf compare --data DIR [--methods all|a,b] [--seeds 3]",
     )
     c.add_argument("--data", required=True, help="canonical dataset directory")
-    c.add_argument("--date", help="evaluation day YYYY-MM-DD (default: the last partition)")
     c.add_argument("--methods", default="all", help="all, or a comma list (csmf_core.baselines.METHODS)")
     c.add_argument("--seeds", type=int, default=3, help="seeds per method (95%% t-intervals need >= 2)")
-    c.add_argument("--config", help="YAML config (csmf_core.config sections)")
-    c.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)"
-    )
     c.add_argument("--sweeps", default="", help="optional sensitivity sweeps: tau,eta,weights")
     c.add_argument("--report-dir", help="where the report goes (default: ./reports/<dataset name>)")
-    c.set_defaults(func=cmd_compare)
 
     cli_serving.add_commands(sub, [common, homed])
 

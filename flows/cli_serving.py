@@ -24,7 +24,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from flows.cli import Progress, parse_weights, partition_dates, text_table
+from flows.console import Progress, parse_weights, partition_dates, text_table
 from flows.env import setup_home
 
 

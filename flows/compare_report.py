@@ -1,4 +1,4 @@
-"""The comparison report (issue 5): per-seed results -> Tables 2-4, sweeps, plots, markdown.
+"""The comparison report's numbers (issue 5): per-seed results -> Tables 2-4, sweeps, plots.
 
 Pure functions over plain dicts (no Prefect, no MLflow), so the numbers can be recomputed and
 tested. One *run record* per (method, seed):
@@ -9,6 +9,7 @@ tested. One *run record* per (method, seed):
 where scorer is the objective itself (the method's own per-objective ranking) or "fused".
 Intervals are two-sided 95% Student-t intervals over seeds: mean +- t_{0.975, n-1} * s / sqrt(n)
 with s the sample standard deviation (ddof = 1); with one seed there is no interval ("n=1").
+The report page around these tables and figures: flows/compare_render.py.
 """
 
 from __future__ import annotations
@@ -21,6 +22,16 @@ import matplotlib
 matplotlib.use("Agg")
 
 from matplotlib.figure import Figure  # noqa: E402  (after choosing the backend)
+
+# The sensitivity sweeps: the name `--sweeps` takes -> (the config key, its grid). Run by
+# flows/compare.py (csmf retrained per value), tabulated and plotted here.
+SWEEPS = {
+    "tau": ("cpp.tau", (0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95)),  # paper Figure 4
+    "eta": ("loss.eta", (1.2, 1.4, 1.6, 1.8, 2.0, 2.2)),  # paper Figure 5
+}
+# The fusion-weight sweep (`--sweeps weights`, no retraining): each objective's weight in turn takes
+# these values, the others stay at eval.fused_weights.
+WEIGHT_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 
 # t_{0.975, df} for df = 1..30 (scipy.stats.t.ppf(0.975, df), 6 decimals)
 _T975 = (

@@ -51,11 +51,11 @@ import psutil
 from flows.env import resolve_home, sqlite_path
 from flows.env import tracking_uri as default_tracking_uri
 from flows.lock import process_alive, process_identity
+from flows.names import GATE_TAG, RUN_TAG
 
 OWNER_ENV = "CSMF_OWNER"
 HOST_TAG, PID_TAG, START_TAG = "csmf.owner.host", "csmf.owner.pid", "csmf.owner.start_time"
 PREFECT_SERVER = "prefect.server.api.server:create_app"  # in the command line of prefect's temporary API
-GATE_TAG = "csmf.gate"  # the gate's verdict on a version (flows/pipeline.py gate task)
 STOP_TIMEOUT = 10.0
 _log = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ def _tag_versions(client, report: Cleanup, failed: dict[str, str]) -> None:
     """Tag versions registered by a pipeline run that ended FAILED/KILLED before the gate's verdict."""
     from mlflow.exceptions import MlflowException
 
-    from flows.registry import REGISTERED_MODEL, RUN_TAG
+    from flows.registry import REGISTERED_MODEL
     from flows.tracking import FAILURE_TAG
 
     try:

@@ -1,6 +1,5 @@
-"""What one pipeline run reads before any work: home, tracking store, dataset, date window, digests.
+"""What one flow run reads before any work: dataset, date window, digests, code version; safe names.
 
-    home = setup_home(None)                              # $CSMF_HOME or ./.csmf; MLflow + Prefect homes
     window = plan_window("data/synth-small", None, cfg.data)
     window.eval_dates, window.train_dates, window.validate_dates
 
@@ -27,17 +26,7 @@ from csmf_core.config import DataConfig
 from data_contracts import list_partitions
 from data_contracts.schema import NAME_PATTERN, NAME_RULE
 
-EXPERIMENT = "csmf"
 CONTENT_DIGEST_MAX_BYTES = 512 * 2**20
-
-
-@dataclass(frozen=True)
-class Home:
-    """Where a csmf installation keeps its state (one directory, everything under it by default)."""
-
-    root: Path
-    tracking_uri: str
-    artifacts: Path  # MLflow artifact root of the "csmf" experiment
 
 
 def safe_name(name: str, what: str) -> str:
@@ -56,36 +45,6 @@ def contained(base: str | os.PathLike, *parts: str | os.PathLike, what: str = "p
     if not path.is_relative_to(root):
         raise ValueError(f"{what} {Path(*parts)} leads outside {root} (to {path}); refusing to use it")
     return path
-
-
-def resolve_home(home: str | os.PathLike | None) -> Path:
-    """`home`, else $CSMF_HOME, else ./.csmf (absolute)."""
-    return Path(home or os.environ.get("CSMF_HOME") or ".csmf").expanduser().resolve()
-
-
-def setup_home(home: str | os.PathLike | None) -> Home:
-    """Create the home layout and point MLflow at it; an explicit MLFLOW_TRACKING_URI wins.
-
-    Uses `flows.env.setup_home` when that module exists (the CLI's environment), else the same
-    defaults inline: MLFLOW_TRACKING_URI=sqlite:///<home>/mlflow.db, artifacts <home>/mlartifacts,
-    PREFECT_HOME=<home>/prefect (only effective when set before prefect is imported, as the CLI does).
-    """
-    import mlflow
-
-    root = resolve_home(home)
-    try:
-        from flows import env as _env  # written by the CLI work; optional here
-    except ImportError:
-        _env = None
-    if _env is not None and hasattr(_env, "setup_home"):
-        _env.setup_home(str(root))
-        _env.check_writable(root)  # a read-only home fails here, not in Prefect's or MLflow's retries
-    root.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    os.environ.setdefault("PREFECT_HOME", str(root / "prefect"))
-    uri = os.environ["MLFLOW_TRACKING_URI"]
-    mlflow.set_tracking_uri(uri)
-    return Home(root=root, tracking_uri=uri, artifacts=root / "mlartifacts")
 
 
 @dataclass(frozen=True)

@@ -38,11 +38,12 @@ import pandas as pd
 import yaml
 
 from flows import serve_limits
-from flows.inputs import contained, resolve_home, safe_name
+from flows.env import resolve_home
+from flows.inputs import contained, safe_name
+from flows.names import RUN_TAG
 
 REGISTERED_MODEL = "csmf"
 CHALLENGER, CHAMPION = "challenger", "champion"
-RUN_TAG = "csmf.parent_run_id"  # version tag: the pipeline's MLflow parent run
 DEFAULT_K = 50
 REQUIREMENTS = (
     "torch",

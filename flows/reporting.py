@@ -3,9 +3,12 @@
 Experiment "csmf"; one parent run per flow run, named `csmf-daily-<date>`:
 
     tags     csmf.date, csmf.dataset, csmf.dataset_dir, csmf.dataset_digest (+ _kind), csmf.config_digest,
-             csmf.code_version, csmf.workdir, prefect.flow_run_id, prefect.flow_run_name, csmf.model_version
+             csmf.training_digest, csmf.code_version, csmf.workdir, prefect.flow_run_id,
+             prefect.flow_run_name, csmf.model_version, csmf.registered, csmf.gate, csmf.gate_reason,
+             csmf.resumed_stages (names: flows/names.py; set by flows/runs.py open_run and the tasks)
     params   the flattened config (`train.lr`, ...), run.train_dates, run.eval_dates
-    metrics  val/<objective>/{recall,ndcg}@K at step = step index (0 = first cascade step), and
+    metrics  test/by_step/<objective>/{recall,ndcg}@K at step = step index (0 = first cascade step),
+             val/<objective>/... at step = step index (train steps, data.val_days > 0), and
              test/<objective>/<scorer>/{recall,ndcg}@K (scorer: an objective's own mode, fused,
              popularity, random)
     files    config/config.yaml, metrics/test_metrics.{json,md}, figures/{recall_at_k,ownership}.png
@@ -17,16 +20,22 @@ Child runs (tag mlflow.parentRunId), named after the step, tagged csmf.step / cs
                             data/train_rows, data/eval_users
     <cascade step>          params = flattened config + step.name/kind/stage/index;
       (pretrain_exposure,   checkpoint/ (model.pt, masks/, checkpoint.json);
-       cpp_prune_exposure,  val/<objective>/{recall,ndcg}@K for every objective trained so far (own mode)
-       recover_exposure,    train/recover steps: train/loss per step, train/{rows,steps,seconds,
-       finetune_click,        samples_per_s,final_loss}
-       ...)                 prune steps and the first step: masks/ (masks.pt, masks.json)
+       cpp_prune_exposure,  test/by_step/<objective>/{recall,ndcg}@K for every objective trained so far
+       recover_exposure,      (own mode, evaluation day(s));
+       finetune_click,      train/recover steps: train/loss per step, train/{rows,steps,seconds,
+       ...)                   samples_per_s,final_loss}; with data.val_days > 0 the train steps also
+                              val/<objective>/{best_epoch,start_recall@K,best_recall@K,last_recall@K}
+                            prune steps and the first step: masks/ (masks.pt, masks.json)
                             prune steps: prune/layers.{json,md}, figures/ownership.png,
                               prune/<group>/{mass_share_pruned,units_freed,units_kept},
                               prune/{units_freed,weights_freed,edges_removed,mass_share_pruned}
     build_index             index/ (index.faiss, ids.npy, index.json), bundle/bundle.json; index/n_items
     evaluate                the same files and test/ metrics as the parent
     register                the pyfunc model "model" (registered as a version of "csmf")
+    gate                    gate/gate.md; gate/{challenger,champion}/..., gate/check/..., gate/users/...
+
+The comparison flow (flows/compare.py) uses the same parent/child layout in experiment
+"csmf-compare": one child run per (method, seed) tagged method, seed (flows/compare.py).
 """
 
 from __future__ import annotations

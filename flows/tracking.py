@@ -58,7 +58,7 @@ class Tracker(Protocol):
 
 def metric_key(key: str) -> str:
     """MLflow metric names allow letters, digits, `_ - . : /` and spaces, not `@`: `recall@50` is
-    logged as `recall_at_50` (so `val/click/recall@50` becomes `val/click/recall_at_50`)."""
+    logged as `recall_at_50` (so `test/by_step/click/recall@50` becomes `test/by_step/click/recall_at_50`)."""
     return str(key).replace("@", "_at_")
 
 

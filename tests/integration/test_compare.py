@@ -17,7 +17,8 @@ from prefect.testing.utilities import prefect_test_harness
 
 import flows.compare as compare
 from csmf_core.synth import generate
-from flows.compare import csmf_compare, rebuild_report
+from flows.compare import csmf_compare
+from flows.compare_render import rebuild_report
 
 pytestmark = pytest.mark.integration
 

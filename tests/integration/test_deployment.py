@@ -174,13 +174,13 @@ def test_daily_run_then_resumed_rerun(stack):
     by_name = {c.info.run_name: c for c in children}
     assert by_name["pretrain_exposure"].data.tags["csmf.resumed_from"] == parent.info.run_id
     assert "csmf.resumed_from" not in by_name["finetune_click"].data.tags
-    # resumed steps carry the original validation metrics, so stage comparisons stay complete
+    # resumed steps carry the original per-step metrics, so stage comparisons stay complete
     first = {
         c.info.run_name: c
         for c in client.search_runs(
             [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
         )
     }
-    key = "val/exposure/recall_at_50"
+    key = "test/by_step/exposure/recall_at_50"
     assert by_name["recover_exposure"].data.metrics[key] == first["recover_exposure"].data.metrics[key]
     print(f"daily run {t1 - t0:.1f}s, resumed re-run {t2 - t1:.1f}s")

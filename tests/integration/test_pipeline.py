@@ -106,8 +106,8 @@ def _artifacts(client: mlflow.MlflowClient, run_id: str, path: str | None = None
     return out
 
 
-def _val(run) -> dict[str, float]:
-    return {k: v for k, v in run.data.metrics.items() if k.startswith("val/")}
+def _by_step(run) -> dict[str, float]:
+    return {k: v for k, v in run.data.metrics.items() if k.startswith("test/by_step/")}
 
 
 # ---- happy path ----------------------------------------------------------------------------------
@@ -159,14 +159,17 @@ def test_stage_metrics_are_comparable(happy):
         run = happy.children[name]
         stage = int(run.data.tags["csmf.stage"])
         want = {
-            f"val/{o}/{m}_at_{k}" for o in OBJECTIVES[: stage + 1] for m in ("recall", "ndcg") for k in ks
+            f"test/by_step/{o}/{m}_at_{k}"
+            for o in OBJECTIVES[: stage + 1]
+            for m in ("recall", "ndcg")
+            for k in ks
         }
-        assert set(_val(run)) == want, name
+        assert set(_by_step(run)) == want, name
         if not name.startswith("cpp_prune_"):
             losses = happy.client.get_metric_history(run.info.run_id, "train/loss")
             assert len(losses) == run.data.metrics["train/steps"] > 0
             assert [m.step for m in losses] == list(range(1, len(losses) + 1))
-    history = happy.client.get_metric_history(happy.parent.info.run_id, "val/exposure/recall_at_50")
+    history = happy.client.get_metric_history(happy.parent.info.run_id, "test/by_step/exposure/recall_at_50")
     assert sorted(m.step for m in history) == list(range(len(STEPS)))
     test = happy.parent.data.metrics
     for o in OBJECTIVES:
@@ -183,10 +186,14 @@ def test_stage_metrics_are_comparable(happy):
 
 def test_later_stages_leave_exposure_untouched(happy):
     after = STEPS[STEPS.index("recover_exposure") :]
-    base = {k: v for k, v in _val(happy.children[after[0]]).items() if k.startswith("val/exposure/")}
+    base = {
+        k: v for k, v in _by_step(happy.children[after[0]]).items() if k.startswith("test/by_step/exposure/")
+    }
     assert base
     for name in after[1:]:
-        got = {k: v for k, v in _val(happy.children[name]).items() if k.startswith("val/exposure/")}
+        got = {
+            k: v for k, v in _by_step(happy.children[name]).items() if k.startswith("test/by_step/exposure/")
+        }
         assert got == base, name
 
 

@@ -32,19 +32,29 @@ def test_overrides_and_errors_reported_together(tmp_path):
     assert build_config().digest() == build_config().digest() != cfg.digest()
 
 
-def test_core_never_imports_orchestration():
-    root = pathlib.Path(__file__).resolve().parents[2] / "csmf_core"
-    banned = {"prefect", "mlflow"}
+def _imports(package: str):
+    """(file, imported module) for every import statement of a top-level package, function-level too."""
+    root = pathlib.Path(__file__).resolve().parents[2] / package
     for f in root.rglob("*.py"):
-        tree = ast.parse(f.read_text())
-        for node in ast.walk(tree):
-            names = []
+        for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
+                yield from ((f, a.name) for a in node.names)
             elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            for n in names:
-                assert n.split(".")[0] not in banned, f"{f.name} imports {n}"
+                yield f, node.module
+
+
+def test_core_never_imports_orchestration():
+    banned = {"prefect", "mlflow"}
+    for f, n in _imports("csmf_core"):
+        assert n.split(".")[0] not in banned, f"{f.name} imports {n}"
+
+
+def test_data_contracts_imports_neither_the_core_nor_orchestration():
+    """csmf_core reads dataset.yaml and partitions through data_contracts, never the other way round:
+    the contract stays loadable without torch, the model code, Prefect or MLflow."""
+    banned = {"csmf_core", "flows", "torch", "prefect", "mlflow"}
+    for f, n in _imports("data_contracts"):
+        assert n.split(".")[0] not in banned, f"{f.name} imports {n}"
 
 
 def _core_import_graph(root: pathlib.Path) -> dict[str, set[str]]:

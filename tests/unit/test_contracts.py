@@ -20,6 +20,8 @@ from data_contracts import (
     label_like,
     load_spec,
     parse_spec,
+    partition_files,
+    read_name,
     validate_dataset,
     write_spec,
 )
@@ -283,6 +285,33 @@ def test_non_parquet_entries_in_a_partition_are_named(tmp_path):
     assert "1 entry is not a *.parquet file and never read: day.csv" in found["events/dt=2026-11-22"].message
     # the CSV-only partition is still an empty partition (an error); the rows of day 1 are unchanged
     assert report.rules("error") == {"empty_partition"} and report.counts["rows_per_partition"] == {DAY: 10}
+
+
+def test_partition_files_are_what_validation_lists(tmp_path):
+    """Readers (prep, the serving bundle) scan exactly the partitions and files validation checks:
+    ISO-named partitions with Parquet files, name order, hidden files and other names left out."""
+    root = write_dataset(tmp_path / "d", events={DAY: [make_events(), make_events(4)], "2026-11-22": None})
+    day = root / "events" / f"dt={DAY}"
+    (day / "_SUCCESS").write_text("")
+    (day / ".part-9.parquet").write_bytes(b"hidden")
+    (day / "notes.csv").write_text("a\n")
+    for stray in ("dt=20261123", "dt=..", "dt=2026-13-40"):
+        (root / "events" / stray).mkdir()
+        (root / "events" / stray / "part-0.parquet").write_bytes(b"never read")
+    assert partition_files(root) == {DAY: [day / "part-0.parquet", day / "part-1.parquet"]}
+    assert partition_files(tmp_path / "nothing") == {}
+
+
+def test_read_name_is_the_written_name_or_none(tmp_path):
+    """The label of a dataset before validation: as written (unchecked), None when it cannot be read."""
+    root = write_dataset(tmp_path / "d")
+    assert read_name(root) == "tiny"
+    (root / "dataset.yaml").write_text(yaml.safe_dump({**SPEC, "name": "../x", "extra": 1}))
+    assert read_name(root) == "../x"  # not load_spec's job here: report_out_dir checks it
+    for text in ("name: [unclosed", "- a list", "provenance: p\n"):
+        (root / "dataset.yaml").write_text(text)
+        assert read_name(root) is None
+    assert read_name(tmp_path / "missing") is None
 
 
 # ---------------------------------------------------------------- row-level rules

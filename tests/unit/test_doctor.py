@@ -190,7 +190,7 @@ def test_cleanup_stops_what_a_killed_process_left_running(tmp_path):
 def test_a_failed_store_update_never_hides_the_runs_own_error(tmp_path, monkeypatch):
     """Disk full or a read-only store while failing a run: `fail` reports False and logs, the task's
     own exception is the one that propagates, and the run is left for `csmf doctor`."""
-    from flows.pipeline import _child
+    from flows.runs import child_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
@@ -203,7 +203,7 @@ def test_a_failed_store_update_never_hides_the_runs_own_error(tmp_path, monkeypa
 
     monkeypatch.setattr(mlflow.MlflowClient, "set_terminated", refuse)
     with pytest.raises(ValueError, match="the step's own error"):
-        with _child(run, "pretrain_exposure"):
+        with child_run(run, "pretrain_exposure"):
             raise ValueError("the step's own error")
     assert parent.fail(ValueError("x")) is False
     monkeypatch.undo()

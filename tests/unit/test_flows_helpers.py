@@ -150,16 +150,16 @@ def test_retry_condition_only_for_transient_errors():
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
-    from flows.pipeline import _transient
+    from flows.runs import transient
 
     def state(exc):
         return SimpleNamespace(data=exc)
 
-    assert _transient(None, None, state(OSError("disk hiccup")))
-    assert _transient(None, None, state(MlflowException("locked", error_code=INTERNAL_ERROR)))
-    assert not _transient(None, None, state(FileNotFoundError("gone")))
-    assert not _transient(None, None, state(ValueError("bad data")))
-    assert not _transient(None, None, state(MlflowException("bad key", error_code=INVALID_PARAMETER_VALUE)))
+    assert transient(None, None, state(OSError("disk hiccup")))
+    assert transient(None, None, state(MlflowException("locked", error_code=INTERNAL_ERROR)))
+    assert not transient(None, None, state(FileNotFoundError("gone")))
+    assert not transient(None, None, state(ValueError("bad data")))
+    assert not transient(None, None, state(MlflowException("bad key", error_code=INVALID_PARAMETER_VALUE)))
 
 
 def test_figures_render():
@@ -185,14 +185,14 @@ def test_model_ready_data_loaded_once_per_run(tiny, tmp_path, monkeypatch):
 
     from csmf_core import prep
     from csmf_core.config import build_config
-    from flows import pipeline
+    from flows import runs
 
     mr = tmp_path / "mr"
     prep.prepare(tiny, mr, train_dates=("2026-01-01", "2026-01-05"), eval_dates="2026-01-06", seq_len=3)
     calls = []
-    real = pipeline.load_cascade_data
-    monkeypatch.setattr(pipeline, "load_cascade_data", lambda *a, **k: calls.append(k) or real(*a, **k))
-    cache, cfg = pipeline._LoadedData(), build_config(None, [])
+    real = runs.load_cascade_data
+    monkeypatch.setattr(runs, "load_cascade_data", lambda *a, **k: calls.append(k) or real(*a, **k))
+    cache, cfg = runs.LoadedData(), build_config(None, [])
     a = cache.get(mr, cfg, load_train=True)
     a.tables = None  # what a task does to its copy (tables.to(device)) must not reach the next task
     b = cache.get(mr, cfg, load_train=False)  # the evaluate task: served by the train-loaded entry

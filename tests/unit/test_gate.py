@@ -388,7 +388,7 @@ def test_champion_is_scored_on_this_runs_day(tiny_world, tmp_path):
     assert none is None and "differ" in why
 
 
-# ---- the flow's choice of days, on real partitions (flows/pipeline.py::_comparison_data) ------------------
+# ---- the flow's choice of days, on real partitions (flows/promotion.py::_comparison_data) -----------------
 @pytest.fixture(scope="module")
 def six_days(tmp_path_factory):
     from csmf_core.synth import generate
@@ -401,7 +401,7 @@ def _choose(ds, tmp_path, date: str, champion_train, cfg_overrides=()):
 
     from csmf_core.config import build_config
     from flows.inputs import plan_window
-    from flows.pipeline import _comparison_data
+    from flows.promotion import _comparison_data
 
     cfg = build_config(None, ["data.seq_len=5", "data.n_req_neg=4", *cfg_overrides])
     run = SimpleNamespace(window=plan_window(ds, date, cfg.data), dataset_dir=ds, workdir=tmp_path / "run")

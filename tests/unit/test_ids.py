@@ -23,6 +23,7 @@ from csmf_core import prep
 from csmf_core.bundle import lookup_index, read_vocab
 from csmf_core.ids import as_id_array, check_id
 from csmf_core.serving import Recommender, write_bundle
+from data_contracts import partition_files
 from flows.cli import main as csmf
 from flows.registry import CSMFPyfunc
 
@@ -315,7 +316,7 @@ def test_prep_reads_only_iso_partition_names(tiny_world, tmp_path):
     for stray in (f"dt={first.replace('-', '')}", "dt=..", "dt=2026-13-40"):
         (ds / "events" / stray).mkdir()
         shutil.copy(real[0], ds / "events" / stray / "part-99999.parquet")
-    parts = prep._partitions(ds)
+    parts = partition_files(ds)  # what prep (and the bundle) read
     assert list(parts) == tiny_world["dates"]
     assert parts[first] == real
 

@@ -1,0 +1,103 @@
+"""The `ingest` task of both flows: the data contract, then model-ready data for the run's window.
+
+    ready = ingest(run, cfg, max_violation_rate)      # inside a flow, after open_run
+    ready.model_ready, ready.source, ready.objectives
+
+Validation (data_contracts) runs first and fails the run on a broken contract, with the rule, file
+and row count; rows of row-level rules are quarantined instead when `max_violation_rate` allows it,
+and prep then reads a clean copy. The objectives come from dataset.yaml and are checked against the
+config (`check_objectives`: one fused weight each) before prep, so no training is wasted on a config
+that cannot fit. A daily run whose stage cache has this window's ingest (identical dataset digest,
+config and code) copies that run's outputs instead (flows/resume.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from csmf_core.config import CSMFConfig, check_objectives
+from csmf_core.prep import prepare
+from data_contracts import load_spec, validate_dataset
+from flows import reporting
+from flows.names import RESUMED_PREFIX
+from flows.resume import StageCache
+from flows.runs import RunContext, child_run, transient
+
+
+@dataclass(frozen=True)
+class Ingested:
+    """The validated, model-ready data of a run. source: the canonical dataset prep read."""
+
+    model_ready: Path
+    source: Path
+    objectives: list[str]
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=5, retry_condition_fn=transient, cache_policy=NO_CACHE)
+def ingest(run: RunContext, cfg: CSMFConfig, max_violation_rate: float = 0.0) -> Ingested:
+    """Validate the dataset (data contract), quarantine within the allowed rate, build model-ready data."""
+    logger = get_run_logger()
+    hit = run.cache.lookup("ingest", -1) if run.cache is not None else None
+    if hit is not None:
+        return _resume(run, hit)
+    with child_run(run, "ingest", kind="ingest") as tracker:
+        qdir = run.workdir / "quarantine"
+        report = validate_dataset(
+            run.dataset_dir,
+            dates=run.window.validate_dates,
+            max_violation_rate=max_violation_rate,
+            quarantine_dir=qdir if max_violation_rate > 0 else None,
+            eval_dates=run.window.eval_dates,
+        )
+        reporting.log_validation(tracker, report)
+        create_markdown_artifact(
+            report.to_markdown(), key="csmf-validation", description=report.summary_line()
+        )
+        logger.info(report.summary_line())
+        report.raise_if_errors()
+        objectives = list(load_spec(run.dataset_dir).objective_names)
+        check_objectives(cfg, objectives)  # dataset-dependent settings, before prep and training
+        source = run.dataset_dir
+        if report.quarantined:
+            source = reporting.clean_copy(run.dataset_dir, run.window.validate_dates, run.workdir / "clean")
+            logger.info("quarantined %s; training on the clean copy %s", report.quarantined, source)
+        summary = prepare(
+            source,
+            run.workdir / "model_ready",
+            train_dates=run.window.train_dates,
+            eval_dates=run.window.eval_dates,
+            seq_len=cfg.data.seq_len,
+            n_req_neg=cfg.data.n_req_neg,
+            overwrite=True,
+        )
+        reporting.log_prep(tracker, summary)
+    if run.cache is not None:
+        outputs = {"model_ready": summary.out_dir} | ({"clean": source} if report.quarantined else {})
+        run.cache.record(
+            "ingest", -1, outputs, source_run=run.parent_run_id, extra={"objectives": objectives}
+        )
+    return Ingested(summary.out_dir, source, objectives)
+
+
+def _resume(run: RunContext, hit: dict) -> Ingested:
+    """Ingest of an earlier run with the same dataset digest, config and window: copy its outputs."""
+    out = hit["outputs"]
+    with child_run(run, "ingest", kind="ingest", resumed_from=hit["source_run"]):
+        ready = StageCache.restore(out["model_ready"], run.workdir / "model_ready")
+        source = (
+            StageCache.restore(out["clean"], run.workdir / "clean") if "clean" in out else run.dataset_dir
+        )
+        run.parent().set_tags({f"{RESUMED_PREFIX}ingest": hit["source_run"]})
+        create_markdown_artifact(
+            f"Validation and prep resumed from MLflow run {hit['source_run']} (identical dataset digest "
+            f"{run.data_digest}, config and window).",
+            key="csmf-validation",
+            description="resumed",
+        )
+    get_run_logger().info("ingest: resumed from MLflow run %s (%s)", hit["source_run"], out["model_ready"])
+    return Ingested(ready, source, list(hit["objectives"]))
