@@ -115,9 +115,13 @@ class DataConfig:
     n_req_neg: int = 10
     train_days: int = 0  # 0 = every partition before the evaluation day(s)
     eval_days: int = 1
-    # last days of the training window held out to pick each train step's best epoch
-    # (csmf_core/validation.py); 0 = off: every epoch of train.epochs is kept
-    val_days: int | str = 0
+    # last days of the training window held out as validation days (csmf_core/selection.py): "auto" =
+    # min(eval_days, window // 4) days, none for a window under 4 days; 0 = off (train.epochs as given)
+    val_days: int | str = "auto"
+    # with validation days: choose each train step's epochs (and auto fusion weights) on them, then
+    # train the model on the whole window with those epochs (flows/epoch_selection.py); false = the
+    # model keeps its best epochs and never trains on the validation days
+    val_refit: bool = True
     # point-in-time item statistics as item-tower inputs: windows in days (csmf_core/item_stats.py);
     # empty = off. Each window adds one column per objective: log(1 + positives per day before).
     item_stats: tuple[int, ...] = ()
@@ -399,12 +403,21 @@ def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | None 
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> CSMFConfig:
-    """Read a YAML config (or none) and apply dotted overrides."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, *, tuned: str | Path | None = None
+) -> CSMFConfig:
+    """Read a YAML config (or none), then a tuned config over it (`csmf tune`'s output: keys that
+    differ from the base, section by section), then the dotted overrides."""
     raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
+    for layer in (path, tuned):
+        if layer is None:
+            continue
+        p = Path(layer)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
-        raw = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict) or not all(isinstance(v, dict | None) for v in data.values()):
+            raise ConfigError(f"{p}: expected a mapping of sections (model:, train:, ...)")
+        for section, values in data.items():
+            raw.setdefault(section, {}).update(values or {})
     return build_config(raw, overrides)

@@ -59,11 +59,13 @@ from csmf_core.tuning import (
 )
 from data_contracts import load_spec, validate_dataset
 from flows import doctor
-from flows.inputs import code_version, dataset_digest, plan_window, safe_name, setup_home
+from flows.env import check_writable, setup_home, tracking_uri
+from flows.inputs import code_version, dataset_digest, plan_window, safe_name
 from flows.lock import date_lock
+from flows.names import TUNE_EXPERIMENT, TUNED_CONFIG_TAG
 from flows.tracking import MlflowTracker, ensure_experiment, metric_key
 
-EXPERIMENT = "csmf-tune"
+EXPERIMENT = TUNE_EXPERIMENT
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "configs" / "tune_space.yaml"
 STARTUP_TRIALS = 5  # trials before the pruner may stop one (median of the earlier ones)
 
@@ -84,6 +86,29 @@ class TuneData:
 def tuned_config_path(home: Path, dataset_name: str) -> Path:
     """Where the daily run looks for the tuned config of a dataset."""
     return home / "tuned" / f"{safe_name(dataset_name, 'dataset name')}.yaml"
+
+
+def find_tuned(home: Path, dataset: Path, tuned: str | None) -> Path | None:
+    """The tuned config a daily run applies: "auto" = the dataset's `<home>/tuned/<name>.yaml` when a
+    tune wrote one, "none" (or empty) = none, anything else = that file."""
+    if not tuned or tuned == "none":
+        return None
+    if tuned == "auto":
+        from flows.runs import dataset_name
+
+        path = tuned_config_path(home, dataset_name(dataset))
+        return path if path.is_file() else None
+    path = Path(tuned)
+    if not path.is_file():
+        raise ConfigError(f"--tuned {tuned}: no such file (give a csmf tune output, auto or none)")
+    return path
+
+
+def describe_tuned(path: Path | None) -> str:
+    """The csmf.tuned_config tag: the file and a digest of its content, or "none"."""
+    if path is None:
+        return "none"
+    return f"{path} (sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:12]})"
 
 
 def study_name(dataset: str, date: str, cfg: CSMFConfig, space: list[Param], seed: int) -> str:
@@ -117,17 +142,18 @@ def csmf_tune(
     if trials < 1 or (timeout is not None and timeout <= 0):
         raise ConfigError(f"--trials must be >= 1 and --timeout > 0, got {trials}, {timeout}")
     logger = get_run_logger()
-    env = setup_home(home)
-    doctor.before_run(env.root, env.tracking_uri)
+    root = setup_home(home)
+    check_writable(root)
+    doctor.before_run(root, tracking_uri())
     base = load_config(config, overrides)
     search = load_space(Path(space).read_text() if space else DEFAULT_SPACE.read_text(), base)
-    td = prepare_tune_data(env.root, Path(data).resolve(), date, base)
+    td = prepare_tune_data(root, Path(data).resolve(), date, base)
     logger.info("%s; tuning on %s .. %s", td.val_why, td.train_dates[0], td.train_dates[-1])
     name = study_name(td.dataset, td.date, base, search, seed)
-    with date_lock(env.root, name, who="csmf tune", kind="csmf-tune"):
+    with date_lock(root, name, who="csmf tune", kind="csmf-tune"):
         study = optuna.create_study(
             study_name=name,
-            storage=f"sqlite:///{env.root / 'tune' / 'studies.db'}",
+            storage=f"sqlite:///{root / 'tune' / 'studies.db'}",
             direction="maximize",
             sampler=optuna.samplers.TPESampler(seed=seed),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=STARTUP_TRIALS, n_warmup_steps=0),
@@ -136,7 +162,7 @@ def csmf_tune(
         requeued = requeue_dead_trials(study)
         if requeued:
             logger.info("resuming study %s: %d trial(s) of a killed tune asked again", name, requeued)
-        parent = open_tune_run(env, td, base, search, name, trials, seed)
+        parent = open_tune_run(root, td, base, search, name, trials, seed)
         try:
             cache: dict[tuple, CascadeData] = {}
             t0 = time.monotonic()
@@ -148,7 +174,7 @@ def csmf_tune(
                 )
                 study.tell(number, outcome["value"], state=outcome["state"])
                 logger.info("trial %d: %s %s", number, outcome["state"].name.lower(), outcome["summary"])
-            result = write_outputs(study, base, td, parent, out, env.root, search)
+            result = write_outputs(study, base, td, parent, out, root, search)
         except BaseException as exc:
             parent.fail(exc)
             raise
@@ -220,8 +246,12 @@ def prepare_tune_data(home: Path, dataset: Path, date: str | None, base: CSMFCon
     return TuneData(mr, safe_name(spec.name, "dataset name"), window.date, window.train_dates, v, why, digest)
 
 
-def open_tune_run(env, td: TuneData, base, search, name, trials, seed) -> MlflowTracker:
-    experiment_id = ensure_experiment(EXPERIMENT, env.artifacts, env.tracking_uri)
+def open_tune_run(root: Path, td: TuneData, base, search, name, trials, seed) -> MlflowTracker:
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    experiment_id = ensure_experiment(EXPERIMENT, root / "mlartifacts", uri)
     parent = MlflowTracker.start(
         experiment_id,
         f"csmf-tune-{td.date}",
@@ -235,7 +265,7 @@ def open_tune_run(env, td: TuneData, base, search, name, trials, seed) -> Mlflow
             "csmf.val_days": str(td.val_days),
             **doctor.owner_tags(),
         },
-        tracking_uri=env.tracking_uri,
+        tracking_uri=uri,
     )
     parent.log_params({"tune.trials": trials, "tune.seed": seed, "tune.val_days": td.val_days, **base.flat()})
     parent.log_table(describe(search), "tune/search_space.json")
@@ -319,7 +349,7 @@ def write_outputs(study, base: CSMFConfig, td: TuneData, parent, out, home: Path
     )
     path.write_text(header + (yaml.safe_dump(tuned, sort_keys=True) if tuned else "{}\n"))
     parent.log_artifact(path, "tuned")
-    parent.set_tags({"csmf.tuned_config": str(path), "csmf.best_trial": str(best.number)})
+    parent.set_tags({TUNED_CONFIG_TAG: str(path), "csmf.best_trial": str(best.number)})
     parent.log_metrics(
         {"tune/best_score": best.value, "tune/complete": len(complete), "tune/trials": len(study.trials)}
     )
