@@ -126,3 +126,24 @@ def test_selection_pass_and_refit(tiny_world):
         run_trial(data, cfg, report=lambda i, s: i == 1)
     with pytest.raises(ValueError, match="validation days"):
         run_trial(load_cascade_data(tiny_world["mr"]), cfg)
+
+
+def test_tuned_config_is_layered_between_the_file_and_the_overrides(tmp_path, tiny_world):
+    from csmf_core.config import load_config
+    from flows.tune import describe_tuned, find_tuned, tuned_config_path
+
+    base = tmp_path / "base.yaml"
+    base.write_text("train: {lr: 0.001, batch_size: 256}\nloss: {eta: 1.5}\n")
+    home = tmp_path / "home"
+    assert find_tuned(home, tiny_world["ds"], "auto") is None  # no tune yet: nothing applied
+    tuned = tuned_config_path(home, "synth-tiny")
+    tuned.parent.mkdir(parents=True)
+    tuned.write_text("train: {lr: 0.004}\ncpp: {tau: 0.5}\n")
+    found = find_tuned(home, tiny_world["ds"], "auto")
+    assert found == tuned and find_tuned(home, tiny_world["ds"], "none") is None
+    cfg = load_config(base, ["cpp.tau=0.6"], tuned=found)
+    # the tuned lr replaces the file's, the file's batch size and eta stay, the override wins over both
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.loss.eta, cfg.cpp.tau) == (0.004, 256, 1.5, 0.6)
+    assert describe_tuned(found).startswith(str(tuned)) and "sha256" in describe_tuned(found)
+    with pytest.raises(ConfigError, match="no such file"):
+        find_tuned(home, tiny_world["ds"], str(tmp_path / "missing.yaml"))
