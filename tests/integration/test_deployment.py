@@ -144,7 +144,7 @@ def test_daily_run_then_resumed_rerun(stack):
     later = {"finetune_click", "cpp_prune_click", "recover_click", "finetune_conversion"}
     entries = list((home / "cache" / "stages").glob("*.json"))
     dropped = [e for e in entries if json.loads(e.read_text())["stage"] in later]
-    assert len(dropped) == len(later) and len(entries) == len(later) + 4  # + ingest and 3 exposure steps
+    assert len(dropped) == len(later) and len(entries) == len(later) + 5  # + ingest, select, 3 exposure steps
     for e in dropped:
         e.unlink()
     prefect_run(api, home, "csmf-daily/adhoc", f"date={DATE}", f"config={stack['root'] / 'tiny.yaml'}")
