@@ -27,6 +27,7 @@ from csmf_core.masks import UnitOwners, param_owners
 from csmf_core.model import TowerSpec, TwoTower
 from csmf_core.prep import DAY_US
 from csmf_core.rows import BatchSource, FeatureTables, TrainRows
+from csmf_core.selection import positives_per_item, resolve_val_days
 from csmf_core.train import train_stage
 from csmf_core.validation import EpochSelector, split_validation
 
@@ -57,6 +58,11 @@ class CascadeData:
     val: EvalRows | None = None  # validation users (data.val_days > 0): csmf_core/validation.py
     eval_day: int | None = None  # UTC day number of the first evaluation date
     val_day: int | None = None  # UTC day number of the first validation day (data.val_days > 0)
+    val_days: int = 0  # validation days held out (data.val_days resolved: csmf_core/selection.py)
+    val_why: str = ""  # how data.val_days was resolved, for the run's log
+    # val_counts[t]: positives of objective t per item in the rows trained on (before the validation
+    # days): the popularity reference of the validation score (csmf_core/selection.py)
+    val_counts: list[np.ndarray] | None = None
 
     def catalog_tables(self, split: str = "eval") -> FeatureTables:
         """The feature tables a catalog encoding of `split` ("eval" or "val") reads: with item
@@ -74,6 +80,9 @@ class StepReport:
     step: Step
     info: dict = field(default_factory=dict)  # training summary or pruning table
     losses: list[float] = field(default_factory=list)
+    # with validation days, a train step's own-mode validation Recall@K before its first epoch and after
+    # each epoch (validation.EpochSelector.scores); kept out of `info`, which is logged as metrics
+    val_scores: list[float] = field(default_factory=list)
 
 
 def plan(objectives: list[str], cfg: CSMFConfig) -> list[Step]:
@@ -149,7 +158,7 @@ def run_step(
     if selector is not None:
         selector.restore()
         info.update(selector.summary())
-    return owners, StepReport(step, info, res.losses)
+    return owners, StepReport(step, info, res.losses, list(selector.scores) if selector is not None else [])
 
 
 def run_cascade(
@@ -179,15 +188,21 @@ def load_cascade_data(
     shuffle_window: int = 1 << 20,
     rank: int = 0,
     world_size: int = 1,
-    val_days: int = 0,
+    val_days: int | str = 0,
     item_stats_windows: tuple[int, ...] = (),
+    eval_days: int | None = None,
+    processes: int = 1,
 ) -> CascadeData:
     """Read a model-ready dataset directory (docs/architecture.md section 2) into CascadeData.
 
     loader "memory" loads the train rows (unless `load_train=False`); "parquet" leaves them on
     disk and streams them through `csmf_core.loader.ParquetTrainSource` (shard `rank` of
     `world_size`, shuffle window `shuffle_window` rows). val_days > 0 (memory loader): the last
-    val_days days of the train rows become `val` instead of training rows (csmf_core/validation.py).
+    val_days days of the train rows become `val` instead of training rows (csmf_core/validation.py);
+    "auto" resolves it from the window (`selection.resolve_val_days`: the number of training dates in
+    meta.json, `eval_days` or the number of evaluation dates, the loader and `processes`). A model-ready
+    dataset without evaluation dates (`prep.prepare(eval_dates=[])`, what `csmf tune` trains on) has
+    an empty `eval`.
     """
     from pathlib import Path
 
@@ -213,10 +228,16 @@ def load_cascade_data(
         id_feature="c_iid",
     )
     tables = FeatureTables(mr.users_cat, mr.users_num, mr.items_cat, mr.items_num)
-    val = None
+    val, val_counts = None, None
+    n_eval_days = len(mr.meta["eval_dates"]) if eval_days is None else eval_days
+    val_days, val_why = resolve_val_days(
+        val_days, len(mr.meta["train_dates"]), n_eval_days, loader=loader, processes=processes
+    )
+    if not load_train:
+        val_days = 0
     if val_days > 0 and load_train and loader != "memory":
         raise ValueError("data.val_days needs train.loader=memory (validation rows are split in memory)")
-    eval_day = day_number(mr.meta["eval_dates"][0])
+    eval_day = day_number(mr.meta["eval_dates"][0]) if mr.meta["eval_dates"] else None
     val_day = None
     if item_stats_windows:
         st = model_ready_item_stats(path, item_stats_windows)
@@ -230,7 +251,7 @@ def load_cascade_data(
             tr.u, tr.i, tr.level, [tr.hist[o] for o in hist_names], tr.neg if tr.neg.shape[1] else None,
             day=torch.div(tr.ts, DAY_US, rounding_mode="floor") if item_stats_windows else None,
         )  # fmt: skip
-        if item_stats_windows and len(tr.ts) and int(rows.day.max()) >= eval_day:
+        if item_stats_windows and eval_day is not None and len(tr.ts) and int(rows.day.max()) >= eval_day:
             raise ValueError(
                 f"{path}: train rows on or after the first evaluation day {mr.meta['eval_dates'][0]}: "
                 "point-in-time item statistics need every train row before it"
@@ -238,6 +259,7 @@ def load_cascade_data(
         if val_days > 0:
             keep, val, (val_day, _) = split_validation(tr, objs, val_days)
             rows = rows.select(keep)
+            val_counts = positives_per_item(rows, mr.n_items, len(objs))
     else:
         empty = torch.zeros(0, dtype=torch.long)
         rows = TrainRows(
@@ -261,4 +283,7 @@ def load_cascade_data(
         c = np.zeros(mr.n_items, dtype=np.int64)
         c[idx] = pop[f"count_{o}"].to_numpy()
         counts.append(c)
-    return CascadeData(objs, user_spec, item_spec, tables, rows, ev, counts, val, eval_day, val_day)
+    return CascadeData(
+        objs, user_spec, item_spec, tables, rows, ev, counts, val, eval_day, val_day, val_days, val_why,
+        val_counts,
+    )  # fmt: skip

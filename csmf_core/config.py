@@ -103,7 +103,9 @@ class RecoverConfig:
 class EvalConfig:
     ks: tuple[int, ...] = (10, 20, 50, 100)
     primary_k: int = 50
-    fused_weights: tuple[float, ...] = (1.0, 1.8, 1.2)  # <k_0..k_{N-1}>, paper's <k_d, k_o, k_r>
+    # <k_0..k_{N-1}> (the paper's <k_d, k_o, k_r> = 1, 1.8, 1.2), or "auto": chosen after training on the
+    # validation users from a grid (csmf_core/selection.py; the paper's weights without validation days)
+    fused_weights: tuple[float, ...] | str = (1.0, 1.8, 1.2)
     max_users: int = 0  # 0 = every eval user
 
 
@@ -113,9 +115,13 @@ class DataConfig:
     n_req_neg: int = 10
     train_days: int = 0  # 0 = every partition before the evaluation day(s)
     eval_days: int = 1
-    # last days of the training window held out to pick each train step's best epoch
-    # (csmf_core/validation.py); 0 = off: every epoch of train.epochs is kept
-    val_days: int = 0
+    # last days of the training window held out as validation days (csmf_core/selection.py): "auto" =
+    # min(eval_days, window // 4) days, none for a window under 4 days; 0 = off (train.epochs as given)
+    val_days: int | str = "auto"
+    # with validation days: choose each train step's epochs (and auto fusion weights) on them, then
+    # train the model on the whole window with those epochs (flows/epoch_selection.py); false = the
+    # model keeps its best epochs and never trains on the validation days
+    val_refit: bool = True
     # point-in-time item statistics as item-tower inputs: windows in days (csmf_core/item_stats.py);
     # empty = off. Each window adds one column per objective: log(1 + positives per day before).
     item_stats: tuple[int, ...] = ()
@@ -186,10 +192,27 @@ _CHOICES = {
 
 
 MAY_BE_EMPTY = {"data.item_stats"}  # list settings where [] means "off"
+# settings that also take the string "auto": resolved from the data (csmf_core/selection.py)
+AUTO_KEYS = {"data.val_days", "eval.fused_weights"}
 MAX_SEED = 2**32 - 1  # numpy's SeedSequence needs seeds >= 0; torch seeds are derived as seed * 1009 + ...
 
 
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
 def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
+    if where in AUTO_KEYS and str in typing.get_args(tp):
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        concrete = next(a for a in typing.get_args(tp) if a is not str)
+        mine: list[str] = []
+        out = _coerce(value, concrete, where, mine)
+        if mine:
+            errors.append(f"{where}: expected 'auto' or {_type_name(concrete)}, got {value!r}")
+        return out
     origin = typing.get_origin(tp)
     if origin is tuple:
         (inner, *_rest) = typing.get_args(tp)
@@ -252,6 +275,8 @@ def _check_ranges(cfg: CSMFConfig, errors: list[str]) -> None:
     non_finite = _non_finite(cfg)
     errors.extend(f"{k} must be finite (no NaN or inf), got {v!r}" for k, v in non_finite.items())
     m, t, fw = cfg.model, cfg.train, cfg.eval.fused_weights
+    fw = (1.0,) if fw == "auto" else fw
+    val_days = 0 if cfg.data.val_days == "auto" else cfg.data.val_days  # auto: resolved per window
     checks = [
         (0.0 < cfg.cpp.tau < 1.0, "cpp.tau must be in (0, 1)"),
         (0.0 < cfg.cpp.ratio < 1.0, "cpp.ratio must be in (0, 1)"),
@@ -300,18 +325,18 @@ def _check_ranges(cfg: CSMFConfig, errors: list[str]) -> None:
         ),
         (cfg.data.eval_days >= 1, f"data.eval_days must be >= 1, got {cfg.data.eval_days}"),
         (cfg.data.train_days >= 0, f"data.train_days must be >= 0 (0 = all), got {cfg.data.train_days}"),
-        (cfg.data.val_days >= 0, "data.val_days must be >= 0 (0 = off)"),
+        (val_days >= 0, "data.val_days must be >= 0 (0 = off) or auto"),
         (
             all(w >= 1 for w in cfg.data.item_stats)
             and len(set(cfg.data.item_stats)) == len(cfg.data.item_stats),
             "data.item_stats must be distinct windows of >= 1 day (empty = off)",
         ),
         (
-            cfg.data.val_days == 0 or cfg.data.train_days == 0 or cfg.data.val_days < cfg.data.train_days,
+            val_days == 0 or cfg.data.train_days == 0 or val_days < cfg.data.train_days,
             "data.val_days must be smaller than data.train_days (some days must remain to train on)",
         ),
         (
-            cfg.data.val_days == 0 or (cfg.train.loader == "memory" and cfg.train.processes == 1),
+            val_days == 0 or (cfg.train.loader == "memory" and cfg.train.processes == 1),
             "data.val_days needs train.loader=memory and train.processes=1 (epoch selection is single-process)",
         ),
         (cfg.gate.tolerance >= 0, "gate.tolerance must be >= 0"),
@@ -330,7 +355,7 @@ def check_objectives(cfg: CSMFConfig, objectives: Sequence[str]) -> None:
     """The rules that depend on the dataset: raise `ConfigError` naming the key when `cfg` does not fit
     a dataset with these objectives (cascade order). Called before prep, so no training is wasted."""
     n, w = len(objectives), cfg.eval.fused_weights
-    if len(w) != n:
+    if w != "auto" and len(w) != n:
         raise ConfigError(
             f"invalid configuration:\n  eval.fused_weights has {len(w)} values {list(w)} but the dataset "
             f"has {n} objectives {list(objectives)}; set eval.fused_weights=[...] with one weight each"
@@ -378,12 +403,21 @@ def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | None 
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> CSMFConfig:
-    """Read a YAML config (or none) and apply dotted overrides."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, *, tuned: str | Path | None = None
+) -> CSMFConfig:
+    """Read a YAML config (or none), then a tuned config over it (`csmf tune`'s output: keys that
+    differ from the base, section by section), then the dotted overrides."""
     raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
+    for layer in (path, tuned):
+        if layer is None:
+            continue
+        p = Path(layer)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
-        raw = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict) or not all(isinstance(v, dict | None) for v in data.values()):
+            raise ConfigError(f"{p}: expected a mapping of sections (model:, train:, ...)")
+        for section, values in data.items():
+            raw.setdefault(section, {}).update(values or {})
     return build_config(raw, overrides)

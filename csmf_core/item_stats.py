@@ -191,7 +191,11 @@ def model_ready_item_stats(
     meta = json.loads((path / "meta.json").read_text())
     windows = check_windows(windows)
     objectives = [o["name"] for o in meta["objectives"]]
-    eval_day = day_number(meta["eval_dates"][0])
+    # the first evaluation day, or for training-only data (prep(eval_dates=[])) the day after the last
+    # training date: the statistics end where the rows do
+    eval_day = (
+        day_number(meta["eval_dates"][0]) if meta["eval_dates"] else int(meta["eval_start_ts"]) // DAY_US
+    )
     day, item, level = model_ready_rows(path)
     first = int(day.min()) if len(day) else eval_day
     raw = item_rates(

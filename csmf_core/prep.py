@@ -213,7 +213,9 @@ def prepare(
     means exactly those dates, a ``str`` one date. Every training date must precede the first
     evaluation date. ``seq_len`` = L (history length), ``n_req_neg`` = M (request negatives per row),
     ``part_rows`` = rows per train part (one row group each). Datasets without request ids or
-    unexposed rows get all-zero ``neg`` lists. The objectives come from dataset.yaml.
+    unexposed rows get all-zero ``neg`` lists. The objectives come from dataset.yaml. ``eval_dates=[]``
+    builds training rows only (an empty ``eval`` table) and opens no partition after the last
+    training date: what `csmf tune` trains on, so evaluation days are never read while tuning.
     A non-empty out_dir is refused unless ``overwrite``.
     """
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
@@ -221,16 +223,17 @@ def prepare(
     objectives = [(o.name, o.column) for o in spec.objectives]
     names, cols = [n for n, _ in objectives], [c for _, c in objectives]
     train_d, eval_d = _resolve_dates(train_dates), _resolve_dates(eval_dates)
-    if not train_d or not eval_d or max(train_d) >= min(eval_d):
-        raise ValueError("need non-empty train and eval dates, every train date before the first eval date")
+    if not train_d or (eval_d and max(train_d) >= min(eval_d)):
+        raise ValueError("need non-empty train dates, every train date before the first eval date")
     if seq_len < 1 or n_req_neg < 1:  # arrow has no fixed_size_list of size 0; all-0 rows mean "none"
         raise ValueError("need seq_len >= 1 and n_req_neg >= 1")
     fresh_temp_dir(out_dir, overwrite, check_only=True)  # fail before the heavy work
     parts = partition_files(dataset_dir)
     missing = [d for d in train_d if d not in parts], [d for d in eval_d if d not in parts]
-    if len(missing[0]) == len(train_d) or len(missing[1]) == len(eval_d):
+    if len(missing[0]) == len(train_d) or (eval_d and len(missing[1]) == len(eval_d)):
         raise ValueError(f"no event partitions for the train or eval dates in {dataset_dir / 'events'}")
-    needed = [d for d in parts if d <= max(eval_d)]  # history needs every earlier partition
+    # history needs every earlier partition; nothing after the last date asked for is ever opened
+    needed = [d for d in parts if d <= max(eval_d or train_d)]
     ev = _scan_events(parts, needed, cols, set(train_d), set(eval_d))
     feats = {table: _feature_lists(spec, table) for table in ("users", "items")}
     users_df = _read_features(dataset_dir / "users.parquet", "user_id")
@@ -297,7 +300,14 @@ def prepare(
     n_train = len(train)
     del train
     level = (flags.sum(1) - 1).astype(np.int8)
-    eval_start = int(dt.datetime.fromisoformat(min(eval_d)).replace(tzinfo=dt.UTC).timestamp()) * 10**6
+    first_eval = (
+        dt.date.fromisoformat(min(eval_d))
+        if eval_d
+        else dt.date.fromisoformat(max(train_d)) + dt.timedelta(1)
+    )
+    eval_start = (
+        int(dt.datetime(first_eval.year, first_eval.month, first_eval.day, tzinfo=dt.UTC).timestamp()) * 10**6
+    )
 
     tmp = fresh_temp_dir(out_dir, overwrite)
     try:

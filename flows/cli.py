@@ -127,8 +127,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     home = setup_home(args.home)  # before the flow module imports prefect and mlflow
     check_writable(home)  # a read-only home: one message now, not Prefect's retry loop later
-    cfg = load_config(args.config, args.set)  # fail fast, before Prefect starts, on a bad config
     data = Path(args.data).resolve() if args.data else default_dataset(home)
+    from flows.tune import describe_tuned, find_tuned
+
+    tuned = find_tuned(home, data, args.tuned)
+    cfg = load_config(args.config, args.set, tuned=tuned)  # fail fast, before Prefect starts, on a bad config
+    if tuned is not None:
+        print(f"csmf run: applying the tuned config {describe_tuned(tuned)} (--tuned none to train without)")
     dates = partition_dates(data)
     date = args.date or dates[-1]
     try:
@@ -143,7 +148,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     with _run_console(args):
         result = csmf_daily(
-            date=date, data=str(data), config=args.config, overrides=list(args.set), home=str(home)
+            date=date,
+            data=str(data),
+            config=args.config,
+            overrides=list(args.set),
+            home=str(home),
+            tuned=args.tuned,
         )
     print(summarize_run(result, cfg.eval.primary_k))
     return 0
@@ -174,10 +184,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         + [f"--set {o}" for o in args.set]
         + ([f"--sweeps {args.sweeps}"] if args.sweeps else [])
         + ([f"--report-dir {args.report_dir}"] if args.report_dir else [])
+        + ([f"--tune-trials {args.tune_trials}"] if args.tune_trials else [])
     )
+    if args.tune_trials < 0:
+        raise ValueError(f"--tune-trials must be >= 0, got {args.tune_trials}")
     print(
         f"csmf compare: {len(names)} method(s) x {args.seeds} seed(s) on {data}; home {home}; "
-        f"epochs {list(cfg.train.epochs)}"
+        f"epoch caps {list(cfg.train.epochs)}, chosen on the validation days"
+        + (f", {args.tune_trials} tuning trial(s) per method" if args.tune_trials else "")
     )
     with _run_console(args):
         out = csmf_compare(
@@ -191,10 +205,54 @@ def cmd_compare(args: argparse.Namespace) -> int:
             sweeps=args.sweeps,
             report_dir=args.report_dir,
             command=command,
+            tune_trials=args.tune_trials,
         )
     print(
         f"\nreport: {out['report']}\nMLflow parent run: {out['mlflow_run_id']} (experiment "
         f"{COMPARE_EXPERIMENT}; open with `csmf ui`)"
+    )
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """`csmf tune`: an Optuna study on the validation days; prints the best trial and the tuned config."""
+    from csmf_core.config import load_config
+    from csmf_core.tuning import load_space
+
+    home = setup_home(args.home)
+    check_writable(home)
+    cfg = load_config(args.config, args.set)  # fail fast on a bad config or search space
+    if args.space:
+        load_space(Path(args.space).read_text(), cfg)
+    if args.trials < 1 or (args.timeout is not None and args.timeout <= 0):
+        raise ValueError(f"--trials must be >= 1 and --timeout > 0, got {args.trials}, {args.timeout}")
+    data = Path(args.data).resolve()
+    if not data.is_dir():
+        raise FileNotFoundError(f"--data {data}: no such directory")
+    from flows.doctor import claim
+
+    claim(home)
+    from flows.tune import csmf_tune
+
+    print(f"csmf tune: {args.trials} trial(s) on {data}, home {home} (the evaluation days are not read)")
+    with _run_console(args):
+        out = csmf_tune(
+            data=str(data),
+            date=args.date,
+            trials=args.trials,
+            timeout=args.timeout,
+            space=args.space,
+            config=args.config,
+            overrides=list(args.set),
+            home=str(home),
+            seed=args.seed,
+            out=args.out,
+        )
+    print(out["report"])
+    print(
+        f"tuned config: {out['config_path']} (best trial {out['best_trial']}, validation score "
+        f"{out['best_value']:.4f}; a daily run on this home applies it: csmf run --data {args.data})\n"
+        f"MLflow parent run: {out['mlflow_run_id']} (experiment csmf-tune; open with `csmf ui`)"
     )
     return 0
 
@@ -419,6 +477,26 @@ def build_parser() -> argparse.ArgumentParser:
         "How to run: csmf run [--data DIR] [--date YYYY-MM-DD]",
     )
     r.add_argument("--data", help="canonical dataset (default: generated synth-small under the home)")
+    r.add_argument(
+        "--tuned",
+        default="auto",
+        help="tuned config applied over --config: auto (the one csmf tune wrote for this dataset, if "
+        "any), none, or a file",
+    )
+    t = flow_command(
+        "tune",
+        cmd_tune,
+        "tune the configuration on the validation days (Optuna), write the tuned config",
+        "An Optuna study (TPE, seeded; pruning after each cascade stage) over a search space, scored on "
+        "the validation days at the end of the training window of --date; the evaluation days are never "
+        "read. How to run: csmf tune --data DIR [--trials 30] [--timeout S] [--space FILE]",
+    )
+    t.add_argument("--data", required=True, help="canonical dataset directory")
+    t.add_argument("--trials", type=int, default=30, help="finished trials in the study in all (resumes)")
+    t.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
+    t.add_argument("--space", help="search space YAML (default: configs/tune_space.yaml)")
+    t.add_argument("--seed", type=int, default=0, help="the TPE sampler's seed")
+    t.add_argument("--out", help="where the tuned config goes (default: <home>/tuned/<dataset>.yaml)")
     c = flow_command(
         "compare",
         cmd_compare,
@@ -431,6 +509,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", type=int, default=3, help="seeds per method (95%% t-intervals need >= 2)")
     c.add_argument("--sweeps", default="", help="optional sensitivity sweeps: tau,eta,weights")
     c.add_argument("--report-dir", help="where the report goes (default: ./reports/<dataset name>)")
+    c.add_argument(
+        "--tune-trials",
+        type=int,
+        default=0,
+        help="Optuna trials per method over its own search space, on the validation days (default 0)",
+    )
 
     cli_serving.add_commands(sub, [common, homed])
 

@@ -40,12 +40,15 @@ from prefect.cache_policies import NO_CACHE
 from csmf_core.baselines import METHODS, resolve_methods
 from csmf_core.baselines.base import MethodResult, evaluate_result
 from csmf_core.baselines.csmf import train_csmf
+from csmf_core.baselines.protocol import fit_with_protocol
 from csmf_core.baselines.serving_cost import fused_rows, serving_costs
 from csmf_core.cascade import CascadeData, load_cascade_data
 from csmf_core.config import CSMFConfig, build_config, load_config
 from csmf_core.evaluate import popularity_rows
 from csmf_core.optim import deterministic_kernels
+from csmf_core.tuning import changed_keys
 from flows import doctor, reporting
+from flows.compare_protocol import compare_protocol, fixed_weights, protocol_data, tune_method
 from flows.compare_render import PARTIAL_FILES, REPORT_FILES, render_report
 from flows.compare_report import SWEEPS, WEIGHT_GRID
 from flows.env import check_writable, setup_home, tracking_uri
@@ -116,8 +119,15 @@ def csmf_compare(
     report_dir: str | None = None,
     command: str | None = None,
     max_violation_rate: float = 0.0,
+    tune_trials: int = 0,
 ) -> dict:
     """Train and evaluate `methods` x `seeds` on one window of `data`; write the comparison report.
+
+    Every method follows one protocol (csmf_core/baselines/protocol.py): epochs chosen on the
+    validation days at the end of the training window, fused weights chosen there, then a refit on
+    the whole window. tune_trials > 0: each method first gets that many Optuna trials over its own
+    search space (configs/tune_spaces/), scored on the validation days, and every seed then trains
+    the best configuration.
 
     Returns {"report": path of the markdown report, "mlflow_run_id", "tracking_uri", "runs": n}.
     """
@@ -134,11 +144,22 @@ def csmf_compare(
     run = open_run(COMPARE, root, cfg, dataset, window, {"compare.methods": names, "compare.seeds": seeds})
     with run_lifecycle(run):
         ready = ingest(run, cfg, max_violation_rate)
-        results = Results(out_dir, report_meta(ready, cfg, run, names, seeds, overrides, command))
+        protocol = compare_protocol(ready, cfg, tune_trials)
+        configs = {name: cfg for name in names}
+        if tune_trials > 0 and protocol["val_days"] > 0:
+            for name in names:  # the same budget for every method, on the validation days only
+                configs[name] = tune_method.with_options(task_run_name=f"tune-{name}")(
+                    name, tune_trials, ready, cfg, run
+                )
+        meta = report_meta(ready, cfg, run, names, seeds, overrides, command)
+        meta["protocol"] = protocol | {"tuned": {n: changed_keys(cfg, c) for n, c in configs.items()}}
+        results = Results(out_dir, meta)
         for seed in range(seeds):  # seeds outer: after each seed a complete comparison exists
             for name in names:
                 weight_sweep = "weights" in sweep_names and name == "csmf" and seed == 0
-                results.add(_fit(name, seed, ready, cfg, run, weight_sweep=weight_sweep), name, seed)
+                results.add(
+                    _fit(name, seed, ready, configs[name], run, weight_sweep=weight_sweep), name, seed
+                )
         for sweep, value, swept in sweep_configs(sweep_names, cfg):
             results.add(_fit("csmf", 0, ready, swept, run, sweep=(sweep, value)), f"csmf {sweep}={value}", 0)
         path = write_report(*results.final(), out_dir, run, time.perf_counter() - t0)
@@ -186,22 +207,7 @@ def report_meta(
         "mlflow_run_id": run.parent_run_id,
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "epochs": list(cfg.train.epochs),
-        "notes": [
-            f"{setting} is not applied by the comparison: every method, csmf included, {instead}"
-            for setting, on, instead in (
-                (
-                    f"data.val_days={cfg.data.val_days}",
-                    cfg.data.val_days,
-                    "trains on the whole window with its fixed epochs",
-                ),
-                (
-                    f"data.item_stats={list(cfg.data.item_stats)}",
-                    cfg.data.item_stats,
-                    "sees the dataset's own item features only",
-                ),
-            )
-            if on
-        ],
+        "notes": [],
     }
     meta["reference"] = {"popularity": reference_rows(ready, cfg, run)}
     for note in meta["notes"]:
@@ -312,22 +318,34 @@ def fit_method(
 ) -> dict:
     """Train one (method, seed), evaluate it, measure serving costs; log a child run; return the record."""
     logger = get_run_logger()
-    data = load_cascade_data(ready.model_ready)
+    data_val, data = protocol_data(ready.model_ready, cfg)
     data.eval = data.eval.head(cfg.eval.max_users)
-    weights = dict(zip(data.objectives, cfg.eval.fused_weights))  # one each: checked in ingest
     tags = {"method": method, "seed": seed} | ({"sweep": sweep[0], "sweep_value": sweep[1]} if sweep else {})
     name = f"{method}/seed{seed}" if not sweep else f"{method}/{sweep[0]}={sweep[1]}"
     with child_run(run, name, tags, method=method, kind="compare-run") as tracker:
         tracker.log_params({**cfg.flat(), "method": method, "seed": seed})
         curve = reporting.LossCurve(tracker, logger, name, every=LOG_EVERY)
-        trained = None
+        protocol = {}
         with deterministic_kernels(cfg.train.deterministic):  # every method, not only csmf's train_stage
-            if method == "csmf":
-                trained = train_csmf(data, cfg, seed, curve)
-                result = trained.result
+            if data_val is not None:  # select on the validation days, refit on the whole window
+                result, protocol = fit_with_protocol(method, data_val, data, cfg, seed, curve)
+            elif method == "csmf":
+                result = train_csmf(data, cfg, seed, curve).result
             else:
                 result = METHODS[method](data, cfg, seed, on_step=curve)
         curve.flush()
+        fused = protocol.get("weights") or fixed_weights(cfg, data.objectives)
+        weights = dict(zip(data.objectives, fused))
+        if protocol:
+            tracker.log_metrics(
+                {
+                    "val/score": protocol["val_score"],
+                    "train/selection_seconds": protocol["seconds"]["selection"],
+                }
+            )
+            tracker.set_tags(
+                {"csmf.epochs": json.dumps(protocol["epochs"]), "csmf.fused_weights": list(fused)}
+            )
         rows, serving = _score(result, data, weights, cfg)
         tracker.log_metrics(_metrics(rows, serving, result))
         tracker.log_text(json.dumps(reporting.plain(result.info), indent=1, default=str), "method/info.json")
@@ -343,7 +361,13 @@ def fit_method(
         }
         if sweep:
             record["sweep"] = {"name": sweep[0], "value": sweep[1]}
-        if weight_sweep and trained is not None:
+        if protocol:
+            record["protocol"] = {
+                "epochs": protocol["epochs"],
+                "weights": list(fused),
+                "val_score": protocol["val_score"],
+            }
+        if weight_sweep:
             record["weight_sweep"] = _weight_sweep(result, data, weights, cfg.eval.primary_k)
             tracker.log_table(record["weight_sweep"], "sweeps/weights.json")
         k = cfg.eval.primary_k

@@ -139,6 +139,26 @@ def rebuild_report(out_dir: str | Path) -> Path:
     return render_report(records, sweeps, meta, out_dir, last - started.timestamp())[0]
 
 
+def _protocol_lines(protocol: dict | None, records: list[dict]) -> list[str]:
+    """The protocol paragraph: how every method was trained, tuned and given its fused weights."""
+    if not protocol:
+        return []
+    lines = [f"- **Protocol**: {protocol['statement']}"]
+    tuned = {m: keys for m, keys in (protocol.get("tuned") or {}).items() if keys}
+    if protocol.get("tune_trials"):
+        lines += [f"  - {m} tuned: `{json.dumps(keys, sort_keys=True)}`" for m, keys in sorted(tuned.items())]
+    chosen: dict[str, list] = {}
+    for r in records:
+        if "protocol" in r:
+            chosen.setdefault(r["method"], []).append(r["protocol"])
+    for m, ps in chosen.items():
+        lines.append(
+            f"  - {m}: epochs kept {[p['epochs'] for p in ps]}; fused weights {[p['weights'] for p in ps]} "
+            "(per seed)"
+        )
+    return lines
+
+
 def _markdown(meta, seconds, t2, t2e, t2f, t3, t4, verdict, verdict3, sweep_md, per_seed, records) -> str:
     k = meta["k"]
     w = meta["window"]
@@ -153,6 +173,7 @@ def _markdown(meta, seconds, t2, t2e, t2f, t3, t4, verdict, verdict3, sweep_md, 
         f"- Command: `{meta['command']}`",
         f"- Machine: {meta['machine']}",
         *[f"- Note: {n}" for n in meta.get("notes", [])],
+        *_protocol_lines(meta.get("protocol"), records),
         f"- Wall time: {seconds / 60:.1f} min ({len(records)} runs + sweeps, sequential)",
         f"- Data: `{meta['dataset_dir']}`; training days {w['train_dates'][0]} .. {w['train_dates'][-1]}, "
         f"evaluation day(s) {', '.join(w['eval_dates'])}",

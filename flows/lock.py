@@ -37,9 +37,10 @@ class RunLocked(RuntimeError):
 
 
 @contextmanager
-def date_lock(home: str | os.PathLike, date: str, who: str = "") -> Iterator[Path]:
-    """Hold the lock of `date` for the duration of the block (module docstring)."""
-    path = Path(home) / "locks" / f"csmf-daily-{date}.lock"
+def date_lock(home: str | os.PathLike, date: str, who: str = "", kind: str = "csmf-daily") -> Iterator[Path]:
+    """Hold the lock of `date` for the duration of the block (module docstring). kind: whose lock
+    (`csmf-daily` runs lock a date, `csmf-tune` a study)."""
+    path = Path(home) / "locks" / f"{kind}-{date}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -48,7 +49,7 @@ def date_lock(home: str | os.PathLike, date: str, who: str = "") -> Iterator[Pat
         except BlockingIOError:
             holder = _read(fd)
             raise RunLocked(
-                f"another csmf-daily run for {date} is training (pid {holder.get('pid', '?')} on "
+                f"another {kind} run for {date} is training (pid {holder.get('pid', '?')} on "
                 f"{holder.get('host', '?')}, {holder.get('who') or 'unknown run'}, since "
                 f"{holder.get('since', '?')}; lock {path}). Two runs for the same date never train at "
                 "once: wait for it to finish, then re-run (completed stages are resumed from the cache)."

@@ -16,6 +16,7 @@ from __future__ import annotations
 # ---- experiments ---------------------------------------------------------------------------------
 DAILY_EXPERIMENT = "csmf"  # the daily flow's parent runs `csmf-daily-<date>`
 COMPARE_EXPERIMENT = "csmf-compare"  # the comparison flow's parent runs `csmf-compare-<date>`
+TUNE_EXPERIMENT = "csmf-tune"  # `csmf tune`: parent runs `csmf-tune-<date>`, a child run per trial
 
 # ---- parent-run tags: what the run is (set when it opens, copied onto its model version) -----------
 DATE_TAG = "csmf.date"  # the evaluation day D
@@ -42,6 +43,7 @@ MODEL_ID_TAG = "csmf.model_id"
 REGISTERED_TAG = "csmf.registered"  # "new", or "reused vN: ..." for an identical re-run
 GATE_TAG = "csmf.gate"  # "promoted" | "kept", on the parent run and the model version
 GATE_REASON_TAG = "csmf.gate_reason"
+TUNED_CONFIG_TAG = "csmf.tuned_config"  # parent: the tuned config applied ("<path> (sha256 ..)") or "none"
 GATE_DAYS_TAG = "csmf.gate_days"  # on the gate child run: the days both models were scored on
 
 # ---- model-version tags ----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ How to run:
 
 The flow body reads like the design card (the middle is `csmf_core.cascade.plan`, so N objectives work):
 
-    ingest -> pretrain_exposure -> cpp_prune_exposure -> recover_exposure -> finetune_click
+    ingest -> select -> pretrain_exposure -> cpp_prune_exposure -> recover_exposure -> finetune_click
     -> cpp_prune_click -> recover_click -> finetune_conversion -> build_index -> evaluate -> register
     -> gate (champion or not, flows/gate.py) -> retention -> publish
 
@@ -40,14 +40,16 @@ from csmf_core.serving import metrics_table, summary_table, write_bundle
 from flows import doctor, reporting
 from flows.cascade_step import Checkpoints, train_cascade
 from flows.env import check_writable, setup_home, tracking_uri
+from flows.epoch_selection import choose_default_weights, select_on_validation
 from flows.ingest import Ingested, ingest
 from flows.inputs import plan_window
 from flows.lock import date_lock
-from flows.names import RESUMED_PREFIX, RESUMED_STAGES_TAG, RUN_TAG, TEST, WORKDIR_TAG
+from flows.names import RESUMED_PREFIX, RESUMED_STAGES_TAG, RUN_TAG, TEST, TUNED_CONFIG_TAG, WORKDIR_TAG
 from flows.promotion import gate, register
 from flows.registry import champion
 from flows.retention import apply_retention
 from flows.runs import DAILY, RunContext, child_run, device, loaded_data, open_run, run_lifecycle
+from flows.tune import describe_tuned, find_tuned
 
 
 # ---- the flow --------------------------------------------------------------------------------------
@@ -60,6 +62,7 @@ def csmf_daily(
     home: str | None = None,
     max_violation_rate: float = 0.0,
     train_days: int | None = None,
+    tuned: str | None = "auto",
 ) -> dict:
     """Train, evaluate and register the CSMF model for evaluation day `date` (default: the last one).
 
@@ -67,6 +70,8 @@ def csmf_daily(
     file; overrides: ["train.lr=1e-3", ...]; home: state dir (default $CSMF_HOME or ./.csmf);
     max_violation_rate: share of rows per row-level rule that is quarantined instead of failing;
     train_days: training window length in days before `date` (= override data.train_days; 0 = all).
+    tuned: the tuned config applied between `config` and `overrides`: "auto" = the one `csmf tune` wrote
+    for this dataset under the home, if any (flows/tune.py), "none", or a file; tag csmf.tuned_config.
     Returns mlflow_run_id, tracking_uri, experiment, model_version, bundle_dir, metrics, metrics_table,
     gate (promoted, reason, champion_version) and resumed_stages.
 
@@ -78,15 +83,22 @@ def csmf_daily(
     check_writable(root)  # a read-only home fails here, not in Prefect's or MLflow's retries
     if train_days is not None:
         overrides = [*(overrides or []), f"data.train_days={int(train_days)}"]
-    cfg = load_config(config, overrides)
     dataset = Path(data).resolve() if data else generate_data(root)
+    tuned_file = find_tuned(root, dataset, tuned)
+    cfg = load_config(config, overrides, tuned=tuned_file)
     window = plan_window(dataset, date, cfg.data)  # missing partitions fail here, before any work
     doctor.before_run(root, tracking_uri())  # what killed csmf processes left (flows/doctor.py)
     with date_lock(root, window.date, who=f"prefect flow run {flow_run.id or 'local'}"):
         run = open_run(DAILY, root, cfg, dataset, window)
         with run_lifecycle(run):
+            run.parent().set_tags({TUNED_CONFIG_TAG: describe_tuned(tuned_file)})
+            if tuned_file is not None:
+                get_run_logger().info("tuned config applied: %s", describe_tuned(tuned_file))
             ready = ingest(run, cfg, max_violation_rate)
+            cfg = select_on_validation(ready, cfg, run)  # validation days: epochs and weights, then refit
             checkpoints = train_cascade(ready, cfg, run)  # pretrain_exposure -> ... -> finetune_conversion
+            if cfg.eval.fused_weights == "auto":  # data.val_refit false: chosen after the cascade
+                cfg = choose_default_weights(checkpoints.final, ready, cfg, run)
             bundle = build_index(checkpoints.final, ready, cfg, run)
             rows = evaluate(checkpoints, ready, cfg, run)
             version = register(bundle, rows, cfg, run)

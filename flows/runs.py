@@ -256,6 +256,7 @@ class LoadedData:
                 shuffle_window=cfg.train.shuffle_window,
                 val_days=cfg.data.val_days if load_train else 0,
                 item_stats_windows=cfg.data.item_stats,
+                processes=cfg.train.processes,
             )
             self._entry = ((key, load_train), data)
             return dataclasses.replace(data)

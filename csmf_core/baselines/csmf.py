@@ -11,6 +11,9 @@ whatever the number of objectives. Ablations (the paper's Table 3) change one se
 * w/o AR (`fit_no_ar`): no accuracy recovery after pruning (recover.enabled=false).
 
 The weight-level-mask variant is a different model (per-weight ownership) in weight_masks.py.
+Under the comparison protocol (baselines/protocol.py) CSMF and these ablations run `tuning.run_trial`
+(every train step keeps its best epoch on the validation users, weights chosen there), then
+`train_csmf` on the whole window with `tuning.refit_config`; `variant_config` is the ablation's setting.
 """
 
 from __future__ import annotations
@@ -61,8 +64,9 @@ def train_csmf(
         infos[step.name] = rep.info if step.kind != "prune" else {"units": rep.info["units"]["output"]}
     train_seconds = time.perf_counter() - t0
     model.eval()
-    items = item_matrix(model, data.tables)
-    users = user_matrix(model, data.tables, data.eval.u, data.eval.hists)
+    cat = data.catalog_tables("eval")  # with item statistics: as of the first evaluation day
+    items = item_matrix(model, cat)
+    users = user_matrix(model, cat, data.eval.u, data.eval.hists)
     out = owners.output_owners()
     result = MethodResult(
         method=method,
@@ -79,6 +83,27 @@ def train_csmf(
     return TrainedCSMF(result, model, owners, users, items)
 
 
+def _no_cpp(cfg: CSMFConfig) -> CSMFConfig:
+    return dataclasses.replace(cfg, cpp=dataclasses.replace(cfg.cpp, rule="fixed", ratio=cfg.cpp.tau))
+
+
+def _no_aml(cfg: CSMFConfig) -> CSMFConfig:
+    return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, aml=False))
+
+
+def _no_ar(cfg: CSMFConfig) -> CSMFConfig:
+    return dataclasses.replace(cfg, recover=dataclasses.replace(cfg.recover, enabled=False))
+
+
+# method name -> the config it trains (the ablation's one setting applied to the given config)
+VARIANTS = {"csmf": lambda cfg: cfg, "csmf_no_cpp": _no_cpp, "csmf_no_aml": _no_aml, "csmf_no_ar": _no_ar}
+
+
+def variant_config(method: str, cfg: CSMFConfig) -> CSMFConfig:
+    """The config CSMF variant `method` trains ("csmf" = cfg itself)."""
+    return VARIANTS[method](cfg)
+
+
 def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -> MethodResult:
     """CSMF as configured."""
     return train_csmf(data, cfg, seed, on_step).result
@@ -86,17 +111,14 @@ def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -
 
 def fit_no_cpp(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -> MethodResult:
     """w/o CPP: fixed-ratio (PackNet) pruning with ratio = cpp.tau."""
-    c = dataclasses.replace(cfg, cpp=dataclasses.replace(cfg.cpp, rule="fixed", ratio=cfg.cpp.tau))
-    return train_csmf(data, c, seed, on_step, method="csmf_no_cpp").result
+    return train_csmf(data, _no_cpp(cfg), seed, on_step, method="csmf_no_cpp").result
 
 
 def fit_no_aml(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -> MethodResult:
     """w/o AML: plain sampled softmax in every stage."""
-    c = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, aml=False))
-    return train_csmf(data, c, seed, on_step, method="csmf_no_aml").result
+    return train_csmf(data, _no_aml(cfg), seed, on_step, method="csmf_no_aml").result
 
 
 def fit_no_ar(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -> MethodResult:
     """w/o AR: no accuracy recovery after pruning."""
-    c = dataclasses.replace(cfg, recover=dataclasses.replace(cfg.recover, enabled=False))
-    return train_csmf(data, c, seed, on_step, method="csmf_no_ar").result
+    return train_csmf(data, _no_ar(cfg), seed, on_step, method="csmf_no_ar").result

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from csmf_core.baselines.common import OnStep, stage_log_q
-from csmf_core.baselines.multitask import stage_pools, train_jointly, unique_items
+from csmf_core.baselines.common import NO_HOOK, Encode, EpochHook, OnStep, RowItems, stage_log_q
+from csmf_core.baselines.multitask import stage_pools, train_jointly
 from csmf_core.cascade import CascadeData
 from csmf_core.config import CSMFConfig
 from csmf_core.optim import TrainLog
@@ -89,16 +89,17 @@ def teacher_step(
 
     Returns (cascade BCE on the batch's own pairs, (B, L, T-1) detached teacher log entire-space
     probabilities over the distillation lists, (B, L) list items). `pair_logits(hu, hi)` is the
-    teacher's scoring function over feature embeddings.
+    teacher's scoring function over feature embeddings. With item statistics every list item is
+    seen as of its row's day (`common.RowItems`).
     """
     hu = teacher.user(tables.user_inputs(b.u, b.hists))
     lists = distill_lists(b, n_inbatch)
-    uniq, inv = unique_items(lists)
-    hi_all = teacher.item(tables.item_inputs(uniq))
-    own = pair_logits(hu, hi_all[inv[:, 0]])
+    items = RowItems(tables, b.day, lists)
+    hi_all = items.encode(teacher.item)
+    own = pair_logits(hu, items.own(hi_all, items.inv[:, 0]))
     bce = cascade_bce(own, b.level)
     with torch.no_grad():
-        hl = hi_all[inv]  # (B, L, di)
+        hl = items.own(hi_all, items.inv)  # (B, L, di)
         logp = cascade_log_probs(pair_logits(hu[:, None, :].expand(-1, hl.shape[1], -1), hl))
     return bce, logp, lists
 
@@ -139,6 +140,8 @@ def train_distilled(
     on_step: OnStep = None,
     weight: float = DISTILL_WEIGHT,
     n_inbatch: int = DISTILL_INBATCH,
+    hook: EpochHook = NO_HOOK,
+    encode: Encode | None = None,
 ) -> tuple[TrainLog, dict[str, float]]:
     """Teacher and student trained jointly with CSMF's per-objective budget (`train_jointly`).
 
@@ -146,7 +149,8 @@ def train_distilled(
     `weight` x the listwise KL of `distill_terms`, the student's logits being list_scores(b, lists)
     (B, L, T') / loss.temperature; and on each later objective t's batch the terms
     objective_terms(t, batch, log_q_t) yields (the student's retrieval losses). Returns the log and
-    the last step's {"teacher_bce", "distill_kl"}.
+    the last step's {"teacher_bce", "distill_kl"}. hook, encode: the comparison protocol's epoch
+    selection of the whole schedule (`multitask.train_jointly`), judged by the student's vectors.
     """
     pools = stage_pools(data)
     log_qs = [stage_log_q(data, t) for t in range(len(pools))]
@@ -172,5 +176,15 @@ def train_distilled(
                     total = total + term
         return total
 
-    log = train_jointly([teacher, student], pools, loss_fn, cfg, seed=seed, name=name, on_step=on_step)
+    log = train_jointly(
+        [teacher, student],
+        pools,
+        loss_fn,
+        cfg,
+        seed=seed,
+        name=name,
+        on_step=on_step,
+        hook=hook,
+        encode=encode,
+    )
     return log, parts

@@ -31,6 +31,8 @@ Here:
 * Joint training with CSMF's per-objective budget (`multitask.joint_train_loop`). The per-objective
   metrics use u_o (the gate only affects them through shared training); the fused query's mean
   weights are reported in info.
+* Under the comparison protocol the joint schedule is one part ("joint"), judged by the student's
+  click and conversion vectors.
 """
 
 from __future__ import annotations
@@ -42,20 +44,26 @@ from torch import nn
 
 from csmf_core.baselines.base import MethodResult
 from csmf_core.baselines.common import (
+    NO_HOOK,
+    EpochHook,
     OnStep,
+    RowItems,
+    Vectors,
     count_params,
     encode_eval_users,
     make_tower,
+    scores_loss,
     set_threads,
-    softmax_loss,
+    users_of,
     with_seed,
 )
 from csmf_core.baselines.distill import train_distilled
-from csmf_core.baselines.multitask import MLP, FeatureEmbedding, unique_items
+from csmf_core.baselines.multitask import MLP, FeatureEmbedding
 from csmf_core.cascade import CascadeData
 from csmf_core.config import CSMFConfig, ModelConfig
-from csmf_core.evaluate import encode_items
+from csmf_core.evaluate import EvalRows, encode_items
 from csmf_core.model import TowerInputs, TowerSpec
+from csmf_core.rows import FeatureTables
 
 SHARED_EXPERTS = 2
 
@@ -125,7 +133,9 @@ class ThreeTowerStudent(nn.Module):
         return self.item(x, None)
 
 
-def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -> MethodResult:
+def fit(
+    data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None, *, hook: EpochHook = NO_HOOK
+) -> MethodResult:
     """Train the MoE teacher and the three-tower student jointly; serve the student."""
     cfg = with_seed(cfg, seed)
     set_threads(cfg)
@@ -135,35 +145,43 @@ def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -
     teacher = CGCTeacher(data.user_spec, data.item_spec, cfg.model, n - 1, seed=seed * 7 + 1)
     student = ThreeTowerStudent(data.user_spec, data.item_spec, cfg.model, n - 1, seed=seed)
     tables = data.tables
+    d = cfg.model.dim
 
     def list_scores(b, lists):  # (B, L, n-1): row b's per-objective user vectors against its list items
-        uniq, inv = unique_items(lists)
-        sv = student.item_vectors(tables.item_inputs(uniq))[inv]  # (B, L, d)
+        items = RowItems(tables, b.day, lists)
+        sv = items.own(items.encode(student.item_vectors), items.inv)  # (B, L, d)
         su = student.user_vectors(tables.user_inputs(b.u, b.hists))  # (B, n-1, d)
         return torch.einsum("bod,bld->blo", su, sv)
 
     def objective_terms(t, bt, log_q):
         x = tables.user_inputs(bt.u, bt.hists)
-        uniq, inv = unique_items(bt.i)
-        ivec = student.item_vectors(tables.item_inputs(uniq))[inv]
-        yield softmax_loss(student.user_vectors(x)[:, t - 1], ivec, bt.i, cfg, log_q=log_q)
+        items = RowItems(tables, bt.day, bt.i)
+        score = items.candidates(items.encode(student.item_vectors), items.inv)
+        yield scores_loss(score(student.user_vectors(x)[:, t - 1]), bt.i, cfg, log_q=log_q)
         if t == 1:  # the preference gate learns through the fused score on click positives
-            yield softmax_loss(student.fused_query(x), ivec, bt.i, cfg, log_q=log_q)
+            yield scores_loss(score(student.fused_query(x)), bt.i, cfg, log_q=log_q)
+
+    def encode(users: EvalRows, cat: FeatureTables) -> Vectors:
+        u = users_of(lambda x: student.user_vectors(x).flatten(1), cat, users)
+        v = encode_items(student.item_vectors, cat)
+        users = {o: u[:, k * d : (k + 1) * d].contiguous() for k, o in enumerate(served)}
+        return users, {o: v for o in served}
 
     log, parts = train_distilled(
-        teacher, student, data, cfg, list_scores, objective_terms, seed=seed, name="dmmp", on_step=on_step
-    )
-    u = encode_eval_users(lambda x: student.user_vectors(x).flatten(1), data)
-    v = encode_items(student.item_vectors, tables)
-    d = cfg.model.dim
-    users = {o: u[:, k * d : (k + 1) * d].contiguous() for k, o in enumerate(served)}
+        teacher, student, data, cfg, list_scores, objective_terms, seed=seed, name="dmmp", on_step=on_step,
+        hook=hook, encode=encode,
+    )  # fmt: skip
+    train_seconds = time.perf_counter() - t0
+    hook.finish(encode)
+    users, items = encode(data.eval, data.catalog_tables("eval"))
+    v = items[served[0]]
     with torch.no_grad():
         w = encode_eval_users(student.preference, data).mean(0).tolist()
     return MethodResult(
         method="dmmp",
         user_vecs=users,
-        item_vecs={o: v for o in served},
-        train_seconds=time.perf_counter() - t0,
+        item_vecs=items,
+        train_seconds=train_seconds,
         n_params=count_params(teacher, student),
         item_bytes_per_item=4 * int(v.shape[1]),  # one item vector shared by every objective
         info={

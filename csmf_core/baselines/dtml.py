@@ -29,7 +29,8 @@ Here:
   cfg.epochs_for(t) passes.
 Simplifications: no duration-specific tricks (duration bucketing, negative-sample handling of
 unread items); a fixed distillation weight; the teacher is not kept for serving. The exposure
-objective has no student vector (DTML serves click and conversion).
+objective has no student vector (DTML serves click and conversion). Under the comparison protocol the
+joint schedule is one part ("joint"), judged by the student's click and conversion vectors.
 """
 
 from __future__ import annotations
@@ -41,20 +42,25 @@ from torch import nn
 
 from csmf_core.baselines.base import MethodResult
 from csmf_core.baselines.common import (
+    NO_HOOK,
+    EpochHook,
     OnStep,
+    RowItems,
+    Vectors,
     count_params,
-    encode_eval_users,
     make_tower,
+    scores_loss,
     set_threads,
-    softmax_loss,
+    users_of,
     with_seed,
 )
 from csmf_core.baselines.distill import train_distilled
-from csmf_core.baselines.multitask import MLP, FeatureEmbedding, unique_items
+from csmf_core.baselines.multitask import MLP, FeatureEmbedding
 from csmf_core.cascade import CascadeData
 from csmf_core.config import CSMFConfig, ModelConfig
-from csmf_core.evaluate import encode_items
+from csmf_core.evaluate import EvalRows, encode_items
 from csmf_core.model import TowerInputs, TowerSpec
+from csmf_core.rows import FeatureTables
 
 
 class CrossTeacher(nn.Module):
@@ -91,7 +97,9 @@ class TwoTowerStudent(nn.Module):
         return self.item(x, None).view(-1, self.n, self.d)
 
 
-def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -> MethodResult:
+def fit(
+    data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None, *, hook: EpochHook = NO_HOOK
+) -> MethodResult:
     """Train teacher and student jointly; serve the student's per-objective vectors (objectives 1..T-1)."""
     cfg = with_seed(cfg, seed)
     set_threads(cfg)
@@ -101,32 +109,40 @@ def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -
     teacher = CrossTeacher(data.user_spec, data.item_spec, cfg.model, n - 1, seed=seed * 7 + 1)
     student = TwoTowerStudent(data.user_spec, data.item_spec, cfg.model, n - 1, seed=seed)
     tables = data.tables
+    d = cfg.model.dim
 
     def list_scores(b, lists):  # (B, L, n-1): row b's user against its list items, per objective
-        uniq, inv = unique_items(lists)
-        sv = student.item_vectors(tables.item_inputs(uniq))[inv]  # (B, L, n-1, d)
+        items = RowItems(tables, b.day, lists)
+        sv = items.own(items.encode(student.item_vectors), items.inv)  # (B, L, n-1, d)
         su = student.user_vectors(tables.user_inputs(b.u, b.hists))  # (B, n-1, d)
         return torch.einsum("bod,blod->blo", su, sv)
 
     def objective_terms(t, bt, log_q):
         uvec = student.user_vectors(tables.user_inputs(bt.u, bt.hists))[:, t - 1]
-        uniq, inv = unique_items(bt.i)
-        ivec = student.item_vectors(tables.item_inputs(uniq))[inv, t - 1]
-        yield softmax_loss(uvec, ivec, bt.i, cfg, log_q=log_q)
+        items = RowItems(tables, bt.day, bt.i)
+        vecs = items.encode(student.item_vectors)  # (U, n-1, d), or (days, U, n-1, d)
+        yield scores_loss(items.pairs(uvec, vecs[..., t - 1, :], items.inv), bt.i, cfg, log_q=log_q)
+
+    def encode(users: EvalRows, cat: FeatureTables) -> Vectors:
+        u = users_of(lambda x: student.user_vectors(x).flatten(1), cat, users)
+        v = encode_items(lambda x: student.item_vectors(x).flatten(1), cat)
+        return (
+            {o: u[:, k * d : (k + 1) * d].contiguous() for k, o in enumerate(served)},
+            {o: v[:, k * d : (k + 1) * d].contiguous() for k, o in enumerate(served)},
+        )
 
     log, parts = train_distilled(
-        teacher, student, data, cfg, list_scores, objective_terms, seed=seed, name="dtml", on_step=on_step
-    )
-    u = encode_eval_users(lambda x: student.user_vectors(x).flatten(1), data)
-    v = encode_items(lambda x: student.item_vectors(x).flatten(1), tables)
-    d = cfg.model.dim
-    users = {o: u[:, k * d : (k + 1) * d].contiguous() for k, o in enumerate(served)}
-    items = {o: v[:, k * d : (k + 1) * d].contiguous() for k, o in enumerate(served)}
+        teacher, student, data, cfg, list_scores, objective_terms, seed=seed, name="dtml", on_step=on_step,
+        hook=hook, encode=encode,
+    )  # fmt: skip
+    train_seconds = time.perf_counter() - t0
+    hook.finish(encode)
+    users, items = encode(data.eval, data.catalog_tables("eval"))
     return MethodResult(
         method="dtml",
         user_vecs=users,
         item_vecs=items,
-        train_seconds=time.perf_counter() - t0,
+        train_seconds=train_seconds,
         n_params=count_params(teacher, student),
         item_bytes_per_item=4 * sum(x.shape[1] for x in items.values()),
         info={"train": log.summary(), "last_terms": parts, "student_params": count_params(student)},

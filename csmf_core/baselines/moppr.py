@@ -27,7 +27,8 @@ the same same-request negatives and histories (prep sorts rows by time, user, it
 the request when the data has request ids; without them it is the user's events of one
 timestamp), cut to at most `MAX_PV_ROWS` rows. A batch holds about train.batch_size rows in
 whole page views; the model makes cfg.epochs_for(0) passes over the page views (every training
-row is an exposure positive), the first objective's budget in CSMF.
+row is an exposure positive), the first objective's budget in CSMF. Under the comparison protocol
+the model is one part ("model"), judged by every objective it serves (all, with the one vector).
 """
 
 from __future__ import annotations
@@ -40,20 +41,21 @@ import torch.nn.functional as F
 
 from csmf_core.baselines.base import MethodResult
 from csmf_core.baselines.common import (
+    NO_HOOK,
+    EpochHook,
     OnStep,
     PlainTwoTower,
-    batch_vectors,
+    batch_scores,
     count_params,
-    encode_eval_users,
     set_threads,
     stage_log_q,
     train_loop,
+    two_tower_encode,
     uses_request_negatives,
     with_seed,
 )
 from csmf_core.cascade import CascadeData
 from csmf_core.config import CSMFConfig
-from csmf_core.evaluate import encode_items
 from csmf_core.losses import NEG_INF
 from csmf_core.rows import TrainRows
 
@@ -140,7 +142,9 @@ class PageViews:
         return self.rows.select(self.starts[idx][pv] + offset), pv
 
 
-def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -> MethodResult:
+def fit(
+    data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None, *, hook: EpochHook = NO_HOOK
+) -> MethodResult:
     """Train one two-tower model with the graded page-view softmax; one vector serves every objective."""
     cfg = with_seed(cfg, seed)
     set_threads(cfg)
@@ -156,10 +160,9 @@ def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -
 
     def loss_fn(batch):
         b, pv = batch
-        uvec, ivec, nvec = batch_vectors(model.user_vectors, model.item_vectors, data.tables, b, req)
-        extra = None if nvec is None else torch.einsum("bd,bmd->bm", uvec, nvec)
+        _, scores, extra = batch_scores(model.user_vectors, model.item_vectors, data.tables, b, req)
         return moppr_loss(
-            uvec @ ivec.T,
+            scores,
             b.i,
             pv,
             b.level,
@@ -170,25 +173,31 @@ def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -
         )
 
     pv_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=pv_batch))
+    encode = two_tower_encode(model.user_vectors, model.item_vectors, data.objectives)
+    hook.begin("model", [model], encode)
     model.train()
     log = train_loop(
         list(model.parameters()),
         pool,
         loss_fn,
         pv_cfg,
-        epochs=cfg.epochs_for(0),
+        epochs=hook.epochs("model", cfg.epochs_for(0)),
         seed=seed * 1009,
         name="moppr",
         on_step=on_step,
+        on_epoch=hook.on_epoch("model"),
     )
     model.eval()
-    u = encode_eval_users(model.user_vectors, data)
-    v = encode_items(model.item_vectors, data.tables)
+    hook.end("model")
+    train_seconds = time.perf_counter() - t0
+    hook.finish(encode)
+    users, items = encode(data.eval, data.catalog_tables("eval"))
+    v = items[data.objectives[0]]
     return MethodResult(
         method="moppr",
-        user_vecs={o: u for o in data.objectives},
-        item_vecs={o: v for o in data.objectives},
-        train_seconds=time.perf_counter() - t0,
+        user_vecs=users,
+        item_vecs=items,
+        train_seconds=train_seconds,
         n_params=count_params(model),
         item_bytes_per_item=4 * int(v.shape[1]),  # one vector shared by every objective
         info={

@@ -15,7 +15,16 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from csmf_core.baselines.common import OnStep, make_tower, stage_log_q, tower_loss, uses_request_negatives
+from csmf_core.baselines.common import (
+    NO_HOOK,
+    Encode,
+    EpochHook,
+    OnStep,
+    make_tower,
+    stage_log_q,
+    tower_loss,
+    uses_request_negatives,
+)
 from csmf_core.cascade import CascadeData
 from csmf_core.config import CSMFConfig, ModelConfig
 from csmf_core.model import TowerInputs, TowerSpec, embed_inputs
@@ -98,6 +107,8 @@ def joint_train_loop(
     name: str,
     batch_sizes: list[int] | None = None,
     on_step: OnStep = None,
+    stop_after: int | None = None,
+    on_epoch: Callable[[int], None] | None = None,
 ) -> TrainLog:
     """Joint multi-task training with the same per-objective sample budget as CSMF's stages.
 
@@ -107,6 +118,11 @@ def joint_train_loop(
     step `loss_fn(batches)` gets one batch per task, None where the task sits out, and returns the
     summed loss. Adam(W) at train.lr, the optimiser step of every method (`csmf_core.optim`); the
     log's epoch losses are plain means over runs of S // max(epochs) steps.
+
+    A *joint epoch* is one such run (`joint_epochs` of them, the last possibly shorter): every task's
+    share of it is the same fraction of its budget. stop_after: run only the first `stop_after` joint
+    epochs of this schedule (the comparison protocol's refit; None = all). on_epoch(e): called after
+    joint epoch e (1-based), e.g. `EpochHook.on_epoch`.
     """
     if len(pools) != len(epochs):
         raise ValueError(f"{name}: {len(pools)} pools but {len(epochs)} epoch counts")
@@ -116,10 +132,7 @@ def joint_train_loop(
             raise ValueError(
                 f"{name}: task {t} has {len(p)} training rows; a sampled softmax needs at least 2"
             )
-    per_task = [
-        batches_per_epoch(len(p), sizes[t]) * int(epochs[t]) if epochs[t] > 0 else 0
-        for t, p in enumerate(pools)
-    ]
+    per_task = _task_batches(pools, epochs, sizes)
     total = max(per_task)
     gens = [torch.Generator().manual_seed(int(seed) * 1009 + t * 31) for t in range(len(pools))]
 
@@ -143,7 +156,26 @@ def joint_train_loop(
             ]
             yield sum(len(b) for b in batches if b is not None), batches
 
-    return run_epochs(opt, -(-total // per_epoch), joint_steps, loss_fn, by_rows=False)
+    n_chunks = -(-total // per_epoch)
+    if stop_after is not None:
+        n_chunks = min(n_chunks, int(stop_after))
+    return run_epochs(opt, n_chunks, joint_steps, loss_fn, by_rows=False, on_epoch=on_epoch)
+
+
+def _task_batches(pools: list, epochs: list[int], sizes: list[int]) -> list[int]:
+    """Batches task t takes over the whole joint schedule (0 for a task with no epochs)."""
+    return [
+        batches_per_epoch(len(p), sizes[t]) * int(epochs[t]) if epochs[t] > 0 else 0
+        for t, p in enumerate(pools)
+    ]
+
+
+def joint_epochs(pools: list, epochs: list[int], batch_size: int) -> int:
+    """How many joint epochs `joint_train_loop` runs for these pools and per-task epochs (batches of
+    `batch_size`): ceil(S / (S // max(epochs))) with S the largest task's batches."""
+    total = max(_task_batches(pools, epochs, [batch_size] * len(pools)))
+    per_epoch = max(1, total // max(1, max(int(e) for e in epochs)))
+    return -(-total // per_epoch)
 
 
 def unique_items(items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,23 +196,34 @@ def train_jointly(
     seed: int,
     name: str,
     on_step: OnStep = None,
+    hook: EpochHook = NO_HOOK,
+    encode: Encode | None = None,
 ) -> TrainLog:
     """`joint_train_loop` over every parameter of `modules` (train mode during, eval mode after),
-    pool t making cfg.epochs_for(t) passes: CSMF's per-objective budget."""
+    pool t making cfg.epochs_for(t) passes: CSMF's per-objective budget.
+
+    The whole schedule is one part ("joint") of the comparison protocol: `hook` may stop it after any
+    joint epoch and `encode` gives the vectors it is judged by (every objective the method serves)."""
+    epochs = [cfg.epochs_for(t) for t in range(len(pools))]
+    if encode is not None:
+        hook.begin("joint", modules, encode)
     for m in modules:
         m.train()
     log = joint_train_loop(
         [p for m in modules for p in m.parameters()],
         pools,
-        [cfg.epochs_for(t) for t in range(len(pools))],
+        epochs,
         loss_fn,
         cfg,
         seed=seed,
         name=name,
         on_step=on_step,
+        stop_after=hook.epochs("joint", joint_epochs(pools, epochs, cfg.train.batch_size)),
+        on_epoch=hook.on_epoch("joint"),
     )
     for m in modules:
         m.eval()
+    hook.end("joint")
     return log
 
 
@@ -194,6 +237,8 @@ def train_objective_towers(
     seed: int,
     name: str,
     on_step: OnStep = None,
+    hook: EpochHook = NO_HOOK,
+    encode: Encode | None = None,
 ) -> TrainLog:
     """Every objective t a task scored user_fn(t, u) . item_fn(t, i), trained jointly (`train_jointly`):
     a step sums the due tasks' in-batch sampled softmax on their positives (`common.tower_loss`: log-Q
@@ -216,4 +261,6 @@ def train_objective_towers(
     def loss_fn(batches: list) -> torch.Tensor:
         return sum(task_loss(t, b) for t, b in enumerate(batches) if b is not None)
 
-    return train_jointly(modules, pools, loss_fn, cfg, seed=seed, name=name, on_step=on_step)
+    return train_jointly(
+        modules, pools, loss_fn, cfg, seed=seed, name=name, on_step=on_step, hook=hook, encode=encode
+    )

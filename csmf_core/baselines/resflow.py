@@ -27,6 +27,7 @@ needs scores that are inner products of a user vector and a precomputed item vec
   same per-objective budget as CSMF (`multitask.joint_train_loop`). Gradients flow through the
   residual links into earlier tasks, as in the paper. Feature-level parts of the paper (task
   specific feature selection) and its Weighted Recall metric are not reproduced.
+* Under the comparison protocol the joint schedule is one part ("joint"), judged by every task.
 """
 
 from __future__ import annotations
@@ -37,12 +38,22 @@ import torch
 from torch import nn
 
 from csmf_core.baselines.base import MethodResult
-from csmf_core.baselines.common import OnStep, count_params, encode_eval_users, set_threads, with_seed
+from csmf_core.baselines.common import (
+    NO_HOOK,
+    EpochHook,
+    OnStep,
+    Vectors,
+    count_params,
+    set_threads,
+    users_of,
+    with_seed,
+)
 from csmf_core.baselines.multitask import MLP, FeatureEmbedding, train_objective_towers
 from csmf_core.cascade import CascadeData
 from csmf_core.config import CSMFConfig, ModelConfig
-from csmf_core.evaluate import encode_items
+from csmf_core.evaluate import EvalRows, encode_items
 from csmf_core.model import TowerInputs, TowerSpec
+from csmf_core.rows import FeatureTables
 
 
 def segment_dims(dim: int, n_tasks: int) -> list[int]:
@@ -99,13 +110,29 @@ class ResFlowRetrieval(nn.Module):
         return (self.user.vector(u, task) * self.item.vector(i, task)).sum(dim=1)
 
 
-def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -> MethodResult:
+def fit(
+    data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None, *, hook: EpochHook = NO_HOOK
+) -> MethodResult:
     """Train ResFlow jointly on every objective; task t's retrieval vector is the prefix [r_0..r_t]."""
     cfg = with_seed(cfg, seed)
     set_threads(cfg)
     t0 = time.perf_counter()
     n = len(data.objectives)
     model = ResFlowRetrieval(data.user_spec, data.item_spec, cfg.model, n, seed=seed)
+    ends = torch.cumsum(torch.tensor(model.seg), 0).tolist()
+
+    def encode(users: EvalRows, cat: FeatureTables) -> Vectors:
+        full_u = users_of(lambda x: model.user.vector(x, n - 1), cat, users)
+        full_i = encode_items(lambda x: model.item.vector(x, n - 1), cat)
+        # One shared item matrix (what a server stores); task t's query zeroes the segments after its
+        # own, so its inner product is exactly the prefix score s_0 + ... + s_t.
+        out = {}
+        for t, o in enumerate(data.objectives):
+            q = full_u.clone()
+            q[:, ends[t] :] = 0.0
+            out[o] = q
+        return out, {o: full_i for o in data.objectives}
+
     log = train_objective_towers(
         [model],
         data,
@@ -115,23 +142,18 @@ def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -
         seed=seed,
         name="resflow",
         on_step=on_step,
+        hook=hook,
+        encode=encode,
     )
-    full_u = encode_eval_users(lambda x: model.user.vector(x, n - 1), data)
-    full_i = encode_items(lambda x: model.item.vector(x, n - 1), data.tables)
-    ends = torch.cumsum(torch.tensor(model.seg), 0).tolist()
-    # One shared item matrix (what a server stores); task t's query zeroes the segments after its
-    # own, so its inner product is exactly the prefix score s_0 + ... + s_t.
-    users = {}
-    for t, o in enumerate(data.objectives):
-        q = full_u.clone()
-        q[:, ends[t] :] = 0.0
-        users[o] = q
-    items = {o: full_i for o in data.objectives}
+    train_seconds = time.perf_counter() - t0
+    hook.finish(encode)
+    users, items = encode(data.eval, data.catalog_tables("eval"))
+    full_i = items[data.objectives[0]]
     return MethodResult(
         method="resflow",
         user_vecs=users,
         item_vecs=items,
-        train_seconds=time.perf_counter() - t0,
+        train_seconds=train_seconds,
         n_params=count_params(model),
         item_bytes_per_item=4 * int(full_i.shape[1]),  # one vector; every task reads a prefix of it
         info={"train": log.summary(), "segments": list(model.seg)},

@@ -18,6 +18,10 @@ of Eq. 8 is not exact. This variant keeps the per-weight reading and pays for ex
   (N * dim floats per item); the objective-t query is e^t in block t and zeros elsewhere (a fused
   query is [k_0 e^0; ...; k_{N-1} e^{N-1}]). `info["single_vector"]` records what serving only
   the full-mode item vector would give instead (mode-t queries against v^{N-1}).
+* Under the comparison protocol each stage's train phase is a part ("train_<objective>") selected by
+  its own objective's mode-t validation score, as CSMF's train steps are; a later stage's starting
+  point (the previous mode plus the freed entries) is a candidate, stage 0's random start is not.
+  Accuracy recovery keeps recover.epochs, as in CSMF.
 """
 
 from __future__ import annotations
@@ -30,23 +34,27 @@ import torch
 
 from csmf_core.baselines.base import MethodResult
 from csmf_core.baselines.common import (
+    NO_HOOK,
+    EpochHook,
     OnStep,
+    RowItems,
+    Vectors,
     count_params,
-    encode_eval_users,
     set_threads,
     stage_log_q,
     train_loop,
+    users_of,
     uses_request_negatives,
     with_seed,
 )
 from csmf_core.cascade import CascadeData
 from csmf_core.config import CSMFConfig
 from csmf_core.cpp import select_pruned
-from csmf_core.evaluate import encode_items
+from csmf_core.evaluate import EvalRows, encode_items
 from csmf_core.losses import aml_margins, sampled_softmax, upstream_scores
 from csmf_core.metrics import recall_ndcg, topk_items
 from csmf_core.model import TwoTower
-from csmf_core.rows import TrainRows
+from csmf_core.rows import FeatureTables, TrainRows
 
 
 def initial_owners(model: TwoTower) -> dict[str, torch.Tensor]:
@@ -124,28 +132,31 @@ def _mode_loss(
     log_q: torch.Tensor | None,
     use_neg: bool,
 ) -> torch.Tensor:
+    """Mode-`stage` sampled softmax on batch rows `b` (AML from separate mode-r passes); with item
+    statistics every candidate is scored as of its row's day (`common.RowItems`)."""
     tables = data.tables
     u_in = tables.user_inputs(b.u, b.hists)
     wanted = b.i if not use_neg else torch.cat([b.i, b.neg.flatten()])
-    uniq, inv = torch.unique(wanted, return_inverse=True)
-    i_in = tables.item_inputs(uniq)
+    items = RowItems(tables, b.day, wanted)
     n = b.i.numel()
+    pos = items.inv[:n]
+    neg_pos = items.inv[n:].view(b.neg.shape) if use_neg else None
     uvec = model.user_vectors(u_in, stage)
-    all_vec = model.item_vectors(i_in, stage)
-    ivec = all_vec[inv[:n]]
+    all_vec = items.encode(lambda x: model.item_vectors(x, stage))
     margins = extra = extra_margins = None
     if use_neg:
-        extra = torch.einsum("bd,bmd->bm", uvec, all_vec[inv[n:]].view(b.neg.shape[0], b.neg.shape[1], -1))
+        extra = torch.einsum("bd,bmd->bm", uvec, items.own(all_vec, neg_pos))
     if cfg.loss.aml and stage >= 1:
         with torch.no_grad():
             # mode-r scores by separate forward passes; upstream_scores wants per-segment
             # increments whose running sums are the mode scores
             modes, modes_n = [], []
             for r in range(stage):
-                ur, vr = model.user_vectors(u_in, r), model.item_vectors(i_in, r)
-                modes.append(ur @ vr[inv[:n]].T)
+                ur = model.user_vectors(u_in, r)
+                vr = items.encode(lambda x, r=r: model.item_vectors(x, r))
+                modes.append(items.pairs(ur, vr, pos))
                 if use_neg:
-                    modes_n.append(torch.einsum("bd,bmd->bm", ur, vr[inv[n:]].view(n, b.neg.shape[1], -1)))
+                    modes_n.append(torch.einsum("bd,bmd->bm", ur, items.own(vr, neg_pos)))
             inc = [modes[0]] + [modes[r] - modes[r - 1] for r in range(1, stage)]
             up = upstream_scores(inc, stage, cfg.loss.upstream)
             margins = aml_margins(up.diagonal(), up, cfg.loss.sigma, cfg.loss.eta)
@@ -155,7 +166,7 @@ def _mode_loss(
                 extra_margins = aml_margins(up.diagonal(), up_n, cfg.loss.sigma, cfg.loss.eta)
     lq = log_q[b.i] if (log_q is not None and cfg.loss.logq) else None
     return sampled_softmax(
-        uvec @ ivec.T,
+        items.pairs(uvec, all_vec, pos),
         b.i,
         temperature=cfg.loss.temperature,
         log_q=lq,
@@ -176,6 +187,7 @@ def _train_phase(
     seed: int,
     on_step: OnStep,
     offset: int,
+    hook: EpochHook = NO_HOOK,
 ) -> dict:
     rows = data.rows.for_stage(stage)
     lr, epochs = cfg.train.lr, cfg.epochs_for(stage)
@@ -194,6 +206,18 @@ def _train_phase(
         masks.append(m.expand(params[name].shape).contiguous())
     use_neg = uses_request_negatives(cfg, stage, rows)
     log_q = stage_log_q(data, stage)
+    part = f"{phase}_{data.objectives[stage]}"
+    if phase == "train":  # the train phase is a part of the protocol (recovery keeps its epochs)
+        o = data.objectives[stage]
+
+        def encode(users: EvalRows, cat: FeatureTables) -> Vectors:
+            return (
+                {o: users_of(lambda x: model.user_vectors(x, stage), cat, users)},
+                {o: encode_items(lambda x: model.item_vectors(x, stage), cat)},
+            )
+
+        hook.begin(part, [model], encode, start=stage > 0)
+        epochs = hook.epochs(part, epochs)
     model.train()
     try:
         log = train_loop(
@@ -208,13 +232,37 @@ def _train_phase(
             on_step=on_step,
             step_offset=offset,
             masks=masks,  # frozen entries: zero gradient, no decay (csmf_core.optim)
+            on_epoch=hook.on_epoch(part) if phase == "train" else None,
         )
     finally:
         model.eval()
+    if phase == "train":
+        hook.end(part)
     return log.summary()
 
 
-def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -> MethodResult:
+def _per_mode(model: TwoTower, n: int, users: EvalRows, cat: FeatureTables):
+    """Per mode t: the users' mode-t vectors and the catalog's mode-t item vectors."""
+    per_mode_u = [users_of(lambda x, t=t: model.user_vectors(x, t), cat, users) for t in range(n)]
+    per_mode_v = [encode_items(lambda x, t=t: model.item_vectors(x, t), cat) for t in range(n)]
+    return per_mode_u, per_mode_v
+
+
+def _served(objectives: list[str], per_mode_u, per_mode_v, d: int) -> Vectors:
+    """The served vectors: objective t's query is e^t in block t of the concatenated [v^0; ...]."""
+    n = len(objectives)
+    concat = torch.cat(per_mode_v, dim=1)
+    users = {}
+    for t, o in enumerate(objectives):
+        q = torch.zeros(per_mode_u[t].shape[0], n * d)
+        q[:, t * d : (t + 1) * d] = per_mode_u[t]
+        users[o] = q
+    return users, {o: concat for o in objectives}
+
+
+def fit(
+    data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None, *, hook: EpochHook = NO_HOOK
+) -> MethodResult:
     """Weight-level-mask cascade; serving stores the concatenated per-mode item vectors."""
     cfg = with_seed(cfg, seed)
     # this variant has always trained without weight decay (its figures); the masked optimiser step
@@ -229,7 +277,7 @@ def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -
     info: dict = {}
     steps = 0
     for t in range(n):
-        s = _train_phase(model, owners, data, cfg, t, "train", seed * 1009 + t * 31, on_step, steps)
+        s = _train_phase(model, owners, data, cfg, t, "train", seed * 1009 + t * 31, on_step, steps, hook)
         steps += s["steps"]
         info[f"train_{data.objectives[t]}"] = s
         if t < n - 1:
@@ -246,15 +294,11 @@ def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -
                 steps += s["steps"]
                 info[f"recover_{data.objectives[t]}"] = s
     train_seconds = time.perf_counter() - t0
-    per_mode_u = [encode_eval_users(lambda x, t=t: model.user_vectors(x, t), data) for t in range(n)]
-    per_mode_v = [encode_items(lambda x, t=t: model.item_vectors(x, t), data.tables) for t in range(n)]
-    concat = torch.cat(per_mode_v, dim=1)
     d = cfg.model.dim
-    users = {}
-    for t, o in enumerate(data.objectives):
-        q = torch.zeros(per_mode_u[t].shape[0], n * d)
-        q[:, t * d : (t + 1) * d] = per_mode_u[t]
-        users[o] = q
+    hook.finish(lambda users, cat: _served(data.objectives, *_per_mode(model, n, users, cat), d))
+    per_mode_u, per_mode_v = _per_mode(model, n, data.eval, data.catalog_tables("eval"))
+    users, items = _served(data.objectives, per_mode_u, per_mode_v, d)
+    concat = items[data.objectives[0]]
     # what serving one full-mode vector would give: mode-t queries against the last mode's items
     single = {}
     for t, o in enumerate(data.objectives):
@@ -264,7 +308,7 @@ def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -
     return MethodResult(
         method="csmf_weight_masks",
         user_vecs=users,
-        item_vecs={o: concat for o in data.objectives},
+        item_vecs=items,
         train_seconds=train_seconds,
         n_params=count_params(model),
         item_bytes_per_item=4 * concat.shape[1],

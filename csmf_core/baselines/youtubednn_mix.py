@@ -7,7 +7,8 @@ is the click rows plus the conversion rows again (objectives 1..N-1 of the casca
 row appears once per objective it reached), so conversions weigh more than plain clicks while
 one vector serves both. Log-Q uses the summed positive counts of those objectives; epochs are
 cfg.epochs_for(1) (the click stage's). The exposure objective is not served (the paper's Mix
-covers click and conversion only). Serving stores one dim-d vector per item.
+covers click and conversion only). Serving stores one dim-d vector per item. Under the comparison
+protocol the model is one part ("model"), selected by the validation score of the objectives it serves.
 """
 
 from __future__ import annotations
@@ -18,16 +19,17 @@ import torch
 
 from csmf_core.baselines.base import MethodResult
 from csmf_core.baselines.common import (
+    NO_HOOK,
+    EpochHook,
     OnStep,
     count_params,
-    encode_eval_users,
     set_threads,
     train_plain_two_tower,
+    two_tower_encode,
     with_seed,
 )
 from csmf_core.cascade import CascadeData
 from csmf_core.config import CSMFConfig
-from csmf_core.evaluate import encode_items
 from csmf_core.losses import item_log_q
 from csmf_core.rows import TrainRows
 
@@ -38,11 +40,14 @@ def mixed_rows(data: CascadeData) -> TrainRows:
     return data.rows.select(idx)
 
 
-def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -> MethodResult:
+def fit(
+    data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None, *, hook: EpochHook = NO_HOOK
+) -> MethodResult:
     """Train one plain two-tower model on the mixed later-objective positives; serve it for all of them."""
     cfg = with_seed(cfg, seed)
     set_threads(cfg)
     t0 = time.perf_counter()
+    served = data.objectives[1:]
     counts = sum(torch.as_tensor(data.counts[t]).double() for t in range(1, len(data.objectives)))
     model, log = train_plain_two_tower(
         data,
@@ -53,15 +58,19 @@ def fit(data: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep = None) -
         name="youtubednn_mix",
         log_q=item_log_q(counts),
         on_step=on_step,
+        hook=hook,
+        served=served,
     )
-    u = encode_eval_users(model.user_vectors, data)
-    v = encode_items(model.item_vectors, data.tables)
-    served = data.objectives[1:]
+    train_seconds = time.perf_counter() - t0
+    encode = two_tower_encode(model.user_vectors, model.item_vectors, served)
+    hook.finish(encode)
+    users, items = encode(data.eval, data.catalog_tables("eval"))
+    v = items[served[0]]
     return MethodResult(
         method="youtubednn_mix",
-        user_vecs={o: u for o in served},
-        item_vecs={o: v for o in served},
-        train_seconds=time.perf_counter() - t0,
+        user_vecs=users,
+        item_vecs=items,
+        train_seconds=train_seconds,
         n_params=count_params(model),
         item_bytes_per_item=4 * v.shape[1],
         info={"model": log.summary(), "objectives": served},

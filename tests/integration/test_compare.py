@@ -32,8 +32,8 @@ OVERRIDES = [
     "data.seq_len=5",
     "data.n_req_neg=4",
     "eval.ks=[10,50]",
-    "data.val_days=1",  # not applied by the comparison: the report must say so
-    "data.item_stats=[1]",  # idem
+    "data.val_days=1",  # every method: epochs chosen on the last training day, then a refit
+    "data.item_stats=[1]",  # every method reads the item statistics
 ]
 
 
@@ -119,10 +119,22 @@ def test_rebuild_from_partial_runs(compared, tmp_path):
     assert "csmf seed 2: TrainingDiverged: loss nan" in md
 
 
-def test_report_says_val_days_and_item_stats_are_not_applied(compared):
+def test_report_states_one_protocol_for_every_method(compared):
+    """Every method was selected on the validation day and refit: the report says so, and each run's
+    record carries the epochs it kept (within the caps) and its fused weights."""
     text = (compared["report"] / "comparison.md").read_text()
-    assert "- Note: data.val_days=1 is not applied by the comparison" in text
-    assert "- Note: data.item_stats=[1] is not applied by the comparison" in text
+    assert "- **Protocol**: One protocol for every method (data.val_days=1" in text
+    assert "Item statistics: [1] for every method" in text and "No tuning" in text
+    assert "is not applied by the comparison" not in text
+    runs = json.loads((compared["report"] / "runs.json").read_text())["runs"]
+    assert {(r["method"], r["seed"]) for r in runs} == {
+        (m, s) for m in ("youtubednn_mix", "csmf") for s in (0, 1)
+    }
+    for r in runs:
+        kept = r["protocol"]["epochs"]
+        assert kept and all(0 <= e <= 1 for e in kept.values()), kept
+        assert len(r["protocol"]["weights"]) == 3 and r["protocol"]["val_score"] > 0
+        assert f"  - {r['method']}: epochs kept" in text
 
 
 def test_report_has_the_popularity_floor(compared):

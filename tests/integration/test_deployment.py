@@ -111,6 +111,11 @@ def test_deployments_declared_by_prefect_yaml(stack):
     env = daily["job_variables"]["env"]
     assert env["CSMF_HOME"] == str(stack["home"]) and env["MLFLOW_TRACKING_URI"].startswith("sqlite:///")
     assert env["OMP_NUM_THREADS"]
+    weekly = api_get(stack["api"], "/deployments/name/csmf-tune/weekly")
+    crons = [(s["schedule"].get("cron"), s["schedule"].get("timezone")) for s in weekly["schedules"]]
+    assert crons == [("0 1 * * 0", "UTC")] and weekly["parameters"]["trials"] == 30
+    assert weekly["parameters"]["data"] == str(stack["root"] / "tiny")
+    assert weekly["work_pool_name"] == "csmf-process"
     pool = api_get(stack["api"], "/work_pools/csmf-process")
     assert pool["type"] == "process"
     assert pool["base_job_template"]["variables"]["properties"]["env"]["default"]["CSMF_HOME"] == str(
@@ -139,7 +144,7 @@ def test_daily_run_then_resumed_rerun(stack):
     later = {"finetune_click", "cpp_prune_click", "recover_click", "finetune_conversion"}
     entries = list((home / "cache" / "stages").glob("*.json"))
     dropped = [e for e in entries if json.loads(e.read_text())["stage"] in later]
-    assert len(dropped) == len(later) and len(entries) == len(later) + 4  # + ingest and 3 exposure steps
+    assert len(dropped) == len(later) and len(entries) == len(later) + 5  # + ingest, select, 3 exposure steps
     for e in dropped:
         e.unlink()
     prefect_run(api, home, "csmf-daily/adhoc", f"date={DATE}", f"config={stack['root'] / 'tiny.yaml'}")

@@ -111,10 +111,10 @@ def _servers(pid: int) -> list[psutil.Process]:
 
 
 # ---- kill -9 -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("stage", ["pretrain_exposure", "register"])
+@pytest.mark.parametrize("stage", ["select", "register"])
 def test_kill_9_then_doctor_leaves_nothing_running(stage, tiny, prefect_home, tmp_path):
     home = tmp_path / "home"
-    epochs = "train.epochs=[300,1,1]" if stage == "pretrain_exposure" else "train.epochs=[1,1,1]"
+    epochs = "train.epochs=[300,1,1]" if stage == "select" else "train.epochs=[1,1,1]"
     args = ["run", "--home", str(home), "--data", str(tiny)]
     args += [a for o in [*SMALL, epochs] for a in ("--set", o)]
     log = tmp_path / "run.log"
@@ -183,7 +183,7 @@ def test_a_diverged_loss_is_one_message_exit_2_and_failed_runs(tiny, prefect_hom
     assert "Traceback" not in res.stdout + res.stderr
     assert res.stderr.count("csmf run: error: pretrain_exposure (train): loss") == 1
     runs = _runs(home)
-    for run in (runs[f"csmf-daily-{DATE}"][0], runs["pretrain_exposure"][0]):
+    for run in (runs[f"csmf-daily-{DATE}"][0], runs["select"][0]):  # the selection pass trains first
         assert run.info.status == "FAILED" and run.data.tags[FAILURE_TAG].startswith("TrainingDiverged: ")
 
 

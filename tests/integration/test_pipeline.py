@@ -45,7 +45,7 @@ OVERRIDES = [
 ]
 OBJECTIVES = ["exposure", "click", "conversion"]
 STEPS = [s.name for s in plan(OBJECTIVES, build_config(None, OVERRIDES))]
-CHILDREN = ["ingest", *STEPS, "build_index", "evaluate", "register", "gate"]
+CHILDREN = ["ingest", "select", *STEPS, "build_index", "evaluate", "register", "gate"]
 
 
 @pytest.fixture(scope="session")
@@ -155,6 +155,7 @@ def test_artifacts_where_they_belong(happy):
 
 def test_stage_metrics_are_comparable(happy):
     ks = (10, 50)
+    kept = [int(e) for e in happy.parent.data.tags["csmf.selected_epochs"].split(",")]
     for name in STEPS:
         run = happy.children[name]
         stage = int(run.data.tags["csmf.stage"])
@@ -167,8 +168,11 @@ def test_stage_metrics_are_comparable(happy):
         assert set(_by_step(run)) == want, name
         if not name.startswith("cpp_prune_"):
             losses = happy.client.get_metric_history(run.info.run_id, "train/loss")
-            assert len(losses) == run.data.metrics["train/steps"] > 0
+            assert len(losses) == run.data.metrics["train/steps"]
             assert [m.step for m in losses] == list(range(1, len(losses) + 1))
+            # the refit trains each train step for the epochs the selection pass kept (0 = its start)
+            trained = run.data.metrics["train/steps"] > 0
+            assert trained if name.startswith("recover_") else trained == (kept[stage] > 0), (name, kept)
     history = happy.client.get_metric_history(happy.parent.info.run_id, "test/by_step/exposure/recall_at_50")
     assert sorted(m.step for m in history) == list(range(len(STEPS)))
     test = happy.parent.data.metrics
@@ -328,7 +332,7 @@ def test_diverged_loss_fails_the_run(prefect_harness, tiny, bad_home):
     assert [p.info.status for p in parents] == ["FAILED"]
     assert [(c.info.run_name, c.info.status) for c in children] == [
         ("ingest", "FINISHED"),
-        (STEPS[0], "FAILED"),
+        ("select", "FAILED"),  # the selection pass trains first: it stops there
     ]
 
 
@@ -384,3 +388,17 @@ def test_flow_serves_ids_across_int64(prefect_harness, tiny, happy, wide_ids, tm
     for got, uid in zip(out["item_ids"][:3], ids[:3]):
         want = small.recommend([inverse[uid]], k=5)[0]["items"]
         assert list(got) == [maps["item_id"][i] for i in want]
+
+
+def test_select_chooses_on_the_validation_day_and_the_refit_uses_it(happy):
+    """The tiny window (5 training days, 1 evaluation day) holds out 1 validation day; the select run
+    logs the validation score and what each train step kept, and the parent says which epochs and
+    weights the model was refit with."""
+    sel = happy.children["select"]
+    assert sel.data.params["select.val_days"] == "1" and sel.data.metrics["val/score"] > 0
+    kept = [int(e) for e in happy.parent.data.tags["csmf.selected_epochs"].split(",")]
+    assert kept == [int(sel.data.metrics[f"val/{o}/best_epoch"]) for o in OBJECTIVES]
+    assert all(0 <= e <= 1 for e in kept)  # within the caps train.epochs=[1,1,1]
+    assert happy.parent.data.tags["csmf.val_days"] == "1"
+    assert happy.parent.data.tags["csmf.fused_weights"] == "1,1.8,1.2"  # the default weights
+    assert happy.parent.data.tags["csmf.tuned_config"] == "none"

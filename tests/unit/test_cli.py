@@ -176,6 +176,7 @@ def test_run_calls_the_flow_with_the_home_set_up(tiny_world, tmp_path, monkeypat
         "config": None,
         "overrides": ["train.epochs=1"],
         "home": str(home.resolve()),
+        "tuned": "auto",
     }
     assert call["env"]["MLFLOW_TRACKING_URI"] == f"sqlite:///{home.resolve()}/mlflow.db"
     assert call["env"]["PREFECT_HOME"] == str(home.resolve() / "prefect")

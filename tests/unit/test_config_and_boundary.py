@@ -157,7 +157,8 @@ BAD_VALUES = {
     "data.n_req_neg": ["0"],
     "data.train_days": ["-1"],
     "data.eval_days": ["0"],
-    "data.val_days": ["-1"],
+    "data.val_days": ["-1", "often"],
+    "data.val_refit": ["maybe"],
     "data.item_stats": ["[0]", "[7,7]"],
     "gate.enabled": ["maybe"],
     "gate.tolerance": ["-0.1"],
@@ -169,6 +170,7 @@ BAD_VALUES = {
 
 def _float_keys() -> set[str]:
     import dataclasses
+    import types
     import typing
 
     from csmf_core.config import CSMFConfig
@@ -177,7 +179,11 @@ def _float_keys() -> set[str]:
     for section, cls in typing.get_type_hints(CSMFConfig).items():
         for f in dataclasses.fields(cls):
             tp = typing.get_type_hints(cls)[f.name]
-            if tp is float or typing.get_args(tp)[:1] == (float,):
+            # float, tuple[float, ...], or either of them | str ("auto" settings)
+            options = (
+                typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+            )
+            if any(t is float or typing.get_args(t)[:1] == (float,) for t in options):
                 out.add(f"{section}.{f.name}")
     return out
 

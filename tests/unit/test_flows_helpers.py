@@ -197,7 +197,7 @@ def test_model_ready_data_loaded_once_per_run(tiny, tmp_path, monkeypatch):
     a.tables = None  # what a task does to its copy (tables.to(device)) must not reach the next task
     b = cache.get(mr, cfg, load_train=False)  # the evaluate task: served by the train-loaded entry
     assert len(calls) == 1 and b.tables is not None and b.rows is a.rows
-    assert torch.equal(b.rows.u, real(mr).rows.u)  # the same content as a fresh load
+    assert torch.equal(b.rows.u, real(mr, val_days=cfg.data.val_days).rows.u)  # as a fresh load
     other = build_config(None, ["train.loader=parquet"])
     cache.get(mr, other, load_train=True)  # other loader settings: reloaded, not shared
     assert len(calls) == 2
