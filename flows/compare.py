@@ -27,12 +27,10 @@ import dataclasses
 import datetime as dt
 import json
 import os
-import platform
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -49,7 +47,7 @@ from csmf_core.optim import deterministic_kernels
 from csmf_core.tuning import changed_keys
 from flows import doctor, reporting
 from flows.compare_protocol import compare_protocol, fixed_weights, protocol_data, tune_method
-from flows.compare_render import PARTIAL_FILES, REPORT_FILES, render_report
+from flows.compare_render import PARTIAL_FILES, REPORT_FILES, machine, render_report
 from flows.compare_report import SWEEPS, WEIGHT_GRID
 from flows.env import check_writable, setup_home, tracking_uri
 from flows.ingest import Ingested, ingest
@@ -169,15 +167,6 @@ def csmf_compare(
         "tracking_uri": run.tracking_uri,
         "runs": len(results.records) + len(results.sweeps),
     }
-
-
-def machine() -> str:
-    """One line describing where the run happened."""
-    return (
-        f"{platform.node()}: {platform.machine()} {platform.processor() or ''}".strip()
-        + f", {os.cpu_count()} CPU cores visible, torch {torch.__version__}, torch threads: {torch.get_num_threads()}, "
-        f"load average at start {os.getloadavg()[0]:.1f}"
-    )
 
 
 def report_meta(

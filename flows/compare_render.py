@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import platform
 from pathlib import Path
+
+import torch
 
 from csmf_core.baselines import ABLATIONS
 from flows import compare_report as rep
@@ -22,6 +26,15 @@ from flows.names import COMPARE_EXPERIMENT
 
 REPORT_FILES = ("comparison.md", "runs.json", "runs.partial.jsonl", "meta.partial.json")
 PARTIAL_FILES = REPORT_FILES[2:]  # written while the runs go on (flows/compare.py), replaced at the end
+
+
+def machine() -> str:
+    """One line describing where the run happened."""
+    return (
+        f"{platform.node()}: {platform.machine()} {platform.processor() or ''}".strip()
+        + f", {os.cpu_count()} CPU cores visible, torch {torch.__version__}, torch threads: {torch.get_num_threads()}, "
+        f"load average at start {os.getloadavg()[0]:.1f}"
+    )
 
 
 def render_report(
