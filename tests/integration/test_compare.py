@@ -16,6 +16,7 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 import flows.compare as compare
+from csmf_core.config import load_config
 from csmf_core.synth import generate
 from flows.compare import csmf_compare
 from flows.compare_render import rebuild_report
@@ -162,3 +163,59 @@ def test_rerender_a_finished_report(compared, tmp_path):
     md = Path(rebuild_report(tmp_path)).read_text()
     assert md == (compared["report"] / "comparison.md").read_text()
     assert "Partial report" not in md
+
+
+def test_tune_trials_give_each_method_its_budget_and_the_seeds_train_the_best(tmp_path):
+    """`--tune-trials 2`: one `<method>/tune` child run with 2 trials over the method's own space; its
+    best score is the best trial's (recomputed from the trials table); the seed run trains exactly the
+    base configuration with the best trial's changed keys applied (read back from the seed run's
+    logged params); the report states the budget."""
+    generate(tmp_path / "synth-tiny", "tiny", seed=0)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(compare, "LATENCY_ITEMS", 2000)
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+    overrides = [o for o in OVERRIDES if not o.startswith("data.item_stats")]
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            out = csmf_compare(
+                data=str(tmp_path / "synth-tiny"),
+                methods="youtubednn_sep",
+                seeds=1,
+                overrides=overrides,
+                home=str(tmp_path / "home"),
+                report_dir=str(tmp_path / "report"),
+                tune_trials=2,
+            )
+    finally:
+        mp.undo()
+    text = (tmp_path / "report" / "comparison.md").read_text()
+    assert "Tuning budget: 2 Optuna trials (TPE, seed 0) per method" in text
+    client = mlflow.MlflowClient(out["tracking_uri"])
+    parent = client.get_run(out["mlflow_run_id"])
+    children = {
+        r.info.run_name: r
+        for r in client.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{out['mlflow_run_id']}'"
+        )
+    }
+    tune_run = children["youtubednn_sep/tune"]
+    trials_path = client.download_artifacts(tune_run.info.run_id, "tune/trials.json", str(tmp_path / "dl"))
+    trials = json.loads(Path(trials_path).read_text())
+    rows = [dict(zip(trials["columns"], r)) for r in trials["data"]] if "columns" in trials else trials
+    assert len(rows) == 2
+    done = [r for r in rows if r["state"] == "complete"]
+    assert tune_run.data.metrics["tune/complete"] == len(done)
+    assert math.isclose(tune_run.data.metrics["tune/best_score"], max(r["score"] for r in done))
+    tuned_path = client.download_artifacts(tune_run.info.run_id, "tune/tuned.json", str(tmp_path / "dl2"))
+    tuned = json.loads(Path(tuned_path).read_text())
+    assert json.loads((tmp_path / "report" / "runs.json").read_text())["meta"]["protocol"]["tuned"] == {
+        "youtubednn_sep": tuned
+    }
+    seed_params = children["youtubednn_sep/seed0"].data.params
+    base = load_config(None, overrides)
+    assert tuned, "two trials over lr, batch size, epochs... changed nothing"
+    for section, values in base.to_dict().items():
+        for key, value in values.items():
+            want = tuned.get(section, {}).get(key, value)
+            want = json.dumps(list(want)) if isinstance(want, list | tuple) else str(want)
+            assert seed_params[f"{section}.{key}"] == want, (section, key)
