@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from csmf_core.config import build_config
+from csmf_core.masks import expand_to_param
 from csmf_core.optim import Optimiser, TrainLog
 
 V, D = 12, 4
@@ -170,3 +171,36 @@ def test_config_refuses_sparse_with_processes():
     assert build_config({}, ["train.processes=2", "train.embedding_optimizer=dense"]).train.processes == 2
     with pytest.raises(ValueError, match="train.embedding_optimizer: 'sgd' is not one of"):
         build_config({}, ["train.embedding_optimizer=sgd"])
+
+
+@pytest.mark.parametrize("kind", ["lazy_adam", "rowwise_adagrad"])
+def test_csmf_stage_updates_only_touched_rows_of_owned_columns(trained_random, kind):
+    """A conversion stage through train_stage with a row-wise rule: entries of earlier stages and rows no
+    batch looked up stay bit-identical; the stage's own columns of looked-up rows move; the model's
+    lookups give dense gradients again afterwards."""
+    import copy
+
+    from csmf_core.train import train_stage
+
+    data, stage = trained_random["data"], 2
+    model = copy.deepcopy(trained_random["model"])
+    cfg = build_config({"model": {"dim": 16, "hidden": [32, 16]}}, [f"train.embedding_optimizer={kind}"])
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    rows = data.rows.for_stage(stage).select(torch.arange(40))  # 40 rows: some users never looked up
+    out = trained_random["owners"].output_owners()
+    log = train_stage(model, data.tables, rows, stage, cfg, output_owners=out)
+    after = dict(model.named_parameters())
+    owners = model.owners
+    seen_users = torch.unique(data.tables.users_cat[rows.u, 0])
+    uid = "user.emb." + model.user.spec.cat[0][0] + ".weight"
+    assert model.user.spec.cat[0][0] == model.user.spec.id_feature
+    for name, p in after.items():
+        frozen = expand_to_param(owners[name] != stage, p)
+        assert torch.equal(p.detach()[frozen], before[name][frozen]), f"{name}: frozen entries moved"
+    untouched = torch.ones(after[uid].shape[0], dtype=torch.bool)
+    untouched[seen_users] = False
+    assert int(untouched.sum()) > 5 and torch.equal(after[uid].detach()[untouched], before[uid][untouched])
+    own = owners[uid] == stage
+    assert not torch.equal(after[uid].detach()[seen_users][:, own], before[uid][seen_users][:, own])
+    assert not any(e.sparse for e in model.embedding_tables().values())
+    assert log.state_bytes[uid] > 0
