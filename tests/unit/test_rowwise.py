@@ -167,7 +167,7 @@ def test_state_bytes_per_table():
 
 def test_config_refuses_sparse_with_processes():
     with pytest.raises(ValueError, match="train.embedding_optimizer=lazy_adam .* single-process"):
-        build_config({}, ["train.processes=2"])
+        build_config({}, ["train.processes=2", "train.embedding_optimizer=lazy_adam"])
     assert build_config({}, ["train.processes=2", "train.embedding_optimizer=dense"]).train.processes == 2
     with pytest.raises(ValueError, match="train.embedding_optimizer: 'sgd' is not one of"):
         build_config({}, ["train.embedding_optimizer=sgd"])
