@@ -87,6 +87,11 @@ class TrainConfig:
     shuffle_window: int = 1048576  # parquet loader: rows shuffled together (exact permutation below it)
     processes: int = 1  # > 1: each training step runs under torchrun with this many ranks (DDP)
     dist_backend: str = "auto"  # "auto" (nccl on CUDA, else gloo) | "gloo" | "nccl"
+    # How embedding tables are updated (docs/performance.md): "dense" = fused Adam over every row of every
+    # table at every step (cost grows with the catalog); "lazy_adam" / "rowwise_adagrad" = sparse row
+    # gradients, only the rows a batch touches are updated (csmf_core/rowwise.py); dense layers keep fused
+    # Adam. Default dense: the recall comparison on the small world did not complete (docs/performance.md)
+    embedding_optimizer: str = "dense"
 
 
 @dataclass(frozen=True)
@@ -188,6 +193,7 @@ _CHOICES = {
     ("train", "device"): {"cpu", "cuda", "auto"},
     ("train", "loader"): {"memory", "parquet"},
     ("train", "dist_backend"): {"auto", "gloo", "nccl"},
+    ("train", "embedding_optimizer"): {"dense", "lazy_adam", "rowwise_adagrad"},
 }
 
 
@@ -304,6 +310,11 @@ def _check_ranges(cfg: CSMFConfig, errors: list[str]) -> None:
             "train.dist_backend=nccl needs CUDA: set train.device to cuda or auto, or use gloo",
         ),
         (cfg.train.processes >= 1, "train.processes must be >= 1"),
+        (
+            t.processes <= 1 or t.embedding_optimizer == "dense",
+            f"train.embedding_optimizer={t.embedding_optimizer} (sparse row updates) is single-process: "
+            "with train.processes > 1 set train.embedding_optimizer=dense",
+        ),
         (cfg.train.shuffle_window >= 1, "train.shuffle_window must be >= 1"),
         (all(e >= 0 for e in cfg.train.epochs), "train.epochs must be >= 0"),
         (0.0 < cfg.recover.fraction <= 1.0, "recover.fraction must be in (0, 1]"),

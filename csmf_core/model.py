@@ -105,7 +105,7 @@ def embed_inputs(
     for k, (name, e) in enumerate(hist.items()):
         seq = x.hists[k]
         # mean over non-padding entries; embedding_bag skips padding_idx in the sum
-        pooled = F.embedding_bag(seq, e.weight, mode="sum", padding_idx=0)
+        pooled = F.embedding_bag(seq, e.weight, mode="sum", padding_idx=0, sparse=e.sparse)
         count = (seq > 0).sum(dim=1, keepdim=True).clamp_min(1).to(pooled.dtype)
         v = pooled / count
         m = masks.get(f"hist.{name}.weight")
@@ -246,6 +246,21 @@ class TwoTower(nn.Module):
         if not 0 <= mode < self.n_stages:
             raise ValueError(f"mode must be in [0, {self.n_stages - 1}], got {mode}")
         return mode
+
+    def embedding_tables(self) -> dict[str, nn.Embedding]:
+        """Every embedding table by its weight's parameter name ("user.emb.uid.weight", ...)."""
+        out = {}
+        for tower_name, tower in (("user", self.user), ("item", self.item)):
+            for kind in ("emb", "hist"):
+                for name, e in getattr(tower, kind).items():
+                    out[f"{tower_name}.{kind}.{name}.weight"] = e
+        return out
+
+    def sparse_embeddings(self, on: bool) -> None:
+        """Lookups give sparse row gradients (on) or dense full-table ones (off, the default).
+        Values are the same either way; only the gradient's layout changes (csmf_core/rowwise.py)."""
+        for e in self.embedding_tables().values():
+            e.sparse = bool(on)
 
     # -- forward ---------------------------------------------------------------------------
     def user_vectors(self, x: TowerInputs, mode: int | None = None) -> torch.Tensor:

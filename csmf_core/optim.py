@@ -36,6 +36,7 @@ from typing import TypeVar
 import torch
 
 from csmf_core.config import CSMFConfig
+from csmf_core.rowwise import RowOptimiser, row_grad
 
 B = TypeVar("B")
 OnStep = Callable[[int, float], None] | None
@@ -112,6 +113,8 @@ class TrainLog:
     samples: int = 0
     losses: list[float] = field(default_factory=list)  # per step
     epoch_losses: list[float] = field(default_factory=list)
+    # optimiser state bytes per embedding table (`Optimiser` with names), whichever path updates it
+    state_bytes: dict[str, int] = field(default_factory=dict)
     _sizes: list[int] = field(default_factory=list, repr=False)  # rows of every step
     _epoch_start: int = field(default=0, repr=False)  # first step of the open epoch
 
@@ -141,7 +144,8 @@ class TrainLog:
         self._epoch_start = self.steps
 
     def summary(self) -> dict[str, float]:
-        return {
+        """The run's figures; with `state_bytes`, also `opt_state_mib/<table>` per embedding table."""
+        out = {
             "rows": self.rows,
             "epochs": self.epochs,
             "steps": self.steps,
@@ -149,15 +153,22 @@ class TrainLog:
             "samples_per_s": round(self.samples_per_s, 1),
             "final_loss": self.epoch_losses[-1] if self.epoch_losses else float("nan"),
         }
+        out.update({f"opt_state_mib/{k}": round(v / 2**20, 3) for k, v in self.state_bytes.items()})
+        return out
 
 
 class Optimiser:
     """Adam over `params` and the one training step (module docstring).
 
     lr: the run's learning rate (train.lr, or the recovery's); cfg: train.weight_decay, grad_clip,
-    max_loss and deterministic, loss.temperature (named in the divergence message).
+    max_loss, deterministic and embedding_optimizer, loss.temperature (named in the divergence message).
     masks: None (every entry trains, AdamW) or one float 0/1 mask per parameter, broadcastable to
     it, None where the whole parameter trains (Adam, masked gradients, masked decay).
+    row_wise: one flag per parameter: True for an embedding table whose lookups give sparse row
+    gradients, updated by train.embedding_optimizer (`csmf_core.rowwise`: lazy_adam or
+    rowwise_adagrad) on the rows a batch touches; the other parameters keep fused Adam. None = none.
+    names: parameter names; with them the log records each embedding table's optimiser state bytes
+    (`TrainLog.state_bytes`; `embedding` flags which parameters are tables, default: the row-wise ones).
     reduce: the distributed all-reduce of a step (`csmf_core.train._allreduce`), or None.
     on_step(k, loss): called after every step, k counted from step_offset + 1.
     """
@@ -170,6 +181,9 @@ class Optimiser:
         log: TrainLog,
         *,
         masks: Sequence[torch.Tensor | None] | None = None,
+        row_wise: Sequence[bool] | None = None,
+        names: Sequence[str] | None = None,
+        embedding: Sequence[bool] | None = None,
         reduce: Reduce | None = None,
         on_step: OnStep = None,
         step_offset: int = 0,
@@ -178,14 +192,39 @@ class Optimiser:
         self.masks = None if masks is None else list(masks)
         if self.masks is not None and len(self.masks) != len(self.params):
             raise ValueError(f"{len(self.masks)} masks for {len(self.params)} parameters")
+        flags = [False] * len(self.params) if row_wise is None else [bool(f) for f in row_wise]
+        if len(flags) != len(self.params):
+            raise ValueError(f"{len(flags)} row_wise flags for {len(self.params)} parameters")
+        kind = cfg.train.embedding_optimizer
+        if any(flags) and kind == "dense":
+            raise ValueError("row-wise parameters given but train.embedding_optimizer is dense")
+        if any(flags) and reduce is not None:
+            raise ValueError("row-wise (sparse) embedding updates are single-process: set train.processes=1")
         self.lr, self.cfg, self.log = lr, cfg, log
         self.reduce, self.on_step, self.step_offset = reduce, on_step, step_offset
+        self.names = None if names is None else list(names)
+        self.embedding = flags if embedding is None else [bool(f) for f in embedding]
         wd = cfg.train.weight_decay
-        self.opt = (
-            adam(self.params, lr)
-            if masks is not None
-            else adam(self.params, lr, weight_decay=wd, decoupled=True)
-        )
+        dense = [k for k, f in enumerate(flags) if not f]
+        self.dense_idx, self.row_idx = dense, [k for k, f in enumerate(flags) if f]
+        dense_params = [self.params[k] for k in dense]
+        self.opt = None
+        if dense_params:
+            self.opt = (
+                adam(dense_params, lr)
+                if masks is not None
+                else adam(dense_params, lr, weight_decay=wd, decoupled=True)
+            )
+        self.rows: RowOptimiser | None = None
+        if self.row_idx:
+            self.rows = RowOptimiser(
+                [self.params[k] for k in self.row_idx],
+                [None if self.masks is None else self.masks[k] for k in self.row_idx],
+                lr,
+                kind,
+                weight_decay=wd,
+                decay_first=masks is None,  # AdamW's order on the unmasked path, as the fused kernel
+            )
 
     def step(self, loss: torch.Tensor, rows: int) -> float:
         """Backpropagate `loss` (a scalar over `rows` rows) and update the parameters; returns the loss
@@ -194,28 +233,70 @@ class Optimiser:
         value = float(loss.detach())
         if self.reduce is None:
             self._check(value)
-        self.opt.zero_grad(set_to_none=True)
+        for p in self.params:
+            p.grad = None
         loss.backward()
         if self.reduce is not None:  # every process checks the same all-reduced loss: all stop together
             value, rows = self.reduce(self.params, value, rows)
             self._check(value)
         with torch.no_grad():
+            row_grads = [row_grad(self.params[k]) for k in self.row_idx]
             if self.masks is not None:
-                for p, m in zip(self.params, self.masks):
+                for k in self.dense_idx:
+                    p, m = self.params[k], self.masks[k]
                     if m is not None and p.grad is not None:
                         p.grad.mul_(m)
+                for j, k in enumerate(self.row_idx):
+                    if self.masks[k] is not None:
+                        row_grads[j] = (row_grads[j][0], row_grads[j][1] * self.masks[k])
             if self.cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
-        self.opt.step()
+                if row_grads:
+                    self._clip(row_grads)
+                else:
+                    torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
+        if self.opt is not None:
+            self.opt.step()
+        if self.rows is not None:
+            self.rows.step(row_grads)
         wd = self.cfg.train.weight_decay
         if self.masks is not None and wd > 0:
             with torch.no_grad():
-                for p, m in zip(self.params, self.masks):
+                for k in self.dense_idx:
+                    p, m = self.params[k], self.masks[k]
                     p.sub_(p if m is None else p * m, alpha=self.lr * wd)
         self.log.record(value, rows)
+        if self.log.steps == 1 or not self.log.state_bytes:
+            self.log.state_bytes = self.state_bytes()
         if self.on_step is not None:
             self.on_step(self.step_offset + self.log.steps, value)
         return value
+
+    def _clip(self, row_grads: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """torch's clip_grad_norm_ over the dense gradients and the row gradients' values together
+        (the norm of a coalesced sparse gradient is the norm of its dense equivalent)."""
+        dense = [self.params[k].grad for k in self.dense_idx if self.params[k].grad is not None]
+        grads = dense + [v for _, v in row_grads]
+        if not grads:
+            return
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        coef = torch.clamp(self.cfg.train.grad_clip / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef)
+
+    def state_bytes(self) -> dict[str, int]:
+        """Optimiser state bytes of every embedding table by name (empty without `names`)."""
+        if self.names is None:
+            return {}
+        out: dict[str, int] = {}
+        if self.opt is not None:
+            for k in self.dense_idx:
+                if self.embedding[k]:
+                    st = self.opt.state.get(self.params[k], {})
+                    out[self.names[k]] = sum(t.numel() * t.element_size() for t in st.values() if t.dim() > 0)
+        if self.rows is not None:
+            for k, b in zip(self.row_idx, self.rows.state_bytes()):
+                out[self.names[k]] = b
+        return out
 
     def _check(self, value: float) -> None:
         """The divergence check: a non-finite loss, or one above train.max_loss, stops the run."""

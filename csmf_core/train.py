@@ -181,12 +181,19 @@ def train_stage(
     params = dict(model.named_parameters())
     if world > 1:
         _broadcast_params(model)
+    # embedding tables: sparse row gradients and a row-wise update (train.embedding_optimizer), or
+    # fused Adam over the whole table like every other parameter ("dense")
+    tables_ = model.embedding_tables()
+    sparse = cfg.train.embedding_optimizer != "dense"
     opt = Optimiser(
         [params[k] for k in masks],
         lr,
         cfg,
         TrainLog(f"{name} ({phase})", n_rows, epochs),
         masks=list(masks.values()),
+        row_wise=[sparse and k in tables_ for k in masks],
+        names=list(masks),
+        embedding=[k in tables_ for k in masks],
         reduce=_allreduce if world > 1 else None,
         on_step=on_step,
     )
@@ -198,13 +205,17 @@ def train_stage(
         model.train()
 
     model.train()
-    log = run_epochs(
-        opt,
-        epochs,
-        lambda epoch: ((len(b), b) for b in epoch_batches(epoch)),
-        lambda b: _batch_loss(model, tables, b, stage, cfg, device, use_neg, use_aml, out_owners, log_q),
-        on_epoch=None if on_epoch is None else after_epoch,
-    )
+    model.sparse_embeddings(sparse)
+    try:
+        log = run_epochs(
+            opt,
+            epochs,
+            lambda epoch: ((len(b), b) for b in epoch_batches(epoch)),
+            lambda b: _batch_loss(model, tables, b, stage, cfg, device, use_neg, use_aml, out_owners, log_q),
+            on_epoch=None if on_epoch is None else after_epoch,
+        )
+    finally:
+        model.sparse_embeddings(False)  # other trainers of this model expect dense gradients
     model.eval()
     return log
 

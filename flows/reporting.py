@@ -23,7 +23,8 @@ Child runs (tag mlflow.parentRunId), named after the step, tagged csmf.step / cs
        cpp_prune_exposure,  test/by_step/<objective>/{recall,ndcg}@K for every objective trained so far
        recover_exposure,      (own mode, evaluation day(s));
        finetune_click,      train/recover steps: train/loss per step, train/{rows,steps,seconds,
-       ...)                   samples_per_s,final_loss}; with data.val_days > 0 the train steps also
+       ...)                   samples_per_s,final_loss}, train/opt_state_mib/<table> (optimiser state
+                              of every embedding table the step trains); with data.val_days > 0 the train steps also
                               val/<objective>/{best_epoch,start_recall@K,best_recall@K,last_recall@K}
                             prune steps and the first step: masks/ (masks.pt, masks.json)
                             prune steps: prune/layers.{json,md}, figures/ownership.png,

@@ -58,10 +58,21 @@ def random_cascade_data(seed: int = 0, n_users: int = 60, n_items: int = 50, row
 @pytest.fixture(scope="session")
 def trained_random():
     """A 3-stage cascade on random data, with parameter snapshots at the end of every stage."""
+    return train_random_cascade()
+
+
+@pytest.fixture(scope="session", params=["dense", "lazy_adam", "rowwise_adagrad"])
+def trained_random_each_rule(request):
+    """`trained_random` once per train.embedding_optimizer (the no-forgetting tests run through each)."""
+    return train_random_cascade(request.param)
+
+
+def train_random_cascade(embedding_optimizer: str | None = None) -> dict:
     data = random_cascade_data()
-    cfg = build_config(
-        {"model": {"dim": 16, "hidden": [32, 16]}, "train": {"batch_size": 256, "epochs": [2, 2, 2]}}
-    )
+    train = {"batch_size": 256, "epochs": [2, 2, 2]}
+    if embedding_optimizer is not None:
+        train["embedding_optimizer"] = embedding_optimizer
+    cfg = build_config({"model": {"dim": 16, "hidden": [32, 16]}, "train": train})
     snaps: dict[int, dict] = {}
     scores: dict[int, torch.Tensor] = {}
     probe_u = data.tables.user_inputs(torch.arange(1, 20), [h[:19] for h in data.rows.hists])

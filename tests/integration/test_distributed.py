@@ -31,7 +31,12 @@ pytestmark = pytest.mark.integration
 
 RAW = {
     "model": {"dim": 8, "hidden": [16]},
-    "train": {"batch_size": 128, "epochs": [1, 6], "threads": 1},
+    "train": {
+        "batch_size": 128,
+        "epochs": [1, 6],
+        "threads": 1,
+        "embedding_optimizer": "dense",
+    },  # DDP: dense
     "data": {"seq_len": 5, "n_req_neg": 4},
 }
 

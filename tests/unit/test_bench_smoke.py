@@ -47,6 +47,30 @@ def test_train_step_smoke():
         assert 0 < figs[f"plain share of matmul rate, stage {stage}"]["value"] < 1.5
 
 
+def test_embeddings_smoke():
+    """Every path reports its big/small step-time ratio (target <= 1.2 for the sparse paths, none for
+    dense), step times, peak RSS and per-table optimiser state: lazy Adam's state is two tables' worth,
+    row-wise Adagrad's one float per row."""
+    figs = _by_figure(
+        _bench("bench_embeddings").main(["--quick", "--paths", "lazy_adam", "rowwise_adagrad", "dense"])
+    )
+    tag = "(200,000/50,000 vs 10,000/5,000 rows)"
+    for path in ("lazy_adam", "rowwise_adagrad", "dense"):
+        r = figs[f"step time ratio big/small, {path} {tag}"]
+        assert r["value"] > 0 and r["target"] == (None if path == "dense" else "<= 1.2")
+        assert figs[f"peak RSS big, {path}"]["value"] >= figs[f"peak RSS small, {path}"]["value"] > 0
+    uid = 200_000 * 32 * 4 / 2**20  # the user-id table's MiB
+    assert figs["optimiser state big, lazy_adam, user.emb.uid.weight"]["value"] == pytest.approx(
+        2 * uid, abs=1e-3
+    )
+    assert figs["optimiser state big, dense, user.emb.uid.weight"]["value"] == pytest.approx(
+        2 * uid, abs=1e-3
+    )
+    assert figs["optimiser state big, rowwise_adagrad, user.emb.uid.weight"]["value"] == pytest.approx(
+        200_000 * 4 / 2**20, abs=1e-3
+    )
+
+
 def test_serving_smoke():
     figs = _by_figure(_bench("bench_serving").main(["--quick"]))
     n = "2,000"
@@ -96,4 +120,10 @@ def test_run_all_summarises(tmp_path, capsys):
     assert "targets met:" in out and "all figures of this run" in out
     lines = (tmp_path / "results" / "serving.jsonl").read_text().splitlines()
     assert lines and all(json.loads(x)["bench"] == "serving" for x in lines)
-    assert {p.stem[6:] for p in run_all.scripts()} >= {"train_step", "serving", "orchestration", "scaling"}
+    assert {p.stem[6:] for p in run_all.scripts()} >= {
+        "train_step",
+        "serving",
+        "orchestration",
+        "scaling",
+        "embeddings",
+    }

@@ -145,6 +145,7 @@ BAD_VALUES = {
     "train.shuffle_window": ["0"],
     "train.processes": ["0"],
     "train.dist_backend": ["mpi", "nccl"],  # nccl with the default train.device=cpu
+    "train.embedding_optimizer": ["sgd"],
     "recover.enabled": ["maybe"],
     "recover.fraction": ["0", "1.5"],
     "recover.epochs": ["-1"],
