@@ -2,7 +2,7 @@
 
 How to run:
 
-    csmf recommend --user-id 42 --k 10                          # latest registered version
+    csmf recommend --user-id 42 --k 10                          # the champion (models:/csmf@champion)
     csmf recommend --user-id 42 --weights 1,3,0.5 --model models:/csmf@champion
     csmf embed --side user --mode click --out users.parquet     # mode-1 user vectors
     csmf embed --side user --weights 1,1.8,1.2 --out q.parquet  # fused query vectors
@@ -10,8 +10,9 @@ How to run:
     csmf evaluate --model models:/csmf/3 --data data/synth-small --date 2026-01-08
 
 --model REF: a serving-bundle directory (has bundle.json; needs no MLflow), `models:/csmf@alias`,
-`models:/csmf/N`, an MLflow run id, or nothing for the latest registered version
-(flows.registry.resolve_bundle).
+`models:/csmf/N`, an MLflow run id, `latest` (the newest version, whatever the gate decided), or
+nothing for the champion, `models:/csmf@champion` (flows.registry.resolve_model). Every command
+prints the model it used first ("Model: csmf version 3 (models:/csmf@champion; ...)").
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def parse_user_id(text: str) -> int:
 
 
 def open_recommender(ref: str | None, home: str | None):
-    """Recommender of a bundle directory or of a registered model (module docstring)."""
+    """Recommender of a bundle directory or of a registered model (module docstring); prints which
+    model it is ("Model: csmf version 3 (models:/csmf@champion; aliases champion; gate: promoted)")."""
     from csmf_core.serving import Recommender
 
     if ref is not None and Path(ref).is_dir():
@@ -51,13 +53,15 @@ def open_recommender(ref: str | None, home: str | None):
                 f"{ref} is a directory but not a csmf serving bundle (no bundle.json); pass a bundle "
                 "directory, models:/csmf@<alias>, models:/csmf/<version> or an MLflow run id"
             )
+        print(f"Model: bundle directory {Path(ref).resolve()} (not from the registry)")
         return Recommender.load(ref)
     setup_home(home)  # before mlflow is imported: the registry lives in the home's tracking store
-    from flows.registry import resolve_bundle
+    from flows.registry import DEFAULT_REF, resolve_model
 
-    with Progress(f"resolving model {ref or '(latest registered version)'}"):
-        bundle = resolve_bundle(ref)
-    return Recommender.load(bundle)
+    with Progress(f"resolving model {ref or DEFAULT_REF + ' (the champion)'}"):
+        model = resolve_model(ref)
+    print(f"Model: {model.describe()}")
+    return Recommender.load(model.bundle)
 
 
 def _write_vectors(path: Path, id_name: str, ids, vectors, meta: dict) -> None:
@@ -178,7 +182,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def add_commands(sub, parents: list[argparse.ArgumentParser]) -> None:
     """Register embed, recommend and evaluate on the `csmf` subparsers."""
-    model_help = "bundle directory, models:/csmf@ALIAS, models:/csmf/N or an MLflow run id (default: latest)"
+    model_help = (
+        "bundle directory, models:/csmf@ALIAS, models:/csmf/N, an MLflow run id or latest "
+        "(default: models:/csmf@champion, the version the gate promoted)"
+    )
     e = sub.add_parser(
         "embed",
         parents=parents,

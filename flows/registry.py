@@ -5,7 +5,9 @@
     #  -> user_id, item_ids (list), scores (list), cold_start
 
     bundle = resolve_bundle("models:/csmf@champion")      # local bundle directory (cached)
-    rec = load_recommender(None)                          # latest registered version
+    rec = load_recommender(None)                          # the champion (DEFAULT_REF)
+    model = resolve_model(None)                           # bundle + the version it came from
+    print(model.describe())                               # "csmf version 3 (models:/csmf@champion, ...)"
 
 Registered model "csmf": every successful pipeline run logs a new version (`log_and_register`) and
 points the alias "challenger" at it, except a re-run whose inputs (dataset digest, training config,
@@ -29,6 +31,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,9 @@ from flows.names import RUN_TAG
 
 REGISTERED_MODEL = "csmf"
 CHALLENGER, CHAMPION = "challenger", "champion"
+# what every consumer (csmf recommend / embed / evaluate, serving) loads when given no reference: the
+# version the gate promoted, never merely the newest one (which may be a challenger it rejected)
+DEFAULT_REF = f"models:/{REGISTERED_MODEL}@{CHAMPION}"
 DEFAULT_K = 50
 REQUIREMENTS = (
     "torch",
@@ -294,7 +300,22 @@ def _registered_by(client: mlflow.MlflowClient, pipeline_run_id: str | None):
 def _version_for(ref: str | None, client: mlflow.MlflowClient):
     """The ModelVersion a reference names (see resolve_bundle)."""
     name = REGISTERED_MODEL
-    if ref is None or ref in ("latest", f"models:/{name}", f"models:/{name}/latest"):
+    if ref is None:
+        try:
+            return client.get_model_version_by_alias(name, CHAMPION)
+        except mlflow.exceptions.MlflowException:
+            versions = _versions_or_none(client)
+            raise LookupError(
+                f"no champion of registered model {name!r} yet ("
+                + (
+                    f"versions {', '.join(sorted((str(v.version) for v in versions), key=int))} exist, "
+                    "none promoted by the gate"
+                    if versions
+                    else "no version registered: run the pipeline first, `csmf run`"
+                )
+                + f"); pass --model models:/{name}@{CHALLENGER}, models:/{name}/<version> or latest"
+            ) from None
+    if ref in ("latest", f"models:/{name}", f"models:/{name}/latest"):
         versions = client.search_model_versions(f"name='{name}'")
         if not versions:
             raise LookupError(
@@ -321,21 +342,67 @@ def _version_for(ref: str | None, client: mlflow.MlflowClient):
         return max(versions, key=lambda v: int(v.version))
     raise ValueError(
         f"model reference {ref!r}: use models:/{name}@<alias>, models:/{name}/<version>, an MLflow run id, "
-        "or nothing for the latest version"
+        "latest, or nothing for the champion"
     )
+
+
+def _versions_or_none(client: mlflow.MlflowClient) -> list:
+    try:
+        return client.search_model_versions(f"name='{REGISTERED_MODEL}'")
+    except mlflow.exceptions.MlflowException:
+        return []
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What a model reference resolved to: the local bundle and, for a registry reference, the
+    ModelVersion it came from (None for a bundle directory)."""
+
+    ref: str
+    bundle: Path
+    version: Any = None
+
+    def describe(self) -> str:
+        """One line naming the model used, e.g. "csmf version 3 (models:/csmf@champion; aliases
+        champion; gate: promoted)" or "bundle directory /path (not from the registry)"."""
+        v = self.version
+        if v is None:
+            return f"bundle directory {self.bundle} (not from the registry)"
+        notes = [self.ref]
+        aliases = sorted(getattr(v, "aliases", None) or [])
+        notes.append(f"aliases {', '.join(aliases)}" if aliases else "no alias")
+        gate_tag = (v.tags or {}).get("csmf.gate")
+        if gate_tag:
+            notes.append(f"gate: {gate_tag}")
+        return f"{v.name} version {v.version} ({'; '.join(notes)})"
+
+
+def resolve_model(ref: str | None = None, *, home: str | os.PathLike | None = None) -> ResolvedModel:
+    """`resolve_bundle` plus the registry version it came from (`ResolvedModel.describe()` names it).
+
+    ref None means DEFAULT_REF, the champion: LookupError (saying which versions exist and how to pick
+    one) when the gate has promoted none yet."""
+    if ref is not None and Path(ref).is_dir() and (Path(ref) / "bundle.json").is_file():
+        return ResolvedModel(str(ref), Path(ref).resolve())
+    client = mlflow.MlflowClient()
+    found = _version_for(ref, client)
+    version = client.get_model_version(found.name, found.version)  # with its aliases and tags
+    return ResolvedModel(ref or DEFAULT_REF, _download(version, home), version)
 
 
 def resolve_bundle(ref: str | None = None, *, home: str | os.PathLike | None = None) -> Path:
     """Local serving-bundle directory of a registered model version.
 
     ref: "models:/csmf@champion", "models:/csmf/3", an MLflow run id (the register run or the
-    pipeline's parent run), or None = the latest version. A local bundle directory is returned as is.
-    The model is downloaded once to `<home>/cache/models/<name>/<version>/` (versions are immutable).
+    pipeline's parent run), "latest" (the newest version, whatever the gate said), or None = the
+    champion (DEFAULT_REF). A local bundle directory is returned as is. The model is downloaded once to
+    `<home>/cache/models/<name>/<version>/` (versions are immutable).
     """
-    if ref is not None and Path(ref).is_dir() and (Path(ref) / "bundle.json").is_file():
-        return Path(ref).resolve()
-    client = mlflow.MlflowClient()
-    version = _version_for(ref, client)
+    return resolve_model(ref, home=home).bundle
+
+
+def _download(version, home: str | os.PathLike | None) -> Path:
+    """The bundle directory of `version` in the local model cache (downloaded on first use)."""
     # names and numbers from the registry become directories: one safe component each, inside the cache
     cache = resolve_home(home) / "cache" / "models"
     name = safe_name(version.name, "registered model name")
@@ -364,7 +431,8 @@ def resolve_bundle(ref: str | None = None, *, home: str | os.PathLike | None = N
 
 
 def load_recommender(ref: str | None = None, *, home: str | os.PathLike | None = None):
-    """`csmf_core.serving.Recommender` of a registered version (same references as resolve_bundle)."""
+    """`csmf_core.serving.Recommender` of a registered version (same references as resolve_bundle;
+    None = the champion)."""
     from csmf_core.serving import Recommender
 
     return Recommender.load(resolve_bundle(ref, home=home))
