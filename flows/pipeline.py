@@ -36,7 +36,7 @@ from prefect.runtime import flow_run
 from csmf_core.checkpoint import load_checkpoint
 from csmf_core.config import CSMFConfig, load_config
 from csmf_core.evaluate import Ranked, evaluate_model, gaps_table, popularity_gaps
-from csmf_core.serving import metrics_table, summary_table, write_bundle
+from csmf_core.serving import metrics_table, write_bundle
 from flows import doctor, reporting
 from flows.cascade_step import Checkpoints, train_cascade
 from flows.env import check_writable, setup_home, tracking_uri
@@ -185,7 +185,16 @@ def evaluate(checkpoints: Checkpoints, ready: Ingested, cfg: CSMFConfig, run: Ru
             target.log_metrics(_gap_metrics(gaps))
         tracker.log_text(gaps_table(gaps) + "\n", "metrics/vs_popularity.md")
     logger = get_run_logger()
-    logger.info("evaluation:\n%s", summary_table(rows, cfg.eval.primary_k))
+    # the table itself is printed once, by `csmf run` at the end (and is the Prefect artifact csmf-metrics)
+    logger.info(
+        "evaluation: %d objective x scorer x K rows in metrics/test_metrics.md (%s)",
+        len(rows),
+        ", ".join(
+            f"{r['objective']} fused recall@{r['k']} {r['recall']:.4f}"
+            for r in rows
+            if r["scorer"] == "fused" and r["k"] == cfg.eval.primary_k
+        ),
+    )
     logger.info("model minus popularity, paired 95%% bootstrap over users:\n%s", gaps_table(gaps))
     return rows
 

@@ -45,6 +45,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from csmf_core.metrics import md_cell
 from csmf_core.serving import metrics_table
 from data_contracts import ValidationReport, clean_events_lazy
 from flows.figures import ownership_figure, recall_at_k_figure
@@ -145,9 +146,9 @@ def log_pruning(tracker: Tracker, info: dict, stages: list[str], step_name: str)
     layers = info["layers"]
     tracker.log_table(layers, "prune/layers.json")
     cols = list(layers[0]) if layers else []
-    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md = ["| " + " | ".join(map(md_cell, cols)) + " |", "|" + "---|" * len(cols)]
     md += [
-        "| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"
+        "| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) else md_cell(r[c]) for c in cols) + " |"
         for r in layers
     ]
     tracker.log_text("\n".join(md) + "\n", "prune/layers.md")

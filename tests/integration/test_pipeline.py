@@ -9,6 +9,7 @@ in ingest (or at the first training step for a diverged loss) without registerin
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -79,9 +80,17 @@ def _store(home: Path) -> Iterator[mlflow.MlflowClient]:
 @pytest.fixture(scope="module")
 def happy(prefect_harness, tiny, tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    task_log = logging.getLogger("prefect.task_runs")
+    task_log.addHandler(handler)
     with _store(home) as client:
         t0 = time.perf_counter()
-        result = csmf_daily(data=str(tiny), home=str(home), overrides=OVERRIDES)
+        try:
+            result = csmf_daily(data=str(tiny), home=str(home), overrides=OVERRIDES)
+        finally:
+            task_log.removeHandler(handler)
         seconds = time.perf_counter() - t0
         exp = client.get_experiment_by_name("csmf")
         runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
@@ -95,6 +104,7 @@ def happy(prefect_harness, tiny, tmp_path_factory):
             seconds=seconds,
             children={r.info.run_name: r for r in children},
             order=[r.info.run_name for r in children],
+            logs=[r.getMessage() for r in records],
         )
 
 
@@ -128,6 +138,23 @@ def test_parent_run_and_one_child_per_step(happy):
     assert Path(r["workdir"]).parent == happy.home / "runs" / "2026-01-06"
     assert "| conversion | fused |" in r["metrics_table"]
     print(f"happy-path flow run: {happy.seconds:.1f}s")
+
+
+def test_final_metrics_table_is_not_logged_before_csmf_run_prints_it(happy):
+    """`csmf run` prints summary_table once at the end (flows/cli.py summarize_run); the evaluate task
+    logs a one-line summary instead of the same table (issue #17: it was printed twice)."""
+    from csmf_core.serving import summary_table
+
+    title = summary_table(happy.result["metrics"], 50).splitlines()[0]
+    evaluation = [m for m in happy.logs if m.startswith("evaluation:")]
+    assert len(evaluation) == 1 and "\n" not in evaluation[0], evaluation
+    assert not any(title in m for m in happy.logs)
+    fused = {
+        r["objective"]: r["recall"]
+        for r in happy.result["metrics"]
+        if r["scorer"] == "fused" and r["k"] == 50
+    }
+    assert all(f"{o} fused recall@50 {v:.4f}" in evaluation[0] for o, v in fused.items())
 
 
 def test_artifacts_where_they_belong(happy):
