@@ -15,9 +15,12 @@ code version, date) and model (`model_digest`) equal an existing version's: that
 (`find_version`), so identical re-runs do not fill the registry with copies. "champion" moves only
 through `promote`, which the flow's gate task calls when flows/gate.py says so (the first model the
 evaluation data can measure becomes champion, so a fresh installation can serve
-`models:/csmf@champion` after its first run on a normal day). The pyfunc carries the bundle as the
-artifact "bundle" and the `csmf_core`, `data_contracts` and `flows` source trees as code paths, so it
-loads without this checkout (given the pinned requirements).
+`models:/csmf@champion` after its first run on a normal day). The pyfunc is logged from code
+(flows/pyfunc_model.py, nothing pickled) and carries the bundle as the artifact "bundle" and the
+`csmf_core`, `data_contracts` and `flows` source trees as code paths, so it loads without this
+checkout (given the pinned requirements). Each version has a signature and an input example
+(`model_signature`, `input_example`), params and metrics on its logged model, and its model card as
+description (flows/model_card.py); the registered model "csmf" has a description too.
 
 This module never imports prefect: it is loaded inside model servers.
 """
@@ -25,6 +28,7 @@ This module never imports prefect: it is loaded inside model servers.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import re
@@ -43,6 +47,7 @@ import yaml
 from flows import serve_limits
 from flows.env import resolve_home
 from flows.inputs import contained, safe_name
+from flows.model_card import registered_description
 from flows.names import RUN_TAG
 
 REGISTERED_MODEL = "csmf"
@@ -60,8 +65,8 @@ REQUIREMENTS = (
     "faiss-cpu",
     "pyyaml",
     "mlflow",
-    "cloudpickle",
 )
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # the models-from-code file MLflow runs
 _PACKAGES = ("csmf_core", "data_contracts", "flows")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -196,9 +201,59 @@ def pinned_requirements() -> list[str]:
 
 
 def code_paths() -> list[str]:
-    """Source trees shipped with the model (cloudpickle refers to flows.registry.CSMFPyfunc by name)."""
+    """Source trees shipped with the model (flows/pyfunc_model.py imports flows.registry.CSMFPyfunc)."""
     root = Path(__file__).resolve().parents[1]
     return [str(root / p) for p in _PACKAGES]
+
+
+def model_signature():
+    """The pyfunc's signature: user_id, k, weights -> user_id, item_ids, scores, cold_start.
+
+    The input columns are typed `Any` on purpose: MLflow enforces a typed input schema before the
+    model sees the request, casting ids through pandas dtypes (a float column, 2**63) and answering
+    with its own messages; `CSMFPyfunc.predict` checks every value itself (exact int64 ids, k in
+    1..MAX_K, one weight per objective) and names the problem. user_id is optional in the schema for
+    the same reason: a request without it gets csmf's message ("input needs a user_id column")."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import DataType
+    from mlflow.types.schema import AnyType, Array, ColSpec, Schema
+
+    inputs = Schema([ColSpec(AnyType(), name, required=False) for name in ("user_id", "k", "weights")])
+    outputs = Schema(
+        [
+            ColSpec(DataType.long, "user_id"),
+            ColSpec(Array(DataType.long), "item_ids"),
+            ColSpec(Array(DataType.double), "scores"),
+            ColSpec(DataType.boolean, "cold_start"),
+        ]
+    )
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def input_example(bundle_dir: str | Path) -> pd.DataFrame:
+    """Two known users of the bundle: the first with the default weights and k 10, the second with its
+    default weights written out ("1,1.8,1.2") and k 5."""
+    from csmf_core.bundle import read_vocab
+
+    bundle = Path(bundle_dir)
+    users = read_vocab(bundle / "features" / "users.parquet", "user_id")[:2].tolist()
+    weights = ",".join(f"{w:g}" for w in json.loads((bundle / "bundle.json").read_text())["default_weights"])
+    return pd.DataFrame(
+        {"user_id": users, "k": [10, 5][: len(users)], "weights": [None, weights][: len(users)]}
+    )
+
+
+def pyfunc_spec(bundle_dir: str | Path) -> dict[str, Any]:
+    """The keyword arguments of `mlflow.pyfunc.log_model` / `save_model` for a bundle: the model from
+    code, the bundle artifact, code paths, signature, input example and pinned requirements."""
+    return {
+        "python_model": str(MODEL_CODE),
+        "artifacts": {"bundle": str(Path(bundle_dir).resolve())},
+        "code_paths": code_paths(),
+        "signature": model_signature(),
+        "input_example": input_example(bundle_dir),
+        "pip_requirements": pinned_requirements(),
+    }
 
 
 def log_and_register(
@@ -207,9 +262,13 @@ def log_and_register(
     *,
     version_tags: Mapping[str, Any] | None = None,
     description: str | None = None,
+    model_params: Mapping[str, Any] | None = None,
+    model_metrics: Mapping[str, float] | None = None,
 ):
-    """Log the bundle as a pyfunc model on `run_id`, register it as a new version of "csmf" and set
-    the aliases (module docstring). Returns the `ModelVersion`.
+    """Log the bundle as a pyfunc model on `run_id` (`pyfunc_spec`; `model_params` and `model_metrics`
+    on the logged model, the metrics also on the run), register it as a new version of "csmf" with
+    `description` (its model card), describe the registered model, and set the aliases (module
+    docstring). Returns the `ModelVersion`.
 
     Idempotent per pipeline run: when `version_tags[RUN_TAG]` names a pipeline run that already
     registered a version (a retry after a late failure), that version is reused.
@@ -221,15 +280,14 @@ def log_and_register(
     client = mlflow.MlflowClient()
     version = _registered_by(client, tags.get(RUN_TAG))  # a retry after a late failure reuses it
     if version is None:
+        params = {k: str(v) for k, v in (model_params or {}).items()}
         with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=CSMFPyfunc(),
-                artifacts={"bundle": str(Path(bundle_dir).resolve())},
-                code_paths=code_paths(),
-                pip_requirements=pinned_requirements(),
-            )
+            info = mlflow.pyfunc.log_model(name="model", params=params or None, **pyfunc_spec(bundle_dir))
+            if model_metrics:
+                mlflow.log_metrics({k: float(v) for k, v in model_metrics.items()}, model_id=info.model_id)
         version = mlflow.register_model(info.model_uri, REGISTERED_MODEL, tags=tags)
+    objectives = json.loads((Path(bundle_dir) / "bundle.json").read_text())["objectives"]
+    client.update_registered_model(REGISTERED_MODEL, description=registered_description(objectives))
     if description:
         client.update_model_version(REGISTERED_MODEL, version.version, description=description)
     client.set_registered_model_alias(REGISTERED_MODEL, CHALLENGER, version.version)

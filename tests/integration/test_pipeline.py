@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -83,14 +84,19 @@ def happy(prefect_harness, tiny, tmp_path_factory):
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
-    task_log = logging.getLogger("prefect.task_runs")
+    mlflow_records: list[logging.LogRecord] = []
+    mlflow_handler = logging.Handler(logging.WARNING)
+    mlflow_handler.emit = mlflow_records.append
+    task_log, mlflow_log = logging.getLogger("prefect.task_runs"), logging.getLogger("mlflow")
     task_log.addHandler(handler)
+    mlflow_log.addHandler(mlflow_handler)
     with _store(home) as client:
         t0 = time.perf_counter()
         try:
             result = csmf_daily(data=str(tiny), home=str(home), overrides=OVERRIDES)
         finally:
             task_log.removeHandler(handler)
+            mlflow_log.removeHandler(mlflow_handler)
         seconds = time.perf_counter() - t0
         exp = client.get_experiment_by_name("csmf")
         runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
@@ -105,6 +111,7 @@ def happy(prefect_harness, tiny, tmp_path_factory):
             children={r.info.run_name: r for r in children},
             order=[r.info.run_name for r in children],
             logs=[r.getMessage() for r in records],
+            mlflow_warnings=[r.getMessage() for r in mlflow_records],
         )
 
 
@@ -263,6 +270,66 @@ def test_registered_model_loads_and_predicts(happy, tiny):
     assert resolve_bundle(None, home=happy.home) == bundle
     rec = load_recommender(f"models:/{REGISTERED_MODEL}/1", home=happy.home)
     assert rec.recommend(users[:1], k=3)[0]["items"] == out["item_ids"][0][:3]
+
+
+def test_registered_version_describes_itself(happy, tiny):
+    """Issue #17 item 3, read back from the store: signature, input example, models from code (no
+    pickle), params and metrics on the logged model, the model card, the registered model's description,
+    and none of MLflow's signature / CloudPickle warnings while the flow logged the model."""
+    c, parent = happy.client, happy.parent
+    assert not [
+        m for m in happy.mlflow_warnings if "signature" in m or "CloudPickle" in m or "serving input" in m
+    ]
+    info = mlflow.models.get_model_info(f"models:/{REGISTERED_MODEL}/1")
+    assert info.signature.inputs.input_names() == ["user_id", "k", "weights"]
+    assert info.signature.outputs.input_names() == ["user_id", "item_ids", "scores", "cold_start"]
+    assert info.flavors["python_function"].get("model_code_path")  # models from code
+    local = resolve_bundle(f"models:/{REGISTERED_MODEL}/1", home=happy.home).parent.parent
+    assert not list(local.rglob("python_model.pkl"))
+    example = mlflow.models.Model.load(str(local)).load_input_example(str(local))
+    known = set(pl.read_parquet(tiny / "users.parquet")["user_id"].to_list())
+    assert len(example) == 2 and set(example["user_id"]) <= known
+    served = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}/1").predict(example)
+    assert [len(x) for x in served["item_ids"]] == list(example["k"]) and not served["cold_start"].any()
+
+    mv = c.get_model_version(REGISTERED_MODEL, "1")
+    assert mv.source == f"models:/{info.model_id}"
+    logged = c.get_logged_model(info.model_id)
+    tags, metrics = parent.data.tags, parent.data.metrics
+    assert logged.params["dataset_digest"] == tags["csmf.dataset_digest"]
+    assert logged.params["config_digest"] == tags["csmf.config_digest"]
+    assert logged.params["objectives"] == ",".join(OBJECTIVES) and logged.params["date"] == "2026-01-06"
+    on_model = {m.key: m.value for m in logged.metrics}
+    final = re.compile(r"test/(exposure|click|conversion)/(\w+)/(recall|ndcg)_at_50")
+    want = {k: v for k, v in metrics.items() if (m := final.fullmatch(k)) and m[2] != "vs_popularity"}
+    assert len(want) >= 3 * 4 * 2 and on_model == pytest.approx(
+        want, abs=1e-12
+    )  # own, fused, popularity, random
+
+    card = mv.description
+    train = sorted(p.name[3:] for p in (tiny / "events").iterdir())[:-1]  # every day before 2026-01-06
+    for text in (
+        f"| training window | {train[0]} .. {train[-1]} ({len(train)} days) |",
+        "| evaluation day(s) | 2026-01-06 |",
+        f"| dataset digest | {tags['csmf.dataset_digest']} |",
+        f"| config digest | {tags['csmf.config_digest']} |",
+        "| objectives (cascade order) | exposure -> click -> conversion |",
+        f"| MLflow parent run | {parent.info.run_id} |",
+        "## Gate decision",
+        "**promoted to champion**",
+        mv.tags["csmf.gate_reason"],
+    ):
+        assert text in card, (text, card)
+    for o in OBJECTIVES:
+        row = next(ln for ln in card.splitlines() if ln.startswith(f"| {o} |"))
+        for scorer in (o, "fused", "popularity"):
+            r, n = (metrics[f"test/{o}/{scorer}/{m}_at_50"] for m in ("recall", "ndcg"))
+            assert f"{r:.4f} / {n:.4f}" in row, (o, scorer, row)
+        gap = metrics[f"test/{o}/fused/recall_at_50"] - metrics[f"test/{o}/popularity/recall_at_50"]
+        assert row.endswith(f"| {gap:+.4f} |")
+    assert "pending" not in card
+    described = c.get_registered_model(REGISTERED_MODEL).description
+    assert "exposure, click, conversion" in described and "`champion`" in described
 
 
 # ---- bad data: fail in ingest, register nothing ---------------------------------------------------

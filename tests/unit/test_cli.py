@@ -31,6 +31,7 @@ ENV = (
     "PREFECT_SERVER_ANALYTICS_ENABLED",
     "PREFECT_API_URL",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
+    "DO_NOT_TRACK",
 )
 
 
@@ -224,6 +225,7 @@ def test_setup_home_keeps_variables_already_set(tmp_path, monkeypatch, clean_env
     assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "true"
     assert os.environ["PREFECT_HOME"] == str(home / "prefect") and Path(os.environ["PREFECT_HOME"]).is_dir()
     assert os.environ["CSMF_HOME"] == str(home) and "PREFECT_API_URL" not in os.environ
+    assert os.environ["DO_NOT_TRACK"] == "1"  # no Prefect client telemetry, no first-run notice
     assert (
         os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "120"
     )  # Prefect's 20 s is too short
@@ -231,6 +233,43 @@ def test_setup_home_keeps_variables_already_set(tmp_path, monkeypatch, clean_env
     monkeypatch.setenv("CSMF_HOME", str(tmp_path / "env-home"))
     assert setup_home(None) == (tmp_path / "env-home").resolve()
     assert os.environ["PREFECT_HOME"] == str(tmp_path / "p")
+
+
+def test_no_prefect_telemetry_notice_in_a_terminal(tmp_path, clean_env):
+    """`import prefect` on a terminal with a fresh PREFECT_HOME prints Prefect's first-run telemetry
+    notice unless DO_NOT_TRACK is set; setup_home sets it (where unset), so `csmf run` shows none.
+    Both runs happen under a pseudo-terminal, the first without setup_home, as the control."""
+    import pty
+
+    def run(code: str, home: Path) -> str:
+        main, child = pty.openpty()
+        env = {k: v for k, v in os.environ.items() if k not in ENV and k != "CI"}
+        env |= {"PREFECT_HOME": str(home / "prefect"), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        proc = subprocess.run(
+            [sys.executable, "-c", code], stdin=child, stdout=child, stderr=child, env=env, timeout=120
+        )
+        os.close(child)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        os.close(main)
+        assert proc.returncode == 0, out.decode(errors="replace")
+        return out.decode(errors="replace")
+
+    notice = "anonymous usage data"
+    assert notice in run("import prefect", tmp_path / "bare")  # the control: the notice exists
+    quiet = run(
+        f"from flows.env import setup_home; import os; os.environ.pop('PREFECT_HOME'); "
+        f"setup_home({str(tmp_path / 'h')!r}); import prefect; print('imported')",
+        tmp_path / "h2",
+    )
+    assert "imported" in quiet and notice not in quiet
 
 
 def test_ui_runs_mlflow_on_the_home_store(tmp_path, monkeypatch, capsys, clean_env):

@@ -108,3 +108,26 @@ def test_metric_gap_pruning_and_validation_tables(rec, tiny_world):
     (t,) = assert_rectangular(texts["prune/layers.md"], n_tables=1)
     assert t[1][0] == "user.mlp|0"
     assert_rectangular(validate_dataset(tiny_world["ds"]).to_markdown())
+
+
+def test_model_card_tables_and_gate_section(rec, tiny_world):
+    from flows.model_card import GATE_PENDING, version_card, with_gate
+
+    rows = rec.evaluate(tiny_world["mr"], ks=(10, 50))
+    facts = {"date": "2026-01-06", "train_dates": ["2026-01-01", "2026-01-05"], "eval_dates": ["2026-01-06"]}
+    facts |= {"objectives": rec.objectives, "dataset_dir": "/data/a|b"}
+    card = version_card(facts, rows, 50)
+    fields, metrics = assert_rectangular(card, n_tables=2)
+    assert ["dataset directory", "/data/a|b"] in fields
+    assert [r[0] for r in metrics[1:]] == rec.objectives
+    fused = {r["objective"]: r for r in rows if r["scorer"] == "fused" and r["k"] == 50}
+    pop = {r["objective"]: r for r in rows if r["scorer"] == "popularity" and r["k"] == 50}
+    for row in metrics[1:]:
+        o = row[0]
+        assert row[3] == f"{fused[o]['recall']:.4f} / {fused[o]['ndcg']:.4f}"
+        assert row[5] == f"{fused[o]['recall'] - pop[o]['recall']:+.4f}"
+    assert GATE_PENDING in card
+    decided = with_gate(with_gate(card, "kept", "worse than champion v1"), "promoted", "no metric below v1")
+    assert GATE_PENDING not in decided and decided.count("## Gate decision") == 1
+    assert decided.endswith("**promoted to champion**. no metric below v1\n")
+    assert decided.startswith(card.split("## Gate decision")[0])
