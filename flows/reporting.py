@@ -5,7 +5,11 @@ Experiment "csmf"; one parent run per flow run, named `csmf-daily-<date>`:
     tags     csmf.date, csmf.dataset, csmf.dataset_dir, csmf.dataset_digest (+ _kind), csmf.config_digest,
              csmf.training_digest, csmf.code_version, csmf.workdir, prefect.flow_run_id,
              prefect.flow_run_name, csmf.model_version, csmf.registered, csmf.gate, csmf.gate_reason,
-             csmf.resumed_stages (names: flows/names.py; set by flows/runs.py open_run and the tasks)
+             csmf.resumed_stages (names: flows/names.py; set by flows/runs.py open_run and the tasks);
+             mlflow.source.name, mlflow.source.type, mlflow.user, mlflow.note.content (description;
+             every child run has them too)
+    inputs   datasets "<name> train <first>..<last>" (context training) and "<name> eval <days>"
+             (context evaluation): source = the dataset directory, digest = that part's files
     params   the flattened config (`train.lr`, ...), run.train_dates, run.eval_dates
     metrics  test/by_step/<objective>/{recall,ndcg}@K at step = step index (0 = first cascade step),
              val/<objective>/... at step = step index (train steps, data.val_days > 0), and

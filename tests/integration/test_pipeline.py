@@ -332,6 +332,47 @@ def test_registered_version_describes_itself(happy, tiny):
     assert "exposure, click, conversion" in described and "`champion`" in described
 
 
+def test_lineage_on_the_parent_and_every_child(happy, tiny):
+    """Issue #17 item 4: the parent's dataset inputs (training window and evaluation days, each with the
+    digest of the files it reads and the dataset directory as source), Source/User tags and a
+    description on every run."""
+    import getpass
+    import json
+
+    from flows.inputs import dataset_digest
+
+    p = happy.parent
+    days = sorted(d.name[3:] for d in (tiny / "events").iterdir())
+    train, evals = days[:-1], days[-1:]
+    inputs = {_context(i): i for i in p.inputs.dataset_inputs}
+    assert sorted(inputs) == ["evaluation", "training"]
+    for context, dates in (("training", train), ("evaluation", evals)):
+        ds = inputs[context].dataset
+        tags = {t.key: t.value for t in inputs[context].tags}
+        assert tags["csmf.dates"] == ",".join(dates) and tags["csmf.days"] == str(len(dates))
+        assert ds.digest == dataset_digest(tiny, dates)[0]
+        assert json.loads(ds.source) == {"uri": str(tiny)} and ds.source_type == "local"
+        assert ds.name.startswith("synth-tiny " + ("train" if context == "training" else "eval"))
+    assert inputs["training"].dataset.digest != inputs["evaluation"].dataset.digest
+    user = getpass.getuser()
+    for run in [p, *happy.children.values()]:
+        assert run.data.tags["mlflow.user"] == user, run.info.run_name
+        assert run.data.tags["mlflow.source.name"] == "csmf-daily (Prefect flow, flows/pipeline.py)"
+        assert run.data.tags.get("mlflow.note.content"), run.info.run_name
+    note = p.data.tags["mlflow.note.content"]
+    assert f"training window: {train[0]} .. {train[-1]} ({len(train)} days)" in note
+    assert f"evaluation day(s): {evals[0]}" in note and "`synth-tiny`" in note
+    assert "stage click" in happy.children["finetune_click"].data.tags["mlflow.note.content"]
+    assert (
+        "CPP pruning after stage exposure"
+        in happy.children["cpp_prune_exposure"].data.tags["mlflow.note.content"]
+    )
+
+
+def _context(dataset_input) -> str:
+    return next(t.value for t in dataset_input.tags if t.key == "mlflow.data.context")
+
+
 # ---- bad data: fail in ingest, register nothing ---------------------------------------------------
 def _one_file(root: Path, day: str) -> Path:
     return sorted((root / "events" / f"dt={day}").glob("*.parquet"))[0]
