@@ -44,11 +44,20 @@ from flows.epoch_selection import choose_default_weights, select_on_validation
 from flows.ingest import Ingested, ingest
 from flows.inputs import plan_window
 from flows.lock import date_lock
-from flows.names import RESUMED_PREFIX, RESUMED_STAGES_TAG, RUN_TAG, TEST, TUNED_CONFIG_TAG, WORKDIR_TAG
+from flows.names import (
+    BY_STEP,
+    RESUMED_PREFIX,
+    RESUMED_STAGES_TAG,
+    RUN_TAG,
+    TEST,
+    TUNED_CONFIG_TAG,
+    WORKDIR_TAG,
+)
 from flows.promotion import gate, register
 from flows.registry import champion
 from flows.retention import apply_retention
 from flows.runs import DAILY, RunContext, child_run, device, loaded_data, open_run, run_lifecycle
+from flows.tracking import metric_key
 from flows.tune import describe_tuned, find_tuned
 
 
@@ -168,6 +177,7 @@ def evaluate(checkpoints: Checkpoints, ready: Ingested, cfg: CSMFConfig, run: Ru
         )
         for target in (tracker, run.parent()):
             reporting.log_evaluation(target, rows, checkpoints.after_pruning(), data.objectives)
+        log_cascade_at_a_glance(checkpoints, data.objectives, cfg, run)
         # is the model better than popularity on these users? paired bootstrap over users
         k = cfg.eval.primary_k
         gaps = popularity_gaps(
@@ -196,6 +206,27 @@ def evaluate(checkpoints: Checkpoints, ready: Ingested, cfg: CSMFConfig, run: Ru
         ),
     )
     logger.info("model minus popularity, paired 95%% bootstrap over users:\n%s", gaps_table(gaps))
+    return rows
+
+
+def log_cascade_at_a_glance(
+    checkpoints: Checkpoints, objectives: list[str], cfg: CSMFConfig, run: RunContext
+):
+    """The parent's figures/cascade.png and metrics/by_step.{json,md}: every objective after every
+    cascade step, named, from the test/by_step metrics the steps logged on the parent (read back, so the
+    figure and the table show exactly what the run logged)."""
+    parent = run.parent()
+    history = {}
+    for o in objectives:
+        for m in ("recall", "ndcg"):
+            for k in cfg.eval.ks:
+                key = metric_key(f"{BY_STEP}/{o}/{m}@{k}")
+                history[key] = {
+                    h.step: h.value for h in parent.client.get_metric_history(run.parent_run_id, key)
+                }
+    steps = [(i, s.name, s.kind, objectives[s.stage]) for i, (s, _) in enumerate(checkpoints.steps)]
+    rows = reporting.cascade_rows(steps, history, objectives, cfg.eval.ks)
+    reporting.log_cascade(parent, rows, objectives, cfg.eval.primary_k, ", ".join(run.window.eval_dates))
     return rows
 
 

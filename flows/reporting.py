@@ -15,7 +15,9 @@ Experiment "csmf"; one parent run per flow run, named `csmf-daily-<date>`:
              val/<objective>/... at step = step index (train steps, data.val_days > 0), and
              test/<objective>/<scorer>/{recall,ndcg}@K (scorer: an objective's own mode, fused,
              popularity, random)
-    files    config/config.yaml, metrics/test_metrics.{json,md}, figures/{recall_at_k,ownership}.png
+    files    config/config.yaml, metrics/test_metrics.{json,md}, figures/{recall_at_k,ownership}.png,
+             figures/cascade.png + metrics/by_step.{json,md} (every objective after every cascade
+             step, by step name: the cascade at a glance)
 
 Child runs (tag mlflow.parentRunId), named after the step, tagged csmf.step / csmf.kind / csmf.stage:
 
@@ -170,6 +172,42 @@ def log_pruning(tracker: Tracker, info: dict, stages: list[str], step_name: str)
     tracker.log_figure(
         ownership_figure({f"after {step_name}": info["units"]}, stages), "figures/ownership.png"
     )
+
+
+# ---- the cascade at a glance ----------------------------------------------------------------------------
+def cascade_rows(
+    steps: list[tuple[int, str, str, str]], history: dict[str, dict[int, float]], objectives: list[str], ks
+) -> list[dict]:
+    """One row per cascade step: step (index), name, kind, stage (objective name), and for every
+    objective and K "<objective> recall@K" / "<objective> ndcg@K" on the evaluation day(s), None before
+    that objective's stage.
+
+    steps: (index, name, kind, stage name) in plan order; history: {metric key on the parent, e.g.
+    test/by_step/click/recall_at_50: {step index: value}} (what the cascade steps logged)."""
+    out = []
+    for index, name, kind, stage in steps:
+        row: dict = {"step": index, "name": name, "kind": kind, "stage": stage}
+        for k in ks:
+            for o in objectives:
+                for m in ("recall", "ndcg"):
+                    row[f"{o} {m}@{k}"] = history.get(f"test/by_step/{o}/{m}_at_{k}", {}).get(index)
+        out.append(row)
+    return out
+
+
+def log_cascade(tracker: Tracker, rows: list[dict], objectives: list[str], k: int, days: str) -> None:
+    """metrics/by_step.{json,md} (every step's metrics, named) and figures/cascade.png (at K = k)."""
+    from csmf_core.metrics import format_metrics_table
+    from flows.figures import cascade_figure
+
+    tracker.log_table(rows, "metrics/by_step.json")
+    head = (
+        f"Every objective under its own mode after each cascade step, on the evaluation day(s) {days} "
+        "(test split; the parent's test/by_step/<objective>/<metric>_at_K at step = the step index); "
+        "empty before the objective's stage.\n\n"
+    )
+    tracker.log_text(head + format_metrics_table(rows) + "\n", "metrics/by_step.md")
+    tracker.log_figure(cascade_figure(rows, objectives, k, days), "figures/cascade.png")
 
 
 # ---- evaluation ------------------------------------------------------------------------------------

@@ -166,7 +166,7 @@ def run_description(kind: RunKind, dataset: str, window: Window, flow_run_name: 
             "",
             "Inputs (Datasets used): the training window and the evaluation days, each with the digest "
             "of the files read. One child run per step, in order; the metrics table is "
-            "metrics/test_metrics.md.",
+            "metrics/test_metrics.md, the cascade at a glance figures/cascade.png and metrics/by_step.md.",
         ]
     )
 
