@@ -29,7 +29,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
@@ -62,7 +62,27 @@ from flows.tune import describe_tuned, find_tuned
 
 
 # ---- the flow --------------------------------------------------------------------------------------
-@flow(name="csmf-daily")
+def daily_run_name() -> str:
+    """The flow run's name, `csmf-daily-<evaluation day>`: the MLflow parent run's name too. Given no
+    date, the day the run will pick (the dataset's last partition); "latest" when that cannot be read
+    here (the flow itself then fails with the reason)."""
+    from data_contracts import list_partitions
+    from flows.env import resolve_home
+
+    params = flow_run.parameters or {}
+    date = params.get("date")
+    if not date:
+        data = params.get("data")
+        root = Path(data) if data else resolve_home(params.get("home")) / "data" / "synth-small"
+        try:
+            partitions, _ = list_partitions(root)
+            date = partitions[-1].date.isoformat() if partitions else "latest"
+        except (OSError, ValueError):
+            date = "latest"
+    return f"csmf-daily-{date}"
+
+
+@flow(name="csmf-daily", flow_run_name=daily_run_name)
 def csmf_daily(
     date: str | None = None,
     data: str | None = None,
@@ -113,11 +133,18 @@ def csmf_daily(
             version = register(bundle, rows, cfg, run)
             decision = gate(bundle, version, checkpoints.stage_ends(), ready, cfg, run)
         retain(run, cfg)
-        return publish(run, rows, version, bundle, decision)
+        result = publish(run, rows, version, bundle, decision)
+    # in the flow body, not in a task: the summary belongs to the flow run itself
+    create_markdown_artifact(
+        reporting.run_summary(result, cfg.eval.primary_k, window.date),
+        key="csmf-summary",
+        description=f"csmf-daily {window.date}: model v{version}, {decision.get('reason', '')[:200]}",
+    )
+    return result
 
 
 # ---- tasks -----------------------------------------------------------------------------------------
-@task(name="generate-data", cache_policy=NO_CACHE)
+@task(name="generate-data", task_run_name="generate_data", cache_policy=NO_CACHE)
 def generate_data(home: Path) -> Path:
     """The `small` synthetic dataset under <home>/data/synth-small (generated once)."""
     from csmf_core.synth import generate
@@ -129,7 +156,7 @@ def generate_data(home: Path) -> Path:
     return out
 
 
-@task(name="build-index", cache_policy=NO_CACHE)
+@task(name="build-index", task_run_name="build_index", cache_policy=NO_CACHE)
 def build_index(checkpoint: Path, ready: Ingested, cfg: CSMFConfig, run: RunContext) -> Path:
     """The serving bundle (checkpoint, FAISS index + id map, user state) in `<workdir>/bundle`."""
     with child_run(run, "build_index", kind="build_index") as tracker:
@@ -151,7 +178,7 @@ def build_index(checkpoint: Path, ready: Ingested, cfg: CSMFConfig, run: RunCont
     return bundle
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
+@task(name="evaluate", task_run_name="evaluate", cache_policy=NO_CACHE)
 def evaluate(checkpoints: Checkpoints, ready: Ingested, cfg: CSMFConfig, run: RunContext) -> list[dict]:
     """The final model (`checkpoints.final`) under every scorer (own modes, fused, popularity, random)
     on the evaluation day(s), and the model-minus-popularity gaps; the ownership figure comes from
@@ -240,7 +267,7 @@ def _gap_metrics(gaps: list[dict]) -> dict[str, float]:
     return out
 
 
-@task(name="retention", cache_policy=NO_CACHE)
+@task(name="retention", task_run_name="retention", cache_policy=NO_CACHE)
 def retain(run: RunContext, cfg: CSMFConfig) -> list[str]:
     """Delete local run dirs older than retention.keep_days, never the champion's or this run's."""
     logger = get_run_logger()
@@ -268,7 +295,7 @@ def retain(run: RunContext, cfg: CSMFConfig) -> list[str]:
     return [str(p) for p in removed]
 
 
-@task(name="publish", cache_policy=NO_CACHE)
+@task(name="publish", task_run_name="publish", cache_policy=NO_CACHE)
 def publish(
     run: RunContext, rows: list[dict], version: str, bundle: Path, decision: dict | None = None
 ) -> dict:

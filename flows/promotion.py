@@ -74,7 +74,14 @@ INHERITED_TAGS = (
 IDENTITY_TAGS = (DATASET_DIGEST_TAG, TRAINING_DIGEST_TAG, CODE_VERSION_TAG, DATE_TAG, MODEL_DIGEST_TAG)
 
 
-@task(name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=transient, cache_policy=NO_CACHE)
+@task(
+    name="register",
+    task_run_name="register",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=transient,
+    cache_policy=NO_CACHE,
+)
 def register(bundle: Path, rows: list[dict], cfg: CSMFConfig, run: RunContext) -> str:
     """Log the bundle as a pyfunc, register a new version of "csmf", alias it "challenger" (the gate
     task decides on "champion").
@@ -151,7 +158,7 @@ def register(bundle: Path, rows: list[dict], cfg: CSMFConfig, run: RunContext) -
     return str(version.version)
 
 
-@task(name="gate", cache_policy=NO_CACHE)
+@task(name="gate", task_run_name="gate", cache_policy=NO_CACHE)
 def gate(
     bundle: Path,
     version: str,

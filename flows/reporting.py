@@ -122,10 +122,12 @@ def log_prep(tracker: Tracker, summary: Any) -> None:
 # ---- cascade steps ---------------------------------------------------------------------------------
 class LossCurve:
     """`on_step` callback: buffers per-step losses, every `every` steps logs a progress line and
-    flushes `train/loss` to the tracker (so the curve grows live in the MLflow UI)."""
+    flushes `train/loss` to the tracker (so the curve grows live in the MLflow UI); `bar` (a
+    flows.progress.StepBar) draws every step on a terminal."""
 
-    def __init__(self, tracker: Tracker, logger: Any, name: str, every: int = 50):
+    def __init__(self, tracker: Tracker, logger: Any, name: str, every: int = 50, bar: Any = None):
         self.tracker, self.logger, self.name, self.every = tracker, logger, name, max(1, every)
+        self.bar = bar
         self.pending: list[float] = []
         self.first = 1  # step number of pending[0]
         self.last: tuple[int, float] | None = None
@@ -133,6 +135,8 @@ class LossCurve:
     def __call__(self, step: int, loss: float) -> None:
         self.pending.append(loss)
         self.last = (step, loss)
+        if self.bar is not None:
+            self.bar.update(step, loss)
         if step % self.every == 0:
             self.logger.info("%s: step %d loss %.4f", self.name, step, loss)
             self.flush()
@@ -208,6 +212,40 @@ def log_cascade(tracker: Tracker, rows: list[dict], objectives: list[str], k: in
     )
     tracker.log_text(head + format_metrics_table(rows) + "\n", "metrics/by_step.md")
     tracker.log_figure(cascade_figure(rows, objectives, k, days), "figures/cascade.png")
+
+
+# ---- the flow run's summary (Prefect artifact csmf-summary) ---------------------------------------------
+def run_summary(result: dict, k: int, date: str) -> str:
+    """Markdown summary of a daily flow run (its `publish` result): model version, gate decision,
+    the metrics at K = k against popularity, and where the details are."""
+    from csmf_core.metrics import md_cell
+
+    gate = result.get("gate") or {}
+    verdict = "promoted to champion" if gate.get("promoted") else "champion kept"
+    lines = [
+        f"## csmf-daily {date}: model version {result.get('model_version', '?')}",
+        "",
+        f"**Gate: {verdict}** (champion: v{gate.get('champion_version')}). {gate.get('reason', '')}",
+        "",
+        f"Recall@{k} / nDCG@{k} on the evaluation day(s):",
+        "",
+        "| objective | users | own mode | fused | popularity |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    at_k = {(r["objective"], r["scorer"]): r for r in result.get("metrics", []) if r["k"] == k}
+    for o in dict.fromkeys(o for o, _ in at_k):
+        cells = [at_k.get((o, s)) for s in (o, "fused", "popularity")]
+        text = ["" if r is None else f"{r['recall']:.4f} / {r['ndcg']:.4f}" for r in cells]
+        users = next((r["users"] for r in cells if r is not None), "")
+        lines.append(f"| {md_cell(o)} | {users} | " + " | ".join(text) + " |")
+    lines += [
+        "",
+        f"MLflow parent run `{result.get('mlflow_run_id')}` (experiment {result.get('experiment')}): "
+        "figures/cascade.png and metrics/by_step.md (every objective after every step), "
+        "metrics/test_metrics.md (every K and scorer); the registered version's description is its "
+        "model card. Resumed stages: " + (", ".join(result.get("resumed_stages") or []) or "none") + ".",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 # ---- evaluation ------------------------------------------------------------------------------------

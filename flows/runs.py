@@ -216,7 +216,7 @@ def transient(task_: Any, task_run: Any, state: Any) -> bool:
 
 
 # ---- the parent run ----------------------------------------------------------------------------------
-@task(name="open-run", cache_policy=NO_CACHE)
+@task(name="open-run", task_run_name="open_run", cache_policy=NO_CACHE)
 def open_run(
     kind: RunKind,
     home: Path,

@@ -197,6 +197,58 @@ def test_run_calls_the_flow_with_the_home_set_up(tiny_world, tmp_path, monkeypat
     assert "csmf synth --out" in capsys.readouterr().err
 
 
+def test_run_honours_prefect_api_url_and_finds_the_make_serve_stack(
+    tiny_world, tmp_path, monkeypatch, capsys, clean_env
+):
+    """PREFECT_API_URL is kept as exported; unset, a healthy `make serve` stack of the same home (its
+    state.json, a live server process, /api/health answering) is used, so the run shows in that UI;
+    otherwise Prefect's temporary server, and the command says which."""
+    import http.server
+    import json
+    import threading
+
+    import psutil
+
+    calls: list = []
+    _fake_pipeline(monkeypatch, calls)
+    home = tmp_path / "home"
+    args = ["run", "--data", str(tiny_world["ds"]), "--home", str(home)]
+
+    assert cli.main(args) == 0  # nothing running, nothing exported
+    assert calls[-1]["env"]["PREFECT_API_URL"] is None
+    assert "temporary local server" in capsys.readouterr().out
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/api/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    api = f"http://127.0.0.1:{server.server_address[1]}/api"
+    try:
+        (home / "serve").mkdir(parents=True)
+        me = {"pid": os.getpid(), "create_time": psutil.Process().create_time()}
+        (home / "serve" / "state.json").write_text(json.dumps({"api_url": api, "processes": {"server": me}}))
+        assert cli.main(args) == 0
+        assert calls[-1]["env"]["PREFECT_API_URL"] == api
+        assert f"Prefect API {api} (the `make serve` stack of this home)" in capsys.readouterr().out
+
+        monkeypatch.setenv("PREFECT_API_URL", "http://prefect.example:4200/api")
+        assert cli.main(args) == 0
+        assert calls[-1]["env"]["PREFECT_API_URL"] == "http://prefect.example:4200/api"
+        assert "(from PREFECT_API_URL)" in capsys.readouterr().out
+    finally:
+        server.shutdown()
+    monkeypatch.delenv("PREFECT_API_URL")
+    assert cli.main(args) == 0  # the stack's server is gone: back to the temporary server
+    assert calls[-1]["env"]["PREFECT_API_URL"] is None
+    assert "temporary local server" in capsys.readouterr().out
+
+
 def test_run_without_data_generates_it_once(tiny_world, tmp_path, monkeypatch, capsys, clean_env):
     calls: list = []
     _fake_pipeline(monkeypatch, calls)
