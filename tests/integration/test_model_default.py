@@ -11,6 +11,7 @@ print "csmf version 1"; `--model latest` still reaches v2.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlflow
@@ -145,3 +146,37 @@ def test_no_champion_is_a_clear_error(store, capsys):
     finally:
         promote("1", client)
     assert Path(resolve_model(None).bundle, "bundle.json").is_file()
+
+
+def test_resolution_cache_skips_mlflow_until_the_registry_changes(store, capsys):
+    """Item 7: a warm `csmf recommend` resolves the champion without importing mlflow (a fresh process
+    says so), and any registry change (here: the champion moved to v2) invalidates that shortcut."""
+    import subprocess
+    import sys
+
+    home, client = store["home"], store["client"]
+    champ, latest = (Recommender.load(store["bundles"][v]) for v in ("1", "2"))
+    uid = int(champ.user_vocab[0])
+    assert csmf(["recommend", "--user-id", str(uid), "--k", "3"]) == 0  # warms the cache
+    assert "Model: csmf version 1" in capsys.readouterr().out
+    assert (home / "cache" / "models" / "resolved.json").is_file()
+    code = (
+        "import sys; from flows.cli import main; "
+        f"rc = main(['recommend', '--user-id', '{uid}', '--k', '3']); "
+        "print('MLFLOW_IMPORTED', 'mlflow' in sys.modules); sys.exit(rc)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "Model: csmf version 1 (models:/csmf@champion" in out.stdout
+    assert "MLFLOW_IMPORTED False" in out.stdout
+    assert _recommended(out.stdout) == champ.recommend([uid], k=3)[0]["items"]
+
+    promote("2", client)  # the registry changes: the cached answer must not be used
+    try:
+        assert csmf(["recommend", "--user-id", str(uid), "--k", "3"]) == 0
+        text = capsys.readouterr().out
+        assert "Model: csmf version 2 (models:/csmf@champion" in text
+        assert _recommended(text) == latest.recommend([uid], k=3)[0]["items"]
+    finally:
+        promote("1", client)

@@ -123,6 +123,31 @@ def test_embed_and_recommend_on_a_bundle_directory(tiny_world, tmp_path, capsys)
     assert "one weight per objective (exposure, click, conversion)" in capsys.readouterr().err
 
 
+def test_recommend_shows_item_features_next_to_ids(tiny_world, capsys):
+    """`--features`: each recommended item's features, decoded from the bundle, equal to the dataset's
+    own items.parquet (read here with polars)."""
+    bundle = str(tiny_world["bundle"])
+    rec = Recommender.load(bundle)
+    uid = int(rec.user_vocab[2])
+    assert cli.main(["recommend", "--user-id", str(uid), "--k", "5", "--features", "--model", bundle]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(ln.split() for ln in lines if ln.startswith("rank"))
+    items = pl.read_parquet(tiny_world["ds"] / "items.parquet")
+    feature_cols = [c for c in items.columns if c != "item_id"]
+    assert header[:3] == ["rank", "item_id", "score"] and sorted(header[3:]) == sorted(feature_cols)
+    rows = [ln.split() for ln in lines if ln.strip() and ln.split()[0].isdigit()]
+    assert [int(r[1]) for r in rows] == rec.recommend([uid], k=5)[0]["items"]
+    by_id = {row["item_id"]: row for row in items.iter_rows(named=True)}
+    for r in rows:
+        truth = by_id[int(r[1])]
+        for col, cell in zip(header[3:], r[3:]):
+            want = truth[col]
+            if isinstance(want, float):
+                assert float(cell) == pytest.approx(want, rel=1e-3, abs=1e-6), (col, cell, want)
+            else:
+                assert cell == str(want), (col, cell, want)
+
+
 def test_evaluate_command(tiny_world, capsys):
     args = [
         "evaluate",
