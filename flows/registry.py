@@ -444,8 +444,9 @@ def resolve_model(ref: str | None = None, *, home: str | os.PathLike | None = No
         return ResolvedModel(str(ref), Path(ref).resolve())
     client = mlflow.MlflowClient()
     found = _version_for(ref, client)
+    bundle = _download(found, home)  # checks the name and number before anything touches the disk
     version = client.get_model_version(found.name, found.version)  # with its aliases and tags
-    return ResolvedModel(ref or DEFAULT_REF, _download(version, home), version)
+    return ResolvedModel(ref or DEFAULT_REF, bundle, version)
 
 
 def resolve_bundle(ref: str | None = None, *, home: str | os.PathLike | None = None) -> Path:

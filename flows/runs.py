@@ -332,7 +332,8 @@ def child_run(run: RunContext, name: str, plain_tags: dict[str, Any] | None = No
     """A child MLflow run named `name` for the block (`with child_run(...) as tracker:`), ended like the
     parent (`ended`). Tags: csmf.step=name, csmf.<key> for each keyword, and `plain_tags` as given."""
     all_tags = {STEP_TAG: name, **{f"csmf.{k}": v for k, v in tags.items()}, **(plain_tags or {})}
-    all_tags |= source_tags(run.source) if run.source else {}
+    source = getattr(run, "source", "")  # a RunContext; stand-ins in tests may lack it
+    all_tags |= source_tags(source) if source else {}
     note = step_note(str(tags.get("kind", "")), {**tags, **(plain_tags or {})})
     all_tags |= {MLFLOW_RUN_NOTE: note} if note else {}
     return ended(run.parent().child(name, tags=all_tags))
