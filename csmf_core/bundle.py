@@ -68,12 +68,20 @@ ITEM_STATS_FILE = "item_stats.parquet"  # features/: data.item_stats as of the d
 
 
 # ---- reading model-ready pieces ------------------------------------------------------------------
+def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file as an Arrow table, through `pq.ParquetFile`: unlike `pq.read_table`, it does not
+    import pyarrow.dataset (and pandas with it), which is most of a serving command's start-up after
+    torch."""
+    with pq.ParquetFile(path) as f:
+        return f.read(columns=columns)
+
+
 def read_feature_tables(features_dir: Path, meta: dict) -> FeatureTables:
     """users/items.parquet of a model-ready dataset -> FeatureTables (row r = index r; row 0 = unknown:
     every categorical code 0 and every numeric 0, i.e. the cold-start row)."""
 
     def side(path: Path, specs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        table = pq.read_table(path)
+        table = read_parquet(path)
         n = table.num_rows
         cat = [table[s["name"]].to_numpy() for s in specs if s["kind"] == "categorical"]
         num = [table[s["name"]].to_numpy() for s in specs if s["kind"] == "numeric"]
@@ -85,7 +93,7 @@ def read_feature_tables(features_dir: Path, meta: dict) -> FeatureTables:
     ic, inum = side(features_dir / "items.parquet", meta["features"]["items"])
     stats_path = features_dir / ITEM_STATS_FILE
     if stats_path.is_file():  # a bundle's item statistics (data.item_stats): more numeric columns
-        t = pq.read_table(stats_path)
+        t = read_parquet(stats_path)
         if t.num_rows != inum.shape[0] or not np.array_equal(t["i"].to_numpy(), np.arange(t.num_rows)):
             raise ValueError(f"{stats_path}: expected one row per item index 0..{inum.shape[0] - 1} in order")
         cols = [t[c].to_numpy().astype(np.float32) for c in t.column_names if c != "i"]
@@ -107,7 +115,7 @@ def read_vocab(path: Path, column: str) -> np.ndarray:
     whole: pyarrow turns an int64 column with a null into float64, which corrupts every id above 2**53
     (csmf_core/ids.py). Rows >= 1 are sliced off first and read as int64, exactly.
     """
-    col = pq.read_table(path, columns=[column])[column]
+    col = read_parquet(path, columns=[column])[column]
     if col.type != pa.int64():
         raise ValueError(f"{path}: {column} has type {col.type}, expected int64 (as prep writes it)")
     rest = col.slice(1)

@@ -18,7 +18,14 @@ import numpy as np
 import torch
 
 from csmf_core.fusion import fuse_queries, mode_queries
-from csmf_core.metrics import paired_bootstrap, popularity_topk, random_topk, recall_ndcg, topk_items
+from csmf_core.metrics import (
+    md_cell,
+    paired_bootstrap,
+    popularity_topk,
+    random_topk,
+    recall_ndcg,
+    topk_items,
+)
 from csmf_core.model import TowerInputs, TwoTower
 from csmf_core.rows import FeatureTables
 
@@ -231,7 +238,7 @@ def gaps_table(rows: list[dict]) -> str:
     for r in rows:
         verdict = "better" if r["lo"] > 0 else "worse" if r["hi"] < 0 else "not resolved"
         lines.append(
-            f"| {r['objective']} | {r['scorer']} | {r['metric']}@{r['k']} | {r['diff']:+.4f} | "
+            f"| {md_cell(r['objective'])} | {md_cell(r['scorer'])} | {r['metric']}@{r['k']} | {r['diff']:+.4f} | "
             f"[{r['lo']:+.4f}, {r['hi']:+.4f}] | {r['users']} | {verdict} |"
         )
     return "\n".join(lines)

@@ -267,6 +267,12 @@ def evaluate_objective(
     return recall_ndcg(topk, relevant, ks)
 
 
+def md_cell(value: object) -> str:
+    """One markdown table cell: `|` escaped (`\\|`) and line breaks made spaces, so text such as
+    "max |fused - sum k_t s_t|" stays in its cell instead of splitting the row."""
+    return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
 def format_metrics_table(rows: list[dict], *, digits: int = 4) -> str:
     """Markdown table of dict rows; columns in order of first appearance, floats to `digits`."""
     cols: list[str] = []
@@ -276,8 +282,8 @@ def format_metrics_table(rows: list[dict], *, digits: int = 4) -> str:
     def cell(v: object) -> str:
         if isinstance(v, float | np.floating):
             return f"{float(v):.{digits}f}"
-        return "" if v is None else str(v)
+        return "" if v is None else md_cell(v)
 
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines = ["| " + " | ".join(md_cell(c) for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines)

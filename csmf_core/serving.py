@@ -33,7 +33,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from csmf_core.bundle import FORMAT_VERSION, lookup_index, read_feature_tables, read_vocab, write_bundle
+from csmf_core.bundle import (
+    FORMAT_VERSION,
+    lookup_index,
+    read_feature_tables,
+    read_parquet,
+    read_vocab,
+    write_bundle,
+)
 from csmf_core.checkpoint import load_checkpoint
 from csmf_core.data import load_model_ready
 from csmf_core.evaluate import EvalRows, Ranked, evaluate_model, item_matrix
@@ -99,7 +106,7 @@ class Recommender:
         if index.dim != info["dim"]:
             raise ValueError(f"{bundle_dir}: index has D={index.dim} but bundle.json says dim={info['dim']}")
         user_vocab = read_vocab(feat / "users.parquet", "user_id")
-        state = pq.read_table(bundle_dir / "user_state.parquet")
+        state = read_parquet(bundle_dir / "user_state.parquet")
         u = state["u"].to_numpy().astype(np.int64)
         L = int(info["seq_len"])
         hists = []
@@ -154,6 +161,34 @@ class Recommender:
                 f"unknown stage {stage!r}; use a name in {self.objectives} or an index 0..{self.n_stages - 1}"
             )
         return t
+
+    def item_features(self, item_ids: Sequence[int]) -> dict[str, list]:
+        """The items' feature values as the dataset had them, decoded from the bundle's model-ready
+        table (features/items.parquet + meta.json): categorical codes back to their values, numeric
+        columns un-standardised (z * std + mean; a null was stored as the mean). {column: [value per
+        id]}, None for an id the bundle does not know (or an unknown category)."""
+        feat = self.bundle_dir / "features"
+        specs = [
+            s
+            for s in json.loads((feat / "meta.json").read_text())["features"]["items"]
+            if s["name"] != "c_iid" and s.get("source") != "item_id"
+        ]
+        idx = lookup_index(self.item_vocab, _as_ids(item_ids))
+        table = read_parquet(feat / "items.parquet", columns=[s["name"] for s in specs])
+        out: dict[str, list] = {}
+        for s in specs:
+            col = table[s["name"]].to_numpy()[idx]
+            if s["kind"] == "categorical":
+                values = s.get("values") or []
+                out[s["source"]] = [
+                    values[c - 1] if i > 0 and 1 <= c <= len(values) else None
+                    for i, c in zip(idx, col.tolist())
+                ]
+            else:
+                out[s["source"]] = [
+                    float(z) * s["std"] + s["mean"] if i > 0 else None for i, z in zip(idx, col.tolist())
+                ]
+        return out
 
     # ---- vectors ----------------------------------------------------------------------------------
     def user_indices(self, user_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -24,6 +24,7 @@ What a step logs on its child run (and, for the metrics, on the parent at step =
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,9 +39,11 @@ from csmf_core.distributed import run_step_distributed
 from csmf_core.evaluate import evaluate_model, metric_dict
 from csmf_core.masks import UnitOwners
 from csmf_core.model import TwoTower
+from csmf_core.rows import TrainRows
 from flows import reporting
 from flows.ingest import Ingested
 from flows.names import BY_STEP, RESUMED_PREFIX, VAL
+from flows.progress import StepBar, expected_steps
 from flows.resume import StageCache
 from flows.runs import RunContext, child_run, device, loaded_data
 from flows.tracking import MlflowTracker
@@ -179,16 +182,38 @@ def _run(
     """Train or prune `model` in place: DDP under torchrun for train.processes > 1 (rank 0 reports
     back; pruning always runs here), else in this process. The loss curve goes to the child run."""
     logger = get_run_logger()
-    curve = reporting.LossCurve(tracker, logger, step.name, every=LOG_EVERY)
-    if cfg.train.processes > 1 and step.kind != "prune":
-        result = run_step_distributed(
-            step, model, owners, ready.model_ready, cfg, run.workdir / step.name / "ddp",
-            on_step=curve, log=logger.info,
-        )  # fmt: skip
-    else:
-        result = run_step(step, model, owners, data, cfg, on_step=curve)
+    bar = None
+    if step.kind != "prune":
+        epochs = cfg.recover.epochs if step.kind == "recover" else cfg.epochs_for(step.stage)
+        bar = StepBar(
+            step.name, expected_steps(_step_rows(step, data, cfg), cfg.train.batch_size, epochs), epochs
+        )
+    curve = reporting.LossCurve(tracker, logger, step.name, every=LOG_EVERY, bar=bar)
+    try:
+        if cfg.train.processes > 1 and step.kind != "prune":
+            result = run_step_distributed(
+                step, model, owners, ready.model_ready, cfg, run.workdir / step.name / "ddp",
+                on_step=curve, log=logger.info,
+            )  # fmt: skip
+        else:
+            result = run_step(step, model, owners, data, cfg, on_step=curve)
+    finally:
+        if bar is not None:
+            bar.close()
     curve.flush()
     return result
+
+
+def _step_rows(step: Step, data: CascadeData, cfg: CSMFConfig) -> int:
+    """The rows a train or recover step trains on (csmf_core.train.train_stage's count), for the
+    progress bar's total: positives of the stage, a recover.fraction subset for recovery."""
+    recover = step.kind == "recover"
+    fraction = cfg.recover.fraction if recover else 1.0
+    rows = data.rows
+    if isinstance(rows, TrainRows):
+        n = int((rows.level >= step.stage).sum())
+        return max(2, math.ceil(n * fraction)) if recover else n
+    return rows.n_rows(step.stage, fraction=fraction, seed=cfg.train.seed, salt=int(recover))
 
 
 def _save(

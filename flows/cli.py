@@ -141,6 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ValueError(f"--date {date!r} is not YYYY-MM-DD") from exc
     print(f"csmf run: data {data}, evaluation day {date} (training on the partitions before it), home {home}")
+    print(f"csmf run: {prefect_api(home)}")
     from flows.doctor import claim
 
     claim(home)  # before Prefect starts its temporary server: it carries this process as its owner
@@ -157,6 +158,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     print(summarize_run(result, cfg.eval.primary_k))
     return 0
+
+
+def prefect_api(home: Path) -> str:
+    """Which Prefect API the flow run goes to, set up before prefect is imported; returns the line
+    `csmf run` prints. $PREFECT_API_URL when set (kept as is); else the API of this home's running
+    `make serve` stack (PREFECT_API_URL is set to it, so the run appears in that persistent UI); else
+    Prefect's temporary local server, which keeps no UI after the run."""
+    import os
+
+    if os.environ.get("PREFECT_API_URL"):
+        return f"Prefect API {os.environ['PREFECT_API_URL']} (from PREFECT_API_URL): the run shows in its UI"
+    from flows.deploy import running_api
+
+    api = running_api(home)
+    if api:
+        os.environ["PREFECT_API_URL"] = api
+        ui = api.removesuffix("/api")
+        return f"Prefect API {api} (the `make serve` stack of this home): the run shows in its UI, {ui}"
+    return (
+        "Prefect API: a temporary local server for this run only (no UI afterwards; `make serve` "
+        "starts a persistent one that later runs use, or export PREFECT_API_URL)"
+    )
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

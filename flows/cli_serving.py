@@ -2,7 +2,7 @@
 
 How to run:
 
-    csmf recommend --user-id 42 --k 10                          # latest registered version
+    csmf recommend --user-id 42 --k 10                          # the champion (models:/csmf@champion)
     csmf recommend --user-id 42 --weights 1,3,0.5 --model models:/csmf@champion
     csmf embed --side user --mode click --out users.parquet     # mode-1 user vectors
     csmf embed --side user --weights 1,1.8,1.2 --out q.parquet  # fused query vectors
@@ -10,8 +10,9 @@ How to run:
     csmf evaluate --model models:/csmf/3 --data data/synth-small --date 2026-01-08
 
 --model REF: a serving-bundle directory (has bundle.json; needs no MLflow), `models:/csmf@alias`,
-`models:/csmf/N`, an MLflow run id, or nothing for the latest registered version
-(flows.registry.resolve_bundle).
+`models:/csmf/N`, an MLflow run id, `latest` (the newest version, whatever the gate decided), or
+nothing for the champion, `models:/csmf@champion` (flows.registry.resolve_model). Every command
+prints the model it used first ("Model: csmf version 3 (models:/csmf@champion; ...)").
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def parse_user_id(text: str) -> int:
 
 
 def open_recommender(ref: str | None, home: str | None):
-    """Recommender of a bundle directory or of a registered model (module docstring)."""
+    """Recommender of a bundle directory or of a registered model (module docstring); prints which
+    model it is ("Model: csmf version 3 (models:/csmf@champion; aliases champion; gate: promoted)")."""
     from csmf_core.serving import Recommender
 
     if ref is not None and Path(ref).is_dir():
@@ -51,13 +53,79 @@ def open_recommender(ref: str | None, home: str | None):
                 f"{ref} is a directory but not a csmf serving bundle (no bundle.json); pass a bundle "
                 "directory, models:/csmf@<alias>, models:/csmf/<version> or an MLflow run id"
             )
+        print(f"Model: bundle directory {Path(ref).resolve()} (not from the registry)")
         return Recommender.load(ref)
-    setup_home(home)  # before mlflow is imported: the registry lives in the home's tracking store
-    from flows.registry import resolve_bundle
+    root = setup_home(home)  # before mlflow is imported: the registry lives in the home's tracking store
+    hit = cached_resolution(root, ref)
+    if hit is not None:  # the store has not changed since this reference was resolved: no mlflow import
+        print(f"Model: {hit['describe']}")
+        return Recommender.load(hit["bundle"])
+    from flows.registry import DEFAULT_REF, resolve_model
 
-    with Progress(f"resolving model {ref or '(latest registered version)'}"):
-        bundle = resolve_bundle(ref)
-    return Recommender.load(bundle)
+    before = _store_stamp()
+    with Progress(f"resolving model {ref or DEFAULT_REF + ' (the champion)'}"):
+        model = resolve_model(ref)
+    print(f"Model: {model.describe()}")
+    if before is not None and before == _store_stamp():  # nothing changed while it was resolved
+        _remember(root, ref, {"stamp": before, "bundle": str(model.bundle), "describe": model.describe()})
+    return Recommender.load(model.bundle)
+
+
+# ---- resolution cache: `csmf recommend` without importing mlflow when the registry has not changed ----
+_RESOLVED = "resolved.json"  # <home>/cache/models/resolved.json: {reference: {stamp, bundle, describe}}
+
+
+def _store_stamp() -> list | None:
+    """(size, mtime) of the SQLite tracking store and its journal files, or None for another store.
+
+    Every registry change (a new version, an alias moved by the gate) writes the database, so an equal
+    stamp means the champion, the versions and their tags are what they were."""
+    from flows.env import sqlite_path, tracking_uri
+
+    db = sqlite_path(tracking_uri())
+    if db is None or not db.is_file():
+        return None
+    stamp = []
+    for p in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-journal")):
+        try:
+            st = p.stat()
+            stamp.append([p.name, st.st_size, st.st_mtime_ns])
+        except FileNotFoundError:
+            stamp.append([p.name, None, None])
+    return stamp
+
+
+def cached_resolution(root: Path, ref: str | None) -> dict | None:
+    """The cached resolution of `ref` (None = the champion) when the tracking store is unchanged since
+    it was made and its bundle is still in the model cache; else None (resolve through MLflow)."""
+    stamp = _store_stamp()
+    if stamp is None:
+        return None
+    try:
+        entry = json.loads((root / "cache" / "models" / _RESOLVED).read_text()).get(ref or "")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(entry, dict) or entry.get("stamp") != stamp:
+        return None
+    if not (Path(entry.get("bundle", "")) / "bundle.json").is_file():
+        return None
+    return entry
+
+
+def _remember(root: Path, ref: str | None, entry: dict) -> None:
+    path = root / "cache" / "models" / _RESOLVED
+    try:
+        known = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        known = {}
+    known[ref or ""] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, path)
+    except OSError:  # a read-only home still serves, just without the shortcut
+        pass
 
 
 def _write_vectors(path: Path, id_name: str, ids, vectors, meta: dict) -> None:
@@ -128,9 +196,22 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     for r in out:
         state = "cold start: unknown user id, generic vector" if r["cold_start"] else "known user"
         print(f"\nuser {r['user_id']}  ({state}; {how})")
-        rows = [(n + 1, item, score) for n, (item, score) in enumerate(zip(r["items"], r["scores"]))]
-        print(text_table(["rank", "item_id", "score"], rows))
+        rows = [[n + 1, item, score] for n, (item, score) in enumerate(zip(r["items"], r["scores"]))]
+        headers = ["rank", "item_id", "score"]
+        if args.features:  # the items' own features, decoded from the bundle, after the score
+            features = rec.item_features(r["items"])
+            headers += list(features)
+            for n, row in enumerate(rows):
+                row += [_feature_cell(v[n]) for v in features.values()]
+        print(text_table(headers, rows))
     return 0
+
+
+def _feature_cell(value) -> str:
+    """A feature value for the table: numbers to 4 significant digits, missing as '-'."""
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -178,7 +259,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def add_commands(sub, parents: list[argparse.ArgumentParser]) -> None:
     """Register embed, recommend and evaluate on the `csmf` subparsers."""
-    model_help = "bundle directory, models:/csmf@ALIAS, models:/csmf/N or an MLflow run id (default: latest)"
+    model_help = (
+        "bundle directory, models:/csmf@ALIAS, models:/csmf/N, an MLflow run id or latest "
+        "(default: models:/csmf@champion, the version the gate promoted)"
+    )
     e = sub.add_parser(
         "embed",
         parents=parents,
@@ -220,6 +304,11 @@ def add_commands(sub, parents: list[argparse.ArgumentParser]) -> None:
         help="objective weights (default: the model's fused weights)",
     )
     r.add_argument("--mode", metavar="STAGE", help="rank by one stage's own score instead of the fused one")
+    r.add_argument(
+        "--features",
+        action="store_true",
+        help="show each item's features (category, brand, price, ...) next to its id",
+    )
     r.add_argument("--model", metavar="REF", help=model_help)
     r.set_defaults(func=cmd_recommend)
 

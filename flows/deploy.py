@@ -117,6 +117,18 @@ def _alive(entry: dict) -> bool:
     return process_alive(entry["pid"], entry["create_time"])
 
 
+def running_api(home: Path) -> str | None:
+    """The API URL of this home's `make serve` stack when its server is alive and healthy, else None
+    (`csmf run` sends its flow run there, so it shows in that persistent UI)."""
+    state = read_state(home)
+    if not state or not state.get("api_url"):
+        return None
+    server = (state.get("processes") or {}).get("server")
+    if server is not None and not _alive(server):
+        return None
+    return state["api_url"] if _healthy(state["api_url"]) else None
+
+
 def read_state(home: Path) -> dict | None:
     path = home / "serve" / STATE
     try:

@@ -43,6 +43,9 @@ def home_defaults(root: Path) -> dict[str, str]:
         "PREFECT_HOME": str(root / "prefect"),
         # Prefect's telemetry on the embedded server only adds "database is locked" noise.
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # ...and the client's: without it, `import prefect` in a terminal prints a first-run telemetry
+        # notice ("Prefect collects anonymous usage data ...") that the setting above does not stop.
+        "DO_NOT_TRACK": "1",
         # Prefect's default 20 s for the temporary local API to come up is too short on a busy
         # 2-core machine ("Timed out while attempting to connect to ephemeral Prefect API server").
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
@@ -55,7 +58,7 @@ def setup_home(home: str | os.PathLike | None = None) -> Path:
     Sets CSMF_HOME to the resolved home (so code that only reads $CSMF_HOME, and subprocesses such
     as `mlflow ui`, agree with an explicit --home) and, only where unset, MLFLOW_TRACKING_URI =
     sqlite:///<home>/mlflow.db, PREFECT_HOME = <home>/prefect, PREFECT_SERVER_ANALYTICS_ENABLED =
-    false. Idempotent.
+    false, DO_NOT_TRACK = 1 (Prefect's client telemetry and its first-run notice). Idempotent.
     """
     root = resolve_home(home)
     _mkdir(root, root)

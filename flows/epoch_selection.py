@@ -47,7 +47,7 @@ EPOCHS_TAG = "csmf.selected_epochs"
 WEIGHTS_TAG = "csmf.fused_weights"
 
 
-@task(name="select", cache_policy=NO_CACHE)
+@task(name="select", task_run_name="select", cache_policy=NO_CACHE)
 def select_on_validation(ready: Ingested, cfg: CSMFConfig, run: RunContext) -> CSMFConfig:
     """The config the cascade steps train with (module docstring)."""
     logger = get_run_logger()
@@ -137,7 +137,7 @@ def _finish(run: RunContext, cfg: CSMFConfig, chosen: dict) -> CSMFConfig:
     return new
 
 
-@task(name="choose-weights", cache_policy=NO_CACHE)
+@task(name="choose-weights", task_run_name="choose_weights", cache_policy=NO_CACHE)
 def choose_default_weights(final: Path, ready: Ingested, cfg: CSMFConfig, run: RunContext) -> CSMFConfig:
     """`eval.fused_weights: auto` without a refit: the weights of the grid with the best validation
     score, on the validation users the cascade steps held out (csmf_core/selection.py)."""

@@ -72,3 +72,31 @@ def ownership_figure(snapshots: dict[str, dict[str, list[int]]], stages: list[st
 
 def _n_groups(snapshots: dict[str, dict[str, list[int]]]) -> int:
     return max((len(g) for g in snapshots.values()), default=1)
+
+
+def cascade_figure(rows: list[dict], objectives: list[str], k: int, days: str) -> Figure:
+    """Every objective's metric after each cascade step (the cascade at a glance): one panel per metric
+    (Recall@k, nDCG@k), x = the steps in plan order labelled with their names, one line per objective
+    (its own mode; absent before the objective's stage is trained).
+
+    rows: `flows.reporting.cascade_rows` (one per step: "step", "name", and "<objective> recall@k" /
+    "<objective> ndcg@k" values or None); days: the evaluation day(s) the metrics were measured on."""
+    names = [r["name"] for r in rows]
+    fig = Figure(figsize=(max(7.0, 0.85 * len(names) + 2.5), 4.4), layout="constrained")
+    axes = fig.subplots(1, 2, squeeze=False)[0]
+    xs = list(range(len(names)))
+    for ax, metric, label in zip(axes, ("recall", "ndcg"), (f"Recall@{k}", f"nDCG@{k}")):
+        for j, o in enumerate(objectives):
+            pts = [
+                (x, r[f"{o} {metric}@{k}"])
+                for x, r in zip(xs, rows)
+                if r.get(f"{o} {metric}@{k}") is not None
+            ]
+            if pts:
+                ax.plot([x for x, _ in pts], [v for _, v in pts], marker="o", color=_COLORS[j % 6], label=o)
+        ax.set_xticks(xs, names, rotation=35, ha="right", fontsize="small")
+        ax.set_ylabel(f"{label} (test: {days})")
+        ax.set_title(f"{label} of each objective after every cascade step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="best", fontsize="small", title="objective (own mode)")
+    return fig

@@ -49,6 +49,7 @@ import torch
 from csmf_core.checkpoint import load_checkpoint
 from csmf_core.config import GateConfig
 from csmf_core.masks import param_owners
+from csmf_core.metrics import md_cell
 
 FUSION_RTOL = 1e-4  # float32 sums of 64 products, relative to the score scale
 INDEX_ATOL = 1e-5
@@ -80,7 +81,10 @@ class Decision:
     def to_markdown(self) -> str:
         """The Prefect artifact: verdict, checks, the evaluation data, and the metric comparison."""
         lines = [f"**Gate: {self.verdict()}.** {self.reason}", "", "| check | ok | detail |", "|---|---|---|"]
-        lines += [f"| {c.name} | {'yes' if c.ok else 'NO'} | {c.detail} |" for c in self.checks]
+        # cells escaped: the exact_fusion detail reads "max |fused - sum k_t s_t| = ..."
+        lines += [
+            f"| {md_cell(c.name)} | {'yes' if c.ok else 'NO'} | {md_cell(c.detail)} |" for c in self.checks
+        ]
         if self.days or self.users:
             users = ", ".join(f"{o} {n}" for o, n in self.users.items()) or "unknown"
             lines += ["", f"Evaluated on {', '.join(self.days) or '?'}; users with a positive: {users}."]
@@ -90,7 +94,7 @@ class Decision:
             for k, v in self.challenger.items():
                 c = self.champion.get(k)
                 diff = "" if c is None else f"{v - c:+.4f}"
-                lines.append(f"| {k} | {v:.4f} | {'' if c is None else f'{c:.4f}'} | {diff} |")
+                lines.append(f"| {md_cell(k)} | {v:.4f} | {'' if c is None else f'{c:.4f}'} | {diff} |")
         return "\n".join(lines)
 
 

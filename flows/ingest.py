@@ -38,7 +38,14 @@ class Ingested:
     objectives: list[str]
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=5, retry_condition_fn=transient, cache_policy=NO_CACHE)
+@task(
+    name="ingest",
+    task_run_name="ingest",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=transient,
+    cache_policy=NO_CACHE,
+)
 def ingest(run: RunContext, cfg: CSMFConfig, max_violation_rate: float = 0.0) -> Ingested:
     """Validate the dataset (data contract), quarantine within the allowed rate, build model-ready data."""
     logger = get_run_logger()

@@ -29,14 +29,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from csmf_core.checkpoint import load_checkpoint
 from csmf_core.config import CSMFConfig, load_config
 from csmf_core.evaluate import Ranked, evaluate_model, gaps_table, popularity_gaps
-from csmf_core.serving import metrics_table, summary_table, write_bundle
+from csmf_core.serving import metrics_table, write_bundle
 from flows import doctor, reporting
 from flows.cascade_step import Checkpoints, train_cascade
 from flows.env import check_writable, setup_home, tracking_uri
@@ -44,16 +44,45 @@ from flows.epoch_selection import choose_default_weights, select_on_validation
 from flows.ingest import Ingested, ingest
 from flows.inputs import plan_window
 from flows.lock import date_lock
-from flows.names import RESUMED_PREFIX, RESUMED_STAGES_TAG, RUN_TAG, TEST, TUNED_CONFIG_TAG, WORKDIR_TAG
+from flows.names import (
+    BY_STEP,
+    RESUMED_PREFIX,
+    RESUMED_STAGES_TAG,
+    RUN_TAG,
+    TEST,
+    TUNED_CONFIG_TAG,
+    WORKDIR_TAG,
+)
 from flows.promotion import gate, register
 from flows.registry import champion
 from flows.retention import apply_retention
 from flows.runs import DAILY, RunContext, child_run, device, loaded_data, open_run, run_lifecycle
+from flows.tracking import metric_key
 from flows.tune import describe_tuned, find_tuned
 
 
 # ---- the flow --------------------------------------------------------------------------------------
-@flow(name="csmf-daily")
+def daily_run_name() -> str:
+    """The flow run's name, `csmf-daily-<evaluation day>`: the MLflow parent run's name too. Given no
+    date, the day the run will pick (the dataset's last partition); "latest" when that cannot be read
+    here (the flow itself then fails with the reason)."""
+    from data_contracts import list_partitions
+    from flows.env import resolve_home
+
+    params = flow_run.parameters or {}
+    date = params.get("date")
+    if not date:
+        data = params.get("data")
+        root = Path(data) if data else resolve_home(params.get("home")) / "data" / "synth-small"
+        try:
+            partitions, _ = list_partitions(root)
+            date = partitions[-1].date.isoformat() if partitions else "latest"
+        except (OSError, ValueError):
+            date = "latest"
+    return f"csmf-daily-{date}"
+
+
+@flow(name="csmf-daily", flow_run_name=daily_run_name)
 def csmf_daily(
     date: str | None = None,
     data: str | None = None,
@@ -104,11 +133,18 @@ def csmf_daily(
             version = register(bundle, rows, cfg, run)
             decision = gate(bundle, version, checkpoints.stage_ends(), ready, cfg, run)
         retain(run, cfg)
-        return publish(run, rows, version, bundle, decision)
+        result = publish(run, rows, version, bundle, decision)
+    # in the flow body, not in a task: the summary belongs to the flow run itself
+    create_markdown_artifact(
+        reporting.run_summary(result, cfg.eval.primary_k, window.date),
+        key="csmf-summary",
+        description=f"csmf-daily {window.date}: model v{version}, {decision.get('reason', '')[:200]}",
+    )
+    return result
 
 
 # ---- tasks -----------------------------------------------------------------------------------------
-@task(name="generate-data", cache_policy=NO_CACHE)
+@task(name="generate-data", task_run_name="generate_data", cache_policy=NO_CACHE)
 def generate_data(home: Path) -> Path:
     """The `small` synthetic dataset under <home>/data/synth-small (generated once)."""
     from csmf_core.synth import generate
@@ -120,7 +156,7 @@ def generate_data(home: Path) -> Path:
     return out
 
 
-@task(name="build-index", cache_policy=NO_CACHE)
+@task(name="build-index", task_run_name="build_index", cache_policy=NO_CACHE)
 def build_index(checkpoint: Path, ready: Ingested, cfg: CSMFConfig, run: RunContext) -> Path:
     """The serving bundle (checkpoint, FAISS index + id map, user state) in `<workdir>/bundle`."""
     with child_run(run, "build_index", kind="build_index") as tracker:
@@ -142,7 +178,7 @@ def build_index(checkpoint: Path, ready: Ingested, cfg: CSMFConfig, run: RunCont
     return bundle
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
+@task(name="evaluate", task_run_name="evaluate", cache_policy=NO_CACHE)
 def evaluate(checkpoints: Checkpoints, ready: Ingested, cfg: CSMFConfig, run: RunContext) -> list[dict]:
     """The final model (`checkpoints.final`) under every scorer (own modes, fused, popularity, random)
     on the evaluation day(s), and the model-minus-popularity gaps; the ownership figure comes from
@@ -168,6 +204,7 @@ def evaluate(checkpoints: Checkpoints, ready: Ingested, cfg: CSMFConfig, run: Ru
         )
         for target in (tracker, run.parent()):
             reporting.log_evaluation(target, rows, checkpoints.after_pruning(), data.objectives)
+        log_cascade_at_a_glance(checkpoints, data.objectives, cfg, run)
         # is the model better than popularity on these users? paired bootstrap over users
         k = cfg.eval.primary_k
         gaps = popularity_gaps(
@@ -185,8 +222,38 @@ def evaluate(checkpoints: Checkpoints, ready: Ingested, cfg: CSMFConfig, run: Ru
             target.log_metrics(_gap_metrics(gaps))
         tracker.log_text(gaps_table(gaps) + "\n", "metrics/vs_popularity.md")
     logger = get_run_logger()
-    logger.info("evaluation:\n%s", summary_table(rows, cfg.eval.primary_k))
+    # the table itself is printed once, by `csmf run` at the end (and is the Prefect artifact csmf-metrics)
+    logger.info(
+        "evaluation: %d objective x scorer x K rows in metrics/test_metrics.md (%s)",
+        len(rows),
+        ", ".join(
+            f"{r['objective']} fused recall@{r['k']} {r['recall']:.4f}"
+            for r in rows
+            if r["scorer"] == "fused" and r["k"] == cfg.eval.primary_k
+        ),
+    )
     logger.info("model minus popularity, paired 95%% bootstrap over users:\n%s", gaps_table(gaps))
+    return rows
+
+
+def log_cascade_at_a_glance(
+    checkpoints: Checkpoints, objectives: list[str], cfg: CSMFConfig, run: RunContext
+):
+    """The parent's figures/cascade.png and metrics/by_step.{json,md}: every objective after every
+    cascade step, named, from the test/by_step metrics the steps logged on the parent (read back, so the
+    figure and the table show exactly what the run logged)."""
+    parent = run.parent()
+    history = {}
+    for o in objectives:
+        for m in ("recall", "ndcg"):
+            for k in cfg.eval.ks:
+                key = metric_key(f"{BY_STEP}/{o}/{m}@{k}")
+                history[key] = {
+                    h.step: h.value for h in parent.client.get_metric_history(run.parent_run_id, key)
+                }
+    steps = [(i, s.name, s.kind, objectives[s.stage]) for i, (s, _) in enumerate(checkpoints.steps)]
+    rows = reporting.cascade_rows(steps, history, objectives, cfg.eval.ks)
+    reporting.log_cascade(parent, rows, objectives, cfg.eval.primary_k, ", ".join(run.window.eval_dates))
     return rows
 
 
@@ -200,7 +267,7 @@ def _gap_metrics(gaps: list[dict]) -> dict[str, float]:
     return out
 
 
-@task(name="retention", cache_policy=NO_CACHE)
+@task(name="retention", task_run_name="retention", cache_policy=NO_CACHE)
 def retain(run: RunContext, cfg: CSMFConfig) -> list[str]:
     """Delete local run dirs older than retention.keep_days, never the champion's or this run's."""
     logger = get_run_logger()
@@ -228,7 +295,7 @@ def retain(run: RunContext, cfg: CSMFConfig) -> list[str]:
     return [str(p) for p in removed]
 
 
-@task(name="publish", cache_policy=NO_CACHE)
+@task(name="publish", task_run_name="publish", cache_policy=NO_CACHE)
 def publish(
     run: RunContext, rows: list[dict], version: str, bundle: Path, decision: dict | None = None
 ) -> dict:

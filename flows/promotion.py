@@ -11,6 +11,7 @@ child run, the Prefect artifact `csmf-gate` (docs/operations.md "Champion and ch
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -24,6 +25,7 @@ from data_contracts import list_partitions, validate_dataset
 from flows import gate as gating
 from flows.ingest import Ingested
 from flows.inputs import code_version, plan_window
+from flows.model_card import version_card, with_gate
 from flows.names import (
     CODE_VERSION_TAG,
     CONFIG_DIGEST_TAG,
@@ -72,7 +74,14 @@ INHERITED_TAGS = (
 IDENTITY_TAGS = (DATASET_DIGEST_TAG, TRAINING_DIGEST_TAG, CODE_VERSION_TAG, DATE_TAG, MODEL_DIGEST_TAG)
 
 
-@task(name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=transient, cache_policy=NO_CACHE)
+@task(
+    name="register",
+    task_run_name="register",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=transient,
+    cache_policy=NO_CACHE,
+)
 def register(bundle: Path, rows: list[dict], cfg: CSMFConfig, run: RunContext) -> str:
     """Log the bundle as a pyfunc, register a new version of "csmf", alias it "challenger" (the gate
     task decides on "champion").
@@ -94,6 +103,32 @@ def register(bundle: Path, rows: list[dict], cfg: CSMFConfig, run: RunContext) -
         MODEL_DIGEST_TAG: model_digest(bundle / "checkpoint"),
     }
     tags |= {metric_key(k): f"{v:.4f}" for k, v in primary.items() if "/fused/" in k and "recall" in k}
+    objectives = list(dict.fromkeys(r["objective"] for r in rows))
+    facts = {
+        "date": run.window.date,
+        "train_dates": train,
+        "eval_dates": list(run.window.eval_dates),
+        "dataset": tags[DATASET_TAG],
+        "dataset_dir": str(run.dataset_dir),
+        "dataset_digest": tags[DATASET_DIGEST_TAG],
+        "objectives": objectives,
+        "fused_weights": ",".join(
+            f"{w:g}" for w in json.loads((bundle / "bundle.json").read_text())["default_weights"]
+        ),
+        "config_digest": tags[CONFIG_DIGEST_TAG],
+        "training_digest": tags[TRAINING_DIGEST_TAG],
+        "code_version": tags[CODE_VERSION_TAG],
+        "parent_run_id": run.parent_run_id,
+    }
+    params = {k: v for k, v in facts.items() if k not in ("train_dates", "eval_dates", "objectives")}
+    params |= {
+        "train_window": tags[TRAIN_DATES_TAG],
+        "eval_dates": ",".join(facts["eval_dates"]),
+        "objectives": ",".join(objectives),
+        "primary_k": cfg.eval.primary_k,
+        "model.dim": cfg.model.dim,
+        "model.hidden": ",".join(str(h) for h in cfg.model.hidden),
+    }
     with child_run(run, "register", kind="register") as tracker:
         same = find_version(client, {k: tags[k] for k in IDENTITY_TAGS})
         if same is not None and (same.tags or {}).get(RUN_TAG) != run.parent_run_id:
@@ -108,8 +143,9 @@ def register(bundle: Path, rows: list[dict], cfg: CSMFConfig, run: RunContext) -
                 tracker.run_id,
                 bundle,
                 version_tags=tags,
-                description=f"csmf-daily {run.window.date}: dataset {tags[DATASET_TAG]} "
-                f"({run.data_digest}), config {cfg.digest()}",
+                description=version_card(facts, rows, cfg.eval.primary_k),
+                model_params=params,
+                model_metrics={metric_key(k): v for k, v in primary.items()},
             )
             how = "new"
         tracker.set_tags(
@@ -122,7 +158,7 @@ def register(bundle: Path, rows: list[dict], cfg: CSMFConfig, run: RunContext) -
     return str(version.version)
 
 
-@task(name="gate", cache_policy=NO_CACHE)
+@task(name="gate", task_run_name="gate", cache_policy=NO_CACHE)
 def gate(
     bundle: Path,
     version: str,
@@ -149,6 +185,9 @@ def gate(
         if not (already and GATE_TAG in (current.tags or {})):  # keep the verdict that promoted it
             for key, value in tags.items():
                 client.set_model_version_tag(REGISTERED_MODEL, version, key, value)
+            card = client.get_model_version(REGISTERED_MODEL, version).description or ""
+            card = with_gate(card, tags[GATE_TAG], decision.reason, decision.days)
+            client.update_model_version(REGISTERED_MODEL, version, description=card)
         tracker.set_tags({**tags, GATE_DAYS_TAG: ",".join(decision.days)})
         run.parent().set_tags(tags)
         tracker.log_metrics({f"gate/challenger/{key}": v for key, v in decision.challenger.items()})

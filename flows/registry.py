@@ -5,7 +5,9 @@
     #  -> user_id, item_ids (list), scores (list), cold_start
 
     bundle = resolve_bundle("models:/csmf@champion")      # local bundle directory (cached)
-    rec = load_recommender(None)                          # latest registered version
+    rec = load_recommender(None)                          # the champion (DEFAULT_REF)
+    model = resolve_model(None)                           # bundle + the version it came from
+    print(model.describe())                               # "csmf version 3 (models:/csmf@champion, ...)"
 
 Registered model "csmf": every successful pipeline run logs a new version (`log_and_register`) and
 points the alias "challenger" at it, except a re-run whose inputs (dataset digest, training config,
@@ -13,9 +15,12 @@ code version, date) and model (`model_digest`) equal an existing version's: that
 (`find_version`), so identical re-runs do not fill the registry with copies. "champion" moves only
 through `promote`, which the flow's gate task calls when flows/gate.py says so (the first model the
 evaluation data can measure becomes champion, so a fresh installation can serve
-`models:/csmf@champion` after its first run on a normal day). The pyfunc carries the bundle as the
-artifact "bundle" and the `csmf_core`, `data_contracts` and `flows` source trees as code paths, so it
-loads without this checkout (given the pinned requirements).
+`models:/csmf@champion` after its first run on a normal day). The pyfunc is logged from code
+(flows/pyfunc_model.py, nothing pickled) and carries the bundle as the artifact "bundle" and the
+`csmf_core`, `data_contracts` and `flows` source trees as code paths, so it loads without this
+checkout (given the pinned requirements). Each version has a signature and an input example
+(`model_signature`, `input_example`), params and metrics on its logged model, and its model card as
+description (flows/model_card.py); the registered model "csmf" has a description too.
 
 This module never imports prefect: it is loaded inside model servers.
 """
@@ -23,12 +28,14 @@ This module never imports prefect: it is loaded inside model servers.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -40,10 +47,14 @@ import yaml
 from flows import serve_limits
 from flows.env import resolve_home
 from flows.inputs import contained, safe_name
+from flows.model_card import registered_description
 from flows.names import RUN_TAG
 
 REGISTERED_MODEL = "csmf"
 CHALLENGER, CHAMPION = "challenger", "champion"
+# what every consumer (csmf recommend / embed / evaluate, serving) loads when given no reference: the
+# version the gate promoted, never merely the newest one (which may be a challenger it rejected)
+DEFAULT_REF = f"models:/{REGISTERED_MODEL}@{CHAMPION}"
 DEFAULT_K = 50
 REQUIREMENTS = (
     "torch",
@@ -54,8 +65,8 @@ REQUIREMENTS = (
     "faiss-cpu",
     "pyyaml",
     "mlflow",
-    "cloudpickle",
 )
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # the models-from-code file MLflow runs
 _PACKAGES = ("csmf_core", "data_contracts", "flows")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -190,9 +201,59 @@ def pinned_requirements() -> list[str]:
 
 
 def code_paths() -> list[str]:
-    """Source trees shipped with the model (cloudpickle refers to flows.registry.CSMFPyfunc by name)."""
+    """Source trees shipped with the model (flows/pyfunc_model.py imports flows.registry.CSMFPyfunc)."""
     root = Path(__file__).resolve().parents[1]
     return [str(root / p) for p in _PACKAGES]
+
+
+def model_signature():
+    """The pyfunc's signature: user_id, k, weights -> user_id, item_ids, scores, cold_start.
+
+    The input columns are typed `Any` on purpose: MLflow enforces a typed input schema before the
+    model sees the request, casting ids through pandas dtypes (a float column, 2**63) and answering
+    with its own messages; `CSMFPyfunc.predict` checks every value itself (exact int64 ids, k in
+    1..MAX_K, one weight per objective) and names the problem. user_id is optional in the schema for
+    the same reason: a request without it gets csmf's message ("input needs a user_id column")."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import DataType
+    from mlflow.types.schema import AnyType, Array, ColSpec, Schema
+
+    inputs = Schema([ColSpec(AnyType(), name, required=False) for name in ("user_id", "k", "weights")])
+    outputs = Schema(
+        [
+            ColSpec(DataType.long, "user_id"),
+            ColSpec(Array(DataType.long), "item_ids"),
+            ColSpec(Array(DataType.double), "scores"),
+            ColSpec(DataType.boolean, "cold_start"),
+        ]
+    )
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def input_example(bundle_dir: str | Path) -> pd.DataFrame:
+    """Two known users of the bundle: the first with the default weights and k 10, the second with its
+    default weights written out ("1,1.8,1.2") and k 5."""
+    from csmf_core.bundle import read_vocab
+
+    bundle = Path(bundle_dir)
+    users = read_vocab(bundle / "features" / "users.parquet", "user_id")[:2].tolist()
+    weights = ",".join(f"{w:g}" for w in json.loads((bundle / "bundle.json").read_text())["default_weights"])
+    return pd.DataFrame(
+        {"user_id": users, "k": [10, 5][: len(users)], "weights": [None, weights][: len(users)]}
+    )
+
+
+def pyfunc_spec(bundle_dir: str | Path) -> dict[str, Any]:
+    """The keyword arguments of `mlflow.pyfunc.log_model` / `save_model` for a bundle: the model from
+    code, the bundle artifact, code paths, signature, input example and pinned requirements."""
+    return {
+        "python_model": str(MODEL_CODE),
+        "artifacts": {"bundle": str(Path(bundle_dir).resolve())},
+        "code_paths": code_paths(),
+        "signature": model_signature(),
+        "input_example": input_example(bundle_dir),
+        "pip_requirements": pinned_requirements(),
+    }
 
 
 def log_and_register(
@@ -201,9 +262,13 @@ def log_and_register(
     *,
     version_tags: Mapping[str, Any] | None = None,
     description: str | None = None,
+    model_params: Mapping[str, Any] | None = None,
+    model_metrics: Mapping[str, float] | None = None,
 ):
-    """Log the bundle as a pyfunc model on `run_id`, register it as a new version of "csmf" and set
-    the aliases (module docstring). Returns the `ModelVersion`.
+    """Log the bundle as a pyfunc model on `run_id` (`pyfunc_spec`; `model_params` and `model_metrics`
+    on the logged model, the metrics also on the run), register it as a new version of "csmf" with
+    `description` (its model card), describe the registered model, and set the aliases (module
+    docstring). Returns the `ModelVersion`.
 
     Idempotent per pipeline run: when `version_tags[RUN_TAG]` names a pipeline run that already
     registered a version (a retry after a late failure), that version is reused.
@@ -215,15 +280,14 @@ def log_and_register(
     client = mlflow.MlflowClient()
     version = _registered_by(client, tags.get(RUN_TAG))  # a retry after a late failure reuses it
     if version is None:
+        params = {k: str(v) for k, v in (model_params or {}).items()}
         with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=CSMFPyfunc(),
-                artifacts={"bundle": str(Path(bundle_dir).resolve())},
-                code_paths=code_paths(),
-                pip_requirements=pinned_requirements(),
-            )
+            info = mlflow.pyfunc.log_model(name="model", params=params or None, **pyfunc_spec(bundle_dir))
+            if model_metrics:
+                mlflow.log_metrics({k: float(v) for k, v in model_metrics.items()}, model_id=info.model_id)
         version = mlflow.register_model(info.model_uri, REGISTERED_MODEL, tags=tags)
+    objectives = json.loads((Path(bundle_dir) / "bundle.json").read_text())["objectives"]
+    client.update_registered_model(REGISTERED_MODEL, description=registered_description(objectives))
     if description:
         client.update_model_version(REGISTERED_MODEL, version.version, description=description)
     client.set_registered_model_alias(REGISTERED_MODEL, CHALLENGER, version.version)
@@ -294,7 +358,22 @@ def _registered_by(client: mlflow.MlflowClient, pipeline_run_id: str | None):
 def _version_for(ref: str | None, client: mlflow.MlflowClient):
     """The ModelVersion a reference names (see resolve_bundle)."""
     name = REGISTERED_MODEL
-    if ref is None or ref in ("latest", f"models:/{name}", f"models:/{name}/latest"):
+    if ref is None:
+        try:
+            return client.get_model_version_by_alias(name, CHAMPION)
+        except mlflow.exceptions.MlflowException:
+            versions = _versions_or_none(client)
+            raise LookupError(
+                f"no champion of registered model {name!r} yet ("
+                + (
+                    f"versions {', '.join(sorted((str(v.version) for v in versions), key=int))} exist, "
+                    "none promoted by the gate"
+                    if versions
+                    else "no version registered: run the pipeline first, `csmf run`"
+                )
+                + f"); pass --model models:/{name}@{CHALLENGER}, models:/{name}/<version> or latest"
+            ) from None
+    if ref in ("latest", f"models:/{name}", f"models:/{name}/latest"):
         versions = client.search_model_versions(f"name='{name}'")
         if not versions:
             raise LookupError(
@@ -321,21 +400,68 @@ def _version_for(ref: str | None, client: mlflow.MlflowClient):
         return max(versions, key=lambda v: int(v.version))
     raise ValueError(
         f"model reference {ref!r}: use models:/{name}@<alias>, models:/{name}/<version>, an MLflow run id, "
-        "or nothing for the latest version"
+        "latest, or nothing for the champion"
     )
+
+
+def _versions_or_none(client: mlflow.MlflowClient) -> list:
+    try:
+        return client.search_model_versions(f"name='{REGISTERED_MODEL}'")
+    except mlflow.exceptions.MlflowException:
+        return []
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What a model reference resolved to: the local bundle and, for a registry reference, the
+    ModelVersion it came from (None for a bundle directory)."""
+
+    ref: str
+    bundle: Path
+    version: Any = None
+
+    def describe(self) -> str:
+        """One line naming the model used, e.g. "csmf version 3 (models:/csmf@champion; aliases
+        champion; gate: promoted)" or "bundle directory /path (not from the registry)"."""
+        v = self.version
+        if v is None:
+            return f"bundle directory {self.bundle} (not from the registry)"
+        notes = [self.ref]
+        aliases = sorted(getattr(v, "aliases", None) or [])
+        notes.append(f"aliases {', '.join(aliases)}" if aliases else "no alias")
+        gate_tag = (v.tags or {}).get("csmf.gate")
+        if gate_tag:
+            notes.append(f"gate: {gate_tag}")
+        return f"{v.name} version {v.version} ({'; '.join(notes)})"
+
+
+def resolve_model(ref: str | None = None, *, home: str | os.PathLike | None = None) -> ResolvedModel:
+    """`resolve_bundle` plus the registry version it came from (`ResolvedModel.describe()` names it).
+
+    ref None means DEFAULT_REF, the champion: LookupError (saying which versions exist and how to pick
+    one) when the gate has promoted none yet."""
+    if ref is not None and Path(ref).is_dir() and (Path(ref) / "bundle.json").is_file():
+        return ResolvedModel(str(ref), Path(ref).resolve())
+    client = mlflow.MlflowClient()
+    found = _version_for(ref, client)
+    bundle = _download(found, home)  # checks the name and number before anything touches the disk
+    version = client.get_model_version(found.name, found.version)  # with its aliases and tags
+    return ResolvedModel(ref or DEFAULT_REF, bundle, version)
 
 
 def resolve_bundle(ref: str | None = None, *, home: str | os.PathLike | None = None) -> Path:
     """Local serving-bundle directory of a registered model version.
 
     ref: "models:/csmf@champion", "models:/csmf/3", an MLflow run id (the register run or the
-    pipeline's parent run), or None = the latest version. A local bundle directory is returned as is.
-    The model is downloaded once to `<home>/cache/models/<name>/<version>/` (versions are immutable).
+    pipeline's parent run), "latest" (the newest version, whatever the gate said), or None = the
+    champion (DEFAULT_REF). A local bundle directory is returned as is. The model is downloaded once to
+    `<home>/cache/models/<name>/<version>/` (versions are immutable).
     """
-    if ref is not None and Path(ref).is_dir() and (Path(ref) / "bundle.json").is_file():
-        return Path(ref).resolve()
-    client = mlflow.MlflowClient()
-    version = _version_for(ref, client)
+    return resolve_model(ref, home=home).bundle
+
+
+def _download(version, home: str | os.PathLike | None) -> Path:
+    """The bundle directory of `version` in the local model cache (downloaded on first use)."""
     # names and numbers from the registry become directories: one safe component each, inside the cache
     cache = resolve_home(home) / "cache" / "models"
     name = safe_name(version.name, "registered model name")
@@ -364,7 +490,8 @@ def resolve_bundle(ref: str | None = None, *, home: str | os.PathLike | None = N
 
 
 def load_recommender(ref: str | None = None, *, home: str | os.PathLike | None = None):
-    """`csmf_core.serving.Recommender` of a registered version (same references as resolve_bundle)."""
+    """`csmf_core.serving.Recommender` of a registered version (same references as resolve_bundle;
+    None = the champion)."""
     from csmf_core.serving import Recommender
 
     return Recommender.load(resolve_bundle(ref, home=home))

@@ -5,13 +5,19 @@ Experiment "csmf"; one parent run per flow run, named `csmf-daily-<date>`:
     tags     csmf.date, csmf.dataset, csmf.dataset_dir, csmf.dataset_digest (+ _kind), csmf.config_digest,
              csmf.training_digest, csmf.code_version, csmf.workdir, prefect.flow_run_id,
              prefect.flow_run_name, csmf.model_version, csmf.registered, csmf.gate, csmf.gate_reason,
-             csmf.resumed_stages (names: flows/names.py; set by flows/runs.py open_run and the tasks)
+             csmf.resumed_stages (names: flows/names.py; set by flows/runs.py open_run and the tasks);
+             mlflow.source.name, mlflow.source.type, mlflow.user, mlflow.note.content (description;
+             every child run has them too)
+    inputs   datasets "<name> train <first>..<last>" (context training) and "<name> eval <days>"
+             (context evaluation): source = the dataset directory, digest = that part's files
     params   the flattened config (`train.lr`, ...), run.train_dates, run.eval_dates
     metrics  test/by_step/<objective>/{recall,ndcg}@K at step = step index (0 = first cascade step),
              val/<objective>/... at step = step index (train steps, data.val_days > 0), and
              test/<objective>/<scorer>/{recall,ndcg}@K (scorer: an objective's own mode, fused,
              popularity, random)
-    files    config/config.yaml, metrics/test_metrics.{json,md}, figures/{recall_at_k,ownership}.png
+    files    config/config.yaml, metrics/test_metrics.{json,md}, figures/{recall_at_k,ownership}.png,
+             figures/cascade.png + metrics/by_step.{json,md} (every objective after every cascade
+             step, by step name: the cascade at a glance)
 
 Child runs (tag mlflow.parentRunId), named after the step, tagged csmf.step / csmf.kind / csmf.stage:
 
@@ -46,6 +52,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from csmf_core.metrics import md_cell
 from csmf_core.serving import metrics_table
 from data_contracts import ValidationReport, clean_events_lazy
 from flows.figures import ownership_figure, recall_at_k_figure
@@ -116,10 +123,12 @@ def log_prep(tracker: Tracker, summary: Any) -> None:
 # ---- cascade steps ---------------------------------------------------------------------------------
 class LossCurve:
     """`on_step` callback: buffers per-step losses, every `every` steps logs a progress line and
-    flushes `train/loss` to the tracker (so the curve grows live in the MLflow UI)."""
+    flushes `train/loss` to the tracker (so the curve grows live in the MLflow UI); `bar` (a
+    flows.progress.StepBar) draws every step on a terminal."""
 
-    def __init__(self, tracker: Tracker, logger: Any, name: str, every: int = 50):
+    def __init__(self, tracker: Tracker, logger: Any, name: str, every: int = 50, bar: Any = None):
         self.tracker, self.logger, self.name, self.every = tracker, logger, name, max(1, every)
+        self.bar = bar
         self.pending: list[float] = []
         self.first = 1  # step number of pending[0]
         self.last: tuple[int, float] | None = None
@@ -127,6 +136,8 @@ class LossCurve:
     def __call__(self, step: int, loss: float) -> None:
         self.pending.append(loss)
         self.last = (step, loss)
+        if self.bar is not None:
+            self.bar.update(step, loss)
         if step % self.every == 0:
             self.logger.info("%s: step %d loss %.4f", self.name, step, loss)
             self.flush()
@@ -146,9 +157,9 @@ def log_pruning(tracker: Tracker, info: dict, stages: list[str], step_name: str)
     layers = info["layers"]
     tracker.log_table(layers, "prune/layers.json")
     cols = list(layers[0]) if layers else []
-    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md = ["| " + " | ".join(map(md_cell, cols)) + " |", "|" + "---|" * len(cols)]
     md += [
-        "| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"
+        "| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) else md_cell(r[c]) for c in cols) + " |"
         for r in layers
     ]
     tracker.log_text("\n".join(md) + "\n", "prune/layers.md")
@@ -166,6 +177,76 @@ def log_pruning(tracker: Tracker, info: dict, stages: list[str], step_name: str)
     tracker.log_figure(
         ownership_figure({f"after {step_name}": info["units"]}, stages), "figures/ownership.png"
     )
+
+
+# ---- the cascade at a glance ----------------------------------------------------------------------------
+def cascade_rows(
+    steps: list[tuple[int, str, str, str]], history: dict[str, dict[int, float]], objectives: list[str], ks
+) -> list[dict]:
+    """One row per cascade step: step (index), name, kind, stage (objective name), and for every
+    objective and K "<objective> recall@K" / "<objective> ndcg@K" on the evaluation day(s), None before
+    that objective's stage.
+
+    steps: (index, name, kind, stage name) in plan order; history: {metric key on the parent, e.g.
+    test/by_step/click/recall_at_50: {step index: value}} (what the cascade steps logged)."""
+    out = []
+    for index, name, kind, stage in steps:
+        row: dict = {"step": index, "name": name, "kind": kind, "stage": stage}
+        for k in ks:
+            for o in objectives:
+                for m in ("recall", "ndcg"):
+                    row[f"{o} {m}@{k}"] = history.get(f"test/by_step/{o}/{m}_at_{k}", {}).get(index)
+        out.append(row)
+    return out
+
+
+def log_cascade(tracker: Tracker, rows: list[dict], objectives: list[str], k: int, days: str) -> None:
+    """metrics/by_step.{json,md} (every step's metrics, named) and figures/cascade.png (at K = k)."""
+    from csmf_core.metrics import format_metrics_table
+    from flows.figures import cascade_figure
+
+    tracker.log_table(rows, "metrics/by_step.json")
+    head = (
+        f"Every objective under its own mode after each cascade step, on the evaluation day(s) {days} "
+        "(test split; the parent's test/by_step/<objective>/<metric>_at_K at step = the step index); "
+        "empty before the objective's stage.\n\n"
+    )
+    tracker.log_text(head + format_metrics_table(rows) + "\n", "metrics/by_step.md")
+    tracker.log_figure(cascade_figure(rows, objectives, k, days), "figures/cascade.png")
+
+
+# ---- the flow run's summary (Prefect artifact csmf-summary) ---------------------------------------------
+def run_summary(result: dict, k: int, date: str) -> str:
+    """Markdown summary of a daily flow run (its `publish` result): model version, gate decision,
+    the metrics at K = k against popularity, and where the details are."""
+    from csmf_core.metrics import md_cell
+
+    gate = result.get("gate") or {}
+    verdict = "promoted to champion" if gate.get("promoted") else "champion kept"
+    lines = [
+        f"## csmf-daily {date}: model version {result.get('model_version', '?')}",
+        "",
+        f"**Gate: {verdict}** (champion: v{gate.get('champion_version')}). {gate.get('reason', '')}",
+        "",
+        f"Recall@{k} / nDCG@{k} on the evaluation day(s):",
+        "",
+        "| objective | users | own mode | fused | popularity |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    at_k = {(r["objective"], r["scorer"]): r for r in result.get("metrics", []) if r["k"] == k}
+    for o in dict.fromkeys(o for o, _ in at_k):
+        cells = [at_k.get((o, s)) for s in (o, "fused", "popularity")]
+        text = ["" if r is None else f"{r['recall']:.4f} / {r['ndcg']:.4f}" for r in cells]
+        users = next((r["users"] for r in cells if r is not None), "")
+        lines.append(f"| {md_cell(o)} | {users} | " + " | ".join(text) + " |")
+    lines += [
+        "",
+        f"MLflow parent run `{result.get('mlflow_run_id')}` (experiment {result.get('experiment')}): "
+        "figures/cascade.png and metrics/by_step.md (every objective after every step), "
+        "metrics/test_metrics.md (every K and scorer); the registered version's description is its "
+        "model card. Resumed stages: " + (", ".join(result.get("resumed_stages") or []) or "none") + ".",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 # ---- evaluation ------------------------------------------------------------------------------------

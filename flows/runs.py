@@ -39,6 +39,7 @@ from typing import Any
 import mlflow
 import torch
 import yaml
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE  # a run's description in the MLflow UI
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
@@ -87,10 +88,96 @@ class RunKind:
     folder: str  # work dirs <home>/<folder>/<date>/<flow-run-id>
     resumable: bool  # completed stages of earlier runs with identical inputs are reused (flows/resume.py)
     kind_tag: str = ""  # csmf.kind of the parent run, when set
+    source: str = ""  # MLflow's "Source" of every run of the flow (tag mlflow.source.name)
+    purpose: str = ""  # the first sentence of the parent run's description
 
 
-DAILY = RunKind("csmf-daily", DAILY_EXPERIMENT, "runs", resumable=True)
-COMPARE = RunKind("csmf-compare", COMPARE_EXPERIMENT, "compare", resumable=False, kind_tag="compare")
+DAILY = RunKind(
+    "csmf-daily",
+    DAILY_EXPERIMENT,
+    "runs",
+    resumable=True,
+    source="csmf-daily (Prefect flow, flows/pipeline.py)",
+    purpose="Daily CSMF run: trains the cascade stage by stage, evaluates it, registers it as a version "
+    "of `csmf` and lets the gate decide on the champion.",
+)
+COMPARE = RunKind(
+    "csmf-compare",
+    COMPARE_EXPERIMENT,
+    "compare",
+    resumable=False,
+    kind_tag="compare",
+    source="csmf-compare (Prefect flow, flows/compare.py)",
+    purpose="Comparison of CSMF with the baselines and ablations under one protocol (a child run per "
+    "method and seed).",
+)
+
+# The description (MLflow note) of a step's child run, by its csmf.kind; {stage_name} and {method} come
+# from the child run's tags.
+STEP_NOTES = {
+    "ingest": "Checks the data contract of the run's partitions (report: validation/report.md), "
+    "quarantines rows if allowed, and prepares the model-ready data (model_ready/meta.json).",
+    "select": "Selection pass on the held-out validation days: the epochs each train step keeps and, "
+    "with eval.fused_weights auto, the fused weights; the cascade then refits on the whole window.",
+    "choose_weights": "Chooses the default fused weights on the validation users (eval.fused_weights auto).",
+    "train": "Trains stage {stage_name} (its own units; earlier stages' units frozen): loss curve, "
+    "checkpoint, and every objective so far measured on the evaluation day(s) (test/by_step/...).",
+    "prune": "CPP pruning after stage {stage_name}: frees the low-information units of each layer for the "
+    "next stage (prune/layers.md, figures/ownership.png).",
+    "recover": "Recovers stage {stage_name} after pruning, on its own remaining units.",
+    "build_index": "Builds the serving bundle: the FAISS index of the full-mode item vectors, the id map "
+    "and the users' behaviour state.",
+    "evaluate": "Evaluates the final model on the evaluation day(s) under every scorer (own modes, fused, "
+    "popularity, random) and against popularity with paired bootstrap intervals.",
+    "register": "Logs the bundle as the pyfunc `model` and registers it as a version of `csmf` "
+    "(alias challenger), with its model card as description.",
+    "gate": "Champion gate: verifies the model and compares it with the champion on the same days; "
+    "promotes it or keeps the champion, and says why (gate/gate.md).",
+    "compare-run": "One method ({method}) and seed of the comparison: its training and scores.",
+    "compare-tune": "Tuning trials of {method} on the validation days (compare --tune-trials).",
+}
+
+
+def source_tags(source: str) -> dict[str, str]:
+    """MLflow's Source and User columns of a run: the flow that created it, the OS user running it."""
+    import getpass
+
+    from mlflow.utils.mlflow_tags import MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a bare container)
+        user = "unknown"
+    return {MLFLOW_SOURCE_NAME: source, MLFLOW_SOURCE_TYPE: "JOB", MLFLOW_USER: user}
+
+
+def run_description(kind: RunKind, dataset: str, window: Window, flow_run_name: str) -> str:
+    """The parent run's description (MLflow note, markdown): what the run is and what it read."""
+    train = sorted(window.train_dates)
+    span = f"{train[0]} .. {train[-1]} ({len(train)} days)" if train else "none"
+    return "\n".join(
+        [
+            kind.purpose,
+            "",
+            f"- dataset: `{dataset}`",
+            f"- training window: {span}",
+            f"- evaluation day(s): {', '.join(window.eval_dates)}",
+            f"- Prefect flow run: `{flow_run_name}`",
+            "",
+            "Inputs (Datasets used): the training window and the evaluation days, each with the digest "
+            "of the files read. One child run per step, in order; the metrics table is "
+            "metrics/test_metrics.md, the cascade at a glance figures/cascade.png and metrics/by_step.md.",
+        ]
+    )
+
+
+def step_note(kind: str, tags: dict[str, Any]) -> str:
+    """The description of a step's child run (STEP_NOTES), or "" for an unknown kind."""
+    text = STEP_NOTES.get(kind, "")
+    try:
+        return text.format(**{k: v for k, v in tags.items()})
+    except (KeyError, IndexError):
+        return text
 
 
 @dataclass(frozen=True)
@@ -106,6 +193,7 @@ class RunContext:
     data_digest: str
     home: Path | None = None
     cache: StageCache | None = None  # completed stages of earlier runs with identical inputs
+    source: str = ""  # tag mlflow.source.name of its runs (RunKind.source)
 
     def parent(self) -> MlflowTracker:
         return MlflowTracker.attach(self.parent_run_id, self.tracking_uri)
@@ -128,7 +216,7 @@ def transient(task_: Any, task_run: Any, state: Any) -> bool:
 
 
 # ---- the parent run ----------------------------------------------------------------------------------
-@task(name="open-run", cache_policy=NO_CACHE)
+@task(name="open-run", task_run_name="open_run", cache_policy=NO_CACHE)
 def open_run(
     kind: RunKind,
     home: Path,
@@ -164,9 +252,12 @@ def open_run(
         FLOW_RUN_ID_TAG: str(flow_run.id),
         FLOW_RUN_NAME_TAG: str(flow_run.name),
         **doctor.owner_tags(),  # who runs it: `csmf doctor` marks it FAILED if this process dies
+        **source_tags(kind.source),
+        MLFLOW_RUN_NOTE: run_description(kind, dataset_name(dataset), window, str(flow_run.name)),
     }
     parent = MlflowTracker.start(experiment_id, f"{kind.name}-{window.date}", tags=tags, tracking_uri=uri)
     try:
+        parent.log_datasets(window_datasets(dataset, tags[DATASET_TAG], window))
         dates = {"run.train_dates": window.train_dates, "run.eval_dates": window.eval_dates}
         parent.log_params({**cfg.flat(), **(params or {}), **dates})
         (workdir / "config.yaml").write_text(yaml.safe_dump(reporting.plain(cfg.to_dict()), sort_keys=False))
@@ -177,7 +268,41 @@ def open_run(
     except BaseException as exc:
         parent.fail(exc)
         raise
-    return RunContext(workdir, dataset, window, uri, experiment_id, parent.run_id, digest, home, cache)
+    return RunContext(
+        workdir, dataset, window, uri, experiment_id, parent.run_id, digest, home, cache, kind.source
+    )
+
+
+def window_datasets(dataset: Path, name: str, window: Window) -> list[tuple[Any, str, dict[str, str]]]:
+    """The run's lineage for `log_datasets`: the training window and the evaluation days of `dataset`,
+    each a MetaDataset whose source is the dataset directory and whose digest is
+    `flows.inputs.dataset_digest` of exactly the files that part reads (dataset.yaml, users, items and
+    its partitions), tagged with its dates."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    out = []
+    for context, label, dates in (
+        ("training", "train", sorted(window.train_dates)),
+        ("evaluation", "eval", sorted(window.eval_dates)),
+    ):
+        digest, digest_kind = dataset_digest(dataset, dates)
+        span = f"{dates[0]}..{dates[-1]}" if len(dates) > 1 else dates[0]
+        meta = MetaDataset(
+            LocalArtifactDatasetSource(str(dataset)), name=f"{name} {label} {span}", digest=digest
+        )
+        out.append(
+            (
+                meta,
+                context,
+                {
+                    "csmf.dates": ",".join(dates),
+                    "csmf.days": str(len(dates)),
+                    "csmf.digest_kind": digest_kind,
+                },
+            )
+        )
+    return out
 
 
 @contextmanager
@@ -207,6 +332,10 @@ def child_run(run: RunContext, name: str, plain_tags: dict[str, Any] | None = No
     """A child MLflow run named `name` for the block (`with child_run(...) as tracker:`), ended like the
     parent (`ended`). Tags: csmf.step=name, csmf.<key> for each keyword, and `plain_tags` as given."""
     all_tags = {STEP_TAG: name, **{f"csmf.{k}": v for k, v in tags.items()}, **(plain_tags or {})}
+    source = getattr(run, "source", "")  # a RunContext; stand-ins in tests may lack it
+    all_tags |= source_tags(source) if source else {}
+    note = step_note(str(tags.get("kind", "")), {**tags, **(plain_tags or {})})
+    all_tags |= {MLFLOW_RUN_NOTE: note} if note else {}
     return ended(run.parent().child(name, tags=all_tags))
 
 

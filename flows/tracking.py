@@ -163,6 +163,22 @@ class MlflowTracker:
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, figure, artifact_file)
 
+    def log_datasets(self, inputs: Iterable[tuple[Any, str, Mapping[str, str]]]) -> None:
+        """Dataset inputs of the run (MLflow's `log_input`, through the client: no active run needed).
+
+        inputs: (mlflow.data Dataset, context such as "training", tags) per dataset."""
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        entries = [
+            DatasetInput(
+                dataset._to_mlflow_entity(),
+                [InputTag(MLFLOW_DATASET_CONTEXT, context), *(InputTag(k, str(v)) for k, v in tags.items())],
+            )
+            for dataset, context, tags in inputs
+        ]
+        self.client.log_inputs(self.run_id, datasets=entries)
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         items = [RunTag(str(k), _param_value(v)) for k, v in tags.items()]
         for chunk in _chunks(items, _BATCH):
@@ -230,6 +246,9 @@ class NullTracker:
         pass
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def log_datasets(self, inputs: Iterable[tuple[Any, str, Mapping[str, str]]]) -> None:
         pass
 
     def finish(self, status: str = "FINISHED") -> None:

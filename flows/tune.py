@@ -45,6 +45,7 @@ from prefect.cache_policies import NO_CACHE
 
 from csmf_core.cascade import CascadeData, load_cascade_data
 from csmf_core.config import ConfigError, CSMFConfig, load_config
+from csmf_core.metrics import md_cell
 from csmf_core.prep import prepare
 from csmf_core.selection import resolve_val_days
 from csmf_core.tuning import (
@@ -407,16 +408,21 @@ def render_report(study, best, tuned, importances, td: TuneData, search) -> str:
         "| parameter | importance |",
         "|---|---|",
     ]
-    lines += [f"| {k} | {v:.3f} |" for k, v in importances.items()] or ["| (too few complete trials) | |"]
+    lines += [f"| {md_cell(k)} | {v:.3f} |" for k, v in importances.items()] or [
+        "| (too few complete trials) | |"
+    ]
     lines += ["", "| trial | state | score | parameters |", "|---|---|---|---|"]
     for t in study.trials:
         score = "" if t.value is None else f"{t.value:.4f}"
         params = ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items()
         )
-        lines.append(f"| {t.number} | {t.state.name.lower()} | {score} | {params} |")
+        lines.append(f"| {t.number} | {t.state.name.lower()} | {score} | {md_cell(params)} |")
     lines += ["", "Search space:", "", "| parameter | kind | range | when |", "|---|---|---|---|"]
-    lines += [f"| {r['parameter']} | {r['kind']} | {r['range']} | {r['when']} |" for r in describe(search)]
+    lines += [
+        "| " + " | ".join(md_cell(r[c]) for c in ("parameter", "kind", "range", "when")) + " |"
+        for r in describe(search)
+    ]
     return "\n".join(lines) + "\n"
 
 

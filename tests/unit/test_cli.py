@@ -31,6 +31,7 @@ ENV = (
     "PREFECT_SERVER_ANALYTICS_ENABLED",
     "PREFECT_API_URL",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
+    "DO_NOT_TRACK",
 )
 
 
@@ -122,6 +123,31 @@ def test_embed_and_recommend_on_a_bundle_directory(tiny_world, tmp_path, capsys)
     assert "one weight per objective (exposure, click, conversion)" in capsys.readouterr().err
 
 
+def test_recommend_shows_item_features_next_to_ids(tiny_world, capsys):
+    """`--features`: each recommended item's features, decoded from the bundle, equal to the dataset's
+    own items.parquet (read here with polars)."""
+    bundle = str(tiny_world["bundle"])
+    rec = Recommender.load(bundle)
+    uid = int(rec.user_vocab[2])
+    assert cli.main(["recommend", "--user-id", str(uid), "--k", "5", "--features", "--model", bundle]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(ln.split() for ln in lines if ln.startswith("rank"))
+    items = pl.read_parquet(tiny_world["ds"] / "items.parquet")
+    feature_cols = [c for c in items.columns if c != "item_id"]
+    assert header[:3] == ["rank", "item_id", "score"] and sorted(header[3:]) == sorted(feature_cols)
+    rows = [ln.split() for ln in lines if ln.strip() and ln.split()[0].isdigit()]
+    assert [int(r[1]) for r in rows] == rec.recommend([uid], k=5)[0]["items"]
+    by_id = {row["item_id"]: row for row in items.iter_rows(named=True)}
+    for r in rows:
+        truth = by_id[int(r[1])]
+        for col, cell in zip(header[3:], r[3:]):
+            want = truth[col]
+            if isinstance(want, float):
+                assert float(cell) == pytest.approx(want, rel=1e-3, abs=1e-6), (col, cell, want)
+            else:
+                assert cell == str(want), (col, cell, want)
+
+
 def test_evaluate_command(tiny_world, capsys):
     args = [
         "evaluate",
@@ -196,6 +222,58 @@ def test_run_calls_the_flow_with_the_home_set_up(tiny_world, tmp_path, monkeypat
     assert "csmf synth --out" in capsys.readouterr().err
 
 
+def test_run_honours_prefect_api_url_and_finds_the_make_serve_stack(
+    tiny_world, tmp_path, monkeypatch, capsys, clean_env
+):
+    """PREFECT_API_URL is kept as exported; unset, a healthy `make serve` stack of the same home (its
+    state.json, a live server process, /api/health answering) is used, so the run shows in that UI;
+    otherwise Prefect's temporary server, and the command says which."""
+    import http.server
+    import json
+    import threading
+
+    import psutil
+
+    calls: list = []
+    _fake_pipeline(monkeypatch, calls)
+    home = tmp_path / "home"
+    args = ["run", "--data", str(tiny_world["ds"]), "--home", str(home)]
+
+    assert cli.main(args) == 0  # nothing running, nothing exported
+    assert calls[-1]["env"]["PREFECT_API_URL"] is None
+    assert "temporary local server" in capsys.readouterr().out
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/api/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    api = f"http://127.0.0.1:{server.server_address[1]}/api"
+    try:
+        (home / "serve").mkdir(parents=True)
+        me = {"pid": os.getpid(), "create_time": psutil.Process().create_time()}
+        (home / "serve" / "state.json").write_text(json.dumps({"api_url": api, "processes": {"server": me}}))
+        assert cli.main(args) == 0
+        assert calls[-1]["env"]["PREFECT_API_URL"] == api
+        assert f"Prefect API {api} (the `make serve` stack of this home)" in capsys.readouterr().out
+
+        monkeypatch.setenv("PREFECT_API_URL", "http://prefect.example:4200/api")
+        assert cli.main(args) == 0
+        assert calls[-1]["env"]["PREFECT_API_URL"] == "http://prefect.example:4200/api"
+        assert "(from PREFECT_API_URL)" in capsys.readouterr().out
+    finally:
+        server.shutdown()
+    monkeypatch.delenv("PREFECT_API_URL")
+    assert cli.main(args) == 0  # the stack's server is gone: back to the temporary server
+    assert calls[-1]["env"]["PREFECT_API_URL"] is None
+    assert "temporary local server" in capsys.readouterr().out
+
+
 def test_run_without_data_generates_it_once(tiny_world, tmp_path, monkeypatch, capsys, clean_env):
     calls: list = []
     _fake_pipeline(monkeypatch, calls)
@@ -224,6 +302,7 @@ def test_setup_home_keeps_variables_already_set(tmp_path, monkeypatch, clean_env
     assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "true"
     assert os.environ["PREFECT_HOME"] == str(home / "prefect") and Path(os.environ["PREFECT_HOME"]).is_dir()
     assert os.environ["CSMF_HOME"] == str(home) and "PREFECT_API_URL" not in os.environ
+    assert os.environ["DO_NOT_TRACK"] == "1"  # no Prefect client telemetry, no first-run notice
     assert (
         os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "120"
     )  # Prefect's 20 s is too short
@@ -231,6 +310,43 @@ def test_setup_home_keeps_variables_already_set(tmp_path, monkeypatch, clean_env
     monkeypatch.setenv("CSMF_HOME", str(tmp_path / "env-home"))
     assert setup_home(None) == (tmp_path / "env-home").resolve()
     assert os.environ["PREFECT_HOME"] == str(tmp_path / "p")
+
+
+def test_no_prefect_telemetry_notice_in_a_terminal(tmp_path, clean_env):
+    """`import prefect` on a terminal with a fresh PREFECT_HOME prints Prefect's first-run telemetry
+    notice unless DO_NOT_TRACK is set; setup_home sets it (where unset), so `csmf run` shows none.
+    Both runs happen under a pseudo-terminal, the first without setup_home, as the control."""
+    import pty
+
+    def run(code: str, home: Path) -> str:
+        main, child = pty.openpty()
+        env = {k: v for k, v in os.environ.items() if k not in ENV and k != "CI"}
+        env |= {"PREFECT_HOME": str(home / "prefect"), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        proc = subprocess.run(
+            [sys.executable, "-c", code], stdin=child, stdout=child, stderr=child, env=env, timeout=120
+        )
+        os.close(child)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        os.close(main)
+        assert proc.returncode == 0, out.decode(errors="replace")
+        return out.decode(errors="replace")
+
+    notice = "anonymous usage data"
+    assert notice in run("import prefect", tmp_path / "bare")  # the control: the notice exists
+    quiet = run(
+        f"from flows.env import setup_home; import os; os.environ.pop('PREFECT_HOME'); "
+        f"setup_home({str(tmp_path / 'h')!r}); import prefect; print('imported')",
+        tmp_path / "h2",
+    )
+    assert "imported" in quiet and notice not in quiet
 
 
 def test_ui_runs_mlflow_on_the_home_store(tmp_path, monkeypatch, capsys, clean_env):

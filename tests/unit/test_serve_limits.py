@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from flows import serve_limits
-from flows.registry import CSMFPyfunc, code_paths
+from flows.registry import CSMFPyfunc, pyfunc_spec
 from flows.serve_limits import Limits, json_depth
 
 # starlette's TestClient still runs on httpx 0.28, with a deprecation warning
@@ -75,13 +75,7 @@ def test_limits_from_env():
 def pyfunc_model(tiny_world, tmp_path_factory):
     """The registered pyfunc saved and loaded by mlflow itself (a PyFuncModel, as the server has it)."""
     path = tmp_path_factory.mktemp("pyfunc") / "model"
-    mlflow.pyfunc.save_model(
-        str(path),
-        python_model=CSMFPyfunc(),
-        artifacts={"bundle": str(tiny_world["bundle"])},
-        code_paths=code_paths(),
-        pip_requirements=["mlflow"],
-    )
+    mlflow.pyfunc.save_model(str(path), **pyfunc_spec(tiny_world["bundle"]))  # from code, with signature
     return mlflow.pyfunc.load_model(str(path))
 
 

@@ -1,0 +1,182 @@
+"""Consumers load the champion by default (issue #17 item 1), and say which version they used.
+
+Two versions of "csmf" in a temporary SQLite store, as the daily flow leaves them after a rejected
+challenger: v1 promoted to champion, v2 registered later (alias "challenger", gate tag "kept"), with a
+different model (v1's weights plus noise), so that the latest version and the champion recommend
+different items. `csmf recommend`, `csmf embed` and `csmf evaluate` with no --model must use v1 and
+print "csmf version 1"; `--model latest` still reaches v2.
+
+    .venv/bin/pytest -m integration tests/integration/test_model_default.py
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from csmf_core import prep, synth
+from csmf_core.cascade import load_cascade_data, run_cascade
+from csmf_core.checkpoint import load_checkpoint, save_checkpoint
+from csmf_core.config import build_config
+from csmf_core.serving import Recommender, write_bundle
+from flows.cli import main as csmf
+from flows.registry import REGISTERED_MODEL, log_and_register, promote, resolve_model
+
+pytestmark = pytest.mark.integration
+
+CONFIG = {
+    "model": {"dim": 16, "hidden": [32]},
+    "train": {"batch_size": 256, "epochs": [1, 1, 1]},
+    "data": {"seq_len": 5, "n_req_neg": 4},
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("default-model")
+    home = root / "home"
+    home.mkdir()
+    s = synth.generate(root / "ds", "tiny", seed=0)
+    cfg = build_config(CONFIG)
+    prep.prepare(
+        root / "ds",
+        root / "mr",
+        train_dates=(s.dates[0], s.dates[-2]),
+        eval_dates=s.dates[-1],
+        seq_len=cfg.data.seq_len,
+        n_req_neg=cfg.data.n_req_neg,
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, owners, _ = run_cascade(load_cascade_data(root / "mr"), cfg)
+    finally:
+        torch.set_num_threads(threads)
+    save_checkpoint(root / "ckpt1", model, owners)
+    other, owners2, _ = load_checkpoint(root / "ckpt1")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # another model of the same shape: the challenger the gate rejected
+        for p in other.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * p.abs().mean().clamp_min(1e-3))
+    save_checkpoint(root / "ckpt2", other, owners2)
+    bundles = {
+        v: write_bundle(
+            root / f"bundle{v}",
+            checkpoint_dir=root / f"ckpt{v}",
+            model_ready_dir=root / "mr",
+            dataset_dir=root / "ds",
+            config=cfg,
+        )
+        for v in ("1", "2")
+    }
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("CSMF_HOME", str(home))
+        mlflow.set_tracking_uri(uri)
+        client = mlflow.MlflowClient(uri)
+        exp = client.create_experiment("csmf", artifact_location=str(home / "mlartifacts"))
+        v1 = log_and_register(client.create_run(exp).info.run_id, bundles["1"])
+        promote(v1.version, client)
+        client.set_model_version_tag(REGISTERED_MODEL, v1.version, "csmf.gate", "promoted")
+        v2 = log_and_register(client.create_run(exp).info.run_id, bundles["2"])
+        client.set_model_version_tag(REGISTERED_MODEL, v2.version, "csmf.gate", "kept")  # rejected
+        try:
+            yield {"home": home, "root": root, "bundles": bundles, "versions": (v1, v2), "client": client}
+        finally:
+            mlflow.set_tracking_uri(None)
+
+
+def _recommended(text: str) -> list[int]:
+    rows = [ln.split() for ln in text.splitlines()]
+    return [int(r[1]) for r in rows if len(r) == 3 and r[0].isdigit()]
+
+
+def test_recommend_without_model_uses_the_champion_and_says_so(store, capsys):
+    v1, v2 = store["versions"]
+    assert (str(v1.version), str(v2.version)) == ("1", "2")
+    champ, latest = (Recommender.load(store["bundles"][v]) for v in ("1", "2"))
+    users = champ.user_vocab[:20]
+    # the two models must disagree somewhere, or this test could not tell them apart
+    differ = [
+        int(u)
+        for u in users
+        if champ.recommend([int(u)], k=10)[0]["items"] != latest.recommend([int(u)], k=10)[0]["items"]
+    ]
+    assert differ, "the perturbed challenger recommends the same items as the champion"
+    uid = differ[0]
+    capsys.readouterr()
+    assert csmf(["recommend", "--user-id", str(uid), "--k", "10", "--home", str(store["home"])]) == 0
+    out = capsys.readouterr().out
+    assert "Model: csmf version 1 (models:/csmf@champion; aliases champion; gate: promoted)" in out
+    assert _recommended(out) == champ.recommend([uid], k=10)[0]["items"]
+
+    assert csmf(["recommend", "--user-id", str(uid), "--k", "10", "--model", "latest"]) == 0
+    out = capsys.readouterr().out
+    assert "Model: csmf version 2 (latest; aliases challenger; gate: kept)" in out
+    assert _recommended(out) == latest.recommend([uid], k=10)[0]["items"]
+
+
+def test_embed_and_evaluate_default_to_the_champion(store, capsys, tmp_path):
+    champ = Recommender.load(store["bundles"]["1"])
+    out = tmp_path / "u.parquet"
+    capsys.readouterr()
+    assert csmf(["embed", "--side", "user", "--out", str(out)]) == 0
+    assert "Model: csmf version 1 (models:/csmf@champion" in capsys.readouterr().out
+    got = np.stack(pq.read_table(out)["vector"].to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(got, champ.user_vectors(champ.user_vocab, mode=2)[0], rtol=1e-6, atol=1e-6)
+    assert csmf(["evaluate", "--data", str(store["root"] / "ds"), "--k", "10"]) == 0
+    assert "Model: csmf version 1 (models:/csmf@champion" in capsys.readouterr().out
+
+
+def test_no_champion_is_a_clear_error(store, capsys):
+    client = store["client"]
+    client.delete_registered_model_alias(REGISTERED_MODEL, "champion")
+    try:
+        with pytest.raises(LookupError, match=r"no champion .*\(versions 1, 2 exist.*@challenger"):
+            resolve_model(None)
+        assert csmf(["recommend", "--user-id", "1"]) == 2
+        assert "no champion" in capsys.readouterr().err
+    finally:
+        promote("1", client)
+    assert Path(resolve_model(None).bundle, "bundle.json").is_file()
+
+
+def test_resolution_cache_skips_mlflow_until_the_registry_changes(store, capsys):
+    """Item 7: a warm `csmf recommend` resolves the champion without importing mlflow (a fresh process
+    says so), and any registry change (here: the champion moved to v2) invalidates that shortcut."""
+    import subprocess
+    import sys
+
+    home, client = store["home"], store["client"]
+    champ, latest = (Recommender.load(store["bundles"][v]) for v in ("1", "2"))
+    uid = int(champ.user_vocab[0])
+    assert csmf(["recommend", "--user-id", str(uid), "--k", "3"]) == 0  # warms the cache
+    assert "Model: csmf version 1" in capsys.readouterr().out
+    assert (home / "cache" / "models" / "resolved.json").is_file()
+    code = (
+        "import sys; from flows.cli import main; "
+        f"rc = main(['recommend', '--user-id', '{uid}', '--k', '3']); "
+        "print('MLFLOW_IMPORTED', 'mlflow' in sys.modules); sys.exit(rc)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "Model: csmf version 1 (models:/csmf@champion" in out.stdout
+    assert "MLFLOW_IMPORTED False" in out.stdout
+    assert _recommended(out.stdout) == champ.recommend([uid], k=3)[0]["items"]
+
+    promote("2", client)  # the registry changes: the cached answer must not be used
+    try:
+        assert csmf(["recommend", "--user-id", str(uid), "--k", "3"]) == 0
+        text = capsys.readouterr().out
+        assert "Model: csmf version 2 (models:/csmf@champion" in text
+        assert _recommended(text) == latest.recommend([uid], k=3)[0]["items"]
+    finally:
+        promote("1", client)
