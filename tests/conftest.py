@@ -18,6 +18,40 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+TINY_CONFIG = {
+    "model": {"dim": 16, "hidden": [32]},
+    "train": {"batch_size": 256, "epochs": [1, 1, 1]},
+    "data": {"seq_len": 5, "n_req_neg": 4},
+}
+
+
+def train_tiny(ds, root, dates, config: dict | None = None):
+    """Prep `ds` (train on every day but the last, evaluate on the last) into root/mr, train the
+    3-stage cascade with one torch thread (tiny matrices: ~5x faster on a busy 2-core machine) and
+    save it to root/ckpt. Returns (cfg, mr_dir, model, owners); shared by the tiny-world fixtures."""
+    from csmf_core import prep
+    from csmf_core.cascade import load_cascade_data
+    from csmf_core.checkpoint import save_checkpoint
+
+    cfg = build_config(config or TINY_CONFIG)
+    prep.prepare(
+        ds,
+        root / "mr",
+        train_dates=(dates[0], dates[-2]),
+        eval_dates=dates[-1],
+        seq_len=cfg.data.seq_len,
+        n_req_neg=cfg.data.n_req_neg,
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, owners, _ = run_cascade(load_cascade_data(root / "mr"), cfg)
+    finally:
+        torch.set_num_threads(threads)
+    save_checkpoint(root / "ckpt", model, owners)
+    return cfg, root / "mr", model, owners
+
+
 def random_cascade_data(seed: int = 0, n_users: int = 60, n_items: int = 50, rows: int = 3000, L: int = 5):
     """A random 3-objective world (no signal): enough to exercise every code path quickly."""
     g = torch.Generator().manual_seed(seed)
@@ -155,3 +189,9 @@ def widen_ids(src, dst, seed: int = 0) -> dict[str, dict[int, int]]:
 def wide_ids():
     """`widen_ids(src, dst, seed=0)` (above), for tests that need a dataset with ids across int64."""
     return widen_ids
+
+
+@pytest.fixture(scope="session")
+def tiny_trainer():
+    """`train_tiny(ds, root, dates, config=None)` (above): prep + tiny cascade + checkpoint."""
+    return train_tiny

@@ -20,45 +20,23 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from csmf_core import prep, synth
-from csmf_core.cascade import load_cascade_data, run_cascade
+from csmf_core import synth
 from csmf_core.checkpoint import load_checkpoint, save_checkpoint
-from csmf_core.config import build_config
 from csmf_core.serving import Recommender, write_bundle
 from flows.cli import main as csmf
 from flows.registry import REGISTERED_MODEL, log_and_register, promote, resolve_model
 
 pytestmark = pytest.mark.integration
 
-CONFIG = {
-    "model": {"dim": 16, "hidden": [32]},
-    "train": {"batch_size": 256, "epochs": [1, 1, 1]},
-    "data": {"seq_len": 5, "n_req_neg": 4},
-}
-
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, tiny_trainer):
     root = tmp_path_factory.mktemp("default-model")
     home = root / "home"
     home.mkdir()
     s = synth.generate(root / "ds", "tiny", seed=0)
-    cfg = build_config(CONFIG)
-    prep.prepare(
-        root / "ds",
-        root / "mr",
-        train_dates=(s.dates[0], s.dates[-2]),
-        eval_dates=s.dates[-1],
-        seq_len=cfg.data.seq_len,
-        n_req_neg=cfg.data.n_req_neg,
-    )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model, owners, _ = run_cascade(load_cascade_data(root / "mr"), cfg)
-    finally:
-        torch.set_num_threads(threads)
-    save_checkpoint(root / "ckpt1", model, owners)
+    cfg, _, model, owners = tiny_trainer(root / "ds", root, s.dates)
+    (root / "ckpt").rename(root / "ckpt1")
     other, owners2, _ = load_checkpoint(root / "ckpt1")
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # another model of the same shape: the challenger the gate rejected

@@ -27,12 +27,8 @@ import mlflow
 import numpy as np
 import polars as pl
 import pytest
-import torch
 
-from csmf_core import prep, synth
-from csmf_core.cascade import load_cascade_data, run_cascade
-from csmf_core.checkpoint import save_checkpoint
-from csmf_core.config import build_config
+from csmf_core import synth
 from csmf_core.serving import write_bundle
 from flows.cli import main as csmf
 from flows.registry import REGISTERED_MODEL, champion, load_recommender, log_and_register, promote
@@ -40,12 +36,6 @@ from flows.registry import REGISTERED_MODEL, champion, load_recommender, log_and
 pytestmark = pytest.mark.integration
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_USERS, MAX_BODY_BYTES = 50, 16_384  # the server's CSMF_SERVE_MAX_USERS / CSMF_SERVE_MAX_BODY_BYTES
-
-CONFIG = {
-    "model": {"dim": 16, "hidden": [32]},
-    "train": {"batch_size": 256, "epochs": [1, 1, 1]},
-    "data": {"seq_len": 5, "n_req_neg": 4},
-}
 
 
 def free_port() -> int:
@@ -66,29 +56,14 @@ def post(url: str, payload: dict) -> tuple[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, wide_ids):
+def served(tmp_path_factory, wide_ids, tiny_trainer):
     root = tmp_path_factory.mktemp("rest")
     home = root / "home"
     uri = f"sqlite:///{home / 'mlflow.db'}"
     home.mkdir()
     s = synth.generate(root / "small", "tiny", seed=0)
     wide_ids(root / "small", root / "ds")
-    cfg = build_config(CONFIG)
-    prep.prepare(
-        root / "ds",
-        root / "mr",
-        train_dates=(s.dates[0], s.dates[-2]),
-        eval_dates=s.dates[-1],
-        seq_len=cfg.data.seq_len,
-        n_req_neg=cfg.data.n_req_neg,
-    )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model, owners, _ = run_cascade(load_cascade_data(root / "mr"), cfg)
-    finally:
-        torch.set_num_threads(threads)
-    save_checkpoint(root / "ckpt", model, owners)
+    cfg, _, model, owners = tiny_trainer(root / "ds", root, s.dates)
     bundle = write_bundle(
         root / "bundle",
         checkpoint_dir=root / "ckpt",
