@@ -29,7 +29,7 @@ except ImportError:  # run as `python bench/run_all.py`
 def scripts(only: list[str] | None = None) -> list[Path]:
     """bench_*.py in name order (train_step, embeddings, data_path, serving, orchestration, scaling first
     when present)."""
-    order = ["train_step", "embeddings", "data_path", "serving", "orchestration", "scaling"]
+    order = ["train_step", "embeddings", "data_path", "serving", "orchestration", "cascade_cost", "scaling"]
     found = sorted(benchlib.BENCH_DIR.glob("bench_*.py"))
     key = lambda p: (order.index(p.stem[6:]) if p.stem[6:] in order else len(order), p.name)  # noqa: E731
     found = sorted(found, key=key)

@@ -127,3 +127,40 @@ def test_run_all_summarises(tmp_path, capsys):
         "scaling",
         "embeddings",
     }
+
+
+def test_cascade_cost_clock_is_exclusive(monkeypatch):
+    """Clock: a timed call's seconds minus its timed children's, per phase, on a scripted clock
+    (outer 10 s holding inner 3 s and 4 s: outer 3 s, inner 7 s; select phase kept apart)."""
+    cc = _bench("bench_cascade_cost")
+    ticks = iter([0.0, 1.0, 4.0, 5.0, 9.0, 10.0, 20.0, 22.0])
+    monkeypatch.setattr(cc.time, "perf_counter", lambda: next(ticks))
+    clock = cc.Clock()
+    inner = clock.timed("inner", lambda: None)
+    outer = clock.timed("outer", lambda: (inner(), inner()))
+    outer()  # 0 -> 10, inner 1 -> 4 and 5 -> 9
+    clock.in_phase("select", clock.timed(lambda: "dyn", lambda: None))()  # 20 -> 22
+    assert clock.seconds == {("refit", "outer"): 3.0, ("refit", "inner"): 7.0, ("select", "dyn"): 2.0}
+    assert clock.calls[("refit", "inner")] == 2 and clock.phase == "refit"
+
+
+def test_cascade_cost_smoke():
+    """Both methods through the protocol on the tiny world: every step kind of the cascade is timed,
+    the parts add up to no more than the fit, the instrumentation is removed afterwards."""
+    from csmf_core import tuning
+
+    before = tuning.run_step
+    figs = _by_figure(_bench("bench_cascade_cost").main(["--quick", "--set", "train.threads=1"]))
+    assert tuning.run_step is before
+    for phase in ("select", "refit"):
+        for kind in ("pretrain", "prune", "recover", "finetune"):
+            assert figs[f"csmf {phase}: {kind}"]["value"] > 0
+        assert figs[f"moppr {phase}: train"]["value"] > 0
+    for m in ("csmf", "moppr"):
+        parts = sum(r["value"] for f, r in figs.items() if f.startswith(f"{m} ") and ": " in f)
+        assert parts == pytest.approx(figs[f"{m} fit (select + refit)"]["value"], rel=0.02)
+    r = figs["csmf / moppr fit time"]
+    assert r["target"] == "<= 1.35"
+    assert r["value"] == pytest.approx(
+        figs["csmf fit (select + refit)"]["value"] / figs["moppr fit (select + refit)"]["value"]
+    )
