@@ -56,7 +56,7 @@ def reference_epoch(model: TwoTower, opt, tables: FeatureTables, rows: TrainRows
         uniq, inv = torch.unique(b.i, return_inverse=True)
         ivec = model.item_vectors(tables.item_inputs(uniq))[inv]
         scores = uvec @ ivec.T
-        loss = F.cross_entropy(scores, torch.arange(len(b.u)))
+        loss = F.cross_entropy(scores, torch.arange(len(b.u), device=scores.device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -97,8 +97,13 @@ def plan(objectives: list[str], cfg: CSMFConfig) -> list[Step]:
 
 
 def build_model(data: CascadeData, cfg: CSMFConfig) -> tuple[TwoTower, UnitOwners]:
-    """A fresh model with every unit owned by stage 0."""
+    """A fresh model with every unit owned by stage 0, on the device of `data.tables`.
+
+    Initialised on the CPU (its generator is seeded from model.init_seed, so the initial weights are
+    the same on every device), then moved to where the feature tables are: callers that put the
+    tables on CUDA (train.device, flows/runs.py::loaded_data, the `select` task) train there."""
     model = TwoTower(data.user_spec, data.item_spec, cfg.model, len(data.objectives))
+    model.to(data.tables.users_cat.device)
     owners = UnitOwners.initial(model, tuple(data.objectives))
     model.set_owners(param_owners(model, owners))
     return model, owners
