@@ -1,6 +1,7 @@
 """Benchmark 1 (training step): a CSMF stage against the same architecture with no masks and plain softmax.
 
 How to run:  .venv/bin/python bench/bench_train_step.py [--rows 16384] [--rounds 5] [--profile] [--quick]
+             [--device cpu|cuda]
 
 CSMF arm: `csmf_core.train.train_stage` itself, one epoch of a late stage (click = 1, conversion = 2)
 after real CPP pruning of the earlier stages, so the gradient masks, per-mode weight masks, log-Q and
@@ -13,6 +14,9 @@ Arms alternate; the figure is the median of per-round ratios. Target: samples/s 
 FLOP/s: FLOPs per sample counted by torch.utils.flop_counter over a few steps of each arm (matmuls,
 the work that scales), times the measured samples/s, as a share of the machine's matmul rate
 (1024 x 1024 float32, measured in the same process).
+
+`--device cuda` runs both arms (model, feature tables, batches) and the matmul rate on the GPU, with
+torch.cuda.synchronize() after every timed call (bench/gpu_check.sh runs it so).
 """
 
 from __future__ import annotations
@@ -70,14 +74,16 @@ def count_flops(fn) -> float:
     return float(fc.get_total_flops())
 
 
-def setup(cfg: CSMFConfig, data_overrides: dict):
-    """Generated data, a CSMF model pruned through stage 1, and an unmasked copy of the architecture."""
+def setup(cfg: CSMFConfig, data_overrides: dict, device: str = "cpu"):
+    """Generated data, a CSMF model pruned through stage 1, and an unmasked copy of the architecture,
+    all on `device` (pruned on the CPU, then moved)."""
     ds, dates, _ = benchlib.synth_dataset(data_overrides.pop("name"), **data_overrides)
     mr, _ = benchlib.model_ready(ds, dates, ds.name)
     data = load_cascade_data(mr)
     model, owners = benchlib.pruned_model(data, cfg)  # late stages train under the cascade's owners
     ref = TwoTower(data.user_spec, data.item_spec, cfg.model, len(data.objectives))
-    return data, model, owners, ref
+    data.tables = data.tables.to(device)
+    return data, model.to(device), owners, ref.to(device)
 
 
 def run(
@@ -88,16 +94,20 @@ def run(
     write: bool = True,
     threads: int | None = None,
     data: dict | None = None,
+    device: str = "cpu",
 ) -> list[dict]:
     n_threads = benchlib.set_threads(threads)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     cfg = build_config(None, ["train.epochs=[1,1,1]"])  # train.deterministic: the default, on
     cfg_nondet = build_config(None, ["train.epochs=[1,1,1]", "train.deterministic=false"])
     bs = cfg.train.batch_size
-    rec = benchlib.Recorder("train_step", {"batch_size": bs, "rows": rows, "threads": n_threads}, write=write)
+    rec = benchlib.Recorder(
+        "train_step", {"batch_size": bs, "rows": rows, "threads": n_threads, "device": device}, write=write
+    )
     data_kw = dict(data or {"name": "small"})
-    cd, model, owners, ref = setup(cfg, data_kw)
+    cd, model, owners, ref = setup(cfg, data_kw, device)
     opt = adam(ref.parameters(), cfg.train.lr)  # the optimizer train_stage uses (fused when available)
-    peak = benchlib.matmul_gflops()
+    peak = benchlib.matmul_gflops(device=device)
     out = owners.output_owners()  # fixed once stage 1 is pruned
     rec.add("matmul rate (1024x1024 float32)", peak, "GFLOP/s")
     for stage in stages:
@@ -106,12 +116,15 @@ def run(
 
         def csmf(d=data, s=stage, lq=log_q):
             train_stage(model, cd.tables, d, s, cfg, log_q=lq, output_owners=out)
+            sync()
 
         def csmf_nondet(d=data, s=stage, lq=log_q):
             train_stage(model, cd.tables, d, s, cfg_nondet, log_q=lq, output_owners=out)
+            sync()
 
         def plain(d=data):
             reference_epoch(ref, opt, cd.tables, d, bs, seed=0)
+            sync()
 
         csmf(), csmf_nondet(), plain()  # warm-up (allocator, mask caches)
         t = benchlib.interleaved({"csmf": csmf, "csmf_nondet": csmf_nondet, "plain": plain}, rounds)
@@ -166,11 +179,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of both arms")
     p.add_argument("--quick", action="store_true", help="tiny world, few rows (smoke test)")
     p.add_argument("--no-write", action="store_true", help="do not append to bench/results/")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (both arms and the matmul rate)")
     a = p.parse_args(argv)
     if a.quick:
         tiny = {"name": "tiny", "n_users": 300, "n_items": 200, "n_days": 6, "requests_per_day": 340}
-        return run(rows=1024, rounds=2, stages=(2,), profile=a.profile, write=not a.no_write, data=tiny)
-    return run(rows=a.rows, rounds=a.rounds, profile=a.profile, write=not a.no_write)
+        return run(
+            rows=1024,
+            rounds=2,
+            stages=(2,),
+            profile=a.profile,
+            write=not a.no_write,
+            data=tiny,
+            device=a.device,
+        )
+    return run(rows=a.rows, rounds=a.rounds, profile=a.profile, write=not a.no_write, device=a.device)
 
 
 if __name__ == "__main__":

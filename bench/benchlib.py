@@ -183,17 +183,21 @@ def paired_ratio(num: list[float], den: list[float]) -> float:
     return median([a / b for a, b in zip(num, den)])
 
 
-def matmul_gflops(n: int = 1024, seconds: float = 0.5) -> float:
-    """Measured float32 torch matmul rate (GFLOP/s) at n x n on the current thread count (best of 3)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 1024, seconds: float = 0.5, device: str = "cpu") -> float:
+    """Measured float32 torch matmul rate (GFLOP/s) at n x n on the current thread count (best of 3),
+    on `device` (on CUDA: synchronised before the clock stops; torch's default float32 precision)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     for _ in range(3):
         a @ b
+    sync()
     best = 0.0
     for _ in range(3):
         k, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds / 3:
             a @ b
             k += 1
+        sync()
         best = max(best, 2 * n**3 * k / (time.perf_counter() - t0) / 1e9)
     return best
 
