@@ -53,11 +53,12 @@ def reference_epoch(model: TwoTower, opt, tables: FeatureTables, rows: TrainRows
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(rows), generator=gen)
     steps = 0
+    dev = next(model.parameters()).device  # batches go where the model is, as train_stage's do
     model.train()
     for start in range(0, len(rows) - 1, bs):
         b = rows.select(perm[start : start + bs])
-        uvec = model.user_vectors(tables.user_inputs(b.u, b.hists))
-        uniq, inv = torch.unique(b.i, return_inverse=True)
+        uvec = model.user_vectors(tables.user_inputs(b.u.to(dev), [h.to(dev) for h in b.hists]))
+        uniq, inv = torch.unique(b.i.to(dev), return_inverse=True)
         ivec = model.item_vectors(tables.item_inputs(uniq))[inv]
         scores = uvec @ ivec.T
         loss = F.cross_entropy(scores, torch.arange(len(b.u), device=scores.device))

@@ -172,12 +172,14 @@ def run_cascade_on(cd, cfg, device: str, seed: int) -> dict:
     model, owners, reports = run_cascade(data, c)
     _sync(device)
     wall = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None  # before eval
     where = {p.device.type for p in model.parameters()}
     if where != {torch.device(device).type}:
         raise RuntimeError(f"the cascade's model ended on {where}, not {device}")
     trained = [r.info for r in reports if r.step.kind != "prune"]
     seconds = sum(float(i["seconds"]) for i in trained)
-    samples = sum(float(i["samples_per_s"]) * float(i["seconds"]) for i in trained)  # rows stepped on
+    # rows stepped on: each step's rate x its seconds (TrainLog.summary rounds seconds to 1 ms)
+    samples = sum(float(i["samples_per_s"]) * float(i["seconds"]) for i in trained)
     k = c.eval.primary_k
     weights = c.eval.fused_weights
     rows = evaluate_model(model, owners.output_owners(), data.catalog_tables("eval"), data.eval.head(c.eval.max_users),
@@ -194,8 +196,8 @@ def run_cascade_on(cd, cfg, device: str, seed: int) -> dict:
         "owners": owners,
         "data": data,
     }
-    if device.startswith("cuda"):
-        out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if peak is not None:
+        out["peak_mib"] = peak
     return out
 
 
