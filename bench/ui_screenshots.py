@@ -47,6 +47,9 @@ MODEL = "csmf"
 CASCADE_FIGURE = "figures/cascade.png"
 WINDOW = (1600, 1000)
 BUDGET_MS = 15000  # virtual time for the single-page app to fetch and draw before the screenshot
+# MLflow 3.17's UI opens in its GenAI view (runs listed as "Evaluation runs") unless told otherwise;
+# its workflow switch is this query parameter ("Model training" in the side bar).
+TRAINING_VIEW = "?workflowType=machine_learning"
 MIN_PNG_BYTES = 20_000  # a blank or "loading" page of this size compresses far below this
 
 
@@ -88,9 +91,9 @@ def ui_urls(base: str, t: Targets) -> dict[str, str]:
     base = base.rstrip("/")
     run = f"{base}/#/experiments/{t.experiment_id}/runs/{t.run_id}"
     return {
-        "parent_run": run,
-        "cascade_figure": f"{run}/artifacts/{CASCADE_FIGURE}",
-        "model_version": f"{base}/#/models/{quote(t.model, safe='')}/versions/{t.version}",
+        "parent_run": f"{run}{TRAINING_VIEW}",
+        "cascade_figure": f"{run}/artifacts/{CASCADE_FIGURE}{TRAINING_VIEW}",
+        "model_version": f"{base}/#/models/{quote(t.model, safe='')}/versions/{t.version}{TRAINING_VIEW}",
     }
 
 

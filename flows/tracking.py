@@ -258,12 +258,6 @@ class NullTracker:
         return True
 
 
-# MLflow 3's UI guesses an untagged experiment's kind and shows these training runs as GenAI
-# "Evaluation runs"; the tag makes it open in its "Model training" view ("Training runs").
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-EXPERIMENT_KIND = "custom_model_development"
-
-
 def ensure_experiment(name: str, artifact_location: str | Path, tracking_uri: str | None = None) -> str:
     """Id of experiment `name`, created with `artifact_location` when missing.
 
@@ -272,11 +266,7 @@ def ensure_experiment(name: str, artifact_location: str | Path, tracking_uri: st
     client = mlflow.MlflowClient(tracking_uri or mlflow.get_tracking_uri())
     exp = client.get_experiment_by_name(name)
     if exp is not None:
-        if EXPERIMENT_KIND_TAG not in exp.tags:  # an experiment created before the tag was set
-            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = Path(artifact_location)
     location.mkdir(parents=True, exist_ok=True)
-    return client.create_experiment(
-        name, artifact_location=location.resolve().as_uri(), tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
-    )
+    return client.create_experiment(name, artifact_location=location.resolve().as_uri())

@@ -22,10 +22,11 @@ def shots(monkeypatch):
 def test_urls_are_the_mlflow_3_routes_of_run_artifact_and_version(shots):
     t = shots.Targets(experiment_id="7", run_id="abc123", model="my model", version="3")
     urls = shots.ui_urls("http://127.0.0.1:5123/", t)
+    view = "?workflowType=machine_learning"  # the UI's "Model training" view, not its GenAI default
     assert urls == {
-        "parent_run": "http://127.0.0.1:5123/#/experiments/7/runs/abc123",
-        "cascade_figure": "http://127.0.0.1:5123/#/experiments/7/runs/abc123/artifacts/figures/cascade.png",
-        "model_version": "http://127.0.0.1:5123/#/models/my%20model/versions/3",
+        "parent_run": f"http://127.0.0.1:5123/#/experiments/7/runs/abc123{view}",
+        "cascade_figure": f"http://127.0.0.1:5123/#/experiments/7/runs/abc123/artifacts/figures/cascade.png{view}",
+        "model_version": f"http://127.0.0.1:5123/#/models/my%20model/versions/3{view}",
     }
 
 
