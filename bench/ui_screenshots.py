@@ -77,8 +77,10 @@ def find_chromium(env: dict | None = None, which=shutil.which) -> str | None:
 def skip_message(env: dict | None = None) -> str:
     """The line printed when no browser is found (the script then exits 0)."""
     env = os.environ if env is None else env
-    where = f"$CHROMIUM={env['CHROMIUM']} is not an executable" if env.get("CHROMIUM") else (
-        f"none of {', '.join(CHROMIUM_NAMES)} is on the PATH"
+    where = (
+        f"$CHROMIUM={env['CHROMIUM']} is not an executable"
+        if env.get("CHROMIUM")
+        else (f"none of {', '.join(CHROMIUM_NAMES)} is on the PATH")
     )
     return (
         f"ui_screenshots: skipped: no headless Chromium ({where}). Install it with "
