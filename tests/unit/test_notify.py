@@ -103,3 +103,25 @@ def test_every_csmf_flow_has_the_hook_for_failed_and_crashed():
 def test_payload_without_message_or_parameters():
     p = failure_payload("csmf-tune", "csmf-tune-latest", "x", "Crashed", "", {})
     assert p["text"] == "csmf: flow run csmf-tune-latest (csmf-tune) crashed: no message"
+
+
+def test_the_documented_prefect_automation_is_valid():
+    """prefect-automation.yaml is what `prefect automation create --from-file` reads: it validates as a
+    Prefect automation once its block id is filled in, and triggers on the three csmf flows only."""
+    from pathlib import Path
+    from uuid import uuid4
+
+    import yaml
+    from prefect.events.schemas.automations import AutomationCore
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "prefect-automation.yaml").read_text())
+    assert raw["actions"][0]["block_document_id"] == "REPLACE-WITH-YOUR-NOTIFICATION-BLOCK-ID"
+    raw["actions"][0]["block_document_id"] = str(uuid4())
+    a = AutomationCore.model_validate(raw)
+    assert a.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+    assert a.trigger.match_related.root["prefect.resource.name"] == [
+        "csmf-daily",
+        "csmf-compare",
+        "csmf-tune",
+    ]
+    assert a.actions[0].type == "send-notification"
