@@ -34,6 +34,7 @@ from flows.pipeline import csmf_daily
 from flows.registry import REGISTERED_MODEL, load_recommender, resolve_bundle
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
 
 OVERRIDES = [
     "model.dim=16",
@@ -429,6 +430,37 @@ def test_cascade_at_a_glance(happy):
                 )
     md = Path(c.download_artifacts(p.info.run_id, "metrics/by_step.md")).read_text()
     assert "test split" in md and all(f"| {n} |" in md for n in STEPS)
+
+
+def test_ui_screenshots_of_the_run(happy, tmp_path):
+    """bench/ui_screenshots.py against this run's home: three non-blank PNGs of the real MLflow UI
+    (skipped, with the script's own reason, where no Chromium is installed)."""
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from bench import ui_screenshots as shots
+
+    if shots.find_chromium() is None:
+        pytest.skip(shots.skip_message())
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "ui_screenshots.py"),
+            "--home",
+            str(happy.home),
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"parent run {happy.parent.info.run_id}" in done.stdout
+    for stem in ("parent_run", "cascade_figure", "model_version"):
+        png = tmp_path / f"{stem}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > shots.MIN_PNG_BYTES, stem
 
 
 def _context(dataset_input) -> str:
