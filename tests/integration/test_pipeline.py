@@ -463,6 +463,48 @@ def test_ui_screenshots_of_the_run(happy, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > shots.MIN_PNG_BYTES, stem
 
 
+def test_a_failed_flow_run_calls_the_failure_webhook(prefect_harness, monkeypatch):
+    """flows/notify.py for real: Prefect runs the hook when a flow run fails, and the notice reaches a
+    loopback webhook with the flow run's name, state and error."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from prefect import flow
+
+    from flows.notify import WEBHOOK_ENV, notify_failure
+
+    got: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv(WEBHOOK_ENV, f"http://127.0.0.1:{server.server_port}/hook")
+
+    @flow(name="csmf-hook-check", flow_run_name="csmf-hook-check-run", on_failure=[notify_failure])
+    def failing(date: str = "2026-01-08"):
+        raise RuntimeError("boom")
+
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            failing()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(got) == 1, got
+    assert got[0]["flow"] == "csmf-hook-check" and got[0]["flow_run"] == "csmf-hook-check-run"
+    assert got[0]["state"] == "Failed" and "RuntimeError: boom" in got[0]["message"]
+    assert got[0]["parameters"] == {"date": "2026-01-08"}
+
+
 def _context(dataset_input) -> str:
     return next(t.value for t in dataset_input.tags if t.key == "mlflow.data.context")
 
