@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from csmf_core.cascade import CascadeData, build_model, plan, run_step
+from csmf_core.cascade import CascadeData, Step, build_model, plan, run_step
 from csmf_core.config import ConfigError, CSMFConfig, build_config
 from csmf_core.evaluate import Ranked
 from csmf_core.selection import choose_weights, validation_score
@@ -231,11 +231,14 @@ def run_trial(
     *,
     report: Callable[[int, float], bool] | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    on_begin: Callable[[Step], None] | None = None,
 ) -> TrialResult:
     """The selection pass: train the cascade of `cfg` on `data` (validation days held out: data.val),
     every train step keeping its best epoch there, and score it on the validation users.
 
     report(step_index, score) after each train step returns True to stop the trial (TrialPruned).
+    on_begin(step) before each cascade step runs; on_step(k, loss) after each optimiser step, k
+    counted from 1 within the step (what a per-step progress bar needs).
     The score is `selection.validation_score` with the chosen (auto) or configured fusion weights."""
     if data.val is None or data.val_counts is None:
         raise ValueError("run_trial needs data loaded with validation days (load_cascade_data(val_days=...))")
@@ -244,6 +247,8 @@ def run_trial(
     epochs, step_scores, reports = [], [], []
     n_train = 0
     for step in plan(data.objectives, cfg):
+        if on_begin is not None:
+            on_begin(step)
         owners, rep = run_step(step, model, owners, data, cfg, on_step=on_step)
         reports.append(rep)
         if step.kind != "train":

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from prefect import get_run_logger, task
@@ -182,12 +183,7 @@ def _run(
     """Train or prune `model` in place: DDP under torchrun for train.processes > 1 (rank 0 reports
     back; pruning always runs here), else in this process. The loss curve goes to the child run."""
     logger = get_run_logger()
-    bar = None
-    if step.kind != "prune":
-        epochs = cfg.recover.epochs if step.kind == "recover" else cfg.epochs_for(step.stage)
-        bar = StepBar(
-            step.name, expected_steps(_step_rows(step, data, cfg), cfg.train.batch_size, epochs), epochs
-        )
+    bar = step_bar(step, data, cfg)
     curve = reporting.LossCurve(tracker, logger, step.name, every=LOG_EVERY, bar=bar)
     try:
         if cfg.train.processes > 1 and step.kind != "prune":
@@ -202,6 +198,18 @@ def _run(
             bar.close()
     curve.flush()
     return result
+
+
+def step_bar(
+    step: Step, data: CascadeData, cfg: CSMFConfig, label: str | None = None, stream: TextIO | None = None
+) -> StepBar | None:
+    """The terminal progress bar of a train or recover step (None for a pruning): its expected
+    optimiser steps over the rows `data` trains it on, and its epochs under `cfg` (flows/progress.py)."""
+    if step.kind == "prune":
+        return None
+    epochs = cfg.recover.epochs if step.kind == "recover" else cfg.epochs_for(step.stage)
+    total = expected_steps(_step_rows(step, data, cfg), cfg.train.batch_size, epochs)
+    return StepBar(label or step.name, total, epochs, stream=stream)
 
 
 def _step_rows(step: Step, data: CascadeData, cfg: CSMFConfig) -> int:

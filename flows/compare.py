@@ -52,6 +52,7 @@ from flows.compare_report import SWEEPS, WEIGHT_GRID
 from flows.env import check_writable, setup_home, tracking_uri
 from flows.ingest import Ingested, ingest
 from flows.inputs import code_version, contained, plan_window, safe_name
+from flows.notify import notify_failure
 from flows.runs import COMPARE, RunContext, child_run, dataset_name, open_run, run_lifecycle
 
 LOG_EVERY = 200
@@ -104,7 +105,7 @@ def report_out_dir(dataset: Path, report_dir: str | os.PathLike | None, cwd: Pat
 
 
 # ---- the flow --------------------------------------------------------------------------------------
-@flow(name="csmf-compare")
+@flow(name="csmf-compare", on_failure=[notify_failure], on_crashed=[notify_failure])
 def csmf_compare(
     data: str,
     date: str | None = None,

@@ -9,7 +9,8 @@
 1. `prefect server start` (PREFECT_HOME=<home>/prefect-server: its SQLite database, so scheduled
    and past runs survive a restart), and waits until /api/health answers;
 2. the process work pool (default `csmf-process`) whose base job template sets the flow runs'
-   environment: CSMF_HOME, MLFLOW_TRACKING_URI, OMP_NUM_THREADS, PREFECT_SERVER_ANALYTICS_ENABLED;
+   environment: CSMF_HOME, MLFLOW_TRACKING_URI, OMP_NUM_THREADS, PREFECT_SERVER_ANALYTICS_ENABLED,
+   MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR;
 3. `prefect deploy --all` with prefect.yaml (deployments `csmf-daily/daily`, cron 03:00 UTC, and
    `csmf-daily/adhoc`), from the project root so the worker runs this checkout;
 4. `prefect worker start --pool csmf-process`.
@@ -70,6 +71,7 @@ def job_env(home: Path, threads: str | None = None) -> dict[str, str]:
         "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}",
         "OMP_NUM_THREADS": threads or os.environ.get("OMP_NUM_THREADS") or "2",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # as flows.env.home_defaults: no tqdm bars in logs
     }
 
 

@@ -49,6 +49,10 @@ def home_defaults(root: Path) -> dict[str, str]:
         # Prefect's default 20 s for the temporary local API to come up is too short on a busy
         # 2-core machine ("Timed out while attempting to connect to ephemeral Prefect API server").
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        # MLflow draws a tqdm bar for every artifact transfer: the register task's log_model reloads
+        # the model to check the input example and printed "Downloading artifacts: 100%| 13/13" in
+        # the middle of the task logs, which reads like something fetched from the network.
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }
 
 
@@ -58,7 +62,8 @@ def setup_home(home: str | os.PathLike | None = None) -> Path:
     Sets CSMF_HOME to the resolved home (so code that only reads $CSMF_HOME, and subprocesses such
     as `mlflow ui`, agree with an explicit --home) and, only where unset, MLFLOW_TRACKING_URI =
     sqlite:///<home>/mlflow.db, PREFECT_HOME = <home>/prefect, PREFECT_SERVER_ANALYTICS_ENABLED =
-    false, DO_NOT_TRACK = 1 (Prefect's client telemetry and its first-run notice). Idempotent.
+    false, DO_NOT_TRACK = 1 (Prefect's client telemetry and its first-run notice),
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR = false (no tqdm bars for local artifact copies). Idempotent.
     """
     root = resolve_home(home)
     _mkdir(root, root)

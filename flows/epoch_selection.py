@@ -36,8 +36,10 @@ from csmf_core.checkpoint import load_checkpoint
 from csmf_core.config import CSMFConfig
 from csmf_core.selection import PAPER_WEIGHTS, choose_weights
 from csmf_core.tuning import refit_config, run_trial, trial_config
+from flows.cascade_step import step_bar
 from flows.ingest import Ingested
 from flows.names import VAL
+from flows.progress import PassBars
 from flows.runs import RunContext, child_run, device
 from flows.tracking import metric_key
 
@@ -82,7 +84,13 @@ def select_on_validation(ready: Ingested, cfg: CSMFConfig, run: RunContext) -> C
                 logger.info("eval.fused_weights=auto without validation days: the default weights %s", paper)
         else:
             data.tables = data.tables.to(device(cfg))
-            res = run_trial(data, trial_config(cfg, {"data.val_days": data.val_days}))
+            sel_cfg = trial_config(cfg, {"data.val_days": data.val_days})
+            # on a terminal, a progress bar per training step of the pass, like the refit's
+            bars = PassBars(lambda step: step_bar(step, data, sel_cfg, f"{SELECT}: {step.name}"))
+            try:
+                res = run_trial(data, sel_cfg, on_begin=bars.begin, on_step=bars.update)
+            finally:
+                bars.close()
             chosen["config"] = _refit_values(cfg, res)
             chosen["epochs"], chosen["weights"] = res.epochs, list(res.weights)
             metrics = {metric_key(k): v for k, v in res.metrics.items() if v == v}

@@ -96,7 +96,8 @@ def cascade_figure(rows: list[dict], objectives: list[str], k: int, days: str) -
                 ax.plot([x for x, _ in pts], [v for _, v in pts], marker="o", color=_COLORS[j % 6], label=o)
         ax.set_xticks(xs, names, rotation=35, ha="right", fontsize="small")
         ax.set_ylabel(f"{label} (test: {days})")
-        ax.set_title(f"{label} of each objective after every cascade step")
+        ax.set_title(f"{label} after each step")  # short: two panels' long titles ran into each other
         ax.grid(alpha=0.3)
     axes[0].legend(loc="best", fontsize="small", title="objective (own mode)")
+    fig.suptitle("Each objective after every cascade step")
     return fig

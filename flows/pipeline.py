@@ -53,6 +53,7 @@ from flows.names import (
     TUNED_CONFIG_TAG,
     WORKDIR_TAG,
 )
+from flows.notify import notify_failure
 from flows.promotion import gate, register
 from flows.registry import champion
 from flows.retention import apply_retention
@@ -82,7 +83,12 @@ def daily_run_name() -> str:
     return f"csmf-daily-{date}"
 
 
-@flow(name="csmf-daily", flow_run_name=daily_run_name)
+@flow(
+    name="csmf-daily",
+    flow_run_name=daily_run_name,
+    on_failure=[notify_failure],
+    on_crashed=[notify_failure],
+)
 def csmf_daily(
     date: str | None = None,
     data: str | None = None,

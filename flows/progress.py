@@ -76,3 +76,27 @@ class StepBar:
         self._progress.update(self._task, completed=self.total)
         self._progress.stop()
         self._progress = None
+
+
+class PassBars:
+    """The bars of a pass over several cascade steps that reports only `begin(step)` before each step
+    and `update(k, loss)` after each optimiser step (k from 1 within the step): the selection pass,
+    `csmf_core.tuning.run_trial(on_begin=..., on_step=...)`. One StepBar per step, from `make(step)`
+    (None for a step that does not train, a pruning); each is closed when the next step begins."""
+
+    def __init__(self, make):
+        self.make = make
+        self.bar: StepBar | None = None
+
+    def begin(self, step) -> None:
+        self.close()
+        self.bar = self.make(step)
+
+    def update(self, step: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(step, loss)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -64,6 +64,7 @@ from flows.env import check_writable, setup_home, tracking_uri
 from flows.inputs import code_version, dataset_digest, plan_window, safe_name
 from flows.lock import date_lock
 from flows.names import TUNE_EXPERIMENT, TUNED_CONFIG_TAG
+from flows.notify import notify_failure
 from flows.tracking import MlflowTracker, ensure_experiment, metric_key
 
 EXPERIMENT = TUNE_EXPERIMENT
@@ -124,7 +125,7 @@ def _run_name() -> str:
     return f"csmf-tune-{flow_run.parameters.get('date') or 'latest'}"
 
 
-@flow(name="csmf-tune", flow_run_name=_run_name)
+@flow(name="csmf-tune", flow_run_name=_run_name, on_failure=[notify_failure], on_crashed=[notify_failure])
 def csmf_tune(
     data: str,
     date: str | None = None,

@@ -34,6 +34,7 @@ from flows.pipeline import csmf_daily
 from flows.registry import REGISTERED_MODEL, load_recommender, resolve_bundle
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
 
 OVERRIDES = [
     "model.dim=16",
@@ -429,6 +430,79 @@ def test_cascade_at_a_glance(happy):
                 )
     md = Path(c.download_artifacts(p.info.run_id, "metrics/by_step.md")).read_text()
     assert "test split" in md and all(f"| {n} |" in md for n in STEPS)
+
+
+def test_ui_screenshots_of_the_run(happy, tmp_path):
+    """bench/ui_screenshots.py against this run's home: three non-blank PNGs of the real MLflow UI
+    (skipped, with the script's own reason, where no Chromium is installed)."""
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from bench import ui_screenshots as shots
+
+    if shots.find_chromium() is None:
+        pytest.skip(shots.skip_message())
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "ui_screenshots.py"),
+            "--home",
+            str(happy.home),
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"parent run {happy.parent.info.run_id}" in done.stdout
+    for stem in ("parent_run", "cascade_figure", "model_version"):
+        png = tmp_path / f"{stem}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > shots.MIN_PNG_BYTES, stem
+
+
+def test_a_failed_flow_run_calls_the_failure_webhook(prefect_harness, monkeypatch):
+    """flows/notify.py for real: Prefect runs the hook when a flow run fails, and the notice reaches a
+    loopback webhook with the flow run's name, state and error."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from prefect import flow
+
+    from flows.notify import WEBHOOK_ENV, notify_failure
+
+    got: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv(WEBHOOK_ENV, f"http://127.0.0.1:{server.server_port}/hook")
+
+    @flow(name="csmf-hook-check", flow_run_name="csmf-hook-check-run", on_failure=[notify_failure])
+    def failing(date: str = "2026-01-08"):
+        raise RuntimeError("boom")
+
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            failing()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(got) == 1, got
+    assert got[0]["flow"] == "csmf-hook-check" and got[0]["flow_run"] == "csmf-hook-check-run"
+    assert got[0]["state"] == "Failed" and "RuntimeError: boom" in got[0]["message"]
+    assert got[0]["parameters"] == {"date": "2026-01-08"}
 
 
 def _context(dataset_input) -> str:

@@ -32,6 +32,7 @@ ENV = (
     "PREFECT_API_URL",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
     "DO_NOT_TRACK",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
 )
 
 
@@ -310,6 +311,29 @@ def test_setup_home_keeps_variables_already_set(tmp_path, monkeypatch, clean_env
     monkeypatch.setenv("CSMF_HOME", str(tmp_path / "env-home"))
     assert setup_home(None) == (tmp_path / "env-home").resolve()
     assert os.environ["PREFECT_HOME"] == str(tmp_path / "p")
+
+
+def test_no_artifact_progress_bar_after_setup_home(tmp_path, monkeypatch, clean_env, capsys):
+    """`make run` printed MLflow's "Downloading artifacts: ...| 13/13" tqdm bar in the register task
+    (log_model reloads the model to check the input example); setup_home turns the bar off, where the
+    user has not chosen otherwise."""
+    from mlflow.utils.file_utils import ArtifactProgressBar
+
+    def drawn() -> str:
+        with ArtifactProgressBar.files(desc="Downloading artifacts", total=13) as bar:
+            for _ in range(13):
+                bar.update()
+        return capsys.readouterr().err
+
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true")
+    assert "Downloading artifacts" in drawn()  # the control: MLflow draws it by default
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    setup_home(tmp_path / "h")
+    assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"
+    assert drawn() == ""
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true")  # a user's own choice wins
+    setup_home(tmp_path / "h")
+    assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "true"
 
 
 def test_no_prefect_telemetry_notice_in_a_terminal(tmp_path, clean_env):
