@@ -126,7 +126,9 @@ def read_vocab(path: Path, column: str) -> np.ndarray:
         )
     ids = np.asarray(rest.to_numpy(), dtype=np.int64)
     if ids.size > 1 and not bool((ids[1:] > ids[:-1]).all()) and len(np.unique(ids)) != ids.size:
-        raise ValueError(f"{path}: {column} of rows >= 1 must be unique (one row per id, as prep writes them)")
+        raise ValueError(
+            f"{path}: {column} of rows >= 1 must be unique (one row per id, as prep writes them)"
+        )
     return ids
 
 
@@ -312,7 +314,9 @@ def write_bundle(
         (tmp / "features").mkdir()
         for f in FEATURE_FILES:
             shutil.copy2(mr / f, tmp / "features" / f)
-        for f in SEEN_FILES.values():  # the id maps' last-seen days (csmf_core/idmap.py), when prep wrote them
+        for (
+            f
+        ) in SEEN_FILES.values():  # the id maps' last-seen days (csmf_core/idmap.py), when prep wrote them
             if (mr / f).is_file():
                 shutil.copy2(mr / f, tmp / "features" / f)
         item_ids = read_vocab(mr / "items.parquet", "item_id")

@@ -226,7 +226,9 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
-    if where in MAY_BE_NONE and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+    if where in MAY_BE_NONE and (
+        value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+    ):
         return None
     if where in AUTO_KEYS and str in typing.get_args(tp):
         if isinstance(value, str) and value.strip().lower() == "auto":

@@ -9,11 +9,14 @@ maps as a `BaseMaps` and `assign_rows` keeps them:
 * ids new since then get rows after the base's rows, in ascending id order; a warm start initialises
   them exactly as a model built from scratch with the run's `model.init_seed` initialises that row;
 * with `evict_after_days = N`, an id of the base whose last-seen day is N or more days before the
-  run's last day is *evicted when a row is needed*: new ids take the rows of evicted ids first (oldest
+  run's last training day (and before its first: an id with training rows is never evicted) is
+  *evicted when a row is needed*: new ids take the rows of evicted ids first (oldest
   last-seen first, then lowest row), and such a recycled row is initialised like a new row. Evicted
   ids not needed for a new id keep their row and stay served until a later run needs it. So the map
   never has holes (every row >= 1 has one id), a kept id's row never moves, and the tables grow only
-  when no evictable row is left (they never shrink: shrinking would move rows).
+  when no evictable row is left (they never shrink: shrinking would move rows). An evicted id is
+  unknown from then on: its events in older partitions drop out of behaviour sequences (as items
+  outside a model's vocabulary do in the serving bundle), and it is served as a cold start.
 
 Last-seen day (int32 UTC day number, csmf_core/item_stats.day_number) = the last day the id occurs in
 an event partition the run read (any row, exposed or not); an id seen only in the feature table keeps
@@ -114,14 +117,13 @@ class Assigned:
     stats: dict
 
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
-        """Original ids -> rows (int32); every id must be in the map."""
+        """Original ids -> rows (int32); 0 for an id not in the map (an evicted id)."""
+        if not len(self.ids):
+            return np.zeros(len(ids), np.int32)
         order = np.argsort(self.ids, kind="stable")
         pos = np.searchsorted(self.ids, ids, sorter=order)
-        pos = np.clip(pos, 0, max(len(order) - 1, 0))
-        rows = order[pos]
-        if len(ids) and not bool((self.ids[rows] == ids).all()):
-            raise ValueError("an id has no row in the id map")
-        return (rows + 1).astype(np.int32)
+        rows = order[np.clip(pos, 0, len(order) - 1)]
+        return np.where(self.ids[rows] == ids, rows + 1, 0).astype(np.int32)
 
 
 def assign_rows(
@@ -131,10 +133,13 @@ def assign_rows(
     *,
     today: int,
     evict_after_days: int | None = None,
+    first_day: int | None = None,
 ) -> Assigned:
     """Rows for the ids a run reads. ids (m,) sorted unique int64; seen (m,) int32 their last-seen day
     in this run (-1 = only in the feature table). Without a base: ascending id order (a run from
-    scratch). With one: the module docstring's rules. `today` = the run's last training day."""
+    scratch). With one: the module docstring's rules. `today` = the run's last training day; an id
+    seen on or after `first_day` (the run's first training day) is never evicted, whatever
+    `evict_after_days`: it has training or evaluation rows."""
     ids = np.asarray(ids, np.int64)
     seen = np.where(seen >= 0, seen, today).astype(np.int32)
     if base is None:
@@ -152,7 +157,10 @@ def assign_rows(
     recycled = np.zeros(len(b_ids), bool)
     n_recycled = 0
     if evict_after_days is not None and len(new_ids):
-        evictable = np.flatnonzero(today - b_seen >= evict_after_days)
+        old_enough = today - b_seen >= evict_after_days
+        if first_day is not None:
+            old_enough &= b_seen < first_day
+        evictable = np.flatnonzero(old_enough)
         evictable = evictable[np.lexsort((evictable, b_seen[evictable]))]  # oldest first, then row
         take = evictable[: len(new_ids)]
         n_recycled = len(take)

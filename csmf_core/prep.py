@@ -301,6 +301,7 @@ def prepare(
     )
     eval_lf = ev.filter(pl.col("_eval") & pl.any_horizontal(cols)).select("user_id", "item_id", *cols)
     hist_lfs = [ev.filter(pl.col(c)).select("user_id", "item_id", "ts") for c in cols[1:]]
+
     def last_seen(df: pl.DataFrame, col: str) -> pl.LazyFrame:  # per id: the last event ts read, or null
         table_ids = df.lazy().select(pl.col(col).cast(pl.Int64), pl.lit(None, pl.Int64).alias("ts"))
         return pl.concat([table_ids, ev.select(col, "ts")]).group_by(col).agg(pl.col("ts").max())
@@ -321,6 +322,8 @@ def prepare(
             base.side(side) if base is not None else None,
             today=today,
             evict_after_days=evict_after_days,
+            first_day=today
+            - (dt.date.fromisoformat(max(train_d)) - dt.date.fromisoformat(min(train_d))).days,
         )
     del uids, iids
     user_ids, item_ids = maps["users"].ids, maps["items"].ids
@@ -343,10 +346,13 @@ def prepare(
         codes = tab["c_uid" if side == "users" else "c_iid"].to_numpy()[1:]
         stats["collisions"] = collisions(codes) if id_buckets is not None else 0
     n_users, n_items = len(user_ids) + 1, len(item_ids) + 1
-    index = {
-        n: HistoryIndex(uidx(h["user_id"]), iidx(h["item_id"]), h["ts"].to_numpy())
-        for n, h in zip(names[1:], hists)
-    }
+
+    def history_index(h: pl.DataFrame) -> HistoryIndex:
+        u, i, ts = uidx(h["user_id"]), iidx(h["item_id"]), h["ts"].to_numpy()
+        known = (u > 0) & (i > 0)  # only evicted ids (csmf_core/idmap.py) have row 0 here
+        return HistoryIndex(u[known], i[known], ts[known])
+
+    index = {n: history_index(h) for n, h in zip(names[1:], hists)}
     del hists
 
     # Request negatives: one (n_requests + 1, M) matrix, row 0 = no negatives, gathered per train row.

@@ -361,10 +361,16 @@ class Recommender:
             raise ValueError(f"{mr} has objectives {other.objectives}, the model {self.objectives}")
         n_items = len(self.item_vocab) + 1
         umap = np.concatenate(
-            [[0], lookup_index(self.user_vocab, read_vocab(mr / "users.parquet", "user_id"), self._user_order)]
+            [
+                [0],
+                lookup_index(self.user_vocab, read_vocab(mr / "users.parquet", "user_id"), self._user_order),
+            ]
         )
         imap = np.concatenate(
-            [[0], lookup_index(self.item_vocab, read_vocab(mr / "items.parquet", "item_id"), self._item_order)]
+            [
+                [0],
+                lookup_index(self.item_vocab, read_vocab(mr / "items.parquet", "item_id"), self._item_order),
+            ]
         )
         rel_map = imap.copy()
         unseen = np.flatnonzero(imap == 0)[1:]

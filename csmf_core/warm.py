@@ -56,7 +56,9 @@ def compatibility_problems(
         if o.n_num != n.n_num:
             problems.append(f"{side} numeric columns: the model has {o.n_num}, the run {n.n_num}")
         if o.hist != n.hist:
-            problems.append(f"{side} behaviour sequences: the model has {list(o.hist)}, the run {list(n.hist)}")
+            problems.append(
+                f"{side} behaviour sequences: the model has {list(o.hist)}, the run {list(n.hist)}"
+            )
         shrunk = [(c, a, b) for (c, a), (_, b) in zip(o.cat, n.cat) if b < a]
         if n.hist and n.n_items < o.n_items:
             shrunk.append(("history items", o.n_items, n.n_items))
@@ -79,7 +81,9 @@ def warm_start(
     (idmap.read_recycled); they start from a fresh row. Returns (model, owners, info) with info the
     counts of copied, new and recycled rows per table."""
     old, owners, _ = load_checkpoint(checkpoint_dir)
-    problems = compatibility_problems(old, owners.stages, data.objectives, data.user_spec, data.item_spec, cfg)
+    problems = compatibility_problems(
+        old, owners.stages, data.objectives, data.user_spec, data.item_spec, cfg
+    )
     if problems:
         raise WarmStartError(
             f"cannot start from the model in {checkpoint_dir}: it differs from this run's configuration or "
@@ -106,7 +110,9 @@ def warm_start(
             elif src.shape == p.shape:
                 p.copy_(src)
             else:
-                raise WarmStartError(f"{name}: the model has shape {tuple(src.shape)}, the run {tuple(p.shape)}")
+                raise WarmStartError(
+                    f"{name}: the model has shape {tuple(src.shape)}, the run {tuple(p.shape)}"
+                )
     model.set_owners(param_owners(model, owners))
     return model, owners, info
 
