@@ -20,8 +20,9 @@ step's best epoch (its starting point, epoch 0, included: a stage may stay as it
 Recall@K on the last v days, and the refit then continues the previous model on the last
 `incremental_days` days only, for those epochs. `train.epochs` are the caps.
 
-`decide_mode` is the schedule: incremental only when asked for, with a starting model, and while that
-model's last full retrain is less than `train.full_every_days` days old.
+`decide_mode` is the schedule: incremental only when asked for, with a starting model trained for an
+earlier date, and while that model's last full retrain is less than `train.full_every_days` days
+old; otherwise a full retrain, with a line saying why.
 """
 
 from __future__ import annotations
@@ -64,8 +65,9 @@ def decide_mode(
 ) -> ModeDecision:
     """The training mode of a run for `run_date`.
 
-    requested: train.mode. parent: the model to continue ({"version", "last_full_date"}), None when
-    there is none (no champion yet). explicit: the parent was named (`--from-model`), so the schedule
+    requested: train.mode. parent: the model to continue ({"version", "last_full_date", "date": the
+    run date it was trained for}), None when there is none (no champion yet); a champion trained for
+    this date or a later one (a re-run, a backfill) is not continued. explicit: the parent was named (`--from-model`), so the schedule
     of full retrains does not apply. A full run is its own last full retrain."""
     if requested == FULL:
         return ModeDecision(FULL, "train.mode=full: the cascade from scratch", None, run_date)
@@ -78,6 +80,14 @@ def decide_mode(
             run_date,
         )
     last_full = parent.get("last_full_date")
+    if not explicit and parent.get("date") and parent["date"] >= run_date:
+        return ModeDecision(
+            FULL,
+            f"train.mode=incremental, but the champion (v{parent['version']}) was trained for "
+            f"{parent['date']}, not before {run_date} (a re-run or a backfill): a full retrain",
+            None,
+            run_date,
+        )
     if not explicit and last_full:
         age = (dt.date.fromisoformat(run_date) - dt.date.fromisoformat(last_full)).days
         if age >= full_every_days:

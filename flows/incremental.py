@@ -107,6 +107,7 @@ def _parent_facts(version) -> dict:
         "version": str(version.version),
         # a version from before train.mode existed was a full retrain on its own run date
         "last_full_date": tags.get(LAST_FULL_TAG) or tags.get(DATE_TAG) or None,
+        "date": tags.get(DATE_TAG) or None,
     }
 
 
@@ -116,7 +117,12 @@ def choose_start(
     """The run's mode and starting model (module docstring). `log(line)` gets the decision."""
     if cfg.train.mode == FULL and from_model is None:
         return Start(decide_mode(FULL, run_date, cfg.train.full_every_days, None))
+    import mlflow
+
     from data_contracts import load_spec
+    from flows.env import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())  # the registry of this home (open_run sets it again)
     from flows.registry import champion, resolve_model
 
     if from_model is not None:

@@ -129,6 +129,8 @@ def csmf_daily(
             cfg, {"train.mode": "incremental", "data.train_days": incremental_window_days(cfg)}
         )
         window = plan_window(dataset, window.date, cfg.data)
+    elif cfg.train.mode != "full":  # fell back to a full retrain: configured (and resumed) as one
+        cfg = trial_config(cfg, {"train.mode": "full"})
     with date_lock(root, window.date, who=f"prefect flow run {flow_run.id or 'local'}"):
         run = open_run(DAILY, root, cfg, dataset, window)
         if start.incremental:  # stages continue a model: never resumed from a run with another parent

@@ -35,6 +35,10 @@ def test_decide_mode_schedule():
     assert d.mode == FULL and "full retrain is due" in d.reason and d.last_full_date == "2026-01-08"
     d = decide_mode(INCREMENTAL, "2026-01-08", 7, parent, explicit=True)  # --from-model: as asked
     assert d.mode == INCREMENTAL
+    d = decide_mode(INCREMENTAL, "2026-01-06", 7, parent | {"date": "2026-01-06"})  # a re-run
+    assert d.mode == FULL and "re-run or a backfill" in d.reason
+    d = decide_mode(INCREMENTAL, "2026-01-06", 7, parent | {"date": "2026-01-05"})
+    assert d.mode == INCREMENTAL
     d = decide_mode(INCREMENTAL, "2026-01-08", 7, None)
     assert d.mode == FULL and "no champion" in d.reason and "falling back" in d.reason
 
