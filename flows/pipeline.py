@@ -144,10 +144,9 @@ def csmf_daily(
                 cfg = select_incremental(ready, cfg, run, start)
                 checkpoints = train_incremental(ready, cfg, run, start)
             else:
-                cfg = select_on_validation(ready, cfg, run)  # validation days: epochs and weights, refit
-                checkpoints = train_cascade(
-                    ready, cfg, run
-                )  # pretrain_exposure -> ... -> finetune_conversion
+                # validation days: epochs and weights, then the refit; pretrain_exposure -> ... -> finetune_conversion
+                cfg = select_on_validation(ready, cfg, run)
+                checkpoints = train_cascade(ready, cfg, run)
             if cfg.eval.fused_weights == "auto":  # data.val_refit false: chosen after the cascade
                 cfg = choose_default_weights(checkpoints.final, ready, cfg, run)
             bundle = build_index(checkpoints.final, ready, cfg, run)

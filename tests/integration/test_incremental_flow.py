@@ -35,7 +35,7 @@ def days(tmp_path_factory):
     tiny = generate(root / "tiny", "tiny", seed=0).out_dir
     home = root / "home"
     out = SimpleNamespace(root=root, home=home)
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=300):
         with _store(home) as client:
             out.client = client
             out.a = csmf_daily(date="2026-01-05", data=str(tiny), home=str(home), overrides=INCREMENTAL)
