@@ -123,7 +123,7 @@ def csmf_daily(
     cfg = load_config(config, overrides, tuned=tuned_file)
     window = plan_window(dataset, date, cfg.data)  # missing partitions fail here, before any work
     doctor.before_run(root, tracking_uri())  # what killed csmf processes left (flows/doctor.py)
-    start = choose_start(cfg, window.date, dataset, from_model, root, get_run_logger().info)
+    start = choose_start(cfg, window.date, dataset, from_model, root, _log_line)
     if start.incremental:  # the new day(s) and the validation day(s) only (flows/incremental.py)
         cfg = trial_config(
             cfg, {"train.mode": "incremental", "data.train_days": incremental_window_days(cfg)}
@@ -162,6 +162,18 @@ def csmf_daily(
         description=f"csmf-daily {window.date}: model v{version}, {decision.get('reason', '')[:200]}",
     )
     return result
+
+
+def _log_line(line: str) -> None:
+    """A line in the flow run's log (the module's logger when called outside a flow run)."""
+    from prefect.exceptions import MissingContextError
+
+    try:
+        get_run_logger().info(line)
+    except MissingContextError:
+        import logging
+
+        logging.getLogger(__name__).info(line)
 
 
 # ---- tasks -----------------------------------------------------------------------------------------
