@@ -48,6 +48,7 @@ import yaml
 from csmf_core.checkpoint import load_checkpoint
 from csmf_core.config import CSMFConfig, check_objectives
 from csmf_core.evaluate import item_matrix
+from csmf_core.idmap import SEEN_FILES
 from csmf_core.ids import as_id_array
 from csmf_core.index import ItemIndex
 from csmf_core.item_stats import (
@@ -124,17 +125,34 @@ def read_vocab(path: Path, column: str) -> np.ndarray:
             f"{path}: {column} has {rest.null_count} nulls in rows >= 1 (only row 0 may be null)"
         )
     ids = np.asarray(rest.to_numpy(), dtype=np.int64)
-    if ids.size > 1 and not bool((ids[1:] > ids[:-1]).all()):
-        raise ValueError(f"{path}: {column} of rows >= 1 must be unique and ascending (as prep writes them)")
+    if ids.size > 1 and not bool((ids[1:] > ids[:-1]).all()) and len(np.unique(ids)) != ids.size:
+        raise ValueError(
+            f"{path}: {column} of rows >= 1 must be unique (one row per id, as prep writes them)"
+        )
     return ids
 
 
-def lookup_index(vocab: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Original ids -> model-ready indices (position in the sorted vocab + 1); unknown ids -> 0."""
+def vocab_order(vocab: np.ndarray) -> np.ndarray | None:
+    """None when `vocab` is ascending (a run from scratch), else the permutation that sorts it (a
+    warm-started model's id map, csmf_core/idmap.py): compute once and pass to `lookup_index`."""
+    if vocab.size < 2 or bool((vocab[1:] > vocab[:-1]).all()):
+        return None
+    return np.argsort(vocab, kind="stable")
+
+
+def lookup_index(vocab: np.ndarray, ids: np.ndarray, order: np.ndarray | None | bool = False) -> np.ndarray:
+    """Original ids -> model-ready indices (row of the id: its position in `vocab` + 1); unknown ids -> 0.
+    `vocab`: the ids of rows 1.. in row order (`read_vocab`); `order`: `vocab_order(vocab)` when known
+    (False = work it out here)."""
     ids = as_id_array(ids, "ids")  # never through float: a float64 id above 2**53 may be a neighbour's
     if vocab.size == 0:
         return np.zeros(ids.shape, np.int64)
-    pos = np.clip(np.searchsorted(vocab, ids), 0, vocab.size - 1)
+    if order is False:
+        order = vocab_order(vocab)
+    if order is None:
+        pos = np.clip(np.searchsorted(vocab, ids), 0, vocab.size - 1)
+    else:
+        pos = order[np.clip(np.searchsorted(vocab, ids, sorter=order), 0, vocab.size - 1)]
     return np.where(vocab[pos] == ids, pos + 1, 0).astype(np.int64)
 
 
@@ -296,6 +314,11 @@ def write_bundle(
         (tmp / "features").mkdir()
         for f in FEATURE_FILES:
             shutil.copy2(mr / f, tmp / "features" / f)
+        for (
+            f
+        ) in SEEN_FILES.values():  # the id maps' last-seen days (csmf_core/idmap.py), when prep wrote them
+            if (mr / f).is_file():
+                shutil.copy2(mr / f, tmp / "features" / f)
         item_ids = read_vocab(mr / "items.parquet", "item_id")
         if stats is not None:  # as of the day after history_until, the day a request reads them
             stats_as_of = day_number(until) + 1
@@ -351,6 +374,7 @@ def write_bundle(
             "train_dates": meta.get("train_dates"),
             "eval_dates": meta.get("eval_dates"),
             "dataset": meta.get("dataset"),
+            "id_maps": meta.get("id_maps"),
             "config_digest": config.digest(),
             "data_digest": data_digest,
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -197,6 +197,7 @@ def load_cascade_data(
     item_stats_windows: tuple[int, ...] = (),
     eval_days: int | None = None,
     processes: int = 1,
+    train_from: str | None = None,
 ) -> CascadeData:
     """Read a model-ready dataset directory (docs/architecture.md section 2) into CascadeData.
 
@@ -207,7 +208,9 @@ def load_cascade_data(
     "auto" resolves it from the window (`selection.resolve_val_days`: the number of training dates in
     meta.json, `eval_days` or the number of evaluation dates, the loader and `processes`). A model-ready
     dataset without evaluation dates (`prep.prepare(eval_dates=[])`, what `csmf tune` trains on) has
-    an empty `eval`.
+    an empty `eval`. train_from (YYYY-MM-DD, memory loader): only the train rows of that day and later
+    are trained on (an incremental run's last days, csmf_core/incremental.py); the log-Q counts are
+    then those of the rows kept.
     """
     from pathlib import Path
 
@@ -265,6 +268,13 @@ def load_cascade_data(
             keep, val, (val_day, _) = split_validation(tr, objs, val_days)
             rows = rows.select(keep)
             val_counts = positives_per_item(rows, mr.n_items, len(objs))
+        if train_from is not None:
+            if val_days > 0:
+                raise ValueError("train_from and validation days cannot be combined")
+            day = torch.div(tr.ts, DAY_US, rounding_mode="floor")
+            rows = rows.select(torch.nonzero(day >= day_number(train_from)).flatten())
+            if len(rows.u) < 2:
+                raise ValueError(f"{path}: fewer than 2 train rows on or after {train_from}")
     else:
         empty = torch.zeros(0, dtype=torch.long)
         rows = TrainRows(
@@ -288,6 +298,8 @@ def load_cascade_data(
         c = np.zeros(mr.n_items, dtype=np.int64)
         c[idx] = pop[f"count_{o}"].to_numpy()
         counts.append(c)
+    if train_from is not None and isinstance(rows, TrainRows):
+        counts = positives_per_item(rows, mr.n_items, len(objs))
     return CascadeData(
         objs, user_spec, item_spec, tables, rows, ev, counts, val, eval_day, val_day, val_days, val_why,
         val_counts,

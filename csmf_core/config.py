@@ -39,6 +39,12 @@ class ModelConfig:
     id_emb_dim: int = 32  # columns of the user-id / item-id embeddings
     hist_emb_dim: int = 32  # columns of each behaviour-sequence item embedding (mean pooled)
     init_seed: int = 0
+    # hash user and item ids into this many id-embedding rows (unbounded vocabularies; collisions are
+    # counted and logged by prep); None = one row per id (csmf_core/idmap.py)
+    id_buckets: int | None = None
+    # a warm start (train.mode incremental) recycles the row of an id unseen for this many days for a
+    # new id (csmf_core/idmap.py); None = never evict
+    evict_after_days: int | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,13 @@ class TrainConfig:
     # gradients, only the rows a batch touches are updated (csmf_core/rowwise.py); dense layers keep fused
     # Adam. Default dense: the recall comparison on the small world did not complete (docs/performance.md)
     embedding_optimizer: str = "dense"
+    # "full": train the cascade from scratch on the window; "incremental": start from the champion (or
+    # `csmf run --from-model REF`): its checkpoint, masks and id maps, and train each stage's owned
+    # entries on the last `incremental_days` days only (flows/incremental.py)
+    mode: str = "full"
+    incremental_days: int = 1
+    # incremental: a full retrain instead when the champion's last full retrain is this many days old
+    full_every_days: int = 7
 
 
 @dataclass(frozen=True)
@@ -194,10 +207,13 @@ _CHOICES = {
     ("train", "loader"): {"memory", "parquet"},
     ("train", "dist_backend"): {"auto", "gloo", "nccl"},
     ("train", "embedding_optimizer"): {"dense", "lazy_adam", "rowwise_adagrad"},
+    ("train", "mode"): {"full", "incremental"},
 }
 
 
 MAY_BE_EMPTY = {"data.item_stats"}  # list settings where [] means "off"
+# settings where null (YAML) or none / null (--set) means "off"
+MAY_BE_NONE = {"model.id_buckets", "model.evict_after_days"}
 # settings that also take the string "auto": resolved from the data (csmf_core/selection.py)
 AUTO_KEYS = {"data.val_days", "eval.fused_weights"}
 MAX_SEED = 2**32 - 1  # numpy's SeedSequence needs seeds >= 0; torch seeds are derived as seed * 1009 + ...
@@ -210,6 +226,10 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
+    if where in MAY_BE_NONE and (
+        value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+    ):
+        return None
     if where in AUTO_KEYS and str in typing.get_args(tp):
         if isinstance(value, str) and value.strip().lower() == "auto":
             return "auto"
@@ -295,6 +315,16 @@ def _check_ranges(cfg: CSMFConfig, errors: list[str]) -> None:
         (m.id_emb_dim >= 1, f"model.id_emb_dim must be >= 1, got {m.id_emb_dim}"),
         (m.hist_emb_dim >= 1, f"model.hist_emb_dim must be >= 1, got {m.hist_emb_dim}"),
         (0 <= m.init_seed <= MAX_SEED, f"model.init_seed must be in [0, {MAX_SEED}], got {m.init_seed}"),
+        (
+            m.id_buckets is None or m.id_buckets >= 1,
+            f"model.id_buckets must be >= 1 (rows ids are hashed into) or null (off), got {m.id_buckets}",
+        ),
+        (
+            m.evict_after_days is None or m.evict_after_days >= 1,
+            f"model.evict_after_days must be >= 1 or null (off), got {m.evict_after_days}",
+        ),
+        (t.incremental_days >= 1, f"train.incremental_days must be >= 1, got {t.incremental_days}"),
+        (t.full_every_days >= 1, f"train.full_every_days must be >= 1, got {t.full_every_days}"),
         (cfg.loss.temperature > 0, "loss.temperature must be > 0"),
         (cfg.loss.eta > 0, "loss.eta must be > 0"),
         (cfg.loss.sigma >= 0, f"loss.sigma must be >= 0 (the minimum AML margin), got {cfg.loss.sigma}"),

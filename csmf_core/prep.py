@@ -42,6 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from csmf_core.fsutil import commit_dir, fresh_temp_dir
+from csmf_core.idmap import SEEN_FILES, BaseMaps, assign_rows, collisions, hash_buckets, write_seen
 from data_contracts import DatasetSpec, load_spec, partition_files
 
 INT_CATEGORICAL_MAX_DISTINCT = 1000
@@ -98,19 +99,36 @@ def _infer_spec(df: pl.DataFrame, id_col: str) -> dict[str, list[str]]:
     return spec
 
 
-def _encode_table(df: pl.DataFrame, id_col: str, ids: np.ndarray, spec: dict | None, idx_name: str):
-    """Feature table -> (model-ready table, feature specs). ``ids`` (n,) sorted vocabulary."""
+def _encode_table(
+    df: pl.DataFrame,
+    id_col: str,
+    ids: np.ndarray,
+    spec: dict | None,
+    idx_name: str,
+    base: list[dict] | None = None,
+    id_buckets: int | None = None,
+):
+    """Feature table -> (model-ready table, feature specs). ``ids`` (n,): the id of row r at r - 1
+    (sorted ids in a run from scratch; csmf_core/idmap.py with a base). ``base``: the base model's
+    feature specs of this table: its categorical codes and numeric standardisation are kept (values new
+    since then get the next codes). ``id_buckets``: the id column holds hashed buckets, not the row."""
     df = df.filter(pl.col(id_col).is_not_null()).unique(subset=id_col, keep="first", maintain_order=True)
     spec = spec or _infer_spec(df, id_col)
     joined = pl.DataFrame({id_col: ids}).join(df, on=id_col, how="left", maintain_order="left")
     n = len(ids) + 1
-    cols = {
-        id_col: pl.Series(id_col, [None, *ids.tolist()], pl.Int64),
-        idx_name: np.arange(n, dtype=np.int32),
-    }
-    specs = [{"name": idx_name, "kind": "categorical", "cardinality": n, "source": id_col}]
+    base_specs = {s.get("source"): s for s in base or [] if s["name"] != idx_name}
+    id_codes = np.arange(n, dtype=np.int32)
+    if id_buckets is not None:
+        id_codes = np.concatenate([[0], hash_buckets(ids, id_buckets)]).astype(np.int32)
+    cols = {id_col: pl.Series(id_col, [None, *ids.tolist()], pl.Int64), idx_name: id_codes}
+    card = n if id_buckets is None else id_buckets + 1
+    specs = [{"name": idx_name, "kind": "categorical", "cardinality": card, "source": id_col}]
     for f in spec.get("categorical", []):
         values = df[f].drop_nulls().unique().sort()
+        prior = base_specs.get(f)
+        if prior is not None and prior["kind"] == "categorical":  # the base's codes first, new ones after
+            old = pl.Series(f, prior.get("values") or [], dtype=values.dtype, strict=False)
+            values = pl.concat([old, values.filter(~values.is_in(old.implode()))])
         codes = joined[f].replace_strict(values, range(1, len(values) + 1), default=0, return_dtype=pl.Int32)
         cols[f"c_{f}"] = np.concatenate([[0], codes.fill_null(0).to_numpy()]).astype(np.int32)
         specs.append(
@@ -121,6 +139,9 @@ def _encode_table(df: pl.DataFrame, id_col: str, ids: np.ndarray, spec: dict | N
         x = df[f].cast(pl.Float64).fill_nan(None)
         mean, std = x.mean() or 0.0, x.std(ddof=0) or 0.0
         std = std if std > 0 else 1.0  # a constant column standardises to 0, not NaN
+        prior = base_specs.get(f)
+        if prior is not None and prior["kind"] == "numeric":  # the base model's inputs stay the same
+            mean, std = float(prior["mean"]), float(prior["std"])
         z = ((joined[f].cast(pl.Float64).fill_nan(None) - mean) / std).fill_null(0.0).to_numpy()
         cols[f"n_{f}"] = np.concatenate([[0.0], z]).astype(np.float32)
         specs.append({"name": f"n_{f}", "kind": "numeric", "source": f, "mean": mean, "std": std})
@@ -206,6 +227,9 @@ def prepare(
     n_req_neg: int = 10,
     overwrite: bool = False,
     part_rows: int = 1_000_000,
+    base: BaseMaps | None = None,
+    id_buckets: int | None = None,
+    evict_after_days: int | None = None,
 ) -> PrepSummary:
     """Build the model-ready dataset of ``dataset_dir`` into ``out_dir``.
 
@@ -217,6 +241,13 @@ def prepare(
     builds training rows only (an empty ``eval`` table) and opens no partition after the last
     training date: what `csmf tune` trains on, so evaluation days are never read while tuning.
     A non-empty out_dir is refused unless ``overwrite``.
+
+    Id maps (csmf_core/idmap.py): without ``base`` users and items get rows in ascending id order; with
+    the maps of a previous model (``BaseMaps.read(bundle / "features")``) every id it knew keeps its
+    row and its feature encodings, new ids get the next rows, and with ``evict_after_days`` new ids
+    take the rows of ids unseen for that many days first. ``id_buckets`` hashes the id features
+    (``c_uid`` / ``c_iid``) into that many rows. Each row's last-seen day goes to
+    ``users_seen.parquet`` / ``items_seen.parquet``; the counts to meta.json ``id_maps``.
     """
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     spec = load_spec(dataset_dir)
@@ -270,23 +301,58 @@ def prepare(
     )
     eval_lf = ev.filter(pl.col("_eval") & pl.any_horizontal(cols)).select("user_id", "item_id", *cols)
     hist_lfs = [ev.filter(pl.col(c)).select("user_id", "item_id", "ts") for c in cols[1:]]
-    uid_lf = pl.concat([users_df.lazy().select("user_id"), ev.select("user_id")]).unique()
-    iid_lf = pl.concat([items_df.lazy().select("item_id"), ev.select("item_id")]).unique()
+
+    def last_seen(df: pl.DataFrame, col: str) -> pl.LazyFrame:  # per id: the last event ts read, or null
+        table_ids = df.lazy().select(pl.col(col).cast(pl.Int64), pl.lit(None, pl.Int64).alias("ts"))
+        return pl.concat([table_ids, ev.select(col, "ts")]).group_by(col).agg(pl.col("ts").max())
+
+    uid_lf, iid_lf = last_seen(users_df, "user_id"), last_seen(items_df, "item_id")
     train, negs, evals, uids, iids, *hists = pl.collect_all(
         [train_lf, neg_lf, eval_lf, uid_lf, iid_lf, *hist_lfs], engine="streaming"
     )
 
-    user_ids = np.sort(uids["user_id"].drop_nulls().to_numpy())
-    item_ids = np.sort(iids["item_id"].drop_nulls().to_numpy())
-    uidx = lambda s: (np.searchsorted(user_ids, s.to_numpy()) + 1).astype(np.int32)  # noqa: E731
-    iidx = lambda s: (np.searchsorted(item_ids, s.to_numpy()) + 1).astype(np.int32)  # noqa: E731
-    users_tab, user_specs = _encode_table(users_df, "user_id", user_ids, feats.get("users"), "c_uid")
-    items_tab, item_specs = _encode_table(items_df, "item_id", item_ids, feats.get("items"), "c_iid")
+    today = int(dt.date.fromisoformat(max(train_d)).toordinal() - dt.date(1970, 1, 1).toordinal())
+    maps = {}
+    for side, col, frame in (("users", "user_id", uids), ("items", "item_id", iids)):
+        frame = frame.filter(pl.col(col).is_not_null()).sort(col)
+        seen = (frame["ts"].fill_null(-DAY_US).to_numpy() // DAY_US).astype(np.int32)  # -1: table only
+        maps[side] = assign_rows(
+            frame[col].to_numpy(),
+            seen,
+            base.side(side) if base is not None else None,
+            today=today,
+            evict_after_days=evict_after_days,
+            first_day=today
+            - (dt.date.fromisoformat(max(train_d)) - dt.date.fromisoformat(min(train_d))).days,
+        )
+    del uids, iids
+    user_ids, item_ids = maps["users"].ids, maps["items"].ids
+    if base is None:  # ascending ids: a row is the position in the sorted vocabulary (as before id maps)
+        uidx = lambda s: (np.searchsorted(user_ids, s.to_numpy()) + 1).astype(np.int32)  # noqa: E731
+        iidx = lambda s: (np.searchsorted(item_ids, s.to_numpy()) + 1).astype(np.int32)  # noqa: E731
+    else:
+        uidx = lambda s: maps["users"].rows_of(s.to_numpy())  # noqa: E731
+        iidx = lambda s: maps["items"].rows_of(s.to_numpy())  # noqa: E731
+    base_feats = base.features if base is not None else {}
+    users_tab, user_specs = _encode_table(
+        users_df, "user_id", user_ids, feats.get("users"), "c_uid", base_feats.get("users"), id_buckets
+    )
+    items_tab, item_specs = _encode_table(
+        items_df, "item_id", item_ids, feats.get("items"), "c_iid", base_feats.get("items"), id_buckets
+    )
+    for side, tab in (("users", users_tab), ("items", items_tab)):
+        stats = maps[side].stats
+        stats["buckets"] = id_buckets
+        codes = tab["c_uid" if side == "users" else "c_iid"].to_numpy()[1:]
+        stats["collisions"] = collisions(codes) if id_buckets is not None else 0
     n_users, n_items = len(user_ids) + 1, len(item_ids) + 1
-    index = {
-        n: HistoryIndex(uidx(h["user_id"]), iidx(h["item_id"]), h["ts"].to_numpy())
-        for n, h in zip(names[1:], hists)
-    }
+
+    def history_index(h: pl.DataFrame) -> HistoryIndex:
+        u, i, ts = uidx(h["user_id"]), iidx(h["item_id"]), h["ts"].to_numpy()
+        known = (u > 0) & (i > 0)  # only evicted ids (csmf_core/idmap.py) have row 0 here
+        return HistoryIndex(u[known], i[known], ts[known])
+
+    index = {n: history_index(h) for n, h in zip(names[1:], hists)}
     del hists
 
     # Request negatives: one (n_requests + 1, M) matrix, row 0 = no negatives, gathered per train row.
@@ -313,6 +379,8 @@ def prepare(
     try:
         users_tab.write_parquet(tmp / "users.parquet")
         items_tab.write_parquet(tmp / "items.parquet")
+        for side, name in SEEN_FILES.items():
+            write_seen(tmp / name, maps[side])
         (tmp / "train").mkdir()
         train_parts = []
         for k, lo in enumerate(range(0, max(n_train, 1), part_rows)):
@@ -357,6 +425,8 @@ def prepare(
             "eval_start_ts": eval_start,
             "rows": {"train": n_train, "eval": len(eval_users), "train_by_level": by_level},
             "train_parts": [str(p.relative_to(tmp)) for p in train_parts],
+            "id_maps": {"base": base.source if base is not None else None}
+            | {side: maps[side].stats for side in ("users", "items")},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
         commit_dir(tmp, out_dir)

@@ -39,6 +39,7 @@ from csmf_core.bundle import (
     read_feature_tables,
     read_parquet,
     read_vocab,
+    vocab_order,
     write_bundle,
 )
 from csmf_core.checkpoint import load_checkpoint
@@ -79,8 +80,11 @@ class Recommender:
         self._owners = owners  # (D,) torch int64
         self.tables = tables
         self.index = index
-        self.user_vocab = user_vocab  # (U-1,) sorted original ids of user indices >= 1
+        # (U-1,) original ids of user indices >= 1, in row order: ascending for a model trained from
+        # scratch, the kept rows first for a warm-started one (csmf_core/idmap.py)
+        self.user_vocab = user_vocab
         self.item_vocab = item_vocab  # (N-1,)
+        self._user_order, self._item_order = vocab_order(user_vocab), vocab_order(item_vocab)
         self._hists = hists  # [(U, L) int64] per objective after the first, row 0 = empty
         self._items: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -173,7 +177,7 @@ class Recommender:
             for s in json.loads((feat / "meta.json").read_text())["features"]["items"]
             if s["name"] != "c_iid" and s.get("source") != "item_id"
         ]
-        idx = lookup_index(self.item_vocab, _as_ids(item_ids))
+        idx = lookup_index(self.item_vocab, _as_ids(item_ids), self._item_order)
         table = read_parquet(feat / "items.parquet", columns=[s["name"] for s in specs])
         out: dict[str, list] = {}
         for s in specs:
@@ -193,7 +197,7 @@ class Recommender:
     # ---- vectors ----------------------------------------------------------------------------------
     def user_indices(self, user_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Original user ids (U,) -> (model user indices (U,) int64, cold (U,) bool); unknown -> 0."""
-        idx = lookup_index(self.user_vocab, _as_ids(user_ids))
+        idx = lookup_index(self.user_vocab, _as_ids(user_ids), self._user_order)
         return idx, idx == 0
 
     @torch.no_grad()
@@ -357,10 +361,16 @@ class Recommender:
             raise ValueError(f"{mr} has objectives {other.objectives}, the model {self.objectives}")
         n_items = len(self.item_vocab) + 1
         umap = np.concatenate(
-            [[0], lookup_index(self.user_vocab, read_vocab(mr / "users.parquet", "user_id"))]
+            [
+                [0],
+                lookup_index(self.user_vocab, read_vocab(mr / "users.parquet", "user_id"), self._user_order),
+            ]
         )
         imap = np.concatenate(
-            [[0], lookup_index(self.item_vocab, read_vocab(mr / "items.parquet", "item_id"))]
+            [
+                [0],
+                lookup_index(self.item_vocab, read_vocab(mr / "items.parquet", "item_id"), self._item_order),
+            ]
         )
         rel_map = imap.copy()
         unseen = np.flatnonzero(imap == 0)[1:]

@@ -232,6 +232,8 @@ def run_trial(
     report: Callable[[int, float], bool] | None = None,
     on_step: Callable[[int, float], None] | None = None,
     on_begin: Callable[[Step], None] | None = None,
+    start: tuple | None = None,
+    steps: list | None = None,
 ) -> TrialResult:
     """The selection pass: train the cascade of `cfg` on `data` (validation days held out: data.val),
     every train step keeping its best epoch there, and score it on the validation users.
@@ -239,14 +241,16 @@ def run_trial(
     report(step_index, score) after each train step returns True to stop the trial (TrialPruned).
     on_begin(step) before each cascade step runs; on_step(k, loss) after each optimiser step, k
     counted from 1 within the step (what a per-step progress bar needs).
-    The score is `selection.validation_score` with the chosen (auto) or configured fusion weights."""
+    The score is `selection.validation_score` with the chosen (auto) or configured fusion weights.
+    start: (model, owners) to continue instead of a fresh model, steps: the steps to run instead of
+    the cascade's plan (an incremental run: csmf_core/incremental.py)."""
     if data.val is None or data.val_counts is None:
         raise ValueError("run_trial needs data loaded with validation days (load_cascade_data(val_days=...))")
     k = cfg.eval.primary_k
-    model, owners = build_model(data, cfg)
+    model, owners = build_model(data, cfg) if start is None else start
     epochs, step_scores, reports = [], [], []
     n_train = 0
-    for step in plan(data.objectives, cfg):
+    for step in plan(data.objectives, cfg) if steps is None else steps:
         if on_begin is not None:
             on_begin(step)
         owners, rep = run_step(step, model, owners, data, cfg, on_step=on_step)

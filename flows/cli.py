@@ -155,6 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             overrides=list(args.set),
             home=str(home),
             tuned=args.tuned,
+            from_model=args.from_model,
         )
     print(summarize_run(result, cfg.eval.primary_k))
     return 0
@@ -505,6 +506,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="tuned config applied over --config: auto (the one csmf tune wrote for this dataset, if "
         "any), none, or a file",
+    )
+    r.add_argument(
+        "--from-model",
+        default=None,
+        metavar="REF",
+        help="train incrementally from this model (REF as for recommend) instead of the champion: its "
+        "checkpoint, masks and id maps (train.mode incremental)",
     )
     t = flow_command(
         "tune",

@@ -21,6 +21,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from csmf_core.config import CSMFConfig, check_objectives
+from csmf_core.idmap import BaseMaps
 from csmf_core.prep import prepare
 from data_contracts import load_spec, validate_dataset
 from flows import reporting
@@ -46,8 +47,12 @@ class Ingested:
     retry_condition_fn=transient,
     cache_policy=NO_CACHE,
 )
-def ingest(run: RunContext, cfg: CSMFConfig, max_violation_rate: float = 0.0) -> Ingested:
-    """Validate the dataset (data contract), quarantine within the allowed rate, build model-ready data."""
+def ingest(
+    run: RunContext, cfg: CSMFConfig, max_violation_rate: float = 0.0, base: Path | None = None
+) -> Ingested:
+    """Validate the dataset (data contract), quarantine within the allowed rate, build model-ready data.
+    base: the `features/` of the model an incremental run continues: its id maps are kept
+    (csmf_core/idmap.py)."""
     logger = get_run_logger()
     hit = run.cache.lookup("ingest", -1) if run.cache is not None else None
     if hit is not None:
@@ -81,6 +86,16 @@ def ingest(run: RunContext, cfg: CSMFConfig, max_violation_rate: float = 0.0) ->
             seq_len=cfg.data.seq_len,
             n_req_neg=cfg.data.n_req_neg,
             overwrite=True,
+            base=BaseMaps.read(base) if base is not None else None,
+            id_buckets=cfg.model.id_buckets,
+            evict_after_days=cfg.model.evict_after_days,
+        )
+        ids = summary.meta["id_maps"]
+        logger.info(
+            "id maps: users %s, items %s%s",
+            ids["users"],
+            ids["items"],
+            f" (kept from {base})" if base is not None else "",
         )
         reporting.log_prep(tracker, summary)
     if run.cache is not None:

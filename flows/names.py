@@ -20,6 +20,11 @@ TUNE_EXPERIMENT = "csmf-tune"  # `csmf tune`: parent runs `csmf-tune-<date>`, a 
 
 # ---- parent-run tags: what the run is (set when it opens, copied onto its model version) -----------
 DATE_TAG = "csmf.date"  # the evaluation day D
+# train.mode (flows/incremental.py): full | incremental, the registry version it continued ("none" for a
+# full run) and the run date of the last full retrain in its line (the schedule of full retrains)
+TRAIN_MODE_TAG = "csmf.train_mode"
+PARENT_VERSION_TAG = "csmf.parent_model_version"
+LAST_FULL_TAG = "csmf.last_full_date"
 DATASET_TAG = "csmf.dataset"  # the dataset's name (dataset.yaml)
 DATASET_DIR_TAG = "csmf.dataset_dir"
 DATASET_DIGEST_TAG = "csmf.dataset_digest"  # flows.inputs.dataset_digest over the files the run reads

@@ -26,6 +26,7 @@ resumed (flows/resume.py). MLflow layout: flows/reporting.py; operations: docs/o
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -37,10 +38,12 @@ from csmf_core.checkpoint import load_checkpoint
 from csmf_core.config import CSMFConfig, load_config
 from csmf_core.evaluate import Ranked, evaluate_model, gaps_table, popularity_gaps
 from csmf_core.serving import metrics_table, write_bundle
+from csmf_core.tuning import trial_config
 from flows import doctor, reporting
 from flows.cascade_step import Checkpoints, train_cascade
 from flows.env import check_writable, setup_home, tracking_uri
 from flows.epoch_selection import choose_default_weights, select_on_validation
+from flows.incremental import choose_start, incremental_window_days, select_incremental, train_incremental
 from flows.ingest import Ingested, ingest
 from flows.inputs import plan_window
 from flows.lock import date_lock
@@ -98,6 +101,7 @@ def csmf_daily(
     max_violation_rate: float = 0.0,
     train_days: int | None = None,
     tuned: str | None = "auto",
+    from_model: str | None = None,
 ) -> dict:
     """Train, evaluate and register the CSMF model for evaluation day `date` (default: the last one).
 
@@ -107,6 +111,8 @@ def csmf_daily(
     train_days: training window length in days before `date` (= override data.train_days; 0 = all).
     tuned: the tuned config applied between `config` and `overrides`: "auto" = the one `csmf tune` wrote
     for this dataset under the home, if any (flows/tune.py), "none", or a file; tag csmf.tuned_config.
+    from_model: a model reference (csmf recommend's REF) an incremental run continues instead of the
+    champion (flows/incremental.py); implies train.mode=incremental.
     Returns mlflow_run_id, tracking_uri, experiment, model_version, bundle_dir, metrics, metrics_table,
     gate (promoted, reason, champion_version) and resumed_stages.
 
@@ -123,15 +129,30 @@ def csmf_daily(
     cfg = load_config(config, overrides, tuned=tuned_file)
     window = plan_window(dataset, date, cfg.data)  # missing partitions fail here, before any work
     doctor.before_run(root, tracking_uri())  # what killed csmf processes left (flows/doctor.py)
+    start = choose_start(cfg, window.date, dataset, from_model, root, _log_line)
+    if start.incremental:  # the new day(s) and the validation day(s) only (flows/incremental.py)
+        cfg = trial_config(
+            cfg, {"train.mode": "incremental", "data.train_days": incremental_window_days(cfg)}
+        )
+        window = plan_window(dataset, window.date, cfg.data)
+    elif cfg.train.mode != "full":  # fell back to a full retrain: configured (and resumed) as one
+        cfg = trial_config(cfg, {"train.mode": "full"})
     with date_lock(root, window.date, who=f"prefect flow run {flow_run.id or 'local'}"):
         run = open_run(DAILY, root, cfg, dataset, window)
+        if start.incremental:  # stages continue a model: never resumed from a run with another parent
+            run = dataclasses.replace(run, cache=None)
         with run_lifecycle(run):
-            run.parent().set_tags({TUNED_CONFIG_TAG: describe_tuned(tuned_file)})
+            run.parent().set_tags({TUNED_CONFIG_TAG: describe_tuned(tuned_file), **start.tags()})
             if tuned_file is not None:
                 get_run_logger().info("tuned config applied: %s", describe_tuned(tuned_file))
-            ready = ingest(run, cfg, max_violation_rate)
-            cfg = select_on_validation(ready, cfg, run)  # validation days: epochs and weights, then refit
-            checkpoints = train_cascade(ready, cfg, run)  # pretrain_exposure -> ... -> finetune_conversion
+            ready = ingest(run, cfg, max_violation_rate, start.features)
+            if start.incremental:  # incremental_<objective> per stage, from the starting model
+                cfg = select_incremental(ready, cfg, run, start)
+                checkpoints = train_incremental(ready, cfg, run, start)
+            else:
+                # validation days: epochs and weights, then the refit; pretrain_exposure -> ... -> finetune_conversion
+                cfg = select_on_validation(ready, cfg, run)
+                checkpoints = train_cascade(ready, cfg, run)
             if cfg.eval.fused_weights == "auto":  # data.val_refit false: chosen after the cascade
                 cfg = choose_default_weights(checkpoints.final, ready, cfg, run)
             bundle = build_index(checkpoints.final, ready, cfg, run)
@@ -147,6 +168,18 @@ def csmf_daily(
         description=f"csmf-daily {window.date}: model v{version}, {decision.get('reason', '')[:200]}",
     )
     return result
+
+
+def _log_line(line: str) -> None:
+    """A line in the flow run's log (the module's logger when called outside a flow run)."""
+    from prefect.exceptions import MissingContextError
+
+    try:
+        get_run_logger().info(line)
+    except MissingContextError:
+        import logging
+
+        logging.getLogger(__name__).info(line)
 
 
 # ---- tasks -----------------------------------------------------------------------------------------

@@ -36,13 +36,16 @@ from flows.names import (
     GATE_DAYS_TAG,
     GATE_REASON_TAG,
     GATE_TAG,
+    LAST_FULL_TAG,
     MODEL_DIGEST_TAG,
     MODEL_ID_TAG,
     MODEL_VERSION_TAG,
+    PARENT_VERSION_TAG,
     REGISTERED_TAG,
     RUN_TAG,
     TEST,
     TRAIN_DATES_TAG,
+    TRAIN_MODE_TAG,
     TRAINING_DIGEST_TAG,
     WORKDIR_TAG,
 )
@@ -69,6 +72,9 @@ INHERITED_TAGS = (
     TRAINING_DIGEST_TAG,
     CODE_VERSION_TAG,
     FLOW_RUN_ID_TAG,
+    TRAIN_MODE_TAG,
+    PARENT_VERSION_TAG,
+    LAST_FULL_TAG,
 )
 # version tags that say which inputs and which model a version is (a re-run matching all reuses it)
 IDENTITY_TAGS = (DATASET_DIGEST_TAG, TRAINING_DIGEST_TAG, CODE_VERSION_TAG, DATE_TAG, MODEL_DIGEST_TAG)

@@ -116,6 +116,9 @@ def log_prep(tracker: Tracker, summary: Any) -> None:
         "data/n_items": summary.n_items,
     }
     metrics |= {f"data/train_rows/level{k}": n for k, n in enumerate(summary.train_by_level)}
+    for side, m in (summary.meta.get("id_maps") or {}).items():  # csmf_core/idmap.py
+        if isinstance(m, dict):
+            metrics |= {f"prep/{side}/id_{k}": v for k, v in m.items() if k != "buckets" and v is not None}
     tracker.log_metrics(metrics)
     tracker.log_artifact(summary.out_dir / "meta.json", "model_ready")
 

@@ -190,6 +190,23 @@ def _fake_pipeline(monkeypatch, calls: list):
     monkeypatch.setitem(sys.modules, "flows.pipeline", types.SimpleNamespace(csmf_daily=csmf_daily))
 
 
+def test_run_passes_from_model(tiny_world, tmp_path, monkeypatch, capsys, clean_env):
+    calls: list = []
+    _fake_pipeline(monkeypatch, calls)
+    args = [
+        "run",
+        "--data",
+        str(tiny_world["ds"]),
+        "--home",
+        str(tmp_path / "home"),
+        "--from-model",
+        "models:/csmf/3",
+    ]
+    assert cli.main(args) == 0
+    (call,) = calls
+    assert call["kwargs"]["from_model"] == "models:/csmf/3"
+
+
 def test_run_calls_the_flow_with_the_home_set_up(tiny_world, tmp_path, monkeypatch, capsys, clean_env):
     calls: list = []
     _fake_pipeline(monkeypatch, calls)
@@ -204,6 +221,7 @@ def test_run_calls_the_flow_with_the_home_set_up(tiny_world, tmp_path, monkeypat
         "overrides": ["train.epochs=1"],
         "home": str(home.resolve()),
         "tuned": "auto",
+        "from_model": None,
     }
     assert call["env"]["MLFLOW_TRACKING_URI"] == f"sqlite:///{home.resolve()}/mlflow.db"
     assert call["env"]["PREFECT_HOME"] == str(home.resolve() / "prefect")

@@ -166,6 +166,11 @@ BAD_VALUES = {
     "gate.sample_users": ["0"],
     "gate.min_users": ["0", "-3", "2.5"],
     "retention.keep_days": ["-1"],
+    "model.id_buckets": ["0", "-5", "many"],
+    "model.evict_after_days": ["0", "1.5"],
+    "train.mode": ["warm"],
+    "train.incremental_days": ["0"],
+    "train.full_every_days": ["0"],
 }
 
 

@@ -12,17 +12,22 @@ import pytest
 from test_prep import _ts, _write_hand_dataset
 
 from csmf_core import prep, synth
+from csmf_core.idmap import SEEN_FILES
 
 
 def _same_output(a: Path, b: Path) -> None:
+    """`b` (prep now) wrote exactly what `a` (the reference) wrote, plus only the id maps' additions
+    (csmf_core/idmap.py: the *_seen.parquet files, meta.json `id_maps`)."""
     files_a = sorted(p.relative_to(a) for p in a.rglob("*.parquet"))
     files_b = sorted(p.relative_to(b) for p in b.rglob("*.parquet"))
-    assert files_a == files_b
+    assert sorted(set(files_b) - set(files_a)) == sorted(Path(f) for f in SEEN_FILES.values())
+    assert set(files_a) <= set(files_b)
     for f in files_a:
         ta, tb = pq.read_table(a / f), pq.read_table(b / f)
         assert ta.schema == tb.schema, f
         assert ta.equals(tb), f"{f} differs"
     meta_a, meta_b = (json.loads((d / "meta.json").read_text()) for d in (a, b))
+    assert meta_b.pop("id_maps")["base"] is None
     assert meta_a == meta_b
 
 

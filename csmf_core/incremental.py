@@ -1,0 +1,107 @@
+"""Incremental training (`train.mode: incremental`): continue a previous model on the newest day(s).
+
+A full run trains the cascade from scratch: pretrain, CPP-prune and recover every stage but the last,
+then fine-tune the last. An incremental run starts from a previous model (the champion, or
+`csmf run --from-model REF`), warm-started with its checkpoint, masks and id maps
+(csmf_core/warm.py, csmf_core/idmap.py), and runs one train step per stage, in cascade order:
+
+    incremental_<o_0> -> incremental_<o_1> -> ... -> incremental_<o_{N-1}>
+
+Step t trains exactly what stage t owns (`train_stage` masks every other entry, as in a full run's
+fine-tuning), so ownership never changes: no pruning, no recovery, and the entries of stages < t stay
+bit-identical through step t and after. The AML margins of step t are computed from the model's
+current upstream modes, i.e. from stages < t as already updated by this run's earlier steps. Exact
+fusion holds as for any model with unit-level ownership.
+
+Epochs: as in a full run (flows/epoch_selection.py), a selection pass on validation days chooses
+them: the run's window is `train.incremental_days` + v days, v = `data.val_days` (auto = 1, 0 = no
+selection); the pass continues the previous model on the first `incremental_days` days, keeps each
+step's best epoch (its starting point, epoch 0, included: a stage may stay as it was) by own-mode
+Recall@K on the last v days, and the refit then continues the previous model on the last
+`incremental_days` days only, for those epochs. `train.epochs` are the caps.
+
+`decide_mode` is the schedule: incremental only when asked for, with a starting model trained for an
+earlier date, and while that model's last full retrain is less than `train.full_every_days` days
+old; otherwise a full retrain, with a line saying why.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from csmf_core.cascade import Step
+
+FULL, INCREMENTAL = "full", "incremental"
+
+
+def incremental_plan(objectives: list[str]) -> list[Step]:
+    """One train step per stage, in cascade order (no pruning, no recovery)."""
+    return [Step(f"incremental_{o}", "train", t) for t, o in enumerate(objectives)]
+
+
+def val_days_for(val_days: int | str) -> int:
+    """Validation days of an incremental run: data.val_days auto -> 1, else as configured (0 = none)."""
+    return 1 if val_days == "auto" else int(val_days)
+
+
+@dataclass(frozen=True)
+class ModeDecision:
+    """How a run trains: mode, why (one line for the log), and the previous model's facts."""
+
+    mode: str
+    reason: str
+    parent_version: str | None = None  # the model it continues (None: a full run)
+    last_full_date: str | None = None  # the run date of the last full retrain in its line
+
+
+def decide_mode(
+    requested: str,
+    run_date: str,
+    full_every_days: int,
+    parent: dict | None,
+    *,
+    explicit: bool = False,
+) -> ModeDecision:
+    """The training mode of a run for `run_date`.
+
+    requested: train.mode. parent: the model to continue ({"version", "last_full_date", "date": the
+    run date it was trained for}), None when there is none (no champion yet); a champion trained for
+    this date or a later one (a re-run, a backfill) is not continued. explicit: the parent was named (`--from-model`), so the schedule
+    of full retrains does not apply. A full run is its own last full retrain."""
+    if requested == FULL:
+        return ModeDecision(FULL, "train.mode=full: the cascade from scratch", None, run_date)
+    if parent is None:
+        return ModeDecision(
+            FULL,
+            "train.mode=incremental but there is no champion to start from: falling back to a full "
+            "retrain (the cascade from scratch)",
+            None,
+            run_date,
+        )
+    last_full = parent.get("last_full_date")
+    if not explicit and parent.get("date") and parent["date"] >= run_date:
+        return ModeDecision(
+            FULL,
+            f"train.mode=incremental, but the champion (v{parent['version']}) was trained for "
+            f"{parent['date']}, not before {run_date} (a re-run or a backfill): a full retrain",
+            None,
+            run_date,
+        )
+    if not explicit and last_full:
+        age = (dt.date.fromisoformat(run_date) - dt.date.fromisoformat(last_full)).days
+        if age >= full_every_days:
+            return ModeDecision(
+                FULL,
+                f"train.mode=incremental, but the champion (v{parent['version']}) descends from the full "
+                f"retrain of {last_full}, {age} days before {run_date} (train.full_every_days="
+                f"{full_every_days}): a full retrain is due",
+                None,
+                run_date,
+            )
+    return ModeDecision(
+        INCREMENTAL,
+        f"train.mode=incremental: continuing model v{parent['version']} (last full retrain {last_full})",
+        str(parent["version"]),
+        last_full,
+    )

@@ -1,0 +1,280 @@
+"""`train.mode: incremental` in the daily flow (the method: csmf_core/incremental.py).
+
+    start = choose_start(cfg, window.date, objectives, from_model, home)  # before open_run
+    ...                                                  # ingest with start.features (its id maps)
+    cfg = select_incremental(ready, cfg, run, start)     # epochs on the validation day(s)
+    checkpoints = train_incremental(ready, cfg, run, start)
+
+`choose_start` decides the mode (csmf_core.incremental.decide_mode) from the champion (or the model
+named by `--from-model`), logs one line saying which and why (no champion: "falling back to a full
+retrain"), and refuses a starting model whose objectives or model shape differ from the run's with a
+`WarmStartError` naming each difference, before any work. The parent run and the registered version
+get the tags `csmf.train_mode`, `csmf.parent_model_version` and `csmf.last_full_date` (the schedule of
+full retrains reads the champion's).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from csmf_core.cascade import Step, load_cascade_data, run_step
+from csmf_core.config import CSMFConfig, build_config
+from csmf_core.idmap import read_recycled
+from csmf_core.incremental import FULL, INCREMENTAL, ModeDecision, decide_mode, incremental_plan, val_days_for
+from csmf_core.tuning import refit_config, run_trial, trial_config
+from csmf_core.warm import SHAPE_KEYS, WarmStartError, warm_start
+from flows import reporting
+from flows.cascade_step import (
+    Checkpoints,
+    _measure,
+    _report,
+    _save,
+    _step_run,
+    _validation,
+)
+from flows.epoch_selection import EPOCHS_TAG, SELECT, VAL_DAYS_TAG, WEIGHTS_TAG
+from flows.ingest import Ingested
+from flows.names import DATE_TAG, LAST_FULL_TAG, PARENT_VERSION_TAG, TRAIN_MODE_TAG, VAL
+from flows.progress import StepBar, expected_steps
+from flows.runs import RunContext, child_run, device
+from flows.tracking import metric_key
+
+MODE_TAG, PARENT_TAG = TRAIN_MODE_TAG, PARENT_VERSION_TAG
+LOG_EVERY = 50
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a run starts: the mode decision and, for an incremental run, the previous model's bundle."""
+
+    decision: ModeDecision
+    bundle: Path | None = None
+
+    @property
+    def incremental(self) -> bool:
+        return self.decision.mode == INCREMENTAL
+
+    @property
+    def features(self) -> Path | None:
+        return None if self.bundle is None else self.bundle / "features"
+
+    @property
+    def checkpoint(self) -> Path:
+        if self.bundle is None:
+            raise ValueError("a full run has no starting checkpoint")
+        return self.bundle / "checkpoint"
+
+    def tags(self) -> dict[str, str]:
+        d = self.decision
+        return {
+            MODE_TAG: d.mode,
+            PARENT_TAG: d.parent_version or "none",
+            LAST_FULL_TAG: d.last_full_date or "",
+        }
+
+
+def check_start_model(bundle: Path, cfg: CSMFConfig, objectives: list[str]) -> None:
+    """Refuse (WarmStartError, every difference named) a starting model whose objectives or model shape
+    (model.dim, hidden, embedding sizes, id_buckets) differ from this run's: no silent mix."""
+    info = json.loads((bundle / "bundle.json").read_text())
+    raw = yaml.safe_load((bundle / "config.yaml").read_text()) or {}
+    theirs = build_config({"model": raw.get("model") or {}}).model
+    problems = []
+    if list(info["objectives"]) != list(objectives):
+        problems.append(f"objectives: the model has {info['objectives']}, the run {list(objectives)}")
+    for key in SHAPE_KEYS:
+        a, b = getattr(theirs, key), getattr(cfg.model, key)
+        if a != b:
+            problems.append(f"model.{key}: the model has {a!r}, the run {b!r}")
+    if problems:
+        raise WarmStartError(
+            f"train.mode=incremental cannot continue the model in {bundle}: it differs from this run:\n  "
+            + "\n  ".join(problems)
+            + "\nrun with --set train.mode=full, or match the run's configuration to the model's"
+        )
+
+
+def _parent_facts(version) -> dict:
+    tags = version.tags or {}
+    return {
+        "version": str(version.version),
+        # a version from before train.mode existed was a full retrain on its own run date
+        "last_full_date": tags.get(LAST_FULL_TAG) or tags.get(DATE_TAG) or None,
+        "date": tags.get(DATE_TAG) or None,
+    }
+
+
+def choose_start(
+    cfg: CSMFConfig, run_date: str, dataset: Path, from_model: str | None, home: Path, log
+) -> Start:
+    """The run's mode and starting model (module docstring). `log(line)` gets the decision."""
+    if cfg.train.mode == FULL and from_model is None:
+        return Start(decide_mode(FULL, run_date, cfg.train.full_every_days, None))
+    import mlflow
+
+    from data_contracts import load_spec
+    from flows.env import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())  # the registry of this home (open_run sets it again)
+    from flows.registry import champion, resolve_model
+
+    if from_model is not None:
+        resolved = resolve_model(from_model, home=home)
+        parent = (
+            _parent_facts(resolved.version)
+            if resolved.version is not None
+            else {"version": str(resolved.bundle), "last_full_date": None}
+        )
+        decision = decide_mode(INCREMENTAL, run_date, cfg.train.full_every_days, parent, explicit=True)
+        bundle = resolved.bundle
+    else:
+        current = champion()
+        parent = _parent_facts(current) if current is not None else None
+        decision = decide_mode(INCREMENTAL, run_date, cfg.train.full_every_days, parent)
+        bundle = resolve_model(f"models:/csmf/{current.version}", home=home).bundle if current else None
+    log(decision.reason)
+    if decision.mode != INCREMENTAL:
+        return Start(decision)
+    check_start_model(bundle, cfg, list(load_spec(dataset).objective_names))
+    return Start(decision, bundle)
+
+
+def incremental_window_days(cfg: CSMFConfig) -> int:
+    """data.train_days of an incremental run: the new days plus the validation days."""
+    return cfg.train.incremental_days + val_days_for(cfg.data.val_days)
+
+
+def train_from(run: RunContext, cfg: CSMFConfig) -> str:
+    """The first of the last `train.incremental_days` training days (the refit's rows)."""
+    last = dt.date.fromisoformat(max(run.window.train_dates))
+    return (last - dt.timedelta(days=cfg.train.incremental_days - 1)).isoformat()
+
+
+def _warm(start: Start, ready: Ingested, data, cfg: CSMFConfig):
+    recycled = {side: read_recycled(ready.model_ready, side) for side in ("users", "items")}
+    model, owners, info = warm_start(start.checkpoint, data, cfg, recycled)
+    return model.to(device(cfg)), owners, info
+
+
+@task(name="select", task_run_name="select", cache_policy=NO_CACHE)
+def select_incremental(ready: Ingested, cfg: CSMFConfig, run: RunContext, start: Start) -> CSMFConfig:
+    """The epochs of each incremental step, chosen on the validation day(s) by a selection pass from
+    the starting model (csmf_core/incremental.py); the config of the refit."""
+    logger = get_run_logger()
+    v = val_days_for(cfg.data.val_days)
+    if v == 0:
+        logger.info("incremental: data.val_days=0, training train.epochs %s", list(cfg.train.epochs))
+        new = trial_config(cfg, {"data.val_days": 0})
+        if new.eval.fused_weights == "auto":
+            new = trial_config(new, {"eval.fused_weights": [1.0] * len(ready.objectives)})
+        return new
+    data = load_cascade_data(ready.model_ready, val_days=v, item_stats_windows=cfg.data.item_stats)
+    data.tables = data.tables.to(device(cfg))
+    model, owners, _ = _warm(start, ready, data, cfg)
+    with child_run(run, SELECT, kind=SELECT) as tracker:
+        tracker.log_params({"select.val_days": v, "select.refit": True, "select.mode": INCREMENTAL})
+        res = run_trial(
+            data,
+            trial_config(cfg, {"data.val_days": v}),
+            start=(model, owners),
+            steps=incremental_plan(data.objectives),
+        )
+        metrics = {metric_key(k): x for k, x in res.metrics.items() if x == x}
+        for rep in res.reports:
+            if "val_best_epoch" in rep.info:
+                o = data.objectives[rep.step.stage]
+                metrics |= {
+                    metric_key(f"{VAL}/{o}/{k.removeprefix('val_')}"): x
+                    for k, x in rep.info.items()
+                    if k.startswith("val_")
+                }
+        tracker.log_metrics(metrics)
+    logger.info(
+        "select (incremental): validation score %.4f; refit on the last %d day(s) with epochs %s, weights %s",
+        res.score,
+        cfg.train.incremental_days,
+        res.epochs,
+        list(res.weights),
+    )
+    run.parent().set_tags(
+        {
+            VAL_DAYS_TAG: str(v),
+            EPOCHS_TAG: ",".join(map(str, res.epochs)),
+            WEIGHTS_TAG: ",".join(f"{w:g}" for w in res.weights),
+        }
+    )
+    return refit_config(cfg, res)
+
+
+def train_incremental(ready: Ingested, cfg: CSMFConfig, run: RunContext, start: Start) -> Checkpoints:
+    """One `cascade-step` task run per stage (incremental_<objective>), the first from the starting
+    model, each from the previous one's checkpoint."""
+    done = Checkpoints()
+    first_day = train_from(run, cfg)
+    for index, step in enumerate(incremental_plan(ready.objectives)):
+        step_task = incremental_step.with_options(task_run_name=step.name)
+        done = done.add(step, step_task(step, index, done.last, ready, cfg, run, start, first_day))
+    return done
+
+
+@task(name="cascade-step", cache_policy=NO_CACHE)
+def incremental_step(
+    step: Step,
+    index: int,
+    previous: Path | None,
+    ready: Ingested,
+    cfg: CSMFConfig,
+    run: RunContext,
+    start: Start,
+    first_day: str,
+) -> Path:
+    """Train stage `step.stage`'s owned entries on the rows from `first_day` on; returns the checkpoint."""
+    from csmf_core.checkpoint import load_checkpoint
+
+    logger = get_run_logger()
+    if cfg.train.threads:
+        import torch
+
+        torch.set_num_threads(cfg.train.threads)
+    data = load_cascade_data(
+        ready.model_ready, val_days=0, item_stats_windows=cfg.data.item_stats, train_from=first_day
+    )
+    data.tables = data.tables.to(device(cfg))
+    if previous is None:
+        model, owners, info = _warm(start, ready, data, cfg)
+        logger.info(
+            "%s: warm start from model v%s: %s",
+            step.name,
+            start.decision.parent_version,
+            {k: v for k, v in info.items() if v["new"] or v["recycled"]},
+        )
+    else:
+        model, owners, _ = load_checkpoint(previous, device=device(cfg))
+    with _step_run(run, step, index, ready, train_mode=INCREMENTAL) as tracker:
+        tracker.log_params(
+            {**cfg.flat(), "step.name": step.name, "step.kind": step.kind, "step.stage": step.stage,
+             "step.index": index, "step.train_from": first_day}
+        )  # fmt: skip
+        epochs = cfg.epochs_for(step.stage)
+        n = int((data.rows.level >= step.stage).sum())
+        bar = StepBar(step.name, expected_steps(n, cfg.train.batch_size, epochs), epochs)
+        curve = reporting.LossCurve(tracker, logger, step.name, every=LOG_EVERY, bar=bar)
+        try:
+            owners, report = run_step(step, model, owners, data, cfg, on_step=curve)
+        finally:
+            bar.close()
+        curve.flush()
+        report.info["rows"] = n
+        out = _save(step, index, previous is None, model, owners, report, run, tracker)
+        metrics = _measure(step, model, owners, data, cfg) | _validation(report, ready.objectives[step.stage])
+        tracker.log_metrics(metrics)
+        run.parent().log_metrics(metrics, step=index)
+        _report(step, metrics, report, cfg)
+    return out

@@ -1,0 +1,86 @@
+"""train.mode incremental in real flow runs (Prefect harness + MLflow on SQLite, tiny data), #16 item 3.
+
+One tracking store, two consecutive days as the daily deployment runs them (train.mode=incremental):
+
+    A  2026-01-05  no champion yet       -> full retrain (fallback), v1 champion
+    B  2026-01-06  champion v1 exists    -> incremental from v1 on 2026-01-05 (2026-01-04 the validation
+                                            day of the selection pass), v2, verified by the gate
+
+    .venv/bin/pytest -m integration tests/integration/test_incremental_flow.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from csmf_core.bundle import read_vocab
+from csmf_core.synth import generate
+from flows.pipeline import csmf_daily
+from flows.registry import REGISTERED_MODEL, resolve_bundle
+from tests.integration.test_gate_flow import OVERRIDES, _store
+
+pytestmark = pytest.mark.integration
+
+INCREMENTAL = [*OVERRIDES, "train.mode=incremental"]
+
+
+@pytest.fixture(scope="module")
+def days(tmp_path_factory):
+    root = tmp_path_factory.mktemp("incremental-flow")
+    tiny = generate(root / "tiny", "tiny", seed=0).out_dir
+    home = root / "home"
+    out = SimpleNamespace(root=root, home=home)
+    with prefect_test_harness(server_startup_timeout=300):
+        with _store(home) as client:
+            out.client = client
+            out.a = csmf_daily(date="2026-01-05", data=str(tiny), home=str(home), overrides=INCREMENTAL)
+            out.b = csmf_daily(date="2026-01-06", data=str(tiny), home=str(home), overrides=INCREMENTAL)
+            out.versions = {
+                str(v.version): v for v in client.search_model_versions(f"name='{REGISTERED_MODEL}'")
+            }
+            out.bundles = {
+                v: resolve_bundle(f"models:/{REGISTERED_MODEL}/{v}", home=home) for v in ("1", "2")
+            }
+            out.parents = {k: client.get_run(getattr(out, k)["mlflow_run_id"]) for k in ("a", "b")}
+    return out
+
+
+def test_first_day_falls_back_to_full(days):
+    tags = days.parents["a"].data.tags
+    assert tags["csmf.train_mode"] == "full" and tags["csmf.parent_model_version"] == "none"
+    assert tags["csmf.last_full_date"] == "2026-01-05"
+    assert days.a["model_version"] == "1" and days.a["gate"]["promoted"]
+    children = days.client.search_runs(
+        [days.parents["a"].info.experiment_id], f"tags.mlflow.parentRunId = '{days.a['mlflow_run_id']}'"
+    )
+    assert {"pretrain_exposure", "cpp_prune_exposure", "finetune_conversion"} <= {
+        c.info.run_name for c in children
+    }
+
+
+def test_second_day_is_incremental_and_verified(days):
+    v2 = days.versions["2"]
+    assert v2.tags["csmf.train_mode"] == "incremental"
+    assert v2.tags["csmf.parent_model_version"] == "1"
+    assert v2.tags["csmf.last_full_date"] == "2026-01-05"
+    assert v2.tags["csmf.train_dates"].startswith("2026-01-04..2026-01-05")
+    children = days.client.search_runs(
+        [days.parents["b"].info.experiment_id], f"tags.mlflow.parentRunId = '{days.b['mlflow_run_id']}'"
+    )
+    names = {c.info.run_name for c in children}
+    assert {"select", "incremental_exposure", "incremental_click", "incremental_conversion"} <= names
+    assert not any(n.startswith(("cpp_prune", "recover", "pretrain")) for n in names)
+    step = next(c for c in children if c.info.run_name == "incremental_click")
+    assert step.data.params["step.train_from"] == "2026-01-05"
+    checks = days.b["gate"]["checks"]
+    assert checks == {"exact_fusion": True, "frozen_parameters": True, "index_matches_towers": True}
+    # v2 keeps v1's rows for every id v1 knew
+    for side, col in (("users", "user_id"), ("items", "item_id")):
+        old = read_vocab(Path(days.bundles["1"]) / "features" / f"{side}.parquet", col)
+        new = read_vocab(Path(days.bundles["2"]) / "features" / f"{side}.parquet", col)
+        np.testing.assert_array_equal(new[: len(old)], old)

@@ -1,0 +1,187 @@
+"""train.mode incremental (#16 item 3): the schedule (full retrain forced, fallback with no champion),
+a mismatched starting model refused, and an incremental model that passes the gate's verification."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from csmf_core import prep
+from csmf_core.cascade import load_cascade_data, run_step
+from csmf_core.checkpoint import save_checkpoint
+from csmf_core.config import build_config
+from csmf_core.idmap import BaseMaps
+from csmf_core.incremental import FULL, INCREMENTAL, decide_mode, incremental_plan
+from csmf_core.masks import param_owners
+from csmf_core.serving import Recommender, write_bundle
+from csmf_core.tuning import refit_config, run_trial, trial_config
+from csmf_core.warm import WarmStartError, warm_start
+from flows import incremental as flow_inc
+from flows import registry
+from flows.gate import verify_model
+from flows.names import DATE_TAG, LAST_FULL_TAG
+from tests.conftest import TINY_CONFIG
+
+
+def test_decide_mode_schedule():
+    parent = {"version": "3", "last_full_date": "2026-01-01"}
+    d = decide_mode(FULL, "2026-01-05", 7, parent)
+    assert d.mode == FULL and d.last_full_date == "2026-01-05" and d.parent_version is None
+    d = decide_mode(INCREMENTAL, "2026-01-07", 7, parent)  # 6 days after the full retrain
+    assert d.mode == INCREMENTAL and d.parent_version == "3" and d.last_full_date == "2026-01-01"
+    d = decide_mode(INCREMENTAL, "2026-01-08", 7, parent)  # 7 days: forced
+    assert d.mode == FULL and "full retrain is due" in d.reason and d.last_full_date == "2026-01-08"
+    d = decide_mode(INCREMENTAL, "2026-01-08", 7, parent, explicit=True)  # --from-model: as asked
+    assert d.mode == INCREMENTAL
+    d = decide_mode(INCREMENTAL, "2026-01-06", 7, parent | {"date": "2026-01-06"})  # a re-run
+    assert d.mode == FULL and "re-run or a backfill" in d.reason
+    d = decide_mode(INCREMENTAL, "2026-01-06", 7, parent | {"date": "2026-01-05"})
+    assert d.mode == INCREMENTAL
+    d = decide_mode(INCREMENTAL, "2026-01-08", 7, None)
+    assert d.mode == FULL and "no champion" in d.reason and "falling back" in d.reason
+
+
+def _version(n, **tags):
+    return SimpleNamespace(version=str(n), tags=tags, aliases=["champion"], name="csmf")
+
+
+def test_choose_start_falls_back_without_champion(monkeypatch, tiny_world):
+    monkeypatch.setattr(registry, "champion", lambda client=None: None)
+    lines = []
+    cfg = build_config(TINY_CONFIG, ["train.mode=incremental"])
+    start = flow_inc.choose_start(cfg, "2026-01-06", tiny_world["ds"], None, tiny_world["root"], lines.append)
+    assert not start.incremental and start.bundle is None
+    assert lines == [
+        "train.mode=incremental but there is no champion to start from: falling back to a full retrain "
+        "(the cascade from scratch)"
+    ]
+    assert start.tags() == {
+        "csmf.train_mode": "full",
+        "csmf.parent_model_version": "none",
+        "csmf.last_full_date": "2026-01-06",
+    }
+
+
+def test_choose_start_forces_full_on_schedule(monkeypatch, tiny_world):
+    # a champion from before train.mode existed: its own run date is its last full retrain
+    monkeypatch.setattr(registry, "champion", lambda client=None: _version(4, **{DATE_TAG: "2026-01-02"}))
+    resolved = SimpleNamespace(bundle=tiny_world["bundle"], version=_version(4))
+    monkeypatch.setattr(registry, "resolve_model", lambda ref=None, home=None: resolved)
+    lines = []
+    cfg = build_config(TINY_CONFIG, ["train.mode=incremental", "train.full_every_days=3"])
+    start = flow_inc.choose_start(cfg, "2026-01-05", tiny_world["ds"], None, tiny_world["root"], lines.append)
+    assert not start.incremental and "full retrain is due" in lines[0] and "3 days" in lines[0]
+    start = flow_inc.choose_start(cfg, "2026-01-04", tiny_world["ds"], None, tiny_world["root"], lines.append)
+    assert start.incremental and start.bundle == tiny_world["bundle"]
+    assert start.tags() == {
+        "csmf.train_mode": "incremental",
+        "csmf.parent_model_version": "4",
+        "csmf.last_full_date": "2026-01-02",
+    }
+    # the version an incremental run registers carries its line's full date on
+    monkeypatch.setattr(
+        registry,
+        "champion",
+        lambda client=None: _version(5, **{LAST_FULL_TAG: "2026-01-02", DATE_TAG: "2026-01-04"}),
+    )
+    start = flow_inc.choose_start(cfg, "2026-01-05", tiny_world["ds"], None, tiny_world["root"], lines.append)
+    assert not start.incremental  # 3 days after 01-02, not after 01-04
+
+
+def test_mismatched_champion_is_refused(monkeypatch, tiny_world):
+    monkeypatch.setattr(registry, "champion", lambda client=None: _version(2, **{DATE_TAG: "2026-01-05"}))
+    resolved = SimpleNamespace(bundle=tiny_world["bundle"], version=_version(2))
+    monkeypatch.setattr(registry, "resolve_model", lambda ref=None, home=None: resolved)
+    cfg = build_config(TINY_CONFIG, ["train.mode=incremental", "model.dim=32", "model.hidden=[64]"])
+    with pytest.raises(WarmStartError) as e:
+        flow_inc.choose_start(cfg, "2026-01-06", tiny_world["ds"], None, tiny_world["root"], print)
+    msg = str(e.value)
+    assert "model.dim: the model has 16, the run 32" in msg and "model.hidden" in msg
+    assert "train.mode=full" in msg
+    with pytest.raises(
+        WarmStartError, match=r"objectives: the model has \['exposure', 'click', 'conversion'\]"
+    ):
+        flow_inc.check_start_model(tiny_world["bundle"], build_config(TINY_CONFIG), ["exposure", "click"])
+
+
+@pytest.fixture(scope="module")
+def incremental_run(tiny_world, tmp_path_factory):
+    """An incremental run from the tiny world's model: days 4-5 prepared with its id maps (day 5 the
+    validation day of the selection pass), then the refit on day 5 only, evaluated on day 6."""
+    root, dates, cfg = tmp_path_factory.mktemp("incr"), tiny_world["dates"], build_config(TINY_CONFIG)
+    base = BaseMaps.read(tiny_world["bundle"] / "features")
+    prep.prepare(tiny_world["ds"], root / "mr", train_dates=(dates[3], dates[4]), eval_dates=dates[5],
+                 seq_len=5, n_req_neg=4, base=base)  # fmt: skip
+    ckpt = tiny_world["bundle"] / "checkpoint"
+    sel = load_cascade_data(root / "mr", val_days=1)
+    start = warm_start(ckpt, sel, cfg)[:2]
+    res = run_trial(
+        sel, trial_config(cfg, {"data.val_days": 1}), start=start, steps=incremental_plan(sel.objectives)
+    )
+    refit = refit_config(cfg, res)
+    data = load_cascade_data(root / "mr", train_from=dates[4])
+    model, owners, _ = warm_start(ckpt, data, cfg)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    trained = trial_config(refit, {"train.epochs": [1, 1, 1]})  # every stage really trains here
+    stage_ends = {}
+    for step in incremental_plan(data.objectives):
+        owners, _ = run_step(step, model, owners, data, trained)
+        save_checkpoint(root / step.name, model, owners)
+        if step.stage < 2:
+            stage_ends[step.stage] = root / step.name
+    write_bundle(root / "bundle", checkpoint_dir=root / "incremental_conversion", model_ready_dir=root / "mr",
+                 dataset_dir=tiny_world["ds"], config=cfg)  # fmt: skip
+    return {"res": res, "refit": refit, "data": data, "model": model, "owners": owners, "before": before,
+            "stage_ends": stage_ends, "root": root, "sel": sel}  # fmt: skip
+
+
+def test_selection_chooses_epochs_on_the_validation_day(incremental_run, tiny_world):
+    res, sel, data = incremental_run["res"], incremental_run["sel"], incremental_run["data"]
+    assert len(res.epochs) == 3 and all(0 <= e <= 1 for e in res.epochs)
+    assert list(incremental_run["refit"].train.epochs) == res.epochs
+    assert [r.step.name for r in res.reports] == [
+        "incremental_exposure",
+        "incremental_click",
+        "incremental_conversion",
+    ]
+    assert all("val_best_epoch" in r.info for r in res.reports)
+    # the selection trained on day 4 only, the refit on day 5 only: disjoint row sets, both non-empty
+    assert 0 < len(sel.rows.u) and 0 < len(data.rows.u)
+    both = load_cascade_data(incremental_run["root"] / "mr", val_days=0)
+    assert len(sel.rows.u) + len(data.rows.u) == len(both.rows.u)
+
+
+def test_incremental_keeps_ownership_and_passes_gate_verification(incremental_run, tiny_world):
+    model, owners, before = incremental_run["model"], incremental_run["owners"], incremental_run["before"]
+    base_owners = tiny_world["owners"]
+    assert {k: v.tolist() for k, v in owners.units.items()} == {
+        k: v.tolist() for k, v in base_owners.units.items()
+    }
+    own = param_owners(model, owners)
+    changed = {t: 0 for t in range(3)}
+    for name, p in model.named_parameters():
+        o = own[name].long()
+        mask = o.expand(p.shape) if o.shape != p.shape else o
+        for t in range(3):
+            changed[t] += int(((p.detach() != before[name]) & (mask == t)).sum())
+    assert all(changed[t] > 0 for t in range(3)), changed  # every stage trained its own entries
+    rec = Recommender.load(incremental_run["root"] / "bundle")
+    checks = verify_model(
+        rec, incremental_run["root"] / "incremental_conversion", incremental_run["stage_ends"]
+    )
+    assert [c.name for c in checks] == ["exact_fusion", "frozen_parameters", "index_matches_towers"]
+    assert all(c.ok for c in checks), [c.detail for c in checks]
+    # the check can fail: a stage-0 entry changed after stage 0 ended is caught
+    broken = incremental_run["root"] / "broken"
+    with torch.no_grad():
+        p = dict(model.named_parameters())
+        name = next(n for n, o in own.items() if (o == 0).any() and n.endswith("layers.0.weight"))
+        idx = tuple((own[name] == 0).nonzero()[0])
+        orig = p[name][idx].clone()
+        p[name][idx] += 1.0
+        save_checkpoint(broken, model, owners)
+        p[name][idx] = orig
+    bad = verify_model(rec, broken, incremental_run["stage_ends"])
+    assert not next(c for c in bad if c.name == "frozen_parameters").ok
