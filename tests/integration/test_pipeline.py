@@ -96,7 +96,8 @@ def happy(prefect_harness, tiny, tmp_path_factory):
     with _store(home) as client:
         t0 = time.perf_counter()
         try:
-            result = csmf_daily(data=str(tiny), home=str(home), overrides=OVERRIDES)
+            # by file:// URI: the whole run reads the dataset through csmf_core.fsutil (issue #19)
+            result = csmf_daily(data=tiny.as_uri(), home=str(home), overrides=OVERRIDES)
         finally:
             task_log.removeHandler(handler)
             mlflow_log.removeHandler(mlflow_handler)
