@@ -13,6 +13,7 @@ config and code) copies that run's outputs instead (flows/resume.py).
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 
 from csmf_core.config import CSMFConfig, check_objectives
 from csmf_core.prep import prepare
+from csmf_core.prep_sharded import n_shards
 from data_contracts import load_spec, validate_dataset
 from flows import reporting
 from flows.names import RESUMED_PREFIX
@@ -73,15 +75,22 @@ def ingest(run: RunContext, cfg: CSMFConfig, max_violation_rate: float = 0.0) ->
         if report.quarantined:
             source = reporting.clean_copy(run.dataset_dir, run.window.validate_dates, run.workdir / "clean")
             logger.info("quarantined %s; training on the clean copy %s", report.quarantined, source)
-        summary = prepare(
-            source,
-            run.workdir / "model_ready",
-            train_dates=run.window.train_dates,
-            eval_dates=run.window.eval_dates,
-            seq_len=cfg.data.seq_len,
-            n_req_neg=cfg.data.n_req_neg,
-            overwrite=True,
-        )
+        prep_args = {
+            "train_dates": run.window.train_dates,
+            "eval_dates": run.window.eval_dates,
+            "seq_len": cfg.data.seq_len,
+            "n_req_neg": cfg.data.n_req_neg,
+            "overwrite": True,
+        }
+        if cfg.ingest.dask == "off":
+            summary = prepare(source, run.workdir / "model_ready", **prep_args)
+        else:  # sharded by user on a Dask cluster (flows/ingest_dask.py); the same model-ready output
+            from flows.ingest_dask import prepare_on_dask
+
+            logger.info("prep sharded on Dask (%s, %d shards)", cfg.ingest.dask, n_shards(cfg.ingest))
+            shards = run.workdir / "prep-shards"
+            summary = prepare_on_dask(cfg.ingest, source, run.workdir / "model_ready", shards, **prep_args)
+            shutil.rmtree(shards, ignore_errors=True)
         reporting.log_prep(tracker, summary)
     if run.cache is not None:
         outputs = {"model_ready": summary.out_dir} | ({"clean": source} if report.quarantined else {})
