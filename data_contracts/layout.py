@@ -16,7 +16,7 @@ from pathlib import Path
 
 import polars as pl
 
-from csmf_core.fsutil import local_dataset
+from data_contracts.location import local_dataset
 from data_contracts.schema import EVENTS_DIR, canonical_event_columns
 
 _DT_DIR = re.compile(r"^dt=(\d{4}-\d{2}-\d{2})$")

@@ -25,7 +25,7 @@ from typing import Any
 import polars as pl
 import yaml
 
-from csmf_core.fsutil import local_dataset
+from data_contracts.location import local_dataset
 
 SPEC_FILE = "dataset.yaml"
 USERS_FILE = "users.parquet"

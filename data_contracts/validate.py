@@ -20,7 +20,6 @@ from typing import Any
 
 import polars as pl
 
-from csmf_core.fsutil import local_dataset, redact, reject_uri
 from data_contracts.layout import (
     Partition,
     list_partitions,
@@ -29,6 +28,7 @@ from data_contracts.layout import (
     scan_event_file,
     select_partitions,
 )
+from data_contracts.location import local_dataset, redact, reject_uri
 from data_contracts.quarantine import flag_partition, source_file_column, write_quarantine
 from data_contracts.report import N_EXAMPLES, ValidationReport, example_rows
 from data_contracts.rules import ROW_RULES, RowCheck, row_checks, warning_checks

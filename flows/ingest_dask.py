@@ -105,6 +105,7 @@ def prepare_on_dask(
             **{f"shard-{s['shard']}": s["peak_rss"] for s in out["shards"]},
             "reduce": out["peak_rss"],
         },
+        "shard_pid": {f"shard-{s['shard']}": s["pid"] for s in out["shards"]},
         "shard_rows": [s["n_train"] for s in out["shards"]],
     }
     return summary

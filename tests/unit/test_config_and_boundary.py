@@ -166,6 +166,9 @@ BAD_VALUES = {
     "gate.sample_users": ["0"],
     "gate.min_users": ["0", "-3", "2.5"],
     "retention.keep_days": ["-1"],
+    "ingest.dask": ["yes", "host:8786", "local2"],
+    "ingest.workers": ["0"],
+    "ingest.shards": ["-1"],
 }
 
 
