@@ -71,6 +71,9 @@ def child(arm: str, data: Path, out: Path) -> dict:
 def run_child(args: list[str]) -> tuple[dict, float]:
     """Run this script as a child; (its JSON result, its peak RSS in bytes from os.wait4)."""
     env = dict(os.environ, PYTHONPATH=str(benchlib.REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # Prefect's temporary API (no PREFECT_API_URL): a loaded machine needs more than its default start time
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     with tempfile.TemporaryFile("w+") as errf:
         p = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, stderr=errf,
                              cwd=benchlib.REPO, text=True, env=env)  # fmt: skip

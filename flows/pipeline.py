@@ -73,8 +73,9 @@ def daily_run_name() -> str:
     date = params.get("date")
     if not date:
         data = params.get("data")
-        root = data if data else resolve_home(params.get("home")) / "data" / "synth-small"  # path or URI
-        try:
+        home = resolve_home(params.get("home"))
+        try:  # a URI is staged where the flow stages it (<home>/staged): the flow then finds it there
+            root = dataset_location(data, home) if data else home / "data" / "synth-small"
             partitions, _ = list_partitions(root)
             date = partitions[-1].date.isoformat() if partitions else "latest"
         except (OSError, ValueError):
