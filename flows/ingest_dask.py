@@ -8,7 +8,10 @@ The flow `csmf-ingest-sharded` runs csmf_core/prep_sharded.py's passes as tasks:
 `work_dir`, which every worker must be able to read and write (on a remote cluster: storage shared
 by the workers and the flow at the same path). `ingest.dask: local` starts a LocalCluster of
 `ingest.workers` processes with one thread each for the duration of the flow; a scheduler address
-connects to that cluster instead. Each shard task returns its worker's pid and peak RSS
+connects to that cluster instead. The local workers get this process's Prefect API
+(`PREFECT_API_URL`, or the temporary local API) in their environment; the workers of a remote
+cluster need `PREFECT_API_URL` of the production Prefect server set where they are started, and the
+csmf package installed. Each shard task returns its worker's pid and peak RSS
 (`PrepSummary.meta["sharded"]`), which bench/bench_ingest_dask.py prints.
 """
 
@@ -25,6 +28,15 @@ from csmf_core.prep import PrepSummary, _resolve_dates
 from csmf_core.prep_sharded import n_shards, peak_rss_bytes, reduce_pass, shard_pass, vocab_pass
 
 
+def api_url() -> str:
+    """The Prefect API this process talks to: PREFECT_API_URL, or the temporary local API (started now
+    when no flow has started it yet; the flow then uses the same one)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return str(client.api_url)
+
+
 def task_runner(ingest: IngestConfig):
     """prefect-dask's DaskTaskRunner for `ingest.dask` (local cluster or a scheduler address)."""
     from prefect_dask import DaskTaskRunner
@@ -38,6 +50,9 @@ def task_runner(ingest: IngestConfig):
                 "processes": True,
                 "dashboard_address": None,
                 "host": "127.0.0.1",
+                # the workers report task states to this process's Prefect API: without it each worker
+                # would start a temporary API of its own (minutes on a loaded machine, and invisible)
+                "env": {"PREFECT_API_URL": api_url()},
             },
         )
     if ingest.dask == "off":
