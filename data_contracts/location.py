@@ -37,6 +37,8 @@ def is_uri(location: object) -> bool:
 
 def redact(uri: str) -> str:
     """`uri` without its query and user info (S3 keys can be passed there): for messages and tags."""
+    if not is_uri(uri):
+        return uri  # a path stays as it is
     parts = urllib.parse.urlsplit(uri)
     netloc = (parts.hostname or "") if (parts.username or parts.password) else parts.netloc
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))

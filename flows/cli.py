@@ -94,8 +94,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from data_contracts import validate_dataset
+    from data_contracts.location import redact
 
-    with Progress(f"validating {args.dir}"):
+    with Progress(f"validating {redact(args.dir)}"):  # a URI's query can hold credentials
         report = validate_dataset(args.dir, dates=args.dates)
     print(report.to_markdown())
     if not report.ok:
