@@ -48,6 +48,7 @@ import yaml
 from csmf_core.checkpoint import load_checkpoint
 from csmf_core.config import CSMFConfig, check_objectives
 from csmf_core.evaluate import item_matrix
+from csmf_core.fsutil import local_dataset, reject_uri
 from csmf_core.idmap import SEEN_FILES
 from csmf_core.ids import as_id_array
 from csmf_core.index import ItemIndex
@@ -208,7 +209,7 @@ def user_histories(
     items outside the model's vocabulary are dropped (they have no embedding), so the window holds
     the last L known items. Reads only the needed columns of the partitions up to `until`.
     """
-    dataset_dir = Path(dataset_dir)
+    dataset_dir = local_dataset(dataset_dir)  # a path or a URI (csmf_core.fsutil)
     cols = _label_columns(dataset_dir, objectives)
     end_us = int(dt.datetime.fromisoformat(until).replace(tzinfo=dt.UTC).timestamp()) * 10**6 + DAY_US
     parts = [files for date, files in partition_files(dataset_dir).items() if date <= until]
@@ -251,7 +252,7 @@ def event_rows(
     """(day, item, level) of the canonical events in `parts` (file lists of partitions) whose first
     objective is true, as prep's train rows (item index in `item_vocab`, 0 = unknown; level =
     objectives true - 1): the rows the serving bundle's item statistics add after the training window."""
-    cols = _label_columns(Path(dataset_dir), objectives)
+    cols = _label_columns(local_dataset(dataset_dir), objectives)
     labels = [pl.col(cols[o]).cast(pl.Boolean).fill_null(False).cast(pl.Int64) for o in objectives]
     keys = pl.col("user_id").is_not_null() & pl.col("item_id").is_not_null()
     first = pl.col(cols[objectives[0]]).cast(pl.Boolean).fill_null(False)
@@ -291,7 +292,9 @@ def write_bundle(
     bundle.json as given. A non-empty `out_dir` is refused unless overwrite=True; the bundle is built
     in a temp dir beside it and renamed into place, so readers see the old bundle or the new one.
     """
-    out_dir, ckpt, mr, data = Path(out_dir), Path(checkpoint_dir), Path(model_ready_dir), Path(dataset_dir)
+    reject_uri(out_dir, "bundle directory")
+    out_dir, ckpt, mr = Path(out_dir), Path(checkpoint_dir), Path(model_ready_dir)
+    data = local_dataset(dataset_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
     missing = [str(mr / f) for f in FEATURE_FILES if not (mr / f).is_file()]

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -166,6 +167,15 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True)
+class IngestConfig:
+    # sharded prep (csmf_core/prep_sharded.py) on prefect-dask's DaskTaskRunner: "off" = one process,
+    # "local" = a local Dask cluster of `workers` processes, else a scheduler address (tcp://host:8786)
+    dask: str = "off"
+    workers: int = 2  # "local": worker processes (1 thread each)
+    shards: int = 0  # user shards; 0 = 2 x workers
+
+
+@dataclass(frozen=True)
 class CSMFConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cpp: CPPConfig = field(default_factory=CPPConfig)
@@ -176,6 +186,7 @@ class CSMFConfig:
     data: DataConfig = field(default_factory=DataConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -274,6 +285,8 @@ def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
                 raise ValueError
             return float(value)
         if tp is str:
+            if where == "ingest.dask" and value is False:  # YAML reads a bare `off` as false
+                return "off"
             return str(value)
     except (TypeError, ValueError):
         errors.append(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
@@ -387,6 +400,13 @@ def _check_ranges(cfg: CSMFConfig, errors: list[str]) -> None:
             "gate.min_users must be >= 1 (evaluation users with a positive, per objective)",
         ),
         (cfg.retention.keep_days >= 0, "retention.keep_days must be >= 0 (0 = keep all)"),
+        (
+            cfg.ingest.dask in ("off", "local")
+            or bool(re.fullmatch(r"(tcp|tls|inproc|ucx)://\S+", cfg.ingest.dask)),
+            f"ingest.dask must be off, local or a Dask scheduler address (tcp://host:8786), got {cfg.ingest.dask!r}",
+        ),
+        (cfg.ingest.workers >= 1, f"ingest.workers must be >= 1, got {cfg.ingest.workers}"),
+        (cfg.ingest.shards >= 0, f"ingest.shards must be >= 0 (0 = 2 x workers), got {cfg.ingest.shards}"),
     ]
     # a NaN/inf key already has its message; its range message would only restate it less clearly
     errors.extend(msg for ok, msg in checks if not ok and msg.split(" ", 1)[0] not in non_finite)

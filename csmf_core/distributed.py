@@ -159,20 +159,8 @@ def run_step_distributed(
     cfg_path = workdir / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
     logs = Path(tempfile.mkdtemp(prefix="logs-", dir=workdir))
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        "--nproc-per-node", str(cfg.train.processes), "--local-ranks-filter", "0",
-        "--log-dir", str(logs), "--tee", "3",  # every rank's output in a file, rank 0's on the console
-        "-m", "csmf_core.distributed",
-        "--model-ready", str(model_ready), "--checkpoint-in", str(ckpt_in), "--out", str(out),
-        "--config", str(cfg_path),
-        "--step", json.dumps({"name": step.name, "kind": step.kind, "stage": step.stage}),
-    ]  # fmt: skip
-    env = dict(os.environ)
-    repo = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    # one process per core share: N ranks x the parent's thread count would oversubscribe the cores
-    env["OMP_NUM_THREADS"] = str(cfg.train.threads or max(1, (os.cpu_count() or 1) // cfg.train.processes))
+    cmd = launch_command(step, model_ready, ckpt_in, out, cfg_path, logs, nproc=cfg.train.processes)
+    env = launch_env(cfg, cfg.train.processes)
     tail: list[str] = []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     assert proc.stdout is not None
@@ -202,6 +190,57 @@ def run_step_distributed(
     rep = json.loads((out / "report.json").read_text())
     info = {**rep["info"], "world_size": rep["world_size"]}
     return new_owners, StepReport(step, info, rep["losses"])
+
+
+def launch_command(
+    step: Step,
+    model_ready: str | Path,
+    checkpoint_in: str | Path,
+    out: str | Path,
+    config: str | Path,
+    logs: str | Path,
+    *,
+    nproc: int,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
+    rdzv_id: str = "csmf",
+) -> list[str]:
+    """The torchrun command line of one node launcher running the worker (`python -m csmf_core.distributed`).
+
+    One node (the Prefect task): `--standalone`. Several nodes (docs/distributed.md "Running across
+    machines"): every node runs this with its `node_rank`, the same `rdzv_endpoint` (HOST:PORT of a
+    c10d rendezvous every node can reach) and `rdzv_id`; global ranks, and so the shards of the train
+    rows, are assigned by the rendezvous, and only global rank 0 writes `out`.
+    """
+    if nnodes == 1 and rdzv_endpoint is None:
+        where = ["--standalone"]
+    elif rdzv_endpoint is None:
+        raise ValueError(f"{nnodes} nodes need a rendezvous endpoint (HOST:PORT)")
+    else:
+        where = [
+            f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}",
+        ]  # fmt: skip
+    return [
+        sys.executable, "-m", "torch.distributed.run", *where,
+        "--nproc-per-node", str(nproc), "--local-ranks-filter", "0",
+        "--log-dir", str(logs), "--tee", "3",  # every rank's output in a file, local rank 0's on the console
+        "-m", "csmf_core.distributed",
+        "--model-ready", str(model_ready), "--checkpoint-in", str(checkpoint_in), "--out", str(out),
+        "--config", str(config),
+        "--step", json.dumps({"name": step.name, "kind": step.kind, "stage": step.stage}),
+    ]  # fmt: skip
+
+
+def launch_env(cfg: CSMFConfig, local_processes: int) -> dict[str, str]:
+    """The launcher's environment: this checkout on PYTHONPATH, threads split between local ranks."""
+    env = dict(os.environ)
+    repo = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # one process per core share: N ranks x the parent's thread count would oversubscribe the cores
+    env["OMP_NUM_THREADS"] = str(cfg.train.threads or max(1, (os.cpu_count() or 1) // local_processes))
+    return env
 
 
 def step_completed(rc: int, out: Path, processes: int, logs: Path, log: Callable[[str], None]) -> bool:

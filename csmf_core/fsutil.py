@@ -1,4 +1,5 @@
-"""Directory outputs that appear whole or not at all (generated datasets, model-ready data)."""
+"""Directory outputs that appear whole or not at all (generated datasets, model-ready data), and
+dataset locations given as URIs (`local_dataset`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,16 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+
+from data_contracts.location import (  # noqa: F401  (re-exported: datasets by URI)
+    default_stage_root,
+    filesystem,
+    is_uri,
+    local_dataset,
+    redact,
+    reject_uri,
+    stage_dataset,
+)
 
 
 def fresh_temp_dir(out_dir: Path, overwrite: bool, check_only: bool = False) -> Path:

@@ -41,8 +41,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from csmf_core.fsutil import commit_dir, fresh_temp_dir
-from csmf_core.idmap import SEEN_FILES, BaseMaps, assign_rows, collisions, hash_buckets, write_seen
+from csmf_core.fsutil import commit_dir, fresh_temp_dir, local_dataset, reject_uri
+from csmf_core.idmap import SEEN_FILES, Assigned, BaseMaps, assign_rows, collisions, hash_buckets, write_seen
 from data_contracts import DatasetSpec, load_spec, partition_files
 
 INT_CATEGORICAL_MAX_DISTINCT = 1000
@@ -217,7 +217,112 @@ def _list_column(u_rows: np.ndarray, u: np.ndarray, i: np.ndarray) -> pa.ListArr
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(pi, pa.int32()))
 
 
-def prepare(
+@dataclass
+class Plan:
+    """What every part of one prep shares: the dataset, the dates, and the global vocabularies.
+
+    Built by ``plan`` (the vocabulary pass of sharded prep, csmf_core/prep_sharded.py) or inside
+    ``prepare``. ``users_tab`` / ``items_tab`` are the finished ``users.parquet`` / ``items.parquet``.
+    """
+
+    dataset_dir: Path
+    spec: DatasetSpec
+    objectives: list[tuple[str, str]]
+    train_d: list[str]
+    eval_d: list[str]
+    needed: list[str]
+    parts: dict[str, list[Path]]
+    seq_len: int
+    n_req_neg: int
+    eval_start: int
+    user_ids: np.ndarray | None = None
+    item_ids: np.ndarray | None = None
+    users_tab: pl.DataFrame | None = None
+    items_tab: pl.DataFrame | None = None
+    user_specs: list = field(default_factory=list)
+    item_specs: list = field(default_factory=list)
+    # id maps (csmf_core/idmap.py): the maps of the model a run starts from, hashing, eviction
+    base: BaseMaps | None = None
+    id_buckets: int | None = None
+    evict_after_days: int | None = None
+    maps: dict[str, Assigned] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n, _ in self.objectives]
+
+    @property
+    def cols(self) -> list[str]:
+        return [c for _, c in self.objectives]
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids) + 1
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids) + 1
+
+    def events(self) -> pl.LazyFrame:
+        return _scan_events(self.parts, self.needed, self.cols, set(self.train_d), set(self.eval_d))
+
+    def uidx(self, s: pl.Series) -> np.ndarray:
+        if self.base is not None:  # rows kept from the base model (csmf_core/idmap.py)
+            return self.maps["users"].rows_of(s.to_numpy())
+        # ascending ids: a row is the position in the sorted vocabulary (as before id maps)
+        return (np.searchsorted(self.user_ids, s.to_numpy()) + 1).astype(np.int32)
+
+    def iidx(self, s: pl.Series) -> np.ndarray:
+        if self.base is not None:
+            return self.maps["items"].rows_of(s.to_numpy())
+        return (np.searchsorted(self.item_ids, s.to_numpy()) + 1).astype(np.int32)
+
+    def set_vocab(self, uids: pl.DataFrame, iids: pl.DataFrame, users_df, items_df) -> None:
+        """Rows for the ids of the feature tables and events (``vocab_queries``: each id with its last
+        event ts, null when only in the feature table): ascending ids from scratch, the base model's
+        rows kept with a base (csmf_core/idmap.py); encode the feature tables."""
+        feats = {table: _feature_lists(self.spec, table) for table in ("users", "items")}
+        today = int(dt.date.fromisoformat(max(self.train_d)).toordinal() - dt.date(1970, 1, 1).toordinal())
+        span = (dt.date.fromisoformat(max(self.train_d)) - dt.date.fromisoformat(min(self.train_d))).days
+        for side, col, frame in (("users", "user_id", uids), ("items", "item_id", iids)):
+            frame = frame.filter(pl.col(col).is_not_null()).sort(col)
+            seen = (frame["ts"].fill_null(-DAY_US).to_numpy() // DAY_US).astype(np.int32)  # -1: table only
+            self.maps[side] = assign_rows(
+                frame[col].to_numpy(),
+                seen,
+                self.base.side(side) if self.base is not None else None,
+                today=today,
+                evict_after_days=self.evict_after_days,
+                first_day=today - span,
+            )
+        self.user_ids, self.item_ids = self.maps["users"].ids, self.maps["items"].ids
+        base_feats = self.base.features if self.base is not None else {}
+        self.users_tab, self.user_specs = _encode_table(
+            users_df,
+            "user_id",
+            self.user_ids,
+            feats.get("users"),
+            "c_uid",
+            base_feats.get("users"),
+            self.id_buckets,
+        )
+        self.items_tab, self.item_specs = _encode_table(
+            items_df,
+            "item_id",
+            self.item_ids,
+            feats.get("items"),
+            "c_iid",
+            base_feats.get("items"),
+            self.id_buckets,
+        )
+        for side, tab in (("users", self.users_tab), ("items", self.items_tab)):
+            stats = self.maps[side].stats
+            stats["buckets"] = self.id_buckets
+            codes = tab["c_uid" if side == "users" else "c_iid"].to_numpy()[1:]
+            stats["collisions"] = collisions(codes) if self.id_buckets is not None else 0
+
+
+def plan(
     dataset_dir: str | Path,
     out_dir: str | Path,
     *,
@@ -226,33 +331,15 @@ def prepare(
     seq_len: int = 20,
     n_req_neg: int = 10,
     overwrite: bool = False,
-    part_rows: int = 1_000_000,
     base: BaseMaps | None = None,
     id_buckets: int | None = None,
     evict_after_days: int | None = None,
-) -> PrepSummary:
-    """Build the model-ready dataset of ``dataset_dir`` into ``out_dir``.
-
-    Dates: a ``tuple`` (start, end) means every calendar date from start to end inclusive, a ``list``
-    means exactly those dates, a ``str`` one date. Every training date must precede the first
-    evaluation date. ``seq_len`` = L (history length), ``n_req_neg`` = M (request negatives per row),
-    ``part_rows`` = rows per train part (one row group each). Datasets without request ids or
-    unexposed rows get all-zero ``neg`` lists. The objectives come from dataset.yaml. ``eval_dates=[]``
-    builds training rows only (an empty ``eval`` table) and opens no partition after the last
-    training date: what `csmf tune` trains on, so evaluation days are never read while tuning.
-    A non-empty out_dir is refused unless ``overwrite``.
-
-    Id maps (csmf_core/idmap.py): without ``base`` users and items get rows in ascending id order; with
-    the maps of a previous model (``BaseMaps.read(bundle / "features")``) every id it knew keeps its
-    row and its feature encodings, new ids get the next rows, and with ``evict_after_days`` new ids
-    take the rows of ids unseen for that many days first. ``id_buckets`` hashes the id features
-    (``c_uid`` / ``c_iid``) into that many rows. Each row's last-seen day goes to
-    ``users_seen.parquet`` / ``items_seen.parquet``; the counts to meta.json ``id_maps``.
-    """
-    dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
+) -> Plan:
+    """Check the arguments and the dataset (``prepare``'s rules) and resolve the dates; no vocabulary yet."""
+    reject_uri(out_dir, "model-ready output directory")
+    dataset_dir, out_dir = local_dataset(dataset_dir), Path(out_dir)
     spec = load_spec(dataset_dir)
     objectives = [(o.name, o.column) for o in spec.objectives]
-    names, cols = [n for n, _ in objectives], [c for _, c in objectives]
     train_d, eval_d = _resolve_dates(train_dates), _resolve_dates(eval_dates)
     if not train_d or (eval_d and max(train_d) >= min(eval_d)):
         raise ValueError("need non-empty train dates, every train date before the first eval date")
@@ -265,17 +352,41 @@ def prepare(
         raise ValueError(f"no event partitions for the train or eval dates in {dataset_dir / 'events'}")
     # history needs every earlier partition; nothing after the last date asked for is ever opened
     needed = [d for d in parts if d <= max(eval_d or train_d)]
-    ev = _scan_events(parts, needed, cols, set(train_d), set(eval_d))
-    feats = {table: _feature_lists(spec, table) for table in ("users", "items")}
-    users_df = _read_features(dataset_dir / "users.parquet", "user_id")
-    items_df = _read_features(dataset_dir / "items.parquet", "item_id")
+    first_eval = (
+        dt.date.fromisoformat(min(eval_d))
+        if eval_d
+        else dt.date.fromisoformat(max(train_d)) + dt.timedelta(1)
+    )
+    eval_start = (
+        int(dt.datetime(first_eval.year, first_eval.month, first_eval.day, tzinfo=dt.UTC).timestamp()) * 10**6
+    )
+    return Plan(
+        dataset_dir, spec, objectives, train_d, eval_d, needed, parts, seq_len, n_req_neg, eval_start,
+        base=base, id_buckets=id_buckets, evict_after_days=evict_after_days,
+    )  # fmt: skip
 
+
+def vocab_queries(ev: pl.LazyFrame, users_df: pl.DataFrame, items_df: pl.DataFrame) -> list[pl.LazyFrame]:
+    """The user and item ids of the feature tables and the events, each with its last event ts (null
+    when it is only in the feature table): the vocabulary pass (last-seen days feed the id maps)."""
+
+    def last_seen(df: pl.DataFrame, col: str) -> pl.LazyFrame:
+        table_ids = df.lazy().select(pl.col(col).cast(pl.Int64), pl.lit(None, pl.Int64).alias("ts"))
+        return pl.concat([table_ids, ev.select(col, "ts")]).group_by(col).agg(pl.col("ts").max())
+
+    return [last_seen(users_df, "user_id"), last_seen(items_df, "item_id")]
+
+
+def row_queries(ev: pl.LazyFrame, cols: list[str], n_req_neg: int) -> tuple[pl.DataFrame, list[pl.LazyFrame]]:
+    """(request codes, [train, negatives, eval, *history positives]) of the events `ev` (lazy).
+
+    Bounded memory (bench/bench_scaling.py): request ids become dense uint32 codes once (a table of
+    n_requests strings), so no event-sized frame below carries a string column (a 16-character id
+    costs ~32 B a row in polars, its code 4 B); the queries run on polars' streaming engine, and the
+    wide train columns (histories, negatives) are built part by part. Codes are an internal detail:
+    the output is the same as with the ids themselves (tests/unit/test_prep_bounded.py).
+    """
     c0, is_train, rid = pl.col(cols[0]), pl.col("_train"), pl.col("request_id")
-    # Bounded memory (bench/bench_scaling.py): request ids become dense uint32 codes once (a table of
-    # n_requests strings), so no event-sized frame below carries a string column (a 16-character id
-    # costs ~32 B a row in polars, its code 4 B); the queries run on polars' streaming engine, and the
-    # wide train columns (histories, negatives) are built part by part. Codes are an internal detail:
-    # the output is the same as with the ids themselves (tests/unit/test_prep_bounded.py).
     req = (
         ev.filter(is_train & rid.is_not_null())
         .select("request_id")
@@ -301,147 +412,231 @@ def prepare(
     )
     eval_lf = ev.filter(pl.col("_eval") & pl.any_horizontal(cols)).select("user_id", "item_id", *cols)
     hist_lfs = [ev.filter(pl.col(c)).select("user_id", "item_id", "ts") for c in cols[1:]]
+    return req, [train_lf, neg_lf, eval_lf, *hist_lfs]
 
-    def last_seen(df: pl.DataFrame, col: str) -> pl.LazyFrame:  # per id: the last event ts read, or null
-        table_ids = df.lazy().select(pl.col(col).cast(pl.Int64), pl.lit(None, pl.Int64).alias("ts"))
-        return pl.concat([table_ids, ev.select(col, "ts")]).group_by(col).agg(pl.col("ts").max())
 
-    uid_lf, iid_lf = last_seen(users_df, "user_id"), last_seen(items_df, "item_id")
-    train, negs, evals, uids, iids, *hists = pl.collect_all(
-        [train_lf, neg_lf, eval_lf, uid_lf, iid_lf, *hist_lfs], engine="streaming"
-    )
+@dataclass
+class Rows:
+    """The training and evaluation rows of some users (all of them, or one shard), in index space.
 
-    today = int(dt.date.fromisoformat(max(train_d)).toordinal() - dt.date(1970, 1, 1).toordinal())
-    maps = {}
-    for side, col, frame in (("users", "user_id", uids), ("items", "item_id", iids)):
-        frame = frame.filter(pl.col(col).is_not_null()).sort(col)
-        seen = (frame["ts"].fill_null(-DAY_US).to_numpy() // DAY_US).astype(np.int32)  # -1: table only
-        maps[side] = assign_rows(
-            frame[col].to_numpy(),
-            seen,
-            base.side(side) if base is not None else None,
-            today=today,
-            evict_after_days=evict_after_days,
-            first_day=today
-            - (dt.date.fromisoformat(max(train_d)) - dt.date.fromisoformat(min(train_d))).days,
-        )
-    del uids, iids
-    user_ids, item_ids = maps["users"].ids, maps["items"].ids
-    if base is None:  # ascending ids: a row is the position in the sorted vocabulary (as before id maps)
-        uidx = lambda s: (np.searchsorted(user_ids, s.to_numpy()) + 1).astype(np.int32)  # noqa: E731
-        iidx = lambda s: (np.searchsorted(item_ids, s.to_numpy()) + 1).astype(np.int32)  # noqa: E731
-    else:
-        uidx = lambda s: maps["users"].rows_of(s.to_numpy())  # noqa: E731
-        iidx = lambda s: maps["items"].rows_of(s.to_numpy())  # noqa: E731
-    base_feats = base.features if base is not None else {}
-    users_tab, user_specs = _encode_table(
-        users_df, "user_id", user_ids, feats.get("users"), "c_uid", base_feats.get("users"), id_buckets
-    )
-    items_tab, item_specs = _encode_table(
-        items_df, "item_id", item_ids, feats.get("items"), "c_iid", base_feats.get("items"), id_buckets
-    )
-    for side, tab in (("users", users_tab), ("items", items_tab)):
-        stats = maps[side].stats
-        stats["buckets"] = id_buckets
-        codes = tab["c_uid" if side == "users" else "c_iid"].to_numpy()[1:]
-        stats["collisions"] = collisions(codes) if id_buckets is not None else 0
-    n_users, n_items = len(user_ids) + 1, len(item_ids) + 1
+    Train rows in output order ((ts, user, item), ties in source order) with the narrow columns; the
+    wide ones (histories, negatives) are built slice by slice by ``train_slice``.
+    """
+
+    t_u: np.ndarray
+    t_i: np.ndarray
+    t_ts: np.ndarray
+    flags: np.ndarray  # (n_train, n_objectives) bool
+    train_rc: np.ndarray
+    neg_mat: np.ndarray
+    index: dict[str, HistoryIndex]
+    e_u: np.ndarray
+    e_i: np.ndarray
+    e_flags: dict[str, np.ndarray]
+
+    @property
+    def level(self) -> np.ndarray:
+        return (self.flags.sum(1) - 1).astype(np.int8)
+
+    def train_slice(self, p: Plan, s: slice, level: np.ndarray) -> pa.Table:
+        table = {"u": pa.array(self.t_u[s]), "i": pa.array(self.t_i[s]), "level": pa.array(level[s])}
+        table["ts"] = self.t_ts[s]
+        for n in p.names[1:]:
+            table[f"hist_{n}"] = _fixed_list(self.index[n].query(self.t_u[s], self.t_ts[s], p.seq_len))
+        table["neg"] = _fixed_list(self.neg_mat[self.train_rc[s]])
+        return pa.table(table)
+
+    def eval_table(self, p: Plan) -> pa.Table:
+        eval_users = np.unique(self.e_u)
+        etab = {"u": pa.array(eval_users, pa.int32())}
+        for n in p.names[1:]:
+            etab[f"hist_{n}"] = _fixed_list(
+                self.index[n].query(eval_users, np.full(len(eval_users), p.eval_start), p.seq_len)
+            )
+        for n, c in p.objectives:
+            m = self.e_flags[c]
+            etab[f"pos_{n}"] = _list_column(eval_users, self.e_u[m], self.e_i[m])
+        return pa.table(etab)
+
+    def counts(self, p: Plan) -> np.ndarray:
+        """(n_objectives, n_items) int64: positives per item of each objective in the train rows."""
+        return np.stack(
+            [np.bincount(self.t_i[self.flags[:, k]], minlength=p.n_items) for k in range(len(p.names))]
+        ).astype(np.int64)
+
+
+def build_rows(p: Plan, req: pl.DataFrame, frames: list[pl.DataFrame]) -> Rows:
+    """The collected ``row_queries`` frames -> ``Rows`` (needs the plan's vocabularies)."""
+    cols, names = p.cols, p.names
+    train, negs, evals, *hists = frames
 
     def history_index(h: pl.DataFrame) -> HistoryIndex:
-        u, i, ts = uidx(h["user_id"]), iidx(h["item_id"]), h["ts"].to_numpy()
+        u, i, ts = p.uidx(h["user_id"]), p.iidx(h["item_id"]), h["ts"].to_numpy()
         known = (u > 0) & (i > 0)  # only evicted ids (csmf_core/idmap.py) have row 0 here
         return HistoryIndex(u[known], i[known], ts[known])
 
     index = {n: history_index(h) for n, h in zip(names[1:], hists)}
     del hists
-
     # Request negatives: one (n_requests + 1, M) matrix, row 0 = no negatives, gathered per train row.
-    neg_mat = np.zeros((len(req) + 1, n_req_neg), np.int32)
-    neg_mat[negs["rc"].to_numpy(), negs["k"].to_numpy()] = iidx(negs["item_id"])
+    neg_mat = np.zeros((len(req) + 1, p.n_req_neg), np.int32)
+    neg_mat[negs["rc"].to_numpy(), negs["k"].to_numpy()] = p.iidx(negs["item_id"])
     del negs, req
-    train_rc = train["rc"].fill_null(0).to_numpy()
-
-    t_u, t_i, t_ts = uidx(train["user_id"]), iidx(train["item_id"]), train["ts"].to_numpy()
     flags = np.stack([train[c].to_numpy() for c in cols], 1) if len(train) else np.zeros((0, len(cols)), bool)
-    n_train = len(train)
-    del train
-    level = (flags.sum(1) - 1).astype(np.int8)
-    first_eval = (
-        dt.date.fromisoformat(min(eval_d))
-        if eval_d
-        else dt.date.fromisoformat(max(train_d)) + dt.timedelta(1)
+    return Rows(
+        t_u=p.uidx(train["user_id"]),
+        t_i=p.iidx(train["item_id"]),
+        t_ts=train["ts"].to_numpy(),
+        flags=flags,
+        train_rc=train["rc"].fill_null(0).to_numpy(),
+        neg_mat=neg_mat,
+        index=index,
+        e_u=p.uidx(evals["user_id"]),
+        e_i=p.iidx(evals["item_id"]),
+        e_flags={c: evals[c].to_numpy() for c in cols},
     )
-    eval_start = (
-        int(dt.datetime(first_eval.year, first_eval.month, first_eval.day, tzinfo=dt.UTC).timestamp()) * 10**6
+
+
+def write_outputs(
+    p: Plan,
+    tmp: Path,
+    train_tables,
+    eval_table: pa.Table,
+    counts: np.ndarray,
+    by_level: list[int],
+    n_train: int,
+) -> dict:
+    """Write users/items, the train parts (``train_tables``: an iterable of pa.Table, one per part),
+    eval, popularity and meta.json into ``tmp``; returns the meta dict."""
+    p.users_tab.write_parquet(tmp / "users.parquet")
+    p.items_tab.write_parquet(tmp / "items.parquet")
+    for side, name in SEEN_FILES.items():
+        write_seen(tmp / name, p.maps[side])
+    (tmp / "train").mkdir()
+    train_parts = []
+    for k, table in enumerate(train_tables):
+        train_parts.append(tmp / "train" / f"part-{k:05d}.parquet")
+        pq.write_table(table, train_parts[-1], row_group_size=max(table.num_rows, 1))
+    pq.write_table(eval_table, tmp / "eval.parquet")
+    pop = {"i": np.arange(p.n_items, dtype=np.int32)}
+    for k, n in enumerate(p.names):
+        pop[f"count_{n}"] = counts[k]
+    pq.write_table(pa.table(pop), tmp / "popularity.parquet")
+    meta = {
+        "format_version": 1,
+        "dataset": {"name": p.spec.name, "dir": str(p.dataset_dir)},
+        "objectives": [{"name": n, "column": c} for n, c in p.objectives],
+        "features": {"users": p.user_specs, "items": p.item_specs},
+        "n_users": p.n_users,
+        "n_items": p.n_items,
+        "seq_len": p.seq_len,
+        "n_req_neg": p.n_req_neg,
+        "train_dates": p.train_d,
+        "eval_dates": p.eval_d,
+        "history_dates": p.needed,
+        "eval_start_ts": p.eval_start,
+        "rows": {"train": n_train, "eval": eval_table.num_rows, "train_by_level": by_level},
+        "train_parts": [str(q.relative_to(tmp)) for q in train_parts],
+        "id_maps": {"base": p.base.source if p.base is not None else None}
+        | {side: p.maps[side].stats for side in ("users", "items")},
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    return meta
+
+
+def summary(p: Plan, out_dir: Path, meta: dict) -> PrepSummary:
+    return PrepSummary(
+        out_dir=out_dir,
+        n_users=p.n_users,
+        n_items=p.n_items,
+        n_train=meta["rows"]["train"],
+        n_eval=meta["rows"]["eval"],
+        train_by_level=meta["rows"]["train_by_level"],
+        train_dates=p.train_d,
+        eval_dates=p.eval_d,
+        train_parts=[out_dir / q for q in meta["train_parts"]],
+        meta=meta,
     )
+
+
+def read_feature_tables(p: Plan) -> tuple[pl.DataFrame, pl.DataFrame]:
+    return (
+        _read_features(p.dataset_dir / "users.parquet", "user_id"),
+        _read_features(p.dataset_dir / "items.parquet", "item_id"),
+    )
+
+
+def prepare(
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    train_dates: str | list[str] | tuple[str, str],
+    eval_dates: str | list[str] | tuple[str, str],
+    seq_len: int = 20,
+    n_req_neg: int = 10,
+    overwrite: bool = False,
+    part_rows: int = 1_000_000,
+    base: BaseMaps | None = None,
+    id_buckets: int | None = None,
+    evict_after_days: int | None = None,
+) -> PrepSummary:
+    """Build the model-ready dataset of ``dataset_dir`` (a path or a URI, csmf_core.fsutil) into ``out_dir``.
+
+    Dates: a ``tuple`` (start, end) means every calendar date from start to end inclusive, a ``list``
+    means exactly those dates, a ``str`` one date. Every training date must precede the first
+    evaluation date. ``seq_len`` = L (history length), ``n_req_neg`` = M (request negatives per row),
+    ``part_rows`` = rows per train part (one row group each). Datasets without request ids or
+    unexposed rows get all-zero ``neg`` lists. The objectives come from dataset.yaml. ``eval_dates=[]``
+    builds training rows only (an empty ``eval`` table) and opens no partition after the last
+    training date: what `csmf tune` trains on, so evaluation days are never read while tuning.
+    A non-empty out_dir is refused unless ``overwrite``. The same output, sharded by user across
+    processes or machines: csmf_core/prep_sharded.py.
+
+    Id maps (csmf_core/idmap.py): without ``base`` users and items get rows in ascending id order; with
+    the maps of a previous model (``BaseMaps.read(bundle / "features")``) every id it knew keeps its
+    row and its feature encodings, new ids get the next rows, and with ``evict_after_days`` new ids
+    take the rows of ids unseen for that many days first. ``id_buckets`` hashes the id features
+    (``c_uid`` / ``c_iid``) into that many rows. Each row's last-seen day goes to
+    ``users_seen.parquet`` / ``items_seen.parquet``; the counts to meta.json ``id_maps``.
+    """
+    p = plan(
+        dataset_dir,
+        out_dir,
+        train_dates=train_dates,
+        eval_dates=eval_dates,
+        seq_len=seq_len,
+        n_req_neg=n_req_neg,
+        overwrite=overwrite,
+        base=base,
+        id_buckets=id_buckets,
+        evict_after_days=evict_after_days,
+    )
+    out_dir = Path(out_dir)
+    ev = p.events()
+    users_df, items_df = read_feature_tables(p)
+    req, queries = row_queries(ev, p.cols, n_req_neg)
+    *frames, uids, iids = pl.collect_all(
+        [*queries, *vocab_queries(ev, users_df, items_df)], engine="streaming"
+    )
+    p.set_vocab(uids, iids, users_df, items_df)
+    rows = build_rows(p, req, frames)
+    del frames
+    level, n_train = rows.level, len(rows.t_u)
 
     tmp = fresh_temp_dir(out_dir, overwrite)
     try:
-        users_tab.write_parquet(tmp / "users.parquet")
-        items_tab.write_parquet(tmp / "items.parquet")
-        for side, name in SEEN_FILES.items():
-            write_seen(tmp / name, maps[side])
-        (tmp / "train").mkdir()
-        train_parts = []
-        for k, lo in enumerate(range(0, max(n_train, 1), part_rows)):
-            s = slice(lo, lo + part_rows)
-            table = {"u": pa.array(t_u[s]), "i": pa.array(t_i[s]), "level": pa.array(level[s]), "ts": t_ts[s]}
-            for n in names[1:]:
-                table[f"hist_{n}"] = _fixed_list(index[n].query(t_u[s], t_ts[s], seq_len))
-            table["neg"] = _fixed_list(neg_mat[train_rc[s]])
-            train_parts.append(tmp / "train" / f"part-{k:05d}.parquet")
-            pq.write_table(pa.table(table), train_parts[-1], row_group_size=part_rows)
-
-        e_u, e_i = uidx(evals["user_id"]), iidx(evals["item_id"])
-        eval_users = np.unique(e_u)
-        etab = {"u": pa.array(eval_users, pa.int32())}
-        for n in names[1:]:
-            etab[f"hist_{n}"] = _fixed_list(
-                index[n].query(eval_users, np.full(len(eval_users), eval_start), seq_len)
-            )
-        for n, c in objectives:
-            m = evals[c].to_numpy()
-            etab[f"pos_{n}"] = _list_column(eval_users, e_u[m], e_i[m])
-        pq.write_table(pa.table(etab), tmp / "eval.parquet")
-
-        pop = {"i": np.arange(n_items, dtype=np.int32)}
-        for k, n in enumerate(names):
-            pop[f"count_{n}"] = np.bincount(t_i[flags[:, k]], minlength=n_items).astype(np.int64)
-        pq.write_table(pa.table(pop), tmp / "popularity.parquet")
-
-        by_level = np.bincount(level, minlength=len(names))[: len(names)].tolist()
-        meta = {
-            "format_version": 1,
-            "dataset": {"name": spec.name, "dir": str(dataset_dir)},
-            "objectives": [{"name": n, "column": c} for n, c in objectives],
-            "features": {"users": user_specs, "items": item_specs},
-            "n_users": n_users,
-            "n_items": n_items,
-            "seq_len": seq_len,
-            "n_req_neg": n_req_neg,
-            "train_dates": train_d,
-            "eval_dates": eval_d,
-            "history_dates": needed,
-            "eval_start_ts": eval_start,
-            "rows": {"train": n_train, "eval": len(eval_users), "train_by_level": by_level},
-            "train_parts": [str(p.relative_to(tmp)) for p in train_parts],
-            "id_maps": {"base": base.source if base is not None else None}
-            | {side: maps[side].stats for side in ("users", "items")},
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        slices = [slice(lo, lo + part_rows) for lo in range(0, max(n_train, 1), part_rows)]
+        by_level = np.bincount(level, minlength=len(p.names))[: len(p.names)].tolist()
+        meta = write_outputs(
+            p,
+            tmp,
+            (rows.train_slice(p, s, level) for s in slices),
+            rows.eval_table(p),
+            rows.counts(p),
+            by_level,
+            n_train,
+        )
         commit_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return PrepSummary(
-        out_dir=out_dir,
-        n_users=n_users,
-        n_items=n_items,
-        n_train=n_train,
-        n_eval=len(eval_users),
-        train_by_level=by_level,
-        train_dates=train_d,
-        eval_dates=eval_d,
-        train_parts=[out_dir / p.relative_to(tmp) for p in train_parts],
-        meta=meta,
-    )
+    return summary(p, out_dir, meta)

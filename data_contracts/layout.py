@@ -16,6 +16,7 @@ from pathlib import Path
 
 import polars as pl
 
+from data_contracts.location import local_dataset
 from data_contracts.schema import EVENTS_DIR, canonical_event_columns
 
 _DT_DIR = re.compile(r"^dt=(\d{4}-\d{2}-\d{2})$")
@@ -49,7 +50,7 @@ def list_partitions(root: str | os.PathLike) -> tuple[list[Partition], list[str]
     The second list holds paths relative to `root` of stray entries (a `foo/` directory, a Parquet file
     directly under `events/`, a `dt=2026-13-40` name); an absent `events/` gives two empty lists.
     """
-    events = Path(root) / EVENTS_DIR
+    events = local_dataset(root) / EVENTS_DIR  # a path or a URI (csmf_core.fsutil)
     partitions, stray = [], []
     if not events.is_dir():
         return [], []

@@ -25,6 +25,8 @@ from typing import Any
 import polars as pl
 import yaml
 
+from data_contracts.location import local_dataset
+
 SPEC_FILE = "dataset.yaml"
 USERS_FILE = "users.parquet"
 ITEMS_FILE = "items.parquet"
@@ -208,7 +210,7 @@ def parse_spec(data: Any, *, source: str = SPEC_FILE) -> DatasetSpec:
 
 def load_spec(directory: str | os.PathLike) -> DatasetSpec:
     """Read and validate `<directory>/dataset.yaml`."""
-    path = Path(directory) / SPEC_FILE
+    path = local_dataset(directory) / SPEC_FILE  # a path or a URI (csmf_core.fsutil)
     if not path.is_file():
         raise SpecError(f"{path} not found; every canonical dataset needs one (see docs/architecture.md)")
     try:

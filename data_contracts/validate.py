@@ -28,6 +28,7 @@ from data_contracts.layout import (
     scan_event_file,
     select_partitions,
 )
+from data_contracts.location import local_dataset, redact, reject_uri
 from data_contracts.quarantine import flag_partition, source_file_column, write_quarantine
 from data_contracts.report import N_EXAMPLES, ValidationReport, example_rows
 from data_contracts.rules import ROW_RULES, RowCheck, row_checks, warning_checks
@@ -249,9 +250,17 @@ def validate_dataset(
     """
     if not 0.0 <= max_violation_rate <= 1.0:
         raise ValueError(f"max_violation_rate must be in [0, 1], got {max_violation_rate}")
+    reject_uri(quarantine_dir, "quarantine directory")
     if max_violation_rate > 0 and quarantine_dir is None:
         raise ValueError("max_violation_rate > 0 needs quarantine_dir (where the offending rows are kept)")
-    root = Path(directory)
+    try:
+        root = local_dataset(directory)  # a path or a URI (file://, s3://, gs://: csmf_core.fsutil)
+    except ValueError as exc:  # the URI's filesystem cannot be opened / listed: one error, not a traceback
+        report = ValidationReport(dataset_dir=Path(redact(str(directory))), counts={"rows": 0})
+        report.add(
+            "missing_path", redact(str(directory)), None, str(exc), "check the URI and its credentials"
+        )
+        return report
     report = ValidationReport(dataset_dir=root, counts={"rows": 0, "rows_per_partition": {}, "positives": {}})
     if not root.is_dir():
         fix = "check the path (a canonical dataset is a directory with dataset.yaml)"

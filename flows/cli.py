@@ -37,6 +37,7 @@ from pathlib import Path
 
 from flows.console import Progress, partition_dates, text_table
 from flows.env import check_writable, setup_home, tracking_uri
+from flows.inputs import dataset_location
 
 SYNTH_DEFAULT = ("small", 0)  # preset and seed of the data `csmf run` generates when given no --data
 # Errors that are the user's to fix (data, config, arguments, disk, a run already training): one
@@ -93,8 +94,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from data_contracts import validate_dataset
+    from data_contracts.location import redact
 
-    with Progress(f"validating {args.dir}"):
+    with Progress(f"validating {redact(args.dir)}"):  # a URI's query can hold credentials
         report = validate_dataset(args.dir, dates=args.dates)
     print(report.to_markdown())
     if not report.ok:
@@ -127,7 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     home = setup_home(args.home)  # before the flow module imports prefect and mlflow
     check_writable(home)  # a read-only home: one message now, not Prefect's retry loop later
-    data = Path(args.data).resolve() if args.data else default_dataset(home)
+    data = dataset_location(args.data, home) if args.data else default_dataset(home)
     from flows.tune import describe_tuned, find_tuned
 
     tuned = find_tuned(home, data, args.tuned)
@@ -197,7 +199,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)  # fail fast on a bad config
     names, _ = check_arguments(args.methods, args.seeds, args.sweeps)
-    data = Path(args.data).resolve()
+    data = dataset_location(args.data, home)
     if not data.is_dir():
         raise FileNotFoundError(f"--data {data}: no such directory")
     report_out_dir(data, args.report_dir)  # a bad dataset name or --report-dir fails before Prefect starts
@@ -250,7 +252,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         load_space(Path(args.space).read_text(), cfg)
     if args.trials < 1 or (args.timeout is not None and args.timeout <= 0):
         raise ValueError(f"--trials must be >= 1 and --timeout > 0, got {args.trials}, {args.timeout}")
-    data = Path(args.data).resolve()
+    data = dataset_location(args.data, home)
     if not data.is_dir():
         raise FileNotFoundError(f"--data {data}: no such directory")
     from flows.doctor import claim

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from flows.console import Progress, parse_weights, partition_dates, text_table
 from flows.env import setup_home
+from flows.inputs import dataset_location
 
 
 def parse_user_id(text: str) -> int:
@@ -221,7 +222,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from csmf_core.serving import metrics_table
     from data_contracts import validate_dataset
 
-    data = Path(args.data)
+    data = dataset_location(args.data, setup_home(args.home))  # a path or a URI
     dates = partition_dates(data)
     date = args.date or dates[-1]
     if date not in dates:

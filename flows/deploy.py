@@ -36,6 +36,7 @@ from pathlib import Path
 
 import psutil
 
+from csmf_core.fsutil import is_uri
 from flows.env import resolve_home
 from flows.lock import process_alive, stop_process_group
 
@@ -166,7 +167,9 @@ def up(
         raise RuntimeError(
             f"a csmf Prefect stack for {root} is already running ({old['api_url']}); `make stop` first"
         )
-    data_dir = Path(data).resolve() if data else _default_data(root)
+    data_dir = (
+        data if is_uri(data) else Path(data).resolve() if data else _default_data(root)
+    )  # URIs as given
     cfg = Path(config).resolve() if config else PROJECT / "configs" / "default.yaml"
     env = _base_env(stack)
     state = {"home": str(root), "api_url": stack.api_url, "port": stack.port, "pool": pool, "processes": {}}

@@ -13,6 +13,7 @@ config and code) copies that run's outputs instead (flows/resume.py).
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from csmf_core.config import CSMFConfig, check_objectives
 from csmf_core.idmap import BaseMaps
 from csmf_core.prep import prepare
+from csmf_core.prep_sharded import n_shards
 from data_contracts import load_spec, validate_dataset
 from flows import reporting
 from flows.names import RESUMED_PREFIX
@@ -78,18 +80,27 @@ def ingest(
         if report.quarantined:
             source = reporting.clean_copy(run.dataset_dir, run.window.validate_dates, run.workdir / "clean")
             logger.info("quarantined %s; training on the clean copy %s", report.quarantined, source)
-        summary = prepare(
-            source,
-            run.workdir / "model_ready",
-            train_dates=run.window.train_dates,
-            eval_dates=run.window.eval_dates,
-            seq_len=cfg.data.seq_len,
-            n_req_neg=cfg.data.n_req_neg,
-            overwrite=True,
-            base=BaseMaps.read(base) if base is not None else None,
-            id_buckets=cfg.model.id_buckets,
-            evict_after_days=cfg.model.evict_after_days,
-        )
+        prep_args = {
+            "train_dates": run.window.train_dates,
+            "eval_dates": run.window.eval_dates,
+            "seq_len": cfg.data.seq_len,
+            "n_req_neg": cfg.data.n_req_neg,
+            "overwrite": True,
+            "id_buckets": cfg.model.id_buckets,
+            "evict_after_days": cfg.model.evict_after_days,
+        }
+        if cfg.ingest.dask == "off":
+            base_maps = BaseMaps.read(base) if base is not None else None
+            summary = prepare(source, run.workdir / "model_ready", base=base_maps, **prep_args)
+        else:  # sharded by user on a Dask cluster (flows/ingest_dask.py); the same model-ready output
+            from flows.ingest_dask import prepare_on_dask
+
+            logger.info("prep sharded on Dask (%s, %d shards)", cfg.ingest.dask, n_shards(cfg.ingest))
+            shards = run.workdir / "prep-shards"
+            summary = prepare_on_dask(
+                cfg.ingest, source, run.workdir / "model_ready", shards, base_dir=base, **prep_args
+            )
+            shutil.rmtree(shards, ignore_errors=True)
         ids = summary.meta["id_maps"]
         logger.info(
             "id maps: users %s, items %s%s",

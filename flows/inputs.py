@@ -23,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 
 from csmf_core.config import DataConfig
+from csmf_core.fsutil import is_uri, local_dataset
 from data_contracts import list_partitions
 from data_contracts.schema import NAME_PATTERN, NAME_RULE
 
@@ -45,6 +46,15 @@ def contained(base: str | os.PathLike, *parts: str | os.PathLike, what: str = "p
     if not path.is_relative_to(root):
         raise ValueError(f"{what} {Path(*parts)} leads outside {root} (to {path}); refusing to use it")
     return path
+
+
+def dataset_location(data: str | os.PathLike, home: str | os.PathLike) -> Path:
+    """The local directory a run reads `data` from: a path (resolved), a `file://` URI (its path), or
+    another filesystem's URI (`s3://`, `gs://`, ...) mirrored under `<home>/staged/<hash of the URI>/`
+    (csmf_core.fsutil.local_dataset: incremental, and no object key can write outside that directory)."""
+    if is_uri(data):
+        return local_dataset(str(data), stage_root=Path(home) / "staged").resolve()
+    return Path(data).resolve()
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from flows.env import check_writable, setup_home, tracking_uri
 from flows.epoch_selection import choose_default_weights, select_on_validation
 from flows.incremental import choose_start, incremental_window_days, select_incremental, train_incremental
 from flows.ingest import Ingested, ingest
-from flows.inputs import plan_window
+from flows.inputs import dataset_location, plan_window
 from flows.lock import date_lock
 from flows.names import (
     BY_STEP,
@@ -77,8 +77,9 @@ def daily_run_name() -> str:
     date = params.get("date")
     if not date:
         data = params.get("data")
-        root = Path(data) if data else resolve_home(params.get("home")) / "data" / "synth-small"
-        try:
+        home = resolve_home(params.get("home"))
+        try:  # a URI is staged where the flow stages it (<home>/staged): the flow then finds it there
+            root = dataset_location(data, home) if data else home / "data" / "synth-small"
             partitions, _ = list_partitions(root)
             date = partitions[-1].date.isoformat() if partitions else "latest"
         except (OSError, ValueError):
@@ -124,7 +125,7 @@ def csmf_daily(
     check_writable(root)  # a read-only home fails here, not in Prefect's or MLflow's retries
     if train_days is not None:
         overrides = [*(overrides or []), f"data.train_days={int(train_days)}"]
-    dataset = Path(data).resolve() if data else generate_data(root)
+    dataset = dataset_location(data, root) if data else generate_data(root)  # a path or a URI
     tuned_file = find_tuned(root, dataset, tuned)
     cfg = load_config(config, overrides, tuned=tuned_file)
     window = plan_window(dataset, date, cfg.data)  # missing partitions fail here, before any work

@@ -31,7 +31,11 @@ from typing import Any
 
 from csmf_core.config import CSMFConfig
 
-NOT_TRAINING = ("gate", "retention")  # config sections that never change a stage's output
+NOT_TRAINING = (
+    "gate",
+    "retention",
+    "ingest",
+)  # config sections that never change a stage's output (ingest: how prep runs, not what it writes)
 COMPLETE_MARKERS = {"checkpoint": "checkpoint.json", "model_ready": "meta.json"}
 
 

@@ -61,7 +61,7 @@ from csmf_core.tuning import (
 from data_contracts import load_spec, validate_dataset
 from flows import doctor
 from flows.env import check_writable, setup_home, tracking_uri
-from flows.inputs import code_version, dataset_digest, plan_window, safe_name
+from flows.inputs import code_version, dataset_digest, dataset_location, plan_window, safe_name
 from flows.lock import date_lock
 from flows.names import TUNE_EXPERIMENT, TUNED_CONFIG_TAG
 from flows.notify import notify_failure
@@ -149,7 +149,7 @@ def csmf_tune(
     doctor.before_run(root, tracking_uri())
     base = load_config(config, overrides)
     search = load_space(Path(space).read_text() if space else DEFAULT_SPACE.read_text(), base)
-    td = prepare_tune_data(root, Path(data).resolve(), date, base)
+    td = prepare_tune_data(root, dataset_location(data, root), date, base)
     logger.info("%s; tuning on %s .. %s", td.val_why, td.train_dates[0], td.train_dates[-1])
     name = study_name(td.dataset, td.date, base, search, seed)
     with date_lock(root, name, who="csmf tune", kind="csmf-tune"):

@@ -171,6 +171,9 @@ BAD_VALUES = {
     "train.mode": ["warm"],
     "train.incremental_days": ["0"],
     "train.full_every_days": ["0"],
+    "ingest.dask": ["yes", "host:8786", "local2"],
+    "ingest.workers": ["0"],
+    "ingest.shards": ["-1"],
 }
 
 
