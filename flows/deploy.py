@@ -370,9 +370,9 @@ def down(home: str | os.PathLike | None = None, *, timeout: float = 30.0) -> lis
 
 
 def _stop(name: str, entry: dict, timeout: float) -> None:
-    """PostgreSQL: `pg_ctl stop -m fast`, then SIGINT (its own fast shutdown) to the postmaster if that
-    left it running. The others: SIGTERM to the process group (the process and the children it
-    spawned), SIGKILL after timeout."""
+    """PostgreSQL: `pg_ctl stop -m fast`, then SIGINT (its own fast shutdown) and at last SIGKILL to
+    the recorded postmaster if it still runs (pg_ctl failed, or timed out). The others: SIGTERM to
+    the process group (the process and the children it spawned), SIGKILL after timeout."""
     if name != "postgres":
         stop_process_group(entry["pid"], timeout)
         return
@@ -380,15 +380,16 @@ def _stop(name: str, entry: dict, timeout: float) -> None:
 
     try:
         Cluster(Path(entry["data"]).parent, Path(entry["bin"])).stop(int(timeout * 2))
-    finally:
-        if _alive(entry):
-            proc = psutil.Process(entry["pid"])
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout)
-            except psutil.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        print(f"pg_ctl stop failed ({exc}); signalling the postmaster (pid {entry['pid']})", file=sys.stderr)
+    if _alive(entry):
+        proc = psutil.Process(entry["pid"])
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout)
+        except psutil.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 def main(argv: list[str] | None = None) -> int:
