@@ -205,9 +205,10 @@ def _start_postgres(stack: Stack, state: dict, pg_port: int, log) -> tuple[str, 
     )
 
 
-def _start_mlflow(stack: Stack, state: dict, env: dict, store: str, port: int, timeout: float) -> str:
+def _start_mlflow(stack: Stack, state: dict, env: dict, store: str, port: int) -> str:
     """`mlflow server` on the PostgreSQL store, serving the artifacts of <home>/mlflow-server/artifacts
-    (experiments created through it get mlflow-artifacts:/ locations); returns its URL."""
+    (experiments created through it get mlflow-artifacts:/ locations); returns its URL. Does not wait:
+    its first start (the schema migrations) overlaps the Prefect server's."""
     artifacts = stack.home / "mlflow-server" / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
     url = f"http://127.0.0.1:{port}"
@@ -223,7 +224,6 @@ def _start_mlflow(stack: Stack, state: dict, env: dict, store: str, port: int, t
     state["processes"]["mlflow"] = _spawn("mlflow", cmd, mlflow_env, stack)
     state["mlflow_uri"] = url
     _write(stack, state)
-    _wait_healthy(url, state["processes"]["mlflow"], timeout, "the MLflow server", stack.dir / "mlflow.log")
     return url
 
 
@@ -272,7 +272,7 @@ def up(
         tracking = None
         if backend == "postgres":
             mlflow_store, prefect_db = _start_postgres(stack, state, int(pg_port), log)
-            tracking = _start_mlflow(stack, state, env, mlflow_store, int(mlflow_port), timeout)
+            tracking = _start_mlflow(stack, state, env, mlflow_store, int(mlflow_port))
             server_env["PREFECT_API_DATABASE_CONNECTION_URL"] = prefect_db
         else:
             state["mlflow_uri"] = job_env(root)["MLFLOW_TRACKING_URI"]
@@ -290,6 +290,10 @@ def up(
             "the Prefect server",
             stack.dir / "server.log",
         )
+        if tracking:
+            _wait_healthy(
+                tracking, state["processes"]["mlflow"], timeout, "the MLflow server", stack.dir / "mlflow.log"
+            )
         template = stack.dir / "pool-template.json"
         template.write_text(json.dumps(pool_template(root, tracking), indent=1))
         _run(
