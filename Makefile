@@ -33,8 +33,11 @@ ui: $(STAMP)
 
 # Persistent local Prefect server + process work pool + deployments (prefect.yaml) + worker on
 # 127.0.0.1 (state and PIDs under $(CSMF_HOME) or ./.csmf/serve); `make stop` stops exactly those.
+# BACKEND=postgres: PostgreSQL (apt-get installed when missing) + an MLflow server and the Prefect
+# server on it; the default, sqlite, keeps Prefect and MLflow on SQLite files of the home.
+BACKEND ?= sqlite
 serve: $(STAMP)
-	$(BIN)/python -m flows.deploy up $(ARGS)
+	$(BIN)/python -m flows.deploy up --backend $(BACKEND) $(ARGS)
 
 stop:
 	$(BIN)/python -m flows.deploy down $(ARGS)

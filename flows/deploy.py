@@ -1,25 +1,35 @@
 """A persistent local Prefect stack for the csmf deployments: server, work pool, deployments, worker.
 
     python -m flows.deploy up   [--home DIR] [--port 4200] [--data DIR] [--config FILE]   # make serve
+                                [--backend postgres [--mlflow-port 5000] [--pg-port 0]]  # make serve BACKEND=postgres
     python -m flows.deploy status [--home DIR]
     python -m flows.deploy down [--home DIR]                                           # make stop
 
 `up` starts, all on 127.0.0.1 and all state under the home (default $CSMF_HOME or ./.csmf):
 
-1. `prefect server start` (PREFECT_HOME=<home>/prefect-server: its SQLite database, so scheduled
-   and past runs survive a restart), and waits until /api/health answers;
+0. with `--backend postgres` only: PostgreSQL (flows/postgres.py: Debian's package, installed with
+   apt-get when missing; the cluster in <home>/serve/postgres, on a free port or --pg-port, databases
+   `mlflow` and `prefect`), then `mlflow server` on it (backend store
+   postgresql+psycopg2://.../mlflow, artifacts served from <home>/mlflow-server/artifacts, on
+   --mlflow-port), waiting until its /health answers;
+1. `prefect server start` (PREFECT_HOME=<home>/prefect-server; its database is SQLite there, or with
+   `--backend postgres` PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://.../prefect, so
+   scheduled and past runs survive a restart), and waits until /api/health answers;
 2. the process work pool (default `csmf-process`) whose base job template sets the flow runs'
-   environment: CSMF_HOME, MLFLOW_TRACKING_URI, OMP_NUM_THREADS, PREFECT_SERVER_ANALYTICS_ENABLED,
+   environment: CSMF_HOME, MLFLOW_TRACKING_URI (sqlite:///<home>/mlflow.db, or the MLflow server's
+   http://127.0.0.1:<mlflow-port>), OMP_NUM_THREADS, PREFECT_SERVER_ANALYTICS_ENABLED,
    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR;
 3. `prefect deploy --all` with prefect.yaml (deployments `csmf-daily/daily`, cron 03:00 UTC, and
    `csmf-daily/adhoc`), from the project root so the worker runs this checkout;
 4. `prefect worker start --pool csmf-process`.
 
-Processes 1 and 4 run in their own sessions; their pids, start times and commands go to
-`<home>/serve/state.json` and their logs to `<home>/serve/*.log`. `down` stops exactly those
-processes (it checks each pid's start time against the recorded one before signalling its process
-group, so a recycled pid is never touched) and removes the state file. `up` refuses to start a
-second stack on the same home while the recorded one is alive.
+The MLflow and Prefect servers and the worker run in their own sessions; their pids, start times and
+commands go to `<home>/serve/state.json` and their logs to `<home>/serve/*.log`; PostgreSQL's
+postmaster pid is recorded there too. `down` stops exactly those processes, in reverse order (it
+checks each pid's start time against the recorded one before signalling its process group, so a
+recycled pid is never touched; PostgreSQL with `pg_ctl stop -m fast`) and removes the state file.
+`up` refuses to start a second stack on the same home while the recorded one is alive. The database
+passwords are never on a command line: the servers get their store URLs from the environment.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -42,8 +53,11 @@ from flows.lock import process_alive, stop_process_group
 
 PROJECT = Path(__file__).resolve().parents[1]
 DEFAULT_PORT = 4200
+DEFAULT_MLFLOW_PORT = 5000
 DEFAULT_POOL = "csmf-process"
+BACKENDS = ("sqlite", "postgres")
 STATE = "state.json"
+STOP_ORDER = ("worker", "server", "mlflow", "postgres")  # the reverse of the start order
 
 
 @dataclass(frozen=True)
@@ -65,11 +79,15 @@ def _prefect() -> list[str]:
     return [sys.executable, "-m", "prefect"]
 
 
-def job_env(home: Path, threads: str | None = None) -> dict[str, str]:
-    """The environment of every flow run (pool base job template and prefect.yaml job_variables)."""
+def job_env(home: Path, threads: str | None = None, tracking_uri: str | None = None) -> dict[str, str]:
+    """The environment of every flow run (pool base job template and prefect.yaml job_variables):
+    MLFLOW_TRACKING_URI is `tracking_uri` (the stack's MLflow server), else $MLFLOW_TRACKING_URI, else
+    the home's SQLite file."""
     return {
         "CSMF_HOME": str(home),
-        "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}",
+        "MLFLOW_TRACKING_URI": tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{home / 'mlflow.db'}",
         "OMP_NUM_THREADS": threads or os.environ.get("OMP_NUM_THREADS") or "2",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # as flows.env.home_defaults: no tqdm bars in logs
@@ -116,6 +134,16 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def _wait_healthy(url: str, entry: dict, timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not _healthy(url):
+        if not _alive(entry):
+            raise RuntimeError(f"{what} exited at start; see {log}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not become healthy on {url} within {timeout:.0f}s; see {log}")
+        time.sleep(0.5)
+
+
 def _alive(entry: dict) -> bool:
     return process_alive(entry["pid"], entry["create_time"])
 
@@ -140,13 +168,66 @@ def read_state(home: Path) -> dict | None:
         return None
 
 
-def pool_template(home: Path) -> dict:
+def pool_template(home: Path, tracking_uri: str | None = None) -> dict:
     """The process worker's default base job template with our environment as the default `env`."""
     from prefect.workers.process import ProcessWorker
 
     template = ProcessWorker.get_default_base_job_template()
-    template["variables"]["properties"]["env"]["default"] = job_env(home)
+    template["variables"]["properties"]["env"]["default"] = job_env(home, tracking_uri=tracking_uri)
     return template
+
+
+def _start_postgres(stack: Stack, state: dict, pg_port: int, log) -> tuple[str, str]:
+    """PostgreSQL with databases `mlflow` and `prefect`; returns their SQLAlchemy URLs (MLflow's
+    psycopg2 one, Prefect's asyncpg one). Records the postmaster in `state` as soon as it runs."""
+    from flows import postgres
+
+    cluster = postgres.Cluster(stack.dir / "postgres", postgres.ensure_binaries(log))
+    port = pg_port or postgres.free_port()
+    started = cluster.start(port)
+    state["processes"]["postgres"] = {
+        "pid": started["pid"],
+        "create_time": psutil.Process(started["pid"]).create_time(),
+        "cmd": ["pg_ctl", "start", "-D", str(cluster.data)],
+        "data": str(cluster.data),
+        "bin": str(cluster.bin),
+    }
+    state["postgres"] = {
+        "port": port,
+        "data": str(cluster.data),
+        "socket_dir": cluster.socket_dir() or None,
+        "user": postgres.PG_USER,
+        "password_file": str(cluster.password_file),
+        "databases": ["mlflow", "prefect"],
+    }
+    _write(stack, state)
+    for db in ("mlflow", "prefect"):
+        cluster.create_database(port, db)
+    return cluster.url(port, "mlflow", "postgresql+psycopg2"), cluster.url(
+        port, "prefect", "postgresql+asyncpg"
+    )
+
+
+def _start_mlflow(stack: Stack, state: dict, env: dict, store: str, port: int) -> str:
+    """`mlflow server` on the PostgreSQL store, serving the artifacts of <home>/mlflow-server/artifacts
+    (experiments created through it get mlflow-artifacts:/ locations); returns its URL. Does not wait:
+    its first start (the schema migrations) overlaps the Prefect server's."""
+    artifacts = stack.home / "mlflow-server" / "artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    url = f"http://127.0.0.1:{port}"
+    mlflow_env = env | {
+        "MLFLOW_BACKEND_STORE_URI": store,  # not on the command line: it holds the password
+        # the GenAI job runner (huey consumers) is not used by csmf: on a 2-core machine it only costs
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
+    cmd = [
+        sys.executable, "-m", "mlflow", "server", "--artifacts-destination", str(artifacts), "--serve-artifacts",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", os.environ.get("CSMF_MLFLOW_WORKERS", "1"),
+    ]  # fmt: skip
+    state["processes"]["mlflow"] = _spawn("mlflow", cmd, mlflow_env, stack)
+    state["mlflow_uri"] = url
+    _write(stack, state)
+    return url
 
 
 def up(
@@ -156,9 +237,19 @@ def up(
     pool: str = DEFAULT_POOL,
     data: str | os.PathLike | None = None,
     config: str | os.PathLike | None = None,
+    backend: str = "sqlite",
+    mlflow_port: int = DEFAULT_MLFLOW_PORT,
+    pg_port: int = 0,
     timeout: float = 120.0,
+    log=print,
 ) -> dict:
-    """Start the stack (module docstring); returns the recorded state. Stops what it started on failure."""
+    """Start the stack (module docstring); returns the recorded state. Stops what it started on failure.
+
+    backend "sqlite": the Prefect server on SQLite, the flows on MLflow's SQLite file (no MLflow
+    server). "postgres": PostgreSQL, an MLflow server and the Prefect server on it (pg_port 0 = a
+    free port)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     root = resolve_home(home)
     stack = Stack(root, int(port), pool)
     stack.dir.mkdir(parents=True, exist_ok=True)
@@ -172,9 +263,24 @@ def up(
     )  # URIs as given
     cfg = Path(config).resolve() if config else PROJECT / "configs" / "default.yaml"
     env = _base_env(stack)
-    state = {"home": str(root), "api_url": stack.api_url, "port": stack.port, "pool": pool, "processes": {}}
+    state = {
+        "home": str(root),
+        "backend": backend,
+        "api_url": stack.api_url,
+        "port": stack.port,
+        "pool": pool,
+        "mlflow_uri": None,
+        "processes": {},
+    }
     try:
         server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+        tracking = None
+        if backend == "postgres":
+            mlflow_store, prefect_db = _start_postgres(stack, state, int(pg_port), log)
+            tracking = _start_mlflow(stack, state, env, mlflow_store, int(mlflow_port))
+            server_env["PREFECT_API_DATABASE_CONNECTION_URL"] = prefect_db
+        else:
+            state["mlflow_uri"] = job_env(root)["MLFLOW_TRACKING_URI"]
         state["processes"]["server"] = _spawn(
             "server",
             [*_prefect(), "server", "start", "--host", "127.0.0.1", "--port", str(stack.port)],
@@ -182,15 +288,19 @@ def up(
             stack,
         )
         _write(stack, state)
-        deadline = time.monotonic() + timeout
-        while not _healthy(stack.api_url):
-            if not _alive(state["processes"]["server"]) or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"Prefect server did not become healthy on {stack.api_url}; see {stack.dir / 'server.log'}"
-                )
-            time.sleep(0.5)
+        _wait_healthy(
+            stack.api_url,
+            state["processes"]["server"],
+            timeout,
+            "the Prefect server",
+            stack.dir / "server.log",
+        )
+        if tracking:
+            _wait_healthy(
+                tracking, state["processes"]["mlflow"], timeout, "the MLflow server", stack.dir / "mlflow.log"
+            )
         template = stack.dir / "pool-template.json"
-        template.write_text(json.dumps(pool_template(root), indent=1))
+        template.write_text(json.dumps(pool_template(root, tracking), indent=1))
         _run(
             [*_prefect(), "work-pool", "create", pool, "--type", "process", "--base-job-template", str(template), "--overwrite"],
             env,
@@ -198,7 +308,9 @@ def up(
             "creating the work pool",
         )  # fmt: skip
         deploy_env = (
-            env | job_env(root) | {"CSMF_DATA": str(data_dir), "CSMF_CONFIG": str(cfg), "CSMF_POOL": pool}
+            env
+            | job_env(root, tracking_uri=tracking)
+            | {"CSMF_DATA": str(data_dir), "CSMF_CONFIG": str(cfg), "CSMF_POOL": pool}
         )
         _run([*_prefect(), "--no-prompt", "deploy", "--all"], deploy_env, stack, "prefect deploy --all")
         worker_env = env | {
@@ -211,8 +323,11 @@ def up(
         time.sleep(1.0)
         if not _alive(state["processes"]["worker"]):
             raise RuntimeError(f"the worker exited at start; see {stack.dir / 'worker.log'}")
-    except BaseException:
-        down(root)
+    except BaseException as exc:
+        try:
+            down(root)
+        except RuntimeError as stop_error:
+            exc.add_note(f"and stopping what had started failed: {stop_error}")
         raise
     return state
 
@@ -235,24 +350,55 @@ def _write(stack: Stack, state: dict) -> None:
 
 
 def down(home: str | os.PathLike | None = None, *, timeout: float = 30.0) -> list[str]:
-    """Stop the processes `up` recorded (worker first), nothing else; returns what was stopped."""
+    """Stop the processes `up` recorded (worker first, PostgreSQL last), nothing else; returns what
+    was stopped. Raises (keeping the state file) when a recorded process is still alive afterwards."""
     root = resolve_home(home)
     state = read_state(root)
     if not state:
         return []
-    stopped = []
-    for name in ("worker", "server"):
-        entry = state["processes"].get(name)
-        if entry and _alive(entry):
-            _stop(entry, timeout)
+    stopped, failed = [], []
+    names = [n for n in STOP_ORDER if n in state["processes"]]
+    names += [n for n in state["processes"] if n not in names]
+    for name in names:
+        entry = state["processes"][name]
+        if not _alive(entry):
+            continue
+        try:
+            _stop(name, entry, timeout)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            failed.append(f"{name} (pid {entry['pid']}): {exc}")
+            continue
+        if _alive(entry):
+            failed.append(f"{name} (pid {entry['pid']}) still runs")
+        else:
             stopped.append(f"{name} (pid {entry['pid']})")
+    if failed:
+        raise RuntimeError(f"could not stop {'; '.join(failed)} (stopped: {', '.join(stopped) or 'nothing'})")
     (root / "serve" / STATE).unlink(missing_ok=True)
     return stopped
 
 
-def _stop(entry: dict, timeout: float) -> None:
-    """SIGTERM to the process group (the process and the children it spawned), SIGKILL after timeout."""
-    stop_process_group(entry["pid"], timeout)
+def _stop(name: str, entry: dict, timeout: float) -> None:
+    """PostgreSQL: `pg_ctl stop -m fast`, then SIGINT (its own fast shutdown) and at last SIGKILL to
+    the recorded postmaster if it still runs (pg_ctl failed, or timed out). The others: SIGTERM to
+    the process group (the process and the children it spawned), SIGKILL after timeout."""
+    if name != "postgres":
+        stop_process_group(entry["pid"], timeout)
+        return
+    from flows.postgres import Cluster
+
+    try:
+        Cluster(Path(entry["data"]).parent, Path(entry["bin"])).stop(int(timeout * 2))
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        print(f"pg_ctl stop failed ({exc}); signalling the postmaster (pid {entry['pid']})", file=sys.stderr)
+    if _alive(entry):
+        proc = psutil.Process(entry["pid"])
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout)
+        except psutil.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,18 +409,56 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pool", default=os.environ.get("CSMF_POOL", DEFAULT_POOL))
     p.add_argument("--data", default=os.environ.get("CSMF_DATA"), help="dataset of the deployments")
     p.add_argument("--config", default=os.environ.get("CSMF_CONFIG"), help="YAML config of the deployments")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=os.environ.get("CSMF_BACKEND") or "sqlite",
+        help="sqlite (default): Prefect on SQLite, flows on MLflow's SQLite file; postgres: PostgreSQL, "
+        "an MLflow server and the Prefect server on it",
+    )
+    p.add_argument(
+        "--mlflow-port",
+        type=int,
+        default=int(os.environ.get("CSMF_MLFLOW_PORT", DEFAULT_MLFLOW_PORT)),
+        help="the MLflow server's port (--backend postgres)",
+    )
+    p.add_argument(
+        "--pg-port",
+        type=int,
+        default=int(os.environ.get("CSMF_PG_PORT", 0)),
+        help="PostgreSQL's port (--backend postgres; default 0: a free port)",
+    )
     args = p.parse_args(argv)
     root = resolve_home(args.home)
     if args.action == "up":
-        state = up(root, port=args.port, pool=args.pool, data=args.data, config=args.config)
-        ui = state["api_url"].removesuffix("/api")
-        print(
-            f"Prefect server {ui} (UI), work pool {state['pool']}, worker running; state in {root / 'serve'}\n"
-            f"  export PREFECT_API_URL={state['api_url']}\n"
-            "  prefect deployment run 'csmf-daily/daily' --param date=YYYY-MM-DD\n"
-            f"  csmf ui --home {root}      # MLflow UI on http://127.0.0.1:5000\n"
-            "  make stop                  # stops exactly these processes"
+        state = up(
+            root,
+            port=args.port,
+            pool=args.pool,
+            data=args.data,
+            config=args.config,
+            backend=args.backend,
+            mlflow_port=args.mlflow_port,
+            pg_port=args.pg_port,
         )
+        ui = state["api_url"].removesuffix("/api")
+        lines = [
+            f"Prefect server {ui} (UI), work pool {state['pool']}, worker running; state in {root / 'serve'}",
+            f"  export PREFECT_API_URL={state['api_url']}",
+            "  prefect deployment run 'csmf-daily/daily' --param date=YYYY-MM-DD",
+        ]
+        if state["backend"] == "postgres":
+            pg = state["postgres"]
+            lines[0] = (
+                f"PostgreSQL on 127.0.0.1:{pg['port']} (data {pg['data']}), MLflow server {state['mlflow_uri']} "
+                f"(UI), Prefect server {ui} (UI) on it, work pool {state['pool']}, worker running; "
+                f"state in {root / 'serve'}"
+            )
+            lines.append(f"  export MLFLOW_TRACKING_URI={state['mlflow_uri']}   # csmf recommend, mlflow CLI")
+        else:
+            lines.append(f"  csmf ui --home {root}      # MLflow UI on http://127.0.0.1:5000")
+        lines.append("  make stop                  # stops exactly these processes")
+        print("\n".join(lines))
     elif args.action == "down":
         stopped = down(root)
         print("stopped " + ", ".join(stopped) if stopped else f"nothing recorded as running for {root}")
@@ -286,6 +470,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, entry in state["processes"].items():
             print(f"{name}: pid {entry['pid']} {'running' if _alive(entry) else 'not running'}")
         print(f"api: {state['api_url']} ({'healthy' if _healthy(state['api_url']) else 'not answering'})")
+        if state.get("backend") == "postgres":
+            mlflow_uri = state["mlflow_uri"]
+            print(f"mlflow: {mlflow_uri} ({'healthy' if _healthy(mlflow_uri) else 'not answering'})")
+            print(f"postgres: 127.0.0.1:{state['postgres']['port']}, data {state['postgres']['data']}")
     return 0
 
 

@@ -261,12 +261,18 @@ class NullTracker:
 def ensure_experiment(name: str, artifact_location: str | Path, tracking_uri: str | None = None) -> str:
     """Id of experiment `name`, created with `artifact_location` when missing.
 
-    Call once before any fan-out: concurrent first-time creation races on SQLite.
+    Against a tracking server (an http(s):// URI) the experiment is created without a location, so
+    the server's default applies (`mlflow server --serve-artifacts`: mlflow-artifacts:/<id>, uploaded
+    through the server, readable by every client of it); a local path there would only exist on the
+    machine that created the experiment. Call once before any fan-out: concurrent first-time creation
+    races on SQLite.
     """
     client = mlflow.MlflowClient(tracking_uri or mlflow.get_tracking_uri())
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    if str(client.tracking_uri).split(":", 1)[0].lower() in ("http", "https"):
+        return client.create_experiment(name)
     location = Path(artifact_location)
     location.mkdir(parents=True, exist_ok=True)
     return client.create_experiment(name, artifact_location=location.resolve().as_uri())

@@ -1,25 +1,35 @@
 """The deployment loop for real: `make serve`'s stack on loopback, `prefect deployment run`, MLflow.
 
-python -m flows.deploy up   (Prefect server on a free 127.0.0.1 port, process pool, prefect.yaml
-                             deployments, worker; all state under a temporary home)
+Runs twice, once per backend of `make serve`:
+- sqlite (`make serve`): the Prefect server on SQLite, the flows on MLflow's SQLite file;
+- postgres (`make serve BACKEND=postgres`): PostgreSQL (installed with apt-get when missing, as
+  root), an MLflow tracking server on it serving the artifacts, the Prefect server on it. Skipped,
+  saying why, only when PostgreSQL's binaries are absent and cannot be installed (not root, no apt-get).
+
+python -m flows.deploy up [--backend postgres]  (servers on free 127.0.0.1 ports, process pool,
+                             prefect.yaml deployments, worker; all state under a temporary home)
 prefect deployment run 'csmf-daily/daily' --param date=2026-01-06 --watch
     -> registry: v1 is champion and challenger, tagged with the date and the flow run
-(delete the cache entries of the steps after recover_exposure: a run that crashed there)
+       (postgres: read through the MLflow server, and checked in the databases themselves)
+(sqlite only, the rest is store-independent: delete the cache entries of the steps after
+ recover_exposure, a run that crashed there)
 prefect deployment run 'csmf-daily/adhoc' --param date=2026-01-06 --watch
     -> ingest .. recover_exposure resumed, the rest trained (deterministically: the same model);
        no v2: v1 is reused (identical inputs and model digest), still champion and challenger
-python -m flows.deploy down -> every started process is gone
+python -m flows.deploy down -> every started process is gone (PostgreSQL too)
 
-.venv/bin/pytest -m integration tests/integration/test_deployment.py -s
+.venv/bin/pytest -m integration tests/integration/test_deployment.py -s [-k postgres]
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -29,7 +39,7 @@ import psutil
 import pytest
 
 from csmf_core.synth import generate
-from flows import deploy
+from flows import deploy, postgres
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -40,6 +50,8 @@ recover: {epochs: 1}
 eval: {ks: [10, 50]}
 """
 DATE = "2026-01-06"
+# one tiny daily run takes ~1 min on an idle 2-core machine and 5 min and more when it is shared
+RUN_TIMEOUT_S = int(os.environ.get("CSMF_TEST_RUN_TIMEOUT_S", "900"))
 
 
 def free_port() -> int:
@@ -55,11 +67,11 @@ def prefect_run(api: str, home: Path, deployment: str, *params: str) -> str:
     for p in params:
         cmd += ["--param", p]
     res = subprocess.run(
-        [*cmd, "--watch", "--watch-interval", "2", "--watch-timeout", "300"],
+        [*cmd, "--watch", "--watch-interval", "2", "--watch-timeout", str(RUN_TIMEOUT_S)],
         env=env,
         capture_output=True,
         text=True,
-        timeout=330,
+        timeout=RUN_TIMEOUT_S + 60,
     )
     out = res.stdout + res.stderr
     assert res.returncode == 0 and "Completed" in out, out[-4000:]
@@ -71,9 +83,27 @@ def api_get(api: str, path: str) -> dict:
         return json.loads(r.read())
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    root = tmp_path_factory.mktemp("deploy")
+def _stack_root(backend: str, tmp_path_factory) -> Path:
+    """A fresh directory for the stack. PostgreSQL runs as the `postgres` user when the tests run as
+    root, and pytest's base temp (/tmp/pytest-of-root, mode 0700) is closed to it: use a directory
+    of its own under the system temp dir, searchable by other users."""
+    if backend != "postgres":
+        return tmp_path_factory.mktemp("deploy")
+    why = postgres.can_install() if postgres.find_binaries() is None else None
+    if why is not None:
+        pytest.skip(
+            "PostgreSQL's server binaries (initdb, pg_ctl, postgres) are absent and cannot be "
+            f"installed here ({why}): apt-get install postgresql, or set CSMF_PG_BIN"
+        )
+    root = Path(tempfile.mkdtemp(prefix="csmf-deploy-pg-"))
+    root.chmod(0o755)
+    return root
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def stack(request, tmp_path_factory):
+    backend = request.param
+    root = _stack_root(backend, tmp_path_factory)
     home = root / "home"
     generate(root / "tiny", "tiny", seed=0)
     (root / "tiny.yaml").write_text(TINY)
@@ -83,20 +113,38 @@ def stack(tmp_path_factory):
     # the test must not change the code version between the two runs; poll for work every 2 s
     mp.setenv("CSMF_CODE_VERSION", "test-deployment")
     mp.setenv("PREFECT_WORKER_QUERY_SECONDS", "2")
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
     try:
-        state = deploy.up(home, port=free_port(), data=root / "tiny", config=root / "tiny.yaml")
-        print(f"\nstack up in {time.perf_counter() - t0:.1f}s")
-        yield {"home": home, "state": state, "api": state["api_url"], "root": root}
+        state = deploy.up(
+            home,
+            port=free_port(),
+            data=root / "tiny",
+            config=root / "tiny.yaml",
+            backend=backend,
+            mlflow_port=free_port(),
+            timeout=float(os.environ.get("CSMF_TEST_SERVER_STARTUP_S", "300")),
+        )
+        print(f"\n{backend} stack up in {time.perf_counter() - t0:.1f}s")
+        yield {"home": home, "state": state, "api": state["api_url"], "root": root, "backend": backend}
     finally:
         mp.undo()
         state = deploy.read_state(home)
-        deploy.down(home)
-        if state:
-            for name, entry in state["processes"].items():
-                assert not deploy._alive(entry), f"{name} still running after down()"
-                assert (
-                    not psutil.pid_exists(entry["pid"]) or psutil.Process(entry["pid"]).status() == "zombie"
-                )
+        t1 = time.perf_counter()
+        try:
+            deploy.down(home)
+            print(f"{backend} stack down in {time.perf_counter() - t1:.1f}s")
+            if state:
+                for name, entry in state["processes"].items():
+                    assert not deploy._alive(entry), f"{name} still running after down()"
+                    assert (
+                        not psutil.pid_exists(entry["pid"])
+                        or psutil.Process(entry["pid"]).status() == "zombie"
+                    )
+                if backend == "postgres":
+                    assert set(state["processes"]) == {"postgres", "mlflow", "server", "worker"}
+        finally:
+            if backend == "postgres":
+                shutil.rmtree(root, ignore_errors=True)
 
 
 def test_deployments_declared_by_prefect_yaml(stack):
@@ -109,7 +157,13 @@ def test_deployments_declared_by_prefect_yaml(stack):
     assert daily["parameters"]["train_days"] == 0
     assert daily["work_pool_name"] == adhoc["work_pool_name"] == "csmf-process"
     env = daily["job_variables"]["env"]
-    assert env["CSMF_HOME"] == str(stack["home"]) and env["MLFLOW_TRACKING_URI"].startswith("sqlite:///")
+    assert (
+        env["CSMF_HOME"] == str(stack["home"]) and env["MLFLOW_TRACKING_URI"] == stack["state"]["mlflow_uri"]
+    )
+    if stack["backend"] == "postgres":  # the flows log to the MLflow server, not to a file of their own
+        assert env["MLFLOW_TRACKING_URI"].startswith("http://127.0.0.1:")
+    else:
+        assert env["MLFLOW_TRACKING_URI"] == f"sqlite:///{stack['home'] / 'mlflow.db'}"
     assert env["OMP_NUM_THREADS"]
     weekly = api_get(stack["api"], "/deployments/name/csmf-tune/weekly")
     crons = [(s["schedule"].get("cron"), s["schedule"].get("timezone")) for s in weekly["schedules"]]
@@ -118,17 +172,22 @@ def test_deployments_declared_by_prefect_yaml(stack):
     assert weekly["work_pool_name"] == "csmf-process"
     pool = api_get(stack["api"], "/work_pools/csmf-process")
     assert pool["type"] == "process"
-    assert pool["base_job_template"]["variables"]["properties"]["env"]["default"]["CSMF_HOME"] == str(
-        stack["home"]
+    pool_env = pool["base_job_template"]["variables"]["properties"]["env"]["default"]
+    assert (
+        pool_env["CSMF_HOME"] == str(stack["home"])
+        and pool_env["MLFLOW_TRACKING_URI"] == env["MLFLOW_TRACKING_URI"]
     )
 
 
 def test_daily_run_then_resumed_rerun(stack):
+    """Both backends: the daily run through the worker, the registry through MLflow (postgres: and in
+    the databases themselves). The resumed re-run that follows does not depend on the stores and
+    runs on sqlite only: on postgres it would add about 40% to this test's time in CI."""
     home, api = stack["home"], stack["api"]
     t0 = time.perf_counter()
     prefect_run(api, home, "csmf-daily/daily", f"date={DATE}")
     t1 = time.perf_counter()
-    client = mlflow.MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    client = mlflow.MlflowClient(stack["state"]["mlflow_uri"])
     v1 = client.get_model_version_by_alias("csmf", "champion")
     assert (
         str(v1.version) == "1" and str(client.get_model_version_by_alias("csmf", "challenger").version) == "1"
@@ -139,6 +198,11 @@ def test_daily_run_then_resumed_rerun(stack):
     assert flow_run["state"]["type"] == "COMPLETED"
     parent = client.get_run(v1.tags["csmf.parent_run_id"])
     assert parent.data.tags["csmf.resumed_stages"] == "none"
+
+    if stack["backend"] == "postgres":
+        check_postgres_stores(stack, client, parent)
+        print(f"daily run {t1 - t0:.1f}s")
+        return
 
     # a crash after recover_exposure: only the entries of the stages before it exist
     later = {"finetune_click", "cpp_prune_click", "recover_click", "finetune_conversion"}
@@ -184,3 +248,48 @@ def test_daily_run_then_resumed_rerun(stack):
     key = "test/by_step/exposure/recall_at_50"
     assert by_name["recover_exposure"].data.metrics[key] == first["recover_exposure"].data.metrics[key]
     print(f"daily run {t1 - t0:.1f}s, resumed re-run {t2 - t1:.1f}s")
+
+
+def check_postgres_stores(stack, client, parent) -> None:
+    """What the MLflow server answered is what PostgreSQL holds; Prefect's runs are in PostgreSQL;
+    the artifacts went through the server; no SQLite store was created on the side."""
+    import psycopg2
+
+    home, pg = stack["home"], stack["state"]["postgres"]
+    password = Path(pg["password_file"]).read_text().strip()
+
+    def query(db: str, sql: str, *args) -> list[tuple]:
+        conn = psycopg2.connect(
+            host="127.0.0.1", port=pg["port"], user=pg["user"], password=password, dbname=db
+        )
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql, args)
+                return cur.fetchall()
+        finally:
+            conn.close()
+
+    assert query("mlflow", "SELECT name, version FROM model_versions") == [("csmf", 1)]
+    aliases = query("mlflow", "SELECT alias, version FROM registered_model_aliases WHERE name = 'csmf'")
+    assert sorted(aliases) == [("challenger", 1), ("champion", 1)]
+    runs = {r[0] for r in query("mlflow", "SELECT run_uuid FROM runs")}
+    served = {r.info.run_id for r in client.search_runs([parent.info.experiment_id], max_results=1000)}
+    assert parent.info.run_id in served and served <= runs  # the parent and its stage child runs
+    completed = query(
+        "prefect",
+        "SELECT d.name, r.id::text FROM flow_run r JOIN deployment d ON d.id = r.deployment_id "
+        "WHERE r.state_type = 'COMPLETED'",
+    )
+    assert completed == [("daily", parent.data.tags["prefect.flow_run_id"])]
+    # artifacts: the experiment's location is the server's (mlflow-artifacts:/), the files are in the
+    # server's --artifacts-destination, none in the home's local artifact folder
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.artifact_location.startswith("mlflow-artifacts:/"), experiment.artifact_location
+    destination = home / "mlflow-server" / "artifacts"
+    assert any(p.name == "config.yaml" for p in destination.rglob("*")), f"no artifact under {destination}"
+    v1 = client.get_model_version("csmf", "1")
+    model_files = client.list_artifacts(parent.info.run_id)
+    assert model_files, "the parent run lists no artifacts through the server"
+    assert v1.source.startswith(("models:/", "mlflow-artifacts:/")), v1.source
+    assert not (home / "mlartifacts").exists() or not any((home / "mlartifacts").rglob("*.*"))
+    assert not (home / "mlflow.db").exists() and not (home / "prefect-server" / "prefect.db").exists()
