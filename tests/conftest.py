@@ -195,3 +195,28 @@ def wide_ids():
 def tiny_trainer():
     """`train_tiny(ds, root, dates, config=None)` (above): prep + tiny cascade + checkpoint."""
     return train_tiny
+
+
+def assert_same_model_ready(a, b) -> None:
+    """Two model-ready directories hold the same files; Parquet tables equal (schema, values, row groups);
+    meta.json equal but for the source dir. Shared by the prep tests (URI, sharded, Dask)."""
+    import json
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    a, b = Path(a), Path(b)
+    names = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
+    for n in names:
+        if n.endswith(".parquet"):
+            ta, tb = pq.read_table(a / n), pq.read_table(b / n)
+            assert ta.schema == tb.schema, n
+            assert ta.equals(tb), n
+            assert (
+                pq.ParquetFile(a / n).metadata.num_row_groups == pq.ParquetFile(b / n).metadata.num_row_groups
+            )
+        else:
+            ma, mb = json.loads((a / n).read_text()), json.loads((b / n).read_text())
+            ma["dataset"].pop("dir"), mb["dataset"].pop("dir")
+            assert ma == mb, n

@@ -6,33 +6,19 @@ The run is started from inside a Prefect task of a flow, as the daily flow's `in
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 from prefect import flow, task
 
 from csmf_core import prep, synth
 from csmf_core.config import build_config
 from flows.ingest_dask import prepare_on_dask
+from tests.conftest import assert_same_model_ready
 
 pytestmark = pytest.mark.integration
 
 KW = {"train_dates": ("2026-01-01", "2026-01-05"), "eval_dates": "2026-01-06", "seq_len": 5, "n_req_neg": 4}
-
-
-def _same(a: Path, b: Path) -> None:
-    names = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
-    assert names == sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
-    for n in names:
-        if n.endswith(".parquet"):
-            assert pq.read_table(a / n).equals(pq.read_table(b / n)), n
-        else:
-            ma, mb = json.loads((a / n).read_text()), json.loads((b / n).read_text())
-            ma["dataset"].pop("dir"), mb["dataset"].pop("dir")
-            assert ma == mb, n
 
 
 @task
@@ -51,7 +37,7 @@ def test_sharded_prep_on_a_local_dask_cluster_equals_single_process_prep(prefect
     synth.generate(ds, "tiny", seed=0)
     single = prep.prepare(ds, tmp_path / "single", part_rows=700, **KW)
     got = _outer(ds.as_uri(), str(tmp_path / "sharded"), str(tmp_path / "work"))
-    _same(tmp_path / "single", tmp_path / "sharded")
+    assert_same_model_ready(tmp_path / "single", tmp_path / "sharded")
     assert got.n_train == single.n_train and len(got.train_parts) == len(single.train_parts) > 1
     info = got.meta["sharded"]
     assert info["shards"] == 3 and sum(info["shard_rows"]) == single.n_train

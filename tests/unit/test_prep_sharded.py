@@ -6,40 +6,20 @@ on a local Dask cluster: tests/integration/test_ingest_dask.py.
 
 from __future__ import annotations
 
-import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from csmf_core import prep
 from csmf_core.prep_sharded import prepare_sharded, shard_of, shard_pass, vocab_pass
+from tests.conftest import assert_same_model_ready
 
 TRAIN = ("2026-01-01", "2026-01-05")
 EVAL = "2026-01-06"
 KW = {"train_dates": TRAIN, "eval_dates": EVAL, "seq_len": 5, "n_req_neg": 4}
-
-
-def assert_same_model_ready(a: Path, b: Path) -> None:
-    """Same files; Parquet tables equal (schema and values); meta.json equal but for the source dir."""
-    names = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
-    assert names == sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
-    for n in names:
-        if n.endswith(".parquet"):
-            ta, tb = pq.read_table(a / n), pq.read_table(b / n)
-            assert ta.schema == tb.schema, n
-            assert ta.equals(tb), n
-            assert (
-                pq.ParquetFile(a / n).metadata.num_row_groups == pq.ParquetFile(b / n).metadata.num_row_groups
-            )
-        else:
-            ma, mb = json.loads((a / n).read_text()), json.loads((b / n).read_text())
-            ma["dataset"].pop("dir"), mb["dataset"].pop("dir")
-            assert ma == mb, n
 
 
 @pytest.mark.parametrize("n_shards", [1, 3])

@@ -20,22 +20,10 @@ from csmf_core import prep
 from csmf_core.bundle import user_histories
 from csmf_core.fsutil import is_uri, local_dataset, redact, stage_dataset
 from data_contracts import load_spec, validate_dataset
+from tests.conftest import assert_same_model_ready
 
 TRAIN = ("2026-01-01", "2026-01-05")
 EVAL = "2026-01-06"
-
-
-def _tables_equal(a: Path, b: Path) -> None:
-    """Every file of model-ready dir `a` equals `b`'s (Parquet by content; meta.json but its source dir)."""
-    names = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
-    assert names == sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
-    for n in names:
-        if n.endswith(".parquet"):
-            assert pq.read_table(a / n).equals(pq.read_table(b / n)), n
-        else:
-            ma, mb = json.loads((a / n).read_text()), json.loads((b / n).read_text())
-            ma["dataset"].pop("dir"), mb["dataset"].pop("dir")
-            assert ma == mb, n
 
 
 def _prepare(src, out):
@@ -55,7 +43,7 @@ def test_file_uri_validates_and_prepares_like_the_path(tiny_world, tmp_path):
     assert local_dataset(ds.as_uri()) == ds  # read in place: nothing is copied
     assert load_spec(ds.as_uri()).objective_names == load_spec(ds).objective_names
     _prepare(ds.as_uri(), tmp_path / "by-uri")
-    _tables_equal(tiny_world["mr"], tmp_path / "by-uri")
+    assert_same_model_ready(tiny_world["mr"], tmp_path / "by-uri")
 
 
 def test_a_missing_file_uri_is_one_contract_error(tmp_path):
@@ -135,7 +123,7 @@ def test_s3_dataset_validates_prepares_and_builds_histories_like_the_path(s3, ti
     report = validate_dataset(local)
     assert report.ok and report.counts == validate_dataset(tiny_world["ds"]).counts
     prep.prepare(local, tmp_path / "mr", train_dates=TRAIN, eval_dates=EVAL, seq_len=5, n_req_neg=4)
-    _tables_equal(tiny_world["mr"], tmp_path / "mr")
+    assert_same_model_ready(tiny_world["mr"], tmp_path / "mr")
     meta = json.loads((tiny_world["mr"] / "meta.json").read_text())
     users = pq.read_table(tiny_world["mr"] / "users.parquet")["user_id"].to_numpy(zero_copy_only=False)[1:]
     items = pq.read_table(tiny_world["mr"] / "items.parquet")["item_id"].to_numpy(zero_copy_only=False)[1:]
