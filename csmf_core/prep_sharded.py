@@ -74,30 +74,14 @@ def vocab_pass(
     work_dir: str | Path,
     out_dir: str | Path,
     *,
-    train_dates,
-    eval_dates,
-    seq_len: int = 20,
-    n_req_neg: int = 10,
-    overwrite: bool = False,
     base_dir: str | Path | None = None,
-    id_buckets: int | None = None,
-    evict_after_days: int | None = None,
+    **plan_kw,
 ) -> Path:
     """Global vocabularies, id maps and encoded feature tables -> ``work_dir/plan.pkl`` (its path).
-    ``base_dir``: the features of the model a run starts from (csmf_core/idmap.py, ``BaseMaps.read``);
-    ``id_buckets`` / ``evict_after_days``: as ``prepare``'s. The id maps are global, like the vocabulary."""
-    p = plan(
-        dataset_dir,
-        out_dir,
-        train_dates=train_dates,
-        eval_dates=eval_dates,
-        seq_len=seq_len,
-        n_req_neg=n_req_neg,
-        overwrite=overwrite,
-        base=BaseMaps.read(base_dir) if base_dir is not None else None,
-        id_buckets=id_buckets,
-        evict_after_days=evict_after_days,
-    )
+    ``plan_kw``: ``prep.plan``'s keywords (dates, seq_len, n_req_neg, overwrite, id_buckets,
+    evict_after_days); ``base_dir``: the features of the model a run starts from (csmf_core/idmap.py,
+    ``BaseMaps.read``). The id maps are global, like the vocabulary."""
+    p = plan(dataset_dir, out_dir, base=BaseMaps.read(base_dir) if base_dir is not None else None, **plan_kw)
     ev = p.events()
     users_df, items_df = read_feature_tables(p)
     shared = (
@@ -233,19 +217,13 @@ def prepare_sharded(
     *,
     n_shards: int,
     work_dir: str | Path,
-    train_dates,
-    eval_dates,
-    seq_len: int = 20,
-    n_req_neg: int = 10,
-    overwrite: bool = False,
     part_rows: int = 1_000_000,
-    base_dir: str | Path | None = None,
-    id_buckets: int | None = None,
-    evict_after_days: int | None = None,
+    **plan_kw,
 ) -> PrepSummary:
-    """The three passes one after the other in this process (what the Dask flow distributes)."""
-    kw = {"train_dates": train_dates, "eval_dates": eval_dates, "seq_len": seq_len, "n_req_neg": n_req_neg}
-    kw |= {"base_dir": base_dir, "id_buckets": id_buckets, "evict_after_days": evict_after_days}
-    plan_file = vocab_pass(dataset_dir, work_dir, out_dir, overwrite=overwrite, **kw)
+    """The three passes one after the other in this process (what the Dask flow distributes);
+    ``plan_kw``: ``vocab_pass``'s keywords."""
+    plan_file = vocab_pass(dataset_dir, work_dir, out_dir, **plan_kw)
     shards = [shard_pass(plan_file, k, n_shards, work_dir) for k in range(n_shards)]
-    return reduce_pass(plan_file, shards, out_dir, overwrite=overwrite, part_rows=part_rows)
+    return reduce_pass(
+        plan_file, shards, out_dir, overwrite=plan_kw.get("overwrite", False), part_rows=part_rows
+    )

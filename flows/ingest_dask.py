@@ -92,28 +92,18 @@ def prepare_on_dask(
     out_dir: str | Path,
     work_dir: str | Path,
     *,
-    train_dates,
-    eval_dates,
-    seq_len: int = 20,
-    n_req_neg: int = 10,
-    overwrite: bool = False,
     part_rows: int = 1_000_000,
-    base_dir: str | Path | None = None,
-    id_buckets: int | None = None,
-    evict_after_days: int | None = None,
+    **plan_kw,
 ) -> PrepSummary:
-    """`csmf_core.prep.prepare`'s output, built by the sharded flow on the Dask cluster of `ingest`
-    (id maps: ``base_dir`` is the starting model's features directory, read by the vocabulary pass)."""
+    """`csmf_core.prep.prepare`'s output, built by the sharded flow on the Dask cluster of `ingest`.
+    ``plan_kw``: `prep_sharded.vocab_pass`'s keywords (id maps: ``base_dir`` is the starting model's
+    features directory, read by the vocabulary pass)."""
     n = n_shards(ingest)
-    kwargs = {
-        "train_dates": _resolve_dates(train_dates),  # explicit lists: a tuple (a range) would not
-        "eval_dates": _resolve_dates(eval_dates),  # survive Prefect's parameter serialisation
-        "seq_len": seq_len,
-        "n_req_neg": n_req_neg,
-        "overwrite": overwrite,
-        "base_dir": None if base_dir is None else str(base_dir),
-        "id_buckets": id_buckets,
-        "evict_after_days": evict_after_days,
+    overwrite = plan_kw.get("overwrite", False)
+    kwargs = plan_kw | {
+        "train_dates": _resolve_dates(plan_kw["train_dates"]),  # explicit lists: a tuple (a range)
+        "eval_dates": _resolve_dates(plan_kw["eval_dates"]),  # would not survive Prefect's serialisation
+        "base_dir": None if plan_kw.get("base_dir") is None else str(plan_kw["base_dir"]),
     }
     Path(work_dir).mkdir(parents=True, exist_ok=True)
     runner_flow = ingest_sharded.with_options(task_runner=task_runner(ingest))
