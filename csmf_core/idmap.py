@@ -34,6 +34,7 @@ MLflow (`prep/<side>/id_collisions`). The hash is stateless, so buckets are stab
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,11 +117,16 @@ class Assigned:
     recycled: np.ndarray  # (n - 1,) bool: a base row given to a new id (initialised afresh)
     stats: dict
 
+    @functools.cached_property
+    def _order(self) -> np.ndarray:
+        """argsort of ``ids``, computed once: prep looks up train, eval and every history frame."""
+        return np.argsort(self.ids, kind="stable")
+
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
         """Original ids -> rows (int32); 0 for an id not in the map (an evicted id)."""
         if not len(self.ids):
             return np.zeros(len(ids), np.int32)
-        order = np.argsort(self.ids, kind="stable")
+        order = self._order
         pos = np.searchsorted(self.ids, ids, sorter=order)
         rows = order[np.clip(pos, 0, len(order) - 1)]
         return np.where(self.ids[rows] == ids, rows + 1, 0).astype(np.int32)
