@@ -160,6 +160,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             from_model=args.from_model,
         )
     print(summarize_run(result, cfg.eval.primary_k))
+    if args.json_out:  # for scripts (csmf replay reads it): the flow's return value
+        import json
+
+        Path(args.json_out).write_text(json.dumps(result, indent=1, default=str) + "\n")
     return 0
 
 
@@ -183,6 +187,93 @@ def prefect_api(home: Path) -> str:
         "Prefect API: a temporary local server for this run only (no UI afterwards; `make serve` "
         "starts a persistent one that later runs use, or export PREFECT_API_URL)"
     )
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """`csmf replay`: the daily schedule over past days, one process per day and line (flows/replay.py)."""
+    import datetime as _dt
+    import time
+
+    from csmf_core.config import load_config
+
+    home = setup_home(args.home)
+    check_writable(home)
+    data = dataset_location(args.data, home)
+    from flows import replay
+    from flows.compare_render import machine
+    from flows.runs import dataset_name
+    from flows.tune import find_tuned
+
+    tuned = find_tuned(home, data, args.tuned)
+    cfg = load_config(args.config, args.set, tuned=tuned)  # fail fast on a bad config
+    bad = [o for o in args.set if o.split("=", 1)[0].strip() == "train.mode"]
+    if bad:
+        raise ValueError(f"csmf replay sets train.mode per line (--mode); drop {bad[0]!r}")
+    days = replay.replay_days(partition_dates(data), args.from_, args.to)
+    name = dataset_name(data)
+    out = replay.report_dir(name, args.report_dir)
+    lines = replay.LINES if args.mode == "both" else (args.mode,)
+    homes = replay.line_homes(home, name, days[0], days[-1], lines)
+    command = " ".join(
+        [
+            "csmf replay",
+            f"--data {args.data}",
+            f"--from {args.from_}",
+            f"--to {args.to}",
+            f"--mode {args.mode}",
+        ]
+        + ([f"--config {args.config}"] if args.config else [])
+        + [f"--set {o}" for o in args.set]
+    )
+    print(
+        f"csmf replay: {len(days)} day(s) {days[0]} .. {days[-1]} of {data}, line(s) {', '.join(lines)}; "
+        f"each line's state in {homes[lines[0]].parent} (the home's champion is not touched); report in {out}"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "replay.partial.jsonl"
+    partial.unlink(missing_ok=True)
+    started, t0 = _dt.datetime.now(_dt.UTC), time.perf_counter()
+    meta = {"machine": machine()}  # the load average before the runs
+    result = replay.replay(
+        data,
+        days,
+        homes,
+        config=args.config,
+        overrides=list(args.set),
+        tuned=tuned,
+        k=cfg.eval.primary_k,
+        partial=partial,
+    )
+    meta |= {
+        "dataset": name,
+        "data": str(args.data),
+        "from": days[0],
+        "to": days[-1],
+        "k": cfg.eval.primary_k,
+        "lines": list(lines),
+        "overrides": list(args.set),
+        "command": command,
+        "started": started.strftime("%Y-%m-%d %H:%M"),
+        "ended": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M"),
+        "seconds": time.perf_counter() - t0,
+        "homes": {ln: str(h) for ln, h in homes.items()},
+    }
+    summary = replay.summarize(result)
+    (out / "replay.md").write_text(replay.render(result, summary, meta))
+    replay.figure(result, cfg.eval.primary_k).savefig(out / "replay.png", dpi=110)
+    import json
+    from dataclasses import asdict
+
+    (out / "replay.json").write_text(
+        json.dumps({"meta": meta, "summary": summary, "days": [asdict(d) for d in result]}, indent=1) + "\n"
+    )
+    partial.unlink(missing_ok=True)
+    run_id = replay.log_to_mlflow(result, summary, meta, out)
+    print(replay.render(result, summary, meta).split("## Per day")[0].rstrip())
+    print(
+        f"\nreport: {out / 'replay.md'}\nMLflow run: {run_id} (experiment csmf-replay; open with `csmf ui`)"
+    )
+    return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -516,6 +607,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="train incrementally from this model (REF as for recommend) instead of the champion: its "
         "checkpoint, masks and id maps (train.mode incremental)",
     )
+    r.add_argument(
+        "--json-out", metavar="FILE", help="also write the run's result (metrics, model, gate) as JSON"
+    )
+    rp = sub.add_parser(
+        "replay",
+        parents=[common, homed],
+        help="replay the daily schedule over past days: full retrain and incremental side by side",
+        description="For each day from --from to --to, run the daily flow for that day as the schedule "
+        "would (one process per run), in full-retrain and/or incremental mode, each line in a home of its "
+        "own (the home's champion is not touched); write reports/<dataset>/replay.md (+ figure) and an "
+        "MLflow run (experiment csmf-replay). How to run: csmf replay --data DIR --from D1 --to D2 "
+        "[--mode both]",
+    )
+    rp.add_argument("--data", required=True, help="canonical dataset directory")
+    rp.add_argument(
+        "--from", dest="from_", required=True, metavar="D1", help="first evaluation day YYYY-MM-DD"
+    )
+    rp.add_argument("--to", required=True, metavar="D2", help="last evaluation day YYYY-MM-DD")
+    rp.add_argument("--mode", default="both", choices=["incremental", "full", "both"])
+    rp.add_argument("--config", help="YAML config (csmf_core.config sections)")
+    rp.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)"
+    )
+    rp.add_argument("--tuned", default="auto", help="tuned config: auto, none or a file (as for run)")
+    rp.add_argument("--report-dir", help="where the report goes (default: ./reports/<dataset name>)")
+    rp.set_defaults(func=cmd_replay)
     t = flow_command(
         "tune",
         cmd_tune,

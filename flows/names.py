@@ -17,6 +17,7 @@ from __future__ import annotations
 DAILY_EXPERIMENT = "csmf"  # the daily flow's parent runs `csmf-daily-<date>`
 COMPARE_EXPERIMENT = "csmf-compare"  # the comparison flow's parent runs `csmf-compare-<date>`
 TUNE_EXPERIMENT = "csmf-tune"  # `csmf tune`: parent runs `csmf-tune-<date>`, a child run per trial
+REPLAY_EXPERIMENT = "csmf-replay"  # `csmf replay`: one run per replay, the report and per-day figures
 
 # ---- parent-run tags: what the run is (set when it opens, copied onto its model version) -----------
 DATE_TAG = "csmf.date"  # the evaluation day D
