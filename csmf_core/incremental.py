@@ -20,6 +20,12 @@ step's best epoch (its starting point, epoch 0, included: a stage may stay as it
 Recall@K on the last v days, and the refit then continues the previous model on the last
 `incremental_days` days only, for those epochs. `train.epochs` are the caps.
 
+New days: an incremental run trains on the days its starting model has not seen, at least
+`train.incremental_days`: a champion trained for D-1 gives one new day (D-1's partition is the
+newest training day of a run for D); a champion the gate kept through a rejected day, or a skipped
+day, gives more (`ModeDecision.new_days`, from the model's run date), so no day is lost to the line.
+It is bounded: a full retrain comes after `train.full_every_days` days.
+
 `decide_mode` is the schedule: incremental only when asked for, with a starting model trained for an
 earlier date, and while that model's last full retrain is less than `train.full_every_days` days
 old; otherwise a full retrain, with a line saying why.
@@ -53,6 +59,14 @@ class ModeDecision:
     reason: str
     parent_version: str | None = None  # the model it continues (None: a full run)
     last_full_date: str | None = None  # the run date of the last full retrain in its line
+    # days since the model it continues was trained (its run date .. the day before this run's):
+    # the days it has not seen; None when its run date is unknown (a bundle named by path)
+    new_days: int | None = None
+
+    def train_days(self, incremental_days: int) -> int:
+        """The days an incremental run trains on: `train.incremental_days`, or more when the model it
+        continues has not seen them (a champion the gate kept for several days, a skipped day)."""
+        return max(incremental_days, self.new_days or 0)
 
 
 def decide_mode(
@@ -99,9 +113,19 @@ def decide_mode(
                 None,
                 run_date,
             )
+    new_days = None
+    if parent.get("date") and parent["date"] < run_date:
+        new_days = (dt.date.fromisoformat(run_date) - dt.date.fromisoformat(parent["date"])).days
+    since = (
+        f"; it was trained for {parent['date']}, so the {new_days} day(s) from then to the day before "
+        f"{run_date} are new to it"
+        if new_days and new_days > 1
+        else ""
+    )
     return ModeDecision(
         INCREMENTAL,
-        f"train.mode=incremental: continuing model v{parent['version']} (last full retrain {last_full})",
+        f"train.mode=incremental: continuing model v{parent['version']} (last full retrain {last_full}){since}",
         str(parent["version"]),
         last_full,
+        new_days,
     )

@@ -234,6 +234,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     partial.unlink(missing_ok=True)
     started, t0 = _dt.datetime.now(_dt.UTC), time.perf_counter()
     meta = {"machine": machine()}  # the load average before the runs
+    signal.signal(signal.SIGTERM, _raise_signalled)  # stop the day's run with the replay (flows/replay.py)
     result = replay.replay(
         data,
         days,
@@ -259,14 +260,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         "homes": {ln: str(h) for ln, h in homes.items()},
     }
     summary = replay.summarize(result)
-    (out / "replay.md").write_text(replay.render(result, summary, meta))
-    replay.figure(result, cfg.eval.primary_k).savefig(out / "replay.png", dpi=110)
-    import json
-    from dataclasses import asdict
-
-    (out / "replay.json").write_text(
-        json.dumps({"meta": meta, "summary": summary, "days": [asdict(d) for d in result]}, indent=1) + "\n"
-    )
+    replay.write_report(out, result, summary, meta)
     partial.unlink(missing_ok=True)
     run_id = replay.log_to_mlflow(result, summary, meta, out)
     print(replay.render(result, summary, meta).split("## Per day")[0].rstrip())

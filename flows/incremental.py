@@ -146,9 +146,15 @@ def choose_start(
     return Start(decision, bundle)
 
 
-def incremental_window_days(cfg: CSMFConfig) -> int:
-    """data.train_days of an incremental run: the new days plus the validation days."""
-    return cfg.train.incremental_days + val_days_for(cfg.data.val_days)
+def incremental_overrides(cfg: CSMFConfig, decision: ModeDecision) -> dict:
+    """The config of an incremental run: train.incremental_days = the days new to the starting model
+    (at least the configured ones), data.train_days = those plus the validation days."""
+    days = decision.train_days(cfg.train.incremental_days)
+    return {
+        "train.mode": INCREMENTAL,
+        "train.incremental_days": days,
+        "data.train_days": days + val_days_for(cfg.data.val_days),
+    }
 
 
 def train_from(run: RunContext, cfg: CSMFConfig) -> str:

@@ -43,7 +43,7 @@ from flows import doctor, reporting
 from flows.cascade_step import Checkpoints, train_cascade
 from flows.env import check_writable, setup_home, tracking_uri
 from flows.epoch_selection import choose_default_weights, select_on_validation
-from flows.incremental import choose_start, incremental_window_days, select_incremental, train_incremental
+from flows.incremental import choose_start, incremental_overrides, select_incremental, train_incremental
 from flows.ingest import Ingested, ingest
 from flows.inputs import dataset_location, plan_window
 from flows.lock import date_lock
@@ -132,9 +132,7 @@ def csmf_daily(
     doctor.before_run(root, tracking_uri())  # what killed csmf processes left (flows/doctor.py)
     start = choose_start(cfg, window.date, dataset, from_model, root, _log_line)
     if start.incremental:  # the new day(s) and the validation day(s) only (flows/incremental.py)
-        cfg = trial_config(
-            cfg, {"train.mode": "incremental", "data.train_days": incremental_window_days(cfg)}
-        )
+        cfg = trial_config(cfg, incremental_overrides(cfg, start.decision))
         window = plan_window(dataset, window.date, cfg.data)
     elif cfg.train.mode != "full":  # fell back to a full retrain: configured (and resumed) as one
         cfg = trial_config(cfg, {"train.mode": "full"})

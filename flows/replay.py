@@ -69,6 +69,7 @@ class Day:
     metrics: dict[str, float] = field(default_factory=dict)  # "<objective>/<scorer>/recall" -> value
     mlflow_run_id: str = ""
     home: str = ""
+    parent: str = ""  # the registry version an incremental run continued (csmf.parent_model_version)
 
 
 # ---- days and places -------------------------------------------------------------------------------
@@ -161,7 +162,16 @@ def run_day(
     env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
     t0 = time.perf_counter()
     with log_file.open("w") as log:
-        rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            rc = proc.wait()
+        except BaseException:  # Ctrl+C, or SIGTERM raised by cmd_replay's handler: stop the run too
+            proc.terminate()  # csmf run ends its flow run and MLflow runs as when a scheduler stops it
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
     wall = time.perf_counter() - t0
     if rc != 0 or not result_file.is_file():
         tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-15:])
@@ -214,6 +224,7 @@ def read_day(line: str, date: str, result: dict, uri: str, wall: float, k: int, 
         metrics=metrics,
         mlflow_run_id=result["mlflow_run_id"],
         home=str(line_home),
+        parent=parent.data.tags.get("csmf.parent_model_version", ""),
     )
 
 
@@ -406,14 +417,15 @@ def render(days: Sequence[Day], summary: dict, meta: dict) -> str:
         "",
         "## Per day: cost and gate",
         "",
-        "| day | line | trained as | cascade steps s | selection s | whole run s | rows trained | model | gate |",
+        "| day | line | trained as | cascade steps s | selection s | whole run s | rows trained | model (from) | gate |",
         "|---|---|---|---:|---:|---:|---:|---|---|",
     ]
     for d in days:
         gate = "promoted" if d.promoted else "champion kept"
+        source = f" (from v{d.parent})" if d.parent and d.parent != "none" else ""
         lines.append(
             f"| {d.date} | {d.line} | {d.mode} | {d.cascade_s:.1f} | {d.select_s:.1f} | {d.wall_s:.1f} | {d.rows:,} | "
-            f"v{d.version} | {gate} |"
+            f"v{d.version}{source} | {gate} |"
         )
     lines += [
         "",
@@ -421,7 +433,10 @@ def render(days: Sequence[Day], summary: dict, meta: dict) -> str:
         "incremental_<objective> in an incremental run), each including its per-step evaluation and checkpoint. "
         "Selection: the epoch (and weight) selection pass on the validation days. Whole run: the `csmf run` "
         "process from start to exit (Python start, Prefect's temporary API, ingest, selection, cascade, index, "
-        "evaluation, registration, gate). Popularity is measured in each run on its own training window.",
+        "evaluation, registration, gate). Popularity is measured in each run on its own training window. "
+        "Model (from): the version the run registered in its line's registry and, for an incremental run, the "
+        "version it continued: the line's champion, so a day whose model the gate kept out (champion kept) is "
+        "not continued the next day.",
         "",
         f"Each line's MLflow store: {', '.join(f'{ln}: `{h}`' for ln, h in meta['homes'].items())}.",
         "",
@@ -469,6 +484,31 @@ def figure(days: Sequence[Day], k: int):
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3, axis="y")
     return fig
+
+
+def rebuild(out: Path) -> Path:
+    """Re-read every day of the replay report in `out` from its line's result file and MLflow store (the
+    wall times kept), rewrite replay.md / .png / .json; for a report written by an earlier version."""
+    saved = json.loads((out / "replay.json").read_text())
+    meta, days = saved["meta"], []
+    for d in saved["days"]:
+        home = Path(d["home"])
+        result = json.loads((home / f"result-{d['date']}.json").read_text())
+        uri = f"sqlite:///{home / 'mlflow.db'}"
+        days.append(read_day(d["line"], d["date"], result, uri, d["wall_s"], meta["k"], home))
+    summary = summarize(days)
+    write_report(out, days, summary, meta)
+    return out / "replay.md"
+
+
+def write_report(out: Path, days: Sequence[Day], summary: dict, meta: dict) -> None:
+    """replay.md, replay.png and replay.json in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "replay.md").write_text(render(days, summary, meta))
+    figure(days, meta["k"]).savefig(out / "replay.png", dpi=110)
+    (out / "replay.json").write_text(
+        json.dumps({"meta": meta, "summary": summary, "days": [asdict(d) for d in days]}, indent=1) + "\n"
+    )
 
 
 def log_to_mlflow(days: Sequence[Day], summary: dict, meta: dict, out: Path) -> str:

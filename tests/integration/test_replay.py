@@ -24,6 +24,7 @@ import mlflow
 import pytest
 
 from csmf_core.synth import generate
+from flows.replay import rebuild
 from tests.integration.test_gate_flow import OVERRIDES
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -89,6 +90,17 @@ def test_figures_are_what_each_run_logged(replayed):
     full1, inc1, full2, inc2 = replayed.report["days"]
     assert full1["metrics"] == inc1["metrics"]  # the same deterministic full retrain
     assert 0 < inc2["rows"] < full2["rows"] and inc2["cascade_s"] > 0
+    assert inc2["parent"] == "1" and full2["parent"] == "none"
+
+
+def test_rebuild_reads_the_same_days_back(replayed, tmp_path):
+    import shutil
+
+    copy = tmp_path / "report"
+    shutil.copytree(replayed.out, copy)
+    rebuild(copy)
+    assert json.loads((copy / "replay.json").read_text())["days"] == replayed.report["days"]
+    assert (copy / "replay.md").read_text() == (replayed.out / "replay.md").read_text()
 
 
 def test_report_files_and_the_homes_registry(replayed):

@@ -43,6 +43,30 @@ def test_decide_mode_schedule():
     assert d.mode == FULL and "no champion" in d.reason and "falling back" in d.reason
 
 
+def test_incremental_runs_train_on_the_days_new_to_their_model():
+    parent = {"version": "3", "last_full_date": "2026-01-04", "date": "2026-01-05"}
+    d = decide_mode(INCREMENTAL, "2026-01-06", 7, parent)  # yesterday's champion: one new day
+    assert d.new_days == 1 and d.train_days(1) == 1 and d.train_days(2) == 2
+    # the gate kept v3 (trained for 01-05) through 01-06 and 01-07: 01-05, 01-06, 01-07 are new to it
+    d = decide_mode(INCREMENTAL, "2026-01-08", 7, parent)
+    assert d.new_days == 3 and d.train_days(1) == 3 and "the 3 day(s)" in d.reason
+    d = decide_mode(INCREMENTAL, "2026-01-08", 7, parent | {"date": None}, explicit=True)  # a bundle path
+    assert d.new_days is None and d.train_days(2) == 2
+    cfg = build_config({"data": {"val_days": "auto"}, "train": {"incremental_days": 1}})
+    assert flow_inc.incremental_overrides(cfg, decide_mode(INCREMENTAL, "2026-01-08", 7, parent)) == {
+        "train.mode": "incremental",
+        "train.incremental_days": 3,
+        "data.train_days": 4,  # + the validation day (data.val_days auto -> 1)
+    }
+    cfg = build_config({"data": {"val_days": 0}, "train": {"incremental_days": 2}})
+    assert (
+        flow_inc.incremental_overrides(cfg, decide_mode(INCREMENTAL, "2026-01-06", 7, parent))[
+            "data.train_days"
+        ]
+        == 2
+    )
+
+
 def _version(n, **tags):
     return SimpleNamespace(version=str(n), tags=tags, aliases=["champion"], name="csmf")
 
