@@ -8,15 +8,23 @@ Runs twice, once per backend of `make serve`:
 
 python -m flows.deploy up [--backend postgres]  (servers on free 127.0.0.1 ports, process pool,
                              prefect.yaml deployments, worker; all state under a temporary home)
-prefect deployment run 'csmf-daily/daily' --param date=2026-01-06 --watch
-    -> registry: v1 is champion and challenger, tagged with the date and the flow run
+prefect deployment run 'csmf-daily/daily' --param date=2026-01-05 --watch
+    -> no champion yet: the daily deployment's train.mode=incremental falls back to a full retrain;
+       registry: v1 is champion and challenger, tagged with the date and the flow run
        (postgres: read through the MLflow server, and checked in the databases themselves)
 (sqlite only, the rest is store-independent: delete the cache entries of the steps after
  recover_exposure, a run that crashed there)
-prefect deployment run 'csmf-daily/adhoc' --param date=2026-01-06 --watch
+prefect deployment run 'csmf-daily/adhoc' --param date=2026-01-05 --watch
     -> ingest .. recover_exposure resumed, the rest trained (deterministically: the same model);
        no v2: v1 is reused (identical inputs and model digest), still champion and challenger
+prefect deployment run 'csmf-daily/daily' --param date=2026-01-06 --watch   (the next day)
+    -> incremental from the champion v1: v2 registered (challenger), tagged train_mode incremental,
+       parent v1, last full retrain 2026-01-05; steps select + incremental_*, no cascade from scratch;
+       the gate's checks passed (gate/check/* = 1.0); champion as the gate decided (csmf.gate)
 python -m flows.deploy down -> every started process is gone (PostgreSQL too)
+
+The tiny dataset has the partitions 2026-01-01..2026-01-06: the first day is 2026-01-05 so that the
+second one, evaluated on its own partition, still has one.
 
 .venv/bin/pytest -m integration tests/integration/test_deployment.py -s [-k postgres]
 """
@@ -49,7 +57,8 @@ train: {epochs: [1, 1, 1], batch_size: 256, threads: 1}
 recover: {epochs: 1}
 eval: {ks: [10, 50]}
 """
-DATE = "2026-01-06"
+DATE = "2026-01-05"
+NEXT_DATE = "2026-01-06"  # the tiny preset's last partition (6 days from 2026-01-01)
 # one tiny daily run takes ~1 min on an idle 2-core machine and 5 min and more when it is shared
 RUN_TIMEOUT_S = int(os.environ.get("CSMF_TEST_RUN_TIMEOUT_S", "900"))
 
@@ -247,7 +256,53 @@ def test_daily_run_then_resumed_rerun(stack):
     }
     key = "test/by_step/exposure/recall_at_50"
     assert by_name["recover_exposure"].data.metrics[key] == first["recover_exposure"].data.metrics[key]
-    print(f"daily run {t1 - t0:.1f}s, resumed re-run {t2 - t1:.1f}s")
+
+    # the next day, as the schedule would run it: incremental from the champion v1
+    prefect_run(api, home, "csmf-daily/daily", f"date={NEXT_DATE}")
+    t3 = time.perf_counter()
+    check_incremental_next_day(api, client)
+    print(f"daily run {t1 - t0:.1f}s, resumed re-run {t2 - t1:.1f}s, next day (incremental) {t3 - t2:.1f}s")
+
+
+def check_incremental_next_day(api: str, client) -> None:
+    """v2 continues v1 (train.mode=incremental from the champion), the gate verified it, the champion
+    alias is where the gate's verdict says, the flow run completed."""
+    versions = sorted(int(v.version) for v in client.search_model_versions("name='csmf'"))
+    assert versions == [1, 2], versions
+    v1 = client.get_model_version("csmf", "1")  # the first day had no champion: a full retrain
+    assert v1.tags["csmf.train_mode"] == "full" and v1.tags["csmf.last_full_date"] == DATE
+    v2 = client.get_model_version("csmf", "2")
+    assert v2.tags["csmf.train_mode"] == "incremental"
+    assert v2.tags["csmf.parent_model_version"] == "1"
+    assert v2.tags["csmf.date"] == NEXT_DATE and v2.tags["csmf.last_full_date"] == DATE
+    assert v2.tags["csmf.code_version"] == "test-deployment"
+    assert str(client.get_model_version_by_alias("csmf", "challenger").version) == "2"
+    verdict = v2.tags["csmf.gate"]
+    assert verdict in ("promoted", "kept"), verdict
+    champion = client.get_model_version_by_alias("csmf", "champion")
+    assert str(champion.version) == {"promoted": "2", "kept": "1"}[verdict], (
+        verdict,
+        v2.tags["csmf.gate_reason"],
+    )
+    flow_run = api_get(api, f"/flow_runs/{v2.tags['prefect.flow_run_id']}")
+    assert flow_run["state"]["type"] == "COMPLETED"
+    parent = client.get_run(v2.tags["csmf.parent_run_id"])
+    assert "mlflow.parentRunId" not in parent.data.tags and parent.data.tags["csmf.date"] == NEXT_DATE
+    assert parent.data.tags["csmf.train_mode"] == "incremental" and parent.data.tags["csmf.gate"] == verdict
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    names = {c.info.run_name for c in children}
+    steps = {"select", "incremental_exposure", "incremental_click", "incremental_conversion"}
+    assert steps <= names, names
+    assert not any(n.startswith(("pretrain", "cpp_prune", "recover", "finetune")) for n in names), names
+    gate_run = next(c for c in children if c.info.run_name == "gate")
+    checks = {k: v for k, v in gate_run.data.metrics.items() if k.startswith("gate/check/")}
+    assert checks == {
+        "gate/check/exact_fusion": 1.0,
+        "gate/check/frozen_parameters": 1.0,
+        "gate/check/index_matches_towers": 1.0,
+    }, checks
 
 
 def check_postgres_stores(stack, client, parent) -> None:
