@@ -21,11 +21,20 @@ Frozen columns: their gradient is exactly 0, so lazy Adam's moments stay exactly
 lr * 0 / (0 + eps) = 0; row-wise Adagrad's update is lr * 0 / (...) = 0; p + (-0.0) == p bit for bit.
 Decoupled weight decay is applied to the touched rows' trained columns only (lazy decay).
 Rows are written back with index_copy_ (rows are unique after coalescing: deterministic).
+
+Large tables (>= HUGE_PAGE_MIN_BYTES) and their state sit on transparent huge pages where the kernel
+offers them (`huge_pages`): a step's rows are scattered over the whole table, so with 4 KiB pages
+nearly every row read or written is a TLB miss too. Measured on the 2-core VM, 1,000,000 x 32 table,
+a step's 10,240 behaviour-sequence lookups (~10,190 rows), interleaved, thread CPU time: the lookup
+(embedding_bag) 0.67-0.76x and the lazy-Adam row update 0.67-0.82x the time on 4 KiB pages. Values
+are unaffected.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -34,6 +43,58 @@ KINDS = ("lazy_adam", "rowwise_adagrad")
 BETAS = (0.9, 0.999)  # the dense path's Adam betas (csmf_core.optim.adam)
 ADAM_EPS = 1e-8
 ADAGRAD_EPS = 1e-8
+HUGE_PAGE_MIN_BYTES = 32 * 2**20  # smaller tables stay in the caches anyway
+_HUGE = 2 * 2**20
+_MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25  # Linux; MADV_COLLAPSE since 6.1
+_libc: ctypes.CDLL | None | bool = None  # None: not looked up yet; False: unavailable
+
+
+def _madvise() -> ctypes.CDLL | None:
+    """libc's madvise where transparent huge pages can be asked for (Linux, THP not 'never'), else None."""
+    global _libc
+    if _libc is None:
+        _libc = False
+        try:
+            with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+                usable = sys.platform.startswith("linux") and "[never]" not in f.read()
+            if usable:
+                lib = ctypes.CDLL(None, use_errno=True)
+                lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                lib.madvise.restype = ctypes.c_int
+                _libc = lib
+        except (OSError, AttributeError):
+            pass
+    return _libc or None
+
+
+def huge_pages(t: torch.Tensor, collapse: bool = False) -> bool:
+    """Ask the kernel to back `t`'s memory (the whole 2 MiB pages inside it) with transparent huge
+    pages: memory first touched after this call gets them; `collapse` also moves memory already
+    touched onto them now (MADV_COLLAPSE: a one-off copy, 3-5 s per GiB on the 2-core VM; a no-op
+    for memory already on huge pages). Only for contiguous CPU tensors of >= HUGE_PAGE_MIN_BYTES;
+    anywhere it is not offered (another OS, THP off, an older kernel) it does nothing. Never changes
+    a value. Returns whether the kernel accepted the advice."""
+    n = t.numel() * t.element_size()
+    if t.device.type != "cpu" or not t.is_contiguous() or n < HUGE_PAGE_MIN_BYTES:
+        return False
+    lib = _madvise()
+    if lib is None:
+        return False
+    start = (t.data_ptr() + _HUGE - 1) // _HUGE * _HUGE
+    end = (t.data_ptr() + n) // _HUGE * _HUGE
+    if end <= start:
+        return False
+    ok = lib.madvise(start, end - start, _MADV_HUGEPAGE) == 0
+    if ok and collapse:
+        lib.madvise(start, end - start, _MADV_COLLAPSE)  # best effort (EINVAL before Linux 6.1)
+    return ok
+
+
+def _zeros(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """Zeros of `shape` on huge pages where `huge_pages` applies (advised before the first touch)."""
+    t = torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
+    huge_pages(t)
+    return t.zero_()
 
 
 def row_grad(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,15 +135,17 @@ class RowOptimiser:
         self.lr, self.kind, self.wd, self.decay_first = lr, kind, weight_decay, decay_first
         self.t = 0
         self.state: list[dict[str, torch.Tensor]] = [{} for _ in self.params]
+        for p in self.params:
+            huge_pages(p.data, collapse=True)
 
     def _state(self, k: int) -> dict[str, torch.Tensor]:
         st, p = self.state[k], self.params[k]
         if not st:  # allocated at the first step, like torch's optimisers
             if self.kind == "lazy_adam":
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                st["exp_avg"] = _zeros(p.shape, p)
+                st["exp_avg_sq"] = _zeros(p.shape, p)
             else:
-                st["sum"] = torch.zeros(p.shape[0], dtype=p.dtype, device=p.device)
+                st["sum"] = _zeros(p.shape[:1], p)
         return st
 
     def state_bytes(self) -> list[int]:

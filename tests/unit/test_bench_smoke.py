@@ -59,6 +59,14 @@ def test_embeddings_smoke():
         r = figs[f"step time ratio big/small, {path} {tag}"]
         assert r["value"] > 0 and r["target"] == (None if path == "dense" else "<= 1.2")
         assert figs[f"peak RSS big, {path}"]["value"] >= figs[f"peak RSS small, {path}"]["value"] > 0
+
+    def touched(case: str, table: str) -> float:
+        size = "10,000/5,000" if case == "small" else "200,000/50,000"
+        return figs[f"distinct rows per step, {case}, {table} ({size} rows)"]["value"]
+
+    assert touched("small", "uid") <= touched("big", "uid") <= 512
+    for hist in ("hist_click", "hist_conversion"):  # 512 x 20 lookups: fewer repeats in 50,000 rows
+        assert 0 < touched("small", hist) < touched("big", hist) <= 512 * 20
     uid = 200_000 * 32 * 4 / 2**20  # the user-id table's MiB
     assert figs["optimiser state big, lazy_adam, user.emb.uid.weight"]["value"] == pytest.approx(
         2 * uid, abs=1e-3
