@@ -51,7 +51,7 @@ from flows.compare_render import PARTIAL_FILES, REPORT_FILES, machine, render_re
 from flows.compare_report import SWEEPS, WEIGHT_GRID
 from flows.env import check_writable, setup_home, tracking_uri
 from flows.ingest import Ingested, ingest
-from flows.inputs import code_version, contained, dataset_location, plan_window, safe_name
+from flows.inputs import code_version, dataset_location, plan_window, report_directory
 from flows.notify import notify_failure
 from flows.runs import COMPARE, RunContext, child_run, dataset_name, open_run, run_lifecycle
 
@@ -89,19 +89,7 @@ def report_out_dir(dataset: Path, report_dir: str | os.PathLike | None, cwd: Pat
     file names into it, so it must be new, empty or hold an earlier csmf report (REPORT_FILES): a
     mistyped `--report-dir ..` or `--report-dir ~` is refused instead of filled.
     """
-    if report_dir:
-        out = Path(report_dir)
-        if out.exists() and not out.is_dir():
-            raise FileExistsError(f"--report-dir {out} is a file; pass a directory for the report")
-        if out.is_dir() and any(out.iterdir()) and not any((out / f).exists() for f in REPORT_FILES):
-            raise FileExistsError(
-                f"--report-dir {out} ({out.resolve()}) is a non-empty directory without a csmf report "
-                f"({', '.join(REPORT_FILES)}); pass a new or empty directory, or one holding an earlier report"
-            )
-        return out
-    name = dataset_name(dataset)
-    safe_name(name, f"the dataset name in {dataset / 'dataset.yaml'} (used for reports/<name>/)")
-    return contained((cwd or Path.cwd()) / "reports", name, what="report directory")
+    return report_directory(dataset_name(dataset), report_dir, REPORT_FILES, "csmf report", cwd)
 
 
 # ---- the flow --------------------------------------------------------------------------------------

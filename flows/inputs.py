@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -46,6 +47,34 @@ def contained(base: str | os.PathLike, *parts: str | os.PathLike, what: str = "p
     if not path.is_relative_to(root):
         raise ValueError(f"{what} {Path(*parts)} leads outside {root} (to {path}); refusing to use it")
     return path
+
+
+def report_directory(
+    name: str,
+    explicit: str | os.PathLike | None,
+    files: Sequence[str],
+    kind: str,
+    cwd: Path | None = None,
+) -> Path:
+    """Where a report goes: `explicit` (--report-dir), else `<cwd>/reports/<name>`, checked.
+
+    `name` (a dataset's name, from its dataset.yaml, i.e. from the data) must be one directory name
+    and the joined path must stay inside reports/ ("../../x", "/etc", "a/b" are refused). An explicit
+    directory may be anywhere, but the report writes fixed file names into it, so it must be new,
+    empty or hold an earlier report of this kind (one of `files`): a mistyped `--report-dir ..` or
+    `--report-dir ~` is refused instead of filled."""
+    if explicit:
+        out = Path(explicit)
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"--report-dir {out} is a file; pass a directory for the report")
+        if out.is_dir() and any(out.iterdir()) and not any((out / f).exists() for f in files):
+            raise FileExistsError(
+                f"--report-dir {out} ({out.resolve()}) is a non-empty directory without a {kind} "
+                f"({', '.join(files)}); pass a new or empty directory, or one holding an earlier one"
+            )
+        return out
+    safe_name(name, f"the dataset name {name!r} from dataset.yaml (used for reports/<name>/)")
+    return contained((cwd or Path.cwd()) / "reports", name, what="report directory")
 
 
 def dataset_location(data: str | os.PathLike, home: str | os.PathLike) -> Path:

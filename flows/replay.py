@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from flows.compare_report import mean_ci
-from flows.inputs import contained, safe_name
+from flows.inputs import contained, report_directory, safe_name
 
 LINES = ("full", "incremental")
 MODES = ("full", "incremental", "both")
@@ -96,18 +96,7 @@ def replay_days(dates: Sequence[str], first: str, last: str) -> list[str]:
 
 def report_dir(dataset_name: str, explicit: str | os.PathLike | None, cwd: Path | None = None) -> Path:
     """--report-dir (new, empty or holding an earlier replay report), else ./reports/<dataset name>."""
-    if explicit:
-        out = Path(explicit)
-        if out.exists() and not out.is_dir():
-            raise FileExistsError(f"--report-dir {out} is a file; pass a directory for the report")
-        if out.is_dir() and any(out.iterdir()) and not any((out / f).exists() for f in REPORT_FILES):
-            raise FileExistsError(
-                f"--report-dir {out} ({out.resolve()}) is a non-empty directory without a replay report "
-                f"({', '.join(REPORT_FILES[:3])}); pass a new or empty directory, or one holding an earlier one"
-            )
-        return out
-    safe_name(dataset_name, "the dataset name in dataset.yaml (used for reports/<name>/)")
-    return contained((cwd or Path.cwd()) / "reports", dataset_name, what="report directory")
+    return report_directory(dataset_name, explicit, REPORT_FILES, "replay report", cwd)
 
 
 def line_homes(home: Path, dataset_name: str, first: str, last: str, lines: Sequence[str]) -> dict[str, Path]:
@@ -385,36 +374,23 @@ def render(days: Sequence[Day], summary: dict, meta: dict) -> str:
                 f"{r['diff']:+.4f} ± {_f(r['diff_half'])} | {r['verdict']} |"
             )
         lines.append("")
-    lines += [f"## Per day: Recall@{k} (own mode / fused / popularity)", ""]
     head = (
         "| day | line | trained as | "
         + " | ".join(f"{o} own | {o} fused | {o} pop." for o in objectives)
         + " |"
     )
-    lines += [head, "|---|---|---|" + "---:|" * (3 * len(objectives))]
-    for d in days:
-        cells = [
-            _f(d.metrics.get(f"{o}/{s}/recall", float("nan")))
-            for o in objectives
-            for s in ("own", "fused", "popularity")
-        ]
-        lines.append(f"| {d.date} | {d.line} | {d.mode} | " + " | ".join(cells) + " |")
+    for metric, label in (("recall", "Recall"), ("ndcg", "nDCG")):
+        lines += [f"## Per day: {label}@{k} (own mode / fused / popularity)", "", head]
+        lines.append("|---|---|---|" + "---:|" * (3 * len(objectives)))
+        for d in days:
+            cells = [
+                _f(d.metrics.get(f"{o}/{s}/{metric}", float("nan")))
+                for o in objectives
+                for s in ("own", "fused", "popularity")
+            ]
+            lines.append(f"| {d.date} | {d.line} | {d.mode} | " + " | ".join(cells) + " |")
+        lines.append("")
     lines += [
-        "",
-        f"## Per day: nDCG@{k} (own mode / fused / popularity)",
-        "",
-        head,
-        "|---|---|---|" + "---:|" * (3 * len(objectives)),
-    ]
-    for d in days:
-        cells = [
-            _f(d.metrics.get(f"{o}/{s}/ndcg", float("nan")))
-            for o in objectives
-            for s in ("own", "fused", "popularity")
-        ]
-        lines.append(f"| {d.date} | {d.line} | {d.mode} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
         "## Per day: cost and gate",
         "",
         "| day | line | trained as | cascade steps s | selection s | whole run s | rows trained | model (from) | gate |",
