@@ -173,13 +173,16 @@ def choose_weights(
     counts: Sequence[np.ndarray],
     k: int,
     grid: Sequence[tuple[float, ...]] | None = None,
+    *,
+    ranked: Ranked | None = None,
 ) -> tuple[tuple[float, ...], list[dict]]:
     """(best weights, one row per candidate {weights, score, <objective>: fused recall}), best first
     in the returned choice; rows in grid order. The encoding is shared by every candidate (one
     `Ranked`), and so is the popularity reference (computed once per objective), so the grid costs
-    one top-k and its recalls per weighting."""
+    one top-k and its recalls per weighting. ranked: `Ranked(model, output_owners, tables, val)`
+    when the caller already has it (e.g. to score the chosen weights next: its top-k is kept)."""
     grid = list(grid) if grid is not None else weight_grid(len(objectives))
-    ranked = Ranked(model, output_owners, tables, val)
+    ranked = Ranked(model, output_owners, tables, val) if ranked is None else ranked
     pop = popularity_recalls(val, counts, k)
     rows, best, best_score = [], grid[0], float("-inf")
     for w in grid:

@@ -90,6 +90,14 @@ def test_choose_weights_same_choice_and_rows(trained_random, k):
     data, model, out = t["data"], t["model"], t["owners"].output_owners()
     args = (model, out, data.tables, data.eval, data.objectives, data.counts, k)
     assert choose_weights(*args) == old_choose_weights(*args)
+    ranked = Ranked(model, out, data.tables, data.eval)  # shared with the score after it (run_trial)
+    assert choose_weights(*args, ranked=ranked) == old_choose_weights(*args)
+    best = choose_weights(*args)[0]
+    for scorers in (("own", "fused"), ("fused",)):
+        new = validation_score(ranked, data.eval, data.objectives, data.counts, best, k, scorers=scorers)
+        fresh = Ranked(model, out, data.tables, data.eval)
+        old = validation_score(fresh, data.eval, data.objectives, data.counts, best, k, scorers=scorers)
+        assert new == old
 
 
 def old_choose_vector_weights(vectors, data_val, k):
