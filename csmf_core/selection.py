@@ -116,6 +116,13 @@ def _popularity_recall(counts: np.ndarray, rel: Sequence[np.ndarray], k: int) ->
     return float(res["recall"]), int(res["users"])
 
 
+def popularity_recalls(val: EvalRows, counts: Sequence[np.ndarray], k: int) -> list[tuple[float, int]]:
+    """Per objective t, (popularity Recall@k, validation users with a positive of t): the part of
+    `validation_score` that depends on neither the model nor the weights. A caller scoring several
+    weightings of one model (`choose_weights`) computes it once and passes it as `popularity=`."""
+    return [_popularity_recall(counts[t], val.pos[t], k) for t in range(len(counts))]
+
+
 def _ratio(model: float, pop: float) -> float:
     """model / popularity; a popularity recall of 0 (it found none of the positives) counts as 1e-3."""
     return model / max(pop, 1e-3)
@@ -130,17 +137,19 @@ def validation_score(
     k: int,
     *,
     scorers: Sequence[str] = ("own", "fused"),
+    popularity: Sequence[tuple[float, int]] | None = None,
 ) -> ValidationScore:
     """The score of one model on the validation users (`ranked` = Ranked(model, owners, tables, val)).
 
     counts[t]: popularity of objective t before the validation days (`positives_per_item` of the
-    rows trained on). scorers: which parts enter the mean ("fused" alone for choosing weights)."""
+    rows trained on). scorers: which parts enter the mean ("fused" alone for choosing weights).
+    popularity: `popularity_recalls(val, counts, k)` when already computed (the same values)."""
     w = tuple(float(x) for x in weights)
     out = ValidationScore(float("nan"), k, w)
     ratios = []
     for t, o in enumerate(objectives):
         rel = val.pos[t]
-        pop, n = _popularity_recall(counts[t], rel, k)
+        pop, n = _popularity_recall(counts[t], rel, k) if popularity is None else popularity[t]
         if n == 0:
             out.skipped.append(o)
             continue
@@ -164,15 +173,20 @@ def choose_weights(
     counts: Sequence[np.ndarray],
     k: int,
     grid: Sequence[tuple[float, ...]] | None = None,
+    *,
+    ranked: Ranked | None = None,
 ) -> tuple[tuple[float, ...], list[dict]]:
     """(best weights, one row per candidate {weights, score, <objective>: fused recall}), best first
     in the returned choice; rows in grid order. The encoding is shared by every candidate (one
-    `Ranked`), so the grid costs one top-k per weighting."""
+    `Ranked`), and so is the popularity reference (computed once per objective), so the grid costs
+    one top-k and its recalls per weighting. ranked: `Ranked(model, output_owners, tables, val)`
+    when the caller already has it (e.g. to score the chosen weights next: its top-k is kept)."""
     grid = list(grid) if grid is not None else weight_grid(len(objectives))
-    ranked = Ranked(model, output_owners, tables, val)
+    ranked = Ranked(model, output_owners, tables, val) if ranked is None else ranked
+    pop = popularity_recalls(val, counts, k)
     rows, best, best_score = [], grid[0], float("-inf")
     for w in grid:
-        s = validation_score(ranked, val, objectives, counts, w, k, scorers=("fused",))
+        s = validation_score(ranked, val, objectives, counts, w, k, scorers=("fused",), popularity=pop)
         rows.append({"weights": list(w), "score": s.score} | {o: s.recall[(o, "fused")] for o in s.users})
         if s.score > best_score:  # strict: ties keep the earlier candidate (the paper's weights first)
             best, best_score = w, s.score

@@ -65,6 +65,26 @@ def _grad_masks(model: TwoTower, stage: int) -> dict[str, torch.Tensor | None]:
     return masks
 
 
+def stage_rows(rows: TrainRows, stage: int, fraction: float | None, gen: torch.Generator) -> TrainRows:
+    """The in-memory rows stage `stage` trains on: those with level >= stage, and for accuracy
+    recovery (`fraction` given) a random subset of ceil(fraction * n) of them (at least 2) drawn
+    with one `randperm` from `gen`.
+
+    The same rows, in the same order and with the same draw from `gen`, as
+    `rows.for_stage(stage).select(randperm(...)[:n])`, but indexed into `rows` once: the table is
+    copied at most once (not at all for a stage every row reaches, e.g. the first stage's training,
+    which trains on the rows as given; the batches are copies of them either way).
+    """
+    keep = rows.level >= stage
+    idx = None if bool(keep.all()) else torch.nonzero(keep).flatten()
+    if fraction is not None:
+        total = len(rows) if idx is None else idx.numel()
+        n = max(2, int(math.ceil(total * fraction)))
+        pick = torch.randperm(total, generator=gen)[:n]
+        idx = pick if idx is None else idx[pick]
+    return rows if idx is None else rows.select(idx)
+
+
 def _memory_epochs(
     data: TrainRows, bs: int, gen: torch.Generator, rank: int, world: int
 ) -> Callable[[int], Iterator[TrainRows]]:
@@ -148,10 +168,7 @@ def train_stage(
     bs_global = cfg.train.batch_size
     if isinstance(rows, TrainRows):
         gen = torch.Generator().manual_seed(cfg.train.seed * 1009 + stage * 31 + recover)
-        data = rows.for_stage(stage)
-        if recover:
-            n = max(2, int(math.ceil(len(data) * cfg.recover.fraction)))
-            data = data.select(torch.randperm(len(data), generator=gen)[:n])
+        data = stage_rows(rows, stage, cfg.recover.fraction if recover else None, gen)
         n_rows, has_neg = len(data), data.neg is not None
         bs_global = min(bs_global, n_rows)
         epoch_batches = _memory_epochs(data, bs_global, gen, rank, world)

@@ -267,13 +267,14 @@ def run_trial(
     out = owners.output_owners()
     tables = data.catalog_tables("val")
     rows: list[dict] = []
+    ranked = Ranked(model, out, tables, data.val)  # one encoding: the weight grid, then the score
     if cfg.eval.fused_weights == "auto":
-        weights, rows = choose_weights(model, out, tables, data.val, data.objectives, data.val_counts, k)
+        weights, rows = choose_weights(
+            model, out, tables, data.val, data.objectives, data.val_counts, k, ranked=ranked
+        )
     else:
         weights = tuple(float(w) for w in cfg.eval.fused_weights)
-    score = validation_score(
-        Ranked(model, out, tables, data.val), data.val, data.objectives, data.val_counts, weights, k
-    )
+    score = validation_score(ranked, data.val, data.objectives, data.val_counts, weights, k)
     return TrialResult(
         score.score, weights, epochs, step_scores, score.metrics(), rows, model, owners, reports
     )

@@ -55,7 +55,7 @@ from csmf_core.cascade import CascadeData, load_cascade_data
 from csmf_core.config import CSMFConfig
 from csmf_core.evaluate import EvalRows
 from csmf_core.metrics import popularity_topk, recall_ndcg, topk_items
-from csmf_core.selection import ValidationScore, validation_score, weight_grid
+from csmf_core.selection import ValidationScore, popularity_recalls, validation_score, weight_grid
 from csmf_core.tuning import refit_config, run_trial, trial_config
 
 SPACES = Path(__file__).resolve().parents[2] / "configs"
@@ -107,17 +107,30 @@ def vectors_score(
     *,
     scorers: Sequence[str] = ("own", "fused"),
     ranked: ResultRanked | None = None,
+    popularity: Sequence[tuple[float, int]] | None = None,
 ) -> ValidationScore:
     """`selection.validation_score` of a method's validation-user vectors over the objectives they serve
-    (weights: one per objective of the data; those of objectives not served do not count)."""
+    (weights: one per objective of the data; those of objectives not served do not count).
+    popularity: `served_popularity(vectors, data_val, k)` when already computed (the same values)."""
+    served, sub, counts = _served(vectors, data_val)
+    ranked = ranked or ResultRanked(vectors, served, list(data_val.objectives))
+    return validation_score(ranked, sub, served, counts, weights, k, scorers=scorers, popularity=popularity)
+
+
+def _served(vectors: Vectors, data_val: CascadeData) -> tuple[list[str], EvalRows, list[np.ndarray]]:
+    """(objectives the vectors serve, their validation users' positives, their popularity counts)."""
     objectives = list(data_val.objectives)
     served = [o for o in objectives if o in vectors[0]]
     idx = [objectives.index(o) for o in served]
     val = data_val.val
     sub = EvalRows(val.u, val.hists, [val.pos[i] for i in idx])
-    ranked = ranked or ResultRanked(vectors, served, objectives)
-    counts = [data_val.val_counts[i] for i in idx]
-    return validation_score(ranked, sub, served, counts, weights, k, scorers=scorers)
+    return served, sub, [data_val.val_counts[i] for i in idx]
+
+
+def served_popularity(vectors: Vectors, data_val: CascadeData, k: int) -> list[tuple[float, int]]:
+    """`selection.popularity_recalls` over the objectives the vectors serve (in their order)."""
+    _, sub, counts = _served(vectors, data_val)
+    return popularity_recalls(sub, counts, k)
 
 
 def choose_vector_weights(
@@ -130,11 +143,12 @@ def choose_vector_weights(
     idx = [objectives.index(o) for o in served]
     ranked = ResultRanked(vectors, served, objectives)
     grid = list(grid) if grid is not None else weight_grid(len(objectives))
+    pop = served_popularity(vectors, data_val, k)  # once, not per weighting
     rows, best, best_score = [], tuple(grid[0]), float("-inf")
     for w in grid:
         if not any(w[i] > 0 for i in idx):
             continue
-        s = vectors_score(vectors, data_val, w, k, scorers=("fused",), ranked=ranked)
+        s = vectors_score(vectors, data_val, w, k, scorers=("fused",), ranked=ranked, popularity=pop)
         rows.append({"weights": list(w), "score": s.score} | {o: s.recall[(o, "fused")] for o in s.users})
         if s.score > best_score:  # strict: ties keep the earlier candidate (the paper's weights first)
             best, best_score = tuple(w), s.score

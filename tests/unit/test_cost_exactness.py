@@ -1,0 +1,130 @@
+"""The cascade-cost changes of issue 18 item 2 change no trained parameter and no choice: each is
+checked against the implementation it replaced, kept here as the reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from csmf_core import train
+from csmf_core.baselines import protocol
+from csmf_core.cascade import run_cascade
+from csmf_core.config import build_config
+from csmf_core.evaluate import Ranked
+from csmf_core.rows import TrainRows
+from csmf_core.selection import choose_weights, validation_score, weight_grid
+from tests.conftest import random_cascade_data
+
+CFG = build_config(
+    {"model": {"dim": 16, "hidden": [32, 16]}, "train": {"batch_size": 256, "epochs": [1, 2, 2]}}
+)
+
+
+def old_stage_rows(rows: TrainRows, stage: int, fraction: float | None, gen: torch.Generator) -> TrainRows:
+    """train_stage's row selection before `train.stage_rows`: copy the stage's rows, then the subset."""
+    data = rows.for_stage(stage)
+    if fraction is not None:
+        n = max(2, int(math.ceil(len(data) * fraction)))
+        data = data.select(torch.randperm(len(data), generator=gen)[:n])
+    return data
+
+
+def _same_rows(a: TrainRows, b: TrainRows) -> bool:
+    pairs = [(a.u, b.u), (a.i, b.i), (a.level, b.level), (a.neg, b.neg), *zip(a.hists, b.hists)]
+    return len(a.hists) == len(b.hists) and all(torch.equal(x, y) for x, y in pairs)
+
+
+@pytest.mark.parametrize("fraction", [None, 0.5, 0.01])
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_stage_rows_are_the_old_selection(stage, fraction):
+    rows = random_cascade_data().rows
+    g_new, g_old = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    new, old = train.stage_rows(rows, stage, fraction, g_new), old_stage_rows(rows, stage, fraction, g_old)
+    assert _same_rows(new, old)
+    assert torch.equal(torch.randperm(100, generator=g_new), torch.randperm(100, generator=g_old))
+    if stage == 0 and fraction is None:
+        assert new is rows  # every row is an exposure positive: trained on as given, not copied
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def test_cascade_bit_identical_to_the_old_row_selection(monkeypatch):
+    """The whole cascade (pretrain, prune, recover, finetunes) trains the same parameters bit for bit."""
+    data = random_cascade_data()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        new_model, new_owners, new_reps = run_cascade(data, CFG)
+        monkeypatch.setattr(train, "stage_rows", old_stage_rows)
+        old_model, old_owners, old_reps = run_cascade(data, CFG)
+    finally:
+        torch.set_num_threads(threads)
+    new, old = _params(new_model), _params(old_model)
+    assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in new)
+    assert [r.losses for r in new_reps] == [r.losses for r in old_reps]
+    assert torch.equal(new_owners.output_owners(), old_owners.output_owners())
+
+
+def old_choose_weights(model, output_owners, tables, val, objectives, counts, k):
+    """selection.choose_weights before the popularity part was computed once per objective."""
+    grid = weight_grid(len(objectives))
+    ranked = Ranked(model, output_owners, tables, val)
+    rows, best, best_score = [], grid[0], float("-inf")
+    for w in grid:
+        s = validation_score(ranked, val, objectives, counts, w, k, scorers=("fused",))
+        rows.append({"weights": list(w), "score": s.score} | {o: s.recall[(o, "fused")] for o in s.users})
+        if s.score > best_score:
+            best, best_score = w, s.score
+    return tuple(best), rows
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_choose_weights_same_choice_and_rows(trained_random, k):
+    t = trained_random
+    data, model, out = t["data"], t["model"], t["owners"].output_owners()
+    args = (model, out, data.tables, data.eval, data.objectives, data.counts, k)
+    assert choose_weights(*args) == old_choose_weights(*args)
+    ranked = Ranked(model, out, data.tables, data.eval)  # shared with the score after it (run_trial)
+    assert choose_weights(*args, ranked=ranked) == old_choose_weights(*args)
+    best = choose_weights(*args)[0]
+    for scorers in (("own", "fused"), ("fused",)):
+        new = validation_score(ranked, data.eval, data.objectives, data.counts, best, k, scorers=scorers)
+        fresh = Ranked(model, out, data.tables, data.eval)
+        old = validation_score(fresh, data.eval, data.objectives, data.counts, best, k, scorers=scorers)
+        assert new == old
+
+
+def old_choose_vector_weights(vectors, data_val, k):
+    """protocol.choose_vector_weights before the popularity part was computed once."""
+    objectives = list(data_val.objectives)
+    idx = [objectives.index(o) for o in objectives if o in vectors[0]]
+    ranked = protocol.ResultRanked(vectors, [objectives[i] for i in idx], objectives)
+    rows, best, best_score = [], tuple(weight_grid(len(objectives))[0]), float("-inf")
+    for w in weight_grid(len(objectives)):
+        if not any(w[i] > 0 for i in idx):
+            continue
+        s = protocol.vectors_score(vectors, data_val, w, k, scorers=("fused",), ranked=ranked)
+        rows.append({"weights": list(w), "score": s.score} | {o: s.recall[(o, "fused")] for o in s.users})
+        if s.score > best_score:
+            best, best_score = tuple(w), s.score
+    return best, rows
+
+
+@pytest.mark.parametrize("served", [("exposure", "click", "conversion"), ("click", "conversion")])
+def test_choose_vector_weights_same_choice_and_rows(served):
+    data = random_cascade_data()
+    dv = dataclasses.replace(data, val=data.eval, val_counts=data.counts, val_days=1)
+    g = torch.Generator().manual_seed(3)
+    n_users, n_items = len(dv.val), dv.tables.items_cat.shape[0]
+    users = {o: torch.randn(n_users, 8, generator=g) for o in served}
+    items = {o: torch.randn(n_items, 8, generator=g) for o in served}
+    for k in (2, 10):
+        best, rows, _ = protocol.choose_vector_weights((users, items), dv, k)
+        assert (best, rows) == old_choose_vector_weights((users, items), dv, k)
+        assert np.isfinite([r["score"] for r in rows]).all()
