@@ -11,10 +11,11 @@ Without a PREFECT_API_URL, the first Prefect client of a process starts the temp
 PREFECT_HOME and registers block types, then answers /api/health. `SubprocessASGIServer` is one
 instance per port (port None: the temporary one) and `start` does nothing once it is `running`, so
 the server launched here is the one the flow's client, its events and its log workers use; no second
-one starts. What `start` does is split in two: `launch` = the same subprocess on a free port, marked
-running, stopped at exit (`atexit`, as `start` does); `wait` = its loop, polling /api/health until the
-server answers (a port taken meanwhile: exit code 3, relaunched on another port, as `start` does),
-within PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.
+one starts. What `start` does is split in two: `start_temporary_api` = the same subprocess on a free
+port (launched before the Prefect server's modules are imported here: `uvicorn_command`), handed to
+the singleton, marked running, stopped at exit (`atexit`, as `start` does); `TemporaryApi.wait` = its
+loop, polling /api/health until the server answers (a port taken meanwhile: exit code 3, relaunched
+on another port, as `start` does), within PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.
 
 Call after `flows.env.setup_home` (Prefect reads PREFECT_HOME at import) and after
 `flows.doctor.claim` (the server carries this process as its owner).
@@ -23,6 +24,9 @@ Call after `flows.env.setup_home` (Prefect reads PREFECT_HOME at import) and aft
 from __future__ import annotations
 
 import atexit
+import os
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -88,8 +92,6 @@ def _healthy(url: str) -> bool:
 def temporary_api_wanted() -> bool:
     """Whether this process's first Prefect client would start the temporary server: no API URL
     (environment or profile) and ephemeral servers enabled (prefect 3.8.8 `get_client`'s test)."""
-    import os
-
     if os.environ.get("PREFECT_API_URL"):
         return False
     from prefect.settings import get_current_settings
@@ -100,20 +102,86 @@ def temporary_api_wanted() -> bool:
 
 def start_temporary_api() -> TemporaryApi | None:
     """Launch Prefect's temporary API server now, without waiting for it (`TemporaryApi.wait`); None
-    when a persistent server is configured (PREFECT_API_URL), where nothing is started."""
+    when a persistent server is configured (PREFECT_API_URL), where nothing is started.
+
+    The subprocess is launched before this process imports the Prefect server's own modules (seconds
+    of CPU that the flow's client would import anyway), with `SubprocessASGIServer`'s command and
+    environment (`uvicorn_command`), and then handed to the singleton as if its `start` had launched
+    it."""
     if not temporary_api_wanted():
         return None
+    process = port = None
+    if "prefect.server.api.server" not in sys.modules:
+        port = _free_port()
+        process = subprocess.Popen(**uvicorn_command(port))
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()  # the per-port singleton get_client() uses (port None)
-    if server.running:
+    if server.running:  # already started in this process: ours is not needed
+        if process is not None:
+            process.terminate()
+            process.wait()
         return TemporaryApi(server, launched=False)
-    server.port = server.port or server.find_available_port()
     server.running = True
     try:
-        server.server_process = server._run_uvicorn_command()
+        if process is None:
+            server.port = server.port or server.find_available_port()
+            process = server._run_uvicorn_command()
+        else:
+            server.port = port
+        server.server_process = process
     except BaseException:
         server.running = False
         raise
     atexit.register(server.stop)
     return TemporaryApi(server, launched=True)
+
+
+def uvicorn_command(port: int) -> dict[str, Any]:
+    """`subprocess.Popen` arguments of prefect 3.8.8's `SubprocessASGIServer._run_uvicorn_command`
+    (the temporary API: uvicorn on 127.0.0.1:<port>, UI off, ephemeral services, the explicitly set
+    settings in its environment), built without importing the Prefect server."""
+    import prefect
+    from prefect.settings import get_current_settings
+
+    server_env = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    return {
+        "args": [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--app-dir",
+            str(prefect.__module_path__.parent),
+            "--factory",
+            "prefect.server.api.server:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "error",
+            "--lifespan",
+            "on",
+        ],  # fmt: skip
+        "env": {
+            **os.environ,
+            **server_env,
+            **get_current_settings().to_environment_variables(exclude_unset=True),
+        },
+    }
+
+
+def _free_port() -> int:
+    """A free port in 8000-8999, chosen like `SubprocessASGIServer.find_available_port`."""
+    import random
+    import socket
+
+    for _ in range(10):
+        port = random.choice(range(8000, 9000))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                time.sleep(random.uniform(0.1, 0.5))
+    raise RuntimeError("Unable to find an available port after multiple attempts")
