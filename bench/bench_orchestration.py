@@ -1,34 +1,55 @@
-"""Benchmark 4 (orchestration overhead): the Prefect flow `csmf-daily` vs the same stage functions called directly.
+"""Benchmark 4 (orchestration overhead): `csmf run` (Prefect flow `csmf-daily` + MLflow) vs the same stage functions called directly.
 
 How to run:  .venv/bin/python bench/bench_orchestration.py [--rounds 1] [--overrides train.epochs=[4,8,16]] [--quick]
+             [--arms embedded server direct]
 
-Flow arm: `flows.pipeline.csmf_daily(data=<small>, home=<fresh dir>)` - Prefect's temporary local API,
-MLflow parent/child runs with metrics, artifacts (checkpoints, masks, index), the registry pyfunc,
-the gate, retention. Direct arm: the same csmf_core work with no Prefect and no MLflow, as lean as
-the library allows: validate -> prepare -> load once -> every cascade step in memory with the same
-per-step validation -> final checkpoint -> serving bundle (flat index) -> final evaluation.
-Overhead = (flow - direct) / flow, on the wall time of each arm's work after imports (import time
-is reported separately). Target: <= 10%.
+Three arms, each in its own child process (Prefect reads its settings at import), each timed from the
+child's first line to the end of its work, imports included (what a user waits for):
 
-Each arm runs in its own child process (Prefect reads its settings at import); each flow round uses
-a fresh csmf home so nothing is resumed from an earlier run (the MLflow database is created in the
-round, as on a first run); PREFECT_HOME is kept across rounds under the bench work dir.
+* embedded: `csmf run --data <small> --home <fresh dir> --tuned none` through `flows.cli.main`, no
+  PREFECT_API_URL: the default `make run` (Prefect's temporary local API, launched by `csmf run`
+  before its imports, flows/local_api.py; MLflow parent/child runs with metrics, artifacts
+  (checkpoints, masks, index), the registry pyfunc, the gate, retention).
+* server: the same command with PREFECT_API_URL set to a persistent `prefect server start` that the
+  bench starts (own PREFECT_HOME, waited for until /api/health answers) and stops at the end: the
+  flow run of a deployment against a running server, without the worker's polling and process
+  start (scheduling latency, not orchestration of the run).
+* direct: the same csmf_core work with no Prefect and no MLflow, as lean as the library allows:
+  validate -> prepare -> the selection pass on the validation days and the refit config (the
+  flow's `select`) -> load once -> every cascade step in memory with the same per-step
+  validation -> final checkpoint -> serving bundle (flat index) -> final evaluation.
+
+Overhead of a flow arm = (arm - direct) / arm, on those times. Target: <= 10% for each flow arm.
+Each flow round uses a fresh csmf home so nothing is resumed from an earlier run (the MLflow
+database is created in the round, as on a first run); the temporary API's PREFECT_HOME is kept
+across rounds under the bench work dir (its database migrated once), as a user's home keeps it.
+The embedded arm also reports how long `csmf run` still waited for the temporary API after its own
+work before the flow (`TemporaryApi.wait`; 0 when the server was up first).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-try:
-    from bench import benchlib
-except ImportError:  # run as `python bench/bench_orchestration.py`
-    import benchlib  # type: ignore[no-redef]
+T_START = time.perf_counter()  # a child's clock: before any import of its arm (benchlib imports torch)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _benchlib():
+    """bench/benchlib.py, imported by the parent only (it imports torch: a child's clock would miss it)."""
+    try:
+        from bench import benchlib
+    except ImportError:  # run as `python bench/bench_orchestration.py`
+        import benchlib  # type: ignore[no-redef]
+    return benchlib
 
 
 def direct(data: str, work: Path, overrides: list[str]) -> dict:
@@ -39,6 +60,7 @@ def direct(data: str, work: Path, overrides: list[str]) -> dict:
     from csmf_core.evaluate import evaluate_model
     from csmf_core.prep import prepare
     from csmf_core.serving import write_bundle
+    from csmf_core.tuning import refit_config, run_trial, trial_config
     from data_contracts import validate_dataset
     from flows.inputs import plan_window  # pure date arithmetic, no Prefect/MLflow
 
@@ -49,6 +71,14 @@ def direct(data: str, work: Path, overrides: list[str]) -> dict:
     mr = prepare(data, work / "model_ready", train_dates=window.train_dates, eval_dates=window.eval_dates,
                  seq_len=cfg.data.seq_len, n_req_neg=cfg.data.n_req_neg, overwrite=True).out_dir  # fmt: skip
     t["ingest"] = time.perf_counter()
+    # the flow's `select` task (flows/epoch_selection.py, default path): a selection pass on the
+    # validation days, then the refit config (epochs kept, fused weights chosen there)
+    cd = load_cascade_data(mr, val_days=cfg.data.val_days, item_stats_windows=cfg.data.item_stats)
+    if cd.val_days and cfg.data.val_refit:
+        cfg = refit_config(cfg, run_trial(cd, trial_config(cfg, {"data.val_days": cd.val_days})))
+    else:
+        cfg = trial_config(cfg, {"data.val_days": cd.val_days})
+    t["select"] = time.perf_counter()
     cd = load_cascade_data(mr, item_stats_windows=cfg.data.item_stats)
     model, owners = build_model(cd, cfg)
     for step in plan(cd.objectives, cfg):
@@ -65,45 +95,70 @@ def direct(data: str, work: Path, overrides: list[str]) -> dict:
     t["end"] = time.perf_counter()
     return {
         "ingest": t["ingest"] - t["start"],
-        "cascade": t["cascade"] - t["ingest"],
+        "select": t["select"] - t["ingest"],
+        "cascade": t["cascade"] - t["select"],
         "final": t["end"] - t["cascade"],
     }
 
 
-def flow(data: str, work: Path, overrides: list[str]) -> dict:
-    from flows.pipeline import csmf_daily
-
-    t0 = time.perf_counter()
-    out = csmf_daily(data=data, home=str(work / "home"), overrides=overrides)
-    return {"flow": time.perf_counter() - t0, "model_version": out.get("model_version")}
+FLOW_ARMS = ("embedded", "server")
+ARMS = (*FLOW_ARMS, "direct")
 
 
-def child(arm: str, data: str, work: str, overrides: list[str]) -> None:
-    """Entry point of a child process: run one arm, print one JSON line."""
-    t_import = time.perf_counter()
-    if arm == "flow":
-        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        import flows.pipeline  # noqa: F401  (timed as import)
+def csmf_run(data: str, work: Path, overrides: list[str]) -> dict:
+    """`csmf run` as a user types it (fresh home, given data, no tuned config); returns what it waited
+    for Prefect's temporary API (embedded arm) and the model version."""
+    from flows import cli, local_api
+
+    waited = []
+    wait = local_api.TemporaryApi.wait
+
+    def timed_wait(self, timeout=None):
+        try:
+            return wait(self, timeout)
+        finally:
+            waited.append(self.seconds_waited)
+
+    local_api.TemporaryApi.wait = timed_wait  # type: ignore[method-assign]
+    out = work / "result.json"
+    args = ["run", "--data", data, "--home", str(work / "home"), "--tuned", "none", "--json-out", str(out)]
+    code = cli.main([*args, *(x for o in overrides for x in ("--set", o))])
+    if code != 0:
+        raise RuntimeError(f"csmf run exited {code}")
+    return {"api_wait": sum(waited), "model_version": json.loads(out.read_text()).get("model_version")}
+
+
+def child(arm: str, data: str, work: str, overrides: list[str], t_start: float) -> None:
+    """Entry point of a child process: run one arm, print one JSON line (seconds from `t_start`, the
+    child's first line, so imports are included)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    if arm in FLOW_ARMS:
+        phases = csmf_run(data, Path(work), overrides)
     else:
+        t_import = time.perf_counter()
         import csmf_core.cascade  # noqa: F401
         import data_contracts  # noqa: F401
-    imports = time.perf_counter() - t_import
-    fn = flow if arm == "flow" else direct
-    phases = fn(data, Path(work), overrides)
-    total = sum(v for v in phases.values() if isinstance(v, float))
-    print("RESULT " + json.dumps({"arm": arm, "seconds": total, "imports": imports, "phases": phases}))
+
+        phases = {"imports": time.perf_counter() - t_import, **direct(data, Path(work), overrides)}
+    total = time.perf_counter() - t_start
+    print("RESULT " + json.dumps({"arm": arm, "seconds": total, "phases": phases}))
 
 
-def run_arm(arm: str, data: Path, work: Path, overrides: list[str], prefect_home: Path) -> dict:
+def run_arm(
+    arm: str, data: Path, work: Path, overrides: list[str], prefect_home: Path, api_url: str | None
+) -> dict:
     env = dict(os.environ, PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     # the default 20 s is too short for the temporary API server on a loaded 2-core machine
     env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    env.pop("MLFLOW_TRACKING_URI", None)  # the fresh home's own sqlite store
-    env.pop("PREFECT_API_URL", None)
+    for k in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "CSMF_HOME"):  # the fresh home's own stores
+        env.pop(k, None)
+    if arm == "server":
+        env["PREFECT_API_URL"] = str(api_url)
     cmd = [sys.executable, __file__, "--child", arm, "--data", str(data), "--work", str(work),
            "--overrides", *overrides]  # fmt: skip
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=benchlib.REPO)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     wall = time.perf_counter() - t0
     lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
     if p.returncode != 0 or not lines:
@@ -111,65 +166,126 @@ def run_arm(arm: str, data: Path, work: Path, overrides: list[str], prefect_home
     return {**json.loads(lines[-1][7:]), "wall": wall}
 
 
+class PrefectServer:
+    """A persistent `prefect server start` on a free local port for the server arm (own PREFECT_HOME,
+    SQLite), started once before the rounds and stopped (its whole process group) after them."""
+
+    def __init__(self, home: Path, timeout: float = 300.0):
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        home.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                   PREFECT_UI_ENABLED="false")  # fmt: skip
+        env.pop("PREFECT_API_URL", None)
+        self.log = open(home / "server.log", "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        while not self._healthy():
+            if self.process.poll() is not None or time.perf_counter() - t0 > timeout:
+                self.stop()
+                raise RuntimeError(f"prefect server did not start (log: {home / 'server.log'})")
+            time.sleep(0.5)
+        self.start_seconds = time.perf_counter() - t0
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def _healthy(self) -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        import signal
+
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
+
+
 def run(
     rounds: int = 1,
     overrides: list[str] | None = None,
     data: dict | None = None,
     write: bool = True,
-    arms: tuple[str, ...] = ("flow", "direct"),
+    arms: tuple[str, ...] = ARMS,
 ) -> list[dict]:
     import shutil
 
+    benchlib = _benchlib()
     overrides = list(overrides or [])
     data = dict(data or {"name": "small"})
     ds, _, _ = benchlib.synth_dataset(data.pop("name"), **data)
     rec = benchlib.Recorder("orchestration", {"dataset": ds.name, "overrides": overrides}, write=write)
     base = benchlib.work_dir() / "orchestration"
     prefect_home = base / "prefect"
+    server = PrefectServer(base / "prefect-server") if "server" in arms else None
     res: dict[str, list[dict]] = {a: [] for a in arms}
-    for r in range(rounds):
-        for arm in arms if r % 2 == 0 else arms[::-1]:
-            work = base / f"{arm}-{r}"
-            shutil.rmtree(work, ignore_errors=True)
-            work.mkdir(parents=True)
-            res[arm].append(run_arm(arm, ds, work, overrides, prefect_home))
-            shutil.rmtree(work, ignore_errors=True)
+    try:
+        for r in range(rounds):
+            for arm in arms if r % 2 == 0 else arms[::-1]:
+                work = base / f"{arm}-{r}"
+                shutil.rmtree(work, ignore_errors=True)
+                work.mkdir(parents=True)
+                res[arm].append(run_arm(arm, ds, work, overrides, prefect_home, server and server.api_url))
+                shutil.rmtree(work, ignore_errors=True)
+    finally:
+        if server is not None:
+            server.stop()
     med = lambda arm, key: benchlib.median([x[key] for x in res[arm]])  # noqa: E731
-    if len(arms) == 2:
-        ratios = [(a["seconds"] - b["seconds"]) / a["seconds"] for a, b in zip(res["flow"], res["direct"])]
-        rec.add(
-            "orchestration overhead (flow - direct) / flow",
-            benchlib.median(ratios),
-            "",
-            "<= 0.1",
-            rounds=rounds,
-        )
-    if "flow" in arms:
-        rec.add("flow seconds (after imports)", med("flow", "seconds"), "s")
-    if "direct" in arms:
-        rec.add("direct seconds (after imports)", med("direct", "seconds"), "s")
-        for k in ("ingest", "cascade", "final"):
-            rec.add(f"direct phase: {k}", benchlib.median([x["phases"][k] for x in res["direct"]]), "s")
-    labels = {"flow": "prefect, mlflow, flows", "direct": "csmf_core, data_contracts"}
+    labels = {
+        "embedded": "csmf run, temporary Prefect API (make run)",
+        "server": "csmf run against a persistent prefect server",
+    }
+    for arm in FLOW_ARMS:
+        if arm in arms and "direct" in arms:
+            ratios = [(a["seconds"] - b["seconds"]) / a["seconds"] for a, b in zip(res[arm], res["direct"])]
+            rec.add(f"orchestration overhead, {arm} ({labels[arm]})", benchlib.median(ratios), "", "<= 0.1",
+                    rounds=rounds)  # fmt: skip
     for arm in arms:
-        rec.add(f"{arm} imports ({labels[arm]})", med(arm, "imports"), "s")
+        rec.add(f"{arm} seconds (imports included)", med(arm, "seconds"), "s")
+    if "embedded" in arms:
+        rec.add("embedded: csmf run waiting for the temporary API before the flow",
+                benchlib.median([x["phases"]["api_wait"] for x in res["embedded"]]), "s")  # fmt: skip
+    if server is not None:
+        rec.add("server: prefect server start (once, not in the arm)", server.start_seconds, "s")
+    if "direct" in arms:
+        for k in ("imports", "ingest", "select", "cascade", "final"):
+            rec.add(f"direct phase: {k}", benchlib.median([x["phases"][k] for x in res["direct"]]), "s")
+    for arm in arms:
         rec.add(f"{arm} process wall", med(arm, "wall"), "s")
     return rec.flush()
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=1, help="flow/direct pairs (alternating order)")
+    p.add_argument("--rounds", type=int, default=1, help="rounds of every arm (alternating order)")
     p.add_argument("--overrides", nargs="*", default=[], help="config overrides for both arms")
     p.add_argument("--quick", action="store_true", help="tiny world, 1 epoch per stage (smoke test)")
-    p.add_argument("--arms", nargs="+", choices=["flow", "direct"], default=["flow", "direct"])
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     p.add_argument("--no-write", action="store_true", help="do not append to bench/results/")
-    p.add_argument("--child", choices=["flow", "direct"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=list(ARMS), help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
-        child(a.child, a.data, a.work, a.overrides)
+        child(a.child, a.data, a.work, a.overrides, T_START)
         return []
     if a.quick:
         tiny = {"name": "tiny", "n_users": 300, "n_items": 200, "n_days": 6, "requests_per_day": 340}

@@ -129,6 +129,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     home = setup_home(args.home)  # before the flow module imports prefect and mlflow
     check_writable(home)  # a read-only home: one message now, not Prefect's retry loop later
+    api_line = prefect_api(home)  # a running `make serve` stack: its API (no temporary server)
+    from flows.doctor import claim
+    from flows.local_api import start_temporary_api
+
+    claim(home)  # before Prefect starts its temporary server: it carries this process as its owner
+    # Prefect's temporary API (when no server is configured) starts now, in its own process, while
+    # this one imports torch and mlflow, reads the config and the data; waited for before the flow
+    api = start_temporary_api()
     data = dataset_location(args.data, home) if args.data else default_dataset(home)
     from flows.tune import describe_tuned, find_tuned
 
@@ -143,12 +151,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ValueError(f"--date {date!r} is not YYYY-MM-DD") from exc
     print(f"csmf run: data {data}, evaluation day {date} (training on the partitions before it), home {home}")
-    print(f"csmf run: {prefect_api(home)}")
-    from flows.doctor import claim
-
-    claim(home)  # before Prefect starts its temporary server: it carries this process as its owner
+    print(f"csmf run: {api_line}")
     from flows.pipeline import csmf_daily
 
+    if api is not None:
+        _open_tracking_store()  # while the temporary API may still be starting: the same work, earlier
+        api.wait()  # the flow's Prefect client uses this server (flows/local_api.py)
     with _run_console(args):
         result = csmf_daily(
             date=date,
@@ -165,6 +173,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         Path(args.json_out).write_text(json.dumps(result, indent=1, default=str) + "\n")
     return 0
+
+
+def _open_tracking_store() -> None:
+    """The MLflow stores the flow opens first thing (flows/tracking.py `open_stores`), opened now; a
+    store that cannot be opened is left for the flow to report (its message, its retries)."""
+    from flows.tracking import open_stores
+
+    try:
+        open_stores(tracking_uri())
+    except Exception:  # noqa: BLE001  (reported by the flow's open_run)
+        pass
 
 
 def prefect_api(home: Path) -> str:

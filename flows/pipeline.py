@@ -240,8 +240,8 @@ def evaluate(checkpoints: Checkpoints, ready: Ingested, cfg: CSMFConfig, run: Ru
             random_seed=0,
             ranked=ranked,
         )
-        for target in (tracker, run.parent()):
-            reporting.log_evaluation(target, rows, checkpoints.after_pruning(), data.objectives)
+        # the same files on the step's run and the parent (figures rendered once for both)
+        reporting.log_evaluation([tracker, run.parent()], rows, checkpoints.after_pruning(), data.objectives)
         log_cascade_at_a_glance(checkpoints, data.objectives, cfg, run)
         # is the model better than popularity on these users? paired bootstrap over users
         k = cfg.eval.primary_k

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -254,22 +255,44 @@ def run_summary(result: dict, k: int, date: str) -> str:
 
 # ---- evaluation ------------------------------------------------------------------------------------
 def log_evaluation(
-    tracker: Tracker, rows: list[dict], prunes: dict[str, Path], objectives: list[str]
+    tracker: Tracker | Sequence[Tracker], rows: list[dict], prunes: dict[str, Path], objectives: list[str]
 ) -> None:
     """test/ metrics, the metrics table (JSON + markdown), Recall@K and ownership figures.
 
+    tracker: one run's tracker, or several (the evaluate step's child run and the parent): each gets
+    the same files, the figures rendered once and the same PNG logged to every run.
     prunes: {prune step name: its checkpoint dir} (ownership snapshots from masks/masks.json).
     """
     from csmf_core.evaluate import metric_dict
 
-    tracker.log_metrics(metric_dict(rows, prefix="test", own_only=False))
-    tracker.log_table(rows, "metrics/test_metrics.json")
-    tracker.log_text(metrics_table(rows) + "\n", "metrics/test_metrics.md")
-    tracker.log_figure(recall_at_k_figure(rows), "figures/recall_at_k.png")
+    targets = list(tracker) if isinstance(tracker, Sequence) else [tracker]
+    for t in targets:
+        t.log_metrics(metric_dict(rows, prefix="test", own_only=False))
+        t.log_table(rows, "metrics/test_metrics.json")
+        t.log_text(metrics_table(rows) + "\n", "metrics/test_metrics.md")
+    log_figure(targets, recall_at_k_figure(rows), "figures/recall_at_k.png")
     snapshots = {
         f"after {name}": read_json(ckpt / "masks" / "masks.json")["units_per_stage"]
         for name, ckpt in prunes.items()
         if (ckpt / "masks" / "masks.json").is_file()
     }
     if snapshots:
-        tracker.log_figure(ownership_figure(snapshots, objectives), "figures/ownership.png")
+        log_figure(targets, ownership_figure(snapshots, objectives), "figures/ownership.png")
+
+
+def log_figure(targets: Sequence[Tracker], figure: Any, artifact_file: str) -> None:
+    """`figure` as `artifact_file` of every target run. One target: its own `log_figure`; several:
+    rendered once (`savefig` with MLflow's defaults, so the same PNG bytes as `log_figure`) and that
+    file logged to each run."""
+    if len(targets) == 1:
+        targets[0].log_figure(figure, artifact_file)
+        return
+    import posixpath
+    import tempfile
+
+    folder, name = posixpath.split(posixpath.normpath(artifact_file))
+    with tempfile.TemporaryDirectory(prefix="csmf-figure-") as tmp:
+        path = Path(tmp) / name
+        figure.savefig(path)
+        for t in targets:
+            t.log_artifact(path, folder or None)

@@ -196,7 +196,7 @@ class RunContext:
     source: str = ""  # tag mlflow.source.name of its runs (RunKind.source)
 
     def parent(self) -> MlflowTracker:
-        return MlflowTracker.attach(self.parent_run_id, self.tracking_uri)
+        return MlflowTracker.attach(self.parent_run_id, self.tracking_uri, self.experiment_id)
 
 
 def dataset_name(dataset: Path) -> str:

@@ -83,11 +83,19 @@ def _chunks(items: list, n: int) -> Iterable[list]:
 class MlflowTracker:
     """One MLflow run, addressed by id through an `MlflowClient` (thread-safe, no active run)."""
 
-    def __init__(self, run_id: str, tracking_uri: str | None = None):
+    def __init__(self, run_id: str, tracking_uri: str | None = None, experiment_id: str | None = None):
         self.run_id = run_id
         self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
         self.client = mlflow.MlflowClient(self.tracking_uri)
-        self.experiment_id = self.client.get_run(run_id).info.experiment_id
+        self._experiment_id = experiment_id
+
+    @property
+    def experiment_id(self) -> str:
+        """The run's experiment: given by whoever knows it (`start`, `RunContext.parent`), else read
+        from the store once, when first needed (a tracker is rebuilt many times per flow run)."""
+        if self._experiment_id is None:
+            self._experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        return self._experiment_id
 
     @classmethod
     def start(
@@ -105,12 +113,15 @@ class MlflowTracker:
         if parent_run_id is not None:
             all_tags[PARENT_TAG] = parent_run_id
         run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
-        return cls(run.info.run_id, client.tracking_uri)
+        return cls(run.info.run_id, client.tracking_uri, run.info.experiment_id)
 
     @classmethod
-    def attach(cls, run_id: str, tracking_uri: str | None = None) -> MlflowTracker:
-        """Bind to an existing run (e.g. the parent run inside a task)."""
-        return cls(run_id, tracking_uri)
+    def attach(
+        cls, run_id: str, tracking_uri: str | None = None, experiment_id: str | None = None
+    ) -> MlflowTracker:
+        """Bind to an existing run (e.g. the parent run inside a task); `experiment_id`, when the
+        caller knows it, spares a read of the run."""
+        return cls(run_id, tracking_uri, experiment_id)
 
     def child(self, run_name: str, tags: Mapping[str, Any] | None = None) -> MlflowTracker:
         """A nested run under this one, in the same experiment."""
@@ -276,3 +287,13 @@ def ensure_experiment(name: str, artifact_location: str | Path, tracking_uri: st
     location = Path(artifact_location)
     location.mkdir(parents=True, exist_ok=True)
     return client.create_experiment(name, artifact_location=location.resolve().as_uri())
+
+
+def open_stores(tracking_uri: str) -> None:
+    """Open the tracking and model-registry stores of `tracking_uri` now: on a first run this creates
+    the SQLite database and its tables (MLflow's migrations, seconds of CPU). MLflow keeps each store
+    per URI for the process, so the flow's clients later reuse them; nothing is written but the
+    schema. `csmf run` calls it while Prefect's temporary API is still starting (flows/local_api.py)."""
+    client = mlflow.MlflowClient(tracking_uri)
+    client.search_experiments(max_results=1)
+    client.search_registered_models(max_results=1)

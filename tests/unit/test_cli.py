@@ -188,6 +188,49 @@ def _fake_pipeline(monkeypatch, calls: list):
         }
 
     monkeypatch.setitem(sys.modules, "flows.pipeline", types.SimpleNamespace(csmf_daily=csmf_daily))
+    _no_temporary_api(monkeypatch, calls)
+
+
+def _no_temporary_api(monkeypatch, calls: list) -> None:
+    """`csmf run` launches Prefect's temporary API early (flows/local_api.py): a stand-in here that
+    records its launch and its wait in `calls` (and the MLflow stores opened meanwhile), so that the
+    stand-in flows start no server."""
+
+    class Api:
+        def wait(self):
+            calls.append("api waited")
+            return self
+
+    def start():
+        if os.environ.get("PREFECT_API_URL"):
+            return None
+        calls.append("api launched")
+        return Api()
+
+    monkeypatch.setattr("flows.local_api.start_temporary_api", start)
+    monkeypatch.setattr(cli, "_open_tracking_store", lambda: calls.append("stores opened"))
+
+
+def test_run_launches_the_temporary_api_early_and_waits_before_the_flow(
+    tiny_world, tmp_path, monkeypatch, capsys, clean_env
+):
+    """No Prefect server configured: the temporary API is launched before the run's own checks and
+    imports and waited for just before the flow; a bad config still fails with exit 2 (the server is
+    stopped at exit); with PREFECT_API_URL nothing is launched."""
+    calls: list = []
+    _fake_pipeline(monkeypatch, calls)
+    args = ["run", "--data", str(tiny_world["ds"]), "--home", str(tmp_path / "h")]
+    assert cli.main(args) == 0
+    # the MLflow stores are opened while the server starts, before the wait
+    assert calls[:3] == ["api launched", "stores opened", "api waited"]
+    assert isinstance(calls[3], dict) and len(calls) == 4
+    calls.clear()
+    assert cli.main([*args, "--set", "train.lr=-1"]) == 2
+    assert calls == ["api launched"]  # launched, never waited for: the flow was not reached
+    calls.clear()
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    assert cli.main(args) == 0
+    assert len(calls) == 1 and isinstance(calls[0], dict)
 
 
 def test_run_passes_from_model(tiny_world, tmp_path, monkeypatch, capsys, clean_env):
@@ -203,7 +246,7 @@ def test_run_passes_from_model(tiny_world, tmp_path, monkeypatch, capsys, clean_
         "models:/csmf/3",
     ]
     assert cli.main(args) == 0
-    (call,) = calls
+    (call,) = [c for c in calls if isinstance(c, dict)]
     assert call["kwargs"]["from_model"] == "models:/csmf/3"
 
 
@@ -213,7 +256,7 @@ def test_run_calls_the_flow_with_the_home_set_up(tiny_world, tmp_path, monkeypat
     home = tmp_path / "home"
     args = ["run", "--data", str(tiny_world["ds"]), "--home", str(home), "--set", "train.epochs=1"]
     assert cli.main(args) == 0
-    (call,) = calls
+    (call,) = [c for c in calls if isinstance(c, dict)]
     assert call["kwargs"] == {
         "date": tiny_world["dates"][-1],
         "data": str(tiny_world["ds"].resolve()),
@@ -236,7 +279,8 @@ def test_run_calls_the_flow_with_the_home_set_up(tiny_world, tmp_path, monkeypat
     assert line.split() == ["click", "9", "0.5000", "/", "0.2500", "0.1250", "/", "0.0625"]
 
     assert cli.main([*args, "--set", "train.lr=-1"]) == 2  # config checked before the flow starts
-    assert "train.lr must be > 0" in capsys.readouterr().err and len(calls) == 1
+    assert "train.lr must be > 0" in capsys.readouterr().err
+    assert len([c for c in calls if isinstance(c, dict)]) == 1
     assert cli.main(["run", "--data", str(tmp_path / "none"), "--home", str(home)]) == 2
     assert "csmf synth --out" in capsys.readouterr().err
 
@@ -308,7 +352,7 @@ def test_run_without_data_generates_it_once(tiny_world, tmp_path, monkeypatch, c
         assert cli.main(["run"]) == 0
     assert made == [("small", 0)]
     data = tmp_path / "h" / "data" / "synth-small"
-    assert [c["kwargs"]["data"] for c in calls] == [str(data.resolve())] * 2
+    assert [c["kwargs"]["data"] for c in calls if isinstance(c, dict)] == [str(data.resolve())] * 2
     assert "Using the generated dataset" in capsys.readouterr().out
 
 
@@ -426,6 +470,7 @@ def _failing_pipeline(monkeypatch, exc: BaseException):
         raise exc
 
     monkeypatch.setitem(sys.modules, "flows.pipeline", types.SimpleNamespace(csmf_daily=csmf_daily))
+    _no_temporary_api(monkeypatch, [])
 
 
 def _diverged() -> BaseException:

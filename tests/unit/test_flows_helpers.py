@@ -208,3 +208,57 @@ def test_model_ready_data_loaded_once_per_run(tiny, tmp_path, monkeypatch):
     cache.clear()
     cache.get(mr, other, load_train=True)
     assert len(calls) == 4
+
+
+def test_a_figure_for_several_runs_is_rendered_once_with_mlflows_bytes(tmp_path):
+    """`reporting.log_figure` to two runs: one `savefig`, and each run gets exactly the PNG that
+    MLflow's own `log_figure` writes for the same figure."""
+    import mlflow
+
+    from flows.figures import recall_at_k_figure
+    from flows.reporting import log_figure
+    from flows.tracking import MlflowTracker, ensure_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = ensure_experiment("figures", tmp_path / "artifacts", uri)
+    own, a, b = (MlflowTracker.start(exp, name, tracking_uri=uri) for name in ("own", "a", "b"))
+    assert a.experiment_id == exp and MlflowTracker.attach(a.run_id, uri).experiment_id == exp
+    rows = [
+        {"objective": "click", "scorer": s, "k": k, "recall": 0.1 * k / 50, "ndcg": 0.0, "users": 3}
+        for s in ("click", "fused", "popularity")
+        for k in (10, 50)
+    ]
+    fig = recall_at_k_figure(rows)
+    saves = []
+    original = fig.savefig
+    fig.savefig = lambda *args, **kw: (saves.append(args), original(*args, **kw))
+    own.log_figure(fig, "figures/recall_at_k.png")  # MLflow's own path: the reference bytes
+    saves.clear()
+    log_figure([a, b], fig, "figures/recall_at_k.png")
+    assert len(saves) == 1
+
+    def png(run_id: str) -> bytes:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id,
+            artifact_path="figures/recall_at_k.png",
+            dst_path=str(tmp_path / run_id),
+            tracking_uri=uri,
+        )
+        return open(path, "rb").read()
+
+    assert png(a.run_id) == png(b.run_id) == png(own.run_id)
+
+
+def test_open_stores_creates_the_database_the_flow_then_reuses(tmp_path):
+    """`open_stores` on a fresh SQLite URI: the database exists with its tables, and a later client of
+    the same URI gets the same (cached) store object."""
+    import mlflow
+
+    from flows.tracking import open_stores
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    open_stores(uri)
+    assert (tmp_path / "mlflow.db").is_file()
+    a, b = mlflow.MlflowClient(uri), mlflow.MlflowClient(uri)
+    assert a._tracking_client.store is b._tracking_client.store
+    assert a.search_experiments(max_results=5)  # the Default experiment: tables created

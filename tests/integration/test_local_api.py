@@ -1,0 +1,62 @@
+"""Prefect's temporary API launched early by `csmf run` (flows/local_api.py) is the server the flow
+uses: a real flow run in a fresh process, no second server started."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+SCRIPT = r"""
+import json, os, sys
+import psutil
+from flows.env import setup_home
+setup_home(sys.argv[1])
+from flows.local_api import start_temporary_api
+api = start_temporary_api()
+api.wait()
+from prefect import flow
+from prefect.client.orchestration import get_client
+
+@flow
+def tiny():
+    with get_client(sync_client=True) as client:
+        return client.api_url
+
+used = str(tiny())
+servers = [
+    " ".join(p.cmdline())
+    for p in psutil.Process().children(recursive=True)
+    if "prefect.server.api.server:create_app" in " ".join(p.cmdline())
+]
+print("RESULT " + json.dumps({"launched": api.api_url, "used": used, "servers": servers,
+                              "port": api.server.port, "waited": api.seconds_waited}))
+"""
+
+
+def test_the_flow_uses_the_early_launched_server(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "CSMF_"))}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "300"
+    res = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path / "home")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=REPO,
+    )
+    lines = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
+    assert res.returncode == 0 and lines, res.stdout[-3000:] + res.stderr[-3000:]
+    out = json.loads(lines[-1][7:])
+    (server,) = out["servers"]  # one temporary API process, the one launched early
+    assert f"--port {out['port']}" in server
+    assert out["used"].rstrip("/") == out["launched"]  # the flow's client talks to it
+    assert "Starting temporary server" not in res.stdout + res.stderr  # Prefect did not start its own
