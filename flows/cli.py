@@ -281,7 +281,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     summary = replay.summarize(result)
     replay.write_report(out, result, summary, meta)
     partial.unlink(missing_ok=True)
-    run_id = replay.log_to_mlflow(result, summary, meta, out)
+    run_id = replay.log_to_mlflow(result, summary, meta, out, home)
     print(replay.render(result, summary, meta).split("## Per day")[0].rstrip())
     print(
         f"\nreport: {out / 'replay.md'}\nMLflow run: {run_id} (experiment csmf-replay; open with `csmf ui`)"

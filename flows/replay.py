@@ -487,18 +487,15 @@ def write_report(out: Path, days: Sequence[Day], summary: dict, meta: dict) -> N
     )
 
 
-def log_to_mlflow(days: Sequence[Day], summary: dict, meta: dict, out: Path) -> str:
-    """A run in the home's experiment csmf-replay: parameters, per-day metrics (step = day index),
-    the summary, the report files. Returns its run id."""
-    import mlflow
-
+def log_to_mlflow(days: Sequence[Day], summary: dict, meta: dict, out: Path, home: Path) -> str:
+    """A run in the home's experiment csmf-replay (artifacts under <home>/mlartifacts, or the
+    server's, as for every csmf experiment): parameters, per-day metrics (step = day index), the
+    summary, the report files. Returns its run id."""
     from flows.env import tracking_uri
     from flows.names import REPLAY_EXPERIMENT
-    from flows.tracking import MlflowTracker, metric_key
+    from flows.tracking import MlflowTracker, ensure_experiment, metric_key
 
-    client = mlflow.MlflowClient(tracking_uri())
-    exp = client.get_experiment_by_name(REPLAY_EXPERIMENT)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(REPLAY_EXPERIMENT)
+    exp_id = ensure_experiment(REPLAY_EXPERIMENT, home / "mlartifacts", tracking_uri())
     tracker = MlflowTracker.start(
         exp_id,
         f"csmf-replay-{meta['dataset']}-{meta['from']}..{meta['to']}",

@@ -116,6 +116,9 @@ def test_report_files_and_the_homes_registry(replayed):
         "replay.png",
         "replay.json",
     }
+    # in the home's artifact store, as every csmf experiment (not ./mlruns of the working directory)
+    assert exp.artifact_location == (replayed.home / "mlartifacts").resolve().as_uri()
+    assert not (replayed.root / "mlruns").exists()
     history = client.get_metric_history(run.info.run_id, "incremental/click/own/recall_at_50")
     assert [m.step for m in history] == [0, 1]
     assert history[1].value == pytest.approx(replayed.report["days"][3]["metrics"]["click/own/recall"])
