@@ -33,6 +33,7 @@ try:
 except ImportError:  # run as `python bench/bench_train_step.py`
     import benchlib  # type: ignore[no-redef]
 
+from csmf_core.allocator import tune_allocator
 from csmf_core.cascade import load_cascade_data
 from csmf_core.config import CSMFConfig, build_config
 from csmf_core.losses import item_log_q
@@ -98,6 +99,7 @@ def run(
     device: str = "cpu",
 ) -> list[dict]:
     n_threads = benchlib.set_threads(threads)
+    tune_allocator()  # as every training loop does (csmf_core.optim.run_epochs): both arms run under it
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     cfg = build_config(None, ["train.epochs=[1,1,1]"])  # train.deterministic: the default, on
     cfg_nondet = build_config(None, ["train.epochs=[1,1,1]", "train.deterministic=false"])

@@ -35,6 +35,7 @@ from typing import TypeVar
 
 import torch
 
+from csmf_core.allocator import tune_allocator
 from csmf_core.config import CSMFConfig
 from csmf_core.rowwise import RowOptimiser, row_grad
 
@@ -324,6 +325,7 @@ def run_epochs(
     on_epoch(epoch): called after each epoch (1-based), not timed as training (e.g. to score and keep
     the best epoch: csmf_core.validation.EpochSelector). by_rows: see TrainLog.end_epoch.
     """
+    tune_allocator()  # freed (B, B) step buffers stay in the heap: no page faults per step
     log = opt.log
     t0 = time.perf_counter()
     with deterministic_kernels(opt.cfg.train.deterministic):

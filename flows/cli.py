@@ -35,6 +35,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from csmf_core.allocator import tune_allocator
 from flows.console import Progress, partition_dates, text_table
 from flows.env import check_writable, setup_home, tracking_uri
 from flows.inputs import dataset_location
@@ -715,6 +716,7 @@ def _hint(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse argv (default sys.argv[1:]) and run the command; returns the exit code."""
     args = build_parser().parse_args(argv)
+    tune_allocator()  # glibc keeps freed step-sized buffers (csmf_core/allocator.py)
     debug = getattr(args, "debug", False)
     try:
         return int(args.func(args) or 0)
