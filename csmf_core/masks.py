@@ -24,9 +24,8 @@ from pathlib import Path
 
 import torch
 
-from csmf_core.model import TwoTower, UnitGroup
+from csmf_core.model import NO_EDGE, TwoTower, UnitGroup
 
-NO_EDGE = 255
 FORMAT_VERSION = 1
 
 

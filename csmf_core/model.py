@@ -16,6 +16,8 @@ Ownership itself lives in `csmf_core.masks` as data; the model only applies it.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from csmf_core.config import ModelConfig
+
+NO_EDGE = 255  # owner of a removed edge (from a later-stage unit into an earlier-stage one)
 
 
 @dataclass(frozen=True)
@@ -197,6 +201,7 @@ class TwoTower(nn.Module):
         self.item = Tower(item_spec, cfg, gen)
         self._owners: dict[str, torch.Tensor] | None = None
         self._mode_masks: dict[int, dict[str, dict[str, torch.Tensor | None]]] = {}
+        self._unmasked: tuple[int, dict[str, dict[str, torch.Tensor | None]]] | None = None
 
     # -- ownership -------------------------------------------------------------------------
     def unit_groups(self) -> list[UnitGroup]:
@@ -222,6 +227,7 @@ class TwoTower(nn.Module):
                 raise KeyError(f"no owner tensor for parameter(s) {missing}: every parameter needs one")
         self._owners = owners
         self._mode_masks.clear()
+        self._unmasked = None
 
     @property
     def owners(self) -> dict[str, torch.Tensor] | None:
@@ -231,6 +237,8 @@ class TwoTower(nn.Module):
         """Per tower, the float 0/1 mask of the entries mode `mode` uses (None: all of them)."""
         if self._owners is None:
             return None
+        if self._unmasked is not None and self._unmasked[0] == mode:
+            return self._unmasked[1]
         if mode not in self._mode_masks:
             dev = next(self.parameters()).device
             split: dict[str, dict[str, torch.Tensor | None]] = {"user": {}, "item": {}}
@@ -240,6 +248,42 @@ class TwoTower(nn.Module):
                 split[tower][local] = None if bool(used.all()) else used.to(torch.float32)
             self._mode_masks[mode] = split
         return self._mode_masks[mode]
+
+    @contextmanager
+    def zero_held_unmasked(self, mode: int) -> Iterator[list[str]]:
+        """Within: forward passes in `mode` do not multiply a weight by its mode mask when every entry
+        the mask removes is a removed edge (NO_EDGE) whose value is exactly zero, checked here once.
+        W * mask and W are then the same values, and so are the outputs and the input gradients; the
+        weight's own gradient differs only on those entries, which the caller must keep out of every
+        update inside the block (a stage's gradient masks do: they hold owner == stage, never NO_EDGE,
+        so the entries stay exactly zero: csmf_core.train.train_stage). A mask that removes entries
+        owned by a later stage (accuracy recovery, evaluation of earlier modes) is kept.
+        Yields the names of the parameters left unmasked. Saves one multiply per weight in the
+        forward and one in the backward of every step (bench/bench_train_step.py)."""
+        base = self._masks_for(self._check_mode(mode))
+        if base is None:
+            yield []
+            return
+        params = dict(self.named_parameters())
+        split: dict[str, dict[str, torch.Tensor | None]] = {t: dict(m) for t, m in base.items()}
+        skipped = []
+        with torch.no_grad():
+            for tower, masks in split.items():
+                for local, m in masks.items():
+                    name = f"{tower}.{local}"
+                    if m is None or self._owners[name].dim() != 2:
+                        continue
+                    removed = self._owners[name].to(m.device) > mode
+                    if bool((self._owners[name].to(m.device)[removed] == NO_EDGE).all()) and not bool(
+                        params[name][removed].any()
+                    ):
+                        masks[local] = None
+                        skipped.append(name)
+        previous, self._unmasked = self._unmasked, (int(mode), split)
+        try:
+            yield skipped
+        finally:
+            self._unmasked = previous
 
     def _check_mode(self, mode: int | None) -> int:
         mode = self.n_stages - 1 if mode is None else int(mode)

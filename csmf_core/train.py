@@ -223,14 +223,17 @@ def train_stage(
 
     model.train()
     model.sparse_embeddings(sparse)
+    # removed edges held at zero need no mode mask in the forward: the gradient masks above keep
+    # them out of every update (TwoTower.zero_held_unmasked); masks of later-stage entries stay
     try:
-        log = run_epochs(
-            opt,
-            epochs,
-            lambda epoch: ((len(b), b) for b in epoch_batches(epoch)),
-            lambda b: _batch_loss(model, tables, b, stage, cfg, device, use_neg, use_aml, out_owners, log_q),
-            on_epoch=None if on_epoch is None else after_epoch,
-        )
+        with model.zero_held_unmasked(stage):
+            log = run_epochs(
+                opt,
+                epochs,
+                lambda epoch: ((len(b), b) for b in epoch_batches(epoch)),
+                lambda b: _batch_loss(model, tables, b, stage, cfg, device, use_neg, use_aml, out_owners, log_q),
+                on_epoch=None if on_epoch is None else after_epoch,
+            )
     finally:
         model.sparse_embeddings(False)  # other trainers of this model expect dense gradients
     model.eval()

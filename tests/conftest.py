@@ -101,6 +101,12 @@ def trained_random_each_rule(request):
     return train_random_cascade(request.param)
 
 
+@pytest.fixture(scope="session")
+def random_cascade_trainer():
+    """`train_random_cascade` itself, for tests that train the random cascade under their own patches."""
+    return train_random_cascade
+
+
 def train_random_cascade(embedding_optimizer: str | None = None) -> dict:
     data = random_cascade_data()
     train = {"batch_size": 256, "epochs": [2, 2, 2]}
