@@ -231,7 +231,9 @@ def train_stage(
                 opt,
                 epochs,
                 lambda epoch: ((len(b), b) for b in epoch_batches(epoch)),
-                lambda b: _batch_loss(model, tables, b, stage, cfg, device, use_neg, use_aml, out_owners, log_q),
+                lambda b: _batch_loss(
+                    model, tables, b, stage, cfg, device, use_neg, use_aml, out_owners, log_q
+                ),
                 on_epoch=None if on_epoch is None else after_epoch,
             )
     finally:
