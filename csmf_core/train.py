@@ -214,7 +214,7 @@ def train_stage(
         reduce=_allreduce if world > 1 else None,
         on_step=on_step,
     )
-    out_owners = output_owners.to(device) if output_owners is not None else None
+    seg_cols = None if output_owners is None else segment_columns(output_owners.to(device), stage)
     log_q = log_q.to(device) if (log_q is not None and cfg.loss.logq) else None
 
     def after_epoch(epoch: int) -> None:  # e.g. csmf_core.validation.EpochSelector
@@ -232,7 +232,7 @@ def train_stage(
                 epochs,
                 lambda epoch: ((len(b), b) for b in epoch_batches(epoch)),
                 lambda b: _batch_loss(
-                    model, tables, b, stage, cfg, device, use_neg, use_aml, out_owners, log_q
+                    model, tables, b, stage, cfg, device, use_neg, use_aml, seg_cols, log_q
                 ),
                 on_epoch=None if on_epoch is None else after_epoch,
             )
@@ -240,6 +240,13 @@ def train_stage(
         model.sparse_embeddings(False)  # other trainers of this model expect dense gradients
     model.eval()
     return log
+
+
+def segment_columns(output_owners: torch.Tensor, stage: int) -> list[torch.Tensor]:
+    """The output dims of each stage before `stage` (its vector segment) as index vectors, found once
+    per stage: `index_select` on them is the same copy as a boolean column mask, without a nonzero()
+    per step and segment."""
+    return [torch.nonzero(output_owners == r).flatten() for r in range(stage)]
 
 
 def _batch_loss(
@@ -251,7 +258,7 @@ def _batch_loss(
     device,
     use_neg: bool,
     use_aml: bool,
-    out_owners: torch.Tensor | None,
+    seg_cols: list[torch.Tensor] | None,
     log_q: torch.Tensor | None,
 ) -> torch.Tensor:
     """The stage's sampled-softmax loss on one batch (in-batch + optional request negatives, AML)."""
@@ -269,8 +276,10 @@ def _batch_loss(
         ivec = all_vec[inv[:B]]
 
         def pair_scores(cols: torch.Tensor | None = None) -> torch.Tensor:
-            """(B, B): row r's user against in-batch item j (on `cols` output dims when given)."""
-            return uvec @ ivec.T if cols is None else uvec[:, cols] @ ivec[:, cols].T
+            """(B, B): row r's user against in-batch item j (on output dims `cols` when given)."""
+            return (
+                uvec @ ivec.T if cols is None else uvec.index_select(1, cols) @ ivec.index_select(1, cols).T
+            )
 
         def neg_vectors() -> torch.Tensor:
             return all_vec[inv[B:]].view(B, extra_items.shape[1], -1)
@@ -297,7 +306,9 @@ def _batch_loss(
             blocks = []
             for k, rows in enumerate(groups):
                 u, v = uvec[rows], day_vec[k, inb]
-                blocks.append(u @ v.T if cols is None else u[:, cols] @ v[:, cols].T)
+                blocks.append(
+                    u @ v.T if cols is None else u.index_select(1, cols) @ v.index_select(1, cols).T
+                )
             return torch.cat(blocks)[back]
 
         def neg_vectors() -> torch.Tensor:
@@ -308,7 +319,7 @@ def _batch_loss(
     up = None
     if use_aml:
         with torch.no_grad():
-            segs = [pair_scores(out_owners == r) for r in range(stage)]
+            segs = [pair_scores(cols) for cols in seg_cols]
             up = upstream_scores(segs, stage, cfg.loss.upstream)
             margins = aml_margins(up.diagonal(), up, cfg.loss.sigma, cfg.loss.eta)
     extra = extra_margins = None
@@ -318,8 +329,8 @@ def _batch_loss(
         if use_aml:
             with torch.no_grad():
                 segs = [
-                    torch.einsum("bd,bmd->bm", uvec[:, out_owners == r], nvec[:, :, out_owners == r])
-                    for r in range(stage)
+                    torch.einsum("bd,bmd->bm", uvec.index_select(1, cols), nvec.index_select(2, cols))
+                    for cols in seg_cols
                 ]
                 up_n = upstream_scores(segs, stage, cfg.loss.upstream)
                 extra_margins = aml_margins(up.diagonal(), up_n, cfg.loss.sigma, cfg.loss.eta)

@@ -36,7 +36,7 @@ from csmf_core.losses import item_log_q
 from csmf_core.masks import param_owners
 from csmf_core.optim import TrainingDiverged
 from csmf_core.rows import TrainRows
-from csmf_core.train import _batch_loss
+from csmf_core.train import _batch_loss, segment_columns
 
 pytestmark = pytest.mark.integration
 
@@ -87,7 +87,18 @@ def _fixed_batch_loss(model, data, cfg, out_owners, stage=1) -> float:
     with torch.no_grad():
         for lo in range(0, len(rows) - 1, cfg.train.batch_size):
             b = rows.select(torch.arange(lo, min(lo + cfg.train.batch_size, len(rows))))
-            loss = _batch_loss(model, data.tables, b, stage, cfg, "cpu", False, True, out_owners, log_q)
+            loss = _batch_loss(
+                model,
+                data.tables,
+                b,
+                stage,
+                cfg,
+                "cpu",
+                False,
+                True,
+                segment_columns(out_owners, stage),
+                log_q,
+            )
             total += float(loss) * len(b)
     return total / len(rows)
 

@@ -25,7 +25,7 @@ from csmf_core.item_stats import DAY_US, item_rates, model_ready_item_stats
 from csmf_core.losses import aml_margins, item_log_q, sampled_softmax, upstream_scores
 from csmf_core.rows import FeatureTables, TrainRows
 from csmf_core.serving import Recommender, write_bundle
-from csmf_core.train import _batch_loss
+from csmf_core.train import _batch_loss, segment_columns
 
 TINY_CONFIG = {  # as tests/unit/conftest.py's tiny_world
     "model": {"dim": 16, "hidden": [32]},
@@ -139,7 +139,9 @@ def test_every_row_scores_the_batch_as_of_its_own_day(stats_world, stage):
     log_q = item_log_q(torch.as_tensor(data.counts[stage]))
     out_owners = torch.arange(16) % 3  # three output segments, to exercise the AML upstream scores
     use_aml = stage > 0
-    got = _batch_loss(model, data.tables, b, stage, cfg, "cpu", True, use_aml, out_owners, log_q)
+    got = _batch_loss(
+        model, data.tables, b, stage, cfg, "cpu", True, use_aml, segment_columns(out_owners, stage), log_q
+    )
 
     uvec = model.user_vectors(data.tables.user_inputs(b.u, b.hists), stage)
     rows, negs, segs, neg_segs = [], [], [[] for _ in range(stage)], [[] for _ in range(stage)]
@@ -167,7 +169,18 @@ def test_every_row_scores_the_batch_as_of_its_own_day(stats_world, stage):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     no_day = dataclasses.replace(b, day=None)
     with pytest.raises(ValueError, match="no row days"):
-        _batch_loss(model, data.tables, no_day, stage, cfg, "cpu", True, use_aml, out_owners, log_q)
+        _batch_loss(
+            model,
+            data.tables,
+            no_day,
+            stage,
+            cfg,
+            "cpu",
+            True,
+            use_aml,
+            segment_columns(out_owners, stage),
+            log_q,
+        )
 
 
 def test_parquet_loader_batches_carry_the_same_days(tiny_world, stats_world):
