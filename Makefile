@@ -51,6 +51,8 @@ $(STAMP): pyproject.toml
 	# torch first and alone, pinned: an open range would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# Prefect's database, migrated once: every new csmf home starts from it (flows/local_api.py)
+	$(BIN)/python -m flows.local_api --build-template || echo "no Prefect database template: each new home migrates its own"
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 

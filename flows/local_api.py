@@ -19,17 +19,32 @@ on another port, as `start` does), within PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEO
 
 Call after `flows.env.setup_home` (Prefect reads PREFECT_HOME at import) and after
 `flows.doctor.claim` (the server carries this process as its owner).
+
+A new PREFECT_HOME's database starts from a migrated template. On a new home the server runs all of
+Prefect's database migrations (114 alembic revisions on SQLite, ~4 s of CPU on the 2-core development
+VM, half of its start-up), which the flow then waits for. `build_template` runs Prefect's documented
+`prefect server database upgrade -y` once, on an empty home, and keeps the resulting `prefect.db`
+under the virtual environment (`template_path`: one file per Prefect version; `make venv` builds it
+after installing). `start_temporary_api` copies it in when the home has no database yet and the
+database is the default SQLite file of PREFECT_HOME; the server still runs `alembic upgrade head` on
+start (PREFECT_API_DATABASE_MIGRATE_ON_START stays on), which finds nothing to do. An existing
+database, another database URL (PostgreSQL) or a missing template: nothing is copied, Prefect
+migrates as before.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 
@@ -110,6 +125,7 @@ def start_temporary_api() -> TemporaryApi | None:
     it."""
     if not temporary_api_wanted():
         return None
+    seed_database()
     process = port = None
     if "prefect.server.api.server" not in sys.modules:
         port = _free_port()
@@ -185,3 +201,79 @@ def _free_port() -> int:
             except OSError:
                 time.sleep(random.uniform(0.1, 0.5))
     raise RuntimeError("Unable to find an available port after multiple attempts")
+
+
+def template_path() -> Path:
+    """Where the migrated database template of this Prefect version lives: under the virtual
+    environment (sys.prefix), next to the Prefect it belongs to."""
+    import prefect
+
+    return Path(sys.prefix) / "share" / "csmf" / f"prefect-{prefect.__version__}.db"
+
+
+def build_template(path: Path | None = None) -> Path:
+    """Migrate an empty Prefect database with Prefect's own CLI (`prefect server database upgrade -y`,
+    in a temporary PREFECT_HOME) and keep it at `path` (default `template_path()`), written atomically.
+    Returns the path. Raises CalledProcessError with Prefect's output when the upgrade fails."""
+    path = Path(path) if path is not None else template_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="csmf-prefect-template-") as tmp:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("PREFECT_API_DATABASE", "PREFECT_SERVER_DATABASE"))
+        }
+        env |= {"PREFECT_HOME": tmp, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+        env.pop("PREFECT_API_URL", None)
+        subprocess.run(
+            [sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
+            env=env, check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        db = Path(tmp) / "prefect.db"
+        con = sqlite3.connect(db)
+        try:  # everything into the main file: the template is that one file
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            if con.execute("SELECT count(*) FROM alembic_version").fetchone()[0] != 1:
+                raise RuntimeError(f"{db}: no alembic version after `prefect server database upgrade`")
+        finally:
+            con.close()
+        part = path.with_name(f".{path.name}.{os.getpid()}.part")
+        shutil.copyfile(db, part)
+        os.replace(part, path)
+    return path
+
+
+def default_database() -> Path | None:
+    """The SQLite file the temporary server will use when it is the default one of PREFECT_HOME
+    (`sqlite+aiosqlite:///<PREFECT_HOME>/prefect.db`), else None (another URL, e.g. PostgreSQL)."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    url = settings.server.database.connection_url
+    url = url.get_secret_value() if url is not None else None
+    db = Path(settings.home).expanduser() / "prefect.db"
+    return db if url in (None, f"sqlite+aiosqlite:///{db}") else None
+
+
+def seed_database(template: Path | None = None) -> bool:
+    """Copy the migrated template into a PREFECT_HOME that has no database yet (see the module
+    docstring); True when copied. Never touches an existing database (or its -wal / -shm files)."""
+    template = Path(template) if template is not None else template_path()
+    db = default_database()
+    if db is None or not template.is_file():
+        return False
+    if any(Path(f"{db}{suffix}").exists() for suffix in ("", "-wal", "-shm", "-journal")):
+        return False
+    db.parent.mkdir(parents=True, exist_ok=True)
+    try:  # exclusive create: a database that appeared meanwhile is never replaced
+        with open(db, "xb") as out, open(template, "rb") as src:
+            shutil.copyfileobj(src, out)
+    except FileExistsError:
+        return False
+    return True
+
+
+if __name__ == "__main__":  # `python -m flows.local_api --build-template` (make venv)
+    if sys.argv[1:] != ["--build-template"]:
+        sys.exit("usage: python -m flows.local_api --build-template")
+    print(f"Prefect database template: {build_template()}")

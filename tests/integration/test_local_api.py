@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,65 @@ def test_the_flow_uses_the_early_launched_server(tmp_path):
     assert f"--port {out['port']}" in server
     assert out["used"].rstrip("/") == out["launched"]  # the flow's client talks to it
     assert "Starting temporary server" not in res.stdout + res.stderr  # Prefect did not start its own
+
+
+SEEDED = r"""
+import json, sqlite3, sys
+from flows.env import setup_home
+setup_home(sys.argv[1])
+import flows.local_api as la
+la.template_path = lambda: la.Path(sys.argv[2])
+from flows.local_api import default_database, start_temporary_api
+api = start_temporary_api()
+api.wait()
+from prefect import flow, task
+
+@task
+def one():
+    return 1
+
+@flow
+def tiny():
+    return one() + one()
+
+assert tiny() == 2
+print("RESULT " + json.dumps({"db": str(default_database())}))
+"""
+
+
+def _rows(db: Path, sql: str) -> list[tuple]:
+    con = sqlite3.connect(db)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def test_a_new_home_starts_from_the_migrated_template(tmp_path):
+    """build_template runs Prefect's own migrations once; a new home's server starts from a copy of it,
+    finds nothing to migrate, and records the flow and task runs in it as usual."""
+    from flows.local_api import build_template
+
+    template = build_template(tmp_path / "prefect-template.db")
+    (head,) = _rows(template, "SELECT version_num FROM alembic_version")
+    assert _rows(template, "SELECT count(*) FROM flow_run") == [(0,)]
+    con = sqlite3.connect(template)  # a mark a database migrated by the server itself would not have
+    con.execute("PRAGMA user_version = 4242")
+    con.close()
+    before = template.read_bytes()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "CSMF_"))}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "300"
+    res = subprocess.run(
+        [sys.executable, "-c", SEEDED, str(tmp_path / "home"), str(template)],
+        capture_output=True, text=True, env=env, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    lines = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
+    assert res.returncode == 0 and lines, res.stdout[-3000:] + res.stderr[-3000:]
+    db = Path(json.loads(lines[-1][7:])["db"])
+    assert db == tmp_path / "home" / "prefect" / "prefect.db"
+    assert _rows(db, "PRAGMA user_version") == [(4242,)]  # the copy, not a database of its own
+    assert _rows(db, "SELECT version_num FROM alembic_version") == [head]
+    assert _rows(db, "SELECT state_type FROM flow_run") == [("COMPLETED",)]
+    assert _rows(db, "SELECT count(*) FROM task_run WHERE state_type = 'COMPLETED'") == [(2,)]
+    assert template.read_bytes() == before  # the template itself is never written to
