@@ -158,7 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if api is not None:
         _open_tracking_store()  # while the temporary API may still be starting: the same work, earlier
         api.wait()  # the flow's Prefect client uses this server (flows/local_api.py)
-    with _run_console(args):
+    with _run_console(args), api.use() if api is not None else nullcontext():
         result = csmf_daily(
             date=date,
             data=str(data),

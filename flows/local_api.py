@@ -3,19 +3,23 @@ checks, so that the server's start-up overlaps them instead of preceding the flo
 
     api = start_temporary_api()   # None when PREFECT_API_URL is set (a persistent server is used)
     ...                           # imports, config, data: the server starts meanwhile
-    api.wait()                    # up and answering; the flow's client then uses this same server
+    api.wait()                    # up and answering
+    with api.use():               # this process's Prefect clients talk to it
+        csmf_daily(...)
 
 Without a PREFECT_API_URL, the first Prefect client of a process starts the temporary server
 (prefect 3.8.8: `prefect.client.orchestration.get_client` -> `SubprocessASGIServer().start()`), a
 `uvicorn` subprocess that imports the Prefect server, checks the database migrations of
-PREFECT_HOME and registers block types, then answers /api/health. `SubprocessASGIServer` is one
-instance per port (port None: the temporary one) and `start` does nothing once it is `running`, so
-the server launched here is the one the flow's client, its events and its log workers use; no second
-one starts. What `start` does is split in two: `start_temporary_api` = the same subprocess on a free
-port (launched before the Prefect server's modules are imported here: `uvicorn_command`), handed to
-the singleton, marked running, stopped at exit (`atexit`, as `start` does); `TemporaryApi.wait` = its
-loop, polling /api/health until the server answers (a port taken meanwhile: exit code 3, relaunched
-on another port, as `start` does), within PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.
+PREFECT_HOME and registers block types, then answers /api/health. Here the same subprocess (same
+command and environment: `uvicorn_command`) is launched on a free port before this process imports
+anything heavy; `TemporaryApi.wait` polls /api/health as `start` does (a port taken meanwhile: exit
+code 3, relaunched on another port), within PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS; the
+flow then runs with PREFECT_API_URL set to it (`use`, Prefect's `temporary_settings`), so its
+client, events and log workers use this server and none of them imports the Prefect server's
+modules into this process (they would for an ephemeral one: ~1.5 s of CPU measured). It is stopped
+at exit (`atexit`, registered before Prefect's own exit handlers, so those drain first). When this
+process has already imported the Prefect server (a test harness), the launched server is handed to
+Prefect's singleton instead, as before.
 
 Call after `flows.env.setup_home` (Prefect reads PREFECT_HOME at import) and after
 `flows.doctor.claim` (the server carries this process as its owner).
@@ -44,45 +48,90 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 
 class TemporaryApi:
-    """A launched temporary Prefect API server (the singleton the flow's client will use)."""
+    """A launched temporary Prefect API server.
 
-    def __init__(self, server: Any, launched: bool):
+    Two kinds: this module's own uvicorn process (`process`, `port`), which the flow's client reaches
+    through PREFECT_API_URL set for the duration of `use()`, so the Prefect server's modules are never
+    imported by the CLI; or, when this process had already imported them, Prefect's own per-port
+    singleton (`server`), which `get_client()` finds by itself."""
+
+    def __init__(
+        self, server: Any = None, launched: bool = True, process: Any = None, port: int | None = None
+    ):
         self.server = server
         self.launched = launched  # False: it was already running in this process
+        self.process = process
+        self.port = port
         self.seconds_waited = 0.0
 
     @property
     def api_url(self) -> str:
-        return self.server.api_url
+        return self.server.api_url if self.server is not None else f"http://127.0.0.1:{self.port}/api"
+
+    @contextmanager
+    def use(self) -> Iterator[None]:
+        """Within: this process's Prefect clients talk to this server (PREFECT_API_URL for the own
+        process; nothing to set for Prefect's singleton, which they find by themselves)."""
+        if self.server is not None:
+            yield
+            return
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: self.api_url}):
+            yield
+
+    def stop(self) -> None:
+        """Stop the server (at exit; idempotent), as SubprocessASGIServer.stop does."""
+        if self.server is not None:
+            self.server.stop()
+            return
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def _relaunch(self) -> None:
+        """The port was taken between choosing and binding (exit code 3): another port, as
+        SubprocessASGIServer.start does."""
+        if self.server is not None:
+            self.server.port = self.server.find_available_port()
+            self.server.server_process = self.server._run_uvicorn_command()
+        else:
+            self.port = _free_port()
+            self.process = subprocess.Popen(**uvicorn_command(self.port))
 
     def wait(self, timeout: float | None = None) -> TemporaryApi:
         """Block until /api/health answers 200; raise RuntimeError (with the server's exit code) when it
         does not within `timeout` (default PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)."""
         from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
-        server = self.server
         limit = timeout or PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
         t0 = time.monotonic()
         try:
             while time.monotonic() - t0 < limit:
-                process = server.server_process
+                process = self.server.server_process if self.server is not None else self.process
                 if process is None:  # stopped meanwhile (atexit, a test): nothing to wait for
                     raise RuntimeError("the temporary Prefect API server was stopped while starting")
-                if process.poll() == 3:  # the port was taken: what SubprocessASGIServer.start does
-                    server.port = server.find_available_port()
-                    server.server_process = server._run_uvicorn_command()
+                if process.poll() == 3:
+                    self._relaunch()
                     continue
                 if process.poll() is not None:
                     raise RuntimeError(
                         f"the temporary Prefect API server exited with code {process.returncode} while "
                         "starting (its error is above)"
                     )
-                if _healthy(f"{server.api_url}/health"):
+                if _healthy(f"{self.api_url}/health"):
                     return self
                 time.sleep(0.1)
             raise RuntimeError(
@@ -90,7 +139,7 @@ class TemporaryApi:
                 "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)."
             )
         except BaseException:
-            server.stop()  # the flow's client would otherwise take a half-started server for a live one
+            self.stop()  # the flow's client would otherwise take a half-started server for a live one
             raise
         finally:
             self.seconds_waited = time.monotonic() - t0
@@ -117,35 +166,37 @@ def temporary_api_wanted() -> bool:
 
 def start_temporary_api() -> TemporaryApi | None:
     """Launch Prefect's temporary API server now, without waiting for it (`TemporaryApi.wait`); None
-    when a persistent server is configured (PREFECT_API_URL), where nothing is started.
+    when a persistent server is configured (PREFECT_API_URL), where nothing is started. Run the flow
+    inside `api.use()`.
 
-    The subprocess is launched before this process imports the Prefect server's own modules (seconds
-    of CPU that the flow's client would import anyway), with `SubprocessASGIServer`'s command and
-    environment (`uvicorn_command`), and then handed to the singleton as if its `start` had launched
-    it."""
+    The subprocess is Prefect's own command and environment (`uvicorn_command`), on a free port, over
+    a database seeded from the migrated template when the home has none (`seed_database`). The CLI
+    process does not import the Prefect server's modules (~1.5 s of CPU): its clients reach the server
+    through PREFECT_API_URL inside `use()`. Only when this process has already imported them (and may
+    have started Prefect's singleton) is the server handed to that singleton as before."""
     if not temporary_api_wanted():
         return None
     seed_database()
-    process = port = None
-    if "prefect.server.api.server" not in sys.modules:
-        port = _free_port()
-        process = subprocess.Popen(**uvicorn_command(port))
+    if "prefect.server.api.server" in sys.modules:
+        return _singleton_api()
+    port = _free_port()
+    api = TemporaryApi(process=subprocess.Popen(**uvicorn_command(port)), port=port)
+    atexit.register(api.stop)
+    return api
+
+
+def _singleton_api() -> TemporaryApi:
+    """Prefect's per-port singleton (port None, what get_client() uses), started like its `start`
+    but not waited for; the one already running in this process when there is one."""
     from prefect.server.api.server import SubprocessASGIServer
 
-    server = SubprocessASGIServer()  # the per-port singleton get_client() uses (port None)
-    if server.running:  # already started in this process: ours is not needed
-        if process is not None:
-            process.terminate()
-            process.wait()
+    server = SubprocessASGIServer()
+    if server.running:
         return TemporaryApi(server, launched=False)
     server.running = True
     try:
-        if process is None:
-            server.port = server.port or server.find_available_port()
-            process = server._run_uvicorn_command()
-        else:
-            server.port = port
-        server.server_process = process
+        server.port = server.port or server.find_available_port()
+        server.server_process = server._run_uvicorn_command()
     except BaseException:
         server.running = False
         raise

@@ -31,14 +31,16 @@ def tiny():
     with get_client(sync_client=True) as client:
         return client.api_url
 
-used = str(tiny())
+with api.use():
+    used = str(tiny())
 servers = [
     " ".join(p.cmdline())
     for p in psutil.Process().children(recursive=True)
     if "prefect.server.api.server:create_app" in " ".join(p.cmdline())
 ]
 print("RESULT " + json.dumps({"launched": api.api_url, "used": used, "servers": servers,
-                              "port": api.server.port, "waited": api.seconds_waited}))
+                              "port": api.port, "waited": api.seconds_waited,
+                              "server_code_here": "prefect.server.api.server" in sys.modules}))
 """
 
 
@@ -61,6 +63,7 @@ def test_the_flow_uses_the_early_launched_server(tmp_path):
     assert f"--port {out['port']}" in server
     assert out["used"].rstrip("/") == out["launched"]  # the flow's client talks to it
     assert "Starting temporary server" not in res.stdout + res.stderr  # Prefect did not start its own
+    assert out["server_code_here"] is False  # the Prefect server's modules stayed out of this process
 
 
 SEEDED = r"""
@@ -82,7 +85,8 @@ def one():
 def tiny():
     return one() + one()
 
-assert tiny() == 2
+with api.use():
+    assert tiny() == 2
 print("RESULT " + json.dumps({"db": str(default_database())}))
 """
 

@@ -3,6 +3,7 @@ directory (no MLflow), `run` with a stand-in flow, and the home/environment set-
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -201,6 +202,12 @@ def _no_temporary_api(monkeypatch, calls: list) -> None:
             calls.append("api waited")
             return self
 
+        @contextlib.contextmanager
+        def use(self):  # the flow runs inside: its clients talk to this server
+            calls.append("api used")
+            yield
+            calls.append("api released")
+
     def start():
         if os.environ.get("PREFECT_API_URL"):
             return None
@@ -221,9 +228,9 @@ def test_run_launches_the_temporary_api_early_and_waits_before_the_flow(
     _fake_pipeline(monkeypatch, calls)
     args = ["run", "--data", str(tiny_world["ds"]), "--home", str(tmp_path / "h")]
     assert cli.main(args) == 0
-    # the MLflow stores are opened while the server starts, before the wait
-    assert calls[:3] == ["api launched", "stores opened", "api waited"]
-    assert isinstance(calls[3], dict) and len(calls) == 4
+    # the MLflow stores are opened while the server starts, before the wait; the flow runs in use()
+    assert calls[:4] == ["api launched", "stores opened", "api waited", "api used"]
+    assert isinstance(calls[4], dict) and calls[5:] == ["api released"]
     calls.clear()
     assert cli.main([*args, "--set", "train.lr=-1"]) == 2
     assert calls == ["api launched"]  # launched, never waited for: the flow was not reached
@@ -302,8 +309,9 @@ def test_run_honours_prefect_api_url_and_finds_the_make_serve_stack(
     home = tmp_path / "home"
     args = ["run", "--data", str(tiny_world["ds"]), "--home", str(home)]
 
+    flow_calls = lambda: [c for c in calls if isinstance(c, dict)]  # noqa: E731
     assert cli.main(args) == 0  # nothing running, nothing exported
-    assert calls[-1]["env"]["PREFECT_API_URL"] is None
+    assert flow_calls()[-1]["env"]["PREFECT_API_URL"] is None
     assert "temporary local server" in capsys.readouterr().out
 
     class Health(http.server.BaseHTTPRequestHandler):
@@ -333,7 +341,7 @@ def test_run_honours_prefect_api_url_and_finds_the_make_serve_stack(
         server.shutdown()
     monkeypatch.delenv("PREFECT_API_URL")
     assert cli.main(args) == 0  # the stack's server is gone: back to the temporary server
-    assert calls[-1]["env"]["PREFECT_API_URL"] is None
+    assert flow_calls()[-1]["env"]["PREFECT_API_URL"] is None
     assert "temporary local server" in capsys.readouterr().out
 
 
