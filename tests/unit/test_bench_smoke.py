@@ -139,7 +139,11 @@ def test_run_all_summarises(tmp_path, capsys):
         "orchestration",
         "scaling",
         "embeddings",
+        "cascade_cost",
     }
+    assert "ingest_dask" not in {p.stem[6:] for p in run_all.scripts()}  # --full only (the 20-minute budget)
+    assert "ingest_dask" in {p.stem[6:] for p in run_all.scripts(full=True)}
+    assert [p.stem for p in run_all.scripts(["ingest_dask"])] == ["bench_ingest_dask"]
 
 
 def test_cascade_cost_clock_is_exclusive(monkeypatch):
