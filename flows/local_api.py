@@ -62,11 +62,8 @@ class TemporaryApi:
     imported by the CLI; or, when this process had already imported them, Prefect's own per-port
     singleton (`server`), which `get_client()` finds by itself."""
 
-    def __init__(
-        self, server: Any = None, launched: bool = True, process: Any = None, port: int | None = None
-    ):
+    def __init__(self, server: Any = None, process: Any = None, port: int | None = None):
         self.server = server
-        self.launched = launched  # False: it was already running in this process
         self.process = process
         self.port = port
         self.seconds_waited = 0.0
@@ -192,7 +189,7 @@ def _singleton_api() -> TemporaryApi:
 
     server = SubprocessASGIServer()
     if server.running:
-        return TemporaryApi(server, launched=False)
+        return TemporaryApi(server)
     server.running = True
     try:
         server.port = server.port or server.find_available_port()
@@ -201,7 +198,7 @@ def _singleton_api() -> TemporaryApi:
         server.running = False
         raise
     atexit.register(server.stop)
-    return TemporaryApi(server, launched=True)
+    return TemporaryApi(server)
 
 
 def uvicorn_command(port: int) -> dict[str, Any]:
