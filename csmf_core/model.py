@@ -273,10 +273,9 @@ class TwoTower(nn.Module):
                     name = f"{tower}.{local}"
                     if m is None or self._owners[name].dim() != 2:
                         continue
-                    removed = self._owners[name].to(m.device) > mode
-                    if bool((self._owners[name].to(m.device)[removed] == NO_EDGE).all()) and not bool(
-                        params[name][removed].any()
-                    ):
+                    owner = self._owners[name].to(m.device)
+                    removed = owner > mode
+                    if bool((owner[removed] == NO_EDGE).all()) and not bool(params[name][removed].any()):
                         masks[local] = None
                         skipped.append(name)
         previous, self._unmasked = self._unmasked, (int(mode), split)
