@@ -11,14 +11,15 @@ exactly the mode-t score with unit-level ownership.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from csmf_core.fusion import fuse_queries, mode_queries
 from csmf_core.metrics import (
+    Relevant,
     md_cell,
     paired_bootstrap,
     popularity_topk,
@@ -38,6 +39,9 @@ class EvalRows:
     u: torch.Tensor
     hists: list[torch.Tensor]
     pos: list[list[np.ndarray]]
+    _relevant: dict[int, tuple[list, Relevant]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __len__(self) -> int:
         return int(self.u.numel())
@@ -46,6 +50,21 @@ class EvalRows:
         if n <= 0 or n >= len(self):
             return self
         return EvalRows(self.u[:n], [h[:n] for h in self.hists], [p[:n] for p in self.pos])
+
+    def relevant(self, t: int) -> Relevant:
+        """pos[t] prepared for `recall_ndcg` once: every ranking of these users reuses it, until
+        pos[t] is replaced by another list (its arrays are not to be changed in place)."""
+        cached = self._relevant.get(t)
+        if cached is None or cached[0] is not self.pos[t]:
+            cached = self._relevant[t] = (self.pos[t], Relevant.of(self.pos[t]))
+        return cached[1]
+
+    def objectives_subset(self, idx: Sequence[int]) -> EvalRows:
+        """The same users with objectives `idx` only (pos[idx[j]] becomes pos[j]), sharing what
+        `relevant` has prepared."""
+        sub = EvalRows(self.u, self.hists, [self.pos[i] for i in idx])
+        sub._relevant.update({j: (self.pos[i], self.relevant(i)) for j, i in enumerate(idx)})
+        return sub
 
 
 @torch.no_grad()
@@ -166,7 +185,7 @@ def evaluate_model(
     kmax = max(ks)
     rows: list[dict] = []
     for t in range(upto + 1):
-        rel = ev.pos[t]
+        rel = ev.relevant(t)
         modes = [t] if scorers == "own" else list(range(upto + 1))
         for m in modes:
             rows += _rows(objectives[t], objectives[m], recall_ndcg(ranked.mode(m, kmax), rel, ks))
@@ -182,7 +201,7 @@ def evaluate_model(
 
 def _popularity(ev: EvalRows, t: int, objective: str, counts, ks: tuple[int, ...]) -> list[dict]:
     top = popularity_topk(np.asarray(counts), len(ev), max(ks))
-    return _rows(objective, "popularity", recall_ndcg(top, ev.pos[t], ks))
+    return _rows(objective, "popularity", recall_ndcg(top, ev.relevant(t), ks))
 
 
 def popularity_rows(
@@ -218,7 +237,7 @@ def popularity_gaps(
     fused = ranked.fused(fused_weights, k)
     out = []
     for t, o in enumerate(objectives):
-        rel = ev.pos[t]
+        rel = ev.relevant(t)
         pop = recall_ndcg(popularity_topk(np.asarray(counts[t]), len(ev), k), rel, (k,), per_user=True)[k]
         for scorer, top in ((o, ranked.mode(t, k)), ("fused", fused)):
             res = recall_ndcg(top, rel, (k,), per_user=True)[k]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -110,15 +111,75 @@ def topk_items(
     return out
 
 
+_ITEM_BITS = 32  # a (user row, item) pair is one int64 key: row << 32 | item
+
+
+@dataclass(frozen=True, eq=False)
+class Relevant:
+    """Relevant items of U users, prepared once for any number of rankings (`recall_ndcg` accepts
+    it where it accepts the sequence; a scorer of many rankings of the same users, such as the
+    fused-weight grid, prepares it once: `Relevant.of(pos)` or `EvalRows.relevant(t)`).
+
+    keys: sorted distinct (user row << 32 | item) of every relevant pair; n_rel: (U,) distinct
+    relevant items per user. Item indices must lie in [0, 2**32)."""
+
+    keys: np.ndarray
+    n_rel: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.n_rel.size)
+
+    @classmethod
+    def of(cls, relevant: Sequence[np.ndarray] | Relevant) -> Relevant:
+        if isinstance(relevant, Relevant):
+            return relevant
+        n_users = len(relevant)
+        arrays = [
+            r
+            if isinstance(r, np.ndarray) and r.ndim == 1 and r.dtype == np.int64
+            else np.asarray(r, np.int64).ravel()
+            for r in relevant
+        ]
+        lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=n_users)
+        items = np.concatenate(arrays) if n_users else np.empty(0, np.int64)
+        if items.size and items.min() < 0:
+            raise ValueError(f"relevant item indices must be >= 0, found {int(items.min())}")
+        if items.size and items.max() >= 1 << _ITEM_BITS:
+            raise ValueError(f"relevant item indices must be < 2**{_ITEM_BITS}, found {int(items.max())}")
+        users = np.repeat(np.arange(n_users, dtype=np.int64), lengths)
+        keys = np.unique((users << _ITEM_BITS) | items)  # also removes duplicates
+        return cls(keys, np.bincount(keys >> _ITEM_BITS, minlength=n_users).astype(np.int64))
+
+    def hits(self, topk: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """(R, K) bool: topk[rows[j], r] is relevant to user rows[j] and its first occurrence in that
+        row (rows: user rows to score, default all)."""
+        rows = np.arange(len(self), dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+        topk = topk[rows]
+        valid = (topk >= 0) & (topk < 1 << _ITEM_BITS)  # ANN padding (-1) never hits
+        keys = (rows[:, None] << _ITEM_BITS) | np.where(valid, topk, 0)
+        if self.keys.size == 0:
+            return np.zeros(topk.shape, dtype=bool)
+        at = np.minimum(np.searchsorted(self.keys, keys), self.keys.size - 1)
+        hit = valid & (self.keys[at] == keys)
+        # A repeated item in one ranking must not count twice: among the hits (a repeat of a hit is
+        # a hit, a repeat of a miss a miss), keep first occurrences only.
+        flat = np.flatnonzero(hit)
+        _, first = np.unique(keys.ravel()[flat], return_index=True)
+        if first.size < flat.size:
+            hit.ravel()[np.setdiff1d(flat, flat[first], assume_unique=True)] = False
+        return hit
+
+
 def recall_ndcg(
-    topk: np.ndarray, relevant: Sequence[np.ndarray], ks: Sequence[int], *, per_user: bool = False
+    topk: np.ndarray, relevant: Sequence[np.ndarray] | Relevant, ks: Sequence[int], *, per_user: bool = False
 ) -> dict[int, dict]:
     """Recall@k and nDCG@k for each k in ks, averaged over users with >= 1 relevant item.
 
     topk: (U, K) ranked item indices, best first; negative entries (ANN padding -1) never hit,
     and a repeated item in a row counts only at its first position. relevant: U arrays of
-    relevant item indices (duplicates are removed). If k > K the ranking is shorter than k: the
-    missing positions are misses, while IDCG still uses min(|relevant|, k).
+    relevant item indices (duplicates are removed), or the same `Relevant.of(...)`, prepared once.
+    If k > K the ranking is shorter than k: the missing positions are misses, while IDCG still uses
+    min(|relevant|, k).
     Returns {k: {"recall": float, "ndcg": float, "users": n}} with n the number of users counted
     (0 users -> recall and ndcg are NaN). per_user=True adds "recall_per_user" and "ndcg_per_user":
     (n,) arrays over the counted users in row order (for paired comparisons, `paired_bootstrap`).
@@ -131,32 +192,10 @@ def recall_ndcg(
         raise ValueError(f"relevant has {len(relevant)} entries but topk has {n_users} rows")
     if any(int(k) <= 0 for k in ks):
         raise ValueError(f"every k must be >= 1, got {list(ks)}")
-    topk = topk.astype(np.int64, copy=False)
-    rel_arrays = [np.asarray(r, dtype=np.int64).ravel() for r in relevant]
-    lengths = np.fromiter((a.size for a in rel_arrays), dtype=np.int64, count=n_users)
-    rel_items = np.concatenate(rel_arrays) if n_users else np.empty(0, np.int64)
-    rel_users = np.repeat(np.arange(n_users, dtype=np.int64), lengths)
-    if rel_items.size and rel_items.min() < 0:
-        raise ValueError(f"relevant item indices must be >= 0, found {int(rel_items.min())}")
-
-    # Encode (user, item) as one int64 key so membership is a single vectorised np.isin.
-    base = int(max(rel_items.max(initial=0), topk.max(initial=0))) + 1
-    rel_keys = np.unique(rel_users * base + rel_items)  # also removes duplicates
-    n_rel = np.bincount(rel_keys // base, minlength=n_users)
-
-    keys = np.arange(n_users, dtype=np.int64)[:, None] * base + topk
-    # Padding (-1) gets distinct negative keys: never a hit and never a "duplicate" of a real item.
-    keys = np.where(topk >= 0, keys, -1 - np.arange(keys.size, dtype=np.int64).reshape(keys.shape))
-    hit = np.isin(keys, rel_keys)
-    # A repeated item in one ranking must not count twice: keep only first occurrences.
-    _, first = np.unique(keys.ravel(), return_index=True)
-    first_mask = np.zeros(keys.size, dtype=bool)
-    first_mask[first] = True
-    hit &= first_mask.reshape(keys.shape)
-
-    users = n_rel > 0
-    n_eval = int(users.sum())
-    hit, n_rel = hit[users].astype(np.float64), n_rel[users]
+    rel = Relevant.of(relevant)
+    users = np.flatnonzero(rel.n_rel > 0)
+    n_eval = int(users.size)
+    hit, n_rel = rel.hits(topk.astype(np.int64, copy=False), users).astype(np.float64), rel.n_rel[users]
     results: dict[int, dict[str, float]] = {}
     for k in ks:
         k = int(k)

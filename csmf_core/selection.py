@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from csmf_core.evaluate import EvalRows, Ranked
-from csmf_core.metrics import popularity_topk, recall_ndcg
+from csmf_core.metrics import Relevant, popularity_topk, recall_ndcg
 from csmf_core.model import TwoTower
 from csmf_core.rows import FeatureTables, TrainRows
 
@@ -111,7 +111,7 @@ class ValidationScore:
         return out
 
 
-def _popularity_recall(counts: np.ndarray, rel: Sequence[np.ndarray], k: int) -> tuple[float, int]:
+def _popularity_recall(counts: np.ndarray, rel: Relevant, k: int) -> tuple[float, int]:
     res = recall_ndcg(popularity_topk(np.asarray(counts), len(rel), k), rel, (k,))[k]
     return float(res["recall"]), int(res["users"])
 
@@ -120,7 +120,7 @@ def popularity_recalls(val: EvalRows, counts: Sequence[np.ndarray], k: int) -> l
     """Per objective t, (popularity Recall@k, validation users with a positive of t): the part of
     `validation_score` that depends on neither the model nor the weights. A caller scoring several
     weightings of one model (`choose_weights`) computes it once and passes it as `popularity=`."""
-    return [_popularity_recall(counts[t], val.pos[t], k) for t in range(len(counts))]
+    return [_popularity_recall(counts[t], val.relevant(t), k) for t in range(len(counts))]
 
 
 def _ratio(model: float, pop: float) -> float:
@@ -148,7 +148,7 @@ def validation_score(
     out = ValidationScore(float("nan"), k, w)
     ratios = []
     for t, o in enumerate(objectives):
-        rel = val.pos[t]
+        rel = val.relevant(t)
         pop, n = _popularity_recall(counts[t], rel, k) if popularity is None else popularity[t]
         if n == 0:
             out.skipped.append(o)

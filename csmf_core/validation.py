@@ -90,7 +90,7 @@ def own_mode_recall(
     items = item_matrix(model, tables)
     users = user_matrix(model, tables, val.u, val.hists)
     top = topk_items(mode_queries(users, output_owners, stage), items, k)
-    return float(recall_ndcg(top, val.pos[stage], (k,))[k]["recall"])
+    return float(recall_ndcg(top, val.relevant(stage), (k,))[k]["recall"])
 
 
 class EpochSelector:

@@ -123,7 +123,7 @@ def _served(vectors: Vectors, data_val: CascadeData) -> tuple[list[str], EvalRow
     served = [o for o in objectives if o in vectors[0]]
     idx = [objectives.index(o) for o in served]
     val = data_val.val
-    sub = EvalRows(val.u, val.hists, [val.pos[i] for i in idx])
+    sub = val.objectives_subset(idx)
     return served, sub, [data_val.val_counts[i] for i in idx]
 
 
@@ -333,7 +333,7 @@ def _csmf_selection(name: str, data_val: CascadeData, cfg: CSMFConfig, seed: int
     parts = {}
     for rep, chosen in zip([r for r in trial.reports if r.step.kind == "train"], trial.epochs):
         t = rep.step.stage
-        pop = _popularity_recall(data_val.val_counts[t], data_val.val.pos[t], k)
+        pop = _popularity_recall(data_val.val_counts[t], data_val.val.relevant(t), k)
         parts[rep.step.name] = {
             "cap": c.epochs_for(t),
             "chosen": chosen,

@@ -42,7 +42,9 @@ def test_train_step_smoke():
     figs = _by_figure(_bench("bench_train_step").main(["--quick"]))
     for stage in (2,):  # --quick runs the last stage only
         ratio = next(r for f, r in figs.items() if f.startswith(f"samples/s ratio csmf/plain, stage {stage}"))
-        assert ratio["target"] == ">= 0.85" and ratio["value"] > 0 and ratio["met"] == (ratio["value"] >= 0.85)
+        assert (
+            ratio["target"] == ">= 0.85" and ratio["value"] > 0 and ratio["met"] == (ratio["value"] >= 0.85)
+        )
         assert figs[f"csmf achieved GFLOP/s, stage {stage}"]["value"] > 0
         assert 0 < figs[f"plain share of matmul rate, stage {stage}"]["value"] < 1.5
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from csmf_core.metrics import (
+    Relevant,
     evaluate_objective,
     format_metrics_table,
     popularity_topk,
@@ -249,3 +250,53 @@ def test_format_metrics_table():
         "| csmf | 0.1777 |  |",
         "| pop |  | 3 |",
     ]
+
+
+def test_recall_ndcg_repeats_padding_and_prepared_relevant_match_a_loop():
+    # Rankings with repeated items, ANN padding (-1) and an index past 2**32 (never relevant), scored
+    # from the raw lists and from one prepared Relevant, against a per-user loop.
+    rng = np.random.default_rng(3)
+    n_users, n_items, width = 400, 30, 10
+    topk = rng.integers(-1, n_items, size=(n_users, width))
+    topk[::7, 3] = (1 << 32) + 5
+    relevant = [rng.integers(1, n_items, size=rng.integers(0, 8)) for _ in range(n_users)]
+    prepared = Relevant.of(relevant)
+    for ks in ([1, 4, 10], [15]):
+        got, again = recall_ndcg(topk, relevant, ks), recall_ndcg(topk, prepared, ks)
+        assert got == again  # bit-identical: the same computation
+        for k in ks:
+            rec, nd = [], []
+            for row, rel in zip(topk, relevant):
+                rel = set(rel.tolist())
+                if not rel:
+                    continue
+                seen, gains = set(), []
+                for it in row[:k].tolist():
+                    gains.append(1.0 if it in rel and it not in seen else 0.0)
+                    seen.add(it)
+                rec.append(sum(gains) / len(rel))
+                dcg = sum(g / math.log2(r + 2) for r, g in enumerate(gains))
+                nd.append(dcg / sum(1 / math.log2(r + 2) for r in range(min(len(rel), k))))
+            assert got[k]["users"] == len(rec)
+            assert got[k]["recall"] == pytest.approx(np.mean(rec), abs=1e-12)
+            assert got[k]["ndcg"] == pytest.approx(np.mean(nd), abs=1e-12)
+    assert Relevant.of(prepared) is prepared and len(prepared) == n_users
+    with pytest.raises(ValueError, match="must be >= 0"):
+        Relevant.of([np.array([1, -2])])
+    with pytest.raises(ValueError, match="must be < 2"):
+        Relevant.of([np.array([1 << 32])])
+
+
+def test_eval_rows_relevant_is_prepared_once_and_follows_replaced_lists():
+    from csmf_core.evaluate import EvalRows
+
+    pos = [[np.array([1, 2]), np.array([3])], [np.array([2]), np.array([], np.int64)]]
+    ev = EvalRows(torch.arange(2), [torch.zeros(2, 1, dtype=torch.long)], pos)
+    first = ev.relevant(0)
+    assert ev.relevant(0) is first and first.n_rel.tolist() == [2, 1]
+    sub = ev.objectives_subset([1, 0])
+    assert sub.relevant(1) is first and sub.pos[0] is pos[1]
+    ev.pos[0] = [np.array([], np.int64), np.array([1, 1, 4])]  # replaced: prepared again
+    assert ev.relevant(0).n_rel.tolist() == [0, 2]
+    top = np.array([[1, 2], [4, 3]])
+    assert recall_ndcg(top, ev.relevant(0), [2])[2]["recall"] == pytest.approx(0.5)
