@@ -99,13 +99,27 @@ class Decision:
 
 
 # ---- verification ----------------------------------------------------------------------------------
+def unknown_id(vocab: np.ndarray) -> int:
+    """An int64 id not in `vocab`: max + 1, else min - 1 when max is int64's largest, else (both
+    extremes taken) the smallest id >= 0 not in it (one of 0..len(vocab) always is)."""
+    vocab = np.asarray(vocab, dtype=np.int64)
+    if not len(vocab):
+        return 1
+    info = np.iinfo(np.int64)
+    if int(vocab.max()) < info.max:
+        return int(vocab.max()) + 1
+    if int(vocab.min()) > info.min:
+        return int(vocab.min()) - 1
+    free = np.arange(len(vocab) + 1, dtype=np.int64)
+    return int(free[~np.isin(free, vocab)][0])
+
+
 def _sample_users(rec, n: int, seed: int) -> np.ndarray:
     """Up to n known user ids (random, fixed seed) plus one unknown id (the cold-start row)."""
-    vocab = np.asarray(rec.user_vocab)
+    vocab = np.asarray(rec.user_vocab, dtype=np.int64)
     rng = np.random.default_rng(seed)
     known = vocab if len(vocab) <= n else rng.choice(vocab, size=n, replace=False)
-    cold = int(vocab.max()) + 1 if len(vocab) else 1
-    return np.concatenate([known, [cold]]).astype(np.int64)
+    return np.concatenate([known, np.array([unknown_id(vocab)], dtype=np.int64)])
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from flows.gate import (
     gate_users,
     regressions,
     trained_too_late,
+    unknown_id,
     unmeasured,
     verify_model,
 )
@@ -451,3 +452,21 @@ def test_a_broken_re_evaluation_day_keeps_the_champion(six_days, tmp_path):
     data, _, note, why = _choose(ds, tmp_path, "2026-01-03", _days(1, 4))  # its own window is intact
     assert data == tmp_path / "own-model-ready" and note is None
     assert "the re-evaluation day(s) 2026-01-06 fail the data contract" in why and "1 errors" in why
+
+
+def test_unknown_id_is_outside_any_int64_vocabulary():
+    import warnings
+
+    lo, hi = np.iinfo(np.int64).min, np.iinfo(np.int64).max
+    cases = {
+        (): 1,
+        (3, 7): 8,
+        (5, hi): 4,  # max + 1 would overflow: min - 1
+        (lo, hi): 0,  # both extremes taken: the smallest free id >= 0
+        (lo, 0, 1, 2, hi): 3,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow or invalid-cast warning on the way
+        for vocab, want in cases.items():
+            got = unknown_id(np.array(vocab, dtype=np.int64))
+            assert got == want and got not in vocab and lo <= got <= hi
