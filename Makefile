@@ -53,6 +53,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	# Prefect's database, migrated once: every new csmf home starts from it (flows/local_api.py)
 	$(BIN)/python -m flows.local_api --build-template || echo "no Prefect database template: each new home migrates its own"
+	# MLflow's store likewise (flows/tracking.py)
+	$(BIN)/python -m flows.tracking --build-template || echo "no MLflow database template: each new home migrates its own"
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 

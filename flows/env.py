@@ -21,6 +21,9 @@ Imports nothing heavy (no prefect, mlflow or torch): the CLI calls it first thin
 from __future__ import annotations
 
 import os
+import shutil
+import sqlite3
+import sys
 import tempfile
 from pathlib import Path
 
@@ -133,3 +136,42 @@ def check_writable(root: Path) -> None:
 def tracking_uri() -> str:
     """The MLflow tracking URI in effect (after setup_home)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or home_defaults(resolve_home())["MLFLOW_TRACKING_URI"]
+
+
+# ---- migrated database templates (flows/local_api.py for Prefect, flows/tracking.py for MLflow) ----
+def template_dir() -> Path:
+    """Where `make venv` keeps migrated empty databases: under the virtual environment (sys.prefix),
+    next to the Prefect and MLflow they belong to (one file per version)."""
+    return Path(sys.prefix) / "share" / "csmf"
+
+
+def keep_template(db: Path, path: Path) -> Path:
+    """Copy the SQLite database `db` to `path` as one self-contained file (its write-ahead log folded
+    in first), atomically (a reader never sees half a template). Returns `path`."""
+    con = sqlite3.connect(db)
+    try:
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        con.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(f".{path.name}.{os.getpid()}.part")
+    shutil.copyfile(db, part)
+    os.replace(part, path)
+    return path
+
+
+def seed_from_template(db: Path, template: Path) -> bool:
+    """Copy `template` to the database file `db` when there is no database there yet; True when copied.
+    Never touches an existing database (nor its -wal / -shm / -journal files); the create is exclusive,
+    so a database that appears meanwhile (another process's first run) is never replaced."""
+    if not template.is_file():
+        return False
+    if any(Path(f"{db}{suffix}").exists() for suffix in ("", "-wal", "-shm", "-journal")):
+        return False
+    db.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(db, "xb") as out, open(template, "rb") as src:
+            shutil.copyfileobj(src, out)
+    except FileExistsError:
+        return False
+    return True

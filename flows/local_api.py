@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -52,6 +51,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from flows.env import keep_template, seed_from_template, template_dir
 
 
 class TemporaryApi:
@@ -253,10 +254,10 @@ def _free_port() -> int:
 
 def template_path() -> Path:
     """Where the migrated database template of this Prefect version lives: under the virtual
-    environment (sys.prefix), next to the Prefect it belongs to."""
+    environment (`flows.env.template_dir`), next to the Prefect it belongs to."""
     import prefect
 
-    return Path(sys.prefix) / "share" / "csmf" / f"prefect-{prefect.__version__}.db"
+    return template_dir() / f"prefect-{prefect.__version__}.db"
 
 
 def build_template(path: Path | None = None) -> Path:
@@ -279,16 +280,12 @@ def build_template(path: Path | None = None) -> Path:
         )  # fmt: skip
         db = Path(tmp) / "prefect.db"
         con = sqlite3.connect(db)
-        try:  # everything into the main file: the template is that one file
-            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        try:
             if con.execute("SELECT count(*) FROM alembic_version").fetchone()[0] != 1:
                 raise RuntimeError(f"{db}: no alembic version after `prefect server database upgrade`")
         finally:
             con.close()
-        part = path.with_name(f".{path.name}.{os.getpid()}.part")
-        shutil.copyfile(db, part)
-        os.replace(part, path)
-    return path
+        return keep_template(db, path)
 
 
 def default_database() -> Path | None:
@@ -308,17 +305,7 @@ def seed_database(template: Path | None = None) -> bool:
     docstring); True when copied. Never touches an existing database (or its -wal / -shm files)."""
     template = Path(template) if template is not None else template_path()
     db = default_database()
-    if db is None or not template.is_file():
-        return False
-    if any(Path(f"{db}{suffix}").exists() for suffix in ("", "-wal", "-shm", "-journal")):
-        return False
-    db.parent.mkdir(parents=True, exist_ok=True)
-    try:  # exclusive create: a database that appeared meanwhile is never replaced
-        with open(db, "xb") as out, open(template, "rb") as src:
-            shutil.copyfileobj(src, out)
-    except FileExistsError:
-        return False
-    return True
+    return db is not None and seed_from_template(db, template)
 
 
 if __name__ == "__main__":  # `python -m flows.local_api --build-template` (make venv)

@@ -68,7 +68,7 @@ from flows.names import (
     WORKDIR_TAG,
 )
 from flows.resume import StageCache, training_digest
-from flows.tracking import MlflowTracker, ensure_experiment
+from flows.tracking import MlflowTracker, ensure_experiment, seed_mlflow_database
 
 _NOT_TRANSIENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 _TRANSIENT_MLFLOW = {
@@ -236,6 +236,7 @@ def open_run(
     workdir.mkdir(parents=True, exist_ok=True)
     digest, digest_kind = dataset_digest(dataset, window.validate_dates)
     uri = tracking_uri()
+    seed_mlflow_database(uri)  # a new home's store starts migrated (flows/tracking.py)
     mlflow.set_tracking_uri(uri)  # the registry's calls (log_model, register_model) use the global store
     experiment_id = ensure_experiment(kind.experiment, home / "mlartifacts", uri)
     tags = {

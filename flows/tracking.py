@@ -24,6 +24,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sqlite3
+import sys
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -31,6 +34,8 @@ from typing import Any, Protocol
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
+
+from flows.env import keep_template, seed_from_template, sqlite_path, template_dir
 
 PARENT_TAG = "mlflow.parentRunId"
 FAILURE_TAG = "csmf.failure_reason"  # why a run (or a model version) did not finish
@@ -291,9 +296,65 @@ def ensure_experiment(name: str, artifact_location: str | Path, tracking_uri: st
 
 def open_stores(tracking_uri: str) -> None:
     """Open the tracking and model-registry stores of `tracking_uri` now: on a first run this creates
-    the SQLite database and its tables (MLflow's migrations, seconds of CPU). MLflow keeps each store
-    per URI for the process, so the flow's clients later reuse them; nothing is written but the
-    schema. `csmf run` calls it while Prefect's temporary API is still starting (flows/local_api.py)."""
+    the SQLite database (from the migrated template when there is one: `seed_mlflow_database`, else
+    MLflow's migrations, seconds of CPU). MLflow keeps each store per URI for the process, so the
+    flow's clients later reuse them; nothing is written but the schema and MLflow's Default
+    experiment. `csmf run` calls it while Prefect's temporary API is still starting (flows/local_api.py)."""
+    seed_mlflow_database(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
     client.search_experiments(max_results=1)
     client.search_registered_models(max_results=1)
+
+
+# ---- a new home's MLflow database from a migrated template ---------------------------------------
+# A new SQLite tracking store makes MLflow create its tables and run every alembic migration (~1.1 s of
+# a first run's 2.1 s under `open_stores` on the 2-core VM; the rest is importing the store's code).
+# `make venv` has MLflow create one empty store in a temporary directory and keeps it under the
+# virtual environment, one file per MLflow version, without the Default experiment (id 0) MLflow adds
+# on first open: its artifact location is that of the process that creates it, so each home's store
+# creates its own on first open, as a new database does. MLflow still checks on open that the schema
+# is at its head revision.
+
+
+def mlflow_template_path() -> Path:
+    """The migrated MLflow database of this MLflow version (flows.env.template_dir)."""
+    return template_dir() / f"mlflow-{mlflow.__version__}.db"
+
+
+def build_mlflow_template(path: Path | None = None) -> Path:
+    """Have MLflow create a new SQLite store (every table, every migration: MLflow's own code), delete
+    the Default experiment it adds, and keep the file at `path` (default `mlflow_template_path()`)."""
+    path = Path(path) if path is not None else mlflow_template_path()
+    with tempfile.TemporaryDirectory(prefix="csmf-mlflow-template-") as tmp:
+        db = Path(tmp) / "mlflow.db"
+        uri = f"sqlite:///{db}"
+        client = mlflow.MlflowClient(uri)
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
+        con = sqlite3.connect(db)
+        try:
+            if con.execute("SELECT count(*) FROM alembic_version").fetchone()[0] != 1:
+                raise RuntimeError(f"{db}: no alembic version after MLflow created the store")
+            with con:
+                con.execute("DELETE FROM experiment_tags WHERE experiment_id = 0")
+                con.execute("DELETE FROM experiments WHERE experiment_id = 0")
+            if con.execute("SELECT count(*) FROM experiments").fetchone()[0] != 0:
+                raise RuntimeError(f"{db}: a new MLflow store holds experiments other than Default")
+        finally:
+            con.close()
+        return keep_template(db, path)
+
+
+def seed_mlflow_database(tracking_uri: str, template: Path | None = None) -> bool:
+    """Copy the migrated template to the SQLite file of `tracking_uri` when it has no database yet
+    (`flows.env.seed_from_template`); True when copied. Other stores (a server, PostgreSQL) and a
+    missing template: nothing happens, MLflow creates the store as before."""
+    db = sqlite_path(tracking_uri)
+    template = Path(template) if template is not None else mlflow_template_path()
+    return db is not None and seed_from_template(db, template)
+
+
+if __name__ == "__main__":  # `python -m flows.tracking --build-template` (make venv)
+    if sys.argv[1:] != ["--build-template"]:
+        sys.exit("usage: python -m flows.tracking --build-template")
+    print(f"MLflow database template: {build_mlflow_template()}")
