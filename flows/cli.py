@@ -283,7 +283,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     replay.write_report(out, result, summary, meta)
     partial.unlink(missing_ok=True)
     run_id = replay.log_to_mlflow(result, summary, meta, out, home)
-    print(replay.render(result, summary, meta).split("## Per day")[0].rstrip())
+    print((out / "replay.md").read_text().split("## Per day")[0].rstrip())  # the summary just written
     print(
         f"\nreport: {out / 'replay.md'}\nMLflow run: {run_id} (experiment csmf-replay; open with `csmf ui`)"
     )
