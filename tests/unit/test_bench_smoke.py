@@ -180,6 +180,13 @@ def test_cascade_cost_smoke():
         assert parts == pytest.approx(figs[f"{m} fit (select + refit)"]["value"], rel=0.02)
     r = figs["csmf / moppr fit time"]
     assert r["target"] == "<= 1.35"
+    for m, kinds in (("csmf", ("pretrain", "prune", "recover", "finetune")), ("moppr", ("train",))):
+        own = sum(figs[f"{m} {phase}: {kind}"]["value"] for phase in ("select", "refit") for kind in kinds)
+        assert figs[f"{m} training passes (select + refit)"]["value"] == pytest.approx(own)
+    assert figs["csmf / moppr training passes alone"]["value"] == pytest.approx(
+        figs["csmf training passes (select + refit)"]["value"]
+        / figs["moppr training passes (select + refit)"]["value"]
+    )
     assert r["value"] == pytest.approx(
         figs["csmf fit (select + refit)"]["value"] / figs["moppr fit (select + refit)"]["value"]
     )
