@@ -146,10 +146,13 @@ def template_dir() -> Path:
 
 
 def keep_template(db: Path, path: Path) -> Path:
-    """Copy the SQLite database `db` to `path` as one self-contained file (its write-ahead log folded
-    in first), atomically (a reader never sees half a template). Returns `path`."""
+    """Copy the migrated SQLite database `db` to `path` as one self-contained file (its write-ahead log
+    folded in first), atomically (a reader never sees half a template). Returns `path`. RuntimeError
+    when `db` does not hold exactly one alembic version (its migrations did not complete)."""
     con = sqlite3.connect(db)
     try:
+        if con.execute("SELECT count(*) FROM alembic_version").fetchone()[0] != 1:
+            raise RuntimeError(f"{db}: not one alembic version after the migrations")
         con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         con.close()

@@ -301,6 +301,11 @@ def open_stores(tracking_uri: str) -> None:
     flow's clients later reuse them; nothing is written but the schema and MLflow's Default
     experiment. `csmf run` calls it while Prefect's temporary API is still starting (flows/local_api.py)."""
     seed_mlflow_database(tracking_uri)
+    _open_stores(tracking_uri)
+
+
+def _open_stores(tracking_uri: str) -> None:
+    """Have MLflow open (and on a new database create) the tracking and registry stores of the URI."""
     client = mlflow.MlflowClient(tracking_uri)
     client.search_experiments(max_results=1)
     client.search_registered_models(max_results=1)
@@ -327,14 +332,9 @@ def build_mlflow_template(path: Path | None = None) -> Path:
     path = Path(path) if path is not None else mlflow_template_path()
     with tempfile.TemporaryDirectory(prefix="csmf-mlflow-template-") as tmp:
         db = Path(tmp) / "mlflow.db"
-        uri = f"sqlite:///{db}"
-        client = mlflow.MlflowClient(uri)
-        client.search_experiments(max_results=1)
-        client.search_registered_models(max_results=1)
+        _open_stores(f"sqlite:///{db}")  # not open_stores: a template is built by MLflow, not seeded
         con = sqlite3.connect(db)
         try:
-            if con.execute("SELECT count(*) FROM alembic_version").fetchone()[0] != 1:
-                raise RuntimeError(f"{db}: no alembic version after MLflow created the store")
             with con:
                 con.execute("DELETE FROM experiment_tags WHERE experiment_id = 0")
                 con.execute("DELETE FROM experiments WHERE experiment_id = 0")
