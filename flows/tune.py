@@ -19,7 +19,8 @@ The flow `csmf-tune`:
 3. **Resume.** `--trials N` means N finished (complete or pruned) trials in the study in all. A tune
    killed mid-trial leaves that trial RUNNING; the next `csmf tune` with the same arguments (it holds
    the study's lock, so no live process owns it) marks it FAIL and asks its parameters again first.
-   Finished trials are never repeated. `--timeout S`: no new trial starts after S seconds.
+   Finished trials are never repeated. `--timeout S`: no new trial starts after S seconds (the first
+   trial of a call always runs).
 4. **Tracking.** MLflow experiment `csmf-tune`: a parent run `csmf-tune-<D>` and one child run per
    trial (`trial-<n>`: its parameters, the validation score after every train step, the final
    validation metrics, the epochs kept, the chosen weights, its state). The report (markdown +
@@ -167,8 +168,12 @@ def csmf_tune(
         parent = open_tune_run(root, td, base, search, name, trials, seed)
         try:
             cache: dict[tuple, CascadeData] = {}
-            t0 = time.monotonic()
-            while finished(study) < trials and (timeout is None or time.monotonic() - t0 < timeout):
+            t0, started = time.monotonic(), 0
+            # the first trial of a call always runs; after it, none starts once --timeout has passed
+            while finished(study) < trials and (
+                timeout is None or started == 0 or time.monotonic() - t0 < timeout
+            ):
+                started += 1
                 trial = study.ask()
                 number = trial.number
                 outcome = tune_trial.with_options(task_run_name=f"trial-{number}")(

@@ -134,8 +134,9 @@ def test_evaluation_days_are_never_read(first, files, tmp_path):
 def test_trials_and_timeout_bound_the_study(harness, files, tmp_path):
     short = _tune(files, tmp_path / "home-d", trials=2)
     assert len(short["trials"]) == 2
-    # a timeout lets no new trial start once it has passed: here, only the first
-    timed = _tune(files, tmp_path / "home-e", trials=10, timeout=0.5)
+    # a timeout lets no new trial start once it has passed; the first trial of a call always runs.
+    # 1 microsecond has passed by the time the first trial ends, on any machine: only that one
+    timed = _tune(files, tmp_path / "home-e", trials=10, timeout=1e-6)
     assert len(timed["trials"]) == 1
 
 
