@@ -657,7 +657,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--data", required=True, help="canonical dataset directory")
     t.add_argument("--trials", type=int, default=30, help="finished trials in the study in all (resumes)")
-    t.add_argument("--timeout", type=float, help="seconds after which no new trial starts (the first trial always runs)")
+    t.add_argument(
+        "--timeout", type=float, help="seconds after which no new trial starts (the first trial always runs)"
+    )
     t.add_argument("--space", help="search space YAML (default: configs/tune_space.yaml)")
     t.add_argument("--seed", type=int, default=0, help="the TPE sampler's seed")
     t.add_argument("--out", help="where the tuned config goes (default: <home>/tuned/<dataset>.yaml)")
