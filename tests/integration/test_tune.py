@@ -154,7 +154,17 @@ def test_kill_9_then_rerun_resumes_without_repeating(harness, files, tmp_path):
     home = tmp_path / "home-k"
     script = textwrap.dedent(
         f"""
+        import time
+        import flows.tune
         from flows.tune import csmf_tune
+        # trial 1 is held until the kill, so the test never races a fast machine to catch it RUNNING
+        real, calls = flows.tune.run_trial, []
+        def held(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                time.sleep(3600)
+            return real(*args, **kwargs)
+        flows.tune.run_trial = held
         csmf_tune(data={str(files["data"])!r}, space={str(files["space"])!r}, config={str(files["config"])!r},
                   home={str(home)!r}, seed=7, trials=3)
         """
