@@ -13,13 +13,13 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 import flows.compare as compare
 from csmf_core.config import load_config
 from csmf_core.synth import generate
 from flows.compare import csmf_compare
 from flows.compare_render import rebuild_report
+from tests.integration.conftest import temporary_api
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +46,7 @@ def compared(tmp_path_factory):
     mp.setattr(compare, "LATENCY_ITEMS", 2000)  # keep the latency probe small in tests
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'home' / 'mlflow.db'}")
     try:
-        with prefect_test_harness(server_startup_timeout=120):
+        with temporary_api():
             out = csmf_compare(
                 data=str(root / "synth-tiny"),
                 methods="youtubednn_mix,csmf",
@@ -176,7 +176,7 @@ def test_tune_trials_give_each_method_its_budget_and_the_seeds_train_the_best(tm
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
     overrides = [o for o in OVERRIDES if not o.startswith("data.item_stats")]
     try:
-        with prefect_test_harness(server_startup_timeout=120):
+        with temporary_api():
             out = csmf_compare(
                 data=str(tmp_path / "synth-tiny"),
                 methods="youtubednn_sep",

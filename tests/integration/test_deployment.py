@@ -92,6 +92,24 @@ def api_get(api: str, path: str) -> dict:
         return json.loads(r.read())
 
 
+def pause_schedules(api: str) -> int:
+    """Turn every deployment schedule off (the server deletes the runs it had scheduled): a stack up
+    across 03:00 UTC (or Sunday 01:00) would otherwise start an extra run mid-test."""
+    req = urllib.request.Request(f"{api}/deployments/filter", data=b"{}", method="POST")
+    req.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        deployments = json.loads(r.read())
+    paused = 0
+    for d in deployments:
+        for sch in d["schedules"]:
+            url = f"{api}/deployments/{d['id']}/schedules/{sch['id']}"
+            req = urllib.request.Request(url, data=b'{"active": false}', method="PATCH")
+            req.add_header("Content-Type", "application/json")
+            with urllib.request.urlopen(req, timeout=10):
+                paused += 1
+    return paused
+
+
 def _stack_root(backend: str, tmp_path_factory) -> Path:
     """A fresh directory for the stack. PostgreSQL runs as the `postgres` user when the tests run as
     root, and pytest's base temp (/tmp/pytest-of-root, mode 0700) is closed to it: use a directory
@@ -134,6 +152,7 @@ def stack(request, tmp_path_factory):
             timeout=float(os.environ.get("CSMF_TEST_SERVER_STARTUP_S", "300")),
         )
         print(f"\n{backend} stack up in {time.perf_counter() - t0:.1f}s")
+        assert pause_schedules(state["api_url"]) == 2  # daily and weekly, as declared
         yield {"home": home, "state": state, "api": state["api_url"], "root": root, "backend": backend}
     finally:
         mp.undo()
@@ -161,6 +180,7 @@ def test_deployments_declared_by_prefect_yaml(stack):
     adhoc = api_get(stack["api"], "/deployments/name/csmf-daily/adhoc")
     crons = [(s["schedule"].get("cron"), s["schedule"].get("timezone")) for s in daily["schedules"]]
     assert crons == [("0 3 * * *", "UTC")] and adhoc["schedules"] == []
+    assert [s["active"] for s in daily["schedules"]] == [False]  # declared active, paused by the fixture
     assert daily["parameters"]["data"] == str(stack["root"] / "tiny")
     assert daily["parameters"]["config"] == str(stack["root"] / "tiny.yaml")
     assert daily["parameters"]["train_days"] == 0

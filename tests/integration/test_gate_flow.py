@@ -27,7 +27,6 @@ from types import SimpleNamespace
 import mlflow
 import polars as pl
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from csmf_core.prep import prepare
 from csmf_core.serving import Recommender
@@ -35,6 +34,7 @@ from csmf_core.synth import generate
 from flows.gate import gate_metrics
 from flows.pipeline import csmf_daily
 from flows.registry import REGISTERED_MODEL, resolve_bundle
+from tests.integration.conftest import temporary_api
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +99,7 @@ def flows(tmp_path_factory):
     nolabels = _without_labels(tiny, root / "tiny-no-labels-0106", "2026-01-06")
     home, fresh = root / "home", root / "fresh-home"
     out = SimpleNamespace(root=root, tiny=tiny, nolabels=nolabels, home=home, fresh=fresh)
-    with prefect_test_harness(server_startup_timeout=120):
+    with temporary_api():
         with _store(home) as client:
             out.client = client
             out.a = csmf_daily(date="2026-01-05", data=str(tiny), home=str(home), overrides=OVERRIDES)

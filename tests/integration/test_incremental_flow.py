@@ -16,12 +16,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from csmf_core.bundle import read_vocab
 from csmf_core.synth import generate
 from flows.pipeline import csmf_daily
 from flows.registry import REGISTERED_MODEL, resolve_bundle
+from tests.integration.conftest import temporary_api
 from tests.integration.test_gate_flow import OVERRIDES, _store
 
 pytestmark = pytest.mark.integration
@@ -35,7 +35,7 @@ def days(tmp_path_factory):
     tiny = generate(root / "tiny", "tiny", seed=0).out_dir
     home = root / "home"
     out = SimpleNamespace(root=root, home=home)
-    with prefect_test_harness(server_startup_timeout=300):
+    with temporary_api():
         with _store(home) as client:
             out.client = client
             out.a = csmf_daily(date="2026-01-05", data=str(tiny), home=str(home), overrides=INCREMENTAL)

@@ -21,13 +21,13 @@ from pathlib import Path
 import mlflow
 import psutil
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from csmf_core.synth import generate
 from flows import doctor
 from flows.lock import date_lock, process_alive
 from flows.registry import REGISTERED_MODEL, RUN_TAG
 from flows.tracking import FAILURE_TAG, ensure_experiment
+from tests.integration.conftest import temporary_api
 
 pytestmark = pytest.mark.integration
 
@@ -61,6 +61,8 @@ def _env(prefect_home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env |= {"PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    # the temporary API's start limit (120 s by default here) is not what these tests are about
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
     return env
 
 
@@ -80,7 +82,12 @@ def _runs(home: Path) -> dict[str, list]:
     return out
 
 
-def _wait_for_run(db: Path, name: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+RUN_TIMEOUT_S = float(os.environ.get("CSMF_TEST_RUN_TIMEOUT_S", "900"))  # a tiny run: ~1 min idle
+
+
+def _wait_for_run(
+    db: Path, name: str, proc: subprocess.Popen, log: Path, timeout: float = RUN_TIMEOUT_S
+) -> None:
     """Until a run called `name` is RUNNING (read-only SQLite: never races the writer's schema setup)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -209,7 +216,7 @@ def test_an_unwritable_artifact_store_fails_the_run_not_leaves_it_running(tiny, 
 
 @pytest.fixture(scope="module")
 def harness():
-    with prefect_test_harness(server_startup_timeout=120):
+    with temporary_api():
         yield
 
 

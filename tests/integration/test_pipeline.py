@@ -250,12 +250,19 @@ def test_prefect_names_match_mlflow_and_the_flow_run_has_a_summary(happy):
 
     flow_run_id = happy.parent.data.tags["prefect.flow_run_id"]
     only = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    want = set(CHILDREN) | {"open_run", "retention", "publish"}
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(flow_run_id)
-        task_runs = client.read_task_runs(flow_run_filter=only)
+        # task runs are recorded by the server from the client's events, which may still be queued
+        # when the flow returns: wait for them (a minute at most), then compare
+        deadline = time.monotonic() + 60
+        while True:
+            names = {t.name for t in client.read_task_runs(flow_run_filter=only)}
+            if want <= names or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         arts = client.read_artifacts(flow_run_filter=only)
     assert flow_run.name == "csmf-daily-2026-01-06" == happy.parent.info.run_name
-    names = {t.name for t in task_runs}
     assert set(CHILDREN) <= names, sorted(names)
     assert {"open_run", "retention", "publish"} <= names  # the bookkeeping tasks: no random suffix either
     (summary,) = [a for a in arts if a.key == "csmf-summary"]

@@ -38,6 +38,7 @@ def replayed(tmp_path_factory):
     home, out = root / "home", root / "report"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "CSMF_"))}
     env |= {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "300"  # a loaded machine's API start
     argv = [sys.executable, "-m", "flows.cli", "replay", "--home", str(home), "--data", str(tiny)]
     argv += ["--from", "2026-01-05", "--to", "2026-01-06", "--report-dir", str(out)]
     argv += [a for o in OVERRIDES for a in ("--set", o)]

@@ -102,7 +102,7 @@ def served(tmp_path_factory, wide_ids, tiny_trainer):
             start_new_session=True,
         )  # fmt: skip
         try:
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + 300  # imports mlflow, torch and faiss: slow when loaded
             while True:
                 try:
                     with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:

@@ -21,10 +21,10 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from prefect.testing.utilities import prefect_test_harness
 
 from csmf_core.synth import generate
 from flows.tune import csmf_tune
+from tests.integration.conftest import temporary_api
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +45,7 @@ CONFIG = {
 
 @pytest.fixture(scope="module")
 def harness():
-    with prefect_test_harness(server_startup_timeout=120):
+    with temporary_api():
         yield
 
 
