@@ -85,14 +85,24 @@ def process_identity(pid: int | None = None) -> dict:
     return {"host": socket.gethostname(), "pid": proc.pid, "create_time": proc.create_time()}
 
 
+START_TIME_SLACK_S = 1.5
+
+
 def process_alive(pid: int | str, create_time: float | str) -> bool:
     """Does the process `pid` that started at `create_time` (psutil's seconds since the epoch) still run?
 
     False for a pid now held by a process that started at another time (a recycled pid), for a zombie
-    (exited, not yet reaped) and for anything unreadable."""
+    (exited, not yet reaped) and for anything unreadable.
+
+    A start time in epoch seconds is the kernel's start tick plus the boot time, which Linux gives as
+    whole seconds of the wall clock: as NTP slews the clock over the days a deployment runs, the boot
+    time read later can differ by a second from the one read at the start. A second and a half of
+    slack keeps such a process alive; a recycled pid cannot start that close to the original (the pid
+    space would have to wrap within it)."""
     try:
         proc = psutil.Process(int(pid))
-        return abs(proc.create_time() - float(create_time)) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE
+        same = abs(proc.create_time() - float(create_time)) < START_TIME_SLACK_S
+        return same and proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.Error, ValueError, TypeError):
         return False
 

@@ -54,6 +54,18 @@ def _dead_identity() -> dict:
     return ident
 
 
+def test_process_alive_survives_a_boot_time_second_but_not_another_start():
+    """Linux gives the boot time in whole wall-clock seconds: a clock slewed by NTP can move it by one
+    between the moment an identity is recorded and the check. Another start time is another process."""
+    me = process_identity()
+    assert process_alive(me["pid"], me["create_time"])
+    assert process_alive(me["pid"], me["create_time"] + 1.0) and process_alive(
+        me["pid"], me["create_time"] - 1.0
+    )
+    assert not process_alive(me["pid"], me["create_time"] + 2.0)
+    assert not process_alive(me["pid"], me["create_time"] - 3600.0)
+
+
 def _tags(owner: dict) -> dict:
     return {
         doctor.HOST_TAG: owner["host"],
