@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as `python bench/ui_screenshots.py`
     sys.path.insert(0, str(REPO))
 
+from flows.env import free_port  # noqa: E402  (imports nothing heavy)
 from flows.names import DAILY_EXPERIMENT, RUN_TAG  # noqa: E402  (imports nothing)
 
 # Binary names of Chromium on Debian/Ubuntu and of Google Chrome, in the order they are tried.
@@ -116,13 +116,6 @@ def chromium_command(chromium: str, url: str, png: Path, profile: Path) -> list[
         f"--screenshot={png}",
         url,
     ]
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (the kernel's choice)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def find_targets(tracking_uri: str, model: str = MODEL) -> Targets:

@@ -48,7 +48,7 @@ from pathlib import Path
 import psutil
 
 from csmf_core.fsutil import is_uri
-from flows.env import resolve_home
+from flows.env import free_port, resolve_home
 from flows.lock import process_alive, stop_process_group
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -183,7 +183,7 @@ def _start_postgres(stack: Stack, state: dict, pg_port: int, log) -> tuple[str, 
     from flows import postgres
 
     cluster = postgres.Cluster(stack.dir / "postgres", postgres.ensure_binaries(log))
-    port = pg_port or postgres.free_port()
+    port = pg_port or free_port()
     started = cluster.start(port)
     state["processes"]["postgres"] = {
         "pid": started["pid"],

@@ -178,3 +178,21 @@ def seed_from_template(db: Path, template: Path) -> bool:
     except FileExistsError:
         return False
     return True
+
+
+_PORTS_GIVEN: set[int] = set()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the kernel's choice), never one this process was given before:
+    two calls in a row, for two servers started together, cannot return the same port."""
+    import socket
+
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
+    raise OSError("no free TCP port on 127.0.0.1 that this process was not given before")

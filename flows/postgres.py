@@ -102,14 +102,6 @@ def ensure_binaries(log: Callable[[str], None] = print) -> Path:
     return found
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass(frozen=True)
 class Cluster:
     root: Path  # <home>/serve/postgres

@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,7 @@ import pytest
 
 from csmf_core.synth import generate
 from flows import deploy, postgres
+from flows.env import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -61,12 +61,6 @@ DATE = "2026-01-05"
 NEXT_DATE = "2026-01-06"  # the tiny preset's last partition (6 days from 2026-01-01)
 # one tiny daily run takes ~1 min on an idle 2-core machine and 5 min and more when it is shared
 RUN_TIMEOUT_S = int(os.environ.get("CSMF_TEST_RUN_TIMEOUT_S", "900"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prefect_run(api: str, home: Path, deployment: str, *params: str) -> str:

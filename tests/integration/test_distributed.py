@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import socket
 import subprocess
 
 import pytest
@@ -37,6 +36,7 @@ from csmf_core.masks import param_owners
 from csmf_core.optim import TrainingDiverged
 from csmf_core.rows import TrainRows
 from csmf_core.train import _batch_loss, segment_columns
+from flows.env import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -200,12 +200,6 @@ def test_teardown_exit_after_a_whole_result_is_kept_and_logged(tmp_path):
     assert "attempt_0/0" not in lines[0]  # empty logs are left out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_node_launchers_match_two_processes_on_one_node(world, one_node, tmp_path):
     """`torchrun --nnodes=2 --nproc-per-node=1 --node-rank=0/1 --rdzv-backend=c10d` on 127.0.0.1, the
     command a cluster runs on each machine (launch_command), through the same worker."""
@@ -215,7 +209,7 @@ def test_two_node_launchers_match_two_processes_on_one_node(world, one_node, tmp
     cfg_path.write_text(yaml.safe_dump(_plain(c2.to_dict()), sort_keys=False))
     out = tmp_path / "out"
     out.mkdir()
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     procs = []
     for node in (0, 1):
         cmd = launch_command(

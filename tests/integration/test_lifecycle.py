@@ -24,6 +24,7 @@ import pytest
 
 from csmf_core.synth import generate
 from flows import doctor
+from flows.env import free_port
 from flows.lock import date_lock, process_alive
 from flows.registry import REGISTERED_MODEL, RUN_TAG
 from flows.tracking import FAILURE_TAG, ensure_experiment
@@ -258,15 +259,11 @@ def test_a_full_disk_during_a_stage_fails_child_and_parent(harness, tiny, tmp_pa
 
 
 # ---- csmf ui ---------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_ui_stops_mlflow_and_its_workers_on_a_signal(sig, prefect_home, tmp_path):
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "ui.log"
     with log.open("w") as out:
         proc = subprocess.Popen(

@@ -31,17 +31,12 @@ import pytest
 from csmf_core import synth
 from csmf_core.serving import write_bundle
 from flows.cli import main as csmf
+from flows.env import free_port
 from flows.registry import REGISTERED_MODEL, champion, load_recommender, log_and_register, promote
 
 pytestmark = pytest.mark.integration
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_USERS, MAX_BODY_BYTES = 50, 16_384  # the server's CSMF_SERVE_MAX_USERS / CSMF_SERVE_MAX_BODY_BYTES
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, payload: dict) -> tuple[int, dict]:

@@ -63,10 +63,14 @@ def test_chromium_command_is_headless_sized_and_waits_for_the_app(shots, tmp_pat
     assert any(a.startswith("--virtual-time-budget=") and int(a.split("=")[1]) >= 5000 for a in cmd)
 
 
-def test_free_port_can_be_bound(shots):
+def test_free_ports_can_be_bound_and_never_repeat(shots):
+    """flows.env.free_port (the one every server start uses): bindable, and never a port this process
+    was given before, so two servers started together never get the same one."""
     import socket
 
-    port = shots.free_port()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))
+    ports = [shots.free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", ports[-2]))
+        b.bind(("127.0.0.1", ports[-1]))
     assert sys.modules["bench.ui_screenshots"] is shots
