@@ -87,6 +87,15 @@ def tiny():
 
 with api.use():
     assert tiny() == 2
+    # task runs are recorded by the server from queued client events: wait until it has them
+    import time
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterStateType
+    done = TaskRunFilter(state=dict(type=TaskRunFilterStateType(any_=["COMPLETED"])))
+    deadline = time.monotonic() + 60
+    with get_client(sync_client=True) as client:
+        while len(client.read_task_runs(task_run_filter=done)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
 print("RESULT " + json.dumps({"db": str(default_database())}))
 """
 
