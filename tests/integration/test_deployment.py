@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -86,21 +87,30 @@ def api_get(api: str, path: str) -> dict:
         return json.loads(r.read())
 
 
+def _request(api: str, path: str, method: str, body: bytes, deadline_s: float = 120.0) -> bytes:
+    """One JSON request to the Prefect API, retried while it answers 503: Prefect's answer when its
+    SQLite database is locked for a moment (the scheduler writes the new deployments' runs then)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        req = urllib.request.Request(f"{api}{path}", data=body, method=method)
+        req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.read()
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or time.monotonic() > deadline:
+                raise
+        time.sleep(1.0)
+
+
 def pause_schedules(api: str) -> int:
     """Turn every deployment schedule off (the server deletes the runs it had scheduled): a stack up
     across 03:00 UTC (or Sunday 01:00) would otherwise start an extra run mid-test."""
-    req = urllib.request.Request(f"{api}/deployments/filter", data=b"{}", method="POST")
-    req.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(req, timeout=10) as r:
-        deployments = json.loads(r.read())
     paused = 0
-    for d in deployments:
+    for d in json.loads(_request(api, "/deployments/filter", "POST", b"{}")):
         for sch in d["schedules"]:
-            url = f"{api}/deployments/{d['id']}/schedules/{sch['id']}"
-            req = urllib.request.Request(url, data=b'{"active": false}', method="PATCH")
-            req.add_header("Content-Type", "application/json")
-            with urllib.request.urlopen(req, timeout=10):
-                paused += 1
+            _request(api, f"/deployments/{d['id']}/schedules/{sch['id']}", "PATCH", b'{"active": false}')
+            paused += 1
     return paused
 
 
