@@ -100,6 +100,7 @@ def _request(api: str, path: str, method: str, body: bytes, deadline_s: float = 
         except urllib.error.HTTPError as exc:
             if exc.code != 503 or time.monotonic() > deadline:
                 raise
+            print(f"{method} {path}: 503 {exc.read()[:200]!r}; again in 1 s")
         time.sleep(1.0)
 
 
