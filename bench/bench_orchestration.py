@@ -171,11 +171,9 @@ class PrefectServer:
     SQLite), started once before the rounds and stopped (its whole process group) after them."""
 
     def __init__(self, home: Path, timeout: float = 300.0):
-        import socket
+        from flows.env import free_port  # the parent has the repository on sys.path (benchlib)
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         home.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                    PREFECT_UI_ENABLED="false")  # fmt: skip
@@ -192,6 +190,32 @@ class PrefectServer:
                 raise RuntimeError(f"prefect server did not start (log: {home / 'server.log'})")
             time.sleep(0.5)
         self.start_seconds = time.perf_counter() - t0
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds (user + system) the server's processes have used so far."""
+        import psutil
+
+        try:
+            procs = [
+                psutil.Process(self.process.pid),
+                *psutil.Process(self.process.pid).children(recursive=True),
+            ]
+        except psutil.Error:
+            return float("nan")
+        total = 0.0
+        for proc in procs:
+            try:
+                t = proc.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                continue
+        return total
+
+    def idle_cpu_share(self, seconds: float = 10.0) -> float:
+        """The share of one core the server uses with no client (its own services), over `seconds`."""
+        c0, t0 = self.cpu_seconds(), time.perf_counter()
+        time.sleep(seconds)
+        return (self.cpu_seconds() - c0) / (time.perf_counter() - t0)
 
     @property
     def api_url(self) -> str:
@@ -225,6 +249,7 @@ def run(
     data: dict | None = None,
     write: bool = True,
     arms: tuple[str, ...] = ARMS,
+    idle_s: float = 10.0,
 ) -> list[dict]:
     import shutil
 
@@ -238,12 +263,16 @@ def run(
     server = PrefectServer(base / "prefect-server") if "server" in arms else None
     res: dict[str, list[dict]] = {a: [] for a in arms}
     try:
+        idle = server.idle_cpu_share(idle_s) if server is not None else None
         for r in range(rounds):
             for arm in arms if r % 2 == 0 else arms[::-1]:
                 work = base / f"{arm}-{r}"
                 shutil.rmtree(work, ignore_errors=True)
                 work.mkdir(parents=True)
+                c0 = server.cpu_seconds() if server is not None else 0.0
                 res[arm].append(run_arm(arm, ds, work, overrides, prefect_home, server and server.api_url))
+                if arm == "server":  # the server shares this machine's cores with the run it serves
+                    res[arm][-1]["server_cpu"] = server.cpu_seconds() - c0
                 shutil.rmtree(work, ignore_errors=True)
     finally:
         if server is not None:
@@ -265,6 +294,10 @@ def run(
                 benchlib.median([x["phases"]["api_wait"] for x in res["embedded"]]), "s")  # fmt: skip
     if server is not None:
         rec.add("server: prefect server start (once, not in the arm)", server.start_seconds, "s")
+        rec.add(f"server: its CPU share of one core while idle (its own services, {idle_s:g} s)", idle, "")
+        if "server" in arms:
+            rec.add("server: its CPU seconds during the server arm (same cores as the run)",
+                    benchlib.median([x["server_cpu"] for x in res["server"]]), "s")  # fmt: skip
     if "direct" in arms:
         for k in ("imports", "ingest", "select", "cascade", "final"):
             rec.add(f"direct phase: {k}", benchlib.median([x["phases"][k] for x in res["direct"]]), "s")
@@ -290,7 +323,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if a.quick:
         tiny = {"name": "tiny", "n_users": 300, "n_items": 200, "n_days": 6, "requests_per_day": 340}
         quick = ["train.epochs=[1,1,1]", "recover.epochs=1", *a.overrides]
-        return run(1, quick, tiny, write=not a.no_write, arms=tuple(a.arms))
+        return run(1, quick, tiny, write=not a.no_write, arms=tuple(a.arms), idle_s=2.0)
     return run(a.rounds, a.overrides, write=not a.no_write, arms=tuple(a.arms))
 
 

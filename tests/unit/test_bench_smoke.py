@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,12 @@ def test_orchestration_all_arms():
         flow = figs[f"{arm} seconds (imports included)"]["value"]
         assert r["target"] == "<= 0.1" and r["value"] == pytest.approx((flow - direct) / flow)
     assert figs["embedded: csmf run waiting for the temporary API before the flow"]["value"] >= 0
+    # the server's own CPU: some while it served the run (events, task runs, logs), within its wall
+    # time on every core; while idle, within the cores
+    busy = figs["server: its CPU seconds during the server arm (same cores as the run)"]["value"]
+    assert 0 < busy <= figs["server process wall"]["value"] * os.cpu_count()
+    idle = figs["server: its CPU share of one core while idle (its own services, 2 s)"]["value"]
+    assert 0 <= idle <= os.cpu_count()
 
 
 def test_scaling_smoke():
