@@ -49,6 +49,7 @@ import pytest
 from csmf_core.synth import generate
 from flows import deploy, postgres
 from flows.env import free_port
+from tests.integration.conftest import RUN_TIMEOUT_S, SERVER_STARTUP_S
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -60,8 +61,6 @@ eval: {ks: [10, 50]}
 """
 DATE = "2026-01-05"
 NEXT_DATE = "2026-01-06"  # the tiny preset's last partition (6 days from 2026-01-01)
-# one tiny daily run takes ~1 min on an idle 2-core machine and 5 min and more when it is shared
-RUN_TIMEOUT_S = int(os.environ.get("CSMF_TEST_RUN_TIMEOUT_S", "900"))
 
 
 def prefect_run(api: str, home: Path, deployment: str, *params: str) -> str:
@@ -154,7 +153,7 @@ def stack(request, tmp_path_factory):
             config=root / "tiny.yaml",
             backend=backend,
             mlflow_port=free_port(),
-            timeout=float(os.environ.get("CSMF_TEST_SERVER_STARTUP_S", "300")),
+            timeout=SERVER_STARTUP_S,
         )
         print(f"\n{backend} stack up in {time.perf_counter() - t0:.1f}s")
         assert pause_schedules(state["api_url"]) == 2  # daily and weekly, as declared

@@ -28,7 +28,7 @@ from flows.env import free_port
 from flows.lock import date_lock, process_alive
 from flows.registry import REGISTERED_MODEL, RUN_TAG
 from flows.tracking import FAILURE_TAG, ensure_experiment
-from tests.integration.conftest import temporary_api
+from tests.integration.conftest import RUN_TIMEOUT_S, temporary_api
 
 pytestmark = pytest.mark.integration
 
@@ -81,9 +81,6 @@ def _runs(home: Path) -> dict[str, list]:
     for r in client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"]):
         out.setdefault(r.info.run_name, []).append(r)
     return out
-
-
-RUN_TIMEOUT_S = float(os.environ.get("CSMF_TEST_RUN_TIMEOUT_S", "900"))  # a tiny run: ~1 min idle
 
 
 def _wait_for_run(
