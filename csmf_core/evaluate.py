@@ -20,12 +20,12 @@ import torch
 from csmf_core.fusion import fuse_queries, mode_queries
 from csmf_core.metrics import (
     Relevant,
+    TopKCache,
     md_cell,
     paired_bootstrap,
     popularity_topk,
     random_topk,
     recall_ndcg,
-    topk_items,
 )
 from csmf_core.model import TowerInputs, TwoTower
 from csmf_core.rows import FeatureTables
@@ -124,23 +124,23 @@ class Ranked:
         self.items = item_matrix(model, tables)
         self.users = user_matrix(model, tables, ev.u, ev.hists)
         self.output_owners = output_owners
-        self._top: dict[tuple, tuple[int, np.ndarray]] = {}
+        self._top = TopKCache()
 
-    def mode(self, m: int, k: int) -> np.ndarray:
-        """(U, k) items by mode m's score."""
-        return self._get(("mode", m), k, lambda: mode_queries(self.users, self.output_owners, m))
+    def mode(self, m: int, k: int, rows: np.ndarray | None = None) -> np.ndarray:
+        """(U, k) items by mode m's score; rows: only these users' rankings are needed (the others
+        may be -1, see `metrics.topk_items`)."""
+        return self._top.get(
+            ("mode", m), k, lambda: (mode_queries(self.users, self.output_owners, m), self.items), rows
+        )
 
     def fused(self, weights: tuple[float, ...], k: int) -> np.ndarray:
         """(U, k) items by the fused score with these weights."""
         w = tuple(float(x) for x in weights)
-        return self._get(
-            ("fused", w), k, lambda: fuse_queries(self.users, self.output_owners, torch.tensor(w))
+        return self._top.get(
+            ("fused", w),
+            k,
+            lambda: (fuse_queries(self.users, self.output_owners, torch.tensor(w)), self.items),
         )
-
-    def _get(self, key: tuple, k: int, queries) -> np.ndarray:
-        if key not in self._top or self._top[key][0] < k:
-            self._top[key] = (k, topk_items(queries(), self.items, k))
-        return self._top[key][1][:, :k]
 
 
 def _rows(objective: str, scorer: str, res: dict[int, dict[str, float]]) -> list[dict]:

@@ -65,6 +65,7 @@ def topk_items(
     *,
     exclude_first: bool = True,
     chunk: int = 4096,
+    rows: np.ndarray | None = None,
 ) -> np.ndarray:
     """Exact top-K item indices by inner product over the whole catalog.
 
@@ -73,7 +74,18 @@ def topk_items(
     -inf) else min(k, N). Rows are sorted by score descending; ties are broken by lower item
     index first, deterministically. Users are processed in chunks of at most `chunk` rows (and at
     most 2**26 score elements) so memory stays bounded.
+
+    rows: the user rows that need a ranking (e.g. the users with a positive of the objective the
+    ranking is scored on, `Relevant.rows_with_positives`); every other row of the result is -1,
+    which `recall_ndcg` counts as a miss, and users without a positive are not counted anyway. The
+    rows asked for are ranked exactly as without `rows`: the users are scored in chunks of at
+    least `MIN_SUBSET_ROWS` rows (padded with other rows when fewer are asked for), because BLAS
+    computes a matrix product of only a few rows by another kernel, whose sums can differ in the
+    last bit (measured with torch's CPU sgemm: rows of products with 1-7 rows differ from the same
+    rows of a 4096-row product; with 16 rows or more they are bit-identical).
     """
+    if rows is not None:
+        return _topk_rows(user_vecs, item_vecs, k, exclude_first, chunk, np.asarray(rows, np.int64))
     if k <= 0:
         raise ValueError(f"k must be >= 1, got {k}")
     user_vecs = torch.as_tensor(user_vecs)
@@ -97,17 +109,76 @@ def topk_items(
         raise ValueError(f"no candidate items: catalog has {n_items} rows (exclude_first={exclude_first})")
     kk = min(k, n_cand)
     item_vecs = item_vecs.float()
-    rows = max(1, min(chunk, _MAX_CHUNK_ELEMENTS // n_items))
-    out = np.empty((user_vecs.shape[0], kk), dtype=np.int64)
+    n_users = user_vecs.shape[0]
+    per = max(1, min(chunk, _MAX_CHUNK_ELEMENTS // n_items))
+    # Balanced chunks (sizes differ by at most one row): a short last chunk would go through BLAS's
+    # few-row kernel, whose sums can differ in the last bit from the same rows of a longer product.
+    n_chunks = -(-n_users // per)
+    bounds = [n_users * c // n_chunks for c in range(n_chunks + 1)] if n_chunks else [0]
+    out = np.empty((n_users, kk), dtype=np.int64)
     items_t = item_vecs.T.contiguous()
     # One reused score buffer: a fresh (rows, N) allocation per chunk costs more than the matmul.
-    buf = torch.empty((min(rows, user_vecs.shape[0]), n_items), dtype=torch.float32, device=item_vecs.device)
-    for start in range(0, user_vecs.shape[0], rows):
-        u = user_vecs[start : start + rows].to(item_vecs.device, torch.float32)
+    longest = -(-n_users // n_chunks) if n_chunks else 0
+    buf = torch.empty((longest, n_items), dtype=torch.float32, device=item_vecs.device)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        u = user_vecs[start:end].to(item_vecs.device, torch.float32)
         scores = torch.mm(u, items_t, out=buf[: u.shape[0]])
         if exclude_first:
             scores[:, 0] = -math.inf
         out[start : start + u.shape[0]] = _sorted_topk(scores, kk).cpu().numpy()
+    return out
+
+
+MIN_SUBSET_ROWS = 64  # see topk_items(rows=)
+
+
+class TopKCache:
+    """Top-k rankings of one set of users, kept by key (`evaluate.Ranked`, the comparison protocol's
+    `ResultRanked`). A ranking computed at k serves every k' <= k (prefix). A ranking of only some
+    rows (`rows=`, see `topk_items`) is kept apart from the full one and serves the same rows only;
+    a full ranking serves any request."""
+
+    def __init__(self):
+        self._full: dict[tuple, tuple[int, np.ndarray]] = {}
+        self._part: dict[tuple, tuple[int, np.ndarray, np.ndarray]] = {}
+
+    def get(self, key: tuple, k: int, vectors, rows: np.ndarray | None = None) -> np.ndarray:
+        """(U, k) ranking under `key`; vectors() -> (user vectors, item vectors), called only on a miss."""
+        if key in self._full and self._full[key][0] >= k:
+            return self._full[key][1][:, :k]
+        if rows is None:
+            u, v = vectors()
+            self._full[key] = (k, topk_items(u, v, k))
+            return self._full[key][1]
+        rows = np.asarray(rows, np.int64)
+        hit = self._part.get(key)
+        if hit is None or hit[0] < k or not np.array_equal(hit[1], rows):
+            u, v = vectors()
+            hit = self._part[key] = (k, rows, topk_items(u, v, k, rows=rows))
+        return hit[2][:, :k]
+
+
+def _topk_rows(
+    user_vecs: torch.Tensor,
+    item_vecs: torch.Tensor,
+    k: int,
+    exclude_first: bool,
+    chunk: int,
+    rows: np.ndarray,
+) -> np.ndarray:
+    """topk_items(..., rows=rows): only `rows` ranked (with padding rows up to MIN_SUBSET_ROWS), -1 elsewhere."""
+    user_vecs = torch.as_tensor(user_vecs)
+    n_users = user_vecs.shape[0]
+    if rows.size and (rows.min() < 0 or rows.max() >= n_users):
+        raise ValueError(f"rows must index the {n_users} users, got values in [{rows.min()}, {rows.max()}]")
+    asked = np.unique(rows)
+    want = asked
+    if want.size < min(MIN_SUBSET_ROWS, n_users):  # pad with the first rows not asked for
+        others = np.setdiff1d(np.arange(min(n_users, 2 * MIN_SUBSET_ROWS), dtype=np.int64), want)
+        want = np.union1d(want, others[: min(MIN_SUBSET_ROWS, n_users) - want.size])
+    top = topk_items(user_vecs[torch.as_tensor(want)], item_vecs, k, exclude_first=exclude_first, chunk=chunk)
+    out = np.full((n_users, top.shape[1]), -1, dtype=np.int64)
+    out[asked] = top[np.searchsorted(want, asked)]
     return out
 
 
@@ -128,6 +199,10 @@ class Relevant:
 
     def __len__(self) -> int:
         return int(self.n_rel.size)
+
+    def rows_with_positives(self) -> np.ndarray:
+        """(R,) int64 user rows with >= 1 relevant item: the only rows `recall_ndcg` counts."""
+        return np.flatnonzero(self.n_rel > 0)
 
     @classmethod
     def of(cls, relevant: Sequence[np.ndarray] | Relevant) -> Relevant:

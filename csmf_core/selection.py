@@ -155,7 +155,7 @@ def validation_score(
             continue
         out.popularity[o], out.users[o] = pop, n
         for s in scorers:
-            top = ranked.mode(t, k) if s == "own" else ranked.fused(w, k)
+            top = ranked.mode(t, k, rows=rel.rows_with_positives()) if s == "own" else ranked.fused(w, k)
             r = float(recall_ndcg(top, rel, (k,))[k]["recall"])
             out.recall[(o, s)], out.ratio[(o, s)] = r, _ratio(r, pop)
             ratios.append(out.ratio[(o, s)])

@@ -86,11 +86,16 @@ def own_mode_recall(
     stage: int,
     k: int,
 ) -> float:
-    """Recall@k of objective `stage` under mode `stage` on the validation users (NaN if none has a positive)."""
+    """Recall@k of objective `stage` under mode `stage` on the validation users (NaN if none has a positive).
+    Only the users with a positive of the objective are ranked: the others do not count."""
+    rel = val.relevant(stage)
+    rows = rel.rows_with_positives()
+    if rows.size == 0:
+        return float("nan")
     items = item_matrix(model, tables)
     users = user_matrix(model, tables, val.u, val.hists)
-    top = topk_items(mode_queries(users, output_owners, stage), items, k)
-    return float(recall_ndcg(top, val.relevant(stage), (k,))[k]["recall"])
+    top = topk_items(mode_queries(users, output_owners, stage), items, k, rows=rows)
+    return float(recall_ndcg(top, rel, (k,))[k]["recall"])
 
 
 class EpochSelector:

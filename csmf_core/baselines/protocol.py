@@ -54,7 +54,7 @@ from csmf_core.baselines.serving_cost import fused_vectors
 from csmf_core.cascade import CascadeData, load_cascade_data
 from csmf_core.config import CSMFConfig
 from csmf_core.evaluate import EvalRows
-from csmf_core.metrics import popularity_topk, recall_ndcg, topk_items
+from csmf_core.metrics import TopKCache, popularity_topk, recall_ndcg
 from csmf_core.selection import ValidationScore, popularity_recalls, validation_score, weight_grid
 from csmf_core.tuning import refit_config, run_trial, trial_config
 
@@ -82,21 +82,20 @@ class ResultRanked:
         self.users, self.items = vectors
         self.served, self.objectives = list(served), list(objectives)
         self._result = MethodResult("validation", self.users, self.items, 0.0, 0, 0)
-        self._top: dict[tuple, tuple[int, np.ndarray]] = {}
+        self._top = TopKCache()
 
-    def mode(self, t: int, k: int) -> np.ndarray:
+    def mode(self, t: int, k: int, rows: np.ndarray | None = None) -> np.ndarray:
         o = self.served[t]
-        return self._get(("mode", o), k, lambda: (self.users[o], self.items[o]))
+        return self._top.get(("mode", o), k, lambda: (self.users[o].float(), self.items[o].float()), rows)
 
     def fused(self, weights: Sequence[float], k: int) -> np.ndarray:
         w = tuple(float(x) for x in weights)
-        return self._get(("fused", w), k, lambda: fused_vectors(self._result, dict(zip(self.objectives, w))))
 
-    def _get(self, key: tuple, k: int, vectors: Callable) -> np.ndarray:
-        if key not in self._top or self._top[key][0] < k:
-            u, v = vectors()
-            self._top[key] = (k, topk_items(u.float(), v.float(), k))
-        return self._top[key][1][:, :k]
+        def vectors():
+            u, v = fused_vectors(self._result, dict(zip(self.objectives, w)))
+            return u.float(), v.float()
+
+        return self._top.get(("fused", w), k, vectors)
 
 
 def vectors_score(

@@ -82,11 +82,10 @@ def prefect_run(api: str, home: Path, deployment: str, *params: str) -> str:
 
 
 def api_get(api: str, path: str) -> dict:
-    with urllib.request.urlopen(f"{api}{path}", timeout=10) as r:
-        return json.loads(r.read())
+    return json.loads(_request(api, path, "GET", None))
 
 
-def _request(api: str, path: str, method: str, body: bytes, deadline_s: float = 120.0) -> bytes:
+def _request(api: str, path: str, method: str, body: bytes | None, deadline_s: float = 120.0) -> bytes:
     """One JSON request to the Prefect API, retried while it answers 503: Prefect's answer when its
     SQLite database is locked for a moment (the scheduler writes the new deployments' runs then)."""
     deadline = time.monotonic() + deadline_s

@@ -128,3 +128,83 @@ def test_choose_vector_weights_same_choice_and_rows(served):
         best, rows, _ = protocol.choose_vector_weights((users, items), dv, k)
         assert (best, rows) == old_choose_vector_weights((users, items), dv, k)
         assert np.isfinite([r["score"] for r in rows]).all()
+
+
+# ---- validation scoring ranks only the users a score counts (topk_items(rows=)) ----------------------
+class FullRanked(Ranked):
+    """evaluate.Ranked as before `rows=`: every mode ranking covers every user."""
+
+    def mode(self, m, k, rows=None):
+        return super().mode(m, k)
+
+
+class FullResultRanked(protocol.ResultRanked):
+    def mode(self, t, k, rows=None):
+        return super().mode(t, k)
+
+
+def old_own_mode_recall(model, output_owners, tables, val, stage, k):
+    """validation.own_mode_recall before it ranked only the users with a positive of the objective."""
+    from csmf_core.evaluate import item_matrix, user_matrix
+    from csmf_core.fusion import mode_queries
+    from csmf_core.metrics import recall_ndcg, topk_items
+
+    items = item_matrix(model, tables)
+    users = user_matrix(model, tables, val.u, val.hists)
+    top = topk_items(mode_queries(users, output_owners, stage), items, k)
+    return float(recall_ndcg(top, val.relevant(stage), (k,))[k]["recall"])
+
+
+def sparser_positives(ev):
+    """`ev` with the click positives of every 2nd user and the conversion positives of 3 users in 4
+    removed (the random data give every user a positive of each objective; real data do not)."""
+    from csmf_core.evaluate import EvalRows
+
+    empty = np.zeros(0, np.int64)
+    keep = (lambda i: True, lambda i: i % 2 == 0, lambda i: i % 4 == 0)
+    pos = [[p if keep[t](i) else empty for i, p in enumerate(ev.pos[t])] for t in range(len(ev.pos))]
+    return EvalRows(ev.u, ev.hists, pos)
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_scoring_only_users_with_positives_gives_the_same_recall(trained_random, k):
+    from csmf_core.validation import own_mode_recall
+
+    t = trained_random
+    data, model, out = t["data"], t["model"], t["owners"].output_owners()
+    for ev in (data.eval, sparser_positives(data.eval)):
+        for stage in range(3):
+            args = (model, out, data.tables, ev, stage, k)
+            assert own_mode_recall(*args) == old_own_mode_recall(*args)
+        w = (1.0, 1.8, 1.2)
+        for scorers in (("own",), ("own", "fused")):
+            new = validation_score(
+                Ranked(model, out, data.tables, ev), ev, data.objectives, data.counts, w, k, scorers=scorers
+            )
+            old = validation_score(
+                FullRanked(model, out, data.tables, ev),
+                ev,
+                data.objectives,
+                data.counts,
+                w,
+                k,
+                scorers=scorers,
+            )
+            assert new == old
+    n_pos = [int((sparser_positives(data.eval).relevant(s).n_rel > 0).sum()) for s in range(3)]
+    assert n_pos[2] < n_pos[1] < n_pos[0] == len(data.eval)  # the subset path was exercised
+
+
+def test_protocol_scoring_only_users_with_positives_gives_the_same_score():
+    data = random_cascade_data()
+    dv = dataclasses.replace(data, val=sparser_positives(data.eval), val_counts=data.counts, val_days=1)
+    g = torch.Generator().manual_seed(5)
+    n_users, n_items = len(dv.val), dv.tables.items_cat.shape[0]
+    served = list(dv.objectives)
+    users = {o: torch.randn(n_users, 8, generator=g) for o in served}
+    items = {o: torch.randn(n_items, 8, generator=g) for o in served}
+    for k in (2, 10):
+        new = protocol.vectors_score((users, items), dv, (1.0, 1.0, 1.0), k)
+        full = FullResultRanked((users, items), served, served)
+        old = protocol.vectors_score((users, items), dv, (1.0, 1.0, 1.0), k, ranked=full)
+        assert new == old

@@ -108,7 +108,7 @@ def test_topk_items_matches_bruteforce_argsort():
     users[:, 0] = users[:, 0].abs() + 1
     items[0] = 0.0
     items[0, 0] = 1000.0
-    got = topk_items(users, items, 10, chunk=7)  # small chunk: several chunks plus a ragged last one
+    got = topk_items(users, items, 10, chunk=7)  # small chunk: several (balanced) chunks
     scores = users.double().numpy() @ items.double().numpy().T
     scores[:, 0] = -np.inf
     want = np.argsort(-scores, axis=1, kind="stable")[:, :10]
@@ -300,3 +300,52 @@ def test_eval_rows_relevant_is_prepared_once_and_follows_replaced_lists():
     assert ev.relevant(0).n_rel.tolist() == [0, 2]
     top = np.array([[1, 2], [4, 3]])
     assert recall_ndcg(top, ev.relevant(0), [2])[2]["recall"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("n_rows", [0, 1, 5, 63, 64, 150, 200])
+@pytest.mark.parametrize("chunk", [4096, 7])
+def test_topk_items_rows_ranks_only_those_rows_as_brute_force(n_rows, chunk):
+    g = torch.Generator().manual_seed(n_rows)
+    users, items = torch.randn(200, 12, generator=g), torch.randn(90, 12, generator=g)
+    scores = users.double().numpy() @ items.double().numpy().T
+    scores[:, 0] = -np.inf
+    brute = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+    rows = np.sort(np.random.default_rng(n_rows).choice(200, n_rows, replace=False))
+    got = topk_items(users, items, 10, chunk=chunk, rows=rows[::-1])  # any order
+    assert got.shape == (200, 10) and got.dtype == np.int64
+    np.testing.assert_array_equal(got[rows], brute[rows])
+    others = np.setdiff1d(np.arange(200), rows)
+    assert (got[others] == -1).all()  # padding rows (scored to keep BLAS on one kernel) are not returned
+    # a user row that needs no ranking counts nowhere: the same recall as the full ranking
+    rel = Relevant.of(
+        [np.array([3, 7]) if r in set(rows.tolist()) else np.zeros(0, np.int64) for r in range(200)]
+    )
+    full = topk_items(users, items, 10)
+    if n_rows:  # (no user counted: NaN on both sides)
+        assert recall_ndcg(got, rel, (5, 10)) == recall_ndcg(full, rel, (5, 10))
+    with pytest.raises(ValueError, match="rows must index"):
+        topk_items(users, items, 10, rows=np.array([200]))
+
+
+def test_topk_cache_serves_prefixes_and_keeps_row_rankings_apart():
+    from csmf_core.metrics import TopKCache
+
+    g = torch.Generator().manual_seed(1)
+    users, items = torch.randn(100, 6, generator=g), torch.randn(40, 6, generator=g)
+    calls = []
+
+    def vectors():
+        calls.append(1)
+        return users, items
+
+    cache, rows = TopKCache(), np.array([2, 50, 99])
+    part = cache.get("a", 5, vectors, rows)
+    assert len(calls) == 1 and (part[0] == -1).all()
+    assert cache.get("a", 3, vectors, rows).shape == (100, 3) and len(calls) == 1  # prefix, same rows
+    cache.get("a", 3, vectors, np.array([1]))  # other rows: ranked again
+    assert len(calls) == 2
+    full = cache.get("a", 5, vectors)  # a full request is never served by a partial ranking
+    assert len(calls) == 3 and (full >= 1).all()
+    np.testing.assert_array_equal(full[rows], part[rows])
+    np.testing.assert_array_equal(cache.get("a", 4, vectors, rows), full[:, :4])  # the full one serves rows
+    assert len(calls) == 3

@@ -71,7 +71,7 @@ class _Fixed:
     def __init__(self, modes, fused):
         self.modes, self.fused_top = modes, fused
 
-    def mode(self, m, k):
+    def mode(self, m, k, rows=None):
         return self.modes[m][:, :k]
 
     def fused(self, w, k):
