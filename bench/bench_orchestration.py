@@ -286,7 +286,8 @@ def run(
         if arm in arms and "direct" in arms:
             ratios = [(a["seconds"] - b["seconds"]) / a["seconds"] for a, b in zip(res[arm], res["direct"])]
             rec.add(f"orchestration overhead, {arm} ({labels[arm]})", benchlib.median(ratios), "", "<= 0.1",
-                    rounds=rounds)  # fmt: skip
+                    rounds=rounds, per_round=[round(x, 4) for x in ratios])  # fmt: skip
+            print(f"orchestration overhead per round, {arm}: " + ", ".join(f"{x:.1%}" for x in ratios))
     for arm in arms:
         rec.add(f"{arm} seconds (imports included)", med(arm, "seconds"), "s")
     if "embedded" in arms:
