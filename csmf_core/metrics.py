@@ -82,10 +82,12 @@ def topk_items(
     least `MIN_SUBSET_ROWS` rows (padded with other rows when fewer are asked for), because BLAS
     computes a matrix product of only a few rows by another kernel, whose sums can differ in the
     last bit (measured with torch's CPU sgemm: rows of products with 1-7 rows differ from the same
-    rows of a 4096-row product; with 16 rows or more they are bit-identical).
+    rows of a 4096-row product; with 16 rows or more they are bit-identical). That holds while a
+    chunk can hold 16 rows (catalogs of up to ~4M items under the 2**26-element cap) and was
+    measured on the CPU only (on CUDA, cuBLAS may pick its kernel by the number of rows too).
     """
     if rows is not None:
-        return _topk_rows(user_vecs, item_vecs, k, exclude_first, chunk, np.asarray(rows, np.int64))
+        return _topk_rows(user_vecs, item_vecs, k, exclude_first, chunk, np.asarray(rows))
     if k <= 0:
         raise ValueError(f"k must be >= 1, got {k}")
     user_vecs = torch.as_tensor(user_vecs)
@@ -150,7 +152,7 @@ class TopKCache:
             u, v = vectors()
             self._full[key] = (k, topk_items(u, v, k))
             return self._full[key][1]
-        rows = np.asarray(rows, np.int64)
+        rows = np.array(rows, np.int64)  # a copy: the caller's array may change after this call
         hit = self._part.get(key)
         if hit is None or hit[0] < k or not np.array_equal(hit[1], rows):
             u, v = vectors()
@@ -169,8 +171,12 @@ def _topk_rows(
     """topk_items(..., rows=rows): only `rows` ranked (with padding rows up to MIN_SUBSET_ROWS), -1 elsewhere."""
     user_vecs = torch.as_tensor(user_vecs)
     n_users = user_vecs.shape[0]
+    if rows.dtype == bool or not np.issubdtype(rows.dtype, np.integer):
+        raise ValueError(f"rows must be row indices (integers), got dtype {rows.dtype}")
     if rows.size and (rows.min() < 0 or rows.max() >= n_users):
         raise ValueError(f"rows must index the {n_users} users, got values in [{rows.min()}, {rows.max()}]")
+    if user_vecs.ndim == 2 and not bool(torch.isfinite(user_vecs).all()):  # every user, as without rows
+        raise ValueError("user_vecs contains NaN/inf values")
     asked = np.unique(rows)
     want = asked
     if want.size < min(MIN_SUBSET_ROWS, n_users):  # pad with the first rows not asked for

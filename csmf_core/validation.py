@@ -90,8 +90,6 @@ def own_mode_recall(
     Only the users with a positive of the objective are ranked: the others do not count."""
     rel = val.relevant(stage)
     rows = rel.rows_with_positives()
-    if rows.size == 0:
-        return float("nan")
     items = item_matrix(model, tables)
     users = user_matrix(model, tables, val.u, val.hists)
     top = topk_items(mode_queries(users, output_owners, stage), items, k, rows=rows)

@@ -155,6 +155,18 @@ def old_own_mode_recall(model, output_owners, tables, val, stage, k):
     return float(recall_ndcg(top, val.relevant(stage), (k,))[k]["recall"])
 
 
+def more_users(ev, n_items, times=5, seed=0):
+    """`ev` with every user `times` times, each copy with its own behaviour sequences and positive:
+    more rows than the 64 a partial ranking is padded to, so the partial rankings are real subsets."""
+    from csmf_core.evaluate import EvalRows
+
+    g = torch.Generator().manual_seed(seed)
+    n = len(ev) * times
+    hists = [torch.randint(0, n_items, (n, h.shape[1]), generator=g) for h in ev.hists]
+    pos = [[np.array([int(x)]) for x in torch.randint(1, n_items, (n,), generator=g)] for _ in ev.pos]
+    return EvalRows(ev.u.repeat(times), hists, pos)
+
+
 def sparser_positives(ev):
     """`ev` with the click positives of every 2nd user and the conversion positives of 3 users in 4
     removed (the random data give every user a positive of each objective; real data do not)."""
@@ -172,7 +184,8 @@ def test_scoring_only_users_with_positives_gives_the_same_recall(trained_random,
 
     t = trained_random
     data, model, out = t["data"], t["model"], t["owners"].output_owners()
-    for ev in (data.eval, sparser_positives(data.eval)):
+    many = more_users(data.eval, data.tables.items_cat.shape[0])
+    for ev in (data.eval, many, sparser_positives(many)):
         for stage in range(3):
             args = (model, out, data.tables, ev, stage, k)
             assert own_mode_recall(*args) == old_own_mode_recall(*args)
@@ -191,13 +204,14 @@ def test_scoring_only_users_with_positives_gives_the_same_recall(trained_random,
                 scorers=scorers,
             )
             assert new == old
-    n_pos = [int((sparser_positives(data.eval).relevant(s).n_rel > 0).sum()) for s in range(3)]
-    assert n_pos[2] < n_pos[1] < n_pos[0] == len(data.eval)  # the subset path was exercised
+    n_pos = [int((sparser_positives(many).relevant(s).n_rel > 0).sum()) for s in range(3)]
+    assert 64 < n_pos[2] < n_pos[1] < n_pos[0] == len(many)  # real subsets, past the 64-row padding
 
 
 def test_protocol_scoring_only_users_with_positives_gives_the_same_score():
-    data = random_cascade_data()
+    data = random_cascade_data(n_users=400)
     dv = dataclasses.replace(data, val=sparser_positives(data.eval), val_counts=data.counts, val_days=1)
+    assert (dv.val.relevant(2).n_rel > 0).sum() > 64  # a real subset, past the 64-row padding
     g = torch.Generator().manual_seed(5)
     n_users, n_items = len(dv.val), dv.tables.items_cat.shape[0]
     served = list(dv.objectives)

@@ -349,3 +349,26 @@ def test_topk_cache_serves_prefixes_and_keeps_row_rankings_apart():
     np.testing.assert_array_equal(full[rows], part[rows])
     np.testing.assert_array_equal(cache.get("a", 4, vectors, rows), full[:, :4])  # the full one serves rows
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("n_users", [40, 300, 9000])
+def test_topk_items_rows_give_the_full_rankings_rows(n_users):
+    # whole-catalog rankings (k = every candidate): any difference in the scores' order shows; a catalog
+    # with repeated item vectors has exact ties, broken by index in both paths
+    g = torch.Generator().manual_seed(n_users)
+    users, items = torch.randn(n_users, 16, generator=g), torch.randn(120, 16, generator=g)
+    items[60:80] = items[40:60]
+    full = topk_items(users, items, 119, chunk=4096)
+    rng = np.random.default_rng(0)
+    for n in (1, 10, 65, n_users // 3, n_users):
+        rows = rng.choice(n_users, min(n, n_users), replace=False)
+        np.testing.assert_array_equal(topk_items(users, items, 119, rows=rows)[rows], full[rows])
+
+
+def test_topk_items_rows_checks_every_user_and_rejects_masks():
+    users, items = torch.randn(100, 4), torch.randn(20, 4)
+    users[7, 2] = float("nan")  # a user that is not ranked still makes the vectors invalid, as before
+    with pytest.raises(ValueError, match="NaN"):
+        topk_items(users, items, 5, rows=np.array([1, 2]))
+    with pytest.raises(ValueError, match="row indices"):
+        topk_items(torch.randn(100, 4), items, 5, rows=np.ones(100, dtype=bool))
