@@ -171,13 +171,13 @@ def _topk_rows(
     """topk_items(..., rows=rows): only `rows` ranked (with padding rows up to MIN_SUBSET_ROWS), -1 elsewhere."""
     user_vecs = torch.as_tensor(user_vecs)
     n_users = user_vecs.shape[0]
-    if rows.dtype == bool or not np.issubdtype(rows.dtype, np.integer):
+    if rows.size and not np.issubdtype(rows.dtype, np.integer):  # (a boolean mask is not an integer)
         raise ValueError(f"rows must be row indices (integers), got dtype {rows.dtype}")
     if rows.size and (rows.min() < 0 or rows.max() >= n_users):
         raise ValueError(f"rows must index the {n_users} users, got values in [{rows.min()}, {rows.max()}]")
     if user_vecs.ndim == 2 and not bool(torch.isfinite(user_vecs).all()):  # every user, as without rows
         raise ValueError("user_vecs contains NaN/inf values")
-    asked = np.unique(rows)
+    asked = np.unique(rows).astype(np.int64)
     want = asked
     if want.size < min(MIN_SUBSET_ROWS, n_users):  # pad with the first rows not asked for
         others = np.setdiff1d(np.arange(min(n_users, 2 * MIN_SUBSET_ROWS), dtype=np.int64), want)

@@ -372,3 +372,4 @@ def test_topk_items_rows_checks_every_user_and_rejects_masks():
         topk_items(users, items, 5, rows=np.array([1, 2]))
     with pytest.raises(ValueError, match="row indices"):
         topk_items(torch.randn(100, 4), items, 5, rows=np.ones(100, dtype=bool))
+    assert (topk_items(torch.randn(100, 4), items, 5, rows=[]) == -1).all()  # an empty list: nothing ranked
