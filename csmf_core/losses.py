@@ -52,18 +52,30 @@ def item_log_q(counts: torch.Tensor) -> torch.Tensor:
     return torch.log(c / c.sum()).float()
 
 
-def aml_margins(up_pos: torch.Tensor, up_neg: torch.Tensor, sigma: float, eta: float) -> torch.Tensor:
+def aml_margins(
+    up_pos: torch.Tensor, up_neg: torch.Tensor, sigma: float, eta: float, *, negate: bool = False
+) -> torch.Tensor:
     """Adaptive margins. up_pos: (B, 1) or (B,), up_neg: (B, K) -> (B, K).
 
     Computed as sigma + (1 + eta) * relu(d) - eta * d with d = up_pos - up_neg, which is
     d + sigma for d >= 0 and eta * (-d) + sigma for d < 0 (no boolean select: `torch.where` and
     `masked_fill` on a (B, B) matrix cost 3-5x more than this arithmetic on the CPU builds measured).
+
+    negate=True returns -margins, bit for bit what negating the result would give, without the extra
+    pass over the matrix: every step is computed with its sign flipped (IEEE rounding is symmetric, so
+    round(-x) = -round(x)); only the sign of an exact zero may differ, which no later step can see
+    (it is added to a logit). sigma = 0 (the default) skips adding it (x + 0 = x).
     """
     if up_pos.dim() == 1:
         up_pos = up_pos[:, None]
     diff = up_pos - up_neg
+    if negate:  # -(1 + eta) relu(d) + eta d - sigma
+        m = torch.relu(diff).mul_(-(1.0 + eta))
+        m.add_(diff, alpha=eta)
+        return m.sub_(sigma) if sigma else m
     m = torch.relu(diff).mul_(1.0 + eta)
-    return m.sub_(diff, alpha=eta).add_(sigma)
+    m.sub_(diff, alpha=eta)
+    return m.add_(sigma) if sigma else m
 
 
 def accidental_hits(items: torch.Tensor) -> torch.Tensor:
@@ -97,6 +109,7 @@ def sampled_softmax(
     temperature: float = 1.0,
     log_q: torch.Tensor | None = None,
     margins: torch.Tensor | None = None,
+    margin_bias: torch.Tensor | None = None,
     extra_scores: torch.Tensor | None = None,
     extra_items: torch.Tensor | None = None,
     extra_margins: torch.Tensor | None = None,
@@ -107,15 +120,21 @@ def sampled_softmax(
     items: (B,) item index of each row's positive (for accidental-hit removal).
     log_q: (B,) log sampling probability of each in-batch item, or None.
     margins: (B, B) AML margins for in-batch negatives (diagonal ignored), or None.
+    margin_bias: instead of margins, their negation as `aml_margins(..., negate=True)` returns it
+        (one pass over the (B, B) matrix fewer; the same loss bit for bit). It is taken over:
+        the function builds its bias in it, in place.
     extra_scores / extra_items / extra_margins: (B, M) same-request negatives; item 0 = padding.
     """
     logits = scores if temperature == 1.0 else scores / temperature
     with torch.no_grad():  # log-Q, margins and removed columns go into one additive (B, B) bias
         rows, cols, per_row = _hit_pairs(items)
         n_neg = (logits.shape[1] - 1) - per_row.to(logits.dtype)
-        bias = None
         if margins is not None:
-            bias = -margins
+            if margin_bias is not None:
+                raise ValueError("give margins or margin_bias, not both")
+            margin_bias = -margins
+        bias = margin_bias
+        if bias is not None:
             bias.diagonal().zero_()  # the positive gets no margin
             if log_q is not None:
                 bias.sub_(log_q[None, :])

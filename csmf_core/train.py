@@ -315,13 +315,13 @@ def _batch_loss(
             return day_vec[dinv[:, None], inv[B:].view(B, extra_items.shape[1])]
 
     scores = pair_scores()
-    margins = None
+    margin_bias = None
     up = None
     if use_aml:
         with torch.no_grad():
             segs = [pair_scores(cols) for cols in seg_cols]
             up = upstream_scores(segs, stage, cfg.loss.upstream)
-            margins = aml_margins(up.diagonal(), up, cfg.loss.sigma, cfg.loss.eta)
+            margin_bias = aml_margins(up.diagonal(), up, cfg.loss.sigma, cfg.loss.eta, negate=True)
     extra = extra_margins = None
     if use_neg:
         nvec = neg_vectors()
@@ -339,7 +339,7 @@ def _batch_loss(
         it,
         temperature=cfg.loss.temperature,
         log_q=None if log_q is None else log_q[it],
-        margins=margins,
+        margin_bias=margin_bias,
         extra_scores=extra,
         extra_items=extra_items,
         extra_margins=extra_margins,

@@ -143,7 +143,7 @@ def _mode_loss(
     neg_pos = items.inv[n:].view(b.neg.shape) if use_neg else None
     uvec = model.user_vectors(u_in, stage)
     all_vec = items.encode(lambda x: model.item_vectors(x, stage))
-    margins = extra = extra_margins = None
+    margin_bias = extra = extra_margins = None
     if use_neg:
         extra = torch.einsum("bd,bmd->bm", uvec, items.own(all_vec, neg_pos))
     if cfg.loss.aml and stage >= 1:
@@ -159,7 +159,7 @@ def _mode_loss(
                     modes_n.append(torch.einsum("bd,bmd->bm", ur, items.own(vr, neg_pos)))
             inc = [modes[0]] + [modes[r] - modes[r - 1] for r in range(1, stage)]
             up = upstream_scores(inc, stage, cfg.loss.upstream)
-            margins = aml_margins(up.diagonal(), up, cfg.loss.sigma, cfg.loss.eta)
+            margin_bias = aml_margins(up.diagonal(), up, cfg.loss.sigma, cfg.loss.eta, negate=True)
             if use_neg:
                 inc_n = [modes_n[0]] + [modes_n[r] - modes_n[r - 1] for r in range(1, stage)]
                 up_n = upstream_scores(inc_n, stage, cfg.loss.upstream)
@@ -170,7 +170,7 @@ def _mode_loss(
         b.i,
         temperature=cfg.loss.temperature,
         log_q=lq,
-        margins=margins,
+        margin_bias=margin_bias,
         extra_scores=extra,
         extra_items=b.neg if use_neg else None,
         extra_margins=extra_margins,

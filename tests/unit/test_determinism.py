@@ -45,3 +45,30 @@ def test_deterministic_kernels_restores_the_previous_setting():
     assert not torch.are_deterministic_algorithms_enabled()
     with deterministic_kernels(False):
         assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.utils.deterministic.fill_uninitialized_memory  # torch's default, untouched
+
+
+def test_no_nan_fill_of_new_tensors_inside_and_the_same_model(tiny, monkeypatch):
+    # torch's deterministic mode fills every new tensor with NaN unless told not to; training turns
+    # that off (cost) and restores it, and a cascade trained with the fill on is bit-identical
+    import contextlib
+
+    from csmf_core import optim
+
+    with deterministic_kernels(True):
+        assert not torch.utils.deterministic.fill_uninitialized_memory
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    cfg = build_config({}, ["train.epochs=[1,1,1]", "recover.epochs=1"])
+    plain, _, _ = run_cascade(tiny, cfg)
+    original = optim.deterministic_kernels
+
+    @contextlib.contextmanager
+    def filling(enabled):
+        with original(enabled):
+            torch.utils.deterministic.fill_uninitialized_memory = True
+            yield
+
+    monkeypatch.setattr(optim, "deterministic_kernels", filling)
+    filled, _, _ = run_cascade(tiny, cfg)
+    a, b = plain.state_dict(), filled.state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []

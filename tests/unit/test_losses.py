@@ -129,3 +129,31 @@ def test_fast_bias_path_matches_the_textbook_one(dtype):
     hits = accidental_hits(items)
     assert got.n_neg == pytest.approx(float((b - 1) - hits.sum(dim=1).double().mean()))
     assert bool(hits.any())  # the case under test really has accidental hits
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.1])
+def test_negated_margins_are_the_negation_bit_for_bit(sigma):
+    # negate=True saves a pass over the (B, B) matrix; it must be exactly -margins (up to the sign of
+    # an exact zero), and the loss and gradient through margin_bias exactly those through margins
+    g = torch.Generator().manual_seed(5)
+    b = 64
+    up = torch.randn(b, b, generator=g)
+    up[0, 1] = up[0, 0]  # d = 0 exactly
+    m = aml_margins(up.diagonal(), up, sigma, 1.8)
+    neg = aml_margins(up.diagonal(), up, sigma, 1.8, negate=True)
+    assert torch.equal(neg, -m)
+    # the textbook margins: d + sigma for d >= 0, eta * (-d) + sigma below (within rounding)
+    d = up.diagonal()[:, None] - up
+    torch.testing.assert_close(-neg, torch.where(d >= 0, d, -1.8 * d) + sigma, rtol=1e-6, atol=1e-6)
+    items = torch.randint(0, 20, (b,), generator=g)
+    log_q = torch.randn(b, generator=g)
+    s1 = torch.randn(b, b, generator=g, requires_grad=True)
+    s2 = s1.detach().clone().requires_grad_(True)
+    a = sampled_softmax(s1, items, log_q=log_q, margins=m.clone())
+    c = sampled_softmax(s2, items, log_q=log_q, margin_bias=neg)
+    a.loss.backward()
+    c.loss.backward()
+    assert torch.equal(a.loss, c.loss)
+    assert torch.equal(s1.grad, s2.grad)
+    with pytest.raises(ValueError, match="not both"):
+        sampled_softmax(s1, items, margins=m, margin_bias=-m)
