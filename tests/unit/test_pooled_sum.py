@@ -11,8 +11,6 @@ from csmf_core import model as model_mod
 from csmf_core.cascade import load_cascade_data, run_cascade
 from csmf_core.config import build_config
 from csmf_core.model import pooled_sum
-from csmf_core.prep import prepare
-from csmf_core.synth import generate
 
 
 def _padding_idx(seq, weight, sparse):
@@ -68,11 +66,8 @@ def test_a_dense_gradient_keeps_the_padding_idx_kernel():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pooled")
-    s = generate(root / "ds", "tiny", seed=0)
-    prepare(root / "ds", root / "mr", train_dates=(s.dates[0], s.dates[-2]), eval_dates=[s.dates[-1]])
-    return load_cascade_data(root / "mr")
+def tiny(tiny_world):
+    return load_cascade_data(tiny_world["mr"])  # a copy of the session's tiny world data of its own
 
 
 @pytest.mark.parametrize("kind", ["rowwise_adagrad", "lazy_adam"])
