@@ -69,13 +69,10 @@ def aml_margins(
     if up_pos.dim() == 1:
         up_pos = up_pos[:, None]
     diff = up_pos - up_neg
-    if negate:  # -(1 + eta) relu(d) + eta d - sigma
-        m = torch.relu(diff).mul_(-(1.0 + eta))
-        m.add_(diff, alpha=eta)
-        return m.sub_(sigma) if sigma else m
-    m = torch.relu(diff).mul_(1.0 + eta)
-    m.sub_(diff, alpha=eta)
-    return m.add_(sigma) if sigma else m
+    sign = -1.0 if negate else 1.0  # negate: -(1 + eta) relu(d) + eta d - sigma
+    m = torch.relu(diff).mul_(sign * (1.0 + eta))
+    m.add_(diff, alpha=-sign * eta)  # (torch's sub_ with alpha is this add with -alpha)
+    return m.add_(sign * sigma) if sigma else m
 
 
 def accidental_hits(items: torch.Tensor) -> torch.Tensor:
