@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check csmf_core flows data_contracts tests bench
 	$(BIN)/ruff format --check csmf_core flows data_contracts tests bench
 
-bench: $(STAMP)  # BENCH_ARGS=--full adds the 16M-exposure scaling case (docs/performance.md)
+bench: $(STAMP)  # BENCH_ARGS=--full: scaling at 1M / 4M / 16M exposures instead of 0.5M / 2M, and Dask ingest (docs/performance.md)
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 ui: $(STAMP)
