@@ -35,6 +35,8 @@ except ImportError:  # run as `python bench/bench_scaling.py`
     import benchlib  # type: ignore[no-redef]
 
 N_USERS, N_ITEMS, N_DAYS = 100_000, 50_000, 8
+SIZES = (500_000, 2_000_000)  # make bench's pair
+FULL_SIZES = (1_000_000, 4_000_000, 16_000_000)  # --full
 GIB = 1024**3
 
 
@@ -103,9 +105,7 @@ def run_child(args: list[str]) -> tuple[dict, float, float]:
     return json.loads(lines[-1][7:]), wall, usage.ru_maxrss * 1024.0
 
 
-def run(
-    sizes=(500_000, 2_000_000), write: bool = True, quick: bool = False, train: bool = True
-) -> list[dict]:
+def run(sizes=SIZES, write: bool = True, quick: bool = False, train: bool = True) -> list[dict]:
     rec = benchlib.Recorder("scaling", {"users": N_USERS, "items": N_ITEMS, "days": N_DAYS}, write=write)
     totals: dict[int, float] = {}
     ingest: dict[int, float] = {}
@@ -156,7 +156,7 @@ def run(
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=None, help="default 500000 2000000")
+    p.add_argument("--sizes", type=int, nargs="+", help=f"exposures; default {' '.join(map(str, SIZES))}")
     p.add_argument("--full", action="store_true", help="1M, 4M and 16M exposures (about 30 minutes)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     p.add_argument("--ingest-only", action="store_true", help="skip the training epoch")
@@ -176,9 +176,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     if a.quick:
         return run([8_000, 16_000], write=not a.no_write, quick=True)
-    full = {1_000_000, 4_000_000, 16_000_000} if a.full else set()
-    sizes = sorted(set(a.sizes or ([] if a.full else [500_000, 2_000_000])) | full)
-    return run(sizes, write=not a.no_write, train=not a.ingest_only)
+    sizes = set(a.sizes or ()) | set(FULL_SIZES if a.full else ())
+    return run(sorted(sizes or SIZES), write=not a.no_write, train=not a.ingest_only)
 
 
 if __name__ == "__main__":
