@@ -107,6 +107,11 @@ class TrainConfig:
     incremental_days: int = 1
     # incremental: a full retrain instead when the champion's last full retrain is this many days old
     full_every_days: int = 7
+    # incremental: the model continued. "champion": the serving champion (a challenger the gate kept
+    # out is dropped and the champion is caught up on the days since its run). "line": the newest
+    # registered model trained for an earlier date that passed the gate's verification, promoted or
+    # not (the training line continues its own last model; the gate only decides what serves)
+    start_from: str = "champion"
 
 
 @dataclass(frozen=True)
@@ -220,6 +225,7 @@ _CHOICES = {
     ("train", "dist_backend"): {"auto", "gloo", "nccl"},
     ("train", "embedding_optimizer"): {"dense", "lazy_adam", "rowwise_adagrad"},
     ("train", "mode"): {"full", "incremental"},
+    ("train", "start_from"): {"champion", "line"},
 }
 
 

@@ -24,7 +24,9 @@ New days: an incremental run trains on the days its starting model has not seen,
 `train.incremental_days`: a champion trained for D-1 gives one new day (D-1's partition is the
 newest training day of a run for D); a champion the gate kept through a rejected day, or a skipped
 day, gives more (`ModeDecision.new_days`, from the model's run date), so no day is lost to the line.
-It is bounded: a full retrain comes after `train.full_every_days` days.
+It is bounded: a full retrain comes after `train.full_every_days` days. With `train.start_from: line`
+the run continues the newest model the gate verified, promoted or not (flows/incremental.py), so it
+has one new day even after a rejected challenger.
 
 `decide_mode` is the schedule: incremental only when asked for, with a starting model trained for an
 earlier date, and while that model's last full retrain is less than `train.full_every_days` days
@@ -80,7 +82,7 @@ def decide_mode(
     """The training mode of a run for `run_date`.
 
     requested: train.mode. parent: the model to continue ({"version", "last_full_date", "date": the
-    run date it was trained for}), None when there is none (no champion yet); a champion trained for
+    run date it was trained for, "role": "champion" (default) or "line's head", for the messages}), None when there is none (no champion yet); a champion trained for
     this date or a later one (a re-run, a backfill) is not continued. explicit: the parent was named (`--from-model`), so the schedule
     of full retrains does not apply. A full run is its own last full retrain."""
     if requested == FULL:
@@ -94,10 +96,11 @@ def decide_mode(
             run_date,
         )
     last_full = parent.get("last_full_date")
+    role = parent.get("role", "champion")  # "champion", or "line's head" (train.start_from=line)
     if not explicit and parent.get("date") and parent["date"] >= run_date:
         return ModeDecision(
             FULL,
-            f"train.mode=incremental, but the champion (v{parent['version']}) was trained for "
+            f"train.mode=incremental, but the {role} (v{parent['version']}) was trained for "
             f"{parent['date']}, not before {run_date} (a re-run or a backfill): a full retrain",
             None,
             run_date,
@@ -107,7 +110,7 @@ def decide_mode(
         if age >= full_every_days:
             return ModeDecision(
                 FULL,
-                f"train.mode=incremental, but the champion (v{parent['version']}) descends from the full "
+                f"train.mode=incremental, but the {role} (v{parent['version']}) descends from the full "
                 f"retrain of {last_full}, {age} days before {run_date} (train.full_every_days="
                 f"{full_every_days}): a full retrain is due",
                 None,

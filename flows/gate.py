@@ -73,6 +73,11 @@ class Decision:
     days: list[str] = field(default_factory=list)  # evaluation days the metrics come from
     users: dict[str, int] = field(default_factory=dict)  # evaluation users with a positive, per objective
 
+    @property
+    def verified(self) -> bool:
+        """Every verification check ran and passed (rule 1), whatever the decision."""
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
     def verdict(self) -> str:
         if self.promote:
             return "promoted to champion"

@@ -5,8 +5,9 @@
     cfg = select_incremental(ready, cfg, run, start)     # epochs on the validation day(s)
     checkpoints = train_incremental(ready, cfg, run, start)
 
-`choose_start` decides the mode (csmf_core.incremental.decide_mode) from the champion (or the model
-named by `--from-model`), logs one line saying which and why (no champion: "falling back to a full
+`choose_start` decides the mode (csmf_core.incremental.decide_mode) from the champion (with
+`train.start_from: line`, the newest model the gate verified when it is newer; or the model named by
+`--from-model`), logs one line saying which and why (no champion: "falling back to a full
 retrain"), and refuses a starting model whose objectives or model shape differ from the run's with a
 `WarmStartError` naming each difference, before any work. The parent run and the registered version
 get the tags `csmf.train_mode`, `csmf.parent_model_version` and `csmf.last_full_date` (the schedule of
@@ -41,7 +42,7 @@ from flows.cascade_step import (
 )
 from flows.epoch_selection import EPOCHS_TAG, SELECT, VAL_DAYS_TAG, WEIGHTS_TAG
 from flows.ingest import Ingested
-from flows.names import DATE_TAG, LAST_FULL_TAG, PARENT_VERSION_TAG, TRAIN_MODE_TAG, VAL
+from flows.names import DATE_TAG, GATE_TAG, LAST_FULL_TAG, PARENT_VERSION_TAG, TRAIN_MODE_TAG, VAL
 from flows.progress import StepBar, expected_steps
 from flows.runs import RunContext, child_run, device
 from flows.tracking import metric_key
@@ -101,9 +102,41 @@ def check_start_model(bundle: Path, cfg: CSMFConfig, objectives: list[str]) -> N
         )
 
 
-def _parent_facts(version) -> dict:
+def _line_or_champion(current, run_date: str):
+    """train.start_from=line: (the model to continue, its role, one line for the log). The line's head
+    (flows.registry.line_head) when it is newer than the champion (a later run date, or the same
+    date and a later version); else the champion, which also covers a re-run or backfill (a champion
+    trained for this date or later: decide_mode retrains in full)."""
+    from flows.registry import line_head
+
+    head = line_head(run_date)
+    if head is None:
+        return (
+            current,
+            "champion",
+            "train.start_from=line: no verified model trained before "
+            + (f"{run_date}; the champion decides" if current is not None else f"{run_date} yet"),
+        )
+
+    def key(v):
+        return ((v.tags or {}).get(DATE_TAG) or "", int(v.version))
+
+    if current is not None and key(current) >= key(head):
+        return current, "champion", f"train.start_from=line: the champion v{current.version} heads the line"
+    gate = (head.tags or {}).get(GATE_TAG, "?")
+    champ = f"v{current.version}" if current is not None else "none"
+    return (
+        head,
+        "line's head",
+        f"train.start_from=line: continuing the line's head v{head.version} (trained for "
+        f"{(head.tags or {}).get(DATE_TAG)}, gate: {gate}); the champion ({champ}) keeps serving",
+    )
+
+
+def _parent_facts(version, role: str = "champion") -> dict:
     tags = version.tags or {}
     return {
+        "role": role,
         "version": str(version.version),
         # a version from before train.mode existed was a full retrain on its own run date
         "last_full_date": tags.get(LAST_FULL_TAG) or tags.get(DATE_TAG) or None,
@@ -135,8 +168,11 @@ def choose_start(
         decision = decide_mode(INCREMENTAL, run_date, cfg.train.full_every_days, parent, explicit=True)
         bundle = resolved.bundle
     else:
-        current = champion()
-        parent = _parent_facts(current) if current is not None else None
+        current, role = champion(), "champion"
+        if cfg.train.start_from == "line":
+            current, role, note = _line_or_champion(current, run_date)
+            log(note)
+        parent = _parent_facts(current, role) if current is not None else None
         decision = decide_mode(INCREMENTAL, run_date, cfg.train.full_every_days, parent)
         bundle = resolve_model(f"models:/csmf/{current.version}", home=home).bundle if current else None
     log(decision.reason)

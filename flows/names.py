@@ -49,6 +49,9 @@ MODEL_ID_TAG = "csmf.model_id"
 REGISTERED_TAG = "csmf.registered"  # "new", or "reused vN: ..." for an identical re-run
 GATE_TAG = "csmf.gate"  # "promoted" | "kept", on the parent run and the model version
 GATE_REASON_TAG = "csmf.gate_reason"
+# on the model version: "true" when the gate's verification (exact fusion, frozen parameters, index ==
+# towers) passed, whatever it decided; train.start_from=line continues only such versions
+GATE_VERIFIED_TAG = "csmf.gate_verified"
 TUNED_CONFIG_TAG = "csmf.tuned_config"  # parent: the tuned config applied ("<path> (sha256 ..)") or "none"
 GATE_DAYS_TAG = "csmf.gate_days"  # on the gate child run: the days both models were scored on
 

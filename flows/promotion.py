@@ -36,6 +36,7 @@ from flows.names import (
     GATE_DAYS_TAG,
     GATE_REASON_TAG,
     GATE_TAG,
+    GATE_VERIFIED_TAG,
     LAST_FULL_TAG,
     MODEL_DIGEST_TAG,
     MODEL_ID_TAG,
@@ -187,7 +188,11 @@ def gate(
         decision = _decide(bundle, version, stage_ends, current, already, ready, cfg, run)
         if decision.promote and not already:
             promote(version, client)
-        tags = {GATE_TAG: "promoted" if decision.promote else "kept", GATE_REASON_TAG: decision.reason[:4000]}
+        tags = {
+            GATE_TAG: "promoted" if decision.promote else "kept",
+            GATE_REASON_TAG: decision.reason[:4000],
+            GATE_VERIFIED_TAG: str(decision.verified).lower(),
+        }
         if not (already and GATE_TAG in (current.tags or {})):  # keep the verdict that promoted it
             for key, value in tags.items():
                 client.set_model_version_tag(REGISTERED_MODEL, version, key, value)

@@ -145,7 +145,7 @@ def test_eval_day_without_positives_keeps_the_champion(flows):
     b = flows.b
     assert b["model_version"] == "2" and not b["gate"]["promoted"] and b["gate"]["champion_version"] == "1"
     tags = flows.versions["2"].tags
-    assert tags["csmf.gate"] == "kept"
+    assert tags["csmf.gate"] == "kept" and tags["csmf.gate_verified"] == "true"  # kept, not broken
     reason = tags["csmf.gate_reason"]
     assert reason == b["gate"]["reason"]
     assert "cannot measure" in reason and "2026-01-06" in reason and "champion v1 kept" in reason

@@ -158,3 +158,34 @@ def test_resolution_cache_skips_mlflow_until_the_registry_changes(store, capsys)
         assert _recommended(text) == latest.recommend([uid], k=3)[0]["items"]
     finally:
         promote("1", client)
+
+
+def test_line_head_is_the_newest_verified_version_before_the_run(store):
+    """train.start_from=line continues flows.registry.line_head: read back from a real registry."""
+    from flows.registry import line_head
+
+    client = store["client"]
+    v1, v2 = (str(v.version) for v in store["versions"])
+    tags = {v1: {"csmf.date": "2026-01-05", "csmf.gate_verified": "true"}}
+    tags[v2] = {"csmf.date": "2026-01-06", "csmf.gate_verified": "true"}  # v2: the gate kept it
+    for v, t in tags.items():
+        for k, x in t.items():
+            client.set_model_version_tag(REGISTERED_MODEL, v, k, x)
+    try:
+        assert str(line_head("2026-01-07", client).version) == v2  # the newer one, promoted or not
+        assert str(line_head("2026-01-06", client).version) == v1  # v2 was trained for the run's own date
+        assert line_head("2026-01-05", client) is None
+        client.set_model_version_tag(REGISTERED_MODEL, v2, "csmf.gate_verified", "false")
+        assert str(line_head("2026-01-07", client).version) == v1  # failed verification: never continued
+        client.delete_model_version_tag(REGISTERED_MODEL, v2, "csmf.gate_verified")
+        assert str(line_head("2026-01-07", client).version) == v1  # the gate never saw it
+        client.set_model_version_tag(REGISTERED_MODEL, v2, "csmf.date", "2026-01-05")
+        client.set_model_version_tag(REGISTERED_MODEL, v2, "csmf.gate_verified", "true")
+        assert str(line_head("2026-01-07", client).version) == v2  # same date: the later version
+    finally:
+        for v, t in tags.items():
+            for k in t:
+                try:
+                    client.delete_model_version_tag(REGISTERED_MODEL, v, k)
+                except mlflow.exceptions.MlflowException:
+                    pass

@@ -78,6 +78,7 @@ def test_figures_are_what_each_run_logged(replayed):
             )
         version = client.get_model_version("csmf", d["version"])
         assert version.tags["csmf.gate"] == ("promoted" if d["promoted"] else "kept")
+        assert version.tags["csmf.gate_verified"] == "true"
         names = {
             c.info.run_name
             for c in client.search_runs(

@@ -171,6 +171,7 @@ BAD_VALUES = {
     "train.mode": ["warm"],
     "train.incremental_days": ["0"],
     "train.full_every_days": ["0"],
+    "train.start_from": ["latest", "challenger"],
     "ingest.dask": ["yes", "host:8786", "local2"],
     "ingest.workers": ["0"],
     "ingest.shards": ["-1"],

@@ -158,11 +158,14 @@ def test_decide_rules_in_order():
         users=USERS,
     )
     assert not bad.promote and "verification failed: frozen_parameters" in bad.reason
+    assert not bad.verified and first.verified  # the tag csmf.gate_verified (train.start_from=line)
+    assert not decide([], NEW, None, champion_version=None, users=USERS).verified  # nothing checked
     off = decide(OK, NEW, None, champion_version=None, users=USERS, enabled=False)
     assert not off.promote and "gate.enabled" in off.reason
     same = decide(OK, NEW, OLD, champion_version="2", users=USERS, identical_inputs=True)
     assert not same.promote and "identical inputs" in same.reason
     worse = decide(OK, NEW, OLD, champion_version="2", users=USERS, tolerance=0.005)
+    assert not worse.promote and worse.verified  # kept by the metrics, still a sound model
     assert not worse.promote and "champion v2" in worse.reason and "click/click/recall@50" in worse.reason
     better = decide(OK, NEW, OLD, champion_version="2", users=USERS, tolerance=0.03)
     assert better.promote and "2 metrics compared" in better.reason

@@ -114,6 +114,61 @@ def test_choose_start_forces_full_on_schedule(monkeypatch, tiny_world):
     assert not start.incremental  # 3 days after 01-02, not after 01-04
 
 
+def test_start_from_line_continues_the_newest_verified_model(monkeypatch, tiny_world):
+    """train.start_from=line: the line's head when it is newer than the champion (the gate kept it
+    out), the champion otherwise; the schedule of full retrains follows the model continued."""
+    champ = _version(4, **{DATE_TAG: "2026-01-03", LAST_FULL_TAG: "2026-01-02"})
+    head = _version(6, **{DATE_TAG: "2026-01-04", LAST_FULL_TAG: "2026-01-02", "csmf.gate": "kept"})
+    monkeypatch.setattr(registry, "champion", lambda client=None: champ)
+    heads = {"now": head}
+    monkeypatch.setattr(registry, "line_head", lambda run_date, client=None: heads["now"])
+    asked = []
+
+    def resolve(ref=None, home=None):
+        asked.append(ref)
+        return SimpleNamespace(bundle=tiny_world["bundle"], version=None)
+
+    monkeypatch.setattr(registry, "resolve_model", resolve)
+    cfg = build_config(TINY_CONFIG, ["train.mode=incremental", "train.start_from=line"])
+    lines = []
+    start = flow_inc.choose_start(cfg, "2026-01-05", tiny_world["ds"], None, tiny_world["root"], lines.append)
+    assert start.incremental and asked == ["models:/csmf/6"] and start.decision.parent_version == "6"
+    assert start.decision.new_days == 1  # trained for 01-04: one new day, not the champion's two
+    assert lines[0] == (
+        "train.start_from=line: continuing the line's head v6 (trained for 2026-01-04, gate: kept); "
+        "the champion (v4) keeps serving"
+    )
+    assert lines[1].startswith("train.mode=incremental: continuing model v6")
+    # the default continues the champion, caught up on the two days since its run date
+    start = flow_inc.choose_start(
+        build_config(TINY_CONFIG, ["train.mode=incremental"]), "2026-01-05", tiny_world["ds"], None,
+        tiny_world["root"], lines.append,
+    )  # fmt: skip
+    assert (
+        start.decision.parent_version == "4"
+        and start.decision.new_days == 2
+        and asked[-1] == "models:/csmf/4"
+    )
+    # a champion as new as the head (here: the head itself) or no head: the champion
+    heads["now"] = champ
+    lines.clear()
+    start = flow_inc.choose_start(cfg, "2026-01-05", tiny_world["ds"], None, tiny_world["root"], lines.append)
+    assert (
+        start.decision.parent_version == "4"
+        and lines[0] == "train.start_from=line: the champion v4 heads the line"
+    )
+    heads["now"] = None
+    lines.clear()
+    start = flow_inc.choose_start(cfg, "2026-01-05", tiny_world["ds"], None, tiny_world["root"], lines.append)
+    assert start.decision.parent_version == "4" and "no verified model" in lines[0]
+    # the full retrain is due by the head's line: 7 days after its last full retrain
+    heads["now"] = head
+    lines.clear()
+    start = flow_inc.choose_start(cfg, "2026-01-09", tiny_world["ds"], None, tiny_world["root"], lines.append)
+    assert not start.incremental
+    assert "the line's head (v6) descends from the full retrain of 2026-01-02, 7 days" in lines[1]
+
+
 def test_mismatched_champion_is_refused(monkeypatch, tiny_world):
     monkeypatch.setattr(registry, "champion", lambda client=None: _version(2, **{DATE_TAG: "2026-01-05"}))
     resolved = SimpleNamespace(bundle=tiny_world["bundle"], version=_version(2))
