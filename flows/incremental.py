@@ -182,10 +182,14 @@ def choose_start(
     return Start(decision, bundle)
 
 
-def incremental_overrides(cfg: CSMFConfig, decision: ModeDecision) -> dict:
+def incremental_overrides(cfg: CSMFConfig, decision: ModeDecision, available: int | None = None) -> dict:
     """The config of an incremental run: train.incremental_days = the days new to the starting model
-    (at least the configured ones), data.train_days = those plus the validation days."""
+    (at least the configured ones), data.train_days = those plus the validation days. `available`:
+    the training days a full run for the same date would have (the partitions before it); the days
+    are clipped to them, keeping the validation days (a dataset's first days, a long catch-up)."""
     days = decision.train_days(cfg.train.incremental_days)
+    if available is not None:
+        days = max(1, min(days, available - val_days_for(cfg.data.val_days)))
     return {
         "train.mode": INCREMENTAL,
         "train.incremental_days": days,

@@ -132,7 +132,13 @@ def csmf_daily(
     doctor.before_run(root, tracking_uri())  # what killed csmf processes left (flows/doctor.py)
     start = choose_start(cfg, window.date, dataset, from_model, root, _log_line)
     if start.incremental:  # the new day(s) and the validation day(s) only (flows/incremental.py)
-        cfg = trial_config(cfg, incremental_overrides(cfg, start.decision))
+        asked = start.decision.train_days(cfg.train.incremental_days)
+        cfg = trial_config(cfg, incremental_overrides(cfg, start.decision, len(window.train_dates)))
+        if cfg.train.incremental_days < asked:
+            _log_line(
+                f"incremental: {asked} training day(s) asked, {len(window.train_dates)} partition(s) before "
+                f"{window.date}: training on the last {cfg.train.incremental_days} (the rest are validation days)"
+            )
         window = plan_window(dataset, window.date, cfg.data)
     elif cfg.train.mode != "full":  # fell back to a full retrain: configured (and resumed) as one
         cfg = trial_config(cfg, {"train.mode": "full"})

@@ -58,6 +58,15 @@ def test_incremental_runs_train_on_the_days_new_to_their_model():
         "train.incremental_days": 3,
         "data.train_days": 4,  # + the validation day (data.val_days auto -> 1)
     }
+    # clipped to the partitions a full run would train on, the validation day kept
+    clipped = flow_inc.incremental_overrides(cfg, decide_mode(INCREMENTAL, "2026-01-08", 7, parent), 3)
+    assert clipped["train.incremental_days"] == 2 and clipped["data.train_days"] == 3
+    assert (
+        flow_inc.incremental_overrides(cfg, decide_mode(INCREMENTAL, "2026-01-08", 7, parent), 9)[
+            "train.incremental_days"
+        ]
+        == 3
+    )
     cfg = build_config({"data": {"val_days": 0}, "train": {"incremental_days": 2}})
     assert (
         flow_inc.incremental_overrides(cfg, decide_mode(INCREMENTAL, "2026-01-06", 7, parent))[
