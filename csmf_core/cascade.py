@@ -25,7 +25,7 @@ from csmf_core.item_stats import day_number, model_ready_item_stats
 from csmf_core.losses import item_log_q
 from csmf_core.masks import UnitOwners, param_owners
 from csmf_core.model import TowerSpec, TwoTower
-from csmf_core.prep import DAY_US
+from csmf_core.prep import DAY_US, HISTORY_COUNTS
 from csmf_core.rows import BatchSource, FeatureTables, TrainRows
 from csmf_core.selection import positives_per_item, resolve_val_days
 from csmf_core.train import train_stage
@@ -198,6 +198,7 @@ def load_cascade_data(
     eval_days: int | None = None,
     processes: int = 1,
     train_from: str | None = None,
+    logq_history: bool = False,
 ) -> CascadeData:
     """Read a model-ready dataset directory (docs/architecture.md section 2) into CascadeData.
 
@@ -210,7 +211,10 @@ def load_cascade_data(
     dataset without evaluation dates (`prep.prepare(eval_dates=[])`, what `csmf tune` trains on) has
     an empty `eval`. train_from (YYYY-MM-DD, memory loader): only the train rows of that day and later
     are trained on (an incremental run's last days, csmf_core/incremental.py); the log-Q counts are
-    then those of the rows kept.
+    then those of the rows kept. logq_history: the log-Q counts of every objective after the first
+    are its positives before the first evaluation day over every partition prep read for the
+    behaviour histories (`history_counts.parquet`; `train.incremental_logq: history`), not those of
+    the rows trained on; the first objective's stay the rows'.
     """
     from pathlib import Path
 
@@ -300,6 +304,19 @@ def load_cascade_data(
         counts.append(c)
     if train_from is not None and isinstance(rows, TrainRows):
         counts = positives_per_item(rows, mr.n_items, len(objs))
+    if logq_history:
+        f = Path(path) / HISTORY_COUNTS
+        if not f.is_file():
+            raise ValueError(
+                f"{path}: no {HISTORY_COUNTS} (prepared by an older csmf): train.incremental_logq=history "
+                "needs the model-ready data prepared again"
+            )
+        hist = pq.read_table(f)
+        hidx = hist["i"].to_numpy().astype(np.int64)
+        for t, o in enumerate(objs[1:], start=1):
+            c = np.zeros(mr.n_items, dtype=np.int64)
+            c[hidx] = hist[f"count_{o}"].to_numpy()
+            counts[t] = c
     return CascadeData(
         objs, user_spec, item_spec, tables, rows, ev, counts, val, eval_day, val_day, val_days, val_why,
         val_counts,

@@ -112,6 +112,10 @@ class TrainConfig:
     # registered model trained for an earlier date that passed the gate's verification, promoted or
     # not (the training line continues its own last model; the gate only decides what serves)
     start_from: str = "champion"
+    # incremental: the log-Q item counts. "rows": positives of the rows trained on (the new day(s));
+    # "history": for every objective after the first, its positives over every partition before the
+    # evaluation day that prep reads for the behaviour histories (docs/method-notes.md)
+    incremental_logq: str = "rows"
 
 
 @dataclass(frozen=True)
@@ -226,6 +230,7 @@ _CHOICES = {
     ("train", "embedding_optimizer"): {"dense", "lazy_adam", "rowwise_adagrad"},
     ("train", "mode"): {"full", "incremental"},
     ("train", "start_from"): {"champion", "line"},
+    ("train", "incremental_logq"): {"rows", "history"},
 }
 
 

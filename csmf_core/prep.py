@@ -15,7 +15,9 @@ writes, into a temp dir renamed into place at the end:
 * ``eval.parquet``: one row per user (sorted by index) with >= 1 positive of any objective in the
   evaluation dates; ``hist_*`` as of midnight UTC of the first evaluation date; ``pos_<objective>``
   sorted distinct item indices.
-* ``popularity.parquet`` (every item index 0..n_items-1) and ``meta.json``.
+* ``popularity.parquet`` (every item index 0..n_items-1: positives per objective in the train rows),
+  ``history_counts.parquet`` (the same for every objective after the first, over every partition
+  read for the histories, before the first evaluation date) and ``meta.json``.
 
 Point-in-time history: the last L items the user had the label on with ``ts`` strictly before the
 row's ``ts`` (events at the same ts or later never count), over every partition read (so history
@@ -148,6 +150,11 @@ def _encode_table(
     return pl.DataFrame(cols), specs
 
 
+# per item, the positives of every objective after the first before the first evaluation day, over
+# every partition read for the behaviour histories (Rows.counts)
+HISTORY_COUNTS = "history_counts.parquet"
+
+
 class HistoryIndex:
     """Positives (u, i, ts) of one objective, indexed for point-in-time history look-ups.
 
@@ -161,6 +168,12 @@ class HistoryIndex:
         key = u.astype(np.int64) * self.stride + np.searchsorted(self.uniq_ts, ts)
         order = np.lexsort((i, key))
         self.key, self.items = key[order], i[order].astype(np.int32)
+
+    def count_before(self, ts: int, n_items: int) -> np.ndarray:
+        """(n_items,) int64: positives per item index with event ts strictly before `ts` (us)."""
+        ranks = self.key % self.stride  # the rank of the event's ts among the distinct ts
+        early = ranks < np.searchsorted(self.uniq_ts, ts, "left")
+        return np.bincount(self.items[early], minlength=n_items).astype(np.int64)
 
     def query(self, u: np.ndarray, ts: np.ndarray, seq_len: int, chunk: int = 1 << 20) -> np.ndarray:
         """(Q,) user indices and ts (us) -> (Q, seq_len) int32, most recent last, 0-padded left."""
@@ -459,10 +472,13 @@ class Rows:
         return pa.table(etab)
 
     def counts(self, p: Plan) -> np.ndarray:
-        """(n_objectives, n_items) int64: positives per item of each objective in the train rows."""
-        return np.stack(
-            [np.bincount(self.t_i[self.flags[:, k]], minlength=p.n_items) for k in range(len(p.names))]
-        ).astype(np.int64)
+        """(2 n_objectives - 1, n_items) int64: positives per item of each objective in the train rows
+        (``popularity.parquet``), then, for every objective after the first, its positives before the
+        first evaluation day in every partition read for the behaviour histories
+        (``history_counts.parquet``: the log-Q counts of `train.incremental_logq: history`)."""
+        train = [np.bincount(self.t_i[self.flags[:, k]], minlength=p.n_items) for k in range(len(p.names))]
+        hist = [self.index[n].count_before(p.eval_start, p.n_items) for n in p.names[1:]]
+        return np.stack(train + hist).astype(np.int64)
 
 
 def build_rows(p: Plan, req: pl.DataFrame, frames: list[pl.DataFrame]) -> Rows:
@@ -521,6 +537,10 @@ def write_outputs(
     for k, n in enumerate(p.names):
         pop[f"count_{n}"] = counts[k]
     pq.write_table(pa.table(pop), tmp / "popularity.parquet")
+    hist = {"i": pop["i"]}
+    for k, n in enumerate(p.names[1:]):
+        hist[f"count_{n}"] = counts[len(p.names) + k]
+    pq.write_table(pa.table(hist), tmp / HISTORY_COUNTS)
     meta = {
         "format_version": 1,
         "dataset": {"name": p.spec.name, "dir": str(p.dataset_dir)},

@@ -221,7 +221,12 @@ def select_incremental(ready: Ingested, cfg: CSMFConfig, run: RunContext, start:
         if new.eval.fused_weights == "auto":
             new = trial_config(new, {"eval.fused_weights": [1.0] * len(ready.objectives)})
         return new
-    data = load_cascade_data(ready.model_ready, val_days=v, item_stats_windows=cfg.data.item_stats)
+    data = load_cascade_data(
+        ready.model_ready,
+        val_days=v,
+        item_stats_windows=cfg.data.item_stats,
+        logq_history=cfg.train.incremental_logq == "history",
+    )
     data.tables = data.tables.to(device(cfg))
     model, owners, _ = _warm(start, ready, data, cfg)
     with child_run(run, SELECT, kind=SELECT) as tracker:
@@ -290,7 +295,11 @@ def incremental_step(
 
         torch.set_num_threads(cfg.train.threads)
     data = load_cascade_data(
-        ready.model_ready, val_days=0, item_stats_windows=cfg.data.item_stats, train_from=first_day
+        ready.model_ready,
+        val_days=0,
+        item_stats_windows=cfg.data.item_stats,
+        train_from=first_day,
+        logq_history=cfg.train.incremental_logq == "history",
     )
     data.tables = data.tables.to(device(cfg))
     if previous is None:

@@ -172,6 +172,7 @@ BAD_VALUES = {
     "train.incremental_days": ["0"],
     "train.full_every_days": ["0"],
     "train.start_from": ["latest", "challenger"],
+    "train.incremental_logq": ["day", "all"],
     "ingest.dask": ["yes", "host:8786", "local2"],
     "ingest.workers": ["0"],
     "ingest.shards": ["-1"],

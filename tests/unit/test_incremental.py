@@ -273,3 +273,26 @@ def test_incremental_keeps_ownership_and_passes_gate_verification(incremental_ru
         p[name][idx] = orig
     bad = verify_model(rec, broken, incremental_run["stage_ends"])
     assert not next(c for c in bad if c.name == "frozen_parameters").ok
+
+
+def test_logq_history_counts_every_earlier_partition(incremental_run, tiny_world):
+    """train.incremental_logq=history: the refit's log-Q counts of click and conversion are their
+    positives over every day before the evaluation day (days 1-5 here, counted from the raw events),
+    not those of day 5's rows; exposure keeps the rows' counts."""
+    import polars as pl
+
+    mr, dates = incremental_run["root"] / "mr", tiny_world["dates"]
+    rows_only = load_cascade_data(mr, train_from=dates[4])
+    hist = load_cascade_data(mr, train_from=dates[4], logq_history=True)
+    assert (hist.counts[0] == rows_only.counts[0]).all()
+    items = pl.read_parquet(mr / "items.parquet")["item_id"].to_list()
+    row = {iid: r for r, iid in enumerate(items) if iid is not None}
+    events = pl.read_parquet(tiny_world["ds"] / "events" / "**" / "*.parquet", hive_partitioning=True)
+    early = events.filter(pl.col("dt").cast(pl.String) < dates[5])
+    for t, col in ((1, "clicked"), (2, "converted")):
+        expected = [0] * len(items)
+        for iid, n in early.filter(pl.col(col)).group_by("item_id").len().iter_rows():
+            if iid in row:
+                expected[row[iid]] += n
+        assert hist.counts[t].tolist() == expected, col
+        assert hist.counts[t].sum() > rows_only.counts[t].sum()  # more days than day 5's rows

@@ -190,6 +190,26 @@ def test_train_rows_by_hand(hand):
     assert pop["count_conversion"].to_list() == [0, 0, 1, 0, 0, 0]
 
 
+def test_history_counts_cover_every_partition_before_the_evaluation_day(hand):
+    """history_counts.parquet (the log-Q counts of train.incremental_logq=history): positives per item
+    of click and conversion over every event before 2026-01-04, also those before the train window,
+    counted here from the hand-written events."""
+    _, out, _ = hand
+    items = pl.read_parquet(out / "items.parquet")["item_id"].to_list()  # row r holds items[r]
+    hist = pl.read_parquet(out / prep.HISTORY_COUNTS)
+    assert hist.columns == ["i", "count_click", "count_conversion"]
+    assert hist["i"].to_list() == list(range(len(items)))
+    for j, name in ((1, "click"), (2, "conversion")):
+        expected = [0] * len(items)
+        for e in EVENTS:
+            if e[3] < 4 and e[5 + j] and e[2] in items:
+                expected[items.index(e[2])] += 1
+        assert hist[f"count_{name}"].to_list() == expected, name
+    # the train window's own counts differ (day 1 is not in it): the two files say different things
+    pop = pl.read_parquet(out / "popularity.parquet")
+    assert hist["count_click"].sum() > pop["count_click"].sum()
+
+
 def test_train_history_matches_reference(hand):
     src, out, _ = hand
     u_of, i_of = {10: 1, 20: 2, 30: 3, 40: 4}, {100: 1, 200: 2, 300: 3, 400: 4, 500: 5}

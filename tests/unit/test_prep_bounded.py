@@ -17,10 +17,12 @@ from csmf_core.idmap import SEEN_FILES
 
 def _same_output(a: Path, b: Path) -> None:
     """`b` (prep now) wrote exactly what `a` (the reference) wrote, plus only the id maps' additions
-    (csmf_core/idmap.py: the *_seen.parquet files, meta.json `id_maps`)."""
+    (csmf_core/idmap.py: the *_seen.parquet files, meta.json `id_maps`) and the history counts
+    (checked in tests/unit/test_prep.py)."""
     files_a = sorted(p.relative_to(a) for p in a.rglob("*.parquet"))
     files_b = sorted(p.relative_to(b) for p in b.rglob("*.parquet"))
-    assert sorted(set(files_b) - set(files_a)) == sorted(Path(f) for f in SEEN_FILES.values())
+    added = [*SEEN_FILES.values(), prep.HISTORY_COUNTS]
+    assert sorted(set(files_b) - set(files_a)) == sorted(Path(f) for f in added)
     assert set(files_a) <= set(files_b)
     for f in files_a:
         ta, tb = pq.read_table(a / f), pq.read_table(b / f)
