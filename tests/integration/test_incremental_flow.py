@@ -84,3 +84,57 @@ def test_second_day_is_incremental_and_verified(days):
         old = read_vocab(Path(days.bundles["1"]) / "features" / f"{side}.parquet", col)
         new = read_vocab(Path(days.bundles["2"]) / "features" / f"{side}.parquet", col)
         np.testing.assert_array_equal(new[: len(old)], old)
+
+
+@pytest.fixture(scope="module")
+def line_days(tmp_path_factory):
+    """train.start_from=line in real runs, its own store:
+
+    A  2026-01-04  no champion           -> full retrain, v1 champion
+    B  2026-01-05  gate.enabled=false    -> incremental from v1, v2 verified but kept out
+    C  2026-01-06  start_from=line       -> incremental from v2 (the line's head), not from champion v1,
+                   incremental_logq=history
+    """
+    root = tmp_path_factory.mktemp("line-flow")
+    tiny = generate(root / "tiny", "tiny", seed=0).out_dir
+    home = root / "home"
+    out = SimpleNamespace(root=root, home=home)
+    with temporary_api():
+        with _store(home) as client:
+            out.client = client
+            out.a = csmf_daily(date="2026-01-04", data=str(tiny), home=str(home), overrides=INCREMENTAL)
+            out.b = csmf_daily(
+                date="2026-01-05",
+                data=str(tiny),
+                home=str(home),
+                overrides=[*INCREMENTAL, "gate.enabled=false"],
+            )
+            out.c = csmf_daily(
+                date="2026-01-06",
+                data=str(tiny),
+                home=str(home),
+                overrides=[*INCREMENTAL, "train.start_from=line", "train.incremental_logq=history"],
+            )
+            out.versions = {
+                str(v.version): v for v in client.search_model_versions(f"name='{REGISTERED_MODEL}'")
+            }
+            out.champion = client.get_model_version_by_alias(REGISTERED_MODEL, "champion")
+    return out
+
+
+def test_line_continues_the_verified_challenger_the_gate_kept_out(line_days):
+    v2, v3 = line_days.versions["2"], line_days.versions["3"]
+    assert v2.tags["csmf.gate"] == "kept" and v2.tags["csmf.gate_verified"] == "true"
+    assert v3.tags["csmf.train_mode"] == "incremental"
+    assert v3.tags["csmf.parent_model_version"] == "2"  # the line's head, not champion v1
+    assert v3.tags["csmf.last_full_date"] == "2026-01-04"
+    # one new day (01-05) and the validation day before it; the default would have caught v1 up on two
+    assert v3.tags["csmf.train_dates"].startswith("2026-01-04..2026-01-05")
+    assert line_days.c["gate"]["checks"] == {
+        "exact_fusion": True,
+        "frozen_parameters": True,
+        "index_matches_towers": True,
+    }
+    assert str(line_days.champion.version) in ("1", "3")  # v2 never served
+    parent = line_days.client.get_run(line_days.c["mlflow_run_id"])
+    assert parent.data.params["train.incremental_logq"] == "history"
