@@ -107,15 +107,17 @@ class TrainConfig:
     incremental_days: int = 1
     # incremental: a full retrain instead when the champion's last full retrain is this many days old
     full_every_days: int = 7
-    # incremental: the model continued. "champion": the serving champion (a challenger the gate kept
-    # out is dropped and the champion is caught up on the days since its run). "line": the newest
-    # registered model trained for an earlier date that passed the gate's verification, promoted or
-    # not (the training line continues its own last model; the gate only decides what serves)
-    start_from: str = "champion"
+    # incremental: the model continued. "line" (default): the newest registered model trained for an
+    # earlier date that passed the gate's verification, promoted or not (the training line continues
+    # its own last model, so a run trains one new day whatever the gate decided; the gate only decides
+    # what serves). "champion": the serving champion (a challenger the gate kept out is dropped and
+    # the champion is caught up on every day since its run). Measured in docs/method-notes.md
+    start_from: str = "line"
     # incremental: the log-Q item counts. "rows": positives of the rows trained on (the new day(s));
     # "history": for every objective after the first, its positives over every partition before the
-    # evaluation day that prep reads for the behaviour histories (docs/method-notes.md)
-    incremental_logq: str = "rows"
+    # evaluation day that prep reads for the behaviour histories (default: the rarer objectives' item
+    # frequencies from one day are too noisy to correct in-batch sampling; docs/method-notes.md)
+    incremental_logq: str = "history"
 
 
 @dataclass(frozen=True)

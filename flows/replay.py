@@ -411,8 +411,9 @@ def render(days: Sequence[Day], summary: dict, meta: dict) -> str:
         "process from start to exit (Python start, Prefect's temporary API, ingest, selection, cascade, index, "
         "evaluation, registration, gate). Popularity is measured in each run on its own training window. "
         "Model (from): the version the run registered in its line's registry and, for an incremental run, the "
-        "version it continued: the line's champion, so a day whose model the gate kept out (champion kept) is "
-        "not continued the next day.",
+        "version it continued (`train.start_from`: `line`, the default, continues the line's newest version "
+        "the gate verified, promoted or not; `champion` continues the serving champion, so a day whose model "
+        "the gate kept out is not continued and the next run catches the champion up on every day since).",
         "",
         f"Each line's MLflow store: {', '.join(f'{ln}: `{h}`' for ln, h in meta['homes'].items())}.",
         "",

@@ -82,14 +82,21 @@ def _version(n, **tags):
 
 def test_choose_start_falls_back_without_champion(monkeypatch, tiny_world):
     monkeypatch.setattr(registry, "champion", lambda client=None: None)
-    lines = []
-    cfg = build_config(TINY_CONFIG, ["train.mode=incremental"])
-    start = flow_inc.choose_start(cfg, "2026-01-06", tiny_world["ds"], None, tiny_world["root"], lines.append)
-    assert not start.incremental and start.bundle is None
-    assert lines == [
+    monkeypatch.setattr(registry, "line_head", lambda run_date, client=None: None)
+    fallback = (
         "train.mode=incremental but there is no champion to start from: falling back to a full retrain "
         "(the cascade from scratch)"
-    ]
+    )
+    lines = []
+    cfg = build_config(TINY_CONFIG, ["train.mode=incremental"])  # the default start: the line
+    start = flow_inc.choose_start(cfg, "2026-01-06", tiny_world["ds"], None, tiny_world["root"], lines.append)
+    assert not start.incremental and start.bundle is None
+    assert lines == ["train.start_from=line: no verified model trained before 2026-01-06 yet", fallback]
+    lines = []
+    cfg = build_config(TINY_CONFIG, ["train.mode=incremental", "train.start_from=champion"])
+    start = flow_inc.choose_start(cfg, "2026-01-06", tiny_world["ds"], None, tiny_world["root"], lines.append)
+    assert not start.incremental and start.bundle is None
+    assert lines == [fallback]
     assert start.tags() == {
         "csmf.train_mode": "full",
         "csmf.parent_model_version": "none",
@@ -103,7 +110,9 @@ def test_choose_start_forces_full_on_schedule(monkeypatch, tiny_world):
     resolved = SimpleNamespace(bundle=tiny_world["bundle"], version=_version(4))
     monkeypatch.setattr(registry, "resolve_model", lambda ref=None, home=None: resolved)
     lines = []
-    cfg = build_config(TINY_CONFIG, ["train.mode=incremental", "train.full_every_days=3"])
+    cfg = build_config(
+        TINY_CONFIG, ["train.mode=incremental", "train.full_every_days=3", "train.start_from=champion"]
+    )
     start = flow_inc.choose_start(cfg, "2026-01-05", tiny_world["ds"], None, tiny_world["root"], lines.append)
     assert not start.incremental and "full retrain is due" in lines[0] and "3 days" in lines[0]
     start = flow_inc.choose_start(cfg, "2026-01-04", tiny_world["ds"], None, tiny_world["root"], lines.append)
@@ -148,9 +157,10 @@ def test_start_from_line_continues_the_newest_verified_model(monkeypatch, tiny_w
         "the champion (v4) keeps serving"
     )
     assert lines[1].startswith("train.mode=incremental: continuing model v6")
-    # the default continues the champion, caught up on the two days since its run date
+    # start_from=champion continues the champion, caught up on the two days since its run date
     start = flow_inc.choose_start(
-        build_config(TINY_CONFIG, ["train.mode=incremental"]), "2026-01-05", tiny_world["ds"], None,
+        build_config(TINY_CONFIG, ["train.mode=incremental", "train.start_from=champion"]), "2026-01-05",
+        tiny_world["ds"], None,
         tiny_world["root"], lines.append,
     )  # fmt: skip
     assert (
