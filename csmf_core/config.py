@@ -100,8 +100,8 @@ class TrainConfig:
     # Adam. Default dense: on the small world (2 seeds) lazy_adam's Recall@50 is ~0.02 lower on exposure and
     # click, rowwise_adagrad's ~0.08 lower, and neither is faster at such sizes (docs/performance.md)
     embedding_optimizer: str = "dense"
-    # "full": train the cascade from scratch on the window; "incremental": start from the champion (or
-    # `csmf run --from-model REF`): its checkpoint, masks and id maps, and train each stage's owned
+    # "full": train the cascade from scratch on the window; "incremental": start from the model
+    # `start_from` names (or `csmf run --from-model REF`): its checkpoint, masks and id maps, and train each stage's owned
     # entries on the last `incremental_days` days only (flows/incremental.py)
     mode: str = "full"
     incremental_days: int = 1
