@@ -105,7 +105,8 @@ class TrainConfig:
     # entries on the last `incremental_days` days only (flows/incremental.py)
     mode: str = "full"
     incremental_days: int = 1
-    # incremental: a full retrain instead when the champion's last full retrain is this many days old
+    # incremental: a full retrain instead when the model continued descends from a full retrain this many
+    # days old
     full_every_days: int = 7
     # incremental: the model continued. "line" (default): the newest registered model trained for an
     # earlier date that passed the gate's verification, promoted or not (the training line continues

@@ -11,7 +11,7 @@
 retrain"), and refuses a starting model whose objectives or model shape differ from the run's with a
 `WarmStartError` naming each difference, before any work. The parent run and the registered version
 get the tags `csmf.train_mode`, `csmf.parent_model_version` and `csmf.last_full_date` (the schedule of
-full retrains reads the champion's).
+full retrains reads the continued model's).
 """
 
 from __future__ import annotations

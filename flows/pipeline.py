@@ -113,7 +113,7 @@ def csmf_daily(
     tuned: the tuned config applied between `config` and `overrides`: "auto" = the one `csmf tune` wrote
     for this dataset under the home, if any (flows/tune.py), "none", or a file; tag csmf.tuned_config.
     from_model: a model reference (csmf recommend's REF) an incremental run continues instead of the
-    champion (flows/incremental.py); implies train.mode=incremental.
+    model train.start_from picks (flows/incremental.py); implies train.mode=incremental.
     Returns mlflow_run_id, tracking_uri, experiment, model_version, bundle_dir, metrics, metrics_table,
     gate (promoted, reason, champion_version) and resumed_stages.
 
