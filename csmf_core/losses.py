@@ -53,7 +53,13 @@ def item_log_q(counts: torch.Tensor) -> torch.Tensor:
 
 
 def aml_margins(
-    up_pos: torch.Tensor, up_neg: torch.Tensor, sigma: float, eta: float, *, negate: bool = False
+    up_pos: torch.Tensor,
+    up_neg: torch.Tensor,
+    sigma: float,
+    eta: float,
+    *,
+    negate: bool = False,
+    overwrite: bool = False,
 ) -> torch.Tensor:
     """Adaptive margins. up_pos: (B, 1) or (B,), up_neg: (B, K) -> (B, K).
 
@@ -65,10 +71,19 @@ def aml_margins(
     pass over the matrix: every step is computed with its sign flipped (IEEE rounding is symmetric, so
     round(-x) = -round(x)); only the sign of an exact zero may differ, which no later step can see
     (it is added to a logit). sigma = 0 (the default) skips adding it (x + 0 = x).
+
+    overwrite=True: `up_neg` is a temporary of the caller's and becomes d in place (-up_neg + up_pos,
+    bit for bit up_pos - up_neg: IEEE subtraction is the addition of the negation), one (B, K)
+    allocation fewer; `up_pos` must not share memory with it (pass a copy of a diagonal).
     """
     if up_pos.dim() == 1:
         up_pos = up_pos[:, None]
-    diff = up_pos - up_neg
+    if overwrite:
+        if up_pos.untyped_storage().data_ptr() == up_neg.untyped_storage().data_ptr():
+            raise ValueError("aml_margins(overwrite=True): up_pos shares memory with up_neg; pass a copy")
+        diff = up_neg.neg_().add_(up_pos)
+    else:
+        diff = up_pos - up_neg
     sign = -1.0 if negate else 1.0  # negate: -(1 + eta) relu(d) + eta d - sigma
     m = torch.relu(diff).mul_(sign * (1.0 + eta))
     m.add_(diff, alpha=-sign * eta)  # (torch's sub_ with alpha is this add with -alpha)
@@ -156,7 +171,9 @@ def sampled_softmax(
     return LossTerms(loss=loss, n_neg=float(n_neg.float().mean()))
 
 
-def upstream_scores(segment_scores: list[torch.Tensor], stage: int, how: str = "log_prob") -> torch.Tensor:
+def upstream_scores(
+    segment_scores: list[torch.Tensor], stage: int, how: str = "log_prob", *, overwrite: bool = False
+) -> torch.Tensor:
     """Upstream score for stage `stage` >= 1 from per-segment score matrices.
 
     segment_scores[r]: (B, K) contribution of output segment r (dims owned by stage r), so the
@@ -166,15 +183,18 @@ def upstream_scores(segment_scores: list[torch.Tensor], stage: int, how: str = "
         this is log sigmoid(s_exposure), a monotone transform of the exposure score (same AML
         branch for every pair; margins compressed for high scores).
     how = "last_logit": the raw score of mode stage - 1 (the paper's click-stage definition).
+    overwrite=True: the segment matrices are the caller's temporaries; the running mode score is
+    accumulated in them in place (segment_scores[r] + running, bit for bit running + segment_scores[r]:
+    IEEE addition commutes), so they are overwritten, and the result may be one of them.
     """
     if stage < 1:
         raise ValueError("AML has no upstream for stage 0")
     running = segment_scores[0]
     total = F.logsigmoid(running) if how == "log_prob" else None
     for r in range(1, stage):
-        running = running + segment_scores[r]
+        running = segment_scores[r].add_(running) if overwrite else running + segment_scores[r]
         if total is not None:
-            total = total + F.logsigmoid(running)
+            total.add_(F.logsigmoid(running))  # total is this function's own buffer
     if how == "log_prob":
         return total
     if how == "last_logit":

@@ -320,8 +320,11 @@ def _batch_loss(
     if use_aml:
         with torch.no_grad():
             segs = [pair_scores(cols) for cols in seg_cols]
-            up = upstream_scores(segs, stage, cfg.loss.upstream)
-            margin_bias = aml_margins(up.diagonal(), up, cfg.loss.sigma, cfg.loss.eta, negate=True)
+            # the segment and upstream matrices are this step's temporaries: overwritten in place,
+            # bit for bit the same margins with fewer (B, B) buffers (csmf_core/losses.py)
+            up = upstream_scores(segs, stage, cfg.loss.upstream, overwrite=True)
+            up_pos = up.diagonal().clone()
+            margin_bias = aml_margins(up_pos, up, cfg.loss.sigma, cfg.loss.eta, negate=True, overwrite=True)
     extra = extra_margins = None
     if use_neg:
         nvec = neg_vectors()
@@ -332,8 +335,8 @@ def _batch_loss(
                     torch.einsum("bd,bmd->bm", uvec.index_select(1, cols), nvec.index_select(2, cols))
                     for cols in seg_cols
                 ]
-                up_n = upstream_scores(segs, stage, cfg.loss.upstream)
-                extra_margins = aml_margins(up.diagonal(), up_n, cfg.loss.sigma, cfg.loss.eta)
+                up_n = upstream_scores(segs, stage, cfg.loss.upstream, overwrite=True)
+                extra_margins = aml_margins(up_pos, up_n, cfg.loss.sigma, cfg.loss.eta, overwrite=True)
     terms = sampled_softmax(
         scores,
         it,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from csmf_core import train
+from csmf_core import losses, train
 from csmf_core.baselines import protocol
 from csmf_core.cascade import run_cascade
 from csmf_core.config import build_config
@@ -222,3 +222,71 @@ def test_protocol_scoring_only_users_with_positives_gives_the_same_score():
         full = FullResultRanked((users, items), served, served)
         old = protocol.vectors_score((users, items), dv, (1.0, 1.0, 1.0), k, ranked=full)
         assert new == old
+
+
+def old_upstream_scores(segment_scores, stage, how="log_prob", *, overwrite=False):
+    """losses.upstream_scores before it accumulated in its inputs (each sum a new matrix)."""
+    running = segment_scores[0]
+    total = torch.nn.functional.logsigmoid(running) if how == "log_prob" else None
+    for r in range(1, stage):
+        running = running + segment_scores[r]
+        if total is not None:
+            total = total + torch.nn.functional.logsigmoid(running)
+    return total if how == "log_prob" else running
+
+
+def old_aml_margins(up_pos, up_neg, sigma, eta, *, negate=False, overwrite=False):
+    """losses.aml_margins before it could overwrite up_neg (d a new matrix)."""
+    if up_pos.dim() == 1:
+        up_pos = up_pos[:, None]
+    diff = up_pos - up_neg
+    sign = -1.0 if negate else 1.0
+    m = torch.relu(diff).mul_(sign * (1.0 + eta))
+    m.add_(diff, alpha=-sign * eta)
+    return m.add_(sign * sigma) if sigma else m
+
+
+@pytest.mark.parametrize("upstream,sigma", [("log_prob", 0.0), ("last_logit", 0.1)])
+def test_cascade_bit_identical_with_aml_in_place(monkeypatch, upstream, sigma):
+    """AML's upstream and margin matrices overwritten in place (issue 18 item 3) train the same
+    parameters bit for bit as the allocating implementation, extra negatives included."""
+    data = random_cascade_data()
+    assert data.rows.neg is not None  # the extra-negative margins run too
+    cfg = build_config(
+        {
+            "model": {"dim": 16, "hidden": [32, 16]},
+            "train": {"batch_size": 256, "epochs": [1, 2, 2]},
+            "loss": {"upstream": upstream, "sigma": sigma},
+        }
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        new_model, _, new_reps = run_cascade(data, cfg)
+        monkeypatch.setattr(train, "upstream_scores", old_upstream_scores)
+        monkeypatch.setattr(train, "aml_margins", old_aml_margins)
+        old_model, _, old_reps = run_cascade(data, cfg)
+    finally:
+        torch.set_num_threads(threads)
+    new, old = _params(new_model), _params(old_model)
+    assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in new)
+    assert [r.losses for r in new_reps] == [r.losses for r in old_reps]
+
+
+def test_in_place_aml_helpers_match_the_allocating_ones():
+    gen = torch.Generator().manual_seed(3)
+    segs = [torch.randn(64, 64, generator=gen) * 4 for _ in range(3)]
+    for how in ("log_prob", "last_logit"):
+        for stage in (1, 2, 3):
+            want = old_upstream_scores([s.clone() for s in segs], stage, how)
+            got = losses.upstream_scores([s.clone() for s in segs], stage, how, overwrite=True)
+            assert torch.equal(got, want)
+            pos = want.diagonal().clone()
+            for negate in (False, True):
+                ref = old_aml_margins(want.diagonal(), want, 0.1, 1.8, negate=negate)
+                assert torch.equal(
+                    losses.aml_margins(pos, want.clone(), 0.1, 1.8, negate=negate, overwrite=True), ref
+                )
+    up = segs[0].clone()
+    with pytest.raises(ValueError, match="shares memory"):
+        losses.aml_margins(up.diagonal(), up, 0.0, 1.8, overwrite=True)
