@@ -54,21 +54,27 @@ def _params(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-def test_cascade_bit_identical_to_the_old_row_selection(monkeypatch):
-    """The whole cascade (pretrain, prune, recover, finetunes) trains the same parameters bit for bit."""
-    data = random_cascade_data()
+def assert_cascade_bit_identical(monkeypatch, data, cfg, old: dict) -> None:
+    """Run the whole cascade (pretrain, prune, recover, finetunes) as it is, then with the names in
+    `old` (attributes of csmf_core.train) replaced by their previous implementations; 1 thread.
+    Every parameter, every step's losses and the ownership must be the same bit for bit."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        new_model, new_owners, new_reps = run_cascade(data, CFG)
-        monkeypatch.setattr(train, "stage_rows", old_stage_rows)
-        old_model, old_owners, old_reps = run_cascade(data, CFG)
+        new_model, new_owners, new_reps = run_cascade(data, cfg)
+        for name, fn in old.items():
+            monkeypatch.setattr(train, name, fn)
+        old_model, old_owners, old_reps = run_cascade(data, cfg)
     finally:
         torch.set_num_threads(threads)
-    new, old = _params(new_model), _params(old_model)
-    assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in new)
+    new, prev = _params(new_model), _params(old_model)
+    assert new.keys() == prev.keys() and all(torch.equal(new[k], prev[k]) for k in new)
     assert [r.losses for r in new_reps] == [r.losses for r in old_reps]
     assert torch.equal(new_owners.output_owners(), old_owners.output_owners())
+
+
+def test_cascade_bit_identical_to_the_old_row_selection(monkeypatch):
+    assert_cascade_bit_identical(monkeypatch, random_cascade_data(), CFG, {"stage_rows": old_stage_rows})
 
 
 def old_choose_weights(model, output_owners, tables, val, objectives, counts, k):
@@ -259,18 +265,8 @@ def test_cascade_bit_identical_with_aml_in_place(monkeypatch, upstream, sigma):
             "loss": {"upstream": upstream, "sigma": sigma},
         }
     )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        new_model, _, new_reps = run_cascade(data, cfg)
-        monkeypatch.setattr(train, "upstream_scores", old_upstream_scores)
-        monkeypatch.setattr(train, "aml_margins", old_aml_margins)
-        old_model, _, old_reps = run_cascade(data, cfg)
-    finally:
-        torch.set_num_threads(threads)
-    new, old = _params(new_model), _params(old_model)
-    assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in new)
-    assert [r.losses for r in new_reps] == [r.losses for r in old_reps]
+    old = {"upstream_scores": old_upstream_scores, "aml_margins": old_aml_margins}
+    assert_cascade_bit_identical(monkeypatch, data, cfg, old)
 
 
 def test_in_place_aml_helpers_match_the_allocating_ones():
