@@ -25,9 +25,13 @@ subtracted from the negative's logit exactly as in the paper's Eq. 6.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from csmf_core.config import LossConfig
 
 NEG_INF = float("-inf")
 
@@ -200,3 +204,25 @@ def upstream_scores(
     if how == "last_logit":
         return running
     raise ValueError(f"unknown upstream definition {how!r}")
+
+
+def aml_bias(
+    segment_scores: list[torch.Tensor],
+    stage: int,
+    loss: LossConfig,
+    extra_segment_scores: list[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """AML for stage `stage` >= 1: (margin_bias, extra_margins) as `sampled_softmax` takes them.
+
+    segment_scores: per-segment (B, B) in-batch score matrices (`upstream_scores`);
+    extra_segment_scores: the same for the (B, M) extra negatives, or None (extra_margins None).
+    Both lists are the caller's temporaries and are overwritten (`overwrite=True` above: bit for bit
+    the allocating forms, fewer (B, B) buffers). Call under torch.no_grad(): margins are constants.
+    """
+    up = upstream_scores(segment_scores, stage, loss.upstream, overwrite=True)
+    up_pos = up.diagonal().clone()  # the positives' upstream, kept before `up` becomes d
+    margin_bias = aml_margins(up_pos, up, loss.sigma, loss.eta, negate=True, overwrite=True)
+    if extra_segment_scores is None:
+        return margin_bias, None
+    up_n = upstream_scores(extra_segment_scores, stage, loss.upstream, overwrite=True)
+    return margin_bias, aml_margins(up_pos, up_n, loss.sigma, loss.eta, overwrite=True)

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from csmf_core.config import CSMFConfig
-from csmf_core.losses import aml_margins, sampled_softmax, upstream_scores
+from csmf_core.losses import aml_bias, sampled_softmax
 from csmf_core.masks import trainable_masks
 from csmf_core.model import TwoTower
 from csmf_core.optim import Optimiser, TrainLog, run_epochs
@@ -315,28 +315,20 @@ def _batch_loss(
             return day_vec[dinv[:, None], inv[B:].view(B, extra_items.shape[1])]
 
     scores = pair_scores()
-    margin_bias = None
-    up = None
-    if use_aml:
-        with torch.no_grad():
-            segs = [pair_scores(cols) for cols in seg_cols]
-            # the segment and upstream matrices are this step's temporaries: overwritten in place,
-            # bit for bit the same margins with fewer (B, B) buffers (csmf_core/losses.py)
-            up = upstream_scores(segs, stage, cfg.loss.upstream, overwrite=True)
-            up_pos = up.diagonal().clone()
-            margin_bias = aml_margins(up_pos, up, cfg.loss.sigma, cfg.loss.eta, negate=True, overwrite=True)
-    extra = extra_margins = None
+    extra = nvec = margin_bias = extra_margins = None
     if use_neg:
         nvec = neg_vectors()
         extra = torch.einsum("bd,bmd->bm", uvec, nvec)
-        if use_aml:
-            with torch.no_grad():
-                segs = [
+    if use_aml:
+        with torch.no_grad():
+            segs = [pair_scores(cols) for cols in seg_cols]
+            segs_n = None
+            if nvec is not None:
+                segs_n = [
                     torch.einsum("bd,bmd->bm", uvec.index_select(1, cols), nvec.index_select(2, cols))
                     for cols in seg_cols
                 ]
-                up_n = upstream_scores(segs, stage, cfg.loss.upstream, overwrite=True)
-                extra_margins = aml_margins(up_pos, up_n, cfg.loss.sigma, cfg.loss.eta, overwrite=True)
+            margin_bias, extra_margins = aml_bias(segs, stage, cfg.loss, segs_n)
     terms = sampled_softmax(
         scores,
         it,

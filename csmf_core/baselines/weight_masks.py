@@ -51,7 +51,7 @@ from csmf_core.cascade import CascadeData
 from csmf_core.config import CSMFConfig
 from csmf_core.cpp import select_pruned
 from csmf_core.evaluate import EvalRows, encode_items
-from csmf_core.losses import aml_margins, sampled_softmax, upstream_scores
+from csmf_core.losses import aml_bias, sampled_softmax
 from csmf_core.metrics import recall_ndcg, topk_items
 from csmf_core.model import TwoTower
 from csmf_core.rows import FeatureTables, TrainRows
@@ -158,12 +158,10 @@ def _mode_loss(
                 if use_neg:
                     modes_n.append(torch.einsum("bd,bmd->bm", ur, items.own(vr, neg_pos)))
             inc = [modes[0]] + [modes[r] - modes[r - 1] for r in range(1, stage)]
-            up = upstream_scores(inc, stage, cfg.loss.upstream)
-            margin_bias = aml_margins(up.diagonal(), up, cfg.loss.sigma, cfg.loss.eta, negate=True)
+            inc_n = None
             if use_neg:
                 inc_n = [modes_n[0]] + [modes_n[r] - modes_n[r - 1] for r in range(1, stage)]
-                up_n = upstream_scores(inc_n, stage, cfg.loss.upstream)
-                extra_margins = aml_margins(up.diagonal(), up_n, cfg.loss.sigma, cfg.loss.eta)
+            margin_bias, extra_margins = aml_bias(inc, stage, cfg.loss, inc_n)
     lq = log_q[b.i] if (log_q is not None and cfg.loss.logq) else None
     return sampled_softmax(
         items.pairs(uvec, all_vec, pos),

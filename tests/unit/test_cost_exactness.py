@@ -54,16 +54,16 @@ def _params(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-def assert_cascade_bit_identical(monkeypatch, data, cfg, old: dict) -> None:
+def assert_cascade_bit_identical(monkeypatch, data, cfg, module, old: dict) -> None:
     """Run the whole cascade (pretrain, prune, recover, finetunes) as it is, then with the names in
-    `old` (attributes of csmf_core.train) replaced by their previous implementations; 1 thread.
+    `old` (attributes of `module`) replaced by their previous implementations; 1 thread.
     Every parameter, every step's losses and the ownership must be the same bit for bit."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         new_model, new_owners, new_reps = run_cascade(data, cfg)
         for name, fn in old.items():
-            monkeypatch.setattr(train, name, fn)
+            monkeypatch.setattr(module, name, fn)
         old_model, old_owners, old_reps = run_cascade(data, cfg)
     finally:
         torch.set_num_threads(threads)
@@ -74,7 +74,9 @@ def assert_cascade_bit_identical(monkeypatch, data, cfg, old: dict) -> None:
 
 
 def test_cascade_bit_identical_to_the_old_row_selection(monkeypatch):
-    assert_cascade_bit_identical(monkeypatch, random_cascade_data(), CFG, {"stage_rows": old_stage_rows})
+    assert_cascade_bit_identical(
+        monkeypatch, random_cascade_data(), CFG, train, {"stage_rows": old_stage_rows}
+    )
 
 
 def old_choose_weights(model, output_owners, tables, val, objectives, counts, k):
@@ -265,8 +267,9 @@ def test_cascade_bit_identical_with_aml_in_place(monkeypatch, upstream, sigma):
             "loss": {"upstream": upstream, "sigma": sigma},
         }
     )
+    # losses.aml_bias, which train_stage calls, then reaches the allocating forms
     old = {"upstream_scores": old_upstream_scores, "aml_margins": old_aml_margins}
-    assert_cascade_bit_identical(monkeypatch, data, cfg, old)
+    assert_cascade_bit_identical(monkeypatch, data, cfg, losses, old)
 
 
 def test_in_place_aml_helpers_match_the_allocating_ones():
