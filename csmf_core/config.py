@@ -101,8 +101,8 @@ class TrainConfig:
     # click, rowwise_adagrad's ~0.08 lower, and neither is faster at such sizes (docs/performance.md)
     embedding_optimizer: str = "dense"
     # "full": train the cascade from scratch on the window; "incremental": start from the model
-    # `start_from` names (or `csmf run --from-model REF`): its checkpoint, masks and id maps, and train each stage's owned
-    # entries on the last `incremental_days` days only (flows/incremental.py)
+    # `start_from` names (or `csmf run --from-model REF`): its checkpoint, masks and id maps, and train
+    # each stage's owned entries on the last `incremental_days` days only (flows/incremental.py)
     mode: str = "full"
     incremental_days: int = 1
     # incremental: a full retrain instead when the model continued descends from a full retrain this many

@@ -618,9 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--from-model",
         default=None,
         metavar="REF",
-        help="train incrementally from this model (REF as for recommend) instead of the one train.start_from "
-        "picks: its "
-        "checkpoint, masks and id maps (train.mode incremental)",
+        help="train incrementally from this model (REF as for recommend) instead of the one "
+        "train.start_from picks: its checkpoint, masks and id maps (train.mode incremental)",
     )
     r.add_argument(
         "--json-out", metavar="FILE", help="also write the run's result (metrics, model, gate) as JSON"
