@@ -31,6 +31,7 @@ Mapping (docs/architecture.md section 1; the source README describes the columns
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 import uuid
@@ -52,8 +53,9 @@ from data_contracts.schema import (
 
 NAME = "kuairand-pure-slice"
 LOG_GLOB = "log_standard_*.parquet"
-USER_CSV = "user_features_pure.csv"
-VIDEO_CSV = "video_features_basic_pure.csv"
+LOG_CSV_GLOB = "log_standard_*.csv"
+USER_CSV_GLOB = "user_features*.csv"  # user_features_pure.csv, user_features_1k.csv, ...
+VIDEO_CSV_GLOB = "video_features_basic*.csv"
 CONVERSIONS = {"like": "is_like", "long_view": "long_view"}
 _LOG_COLUMNS = ("user_id", "video_id", "time_ms", "is_click", "is_like", "long_view")
 
@@ -83,6 +85,7 @@ class ImportSummary:
     """What `import_kuairand` wrote. `positives` maps objective name -> rows with that label."""
 
     out_dir: Path
+    name: str  # the dataset's name (dataset.yaml; tuned configs are looked up by it)
     rows: int
     positives: dict[str, int]
     partitions: tuple[str, ...]  # "2022-04-24", ... (UTC dates)
@@ -96,27 +99,82 @@ class ImportSummary:
     seconds: float
 
 
-def _require(path: Path, what: str) -> Path:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found ({what}); point src_dir at the KuaiRand slice directory")
-    return path
+def _one(src: Path, pattern: str, what: str) -> Path:
+    """The one file of `src` matching `pattern` (a clear error for none or several)."""
+    found = sorted(p for p in src.glob(pattern) if p.is_file())
+    if not found:
+        raise FileNotFoundError(
+            f"{src}: no {pattern} ({what}); point the source at the KuaiRand slice directory or at the "
+            "official download's data/ directory"
+        )
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise ValueError(f"{src}: {len(found)} files match {pattern} ({what}): {names}; keep one")
+    return found[0]
+
+
+def _log_files(src: Path) -> tuple[list[Path], str]:
+    """The exposure logs of `src` and their format ("parquet" or "csv"): one kind, not both."""
+    if not src.is_dir():
+        raise FileNotFoundError(
+            f"{src} is not a directory (give the KuaiRand slice or the official download's data/ directory)"
+        )
+    parquet, csv = sorted(src.glob(LOG_GLOB)), sorted(src.glob(LOG_CSV_GLOB))
+    if parquet and csv:
+        raise ValueError(
+            f"{src}: both Parquet ({', '.join(p.name for p in parquet)}) and CSV "
+            f"({', '.join(p.name for p in csv)}) exposure logs would count the same exposures twice; "
+            "keep one kind in the directory"
+        )
+    if not parquet and not csv:
+        raise FileNotFoundError(
+            f"{src}: no {LOG_GLOB} or {LOG_CSV_GLOB} files (log_random_* files are not read); point the "
+            "source at the KuaiRand slice directory or at the official download's data/ directory"
+        )
+    return (parquet, "parquet") if parquet else (csv, "csv")
+
+
+def dataset_name(src: str | os.PathLike) -> str:
+    """The canonical dataset's name: `kuairand-pure-slice` for the slice's Parquet logs,
+    `kuairand-<variant>` for the official CSV logs (`pure`, `1k`, `27k`: the user feature file's
+    suffix), so a config tuned on one is never applied to the other (tuned configs go by name)."""
+    src = Path(src)
+    if _log_files(src)[1] == "parquet":
+        return NAME
+    stem = _one(src, USER_CSV_GLOB, "user feature table").stem.lower()  # user_features_pure
+    variant = re.sub(r"[^a-z0-9]+", "-", stem.removeprefix("user_features")).strip("-")
+    return f"kuairand-{variant}" if variant else "kuairand"
+
+
+_FLAGS = ("is_click", "is_like", "long_view")
 
 
 def _events(src: Path, conversion: str) -> pl.DataFrame:
-    logs = sorted(src.glob(LOG_GLOB))
-    if not logs:
-        raise FileNotFoundError(f"{src}: no {LOG_GLOB} files; point src_dir at the KuaiRand slice directory")
+    logs, kind = _log_files(src)
     frames = []
     for path in logs:
-        lf = pl.scan_parquet(path)
+        # CSV: types from every row (polars infers from the first 100 by default)
+        lf = pl.scan_parquet(path) if kind == "parquet" else pl.scan_csv(path, infer_schema_length=None)
         missing = sorted(set(_LOG_COLUMNS) - set(lf.collect_schema().names()))
         if missing:
             raise ValueError(f"{path}: missing columns {missing}; is this a KuaiRand log_standard file?")
         frames.append(lf.select(_LOG_COLUMNS))
+    logs_lf = pl.concat(frames)
+    # The rules the mapping relies on; a row breaking one is an error, not silently a negative.
+    counts = logs_lf.select(
+        *((pl.col(c).is_null() | ~pl.col(c).is_in([0, 1])).sum().alias(c) for c in _FLAGS),
+        *(pl.col(c).is_null().sum().alias(c) for c in ("user_id", "video_id", "time_ms")),
+    ).collect()
+    broken = [(c, int(n)) for c, n in counts.row(0, named=True).items() if n]
+    if broken:
+        rules = "; ".join(
+            f"column {c}: {n:,} row{'s' if n != 1 else ''} {'not 0 or 1' if c in _FLAGS else 'null'}"
+            for c, n in broken
+        )
+        raise ValueError(f"{src} (exposure logs {', '.join(p.name for p in logs)}): {rules}")
     clicked = pl.col("is_click") == 1
     return (
-        pl.concat(frames)
-        .select(
+        logs_lf.select(
             pl.lit(None, dtype=pl.String).alias("request_id"),
             pl.col("user_id").cast(pl.Int64),
             pl.col("video_id").cast(pl.Int64).alias("item_id"),
@@ -145,7 +203,7 @@ def _read_table(path: Path, columns: tuple[str, ...]) -> pl.DataFrame:
 def _users(src: Path) -> pl.DataFrame:
     source_name = {new: old for old, new in USER_RENAMES.items()}
     needed = ("user_id", *(source_name.get(c, c) for c in (*USER_CATEGORICAL, *USER_NUMERIC)))
-    users = _read_table(_require(src / USER_CSV, "user feature table"), needed)
+    users = _read_table(_one(src, USER_CSV_GLOB, "user feature table"), needed)
     users = users.rename(USER_RENAMES)
     # onehot codes are read as float where the column has nulls; they are integer category codes.
     codes = [pl.col(c).cast(pl.Int64) for c in USER_CATEGORICAL if users.schema[c].is_float()]
@@ -154,7 +212,7 @@ def _users(src: Path) -> pl.DataFrame:
 
 def _items(src: Path) -> pl.DataFrame:
     needed = ("video_id", *ITEM_CATEGORICAL, *ITEM_NUMERIC)
-    items = _read_table(_require(src / VIDEO_CSV, "video feature table"), needed)
+    items = _read_table(_one(src, VIDEO_CSV_GLOB, "video feature table"), needed)
     return items.select(
         pl.col("video_id").cast(pl.Int64).alias("item_id"),
         pl.col("author_id").cast(pl.Int64),
@@ -168,16 +226,24 @@ def _items(src: Path) -> pl.DataFrame:
 
 
 def _spec(src: Path, conversion: str) -> DatasetSpec:
-    commit_file = src / "SOURCE_COMMIT"
-    commit = commit_file.read_text().strip() if commit_file.is_file() else "unknown"
+    name = dataset_name(src)
+    logs = ", ".join(p.name for p in _log_files(src)[0])
+    if name == NAME:
+        commit_file = src / "SOURCE_COMMIT"
+        commit = commit_file.read_text().strip() if commit_file.is_file() else "unknown"
+        origin = (
+            f"KuaiRand-Pure slice (Gao et al., CIKM 2022; CC BY-SA 4.0) from {src.resolve()}, "
+            f"wmyh-0416/kuairand-short-video-recommender@{commit}"
+        )
+    else:
+        origin = f"KuaiRand (Gao et al., CIKM 2022; CC BY-SA 4.0), the official files in {src.resolve()}"
     provenance = (
-        f"KuaiRand-Pure slice (Gao et al., CIKM 2022; CC BY-SA 4.0) from {src.resolve()}, "
-        f"wmyh-0416/kuairand-short-video-recommender@{commit}; imported by data_contracts.import_kuairand: "
+        f"{origin}; logs {logs}; imported by data_contracts.import_kuairand: "
         f"exposure = every log row, click = is_click, conversion = is_click & {CONVERSIONS[conversion]}; "
         "request_id null; ts = time_ms (UTC); partitions = UTC date of ts"
     )
     return DatasetSpec(
-        name=NAME,
+        name=name,
         provenance=provenance,
         objectives=(
             Objective("exposure", "exposed"),
@@ -248,6 +314,7 @@ def import_kuairand(
     per_day = {d.isoformat(): int(n) for d, n in days.iter_rows()}
     return ImportSummary(
         out_dir=out,
+        name=spec.name,
         rows=events.height,
         positives={o.name: int(events.get_column(o.column).sum()) for o in spec.objectives},
         partitions=tuple(per_day),

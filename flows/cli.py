@@ -81,7 +81,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     with Progress(f"importing KuaiRand from {args.src} into {args.out}"):
         s = import_kuairand(args.src, args.out, conversion=args.conversion, overwrite=args.overwrite)
     print(
-        f"Wrote {s.out_dir}: {s.rows:,} event rows, {s.users:,} users, {s.items:,} items, "
+        f"Wrote {s.out_dir} (dataset {s.name}): {s.rows:,} event rows, {s.users:,} users, {s.items:,} items, "
         f"partitions {s.partitions[0]} .. {s.partitions[-1]} ({len(s.partitions)})"
     )
     print(text_table(["objective", "positives"], list(s.positives.items())))
@@ -558,10 +558,16 @@ def build_parser() -> argparse.ArgumentParser:
     k = isub.add_parser(
         "kuairand",
         parents=[common],
-        help="the KuaiRand-Pure slice",
-        description="How to run: csmf import kuairand ../shared/data/kuairand --out data/kuairand",
+        help="KuaiRand: the slice in ../shared/data/kuairand or the official download (Pure, 1K, 27K)",
+        description="How to run: csmf import kuairand ../shared/data/kuairand --out data/kuairand, or "
+        "csmf import kuairand KuaiRand-Pure/data --out data/kuairand-pure for the official CSV files "
+        "(log_standard_*.csv, user_features_*.csv, video_features_basic_*.csv; log_random_* is not read)",
     )
-    k.add_argument("src", type=Path, help="directory with the KuaiRand files")
+    k.add_argument(
+        "src",
+        type=Path,
+        help="directory with the KuaiRand files (the slice, or the official data/ directory)",
+    )
     k.add_argument("--out", required=True, type=Path)
     k.add_argument(
         "--conversion",

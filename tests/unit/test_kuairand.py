@@ -108,3 +108,55 @@ def test_existing_output_needs_overwrite_and_long_view_option(imported, tmp_path
     assert "long_view" in load_spec(out).provenance
     with pytest.raises(ValueError, match="conversion must be one of"):
         import_kuairand(SRC, tmp_path / "x", conversion="follow")
+
+
+# The official download (https://kuairand.com): CSV logs, `_pure` / `_1k` / `_27k` file names,
+# plus files the importer must leave alone (the random-exposure log, the statistics table).
+OFFICIAL_LOG_COLUMNS = [
+    "user_id", "video_id", "date", "hourmin", "time_ms", "is_click", "is_like", "is_follow",
+    "is_comment", "is_forward", "is_hate", "long_view", "play_time_ms", "duration_ms",
+    "profile_stay_time", "comment_stay_time", "is_profile_enter", "is_rand", "tab",
+]  # fmt: skip
+
+
+def test_official_csv_files_import_as_the_slice(imported, tmp_path):
+    """The slice's rows written as the official CSV download import to the same tables, row for row."""
+    summary, _ = imported
+    src = tmp_path / "KuaiRand-Pure" / "data"
+    src.mkdir(parents=True)
+    for path in sorted(SRC.glob("log_standard_*.parquet")):
+        first, last = path.stem.split("_")[2:4]  # log_standard_20220425_20220430
+        name = f"log_standard_{int(first[4:6])}_{int(first[6:])}_to_{int(last[4:6])}_{int(last[6:])}_pure.csv"
+        pl.read_parquet(path, columns=OFFICIAL_LOG_COLUMNS).write_csv(src / name)
+    # the random-exposure log: every row a click and a like of user 1; none of it may be imported
+    pl.read_parquet(next(SRC.glob("log_standard_*.parquet")), columns=OFFICIAL_LOG_COLUMNS).head(
+        500
+    ).with_columns(
+        user_id=pl.lit(1, pl.Int64), is_click=pl.lit(1, pl.Int64), is_like=pl.lit(1, pl.Int64)
+    ).write_csv(src / "log_random_4_22_to_5_08_pure.csv")
+    for name in ("user_features_pure.csv", "video_features_basic_pure.csv"):
+        (src / name).write_bytes((SRC / name).read_bytes())
+    (src / "video_features_statistic_pure.csv").write_text("video_id,not,read\n1,2,3\n")
+
+    out = tmp_path / "ds"
+    got = import_kuairand(src, out)
+    assert (got.rows, got.positives, got.rows_per_partition) == (
+        summary.rows,
+        summary.positives,
+        summary.rows_per_partition,
+    )
+    spec, ref_spec = load_spec(out), load_spec(summary.out_dir)
+    assert spec.name == "kuairand-pure" and "log_standard_4_25_to_4_30_pure.csv" in spec.provenance
+    assert "log_random" not in spec.provenance and spec.features == ref_spec.features
+    for rel in (
+        "users.parquet",
+        "items.parquet",
+        "events/dt=2022-04-24/part-0.parquet",
+        "events/dt=2022-05-08/part-0.parquet",
+    ):
+        assert pl.read_parquet(out / rel).equals(pl.read_parquet(summary.out_dir / rel)), rel
+    # both kinds of log in one directory would count every exposure twice
+    (src / "log_standard_20220425_20220430.parquet").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"both Parquet .* and CSV .*keep one kind"):
+        import_kuairand(src, tmp_path / "twice")
+    assert not (tmp_path / "twice").exists()
