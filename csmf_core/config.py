@@ -427,6 +427,28 @@ def _check_ranges(cfg: CSMFConfig, errors: list[str]) -> None:
     errors.extend(msg for ok, msg in checks if not ok and msg.split(" ", 1)[0] not in non_finite)
 
 
+DEFAULT_FUSED_WEIGHTS = EvalConfig().fused_weights  # the paper's <k_d, k_o, k_r>: three objectives
+
+
+def fit_objectives(cfg: CSMFConfig, objectives: Sequence[str]) -> tuple[CSMFConfig, str | None]:
+    """The config for a dataset with these objectives, and a line saying what changed (None: nothing).
+
+    The shipped `eval.fused_weights` is the paper's three-objective weighting; on a dataset with
+    another number of objectives it becomes equal weights (one each), so a user's two- or
+    four-objective data runs with no config of theirs. Any other list of the wrong length is the
+    user's and stays an error (`check_objectives`). Every other per-objective setting already
+    fits any count (`train.epochs`: the last cap serves every later stage)."""
+    n, w = len(objectives), cfg.eval.fused_weights
+    if w == "auto" or len(w) == n or tuple(w) != DEFAULT_FUSED_WEIGHTS:
+        return cfg, None
+    equal = (1.0,) * n
+    new = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, fused_weights=equal))
+    return new, (
+        f"eval.fused_weights: the default {list(w)} is the paper's for three objectives; this dataset has "
+        f"{n} {list(objectives)}: equal weights {list(equal)} (set eval.fused_weights=[...] or auto to choose)"
+    )
+
+
 def check_objectives(cfg: CSMFConfig, objectives: Sequence[str]) -> None:
     """The rules that depend on the dataset: raise `ConfigError` naming the key when `cfg` does not fit
     a dataset with these objectives (cascade order). Called before prep, so no training is wasted."""

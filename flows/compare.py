@@ -51,7 +51,7 @@ from flows.compare_render import PARTIAL_FILES, REPORT_FILES, machine, render_re
 from flows.compare_report import SWEEPS, WEIGHT_GRID
 from flows.env import check_writable, setup_home, tracking_uri
 from flows.ingest import Ingested, ingest
-from flows.inputs import code_version, dataset_location, plan_window, report_directory
+from flows.inputs import code_version, dataset_location, fit_to_dataset, plan_window, report_directory
 from flows.notify import notify_failure
 from flows.runs import COMPARE, RunContext, child_run, dataset_name, open_run, run_lifecycle
 
@@ -124,6 +124,7 @@ def csmf_compare(
     cfg = load_config(config, overrides)
     names, sweep_names = check_arguments(methods, seeds, sweeps)
     dataset = dataset_location(data, root)
+    cfg = fit_to_dataset(cfg, dataset, get_run_logger().info)
     window = plan_window(dataset, date, cfg.data)
     doctor.before_run(root, tracking_uri())  # what killed csmf processes left (flows/doctor.py)
     out_dir = report_out_dir(dataset, report_dir)

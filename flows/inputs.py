@@ -18,14 +18,14 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from csmf_core.config import DataConfig
+from csmf_core.config import CSMFConfig, DataConfig, fit_objectives
 from csmf_core.fsutil import is_uri, local_dataset
-from data_contracts import list_partitions
+from data_contracts import list_partitions, load_spec
 from data_contracts.schema import NAME_PATTERN, NAME_RULE
 
 CONTENT_DIGEST_MAX_BYTES = 512 * 2**20
@@ -185,3 +185,17 @@ def code_version() -> str:
     except OSError:
         head = ""
     return f"{version}+g{head[:12]}" if len(head) >= 12 else version
+
+
+def fit_to_dataset(cfg: CSMFConfig, dataset: str | os.PathLike, log: Callable[[str], None]) -> CSMFConfig:
+    """`cfg` fitted to the dataset's objectives (csmf_core.config.fit_objectives: the paper's default
+    fused weights become equal weights on a dataset with other than three objectives), the change
+    logged. A dataset with no readable dataset.yaml is left to ingest, which names the problem."""
+    try:
+        objectives = load_spec(dataset).objective_names
+    except (OSError, ValueError):
+        return cfg
+    cfg, why = fit_objectives(cfg, objectives)
+    if why:
+        log(why)
+    return cfg

@@ -45,7 +45,7 @@ from flows.env import check_writable, setup_home, tracking_uri
 from flows.epoch_selection import choose_default_weights, select_on_validation
 from flows.incremental import choose_start, incremental_overrides, select_incremental, train_incremental
 from flows.ingest import Ingested, ingest
-from flows.inputs import dataset_location, plan_window
+from flows.inputs import dataset_location, fit_to_dataset, plan_window
 from flows.lock import date_lock
 from flows.names import (
     BY_STEP,
@@ -127,7 +127,7 @@ def csmf_daily(
         overrides = [*(overrides or []), f"data.train_days={int(train_days)}"]
     dataset = dataset_location(data, root) if data else generate_data(root)  # a path or a URI
     tuned_file = find_tuned(root, dataset, tuned)
-    cfg = load_config(config, overrides, tuned=tuned_file)
+    cfg = fit_to_dataset(load_config(config, overrides, tuned=tuned_file), dataset, _log_line)
     window = plan_window(dataset, date, cfg.data)  # missing partitions fail here, before any work
     doctor.before_run(root, tracking_uri())  # what killed csmf processes left (flows/doctor.py)
     start = choose_start(cfg, window.date, dataset, from_model, root, _log_line)

@@ -62,7 +62,14 @@ from csmf_core.tuning import (
 from data_contracts import load_spec, validate_dataset
 from flows import doctor
 from flows.env import check_writable, setup_home, tracking_uri
-from flows.inputs import code_version, dataset_digest, dataset_location, plan_window, safe_name
+from flows.inputs import (
+    code_version,
+    dataset_digest,
+    dataset_location,
+    fit_to_dataset,
+    plan_window,
+    safe_name,
+)
 from flows.lock import date_lock
 from flows.names import TUNE_EXPERIMENT, TUNED_CONFIG_TAG
 from flows.notify import notify_failure
@@ -148,9 +155,10 @@ def csmf_tune(
     root = setup_home(home)
     check_writable(root)
     doctor.before_run(root, tracking_uri())
-    base = load_config(config, overrides)
+    dataset = dataset_location(data, root)
+    base = fit_to_dataset(load_config(config, overrides), dataset, logger.info)
     search = load_space(Path(space).read_text() if space else DEFAULT_SPACE.read_text(), base)
-    td = prepare_tune_data(root, dataset_location(data, root), date, base)
+    td = prepare_tune_data(root, dataset, date, base)
     logger.info("%s; tuning on %s .. %s", td.val_why, td.train_dates[0], td.train_dates[-1])
     name = study_name(td.dataset, td.date, base, search, seed)
     with date_lock(root, name, who="csmf tune", kind="csmf-tune"):

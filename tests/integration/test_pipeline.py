@@ -25,7 +25,7 @@ import polars as pl
 import pytest
 
 from csmf_core.cascade import plan
-from csmf_core.config import build_config
+from csmf_core.config import build_config, load_config
 from csmf_core.optim import TrainingDiverged
 from csmf_core.synth import generate
 from data_contracts import ContractError
@@ -671,3 +671,22 @@ def test_select_chooses_on_the_validation_day_and_the_refit_uses_it(happy):
     assert happy.parent.data.tags["csmf.val_days"] == "1"
     assert happy.parent.data.tags["csmf.fused_weights"] == "1,1.8,1.2"  # the default weights
     assert happy.parent.data.tags["csmf.tuned_config"] == "none"
+
+
+def test_two_objective_dataset_runs_with_no_fused_weights_given(prefect_harness, tiny, bad_home, tmp_path):
+    """A user's exposure -> click data and no config: the paper's three default weights become one
+    each (logged), the run trains a two-stage cascade and the bundle serves with those weights."""
+    data = tmp_path / "two-objectives"
+    shutil.copytree(tiny, data)
+    spec = (data / "dataset.yaml").read_text()
+    (data / "dataset.yaml").write_text(spec.replace("- name: conversion\n  column: converted\n", ""))
+    with _store(bad_home) as client:
+        result = csmf_daily(data=str(data), home=str(bad_home), overrides=OVERRIDES)
+        parents, children = _runs_for(client, data)
+    assert parents[0].data.params["eval.fused_weights"] == "[1.0, 1.0]"
+    assert [c.info.run_name for c in children if c.info.run_name.startswith(("pretrain", "finetune"))] == [
+        "pretrain_exposure",
+        "finetune_click",
+    ]
+    assert {r["objective"] for r in result["metrics"]} == {"exposure", "click"}
+    assert load_config(Path(result["bundle_dir"]) / "config.yaml").eval.fused_weights == (1.0, 1.0)

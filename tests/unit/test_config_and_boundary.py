@@ -258,3 +258,28 @@ def test_fused_weights_must_match_the_objectives():
         ConfigError, match=r"eval.fused_weights has 3 values .* 2 objectives \['view', 'buy'\]"
     ):
         check_objectives(cfg, ["view", "buy"])
+
+
+def test_default_fused_weights_fit_any_number_of_objectives():
+    """The shipped weights are the paper's three; other counts get one weight each, a list the user
+    gave of the wrong length stays an error, and auto or a fitting list is left alone."""
+    from csmf_core.config import check_objectives, fit_objectives
+
+    three = ["exposure", "click", "conversion"]
+    cfg, why = fit_objectives(build_config(), three)
+    assert cfg.eval.fused_weights == (1.0, 1.8, 1.2) and why is None
+    for objectives in (["view", "buy"], ["a", "b", "c", "d"]):
+        cfg, why = fit_objectives(build_config(), objectives)
+        assert cfg.eval.fused_weights == (1.0,) * len(objectives)
+        assert f"this dataset has {len(objectives)}" in why and "equal weights" in why
+        check_objectives(cfg, objectives)
+        # the rest of the config is untouched
+        assert {k: v for k, v in cfg.flat().items() if k != "eval.fused_weights"} == {
+            k: v for k, v in build_config().flat().items() if k != "eval.fused_weights"
+        }
+    mine = build_config(None, ["eval.fused_weights=[1.0, 2.0, 3.0]"])
+    assert fit_objectives(mine, ["view", "buy"]) == (mine, None)
+    with pytest.raises(ConfigError, match="eval.fused_weights has 3 values"):
+        check_objectives(mine, ["view", "buy"])
+    auto = build_config(None, ["eval.fused_weights=auto"])
+    assert fit_objectives(auto, ["view", "buy"]) == (auto, None)
