@@ -304,11 +304,12 @@ def incremental_step(
     data.tables = data.tables.to(device(cfg))
     if previous is None:
         model, owners, info = _warm(start, ready, data, cfg)
+        changed = {k: v for k, v in info.items() if v["new"] or v["recycled"]}
         logger.info(
             "%s: warm start from model v%s: %s",
             step.name,
             start.decision.parent_version,
-            {k: v for k, v in info.items() if v["new"] or v["recycled"]},
+            changed or "every table's rows copied (no new or recycled ids)",
         )
     else:
         model, owners, _ = load_checkpoint(previous, device=device(cfg))
