@@ -149,32 +149,43 @@ def dataset_name(src: str | os.PathLike) -> str:
 _FLAGS = ("is_click", "is_like", "long_view")
 
 
-def _events(src: Path, conversion: str) -> pl.DataFrame:
-    logs, kind = _log_files(src)
-    frames = []
-    for path in logs:
-        # CSV: types from every row (polars infers from the first 100 by default)
-        lf = pl.scan_parquet(path) if kind == "parquet" else pl.scan_csv(path, infer_schema_length=None)
-        missing = sorted(set(_LOG_COLUMNS) - set(lf.collect_schema().names()))
-        if missing:
-            raise ValueError(f"{path}: missing columns {missing}; is this a KuaiRand log_standard file?")
-        frames.append(lf.select(_LOG_COLUMNS))
-    logs_lf = pl.concat(frames)
-    # The rules the mapping relies on; a row breaking one is an error, not silently a negative.
-    counts = logs_lf.select(
+def _read_log(path: Path, kind: str) -> pl.DataFrame:
+    """The columns the mapping reads from one exposure log, read once, with the rules it relies on
+    checked (a row breaking one is an error naming the file, column, rule and rows, never silently
+    a negative)."""
+    names = pl.read_parquet_schema(path) if kind == "parquet" else pl.read_csv(path, n_rows=0).columns
+    missing = sorted(set(_LOG_COLUMNS) - set(names))
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing}; is this a KuaiRand log_standard file?")
+    try:
+        if kind == "parquet":
+            log = pl.read_parquet(path, columns=list(_LOG_COLUMNS))
+        else:  # only these columns are parsed; every one an integer in the official files
+            log = pl.read_csv(
+                path, columns=list(_LOG_COLUMNS), schema_overrides=dict.fromkeys(_LOG_COLUMNS, pl.Int64)
+            )
+    except pl.exceptions.PolarsError as exc:
+        raise ValueError(f"{path}: columns {list(_LOG_COLUMNS)} must be integers: {exc}") from exc
+    counts = log.select(
         *((pl.col(c).is_null() | ~pl.col(c).is_in([0, 1])).sum().alias(c) for c in _FLAGS),
         *(pl.col(c).is_null().sum().alias(c) for c in ("user_id", "video_id", "time_ms")),
-    ).collect()
-    broken = [(c, int(n)) for c, n in counts.row(0, named=True).items() if n]
+    ).row(0, named=True)
+    broken = [(c, int(n)) for c, n in counts.items() if n]
     if broken:
         rules = "; ".join(
             f"column {c}: {n:,} row{'s' if n != 1 else ''} {'not 0 or 1' if c in _FLAGS else 'null'}"
             for c, n in broken
         )
-        raise ValueError(f"{src} (exposure logs {', '.join(p.name for p in logs)}): {rules}")
+        raise ValueError(f"{path}: {rules} (of {log.height:,})")
+    return log
+
+
+def _events(src: Path, conversion: str) -> pl.DataFrame:
+    logs, kind = _log_files(src)
     clicked = pl.col("is_click") == 1
     return (
-        logs_lf.select(
+        pl.concat([_read_log(path, kind) for path in logs])
+        .select(
             pl.lit(None, dtype=pl.String).alias("request_id"),
             pl.col("user_id").cast(pl.Int64),
             pl.col("video_id").cast(pl.Int64).alias("item_id"),
@@ -187,7 +198,6 @@ def _events(src: Path, conversion: str) -> pl.DataFrame:
             (clicked & (pl.col(CONVERSIONS[conversion]) == 1)).alias("converted"),
         )
         .sort("ts", "user_id", "item_id")  # deterministic output for identical input
-        .collect()
     )
 
 

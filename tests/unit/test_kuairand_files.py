@@ -86,8 +86,21 @@ def test_bad_logs_and_ambiguous_files_are_named(tmp_path):
     )
     # file, column, rule and row count; nothing written
     with pytest.raises(
-        ValueError, match=r"log_standard_4_08_to_4_21_1k.csv.*column is_click: 1 row not 0 or 1"
+        ValueError, match=r"log_standard_4_08_to_4_21_1k.csv.*column is_click: 1 row not 0 or 1 \(of 3\)"
     ):
+        import_kuairand(src, tmp_path / "o1")
+    assert not (tmp_path / "o1").exists()
+    bad = src / "log_standard_4_08_to_4_21_1k.csv"
+    bad.write_text(
+        f"user_id,video_id,time_ms,is_click,is_like,long_view\n,100,{T0},1,0,0\n7,100,{T0},1,0,0\n"
+    )
+    with pytest.raises(ValueError, match=r"4_21_1k.csv: column user_id: 1 row null \(of 2\)"):
+        import_kuairand(src, tmp_path / "o1")
+    bad.write_text(f"user_id,video_id,time_ms,is_click,is_like,long_view\n7,100,{T0}.5,1,0,0\n")
+    with pytest.raises(ValueError, match=r"4_21_1k.csv: columns .* must be integers"):
+        import_kuairand(src, tmp_path / "o1")
+    bad.write_text(f"user_id,video_id,ts,is_click,is_like,long_view\n7,100,{T0},1,0,0\n")
+    with pytest.raises(ValueError, match=r"4_21_1k.csv: missing columns \['time_ms'\]"):
         import_kuairand(src, tmp_path / "o1")
     assert not (tmp_path / "o1").exists()
 
