@@ -101,6 +101,7 @@ def ingest(
                 cfg.ingest, source, run.workdir / "model_ready", shards, base_dir=base, **prep_args
             )
             shutil.rmtree(shards, ignore_errors=True)
+        check_positives(summary.train_by_level, load_spec(run.dataset_dir), summary.train_dates, cfg)
         ids = summary.meta["id_maps"]
         logger.info(
             "id maps: users %s, items %s%s",
@@ -115,6 +116,28 @@ def ingest(
             "ingest", -1, outputs, source_run=run.parent_run_id, extra={"objectives": objectives}
         )
     return Ingested(summary.out_dir, source, objectives)
+
+
+def check_positives(by_level: list[int], spec, train_dates: list[str], cfg: CSMFConfig) -> None:
+    """Fail before any training when an objective has fewer than 2 positive rows in the training
+    days (a cascade stage trains on its objective's positives with in-batch negatives: one row has
+    no negative), naming the objective, its column, the days and the count. by_level[k]: training
+    rows whose deepest true objective is k (prep), so objective t's positives are sum(by_level[t:])."""
+    for t, obj in enumerate(spec.objectives):
+        n = sum(by_level[t:])
+        if n < 2:
+            days = f"{train_dates[0]} .. {train_dates[-1]}" if train_dates else "(none)"
+            raise ValueError(
+                f"objective {obj.name} (column {obj.column}): {n} positive row(s) in the {len(train_dates)} "
+                f"training day(s) {days}; its cascade stage needs at least 2 to train. "
+                + (
+                    f"Train on more days (data.train_days={cfg.data.train_days}; 0 = every partition before "
+                    "the evaluation day), evaluate on a later day, or leave the objective out of dataset.yaml"
+                    if cfg.data.train_days
+                    else "Every partition before the evaluation day is already used: evaluate on a later "
+                    "day or leave the objective out of dataset.yaml"
+                )
+            )
 
 
 def _resume(run: RunContext, hit: dict) -> Ingested:

@@ -690,3 +690,23 @@ def test_two_objective_dataset_runs_with_no_fused_weights_given(prefect_harness,
     ]
     assert {r["objective"] for r in result["metrics"]} == {"exposure", "click"}
     assert load_config(Path(result["bundle_dir"]) / "config.yaml").eval.fused_weights == (1.0, 1.0)
+
+
+def test_objective_without_training_positives_fails_in_ingest(prefect_harness, tiny, bad_home, tmp_path):
+    """No conversion in the training days: the run stops after prep with the objective, its column,
+    the days and the count, before the selection pass trains anything."""
+    data = tmp_path / "no-conversions"
+    shutil.copytree(tiny, data)
+    for part in (data / "events").glob("dt=*/*.parquet"):
+        events = pl.read_parquet(part)
+        if part.parent.name < "dt=2026-01-06":  # the training days; the evaluation day keeps its own
+            events.with_columns(converted=pl.lit(False)).write_parquet(part)
+    with _store(bad_home) as client:
+        with pytest.raises(
+            ValueError,
+            match=r"objective conversion \(column converted\): 0 positive row\(s\) in the 5 training day\(s\) "
+            r"2026-01-01 \.\. 2026-01-05; .*Every partition before the evaluation day is already used",
+        ):
+            csmf_daily(data=str(data), home=str(bad_home), overrides=OVERRIDES)
+        _, children = _runs_for(client, data)
+    assert [(c.info.run_name, c.info.status) for c in children] == [("ingest", "FAILED")]
