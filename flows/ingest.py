@@ -129,15 +129,26 @@ def check_positives(by_level: list[int], spec, train_dates: list[str], cfg: CSMF
             days = f"{train_dates[0]} .. {train_dates[-1]}" if train_dates else "(none)"
             raise ValueError(
                 f"objective {obj.name} (column {obj.column}): {n} positive row(s) in the {len(train_dates)} "
-                f"training day(s) {days}; its cascade stage needs at least 2 to train. "
-                + (
-                    f"Train on more days (data.train_days={cfg.data.train_days}; 0 = every partition before "
-                    "the evaluation day), evaluate on a later day, or leave the objective out of dataset.yaml"
-                    if cfg.data.train_days
-                    else "Every partition before the evaluation day is already used: evaluate on a later "
-                    "day or leave the objective out of dataset.yaml"
-                )
+                f"training day(s) {days}; its cascade stage needs at least 2 to train. " + _more_days(cfg)
             )
+
+
+def _more_days(cfg: CSMFConfig) -> str:
+    """What a user can do about an objective with too few training positives."""
+    if cfg.train.mode == "incremental":  # its window: the new day(s) + the validation day(s)
+        return (
+            f"An incremental run trains on its last train.incremental_days={cfg.train.incremental_days} "
+            "day(s): raise it, or retrain in full (train.mode=full) on the whole window"
+        )
+    if cfg.data.train_days:
+        return (
+            f"Train on more days (data.train_days={cfg.data.train_days}; 0 = every partition before the "
+            "evaluation day), evaluate on a later day, or leave the objective out of dataset.yaml"
+        )
+    return (
+        "Every partition before the evaluation day is already used: evaluate on a later day or leave the "
+        "objective out of dataset.yaml"
+    )
 
 
 def _resume(run: RunContext, hit: dict) -> Ingested:
