@@ -37,6 +37,18 @@ class Step:
     name: str  # e.g. "finetune_click"
     kind: str  # "train" | "prune" | "recover"
     stage: int
+    # a train step that continues a model (incremental): with fewer than 2 positive rows of its
+    # objective (a sparse objective's quiet day) it keeps the stage as the model had it instead of
+    # failing; a cascade from scratch has no stage to keep, so there it stays an error
+    keep_if_few: bool = False
+
+
+MIN_STAGE_ROWS = 2  # a sampled softmax with in-batch negatives needs a second row
+
+
+def stage_positives(rows: TrainRows | BatchSource, stage: int) -> int:
+    """Rows a train step of `stage` trains on: those whose deepest true objective is >= stage."""
+    return int((rows.level >= stage).sum()) if isinstance(rows, TrainRows) else rows.n_rows(stage)
 
 
 @dataclass
@@ -134,6 +146,10 @@ def run_step(
             seed=cfg.train.seed + step.stage,
         )
         return new, StepReport(step, {"layers": [s.as_dict() for s in stats], "units": new.counts()})
+    if step.keep_if_few and step.kind == "train":
+        n = stage_positives(data.rows, step.stage)
+        if n < MIN_STAGE_ROWS:  # kept as it is: what a selection pass's epoch 0 would keep
+            return owners, StepReport(step, {"rows": n, "epochs": 0, "steps": 0, "kept": 1})
     log_q = item_log_q(torch.as_tensor(data.counts[step.stage]))
     selector = None
     if step.kind == "train" and data.val is not None and any(len(p) for p in data.val.pos[step.stage]):

@@ -44,8 +44,9 @@ FULL, INCREMENTAL = "full", "incremental"
 
 
 def incremental_plan(objectives: list[str]) -> list[Step]:
-    """One train step per stage, in cascade order (no pruning, no recovery)."""
-    return [Step(f"incremental_{o}", "train", t) for t, o in enumerate(objectives)]
+    """One train step per stage, in cascade order (no pruning, no recovery); a stage whose objective
+    has fewer than 2 positive rows in the days trained is kept as the model had it (`keep_if_few`)."""
+    return [Step(f"incremental_{o}", "train", t, keep_if_few=True) for t, o in enumerate(objectives)]
 
 
 def val_days_for(val_days: int | str) -> int:

@@ -257,7 +257,9 @@ def run_trial(
         reports.append(rep)
         if step.kind != "train":
             continue
-        epochs.append(int(rep.info.get("val_best_epoch", cfg.epochs_for(step.stage))))
+        # a step kept as it was (cascade.Step.keep_if_few) trains no epoch in the refit either
+        kept_epochs = 0 if rep.info.get("kept") else cfg.epochs_for(step.stage)
+        epochs.append(int(rep.info.get("val_best_epoch", kept_epochs)))
         s = step_score(model, owners, data, step.stage, k)
         step_scores.append(s)
         if report is not None and report(n_train, s):

@@ -25,7 +25,7 @@ import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from csmf_core.cascade import Step, load_cascade_data, run_step
+from csmf_core.cascade import MIN_STAGE_ROWS, Step, load_cascade_data, run_step, stage_positives
 from csmf_core.config import CSMFConfig, build_config
 from csmf_core.idmap import read_recycled
 from csmf_core.incremental import FULL, INCREMENTAL, ModeDecision, decide_mode, incremental_plan, val_days_for
@@ -247,6 +247,13 @@ def select_incremental(ready: Ingested, cfg: CSMFConfig, run: RunContext, start:
                     if k.startswith("val_")
                 }
         tracker.log_metrics(metrics)
+    for rep in res.reports:
+        if rep.info.get("rows", MIN_STAGE_ROWS) < MIN_STAGE_ROWS:
+            logger.info(
+                "select (incremental): %s has %d positive row(s) before the validation day(s): kept (epoch 0)",
+                rep.step.name,
+                rep.info["rows"],
+            )
     logger.info(
         "select (incremental): validation score %.4f; refit on the last %d day(s) with epochs %s, weights %s",
         res.score,
@@ -319,7 +326,7 @@ def incremental_step(
              "step.index": index, "step.train_from": first_day}
         )  # fmt: skip
         epochs = cfg.epochs_for(step.stage)
-        n = int((data.rows.level >= step.stage).sum())
+        n = stage_positives(data.rows, step.stage)
         bar = StepBar(step.name, expected_steps(n, cfg.train.batch_size, epochs), epochs)
         curve = reporting.LossCurve(tracker, logger, step.name, every=LOG_EVERY, bar=bar)
         try:
@@ -328,6 +335,15 @@ def incremental_step(
             bar.close()
         curve.flush()
         report.info["rows"] = n
+        if n < MIN_STAGE_ROWS:
+            logger.warning(
+                "%s: %d positive row(s) in %s .. %s: the stage is kept as model v%s had it",
+                step.name,
+                n,
+                first_day,
+                max(run.window.train_dates),
+                start.decision.parent_version,
+            )
         out = _save(step, index, previous is None, model, owners, report, run, tracker)
         metrics = _measure(step, model, owners, data, cfg) | _validation(report, ready.objectives[step.stage])
         tracker.log_metrics(metrics)

@@ -122,7 +122,11 @@ def check_positives(by_level: list[int], spec, train_dates: list[str], cfg: CSMF
     """Fail before any training when an objective has fewer than 2 positive rows in the training
     days (a cascade stage trains on its objective's positives with in-batch negatives: one row has
     no negative), naming the objective, its column, the days and the count. by_level[k]: training
-    rows whose deepest true objective is k (prep), so objective t's positives are sum(by_level[t:])."""
+    rows whose deepest true objective is k (prep), so objective t's positives are sum(by_level[t:]).
+    An incremental run is not checked: a stage with too few rows keeps what the model it continues
+    had (csmf_core.cascade.Step.keep_if_few), so a sparse objective's quiet day updates the others."""
+    if cfg.train.mode == "incremental":
+        return
     for t, obj in enumerate(spec.objectives):
         n = sum(by_level[t:])
         if n < 2:
@@ -135,11 +139,6 @@ def check_positives(by_level: list[int], spec, train_dates: list[str], cfg: CSMF
 
 def _more_days(cfg: CSMFConfig) -> str:
     """What a user can do about an objective with too few training positives."""
-    if cfg.train.mode == "incremental":  # its window: the new day(s) + the validation day(s)
-        return (
-            f"An incremental run trains on its last train.incremental_days={cfg.train.incremental_days} "
-            "day(s): raise it, or retrain in full (train.mode=full) on the whole window"
-        )
     if cfg.data.train_days:
         return (
             f"Train on more days (data.train_days={cfg.data.train_days}; 0 = every partition before the "

@@ -138,3 +138,40 @@ def test_line_continues_the_verified_challenger_the_gate_kept_out(line_days):
     assert str(line_days.champion.version) in ("1", "3")  # v2 never served
     parent = line_days.client.get_run(line_days.c["mlflow_run_id"])
     assert parent.data.params["train.incremental_logq"] == "history"
+
+
+def test_a_quiet_day_of_a_sparse_objective_keeps_its_stage(tmp_path):
+    """No conversion on the incremental run's day (2026-01-05; no selection pass, so every stage with
+    rows trains its epoch cap): the run completes, the conversion stage's entries are the starting
+    model's bit for bit, and the other stages trained. (The selection pass's side: tests/unit/
+    test_incremental.py.)"""
+    import polars as pl
+    import torch
+
+    from csmf_core.checkpoint import load_checkpoint
+    from csmf_core.masks import param_owners
+
+    tiny = generate(tmp_path / "tiny", "tiny", seed=0).out_dir
+    for part in (tiny / "events").glob("dt=2026-01-0[45]/*.parquet"):
+        pl.read_parquet(part).with_columns(converted=pl.lit(False)).write_parquet(part)
+    home = tmp_path / "home"
+    quiet = [*INCREMENTAL, "data.item_stats=[]"]  # one training day: no earlier day for statistics
+    with temporary_api(), _store(home) as client:
+        a = csmf_daily(date="2026-01-05", data=str(tiny), home=str(home), overrides=quiet)
+        b = csmf_daily(
+            date="2026-01-06", data=str(tiny), home=str(home), overrides=[*quiet, "data.val_days=0"]
+        )
+        tags = client.get_run(b["mlflow_run_id"]).data.tags
+    assert tags["csmf.train_mode"] == "incremental"
+    old, _, _ = load_checkpoint(Path(a["bundle_dir"]) / "checkpoint")
+    new, owners, _ = load_checkpoint(Path(b["bundle_dir"]) / "checkpoint")
+    own = param_owners(new, owners)
+    old_p = dict(old.named_parameters())
+    changed = {t: False for t in range(3)}
+    for name, p in new.named_parameters():
+        for t in range(3):
+            sel = own[name] == t
+            same = torch.equal(p.detach()[sel.expand_as(p)], old_p[name].detach()[sel.expand_as(p)])
+            assert t != 2 or same, f"{name}: a conversion-owned entry changed"
+            changed[t] |= not same
+    assert changed[0] and changed[1]

@@ -306,3 +306,51 @@ def test_logq_history_counts_every_earlier_partition(incremental_run, tiny_world
                 expected[row[iid]] += n
         assert hist.counts[t].tolist() == expected, col
         assert hist.counts[t].sum() > rows_only.counts[t].sum()  # more days than day 5's rows
+
+
+def test_a_stage_with_too_few_rows_is_kept_as_it_was(incremental_run, tiny_world):
+    """A quiet day of a sparse objective: the incremental step keeps the stage bit for bit (and the
+    selection pass keeps its epoch 0) where a step of a cascade from scratch fails."""
+    import dataclasses
+
+    from csmf_core.cascade import Step
+
+    data, cfg = incremental_run["data"], build_config(TINY_CONFIG)
+    level = data.rows.level.clone()
+    converted = torch.nonzero(level >= 2).flatten()
+    assert len(converted) >= 2  # the fixture's day has conversions: remove all but one
+    level[converted[1:]] = 1
+    quiet = dataclasses.replace(data, rows=dataclasses.replace(data.rows, level=level))
+    model, owners, _ = warm_start(tiny_world["bundle"] / "checkpoint", quiet, cfg)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    step = incremental_plan(quiet.objectives)[2]
+    _, rep = run_step(step, model, owners, quiet, trial_config(cfg, {"train.epochs": [1, 1, 1]}))
+    assert rep.info == {"rows": 1, "epochs": 0, "steps": 0, "kept": 1}
+    assert all(torch.equal(before[k], v) for k, v in model.named_parameters())
+    # the other stages still train on that day
+    _, rep = run_step(
+        incremental_plan(quiet.objectives)[1],
+        model,
+        owners,
+        quiet,
+        trial_config(cfg, {"train.epochs": [1, 1, 1]}),
+    )
+    assert rep.info["steps"] > 0 and rep.info["rows"] == int((level >= 1).sum())
+    # a cascade from scratch has nothing to keep: the same rows fail its step
+    with pytest.raises(ValueError, match="1 positive rows; a sampled softmax needs at least 2"):
+        run_step(Step("finetune_conversion", "train", 2), model, owners, quiet, cfg)
+
+
+def test_the_selection_pass_keeps_epoch_0_for_a_quiet_stage(incremental_run, tiny_world):
+    import dataclasses
+
+    sel, cfg = incremental_run["sel"], build_config(TINY_CONFIG)
+    level = sel.rows.level.clone()
+    level[level >= 2] = 1  # no conversion before the validation day
+    quiet = dataclasses.replace(sel, rows=dataclasses.replace(sel.rows, level=level))
+    start = warm_start(tiny_world["bundle"] / "checkpoint", quiet, cfg)[:2]
+    res = run_trial(
+        quiet, trial_config(cfg, {"data.val_days": 1}), start=start, steps=incremental_plan(quiet.objectives)
+    )
+    assert res.epochs[2] == 0 and res.reports[2].info["rows"] == 0
+    assert list(refit_config(cfg, res).train.epochs)[2] == 0
