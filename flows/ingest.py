@@ -21,6 +21,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from csmf_core.cascade import MIN_STAGE_ROWS
 from csmf_core.config import CSMFConfig, check_objectives
 from csmf_core.idmap import BaseMaps
 from csmf_core.prep import prepare
@@ -129,7 +130,7 @@ def check_positives(by_level: list[int], spec, train_dates: list[str], cfg: CSMF
         return
     for t, obj in enumerate(spec.objectives):
         n = sum(by_level[t:])
-        if n < 2:
+        if n < MIN_STAGE_ROWS:
             days = f"{train_dates[0]} .. {train_dates[-1]}" if train_dates else "(none)"
             raise ValueError(
                 f"objective {obj.name} (column {obj.column}): {n} positive row(s) in the {len(train_dates)} "
