@@ -45,7 +45,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from csmf_core.cascade import CascadeData, load_cascade_data
-from csmf_core.config import ConfigError, CSMFConfig, load_config
+from csmf_core.config import ConfigError, CSMFConfig, check_objectives, load_config
 from csmf_core.metrics import md_cell
 from csmf_core.prep import prepare
 from csmf_core.selection import resolve_val_days
@@ -62,6 +62,7 @@ from csmf_core.tuning import (
 from data_contracts import load_spec, validate_dataset
 from flows import doctor
 from flows.env import check_writable, setup_home, tracking_uri
+from flows.ingest import check_positives
 from flows.inputs import (
     code_version,
     dataset_digest,
@@ -238,6 +239,7 @@ def prepare_tune_data(home: Path, dataset: Path, date: str | None, base: CSMFCon
     )
     if v == 0:
         raise ConfigError(f"cannot tune: {why}; tuning needs validation days inside the training window")
+    check_objectives(base, spec.objective_names)  # one fused weight each, before any work
     history = [d for d in window.validate_dates if d <= window.train_dates[-1]]
     report = validate_dataset(dataset, dates=history)
     report.raise_if_errors()
@@ -258,6 +260,9 @@ def prepare_tune_data(home: Path, dataset: Path, date: str | None, base: CSMFCon
             n_req_neg=base.data.n_req_neg,
             overwrite=True,
         )
+    # as a run's ingest: an objective with too few training positives fails here, not in every trial
+    by_level = json.loads((mr / "meta.json").read_text())["rows"]["train_by_level"]
+    check_positives(by_level, spec, window.train_dates, base)
     return TuneData(mr, safe_name(spec.name, "dataset name"), window.date, window.train_dates, v, why, digest)
 
 

@@ -199,3 +199,25 @@ def test_kill_9_then_rerun_resumes_without_repeating(harness, files, tmp_path):
     # (a kill between the ask and the last suggestion leaves part of them: those are asked again)
     killed, again = resumed["trials"][1]["params"], resumed["trials"][2]["params"]
     assert killed.items() <= again.items()
+
+
+def test_an_objective_without_training_positives_fails_before_any_trial(tmp_path):
+    """As a run's ingest does: the objective, column, days and count, before the first trial; and a
+    fused-weight list of the wrong length is refused before any work."""
+    import polars as pl
+
+    from csmf_core.config import ConfigError, build_config
+    from flows.tune import prepare_tune_data
+
+    tiny = generate(tmp_path / "tiny", "tiny", seed=0).out_dir
+    for part in (tiny / "events").glob("dt=*/*.parquet"):
+        if part.parent.name < "dt=2026-01-06":
+            pl.read_parquet(part).with_columns(converted=pl.lit(False)).write_parquet(part)
+    with pytest.raises(
+        ValueError, match=r"objective conversion \(column converted\): 0 positive row\(s\) in the 5"
+    ):
+        prepare_tune_data(tmp_path / "home", tiny, "2026-01-06", build_config())
+    with pytest.raises(ConfigError, match=r"eval.fused_weights has 2 values"):
+        prepare_tune_data(
+            tmp_path / "home", tiny, "2026-01-06", build_config(None, ["eval.fused_weights=[1,1]"])
+        )
