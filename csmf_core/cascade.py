@@ -28,7 +28,7 @@ from csmf_core.model import TowerSpec, TwoTower
 from csmf_core.prep import DAY_US, HISTORY_COUNTS
 from csmf_core.rows import BatchSource, FeatureTables, TrainRows
 from csmf_core.selection import positives_per_item, resolve_val_days
-from csmf_core.train import train_stage
+from csmf_core.train import MIN_STAGE_ROWS, stage_positives, train_stage
 from csmf_core.validation import EpochSelector, split_validation
 
 
@@ -41,14 +41,6 @@ class Step:
     # objective (a sparse objective's quiet day) it keeps the stage as the model had it instead of
     # failing; a cascade from scratch has no stage to keep, so there it stays an error
     keep_if_few: bool = False
-
-
-MIN_STAGE_ROWS = 2  # a sampled softmax with in-batch negatives needs a second row
-
-
-def stage_positives(rows: TrainRows | BatchSource, stage: int) -> int:
-    """Rows a train step of `stage` trains on: those whose deepest true objective is >= stage."""
-    return int((rows.level >= stage).sum()) if isinstance(rows, TrainRows) else rows.n_rows(stage)
 
 
 @dataclass

@@ -65,6 +65,14 @@ def _grad_masks(model: TwoTower, stage: int) -> dict[str, torch.Tensor | None]:
     return masks
 
 
+MIN_STAGE_ROWS = 2  # per process: a sampled softmax with in-batch negatives needs a second row
+
+
+def stage_positives(rows: TrainRows | BatchSource, stage: int) -> int:
+    """Rows a train step of `stage` trains on: those whose deepest true objective is >= stage."""
+    return int((rows.level >= stage).sum()) if isinstance(rows, TrainRows) else rows.n_rows(stage)
+
+
 def stage_rows(rows: TrainRows, stage: int, fraction: float | None, gen: torch.Generator) -> TrainRows:
     """The in-memory rows stage `stage` trains on: those with level >= stage, and for accuracy
     recovery (`fraction` given) a random subset of ceil(fraction * n) of them (at least 2) drawn
@@ -184,7 +192,7 @@ def train_stage(
                 stage, bs_global, seed=cfg.train.seed, epoch=epoch, fraction=frac, salt=int(recover)
             )
 
-    if n_rows < 2 * world:
+    if n_rows < MIN_STAGE_ROWS * world:
         raise ValueError(
             f"{name}: {n_rows} positive rows; a sampled softmax needs at least 2 per process ({world})"
         )

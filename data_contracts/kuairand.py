@@ -134,12 +134,11 @@ def _log_files(src: Path) -> tuple[list[Path], str]:
     return (parquet, "parquet") if parquet else (csv, "csv")
 
 
-def dataset_name(src: str | os.PathLike) -> str:
+def _dataset_name(src: Path, kind: str) -> str:
     """The canonical dataset's name: `kuairand-pure-slice` for the slice's Parquet logs,
     `kuairand-<variant>` for the official CSV logs (`pure`, `1k`, `27k`: the user feature file's
     suffix), so a config tuned on one is never applied to the other (tuned configs go by name)."""
-    src = Path(src)
-    if _log_files(src)[1] == "parquet":
+    if kind == "parquet":
         return NAME
     stem = _one(src, USER_CSV_GLOB, "user feature table").stem.lower()  # user_features_pure
     variant = re.sub(r"[^a-z0-9]+", "-", stem.removeprefix("user_features")).strip("-")
@@ -180,8 +179,7 @@ def _read_log(path: Path, kind: str) -> pl.DataFrame:
     return log
 
 
-def _events(src: Path, conversion: str) -> pl.DataFrame:
-    logs, kind = _log_files(src)
+def _events(logs: list[Path], kind: str, conversion: str) -> pl.DataFrame:
     clicked = pl.col("is_click") == 1
     return (
         pl.concat([_read_log(path, kind) for path in logs])
@@ -235,9 +233,8 @@ def _items(src: Path) -> pl.DataFrame:
     )
 
 
-def _spec(src: Path, conversion: str) -> DatasetSpec:
-    name = dataset_name(src)
-    logs = ", ".join(p.name for p in _log_files(src)[0])
+def _spec(src: Path, logs: list[Path], kind: str, conversion: str) -> DatasetSpec:
+    name = _dataset_name(src, kind)
     if name == NAME:
         commit_file = src / "SOURCE_COMMIT"
         commit = commit_file.read_text().strip() if commit_file.is_file() else "unknown"
@@ -248,7 +245,7 @@ def _spec(src: Path, conversion: str) -> DatasetSpec:
     else:
         origin = f"KuaiRand (Gao et al., CIKM 2022; CC BY-SA 4.0), the official files in {src.resolve()}"
     provenance = (
-        f"{origin}; logs {logs}; imported by data_contracts.import_kuairand: "
+        f"{origin}; logs {', '.join(p.name for p in logs)}; imported by data_contracts.import_kuairand: "
         f"exposure = every log row, click = is_click, conversion = is_click & {CONVERSIONS[conversion]}; "
         "request_id null; ts = time_ms (UTC); partitions = UTC date of ts"
     )
@@ -298,8 +295,9 @@ def import_kuairand(
     src, out = Path(src_dir), Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
-    events, users, items = _events(src, conversion), _users(src), _items(src)
-    spec = _spec(src, conversion)
+    logs, kind = _log_files(src)
+    events, users, items = _events(logs, kind, conversion), _users(src), _items(src)
+    spec = _spec(src, logs, kind, conversion)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     # Sibling names made unique by hand (mkdtemp's 0700 mode would outlive the rename).

@@ -25,10 +25,11 @@ import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from csmf_core.cascade import MIN_STAGE_ROWS, Step, load_cascade_data, run_step, stage_positives
+from csmf_core.cascade import Step, load_cascade_data, run_step
 from csmf_core.config import CSMFConfig, build_config
 from csmf_core.idmap import read_recycled
 from csmf_core.incremental import FULL, INCREMENTAL, ModeDecision, decide_mode, incremental_plan, val_days_for
+from csmf_core.train import stage_positives
 from csmf_core.tuning import refit_config, run_trial, trial_config
 from csmf_core.warm import SHAPE_KEYS, WarmStartError, warm_start
 from flows import reporting
@@ -248,7 +249,7 @@ def select_incremental(ready: Ingested, cfg: CSMFConfig, run: RunContext, start:
                 }
         tracker.log_metrics(metrics)
     for rep in res.reports:
-        if rep.info.get("rows", MIN_STAGE_ROWS) < MIN_STAGE_ROWS:
+        if rep.info.get("kept"):
             logger.info(
                 "select (incremental): %s has %d positive row(s) before the validation day(s): kept (epoch 0)",
                 rep.step.name,
@@ -335,7 +336,7 @@ def incremental_step(
             bar.close()
         curve.flush()
         report.info["rows"] = n
-        if n < MIN_STAGE_ROWS:
+        if report.info.get("kept"):
             logger.warning(
                 "%s: %d positive row(s) in %s .. %s: the stage is kept as model v%s had it",
                 step.name,

@@ -21,11 +21,11 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from csmf_core.cascade import MIN_STAGE_ROWS
 from csmf_core.config import CSMFConfig, check_objectives
 from csmf_core.idmap import BaseMaps
 from csmf_core.prep import prepare
 from csmf_core.prep_sharded import n_shards
+from csmf_core.train import MIN_STAGE_ROWS
 from data_contracts import load_spec, validate_dataset
 from flows import reporting
 from flows.names import RESUMED_PREFIX
