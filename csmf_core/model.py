@@ -251,6 +251,15 @@ class TwoTower(nn.Module):
     def owners(self) -> dict[str, torch.Tensor] | None:
         return self._owners
 
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.cuda()`, `.cpu()`, `.float()`... go through here: the cached mode masks were made
+        on the old device and in the old dtype, so they are dropped and remade on first use (a model
+        trained on the CPU, then moved to a GPU, failed at its first masked forward before)."""
+        out = super()._apply(fn, recurse)
+        self._mode_masks.clear()
+        self._unmasked = None
+        return out
+
     def _masks_for(self, mode: int) -> dict[str, dict[str, torch.Tensor | None]] | None:
         """Per tower, the float 0/1 mask of the entries mode `mode` uses (None: all of them)."""
         if self._owners is None:
@@ -262,8 +271,8 @@ class TwoTower(nn.Module):
             split: dict[str, dict[str, torch.Tensor | None]] = {"user": {}, "item": {}}
             for name, o in self._owners.items():
                 tower, local = name.split(".", 1)
-                used = o.to(dev).long() <= mode
-                split[tower][local] = None if bool(used.all()) else used.to(torch.float32)
+                used = o.long() <= mode  # where the owners are: the all() check reads no device memory
+                split[tower][local] = None if bool(used.all()) else used.to(device=dev, dtype=torch.float32)
             self._mode_masks[mode] = split
         return self._mode_masks[mode]
 
