@@ -87,7 +87,9 @@ def _init_linear(weight: torch.Tensor, bias: torch.Tensor, gen: torch.Generator)
         bias.uniform_(-bound, bound, generator=gen)
 
 
-def pooled_sum(seq: torch.Tensor, weight: torch.Tensor, sparse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def pooled_sum(
+    seq: torch.Tensor, weight: torch.Tensor, sparse: bool, compact: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, d) sums of the rows of `weight` a (B, L) id sequence names, padding (id 0) left out, and
     (B,) the number of non-padding ids of each row.
 
@@ -98,11 +100,18 @@ def pooled_sum(seq: torch.Tensor, weight: torch.Tensor, sparse: bool) -> tuple[t
     the same sums in the same order, bit for bit, and the same sparse gradient. Only a dense
     gradient would come out in another summation order (last bits differ), so a lookup that
     trains a table with a dense gradient (`train.embedding_optimizer: dense`, the default) keeps
-    the padding_idx kernel; evaluation, serving and the row-wise optimisers take the fast one."""
+    the padding_idx kernel; evaluation, serving and the row-wise optimisers take the fast one.
+
+    `compact` (default: on the CPU only) chooses the dropping. On CUDA, `seq[keep]` is a boolean
+    index whose size the host must read, a synchronisation that stalls the launch queue several times
+    a step (bench/gpu_check.py on an H200: `aten::index` was half of the step's host time), while the
+    padding_idx kernel there is fast and asynchronous: CUDA takes it, with sparse gradients too."""
     keep = seq > 0
     n = keep.sum(dim=1)
-    if torch.is_grad_enabled() and weight.requires_grad and not sparse:
-        return F.embedding_bag(seq, weight, mode="sum", padding_idx=0), n
+    if compact is None:
+        compact = seq.device.type == "cpu"
+    if not compact or (torch.is_grad_enabled() and weight.requires_grad and not sparse):
+        return F.embedding_bag(seq, weight, mode="sum", padding_idx=0, sparse=sparse), n
     return F.embedding_bag(seq[keep], weight, torch.cumsum(n, 0) - n, mode="sum", sparse=sparse), n
 
 

@@ -86,3 +86,20 @@ def test_a_cascade_with_row_wise_updates_trains_the_same_parameters(tiny, kind, 
     a, b = new.state_dict(), old.state_dict()
     assert "user.hist.click.weight" in a
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_off_the_cpu_the_padding_idx_kernel_is_taken():
+    """On an accelerator `seq[keep]` (a boolean index) makes the host wait for the device several times
+    a step; there the padding_idx kernel is taken. torch's meta device stands in for it: its boolean
+    index cannot be sized (raises), so only the padding_idx path runs there."""
+    seq = _seqs(50, 64, 20, seed=5)
+    w = torch.randn(50, 8)
+    with torch.no_grad():
+        got, n = pooled_sum(seq.to("meta"), w.to("meta"), sparse=True)
+        assert got.shape == (64, 8) and n.shape == (64,)
+        with pytest.raises(NotImplementedError):
+            pooled_sum(seq.to("meta"), w.to("meta"), sparse=True, compact=True)
+        # and the padding_idx path gives the compact path's sums (here on the CPU, both asked for)
+        torch.testing.assert_close(
+            pooled_sum(seq, w, sparse=False, compact=False)[0], pooled_sum(seq, w, sparse=False)[0]
+        )
