@@ -11,7 +11,9 @@
 #    from PyPI, whose Linux x86_64 wheel is the CUDA build, then `pip install -e ".[dev]"` (the pinned
 #    stack). $TORCH_INDEX_URL installs torch from another index (e.g. a CUDA-version-specific one).
 #    Without a GPU the project's CPU .venv is used when it exists (no GBs of CUDA packages for nothing).
-#    $CSMF_GPU_CHECK_PYTHON=/path/to/python skips all of this and uses that interpreter as it is.
+#    $CSMF_GPU_CHECK_PYTHON=/path/to/python skips all of this and uses that interpreter as it is; it must
+#    import numpy, polars, pyarrow, faiss and yaml (exit 2 naming those it cannot: a machine's own CUDA
+#    Python usually lacks polars and faiss-cpu; with no network, unpack their wheels onto PYTHONPATH).
 # 3. bench/gpu_check.py: the cascade on CUDA and on the CPU (same seed, plus CPU seeds for the noise):
 #    training samples/s per device and their ratio, peak GPU memory, forward parity, whether
 #    Recall/nDCG@50 per objective (own and fused) match the CPU run within noise, serving latency with
@@ -64,6 +66,23 @@ print(f"torch {torch.__version__}, built for CUDA {torch.version.cuda}, cuda ava
 if cuda:
     print(f"device 0: {torch.cuda.get_device_name(0)}")
 EOF
+# the rest of the pinned stack the check imports: a machine's own CUDA Python (CSMF_GPU_CHECK_PYTHON)
+# often lacks polars and faiss-cpu; say which and how, instead of a traceback halfway through
+missing=$("$pybin" -c '
+import importlib
+missing = []
+for name in ("numpy", "polars", "pyarrow", "faiss", "yaml"):
+    try:
+        importlib.import_module(name)
+    except ImportError:  # absent, or present but broken (a wheel built for another numpy, say)
+        missing.append(name)
+print(" ".join(missing))')
+if [[ -n $missing ]]; then
+    echo "$pybin cannot import: $missing (the pinned stack: pyproject.toml). Install them into it"
+    echo "(pip install -e \".[dev]\" installs all), or, on a machine with no network, unpack their wheels"
+    echo "(pip download --only-binary=:all: --python-version X.Y ... elsewhere) into a folder on PYTHONPATH."
+    exit 2
+fi
 if [[ $has_gpu == 1 ]] && ! "$pybin" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "A GPU is present but this torch cannot use it (a CPU build, or a driver older than its CUDA runtime):"
     echo "install the CUDA build, e.g. TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 $0, or fix the driver."

@@ -165,3 +165,32 @@ def test_shell_script_without_gpu_runs_the_cpu_path(tmp_path):
     assert p.stdout.startswith("NO GPU: nvidia-smi") and "nothing installed" in p.stdout
     assert "cuda available: False" in p.stdout and "only the CPU path ran (exit 0)" in p.stdout
     assert (tmp_path / "results" / "gpu_check.jsonl").exists()
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="checks the no-GPU path")
+def test_shell_script_names_the_missing_packages_of_the_python_it_is_given(tmp_path):
+    """A machine's own CUDA Python (CSMF_GPU_CHECK_PYTHON) without the pinned polars / faiss-cpu (as on
+    the H200 this project was lent): exit 2 naming them, before any work. Here a Python that sees torch
+    but neither of them: the project's interpreter started with an import hook that hides them."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(
+        "import importlib.abc, sys\n"
+        "class Hide(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('polars', 'faiss'):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Hide())\n"
+    )
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "CSMF_GPU_CHECK_PYTHON": sys.executable,
+        "PYTHONPATH": f"{hide}:{REPO}",
+        "HOME": str(tmp_path),
+    }
+    p = subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu_check.sh"), "--quick"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "cannot import: polars faiss" in p.stdout
+    assert "gpu_check.py" not in p.stdout  # stopped before the driver ran
