@@ -189,7 +189,11 @@ def test_shell_script_names_the_missing_packages_of_the_python_it_is_given(tmp_p
         "HOME": str(tmp_path),
     }
     p = subprocess.run(
-        ["bash", str(REPO / "bench" / "gpu_check.sh"), "--quick"], env=env, capture_output=True, text=True, timeout=300
+        ["bash", str(REPO / "bench" / "gpu_check.sh"), "--quick"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert p.returncode == 2, p.stdout + p.stderr
     assert "cannot import: polars faiss" in p.stdout
