@@ -18,7 +18,9 @@
 #    training samples/s per device and their ratio, peak GPU memory, forward parity, whether
 #    Recall/nDCG@50 per objective (own and fused) match the CPU run within noise, serving latency with
 #    the user tower on each device. Exit 1 when the metrics do not match.
-# 4. With a GPU: the gpu-marked tests (tests/unit/test_device.py) and bench/bench_train_step.py on CUDA.
+# 4. With a GPU: the gpu-marked tests (tests/unit/test_device.py; tests/integration/test_cuda_flow.py, two
+#    daily runs and serving on CUDA, skipped when Prefect / MLflow are missing) and
+#    bench/bench_train_step.py on CUDA.
 # Figures are appended to bench/results/*.jsonl ($CSMF_BENCH_RESULTS), as every benchmark's.
 # Exit status: the first failure among the steps, 0 when all ran and the metrics matched.
 set -uo pipefail
@@ -96,8 +98,9 @@ echo "######## bench/gpu_check.py $*"
 
 if [[ $has_gpu == 1 ]]; then
     echo
-    echo "######## gpu-marked tests (tests/unit/test_device.py)"
-    "$pybin" -m pytest -q -p no:cacheprovider -m gpu tests/unit/test_device.py || { [[ $status == 0 ]] && status=3; }
+    echo "######## gpu-marked tests (tests/unit/test_device.py, tests/integration/test_cuda_flow.py)"
+    "$pybin" -m pytest -q -p no:cacheprovider -m gpu tests/unit/test_device.py tests/integration/test_cuda_flow.py ||
+        { [[ $status == 0 ]] && status=3; }
     echo
     echo "######## bench/bench_train_step.py --device cuda ${quick[*]}"
     "$pybin" bench/bench_train_step.py --device cuda "${quick[@]}" || { [[ $status == 0 ]] && status=4; }
