@@ -24,7 +24,9 @@ New days: an incremental run trains on the days its starting model has not seen,
 `train.incremental_days`: a champion trained for D-1 gives one new day (D-1's partition is the
 newest training day of a run for D); a champion the gate kept through a rejected day, or a skipped
 day, gives more (`ModeDecision.new_days`, from the model's run date), so no day is lost to the line.
-It is bounded: a full retrain comes after `train.full_every_days` days. With `train.start_from: line`
+The flow counts them in partitions (a day missing from the data is no new day) and takes the last
+that many partitions before the run's date (flows/pipeline.py, `flows.inputs.plan_window`). It is
+bounded: a full retrain comes after `train.full_every_days` days. With `train.start_from: line`
 the run continues the newest model the gate verified, promoted or not (flows/incremental.py), so it
 has one new day even after a rejected challenger.
 

@@ -16,7 +16,6 @@ full retrains reads the continued model's).
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,9 +198,9 @@ def incremental_overrides(cfg: CSMFConfig, decision: ModeDecision, available: in
 
 
 def train_from(run: RunContext, cfg: CSMFConfig) -> str:
-    """The first of the last `train.incremental_days` training days (the refit's rows)."""
-    last = dt.date.fromisoformat(max(run.window.train_dates))
-    return (last - dt.timedelta(days=cfg.train.incremental_days - 1)).isoformat()
+    """The first of the last `train.incremental_days` training days (the refit's rows): partitions,
+    so a day missing from the data inside them does not cut the days short."""
+    return sorted(run.window.train_dates)[-cfg.train.incremental_days]
 
 
 def _warm(start: Start, ready: Ingested, data, cfg: CSMFConfig):

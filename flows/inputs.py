@@ -19,7 +19,7 @@ import datetime as dt
 import hashlib
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -88,16 +88,26 @@ def dataset_location(data: str | os.PathLike, home: str | os.PathLike) -> Path:
 
 @dataclass(frozen=True)
 class Window:
-    """The dates of one run. validate_dates: every partition prep reads (history) plus the requested ones."""
+    """The dates of one run. validate_dates: every partition prep reads (history) plus the requested ones.
+    missing: calendar days between the first training day and `date` with no partition (a window of
+    "every partition before it", or of the last partitions, steps over them)."""
 
     date: str
     train_dates: list[str]
     eval_dates: list[str]
     validate_dates: list[str]
+    missing: list[str] = field(default_factory=list)
 
 
-def plan_window(dataset_dir: str | os.PathLike, date: str | None, data: DataConfig) -> Window:
-    """Evaluation and training dates for evaluation day `date` (default: the last partition)."""
+def plan_window(
+    dataset_dir: str | os.PathLike, date: str | None, data: DataConfig, last_partitions: int | None = None
+) -> Window:
+    """Evaluation and training dates for evaluation day `date` (default: the last partition).
+
+    Training days: `data.train_days` calendar days before `date` (each must have its partition), or
+    every partition before it (train_days 0), or, with `last_partitions`, the last that many partitions
+    before it, however far back (an incremental run's days: a day missing from the data is stepped
+    over, not fatal)."""
     root = Path(dataset_dir)
     partitions, _ = list_partitions(root)
     if not partitions:
@@ -111,7 +121,15 @@ def plan_window(dataset_dir: str | os.PathLike, date: str | None, data: DataConf
     except ValueError as exc:
         raise ValueError(f"date {date!r} is not YYYY-MM-DD") from exc
     eval_d = [day + dt.timedelta(days=k) for k in range(data.eval_days)]
-    if data.train_days > 0:
+    if last_partitions is not None:
+        before = [d for d in have if d < day]
+        if len(before) < last_partitions:
+            raise ValueError(
+                f"{root}: cannot train on the last {last_partitions} partitions before {day.isoformat()}: "
+                f"there are {len(before)} ({', '.join(d.isoformat() for d in before) or 'none'})"
+            )
+        train_d = before[len(before) - last_partitions :]
+    elif data.train_days > 0:
         train_d = [day - dt.timedelta(days=k) for k in range(data.train_days, 0, -1)]
     else:
         train_d = [d for d in have if d < day]
@@ -127,7 +145,21 @@ def plan_window(dataset_dir: str | os.PathLike, date: str | None, data: DataConf
         )
     history = [d for d in have if d <= eval_d[-1]]
     iso = [d.isoformat() for d in sorted(set(history) | set(train_d) | set(eval_d))]
-    return Window(day.isoformat(), [d.isoformat() for d in train_d], [d.isoformat() for d in eval_d], iso)
+    present = set(have)
+    gaps = [train_d[0] + dt.timedelta(days=k) for k in range((day - train_d[0]).days)]
+    return Window(
+        day.isoformat(),
+        [d.isoformat() for d in train_d],
+        [d.isoformat() for d in eval_d],
+        iso,
+        [d.isoformat() for d in gaps if d not in present],
+    )
+
+
+def partitions_between(dataset_dir: str | os.PathLike, first: str, before: str) -> int:
+    """The number of partitions dated `first` .. the day before `before` (YYYY-MM-DD)."""
+    a, b = dt.date.fromisoformat(first), dt.date.fromisoformat(before)
+    return sum(1 for p in list_partitions(Path(dataset_dir))[0] if a <= p.date < b)
 
 
 def dataset_files(dataset_dir: str | os.PathLike, dates: list[str]) -> list[Path]:

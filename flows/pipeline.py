@@ -27,6 +27,7 @@ resumed (flows/resume.py). MLflow layout: flows/reporting.py; operations: docs/o
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -43,9 +44,15 @@ from flows import doctor, reporting
 from flows.cascade_step import Checkpoints, train_cascade
 from flows.env import check_writable, setup_home, tracking_uri
 from flows.epoch_selection import choose_default_weights, select_on_validation
-from flows.incremental import choose_start, incremental_overrides, select_incremental, train_incremental
+from flows.incremental import (
+    Start,
+    choose_start,
+    incremental_overrides,
+    select_incremental,
+    train_incremental,
+)
 from flows.ingest import Ingested, ingest
-from flows.inputs import dataset_location, fit_to_dataset, plan_window
+from flows.inputs import dataset_location, fit_to_dataset, partitions_between, plan_window
 from flows.lock import date_lock
 from flows.names import (
     BY_STEP,
@@ -66,6 +73,29 @@ from flows.tune import describe_tuned, find_tuned
 
 
 # ---- the flow --------------------------------------------------------------------------------------
+def _count_new_partitions(start: Start, dataset, run_date: str) -> Start:
+    """The days new to an incremental run's starting model, counted in partitions: a day missing from
+    the data between the model's run date and this run's is not new data, and the run's window is the
+    last partitions before its date (`plan_window(last_partitions=)`), so it is stepped over instead of
+    failing every run until the next full retrain."""
+    days = start.decision.new_days
+    if not days:
+        return start
+    since = (dt.date.fromisoformat(run_date) - dt.timedelta(days=days)).isoformat()
+    new = partitions_between(dataset, since, run_date)
+    if new < days:
+        _log_line(
+            f"incremental: {days - new} of the {days} day(s) from {since} to the day before {run_date} have "
+            f"no partition in {dataset}; "
+            + (
+                f"the model has {new} new day(s) of data"
+                if new
+                else "none is new to the model: it is trained again on the last one"
+            )
+        )
+    return dataclasses.replace(start, decision=dataclasses.replace(start.decision, new_days=new))
+
+
 def daily_run_name() -> str:
     """The flow run's name, `csmf-daily-<evaluation day>`: the MLflow parent run's name too. Given no
     date, the day the run will pick (the dataset's last partition); "latest" when that cannot be read
@@ -132,6 +162,7 @@ def csmf_daily(
     doctor.before_run(root, tracking_uri())  # what killed csmf processes left (flows/doctor.py)
     start = choose_start(cfg, window.date, dataset, from_model, root, _log_line)
     if start.incremental:  # the new day(s) and the validation day(s) only (flows/incremental.py)
+        start = _count_new_partitions(start, dataset, window.date)
         asked = start.decision.train_days(cfg.train.incremental_days)
         cfg = trial_config(cfg, incremental_overrides(cfg, start.decision, len(window.train_dates)))
         if cfg.train.incremental_days < asked:
@@ -139,9 +170,14 @@ def csmf_daily(
                 f"incremental: {asked} training day(s) asked, {len(window.train_dates)} partition(s) before "
                 f"{window.date}: training on the last {cfg.train.incremental_days} (the rest are validation days)"
             )
-        window = plan_window(dataset, window.date, cfg.data)
+        window = plan_window(dataset, window.date, cfg.data, last_partitions=cfg.data.train_days)
     elif cfg.train.mode != "full":  # fell back to a full retrain: configured (and resumed) as one
         cfg = trial_config(cfg, {"train.mode": "full"})
+    if window.missing:
+        _log_line(
+            f"no partition for {', '.join(window.missing)} in {dataset}: the {len(window.train_dates)} "
+            f"training day(s) ({window.train_dates[0]} .. {window.train_dates[-1]}) step over them"
+        )
     with date_lock(root, window.date, who=f"prefect flow run {flow_run.id or 'local'}"):
         run = open_run(DAILY, root, cfg, dataset, window)
         if start.incremental:  # stages continue a model: never resumed from a run with another parent

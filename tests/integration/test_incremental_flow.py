@@ -175,3 +175,29 @@ def test_a_quiet_day_of_a_sparse_objective_keeps_its_stage(tmp_path):
             assert t != 2 or same, f"{name}: a conversion-owned entry changed"
             changed[t] |= not same
     assert changed[0] and changed[1]
+
+
+def test_a_day_missing_from_the_data_is_stepped_over(tmp_path):
+    """The export lost 2026-01-04. Before, every incremental run whose window reached back over it
+    failed ("missing partitions ['2026-01-04']") until the next full retrain, a week later. Now the
+    run for 2026-01-06 continues v1 (trained for 01-03, on 01-01 .. 01-02) on the partitions new to
+    it, 01-03 and 01-05, the selection pass validating on 01-05, and says which day it stepped over."""
+    import shutil
+
+    tiny = generate(tmp_path / "tiny", "tiny", seed=0).out_dir
+    shutil.rmtree(tiny / "events" / "dt=2026-01-04")
+    home = tmp_path / "home"
+    with temporary_api(), _store(home) as client:
+        csmf_daily(date="2026-01-03", data=str(tiny), home=str(home), overrides=INCREMENTAL)
+        b = csmf_daily(date="2026-01-06", data=str(tiny), home=str(home), overrides=INCREMENTAL)
+        parent = client.get_run(b["mlflow_run_id"])
+        children = client.search_runs(
+            [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{b['mlflow_run_id']}'"
+        )
+    assert parent.data.tags["csmf.train_mode"] == "incremental"
+    assert parent.data.tags["csmf.parent_model_version"] == "1"
+    # two new days of data (01-03, 01-05) plus one validation day before them: the last 3 partitions
+    assert parent.data.params["run.train_dates"] == '["2026-01-02", "2026-01-03", "2026-01-05"]'
+    steps = [c for c in children if c.info.run_name.startswith("incremental_")]
+    assert len(steps) == 3 and {c.data.params["step.train_from"] for c in steps} == {"2026-01-03"}
+    assert b["gate"]["checks"]["exact_fusion"]

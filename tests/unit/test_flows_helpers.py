@@ -12,7 +12,7 @@ import pytest
 from csmf_core.config import DataConfig
 from csmf_core.synth import generate
 from data_contracts import validate_dataset
-from flows.inputs import code_version, dataset_digest, plan_window
+from flows.inputs import code_version, dataset_digest, partitions_between, plan_window
 from flows.registry import _k, _weights
 from flows.reporting import LossCurve, clean_copy
 from flows.tracking import NullTracker, metric_key
@@ -51,6 +51,41 @@ def test_window_with_train_and_eval_days(tiny):
 def test_window_errors_name_the_problem(tiny, date, data, match):
     with pytest.raises(ValueError, match=match):
         plan_window(tiny, date, data)
+
+
+@pytest.fixture(scope="module")
+def gap(tiny, tmp_path_factory):
+    """tiny without 2026-01-04: a day the export lost."""
+    days = [f"2026-01-0{d}" for d in (1, 2, 3, 5, 6)]
+    return clean_copy(tiny, days, tmp_path_factory.mktemp("gap") / "gap")
+
+
+def test_a_missing_day_is_stepped_over_by_partition_windows_and_named(gap, tiny):
+    w = plan_window(gap, "2026-01-06", DataConfig(), last_partitions=2)
+    assert w.train_dates == ["2026-01-03", "2026-01-05"] and w.missing == ["2026-01-04"]
+    w = plan_window(gap, "2026-01-06", DataConfig())  # every partition before it
+    assert w.train_dates == ["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-05"]
+    assert w.missing == ["2026-01-04"]
+    assert plan_window(tiny, "2026-01-06", DataConfig(), last_partitions=2).missing == []
+    assert plan_window(gap, "2026-01-06", DataConfig(), last_partitions=1).missing == []  # 01-05 .. 01-06
+    # a calendar window stays strict: its days must all be there
+    with pytest.raises(ValueError, match=r"missing partitions \['2026-01-04'\]"):
+        plan_window(gap, "2026-01-06", DataConfig(train_days=2))
+    with pytest.raises(ValueError, match="last 5 partitions before 2026-01-06: there are 4"):
+        plan_window(gap, "2026-01-06", DataConfig(), last_partitions=5)
+    # the days new to a model trained for 2026-01-03, counted in partitions (01-03 and 01-05)
+    assert partitions_between(gap, "2026-01-03", "2026-01-06") == 2
+    assert partitions_between(tiny, "2026-01-03", "2026-01-06") == 3
+    assert partitions_between(gap, "2026-01-04", "2026-01-05") == 0
+
+
+def test_an_incremental_refit_starts_at_a_partition_not_a_calendar_day():
+    from csmf_core.config import build_config
+    from flows.incremental import train_from
+
+    run = SimpleNamespace(window=SimpleNamespace(train_dates=["2026-01-02", "2026-01-03", "2026-01-05"]))
+    assert train_from(run, build_config(None, ["train.incremental_days=2"])) == "2026-01-03"
+    assert train_from(run, build_config(None, ["train.incremental_days=1"])) == "2026-01-05"
 
 
 def test_dataset_digest_follows_content(tiny, tmp_path):
