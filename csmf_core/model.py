@@ -103,9 +103,9 @@ def pooled_sum(
     the padding_idx kernel; evaluation, serving and the row-wise optimisers take the fast one.
 
     `compact` (default: on the CPU only) chooses the dropping. On CUDA, `seq[keep]` is a boolean
-    index whose size the host must read, a synchronisation that stalls the launch queue several times
-    a step (bench/gpu_check.py on an H200: `aten::index` was half of the step's host time), while the
-    padding_idx kernel there is fast and asynchronous: CUDA takes it, with sparse gradients too."""
+    index whose size the host must read (a device-to-host synchronisation per sequence and pass),
+    while the padding_idx kernel there is asynchronous: on CUDA every lookup takes it (evaluation,
+    serving and the row-wise optimisers' sparse gradients; a dense-gradient lookup took it already)."""
     keep = seq > 0
     n = keep.sum(dim=1)
     if compact is None:
