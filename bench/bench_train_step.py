@@ -169,10 +169,15 @@ def run(
 
 
 def print_profile(fn, title: str, rows: int = 15) -> None:
-    """torch.profiler table of one call, top ops by self CPU time."""
+    """torch.profiler table of one call, top ops by self CPU time; with CUDA present its kernels are
+    recorded too (the table gains the device-time columns), so an op's host time can be told apart
+    from the device work it waits for (the first H200 profile had CPU activity only)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
         fn()
     print(f"== profile: {title}")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
