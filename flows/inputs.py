@@ -98,6 +98,11 @@ class Window:
     validate_dates: list[str]
     missing: list[str] = field(default_factory=list)
 
+    def partitions_from(self, first: str) -> int:
+        """The number of partitions dated `first` .. the day before `date` (YYYY-MM-DD; validate_dates
+        holds every partition up to the last evaluation day, so no listing is read again)."""
+        return sum(1 for d in self.validate_dates if first <= d < self.date)
+
 
 def plan_window(
     dataset_dir: str | os.PathLike, date: str | None, data: DataConfig, last_partitions: int | None = None
@@ -154,12 +159,6 @@ def plan_window(
         iso,
         [d.isoformat() for d in gaps if d not in present],
     )
-
-
-def partitions_between(dataset_dir: str | os.PathLike, first: str, before: str) -> int:
-    """The number of partitions dated `first` .. the day before `before` (YYYY-MM-DD)."""
-    a, b = dt.date.fromisoformat(first), dt.date.fromisoformat(before)
-    return sum(1 for p in list_partitions(Path(dataset_dir))[0] if a <= p.date < b)
 
 
 def dataset_files(dataset_dir: str | os.PathLike, dates: list[str]) -> list[Path]:

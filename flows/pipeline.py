@@ -52,7 +52,7 @@ from flows.incremental import (
     train_incremental,
 )
 from flows.ingest import Ingested, ingest
-from flows.inputs import dataset_location, fit_to_dataset, partitions_between, plan_window
+from flows.inputs import Window, dataset_location, fit_to_dataset, plan_window
 from flows.lock import date_lock
 from flows.names import (
     BY_STEP,
@@ -73,7 +73,7 @@ from flows.tune import describe_tuned, find_tuned
 
 
 # ---- the flow --------------------------------------------------------------------------------------
-def _count_new_partitions(start: Start, dataset, run_date: str) -> Start:
+def _count_new_partitions(start: Start, window: Window, dataset) -> Start:
     """The days new to an incremental run's starting model, counted in partitions: a day missing from
     the data between the model's run date and this run's is not new data, and the run's window is the
     last partitions before its date (`plan_window(last_partitions=)`), so it is stepped over instead of
@@ -81,8 +81,9 @@ def _count_new_partitions(start: Start, dataset, run_date: str) -> Start:
     days = start.decision.new_days
     if not days:
         return start
+    run_date = window.date
     since = (dt.date.fromisoformat(run_date) - dt.timedelta(days=days)).isoformat()
-    new = partitions_between(dataset, since, run_date)
+    new = window.partitions_from(since)
     if new < days:
         _log_line(
             f"incremental: {days - new} of the {days} day(s) from {since} to the day before {run_date} have "
@@ -162,7 +163,7 @@ def csmf_daily(
     doctor.before_run(root, tracking_uri())  # what killed csmf processes left (flows/doctor.py)
     start = choose_start(cfg, window.date, dataset, from_model, root, _log_line)
     if start.incremental:  # the new day(s) and the validation day(s) only (flows/incremental.py)
-        start = _count_new_partitions(start, dataset, window.date)
+        start = _count_new_partitions(start, window, dataset)
         asked = start.decision.train_days(cfg.train.incremental_days)
         cfg = trial_config(cfg, incremental_overrides(cfg, start.decision, len(window.train_dates)))
         if cfg.train.incremental_days < asked:

@@ -12,7 +12,7 @@ import pytest
 from csmf_core.config import DataConfig
 from csmf_core.synth import generate
 from data_contracts import validate_dataset
-from flows.inputs import code_version, dataset_digest, partitions_between, plan_window
+from flows.inputs import code_version, dataset_digest, plan_window
 from flows.registry import _k, _weights
 from flows.reporting import LossCurve, clean_copy
 from flows.tracking import NullTracker, metric_key
@@ -74,9 +74,9 @@ def test_a_missing_day_is_stepped_over_by_partition_windows_and_named(gap, tiny)
     with pytest.raises(ValueError, match="last 5 partitions before 2026-01-06: there are 4"):
         plan_window(gap, "2026-01-06", DataConfig(), last_partitions=5)
     # the days new to a model trained for 2026-01-03, counted in partitions (01-03 and 01-05)
-    assert partitions_between(gap, "2026-01-03", "2026-01-06") == 2
-    assert partitions_between(tiny, "2026-01-03", "2026-01-06") == 3
-    assert partitions_between(gap, "2026-01-04", "2026-01-05") == 0
+    assert plan_window(gap, "2026-01-06", DataConfig()).partitions_from("2026-01-03") == 2
+    assert plan_window(tiny, "2026-01-06", DataConfig()).partitions_from("2026-01-03") == 3
+    assert plan_window(gap, "2026-01-05", DataConfig()).partitions_from("2026-01-04") == 0
 
 
 def test_an_incremental_refit_starts_at_a_partition_not_a_calendar_day():
