@@ -11,6 +11,9 @@ in-batch softmax (cross-entropy on u @ v.T). Both arms train on the same in-memo
 `small` world (every row relabelled as a positive of the stage, so the stage sees `--rows` rows).
 Arms alternate; the figure is the median of per-round ratios (15 rounds of ~0.35 s: single rounds on the
 2-core VM range from 0.65 to 1.08, and medians of 5 from 0.72 to 0.91). Target (issue 18): samples/s ratio >= 0.85.
+Two more CSMF arms, each a ratio against the CSMF arm: `train.deterministic=false` and
+`train.split_scores=false` (the in-batch score matmul differentiated over every output dim, as before
+2026-12-04).
 
 FLOP/s: FLOPs per sample counted by torch.utils.flop_counter over a few steps of each arm (matmuls,
 the work that scales), times the measured samples/s, as a share of the machine's matmul rate
@@ -106,6 +109,7 @@ def run(
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     cfg = build_config(None, ["train.epochs=[1,1,1]"])  # train.deterministic: the default, on
     cfg_nondet = build_config(None, ["train.epochs=[1,1,1]", "train.deterministic=false"])
+    cfg_unsplit = build_config(None, ["train.epochs=[1,1,1]", "train.split_scores=false"])
     bs = cfg.train.batch_size
     rec = benchlib.Recorder(
         "train_step", {"batch_size": bs, "rows": rows, "threads": n_threads, "device": device}, write=write
@@ -128,12 +132,17 @@ def run(
             train_stage(model, cd.tables, d, s, cfg_nondet, log_q=lq, output_owners=out)
             sync()
 
+        def csmf_unsplit(d=data, s=stage, lq=log_q):
+            train_stage(model, cd.tables, d, s, cfg_unsplit, log_q=lq, output_owners=out)
+            sync()
+
         def plain(d=data):
             reference_epoch(ref, opt, cd.tables, d, bs, seed=0)
             sync()
 
-        csmf(), csmf_nondet(), plain()  # warm-up (allocator, mask caches)
-        t = benchlib.interleaved({"csmf": csmf, "csmf_nondet": csmf_nondet, "plain": plain}, rounds)
+        csmf(), csmf_nondet(), csmf_unsplit(), plain()  # warm-up (allocator, mask caches)
+        arms = {"csmf": csmf, "csmf_nondet": csmf_nondet, "csmf_unsplit": csmf_unsplit, "plain": plain}
+        t = benchlib.interleaved(arms, rounds)
         sps = {a: len(data) / benchlib.median(t[a]) for a in t}
         name = cd.objectives[stage]
         p = {"stage": stage, "stage_name": name, "rounds": rounds}
@@ -147,6 +156,12 @@ def run(
         rec.add(
             f"samples/s ratio deterministic/non-deterministic kernels (train.deterministic), stage {stage}",
             benchlib.paired_ratio(t["csmf_nondet"], t["csmf"]),
+            "x",
+            **p,
+        )
+        rec.add(
+            f"samples/s ratio split/one-matmul scores (train.split_scores), stage {stage}",
+            benchlib.paired_ratio(t["csmf_unsplit"], t["csmf"]),
             "x",
             **p,
         )

@@ -100,6 +100,11 @@ class TrainConfig:
     # Adam. Default dense: on the small world (2 seeds) lazy_adam's Recall@50 is ~0.02 lower on exposure and
     # click, rowwise_adagrad's ~0.08 lower, and neither is faster at such sizes (docs/performance.md)
     embedding_optimizer: str = "dense"
+    # A stage t >= 1 (or a recovery) differentiates the in-batch score matmul over the output dims it owns
+    # only, adding the earlier stages' part (frozen, AML computes it anyway) as a constant: the same loss and
+    # updates up to float rounding, less work (csmf_core.train.stage_columns); false = one matmul over every
+    # dim, bit for bit the runs before 2026-12-04
+    split_scores: bool = True
     # "full": train the cascade from scratch on the window; "incremental": start from the model
     # `start_from` names (or `csmf run --from-model REF`): its checkpoint, masks and id maps, and train
     # each stage's owned entries on the last `incremental_days` days only (flows/incremental.py)

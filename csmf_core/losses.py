@@ -211,18 +211,28 @@ def aml_bias(
     stage: int,
     loss: LossConfig,
     extra_segment_scores: list[torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    *,
+    mode_score: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """AML for stage `stage` >= 1: (margin_bias, extra_margins) as `sampled_softmax` takes them.
 
     segment_scores: per-segment (B, B) in-batch score matrices (`upstream_scores`);
     extra_segment_scores: the same for the (B, M) extra negatives, or None (extra_margins None).
     Both lists are the caller's temporaries and are overwritten (`overwrite=True` above: bit for bit
     the allocating forms, fewer (B, B) buffers). Call under torch.no_grad(): margins are constants.
+    mode_score=True: a third value, the (B, B) score of mode `stage - 1` (the sum of the segment
+    matrices, which `upstream_scores` accumulates anyway): the part of stage `stage`'s score that
+    its training cannot change (csmf_core.train.stage_columns).
     """
     up = upstream_scores(segment_scores, stage, loss.upstream, overwrite=True)
+    # the running sum ends in segment matrix stage - 1; "last_logit" returns that very buffer, which
+    # the margins below overwrite, so it is copied first ("log_prob" returns a buffer of its own)
+    last = segment_scores[stage - 1]  # (overwrite=True: the running sum is accumulated in place)
+    upper = None if not mode_score else (last if up is not last else up.clone())
     up_pos = up.diagonal().clone()  # the positives' upstream, kept before `up` becomes d
     margin_bias = aml_margins(up_pos, up, loss.sigma, loss.eta, negate=True, overwrite=True)
-    if extra_segment_scores is None:
-        return margin_bias, None
-    up_n = upstream_scores(extra_segment_scores, stage, loss.upstream, overwrite=True)
-    return margin_bias, aml_margins(up_pos, up_n, loss.sigma, loss.eta, overwrite=True)
+    extra_margins = None
+    if extra_segment_scores is not None:
+        up_n = upstream_scores(extra_segment_scores, stage, loss.upstream, overwrite=True)
+        extra_margins = aml_margins(up_pos, up_n, loss.sigma, loss.eta, overwrite=True)
+    return (margin_bias, extra_margins, upper) if mode_score else (margin_bias, extra_margins)

@@ -223,6 +223,9 @@ def train_stage(
         on_step=on_step,
     )
     seg_cols = None if output_owners is None else segment_columns(output_owners.to(device), stage)
+    split = None
+    if output_owners is not None and cfg.train.split_scores:
+        split = stage_columns(output_owners.to(device), stage)
     log_q = log_q.to(device) if (log_q is not None and cfg.loss.logq) else None
 
     def after_epoch(epoch: int) -> None:  # e.g. csmf_core.validation.EpochSelector
@@ -240,7 +243,7 @@ def train_stage(
                 epochs,
                 lambda epoch: ((len(b), b) for b in epoch_batches(epoch)),
                 lambda b: _batch_loss(
-                    model, tables, b, stage, cfg, device, use_neg, use_aml, seg_cols, log_q
+                    model, tables, b, stage, cfg, device, use_neg, use_aml, seg_cols, log_q, split
                 ),
                 on_epoch=None if on_epoch is None else after_epoch,
             )
@@ -248,6 +251,26 @@ def train_stage(
         model.sparse_embeddings(False)  # other trainers of this model expect dense gradients
     model.eval()
     return log
+
+
+def stage_columns(output_owners: torch.Tensor, stage: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(own, upper): the output dims stage `stage` owns and those of the stages before it, as index
+    vectors; None when the stage owns every output dim (stage 0 before its pruning: nothing to split).
+
+    Mode `stage`'s score of a pair is the score on the upper dims plus the score on its own dims (the
+    later stages' dims are zero in this mode). The upper dims are outputs of units owned by earlier
+    stages only (an edge a -> b exists only if owner(a) <= owner(b)), every one of them frozen while
+    `stage` trains: their part of the score is a constant of the batch, and its gradient reaches only
+    frozen entries, whose updates the stage's gradient masks drop. So the step computes that part
+    without autograd (AML has it already: the upstream mode's score) and differentiates the matmul
+    over the stage's own dims only: the same loss and the same update of every trained entry up to
+    float rounding (the dims are summed in another order), with the score matmul's backward over
+    `own` dims instead of all (`train.split_scores`, docs/performance.md)."""
+    own = torch.nonzero(output_owners == stage).flatten()
+    upper = torch.nonzero(output_owners < stage).flatten()
+    if own.numel() == output_owners.numel():
+        return None
+    return own, (upper if upper.numel() else None)
 
 
 def segment_columns(output_owners: torch.Tensor, stage: int) -> list[torch.Tensor]:
@@ -268,8 +291,10 @@ def _batch_loss(
     use_aml: bool,
     seg_cols: list[torch.Tensor] | None,
     log_q: torch.Tensor | None,
+    split: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
-    """The stage's sampled-softmax loss on one batch (in-batch + optional request negatives, AML)."""
+    """The stage's sampled-softmax loss on one batch (in-batch + optional request negatives, AML).
+    split: `stage_columns(...)`, or None for one differentiated score matmul over every output dim."""
     u_in = tables.user_inputs(b.u.to(device), [h.to(device) for h in b.hists])
     it = b.i.to(device)
     uvec = model.user_vectors(u_in, stage)
@@ -283,11 +308,12 @@ def _batch_loss(
         all_vec = model.item_vectors(tables.item_inputs(uniq), stage)
         ivec = all_vec[inv[:B]]
 
-        def pair_scores(cols: torch.Tensor | None = None) -> torch.Tensor:
-            """(B, B): row r's user against in-batch item j (on output dims `cols` when given)."""
-            return (
-                uvec @ ivec.T if cols is None else uvec.index_select(1, cols) @ ivec.index_select(1, cols).T
-            )
+        def pair_scores(cols: torch.Tensor | None = None, plus: torch.Tensor | None = None) -> torch.Tensor:
+            """(B, B): row r's user against in-batch item j (on output dims `cols` when given),
+            plus the (B, B) matrix `plus` when given (one fused addmm into `plus`, a no-grad temporary
+            of the caller's)."""
+            u, v = (uvec, ivec) if cols is None else (uvec.index_select(1, cols), ivec.index_select(1, cols))
+            return u @ v.T if plus is None else plus.addmm_(u, v.T)
 
         def neg_vectors() -> torch.Tensor:
             return all_vec[inv[B:]].view(B, extra_items.shape[1], -1)
@@ -310,20 +336,20 @@ def _batch_loss(
         back = torch.argsort(order)
         inb = inv[:B]
 
-        def pair_scores(cols: torch.Tensor | None = None) -> torch.Tensor:
+        def pair_scores(cols: torch.Tensor | None = None, plus: torch.Tensor | None = None) -> torch.Tensor:
             blocks = []
             for k, rows in enumerate(groups):
                 u, v = uvec[rows], day_vec[k, inb]
                 blocks.append(
                     u @ v.T if cols is None else u.index_select(1, cols) @ v.index_select(1, cols).T
                 )
-            return torch.cat(blocks)[back]
+            out = torch.cat(blocks)[back]
+            return out if plus is None else out.add_(plus)
 
         def neg_vectors() -> torch.Tensor:
             return day_vec[dinv[:, None], inv[B:].view(B, extra_items.shape[1])]
 
-    scores = pair_scores()
-    extra = nvec = margin_bias = extra_margins = None
+    extra = nvec = margin_bias = extra_margins = upper_scores = None
     if use_neg:
         nvec = neg_vectors()
         extra = torch.einsum("bd,bmd->bm", uvec, nvec)
@@ -336,7 +362,18 @@ def _batch_loss(
                     torch.einsum("bd,bmd->bm", uvec.index_select(1, cols), nvec.index_select(2, cols))
                     for cols in seg_cols
                 ]
-            margin_bias, extra_margins = aml_bias(segs, stage, cfg.loss, segs_n)
+            margin_bias, extra_margins, *rest = aml_bias(
+                segs, stage, cfg.loss, segs_n, mode_score=split is not None
+            )
+            upper_scores = rest[0] if rest else None
+    if split is None:
+        scores = pair_scores()
+    else:
+        own, upper = split
+        if upper is not None and upper_scores is None:  # no AML: the upper dims' score on its own
+            with torch.no_grad():
+                upper_scores = pair_scores(upper)
+        scores = pair_scores(own, None if upper is None else upper_scores)
     terms = sampled_softmax(
         scores,
         it,

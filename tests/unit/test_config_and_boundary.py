@@ -141,6 +141,7 @@ BAD_VALUES = {
     "train.threads": ["-1"],
     "train.device": ["tpu"],
     "train.deterministic": ["maybe"],
+    "train.split_scores": ["yes please"],
     "train.loader": ["disk"],
     "train.shuffle_window": ["0"],
     "train.processes": ["0"],

@@ -263,7 +263,9 @@ def test_cascade_bit_identical_with_aml_in_place(monkeypatch, upstream, sigma):
     cfg = build_config(
         {
             "model": {"dim": 16, "hidden": [32, 16]},
-            "train": {"batch_size": 256, "epochs": [1, 2, 2]},
+            # one score matmul over every dim: the split form (train.split_scores) takes the upstream
+            # mode's score from the segment matrices the in-place helpers accumulate it in
+            "train": {"batch_size": 256, "epochs": [1, 2, 2], "split_scores": False},
             "loss": {"upstream": upstream, "sigma": sigma},
         }
     )

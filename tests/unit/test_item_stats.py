@@ -25,7 +25,7 @@ from csmf_core.item_stats import DAY_US, item_rates, model_ready_item_stats
 from csmf_core.losses import aml_margins, item_log_q, sampled_softmax, upstream_scores
 from csmf_core.rows import FeatureTables, TrainRows
 from csmf_core.serving import Recommender, write_bundle
-from csmf_core.train import _batch_loss, segment_columns
+from csmf_core.train import _batch_loss, segment_columns, stage_columns
 
 TINY_CONFIG = {  # as tests/unit/conftest.py's tiny_world
     "model": {"dim": 16, "hidden": [32]},
@@ -167,6 +167,12 @@ def test_every_row_scores_the_batch_as_of_its_own_day(stats_world, stage):
         extra_scores=extra, extra_items=b.neg, extra_margins=extra_margins,
     ).loss  # fmt: skip
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    if stage == 2:  # train.split_scores on the day-group path: the upper dims' part added per row
+        split = _batch_loss(
+            model, data.tables, b, stage, cfg, "cpu", True, use_aml, segment_columns(out_owners, stage),
+            log_q, stage_columns(out_owners, stage),
+        )  # fmt: skip
+        torch.testing.assert_close(split, want, rtol=1e-5, atol=1e-6)
     no_day = dataclasses.replace(b, day=None)
     with pytest.raises(ValueError, match="no row days"):
         _batch_loss(
