@@ -1,11 +1,13 @@
 """`train.split_scores`: a stage differentiates the in-batch score matmul over the output dims it owns
 and adds the earlier stages' part as a constant. Checked against the one-matmul form (every dim,
 autograd through all of them): the same loss and the same gradient on every entry the stage trains,
-up to float rounding, on a cascade really pruned by CPP; frozen entries stay bit-identical through
-a whole cascade trained with it (the no-forgetting tests run with the default, which is on)."""
+up to float rounding, on a cascade really pruned by CPP, at every moment a stage trains (a recovery
+after its pruning, stage 1 before and after the second pruning, the last stage), with and without the
+zero-held removed edges unmasked as training runs them; and one epoch of train_stage both ways."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -14,7 +16,7 @@ import torch
 from csmf_core.config import build_config
 from csmf_core.losses import item_log_q
 from csmf_core.masks import expand_to_param, trainable_masks
-from csmf_core.train import _batch_loss, segment_columns, stage_columns
+from csmf_core.train import _batch_loss, segment_columns, stage_columns, train_stage
 
 
 def test_stage_columns_partition_by_owner():
@@ -28,25 +30,40 @@ def test_stage_columns_partition_by_owner():
     assert own.tolist() == [1, 4, 6] and upper.tolist() == [0, 2, 3, 5]
 
 
-def _loss_and_grads(model, out_owners, data, cfg, batch, stage, split, use_aml, use_neg):
+def _model_at(trained, after_stage: int | None):
+    """The random cascade's model as it was when `after_stage` ended (None: the final model), with the
+    owners of that moment, and its output owners read from the output layer's bias."""
+    model = copy.deepcopy(trained["model"])
+    if after_stage is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(trained["snaps"][after_stage][name])
+        model.set_owners({k: v.clone() for k, v in trained["owners_at_end"][after_stage].items()})
+    return model, model.owners["user.layers.2.bias"].long()
+
+
+def _loss_and_grads(model, out, data, cfg, batch, stage, split, use_aml, use_neg, held):
+    """_batch_loss and the masked gradient of every entry `stage` trains; `held`: inside
+    `zero_held_unmasked(stage)`, as train_stage runs it (zero-held removed edges not multiplied)."""
     model = copy.deepcopy(model)
     model.train()
-    out = out_owners
     log_q = item_log_q(torch.as_tensor(data.counts[stage]))
-    loss = _batch_loss(
-        model,
-        data.tables,
-        batch,
-        stage,
-        cfg,
-        "cpu",
-        use_neg,
-        use_aml,
-        segment_columns(out, stage),
-        log_q,
-        stage_columns(out, stage) if split else None,
-    )
-    loss.backward()
+    ctx = model.zero_held_unmasked(stage) if held else contextlib.nullcontext()
+    with ctx:
+        loss = _batch_loss(
+            model,
+            data.tables,
+            batch,
+            stage,
+            cfg,
+            "cpu",
+            use_neg,
+            use_aml,
+            segment_columns(out, stage),
+            log_q,
+            stage_columns(out, stage) if split else None,
+        )
+        loss.backward()
     trains = trainable_masks(model.owners, stage)
     grads = {}
     for name, p in model.named_parameters():
@@ -57,23 +74,31 @@ def _loss_and_grads(model, out_owners, data, cfg, batch, stage, split, use_aml, 
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
+# (stage, the stage whose end the model is taken at): stage 0 after its pruning (its recovery), stage 1
+# before the second pruning (it owns every freed unit) and after it (its recovery), stage 2 at the end
+MOMENTS = [(0, 0), (1, 0), (1, None), (2, None)]
+
+
+@pytest.mark.parametrize("stage,moment", MOMENTS)
 @pytest.mark.parametrize("upstream", ["log_prob", "last_logit"])
 @pytest.mark.parametrize("aml,neg", [(True, False), (True, True), (False, False)])
-def test_split_matches_one_matmul(trained_random, stage, upstream, aml, neg):
-    data, model = trained_random["data"], trained_random["model"]
-    out = trained_random["owners"].output_owners().long()
-    assert {int(x) for x in out.unique()} == {0, 1, 2}  # really pruned: three output segments
+@pytest.mark.parametrize("held", [True, False])
+def test_split_matches_one_matmul(trained_random, stage, moment, upstream, aml, neg, held):
+    data = trained_random["data"]
+    model, out = _model_at(trained_random, moment)
+    if moment is None:
+        assert torch.equal(out, trained_random["owners"].output_owners().long())
+        assert {int(x) for x in out.unique()} == {0, 1, 2}  # really pruned: three output segments
     split = stage_columns(out, stage)
     assert split is not None and split[0].numel() < out.numel()
     cfg = build_config({"model": {"dim": 16, "hidden": [32, 16]}, "loss": {"upstream": upstream}})
     g = torch.Generator().manual_seed(stage)
-    batch = data.rows.for_stage(stage).select(
-        torch.randperm(len(data.rows.for_stage(stage)), generator=g)[:200]
-    )
+    rows = data.rows.for_stage(stage)
+    batch = rows.select(torch.randperm(len(rows), generator=g)[:200])
     use_aml = aml and stage >= 1
-    want_loss, want = _loss_and_grads(model, out, data, cfg, batch, stage, False, use_aml, neg)
-    got_loss, got = _loss_and_grads(model, out, data, cfg, batch, stage, True, use_aml, neg)
+    args = (model, out, data, cfg, batch, stage)
+    want_loss, want = _loss_and_grads(*args, False, use_aml, neg, held)
+    got_loss, got = _loss_and_grads(*args, True, use_aml, neg, held)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
     assert got.keys() == want.keys() and want
     for name in want:
@@ -81,11 +106,57 @@ def test_split_matches_one_matmul(trained_random, stage, upstream, aml, neg):
     assert any(bool(w.abs().sum() > 0) for w in want.values())  # the comparison is not of zeros
 
 
-def test_later_stage_dims_are_zero_in_the_mode(trained_random):
-    """What the split relies on: in mode t, the output dims of later stages are exactly zero, so the
-    mode's score is the upper dims' part plus the own dims' part."""
+@pytest.mark.parametrize("mode", [0, 1])
+def test_later_stage_dims_are_zero_in_the_mode(trained_random, mode):
+    """What the split relies on: in mode t, the output dims of later stages are exactly zero (also with
+    zero-held removed edges unmasked, as in training), so the mode's score is the upper dims' part plus
+    the own dims' part."""
     data, model = trained_random["data"], trained_random["model"]
     out = trained_random["owners"].output_owners().long()
-    u = model.user_vectors(data.tables.user_inputs(data.rows.u[:50], [h[:50] for h in data.rows.hists]), 1)
-    i = model.item_vectors(data.tables.item_inputs(data.rows.i[:50]), 1)
-    assert not bool(u[:, out > 1].any()) and not bool(i[:, out > 1].any())
+    u_in = data.tables.user_inputs(data.rows.u[:50], [h[:50] for h in data.rows.hists])
+    i_in = data.tables.item_inputs(data.rows.i[:50])
+    for ctx in (contextlib.nullcontext(), model.zero_held_unmasked(mode)):
+        with ctx:
+            u, i = model.user_vectors(u_in, mode), model.item_vectors(i_in, mode)
+        assert not bool(u[:, out > mode].any()) and not bool(i[:, out > mode].any())
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_train_stage_split_on_and_off(trained_random, stage):
+    """One epoch of a fine-tuning stage through train_stage with the split and without: the frozen
+    entries are bit-identical to the start in both, the step losses and the trained mode's scores agree
+    up to rounding. (Not every parameter does: the gradient of the item tower's output bias is zero in
+    exact arithmetic, a shift of every item's vector that the softmax cannot see, so what autograd
+    computes for it is rounding noise, which Adam scales to full steps; rankings do not see them.)"""
+    data = trained_random["data"]
+    start, out = _model_at(trained_random, None)
+    before = {k: v.detach().clone() for k, v in start.named_parameters()}
+    log_q = item_log_q(torch.as_tensor(data.counts[stage]))
+    u_in = data.tables.user_inputs(torch.arange(1, 50), [h[:49] for h in data.rows.hists])
+    i_in = data.tables.item_inputs(torch.arange(1, 50))
+    losses, scores = {}, {}
+    for split in (True, False):
+        cfg = build_config(
+            {
+                "model": {"dim": 16, "hidden": [32, 16]},
+                "train": {"batch_size": 256, "epochs": [1, 1, 1], "split_scores": split},
+            }
+        )
+        model = copy.deepcopy(start)
+        losses[split] = train_stage(
+            model, data.tables, data.rows, stage, cfg, log_q=log_q, output_owners=out
+        ).losses
+        for name, p in model.named_parameters():
+            frozen = expand_to_param(start.owners[name], p) != stage
+            assert torch.equal(p.detach()[frozen], before[name][frozen]), (split, name)
+        with torch.no_grad():
+            s = model.user_vectors(u_in, stage) @ model.item_vectors(i_in, stage).T
+        scores[split] = s - s.mean(dim=1, keepdim=True)  # a per-user constant changes no ranking
+    assert len(losses[True]) >= 2
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        s0 = start.user_vectors(u_in, stage) @ start.item_vectors(i_in, stage).T
+    s0 = s0 - s0.mean(dim=1, keepdim=True)
+    scale = float(scores[False].abs().max())
+    torch.testing.assert_close(scores[True], scores[False], rtol=0, atol=1e-4 * scale)
+    assert float((scores[False] - s0).abs().max()) > 1e-2 * scale  # training moved the scores
