@@ -253,7 +253,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     partial = out / "replay.partial.jsonl"
     partial.unlink(missing_ok=True)
     started, t0 = _dt.datetime.now(_dt.UTC), time.perf_counter()
-    meta = {"machine": machine()}  # the load average before the runs
+    # the load average before the runs; the runs' own torch threads are the config's (this process
+    # only orchestrates them), which machine() cannot know
+    threads = cfg.train.threads or "as torch starts"
+    meta = {"machine": f"{machine()}, training threads per run: {threads} (train.threads)"}
     signal.signal(signal.SIGTERM, _raise_signalled)  # stop the day's run with the replay (flows/replay.py)
     result = replay.replay(
         data,

@@ -108,6 +108,7 @@ def test_rebuild_reads_the_same_days_back(replayed, tmp_path):
 def test_report_files_and_the_homes_registry(replayed):
     md = (replayed.out / "replay.md").read_text()
     assert "| 2026-01-06 | incremental | incremental |" in md and "## Summary" in md
+    assert "training threads per run: 1 (train.threads)" in md  # the runs' threads, not this process's
     assert (replayed.out / "replay.png").stat().st_size > 10_000
     client = mlflow.MlflowClient(f"sqlite:///{replayed.home / 'mlflow.db'}")
     assert client.search_registered_models() == []  # the home's champion line is not touched
