@@ -225,6 +225,14 @@ def train_stage(
     seg_cols = None if output_owners is None else segment_columns(output_owners.to(device), stage)
     split = None
     if output_owners is not None and cfg.train.split_scores:
+        # the split drops the score over dims it believes later stages own: a stale output_owners
+        # would change the loss (with AML off nothing else reads it), so check it against the model
+        bias = model.owners[f"{model.output_layers()[0]}.bias"]
+        if not torch.equal(bias.to(output_owners.device).long(), output_owners.long()):
+            raise ValueError(
+                f"{name}: output_owners {output_owners.tolist()} differ from the model's output owners "
+                f"{bias.tolist()}"
+            )
         split = stage_columns(output_owners.to(device), stage)
     log_q = log_q.to(device) if (log_q is not None and cfg.loss.logq) else None
 

@@ -160,3 +160,12 @@ def test_train_stage_split_on_and_off(trained_random, stage):
     scale = float(scores[False].abs().max())
     torch.testing.assert_close(scores[True], scores[False], rtol=0, atol=1e-4 * scale)
     assert float((scores[False] - s0).abs().max()) > 1e-2 * scale  # training moved the scores
+
+
+def test_stale_output_owners_are_refused(trained_random):
+    """train_stage checks the output owners it is given against the model's before splitting."""
+    data, model = trained_random["data"], copy.deepcopy(trained_random["model"])
+    stale = torch.zeros_like(trained_random["owners"].output_owners())  # as before any pruning
+    cfg = build_config({"model": {"dim": 16, "hidden": [32, 16]}, "train": {"epochs": [1, 1, 1]}})
+    with pytest.raises(ValueError, match="differ from the model's output owners"):
+        train_stage(model, data.tables, data.rows, 1, cfg, output_owners=stale)
