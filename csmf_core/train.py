@@ -222,18 +222,19 @@ def train_stage(
         reduce=_allreduce if world > 1 else None,
         on_step=on_step,
     )
-    seg_cols = None if output_owners is None else segment_columns(output_owners.to(device), stage)
+    out = None if output_owners is None else output_owners.to(device)
+    seg_cols = None if out is None else segment_columns(out, stage)
     split = None
-    if output_owners is not None and cfg.train.split_scores:
+    if out is not None and cfg.train.split_scores:
         # the split drops the score over dims it believes later stages own: a stale output_owners
         # would change the loss (with AML off nothing else reads it), so check it against the model
         bias = model.owners[f"{model.output_layers()[0]}.bias"]
-        if not torch.equal(bias.to(output_owners.device).long(), output_owners.long()):
+        if not torch.equal(bias.to(device).long(), out.long()):
             raise ValueError(
                 f"{name}: output_owners {output_owners.tolist()} differ from the model's output owners "
                 f"{bias.tolist()}"
             )
-        split = stage_columns(output_owners.to(device), stage)
+        split = stage_columns(out, stage)
     log_q = log_q.to(device) if (log_q is not None and cfg.loss.logq) else None
 
     def after_epoch(epoch: int) -> None:  # e.g. csmf_core.validation.EpochSelector

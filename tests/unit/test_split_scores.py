@@ -39,7 +39,7 @@ def _model_at(trained, after_stage: int | None):
             for name, p in model.named_parameters():
                 p.copy_(trained["snaps"][after_stage][name])
         model.set_owners({k: v.clone() for k, v in trained["owners_at_end"][after_stage].items()})
-    return model, model.owners["user.layers.2.bias"].long()
+    return model, model.owners[f"{model.output_layers()[0]}.bias"].long()
 
 
 def _loss_and_grads(model, out, data, cfg, batch, stage, split, use_aml, use_neg, held):
