@@ -24,6 +24,7 @@ subtracted from the negative's logit exactly as in the paper's Eq. 6.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -64,6 +65,7 @@ def aml_margins(
     *,
     negate: bool = False,
     overwrite: bool = False,
+    exact_branches: bool = False,
 ) -> torch.Tensor:
     """Adaptive margins. up_pos: (B, 1) or (B,), up_neg: (B, K) -> (B, K).
 
@@ -79,12 +81,28 @@ def aml_margins(
     overwrite=True: `up_neg` is a temporary of the caller's and becomes d in place (-up_neg + up_pos,
     bit for bit up_pos - up_neg: IEEE subtraction is the addition of the negation), one (B, K)
     allocation fewer; `up_pos` must not share memory with it (pass a copy of a diagonal).
+
+    exact_branches=True (needs eta >= 0): the margins as max(d, -eta * d) + sigma, which is d + sigma
+    for d >= 0 and eta * (-d) + sigma below, each branch's value rounded once as the formula above
+    writes it (the relu form rounds (1 + eta) * d and eta * d and subtracts them), in three passes
+    over the matrix instead of five (with negate: -margins = min(-d, eta * d) - sigma, -d taken as
+    up_neg - up_pos). Not bit-identical to the default form, which `train.split_scores=false` keeps.
     """
     if up_pos.dim() == 1:
         up_pos = up_pos[:, None]
+    if overwrite and up_pos.untyped_storage().data_ptr() == up_neg.untyped_storage().data_ptr():
+        raise ValueError("aml_margins(overwrite=True): up_pos shares memory with up_neg; pass a copy")
+    if exact_branches:
+        if not eta >= 0:
+            raise ValueError(f"aml_margins(exact_branches=True) needs eta >= 0, got {eta}")
+        if negate:  # -m = min(-d, eta * d) - sigma, from -d = up_neg - up_pos
+            nd = up_neg.sub_(up_pos) if overwrite else up_neg - up_pos
+            m = torch.minimum(nd, nd * -eta, out=nd)
+            return m.sub_(sigma) if sigma else m
+        d = up_neg.neg_().add_(up_pos) if overwrite else up_pos - up_neg
+        m = torch.maximum(d, d * -eta, out=d)
+        return m.add_(sigma) if sigma else m
     if overwrite:
-        if up_pos.untyped_storage().data_ptr() == up_neg.untyped_storage().data_ptr():
-            raise ValueError("aml_margins(overwrite=True): up_pos shares memory with up_neg; pass a copy")
         diff = up_neg.neg_().add_(up_pos)
     else:
         diff = up_pos - up_neg
@@ -119,7 +137,7 @@ def _hit_pairs(items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def sampled_softmax(
-    scores: torch.Tensor,
+    scores: torch.Tensor | Callable[[torch.Tensor | None, float], torch.Tensor],
     items: torch.Tensor,
     *,
     temperature: float = 1.0,
@@ -132,7 +150,12 @@ def sampled_softmax(
 ) -> LossTerms:
     """Sampled softmax over in-batch (and optional extra) negatives.
 
-    scores: (B, B) user_i . item_j in the current mode; the diagonal holds the positives.
+    scores: (B, B) user_i . item_j in the current mode; the diagonal holds the positives. Or a
+        function `scores(bias, scale)` returning bias + scale * scores, with `bias` the no-grad (B, B)
+        matrix built below (log-Q, margins, removed columns; the function may overwrite it) or None
+        when there is nothing to add, and scale = 1 / temperature: the caller adds its scores into the
+        bias in place (an `addmm_`), one (B, B) pass and buffer fewer than scores + bias
+        (`csmf_core.train`'s split scores). The same loss up to rounding, not bit for bit.
     items: (B,) item index of each row's positive (for accidental-hit removal).
     log_q: (B,) log sampling probability of each in-batch item, or None.
     margins: (B, B) AML margins for in-batch negatives (diagonal ignored), or None.
@@ -141,10 +164,16 @@ def sampled_softmax(
         the function builds its bias in it, in place.
     extra_scores / extra_items / extra_margins: (B, M) same-request negatives; item 0 = padding.
     """
-    logits = scores if temperature == 1.0 else scores / temperature
+    into = scores if callable(scores) else None
+    if into is None:
+        logits = scores if temperature == 1.0 else scores / temperature
+        dtype = logits.dtype
+    else:
+        dtype = next((t.dtype for t in (margin_bias, margins, log_q) if t is not None), torch.float32)
+    n_cols = items.numel()  # in-batch columns: one per row
     with torch.no_grad():  # log-Q, margins and removed columns go into one additive (B, B) bias
         rows, cols, per_row = _hit_pairs(items)
-        n_neg = (logits.shape[1] - 1) - per_row.to(logits.dtype)
+        n_neg = (n_cols - 1) - per_row.to(dtype)
         if margins is not None:
             if margin_bias is not None:
                 raise ValueError("give margins or margin_bias, not both")
@@ -155,12 +184,14 @@ def sampled_softmax(
             if log_q is not None:
                 bias.sub_(log_q[None, :])
         elif log_q is not None:
-            bias = (-log_q[None, :]).expand_as(logits).clone()
+            bias = (-log_q[None, :]).expand(n_cols, n_cols).clone()
         if rows.numel():
             if bias is None:
-                bias = torch.zeros_like(logits)
-            bias[rows, cols] = removed_bias(logits.dtype)
-    if bias is not None:
+                bias = torch.zeros((n_cols, n_cols), dtype=dtype, device=items.device)
+            bias[rows, cols] = removed_bias(dtype)
+    if into is not None:
+        logits = into(bias, 1.0 / temperature)
+    elif bias is not None:
         logits = logits + bias
     if extra_scores is not None:
         x = extra_scores / temperature
@@ -213,6 +244,7 @@ def aml_bias(
     extra_segment_scores: list[torch.Tensor] | None = None,
     *,
     mode_score: bool = False,
+    exact_branches: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """AML for stage `stage` >= 1: (margin_bias, extra_margins) as `sampled_softmax` takes them.
 
@@ -223,6 +255,7 @@ def aml_bias(
     mode_score=True: a third value, the (B, B) score of mode `stage - 1` (the sum of the segment
     matrices, which `upstream_scores` accumulates anyway): the part of stage `stage`'s score that
     its training cannot change (csmf_core.train.stage_columns).
+    exact_branches: as in `aml_margins` (the margins in fewer passes; not bit-identical).
     """
     up = upstream_scores(segment_scores, stage, loss.upstream, overwrite=True)
     # the running sum ends in segment matrix stage - 1; "last_logit" returns that very buffer, which
@@ -230,9 +263,13 @@ def aml_bias(
     last = segment_scores[stage - 1]  # (overwrite=True: the running sum is accumulated in place)
     upper = None if not mode_score else (last if up is not last else up.clone())
     up_pos = up.diagonal().clone()  # the positives' upstream, kept before `up` becomes d
-    margin_bias = aml_margins(up_pos, up, loss.sigma, loss.eta, negate=True, overwrite=True)
+    margin_bias = aml_margins(
+        up_pos, up, loss.sigma, loss.eta, negate=True, overwrite=True, exact_branches=exact_branches
+    )
     extra_margins = None
     if extra_segment_scores is not None:
         up_n = upstream_scores(extra_segment_scores, stage, loss.upstream, overwrite=True)
-        extra_margins = aml_margins(up_pos, up_n, loss.sigma, loss.eta, overwrite=True)
+        extra_margins = aml_margins(
+            up_pos, up_n, loss.sigma, loss.eta, overwrite=True, exact_branches=exact_branches
+        )
     return (margin_bias, extra_margins, upper) if mode_score else (margin_bias, extra_margins)

@@ -317,12 +317,16 @@ def _batch_loss(
         all_vec = model.item_vectors(tables.item_inputs(uniq), stage)
         ivec = all_vec[inv[:B]]
 
-        def pair_scores(cols: torch.Tensor | None = None, plus: torch.Tensor | None = None) -> torch.Tensor:
-            """(B, B): row r's user against in-batch item j (on output dims `cols` when given),
-            plus the (B, B) matrix `plus` when given (one fused addmm into `plus`, a no-grad temporary
-            of the caller's)."""
+        def pair_scores(
+            cols: torch.Tensor | None = None, plus: torch.Tensor | None = None, scale: float = 1.0
+        ) -> torch.Tensor:
+            """(B, B): row r's user against in-batch item j (on output dims `cols` when given), times
+            `scale`, plus the (B, B) matrix `plus` when given (one fused addmm into `plus`, a no-grad
+            temporary of the caller's)."""
             u, v = (uvec, ivec) if cols is None else (uvec.index_select(1, cols), ivec.index_select(1, cols))
-            return u @ v.T if plus is None else plus.addmm_(u, v.T)
+            if plus is not None:
+                return plus.addmm_(u, v.T, alpha=scale)
+            return u @ v.T if scale == 1.0 else (u @ v.T).mul_(scale)
 
         def neg_vectors() -> torch.Tensor:
             return all_vec[inv[B:]].view(B, extra_items.shape[1], -1)
@@ -345,7 +349,9 @@ def _batch_loss(
         back = torch.argsort(order)
         inb = inv[:B]
 
-        def pair_scores(cols: torch.Tensor | None = None, plus: torch.Tensor | None = None) -> torch.Tensor:
+        def pair_scores(
+            cols: torch.Tensor | None = None, plus: torch.Tensor | None = None, scale: float = 1.0
+        ) -> torch.Tensor:
             blocks = []
             for k, rows in enumerate(groups):
                 u, v = uvec[rows], day_vec[k, inb]
@@ -353,6 +359,8 @@ def _batch_loss(
                     u @ v.T if cols is None else u.index_select(1, cols) @ v.index_select(1, cols).T
                 )
             out = torch.cat(blocks)[back]
+            if scale != 1.0:
+                out.mul_(scale)
             return out if plus is None else out.add_(plus)
 
         def neg_vectors() -> torch.Tensor:
@@ -372,7 +380,7 @@ def _batch_loss(
                     for cols in seg_cols
                 ]
             margin_bias, extra_margins, *rest = aml_bias(
-                segs, stage, cfg.loss, segs_n, mode_score=split is not None
+                segs, stage, cfg.loss, segs_n, mode_score=split is not None, exact_branches=split is not None
             )
             upper_scores = rest[0] if rest else None
     if split is None:
@@ -382,7 +390,18 @@ def _batch_loss(
         if upper is not None and upper_scores is None:  # no AML: the upper dims' score on its own
             with torch.no_grad():
                 upper_scores = pair_scores(upper)
-        scores = pair_scores(own, None if upper is None else upper_scores)
+
+        def scores(bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+            """bias + scale * (upper + own scores): the no-grad parts summed first, then one addmm of
+            the own dims into them (`sampled_softmax`'s function form)."""
+            if upper_scores is not None:
+                with torch.no_grad():
+                    if bias is None:
+                        bias = upper_scores if scale == 1.0 else upper_scores.mul_(scale)
+                    else:
+                        bias.add_(upper_scores, alpha=scale)
+            return pair_scores(own, bias, scale)
+
     terms = sampled_softmax(
         scores,
         it,

@@ -173,6 +173,17 @@ def test_every_row_scores_the_batch_as_of_its_own_day(stats_world, stage):
             log_q, stage_columns(out_owners, stage),
         )  # fmt: skip
         torch.testing.assert_close(split, want, rtol=1e-5, atol=1e-6)
+        # another temperature: the split path scales the own dims' scores and adds them to the bias
+        cfg_t = build_config({**TINY_CONFIG, "loss": {**TINY_CONFIG.get("loss", {}), "temperature": 0.6}})
+        both = [
+            _batch_loss(
+                model, data.tables, b, stage, cfg_t, "cpu", True, use_aml, segment_columns(out_owners, stage),
+                log_q, sp,
+            )
+            for sp in (None, stage_columns(out_owners, stage))
+        ]  # fmt: skip
+        torch.testing.assert_close(both[1], both[0], rtol=1e-5, atol=1e-6)
+        assert abs(float(both[0].detach()) - float(want.detach())) > 1e-3  # the temperature changed the loss
     no_day = dataclasses.replace(b, day=None)
     with pytest.raises(ValueError, match="no row days"):
         _batch_loss(

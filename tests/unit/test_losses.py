@@ -157,3 +157,76 @@ def test_negated_margins_are_the_negation_bit_for_bit(sigma):
     assert torch.equal(s1.grad, s2.grad)
     with pytest.raises(ValueError, match="not both"):
         sampled_softmax(s1, items, margins=m, margin_bias=-m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sigma", [0.0, 0.3])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_exact_branch_margins_are_the_formula_bit_for_bit(dtype, sigma, overwrite):
+    # exact_branches: d + sigma for d >= 0, eta * (-d) + sigma below, each branch rounded once: equal to
+    # the formula evaluated branch by branch with torch.where (an independent form), not just close
+    g = torch.Generator().manual_seed(11)
+    b, eta = 48, 1.8
+    up = torch.randn(b, b, generator=g, dtype=dtype) * 3
+    up[0, 1] = up[0, 0]  # d = 0 exactly
+    d = up.diagonal()[:, None] - up
+    want = torch.where(d >= 0, d, eta * (-d)) + sigma
+    assert bool((d > 0).any()) and bool((d < 0).any())
+    pos = up.diagonal().clone()
+    got = aml_margins(
+        pos, up.clone() if overwrite else up, sigma, eta, overwrite=overwrite, exact_branches=True
+    )
+    assert torch.equal(got, want)
+    neg = aml_margins(pos, up.clone() if overwrite else up, sigma, eta, negate=True, overwrite=overwrite,
+                      exact_branches=True)  # fmt: skip
+    assert torch.equal(neg, -want)
+    # the default (relu) form is the same function within rounding
+    torch.testing.assert_close(aml_margins(pos, up, sigma, eta), want)
+    with pytest.raises(ValueError, match="eta >= 0"):
+        aml_margins(pos, up, sigma, -0.5, exact_branches=True)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("case", ["everything", "nothing_to_add", "hits_only"])
+def test_scores_as_a_function_of_the_bias_give_the_same_loss(temperature, case):
+    # sampled_softmax(scores=f) with f(bias, scale) = bias + scale * s (the split path's addmm_ into the
+    # bias) against the same scores passed as a matrix: the same loss and gradient up to rounding
+    g = torch.Generator().manual_seed(7)
+    b, m = 32, 3
+    if case == "hits_only":
+        items = torch.randint(0, 6, (b,), generator=g)
+    else:
+        items = torch.randperm(100, generator=g)[:b] + 1  # distinct: no accidental hits
+    s1 = torch.randn(b, b, generator=g, requires_grad=True)
+    s2 = s1.detach().clone().requires_grad_(True)
+    kw = {}
+    if case == "everything":
+        items[5] = items[9]  # one accidental hit pair
+        up = torch.randn(b, b, generator=g)
+        kw = dict(
+            log_q=torch.randn(b, generator=g),
+            extra_scores=torch.randn(b, m, generator=g),
+            extra_items=torch.randint(0, 120, (b, m), generator=g),
+            extra_margins=torch.rand(b, m, generator=g),
+        )
+        m1 = aml_margins(up.diagonal(), up, 0.1, 1.8, negate=True)
+        m2 = m1.clone()
+    seen = []
+
+    def into(bias, scale):
+        seen.append((None if bias is None else bias.clone(), scale))
+        return s2 * scale if bias is None else bias.add(s2, alpha=scale)
+
+    a = sampled_softmax(
+        s1, items, temperature=temperature, margin_bias=m1 if case == "everything" else None, **kw
+    )
+    c = sampled_softmax(
+        into, items, temperature=temperature, margin_bias=m2 if case == "everything" else None, **kw
+    )
+    assert seen[0][1] == pytest.approx(1.0 / temperature)
+    assert (seen[0][0] is None) == (case == "nothing_to_add")
+    a.loss.backward()
+    c.loss.backward()
+    torch.testing.assert_close(c.loss, a.loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(s2.grad, s1.grad, rtol=1e-5, atol=1e-8)
+    assert c.n_neg == pytest.approx(a.n_neg)

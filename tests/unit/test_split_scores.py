@@ -81,9 +81,12 @@ MOMENTS = [(0, 0), (1, 0), (1, None), (2, None)]
 
 @pytest.mark.parametrize("stage,moment", MOMENTS)
 @pytest.mark.parametrize("upstream", ["log_prob", "last_logit"])
-@pytest.mark.parametrize("aml,neg", [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize(
+    "aml,neg,temperature",
+    [(True, False, 1.0), (True, True, 1.0), (False, False, 1.0), (True, True, 0.7), (False, False, 0.7)],
+)
 @pytest.mark.parametrize("held", [True, False])
-def test_split_matches_one_matmul(trained_random, stage, moment, upstream, aml, neg, held):
+def test_split_matches_one_matmul(trained_random, stage, moment, upstream, aml, neg, temperature, held):
     data = trained_random["data"]
     model, out = _model_at(trained_random, moment)
     if moment is None:
@@ -91,7 +94,9 @@ def test_split_matches_one_matmul(trained_random, stage, moment, upstream, aml, 
         assert {int(x) for x in out.unique()} == {0, 1, 2}  # really pruned: three output segments
     split = stage_columns(out, stage)
     assert split is not None and split[0].numel() < out.numel()
-    cfg = build_config({"model": {"dim": 16, "hidden": [32, 16]}, "loss": {"upstream": upstream}})
+    cfg = build_config(
+        {"model": {"dim": 16, "hidden": [32, 16]}, "loss": {"upstream": upstream, "temperature": temperature}}
+    )
     g = torch.Generator().manual_seed(stage)
     rows = data.rows.for_stage(stage)
     batch = rows.select(torch.randperm(len(rows), generator=g)[:200])
