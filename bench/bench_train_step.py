@@ -94,6 +94,13 @@ def setup(cfg: CSMFConfig, data_overrides: dict, device: str = "cpu"):
     return data, model.to(device), owners, ref.to(device)
 
 
+def finetune_model(data, cfg: CSMFConfig, device: str = "cpu"):
+    """The model as stage 1's fine-tuning trains it: only stage 0 pruned (stage 1 owns every freed
+    unit; after the second pruning, the owners `setup` gives, are those of stage 1's recovery)."""
+    model, owners = benchlib.pruned_model(data, cfg, prunings=1)
+    return model.to(device), owners
+
+
 def run(
     rows: int = 16384,
     rounds: int = ROUNDS,
@@ -120,20 +127,24 @@ def run(
     peak = benchlib.matmul_gflops(device=device)
     out = owners.output_owners()  # fixed once stage 1 is pruned
     rec.add("matmul rate (1024x1024 float32)", peak, "GFLOP/s")
-    for stage in stages:
+    arms_at = [(stage, model, out, "") for stage in stages]
+    if 1 in stages:  # stage 1 as its fine-tuning trains it (the `stages` arm: as its recovery does)
+        ft_model, ft_owners = finetune_model(cd, cfg, device)
+        arms_at.insert(stages.index(1) + 1, (1, ft_model, ft_owners.output_owners(), " fine-tuning"))
+    for stage, arm_model, arm_out, what in arms_at:
         data = stage_rows(cd.rows, stage, rows)
         log_q = item_log_q(torch.as_tensor(cd.counts[stage]))
 
-        def csmf(d=data, s=stage, lq=log_q):
-            train_stage(model, cd.tables, d, s, cfg, log_q=lq, output_owners=out)
+        def csmf(d=data, s=stage, lq=log_q, mo=arm_model, oo=arm_out):
+            train_stage(mo, cd.tables, d, s, cfg, log_q=lq, output_owners=oo)
             sync()
 
-        def csmf_nondet(d=data, s=stage, lq=log_q):
-            train_stage(model, cd.tables, d, s, cfg_nondet, log_q=lq, output_owners=out)
+        def csmf_nondet(d=data, s=stage, lq=log_q, mo=arm_model, oo=arm_out):
+            train_stage(mo, cd.tables, d, s, cfg_nondet, log_q=lq, output_owners=oo)
             sync()
 
-        def csmf_unsplit(d=data, s=stage, lq=log_q):
-            train_stage(model, cd.tables, d, s, cfg_unsplit, log_q=lq, output_owners=out)
+        def csmf_unsplit(d=data, s=stage, lq=log_q, mo=arm_model, oo=arm_out):
+            train_stage(mo, cd.tables, d, s, cfg_unsplit, log_q=lq, output_owners=oo)
             sync()
 
         def plain(d=data):
@@ -145,40 +156,43 @@ def run(
         t = benchlib.interleaved(arms, rounds)
         sps = {a: len(data) / benchlib.median(t[a]) for a in t}
         name = cd.objectives[stage]
-        p = {"stage": stage, "stage_name": name, "rounds": rounds}
+        p = {
+            "stage": stage,
+            "stage_name": name,
+            "rounds": rounds,
+            "owners": what.strip() or "after every pruning",
+        }
         rec.add(
-            f"samples/s ratio csmf/plain, stage {stage} ({name})",
+            f"samples/s ratio csmf/plain, stage {stage}{what} ({name})",
             benchlib.paired_ratio(t["plain"], t["csmf"]),
             "x",
             ">= 0.85",
             **p,
         )
         rec.add(
-            f"samples/s ratio deterministic/non-deterministic kernels (train.deterministic), stage {stage}",
+            f"samples/s ratio deterministic/non-deterministic kernels (train.deterministic), stage {stage}{what}",
             benchlib.paired_ratio(t["csmf_nondet"], t["csmf"]),
             "x",
             **p,
         )
         rec.add(
-            f"samples/s ratio split/one-matmul scores (train.split_scores), stage {stage}",
+            f"samples/s ratio split/one-matmul scores (train.split_scores), stage {stage}{what}",
             benchlib.paired_ratio(t["csmf_unsplit"], t["csmf"]),
             "x",
             **p,
         )
         few = stage_rows(cd.rows, stage, 4 * bs)
         fl = {
-            "csmf": count_flops(lambda f=few, s=stage, lq=log_q: train_stage(model, cd.tables, f, s, cfg, log_q=lq,
-                                                                             output_owners=out)),
+            "csmf": count_flops(lambda f=few: csmf(d=f)),
             "plain": count_flops(lambda f=few: reference_epoch(ref, opt, cd.tables, f, bs, seed=0)),
         }  # fmt: skip
         for arm in ("csmf", "plain"):
-            rec.add(f"{arm} samples/s, stage {stage}", sps[arm], "samples/s", **p)
+            rec.add(f"{arm} samples/s, stage {stage}{what}", sps[arm], "samples/s", **p)
             gflops = fl[arm] / len(few) * sps[arm] / 1e9
-            rec.add(f"{arm} achieved GFLOP/s, stage {stage}", gflops, "GFLOP/s", **p)
-            rec.add(f"{arm} share of matmul rate, stage {stage}", gflops / peak, "", **p)
+            rec.add(f"{arm} achieved GFLOP/s, stage {stage}{what}", gflops, "GFLOP/s", **p)
+            rec.add(f"{arm} share of matmul rate, stage {stage}{what}", gflops / peak, "", **p)
         if profile:
-            print_profile(lambda d=data, s=stage, lq=log_q: train_stage(model, cd.tables, d, s, cfg, log_q=lq,
-                                                                        output_owners=out), f"csmf stage {stage}")  # fmt: skip
+            print_profile(csmf, f"csmf stage {stage}{what}")
             print_profile(lambda d=data: reference_epoch(ref, opt, cd.tables, d, bs, seed=0), "plain")
     return rec.flush()
 

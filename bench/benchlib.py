@@ -256,12 +256,14 @@ def model_ready(
     return path, time.perf_counter() - t0
 
 
-def pruned_model(data, cfg):
+def pruned_model(data, cfg, prunings: int | None = None):
     """A fresh CSMF model with every stage but the last pruned as the cascade prunes it (its own
-    `run_step`, no training): the owners a late stage trains under. Returns (model, owners)."""
+    `run_step`, no training): the owners a late stage trains under. `prunings`: only the first so
+    many stages pruned (1: the owners stage 1's fine-tuning trains under). Returns (model, owners)."""
     from csmf_core.cascade import Step, build_model, run_step
 
     model, owners = build_model(data, cfg)
-    for s in range(len(data.objectives) - 1):
+    n = len(data.objectives) - 1 if prunings is None else prunings
+    for s in range(n):
         owners, _ = run_step(Step(f"cpp_prune_{data.objectives[s]}", "prune", s), model, owners, data, cfg)
     return model, owners

@@ -29,6 +29,29 @@ from csmf_core.config import ModelConfig
 NO_EDGE = 255  # owner of a removed edge (from a later-stage unit into an earlier-stage one)
 
 
+@dataclass
+class LayerPlan:
+    """One linear layer of a tower as stage t trains it (`TwoTower.train_subnet`): its frozen units
+    F (owner < t), its trained units T (owner == t); units of later stages are zero in mode t and
+    left out. The layer's input holds the previous layer's F units then its T units (layer 0: the
+    input columns so ordered)."""
+
+    f_out: torch.Tensor  # (nF,) indices of the frozen units
+    t_out: torch.Tensor  # (nT,) indices of the trained units
+    w_ff: torch.Tensor  # (nF, nF_in) the frozen units' weights from frozen inputs, mode-masked (constant)
+    b_f: torch.Tensor  # (nF,) their biases (constant)
+    flat_f: torch.Tensor  # (nT * nF_in,) flat indices of the trained units' weights from frozen inputs
+    flat_t: torch.Tensor  # (nT * nT_in,) and from trained inputs
+
+
+@dataclass
+class TowerPlan:
+    f_in: torch.Tensor  # layer 0's frozen input columns
+    t_in: torch.Tensor  # layer 0's trained input columns
+    layers: list[LayerPlan]
+    dim: int  # output dims
+
+
 @dataclass(frozen=True)
 class TowerSpec:
     """What one tower reads.
@@ -189,6 +212,34 @@ class Tower(nn.Module):
                 h = F.relu(h)
         return h
 
+    def forward_subnet(self, x: TowerInputs, plan: TowerPlan) -> torch.Tensor:
+        """`forward` in mode t while stage t trains (`TwoTower.train_subnet`): the same vectors up to
+        float rounding, with autograd through the stage's own units only. A unit of an earlier stage
+        reads units of earlier stages only (edges run from lower to higher owners), all frozen while t
+        trains: the frozen units are computed without autograd from their cached weights, and the
+        backward's matmuls cover the trained units' rows (nT of each layer's units) instead of every
+        unit. Later stages' units are zero in mode t and are not computed."""
+        h0 = embed_inputs(x, self.spec, self.emb, self.hist)  # columns of later stages are not read
+        with torch.no_grad():
+            hf = h0.index_select(1, plan.f_in)
+        ht = h0.index_select(1, plan.t_in)
+        last = len(self.layers) - 1
+        for k, (lin, lp) in enumerate(zip(self.layers, plan.layers)):
+            with torch.no_grad():
+                yf = torch.addmm(lp.b_f, hf, lp.w_ff.T)
+            n_t, w = lp.t_out.numel(), lin.weight.view(-1)
+            w_tf = w.index_select(0, lp.flat_f).view(n_t, hf.shape[1])
+            w_tt = w.index_select(0, lp.flat_t).view(n_t, ht.shape[1])
+            # the trained units read frozen inputs (a constant: their backward is the weights' only)
+            # and trained ones; two addmms, no concatenation
+            yt = torch.addmm(torch.addmm(lin.bias.index_select(0, lp.t_out), hf, w_tf.T), ht, w_tt.T)
+            if k < last:
+                yf, yt = yf.relu_(), F.relu(yt)
+            hf, ht = yf, yt
+        out = yt.new_zeros(yt.shape[0], plan.dim)
+        out[:, plan.layers[-1].f_out] = yf
+        return out.index_copy(1, plan.layers[-1].t_out, yt)
+
     def unit_groups(self, prefix: str) -> list[UnitGroup]:
         groups = []
         first_inputs = []
@@ -229,6 +280,7 @@ class TwoTower(nn.Module):
         self._owners: dict[str, torch.Tensor] | None = None
         self._mode_masks: dict[int, dict[str, dict[str, torch.Tensor | None]]] = {}
         self._unmasked: tuple[int, dict[str, dict[str, torch.Tensor | None]]] | None = None
+        self._subnet: tuple[int, dict[str, TowerPlan]] | None = None
 
     # -- ownership -------------------------------------------------------------------------
     def unit_groups(self) -> list[UnitGroup]:
@@ -255,6 +307,7 @@ class TwoTower(nn.Module):
         self._owners = owners
         self._mode_masks.clear()
         self._unmasked = None
+        self._subnet = None
 
     @property
     def owners(self) -> dict[str, torch.Tensor] | None:
@@ -267,6 +320,7 @@ class TwoTower(nn.Module):
         out = super()._apply(fn, recurse)
         self._mode_masks.clear()
         self._unmasked = None
+        self._subnet = None  # its cached weights and indices too (a move inside train_subnet)
         return out
 
     def _masks_for(self, mode: int) -> dict[str, dict[str, torch.Tensor | None]] | None:
@@ -320,6 +374,77 @@ class TwoTower(nn.Module):
         finally:
             self._unmasked = previous
 
+    @contextmanager
+    def train_subnet(self, stage: int) -> Iterator[None]:
+        """Within: forward passes in mode `stage` with autograd on and the model in training mode go
+        through `Tower.forward_subnet`: the units of earlier stages without autograd, from weights
+        cached here once (frozen while `stage` trains: its gradient masks keep them out of every
+        update, csmf_core.train.train_stage), the stage's own units with it, later stages' units left
+        out. The same loss and the same gradient on every entry the stage trains, up to float
+        rounding; the backward costs the stage's share of the units (`train.split_scores`)."""
+        stage = self._check_mode(stage)
+        if self._owners is None:
+            raise RuntimeError("train_subnet needs owner tensors (model.set_owners)")
+        plans = {name: self._tower_plan(name, stage) for name in ("user", "item")}
+        previous, self._subnet = self._subnet, (stage, plans)
+        try:
+            yield
+        finally:
+            self._subnet = previous
+
+    def subnet_cost(self, stage: int) -> float:
+        """Multiply-adds per row of the towers' linear layers when stage `stage` trains under
+        `train_subnet`, as a share of the masked forward and backward (3 x every weight): the frozen
+        units' forward from frozen inputs, the trained units' forward from every active input, their
+        weights' gradients, and the input gradient among trained units only. 1.0 without owners."""
+        if self._owners is None:
+            return 1.0
+        sub = full = 0
+        for name in ("user", "item"):
+            tower: Tower = getattr(self, name)
+            n_f, n_t = tower.layers[0].in_features, 0  # layer 0's inputs: counted as frozen (cheap side)
+            for k, lin in enumerate(tower.layers):
+                o = self._owners[f"{name}.layers.{k}.bias"].long()
+                f, t = int((o < stage).sum()), int((o == stage).sum())
+                sub += n_f * f + 2 * (n_f + n_t) * t + n_t * t
+                full += 3 * lin.in_features * lin.out_features
+                n_f, n_t = f, t
+        return sub / max(full, 1)
+
+    def _tower_plan(self, name: str, stage: int) -> TowerPlan:
+        tower: Tower = getattr(self, name)
+        own = self._owners
+        dev = next(self.parameters()).device
+        cols = [own[f"{name}.emb.{k}.weight"].flatten() for k in tower.emb]
+        cols += [own[f"{name}.hist.{k}.weight"].flatten() for k in tower.hist]
+        cols.append(torch.zeros(tower.spec.n_num, dtype=torch.uint8))  # numeric columns: stage 0's
+        in_own = torch.cat([c.to("cpu", torch.long) for c in cols])
+        f_in, t_in = torch.nonzero(in_own < stage).flatten(), torch.nonzero(in_own == stage).flatten()
+        plan = TowerPlan(f_in.to(dev), t_in.to(dev), [], tower.layers[-1].out_features)
+        for k, lin in enumerate(tower.layers):
+            out_own = own[f"{name}.layers.{k}.bias"].to("cpu", torch.long)
+            f_out, t_out = torch.nonzero(out_own < stage).flatten(), torch.nonzero(out_own == stage).flatten()
+            w_own = own[f"{name}.layers.{k}.weight"].to("cpu", torch.long)
+            edge = (w_own[f_out][:, f_in] != NO_EDGE).to(dev, lin.weight.dtype)
+            with torch.no_grad():
+                w_ff = lin.weight[f_out.to(dev)][:, f_in.to(dev)] * edge
+                b_f = lin.bias[f_out.to(dev)].clone()
+            flat_f = (t_out[:, None] * lin.in_features + f_in[None, :]).flatten()
+            flat_t = (t_out[:, None] * lin.in_features + t_in[None, :]).flatten()
+            plan.layers.append(
+                LayerPlan(f_out.to(dev), t_out.to(dev), w_ff, b_f, flat_f.to(dev), flat_t.to(dev))
+            )
+            f_in, t_in = f_out, t_out
+        return plan
+
+    def _tower_forward(self, name: str, x: TowerInputs, mode: int | None) -> torch.Tensor:
+        mode = self._check_mode(mode)
+        tower: Tower = getattr(self, name)
+        if self._subnet is not None and self._subnet[0] == mode and self.training and torch.is_grad_enabled():
+            return tower.forward_subnet(x, self._subnet[1][name])
+        m = self._masks_for(mode)
+        return tower(x, None if m is None else m[name])
+
     def _check_mode(self, mode: int | None) -> int:
         mode = self.n_stages - 1 if mode is None else int(mode)
         if not 0 <= mode < self.n_stages:
@@ -344,13 +469,11 @@ class TwoTower(nn.Module):
     # -- forward ---------------------------------------------------------------------------
     def user_vectors(self, x: TowerInputs, mode: int | None = None) -> torch.Tensor:
         """(B, dim) user vectors in `mode` (default: full mode)."""
-        m = self._masks_for(self._check_mode(mode))
-        return self.user(x, None if m is None else m["user"])
+        return self._tower_forward("user", x, mode)
 
     def item_vectors(self, x: TowerInputs, mode: int | None = None) -> torch.Tensor:
         """(B, dim) item vectors in `mode` (default: full mode, the vectors that are indexed)."""
-        m = self._masks_for(self._check_mode(mode))
-        return self.item(x, None if m is None else m["item"])
+        return self._tower_forward("item", x, mode)
 
     def score(self, u: TowerInputs, i: TowerInputs, mode: int | None = None) -> torch.Tensor:
         """(B,) scores of paired rows in `mode`."""

@@ -16,7 +16,7 @@ import torch
 from csmf_core.config import build_config
 from csmf_core.losses import item_log_q
 from csmf_core.masks import expand_to_param, trainable_masks
-from csmf_core.train import _batch_loss, segment_columns, stage_columns, train_stage
+from csmf_core.train import SUBNET_MAX_COST, _batch_loss, segment_columns, stage_columns, train_stage
 
 
 def test_stage_columns_partition_by_owner():
@@ -42,14 +42,16 @@ def _model_at(trained, after_stage: int | None):
     return model, model.owners[f"{model.output_layers()[0]}.bias"].long()
 
 
-def _loss_and_grads(model, out, data, cfg, batch, stage, split, use_aml, use_neg, held):
+def _loss_and_grads(model, out, data, cfg, batch, stage, split, use_aml, use_neg, held, subnet=False):
     """_batch_loss and the masked gradient of every entry `stage` trains; `held`: inside
-    `zero_held_unmasked(stage)`, as train_stage runs it (zero-held removed edges not multiplied)."""
+    `zero_held_unmasked(stage)`, as train_stage runs it (zero-held removed edges not multiplied);
+    `subnet`: inside `train_subnet(stage)` (autograd through the stage's own units only)."""
     model = copy.deepcopy(model)
     model.train()
     log_q = item_log_q(torch.as_tensor(data.counts[stage]))
     ctx = model.zero_held_unmasked(stage) if held else contextlib.nullcontext()
-    with ctx:
+    sub = model.train_subnet(stage) if subnet else contextlib.nullcontext()
+    with ctx, sub:
         loss = _batch_loss(
             model,
             data.tables,
@@ -111,6 +113,61 @@ def test_split_matches_one_matmul(trained_random, stage, moment, upstream, aml, 
     assert any(bool(w.abs().sum() > 0) for w in want.values())  # the comparison is not of zeros
 
 
+@pytest.mark.parametrize("stage,moment", MOMENTS)
+@pytest.mark.parametrize("aml,neg", [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize("held", [True, False])
+def test_subnet_matches_the_masked_network(trained_random, stage, moment, aml, neg, held):
+    """TwoTower.train_subnet: the frozen units without autograd from cached weights, the stage's own
+    units with it, later stages' units left out: the same loss and the same gradient on every entry the
+    stage trains as the masked forward with one score matmul (up to rounding), at every moment a stage
+    trains, whatever the cost rule would choose there."""
+    data = trained_random["data"]
+    model, out = _model_at(trained_random, moment)
+    cfg = build_config({"model": {"dim": 16, "hidden": [32, 16]}})
+    g = torch.Generator().manual_seed(10 + stage)
+    rows = data.rows.for_stage(stage)
+    batch = rows.select(torch.randperm(len(rows), generator=g)[:200])
+    args = (model, out, data, cfg, batch, stage)
+    want_loss, want = _loss_and_grads(*args, False, aml and stage >= 1, neg, held)
+    got_loss, got = _loss_and_grads(*args, True, aml and stage >= 1, neg, held, subnet=True)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    assert got.keys() == want.keys() and want
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert any(bool(w.abs().sum() > 0) for w in want.values())
+
+
+def test_subnet_vectors_and_when_it_applies(trained_random):
+    """Inside train_subnet the mode's vectors equal the masked forward's up to rounding (later stages'
+    dims exactly zero); in eval mode, under no_grad and in another mode the masked forward runs, bit for
+    bit; new owners or a move drop the plan (its weights were cached)."""
+    data = trained_random["data"]
+    model, out = _model_at(trained_random, None)
+    u_in = data.tables.user_inputs(data.rows.u[:60], [h[:60] for h in data.rows.hists])
+    i_in = data.tables.item_inputs(data.rows.i[:60])
+    model.eval()
+    with torch.no_grad():
+        want = {m: (model.user_vectors(u_in, m), model.item_vectors(i_in, m)) for m in (1, 2)}
+    model.train()
+    with model.train_subnet(1):
+        u, i = model.user_vectors(u_in, 1), model.item_vectors(i_in, 1)
+        assert u.requires_grad and i.requires_grad
+        torch.testing.assert_close(u.detach(), want[1][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(i.detach(), want[1][1], rtol=1e-5, atol=1e-6)
+        assert not bool(u[:, out > 1].any()) and not bool(i[:, out > 1].any())
+        with torch.no_grad():
+            assert torch.equal(model.user_vectors(u_in, 1), want[1][0])
+        assert torch.equal(model.user_vectors(u_in, 2).detach(), want[2][0])
+        model.eval()
+        assert torch.equal(model.user_vectors(u_in, 1).detach(), want[1][0])
+        model.train()
+        model.set_owners(dict(model.owners))
+        assert model._subnet is None
+    with model.train_subnet(1):
+        model.to(torch.float32)
+        assert model._subnet is None
+
+
 @pytest.mark.parametrize("mode", [0, 1])
 def test_later_stage_dims_are_zero_in_the_mode(trained_random, mode):
     """What the split relies on: in mode t, the output dims of later stages are exactly zero (also with
@@ -158,6 +215,8 @@ def test_train_stage_split_on_and_off(trained_random, stage):
             s = model.user_vectors(u_in, stage) @ model.item_vectors(i_in, stage).T
         scores[split] = s - s.mean(dim=1, keepdim=True)  # a per-user constant changes no ranking
     assert len(losses[True]) >= 2
+    if stage == 1:  # the model after both prunings: stage 1's recovery, which trains its sub-network
+        assert start.subnet_cost(1) <= SUBNET_MAX_COST
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         s0 = start.user_vectors(u_in, stage) @ start.item_vectors(i_in, stage).T
