@@ -101,9 +101,11 @@ class TrainConfig:
     # click, rowwise_adagrad's ~0.08 lower, and neither is faster at such sizes (docs/performance.md)
     embedding_optimizer: str = "dense"
     # A stage t >= 1 (or a recovery) differentiates the in-batch score matmul over the output dims it owns
-    # only, adding the earlier stages' part (frozen, AML computes it anyway) as a constant: the same loss and
-    # updates up to float rounding, less work (csmf_core.train.stage_columns); false = one matmul over every
-    # dim, bit for bit the runs before 2026-12-04
+    # only, adding the earlier stages' part (frozen, AML computes it anyway) as a constant summed with the
+    # log-Q and margin bias first (margins in the exact-branch form); where its sub-network is a small part
+    # of the towers (the recoveries) only that sub-network runs under autograd (TwoTower.train_subnet).
+    # The same loss and updates up to float rounding, less work (csmf_core.train.stage_columns); false =
+    # one matmul over every dim through the masked network, bit for bit the runs before 2026-12-04
     split_scores: bool = True
     # "full": train the cascade from scratch on the window; "incremental": start from the model
     # `start_from` names (or `csmf run --from-model REF`): its checkpoint, masks and id maps, and train

@@ -243,8 +243,10 @@ def old_upstream_scores(segment_scores, stage, how="log_prob", *, overwrite=Fals
     return total if how == "log_prob" else running
 
 
-def old_aml_margins(up_pos, up_neg, sigma, eta, *, negate=False, overwrite=False):
-    """losses.aml_margins before it could overwrite up_neg (d a new matrix)."""
+def old_aml_margins(up_pos, up_neg, sigma, eta, *, negate=False, overwrite=False, exact_branches=False):
+    """losses.aml_margins before it could overwrite up_neg (d a new matrix); the relu form only (the
+    exact-branch form belongs to the split path, which these bit-for-bit tests turn off)."""
+    assert not exact_branches
     if up_pos.dim() == 1:
         up_pos = up_pos[:, None]
     diff = up_pos - up_neg
