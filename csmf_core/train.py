@@ -68,7 +68,7 @@ def _grad_masks(model: TwoTower, stage: int) -> dict[str, torch.Tensor | None]:
 
 # train_subnet is used when it needs at most this share of the masked towers' multiply-adds
 # (TwoTower.subnet_cost). Measured (2-core EPYC, 2026-12-04, user tower forward + backward at B = 512,
-# `small` after both prunings): stage 1 (cost 0.16) 1.63 ms instead of 2.51 ms; stage 2 (cost 0.63)
+# `small` after both prunings): stage 1 (cost 0.12) 1.63 ms instead of 2.51 ms; stage 2 (cost 0.54)
 # 2.45 ms instead of 2.35 ms: the split matmuls' fixed costs.
 SUBNET_MAX_COST = 0.4
 
@@ -254,7 +254,7 @@ def train_stage(
     # them out of every update (TwoTower.zero_held_unmasked); masks of later-stage entries stay
     try:
         # the stage's own sub-network alone under autograd (TwoTower.train_subnet) where it saves
-        # most of the towers' work: measured faster there, slower at ~0.6 (its split matmuls)
+        # most of the towers' work: measured faster there, slower at 0.54 (its split matmuls)
         use_subnet = split is not None and model.subnet_cost(stage) <= SUBNET_MAX_COST
         subnet = model.train_subnet(stage) if use_subnet else contextlib.nullcontext()
         with model.zero_held_unmasked(stage), subnet:

@@ -233,3 +233,25 @@ def test_stale_output_owners_are_refused(trained_random):
     cfg = build_config({"model": {"dim": 16, "hidden": [32, 16]}, "train": {"epochs": [1, 1, 1]}})
     with pytest.raises(ValueError, match="differ from the model's output owners"):
         train_stage(model, data.tables, data.rows, 1, cfg, output_owners=stale)
+
+
+def test_subnet_cost_by_hand(trained_random):
+    """subnet_cost counts, per linear layer with f frozen and t trained units fed by n_f frozen and n_t
+    trained inputs (layer 0's inputs counted as frozen): n_f f + 2 (n_f + n_t) t + n_t t multiply-adds,
+    against 3 x in x out for the masked step. Worked out by hand for dim 16, hidden [32, 16], with units
+    owned 1/4 by stage 0, 1/4 by stage 1, 1/2 by stage 2, at stage 1."""
+    model = copy.deepcopy(trained_random["model"])
+    assert [lin.out_features for lin in model.user.layers] == [32, 16, 16]
+
+    def units(n):
+        return torch.tensor([0] * (n // 4) + [1] * (n // 4) + [2] * (n // 2), dtype=torch.uint8)
+
+    model._owners = {
+        f"{t}.layers.{k}.bias": units(n) for t in ("user", "item") for k, n in enumerate((32, 16, 16))
+    }
+    in_u, in_i = model.user.layers[0].in_features, model.item.layers[0].in_features
+    # layer 0: n_f = in, t = 8 -> in * 8 (frozen 8 units) + 2 * in * 8; layer 1: n_f = n_t = 8, f = t = 4
+    # -> 32 + 128 + 32; layer 2: n_f = n_t = 4, f = t = 4 -> 16 + 64 + 16
+    sub = (24 * in_u + 288) + (24 * in_i + 288)
+    full = (96 * in_u + 3 * 32 * 16 + 3 * 16 * 16) + (96 * in_i + 3 * 32 * 16 + 3 * 16 * 16)
+    assert model.subnet_cost(1) == pytest.approx(sub / full)
