@@ -183,10 +183,13 @@ def test_later_stage_dims_are_zero_in_the_mode(trained_random, mode):
         assert not bool(u[:, out > mode].any()) and not bool(i[:, out > mode].any())
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_train_stage_split_on_and_off(trained_random, stage):
-    """One epoch of a fine-tuning stage through train_stage with the split and without: the frozen
-    entries are bit-identical to the start in both, the step losses and the trained mode's scores agree
+@pytest.mark.parametrize(
+    "stage,emb_opt", [(1, "dense"), (2, "dense"), (1, "lazy_adam"), (1, "rowwise_adagrad")]
+)
+def test_train_stage_split_on_and_off(trained_random, stage, emb_opt):
+    """One epoch of a fine-tuning stage through train_stage with the split and without (dense Adam, and
+    the row-wise embedding optimisers, whose sparse row gradients pass through the sub-network at stage
+    1 here): the frozen entries are bit-identical to the start in both, the step losses and the trained mode's scores agree
     up to rounding. (Not every parameter does: the gradient of the item tower's output bias is zero in
     exact arithmetic, a shift of every item's vector that the softmax cannot see, so what autograd
     computes for it is rounding noise, which Adam scales to full steps; rankings do not see them.)"""
@@ -201,7 +204,12 @@ def test_train_stage_split_on_and_off(trained_random, stage):
         cfg = build_config(
             {
                 "model": {"dim": 16, "hidden": [32, 16]},
-                "train": {"batch_size": 256, "epochs": [1, 1, 1], "split_scores": split},
+                "train": {
+                    "batch_size": 256,
+                    "epochs": [1, 1, 1],
+                    "split_scores": split,
+                    "embedding_optimizer": emb_opt,
+                },
             }
         )
         model = copy.deepcopy(start)
