@@ -147,6 +147,7 @@ def sampled_softmax(
     extra_scores: torch.Tensor | None = None,
     extra_items: torch.Tensor | None = None,
     extra_margins: torch.Tensor | None = None,
+    score_dtype: torch.dtype | None = None,
 ) -> LossTerms:
     """Sampled softmax over in-batch (and optional extra) negatives.
 
@@ -155,7 +156,8 @@ def sampled_softmax(
         matrix built below (log-Q, margins, removed columns; the function may overwrite it) or None
         when there is nothing to add, and scale = 1 / temperature: the caller adds its scores into the
         bias in place (an `addmm_`), one (B, B) pass and buffer fewer than scores + bias
-        (`csmf_core.train`'s split scores). The same loss up to rounding, not bit for bit.
+        (`csmf_core.train`'s split scores). The same loss up to rounding, not bit for bit. The bias
+        it is given has `score_dtype` (the scores' dtype; default float32).
     items: (B,) item index of each row's positive (for accidental-hit removal).
     log_q: (B,) log sampling probability of each in-batch item, or None.
     margins: (B, B) AML margins for in-batch negatives (diagonal ignored), or None.
@@ -169,7 +171,7 @@ def sampled_softmax(
         logits = scores if temperature == 1.0 else scores / temperature
         dtype = logits.dtype
     else:
-        dtype = next((t.dtype for t in (margin_bias, margins, log_q) if t is not None), torch.float32)
+        dtype = score_dtype or torch.float32
     n_cols = items.numel()  # in-batch columns: one per row
     with torch.no_grad():  # log-Q, margins and removed columns go into one additive (B, B) bias
         rows, cols, per_row = _hit_pairs(items)
@@ -190,7 +192,7 @@ def sampled_softmax(
                 bias = torch.zeros((n_cols, n_cols), dtype=dtype, device=items.device)
             bias[rows, cols] = removed_bias(dtype)
     if into is not None:
-        logits = into(bias, 1.0 / temperature)
+        logits = into(None if bias is None else bias.to(dtype), 1.0 / temperature)
     elif bias is not None:
         logits = logits + bias
     if extra_scores is not None:

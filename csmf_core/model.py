@@ -42,6 +42,8 @@ class LayerPlan:
     b_f: torch.Tensor  # (nF,) their biases (constant)
     flat_f: torch.Tensor  # (nT * nF_in,) flat indices of the trained units' weights from frozen inputs
     flat_t: torch.Tensor  # (nT * nT_in,) and from trained inputs
+    f_in: torch.Tensor  # (nF_in,) the frozen inputs' indices, and the edge mask of w_ff (for the exit check)
+    edge: torch.Tensor
 
 
 @dataclass
@@ -389,8 +391,26 @@ class TwoTower(nn.Module):
         previous, self._subnet = self._subnet, (stage, plans)
         try:
             yield
-        finally:
+        except BaseException:
             self._subnet = previous
+            raise
+        dropped = self._subnet is None or self._subnet[1] is not plans  # new owners, or a move
+        self._subnet = previous
+        if not dropped:
+            self._check_plans_current(stage, plans)
+
+    def _check_plans_current(self, stage: int, plans: dict[str, TowerPlan]) -> None:
+        """The cached frozen weights still equal the model's: a write to frozen units inside the block
+        (a load_state_dict, a copy_) would have trained against a stale copy."""
+        with torch.no_grad():
+            for name, plan in plans.items():
+                for k, (lin, lp) in enumerate(zip(getattr(self, name).layers, plan.layers)):
+                    live = lin.weight[lp.f_out][:, lp.f_in] * lp.edge
+                    if not (torch.equal(live, lp.w_ff) and torch.equal(lin.bias[lp.f_out], lp.b_f)):
+                        raise RuntimeError(
+                            f"train_subnet({stage}): the weights of frozen units of {name}.layers.{k} "
+                            "changed inside the block, whose steps used the copy cached at its start"
+                        )
 
     def subnet_cost(self, stage: int) -> float:
         """Multiply-adds per row of the towers' linear layers when stage `stage` trains under
@@ -425,6 +445,14 @@ class TwoTower(nn.Module):
             out_own = own[f"{name}.layers.{k}.bias"].to("cpu", torch.long)
             f_out, t_out = torch.nonzero(out_own < stage).flatten(), torch.nonzero(out_own == stage).flatten()
             w_own = own[f"{name}.layers.{k}.weight"].to("cpu", torch.long)
+            # the sub-network reading needs unit-level ownership (csmf_core.masks.param_owners): an edge
+            # belongs to the unit it feeds, and runs only from lower or equal owners
+            unit_level = torch.where(in_own[None, :] <= out_own[:, None], out_own[:, None], NO_EDGE)
+            if not torch.equal(w_own, unit_level):
+                raise ValueError(
+                    f"train_subnet: {name}.layers.{k}.weight has owners that are not its units' "
+                    f"({int((w_own != unit_level).sum())} entries differ): the sub-network needs unit-level ownership"
+                )
             edge = (w_own[f_out][:, f_in] != NO_EDGE).to(dev, lin.weight.dtype)
             with torch.no_grad():
                 w_ff = lin.weight[f_out.to(dev)][:, f_in.to(dev)] * edge
@@ -432,9 +460,18 @@ class TwoTower(nn.Module):
             flat_f = (t_out[:, None] * lin.in_features + f_in[None, :]).flatten()
             flat_t = (t_out[:, None] * lin.in_features + t_in[None, :]).flatten()
             plan.layers.append(
-                LayerPlan(f_out.to(dev), t_out.to(dev), w_ff, b_f, flat_f.to(dev), flat_t.to(dev))
+                LayerPlan(
+                    f_out.to(dev),
+                    t_out.to(dev),
+                    w_ff,
+                    b_f,
+                    flat_f.to(dev),
+                    flat_t.to(dev),
+                    f_in.to(dev),
+                    edge,
+                )
             )
-            f_in, t_in = f_out, t_out
+            f_in, t_in, in_own = f_out, t_out, out_own
         return plan
 
     def _tower_forward(self, name: str, x: TowerInputs, mode: int | None) -> torch.Tensor:

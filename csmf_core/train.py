@@ -422,5 +422,6 @@ def _batch_loss(
         extra_scores=extra,
         extra_items=extra_items,
         extra_margins=extra_margins,
+        score_dtype=uvec.dtype,
     )
     return terms.loss

@@ -230,3 +230,23 @@ def test_scores_as_a_function_of_the_bias_give_the_same_loss(temperature, case):
     torch.testing.assert_close(c.loss, a.loss, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(s2.grad, s1.grad, rtol=1e-5, atol=1e-8)
     assert c.n_neg == pytest.approx(a.n_neg)
+
+
+def test_scores_function_form_gets_the_score_dtype():
+    # float64 scores with a float32 log-Q (item_log_q's dtype): the bias handed to the function has the
+    # scores' dtype, and the loss equals the matrix form's
+    g = torch.Generator().manual_seed(2)
+    b = 24
+    items = torch.randperm(50, generator=g)[:b] + 1
+    s1 = torch.randn(b, b, generator=g, dtype=torch.float64, requires_grad=True)
+    s2 = s1.detach().clone().requires_grad_(True)
+    lq = torch.randn(b, generator=g)  # float32
+    a = sampled_softmax(s1, items, log_q=lq)
+    c = sampled_softmax(
+        lambda bias, scale: bias.addmm_(torch.eye(b, dtype=torch.float64), s2, alpha=scale),
+        items,
+        log_q=lq,
+        score_dtype=torch.float64,
+    )
+    assert c.loss.dtype == torch.float64
+    torch.testing.assert_close(c.loss, a.loss)

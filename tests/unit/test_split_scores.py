@@ -263,3 +263,28 @@ def test_subnet_cost_by_hand(trained_random):
     sub = (24 * in_u + 288) + (24 * in_i + 288)
     full = (96 * in_u + 3 * 32 * 16 + 3 * 16 * 16) + (96 * in_i + 3 * 32 * 16 + 3 * 16 * 16)
     assert model.subnet_cost(1) == pytest.approx(sub / full)
+
+
+def test_subnet_needs_unit_level_owners_and_current_weights(trained_random):
+    """train_subnet reads ownership by units: weight-level owners (an entry owned apart from its unit)
+    are refused at the start; a write to frozen units' weights inside the block (its steps used the
+    copy cached at the start) fails at the end; new owners inside drop the plan without a check."""
+    model, _ = _model_at(trained_random, None)
+    owners = {k: v.clone() for k, v in model.owners.items()}
+    w = owners["user.layers.1.weight"]
+    bias = owners["user.layers.1.bias"]
+    row = int(torch.nonzero(bias == 0)[0])
+    col = int(torch.nonzero(w[row] == 0)[0])
+    w[row, col] = 1  # an entry of a stage-0 unit owned by stage 1: weight-level ownership
+    model.set_owners(owners)
+    with pytest.raises(ValueError, match="unit-level ownership"):
+        with model.train_subnet(1):
+            pass
+    model, _ = _model_at(trained_random, None)
+    frozen = int(torch.nonzero(model.owners["item.layers.0.bias"] < 1)[0])
+    with pytest.raises(RuntimeError, match="changed inside the block"):
+        with model.train_subnet(1), torch.no_grad():
+            model.item.layers[0].weight[frozen].mul_(2.0)
+    with model.train_subnet(1), torch.no_grad():  # new owners: the plan is dropped, nothing to check
+        model.item.layers[0].weight[frozen].mul_(0.5)
+        model.set_owners(dict(model.owners))
