@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from csmf_core.model import NO_EDGE, TwoTower, UnitGroup
+from csmf_core.model import NO_EDGE, TwoTower, UnitGroup, edge_owners
 
 FORMAT_VERSION = 1
 
@@ -90,8 +90,7 @@ def param_owners(model: TwoTower, owners: UnitOwners) -> dict[str, torch.Tensor]
     for g, owner_group in linear_groups(model):
         out = units[owner_group].long()
         inp = _input_owners(g, units).long()
-        w = torch.where(inp[None, :] <= out[:, None], out[:, None].expand(-1, inp.numel()), NO_EDGE)
-        res[f"{g.name}.weight"] = w.to(torch.uint8)
+        res[f"{g.name}.weight"] = edge_owners(inp, out).to(torch.uint8)
         res[f"{g.name}.bias"] = out.to(torch.uint8)
     return res
 

@@ -29,6 +29,22 @@ from csmf_core.config import ModelConfig
 NO_EDGE = 255  # owner of a removed edge (from a later-stage unit into an earlier-stage one)
 
 
+def edge_owners(in_owners: torch.Tensor, out_owners: torch.Tensor) -> torch.Tensor:
+    """(out, in) owner of every edge of a linear layer from its units' owners (unit-level ownership):
+    the owner of the unit it feeds where the input's owner is lower or equal, NO_EDGE elsewhere."""
+    return torch.where(
+        in_owners[None, :] <= out_owners[:, None], out_owners[:, None].expand(-1, in_owners.numel()), NO_EDGE
+    )
+
+
+def _frozen_block(
+    lin: nn.Linear, f_out: torch.Tensor, f_in: torch.Tensor, edge: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's frozen units' weights from frozen inputs (mode-masked by `edge`) and their biases,
+    as `TwoTower.train_subnet` caches them and checks them at its end (new tensors)."""
+    return lin.weight[f_out][:, f_in] * edge, lin.bias[f_out]
+
+
 @dataclass
 class LayerPlan:
     """One linear layer of a tower as stage t trains it (`TwoTower.train_subnet`): its frozen units
@@ -405,8 +421,8 @@ class TwoTower(nn.Module):
         with torch.no_grad():
             for name, plan in plans.items():
                 for k, (lin, lp) in enumerate(zip(getattr(self, name).layers, plan.layers)):
-                    live = lin.weight[lp.f_out][:, lp.f_in] * lp.edge
-                    if not (torch.equal(live, lp.w_ff) and torch.equal(lin.bias[lp.f_out], lp.b_f)):
+                    w, b = _frozen_block(lin, lp.f_out, lp.f_in, lp.edge)
+                    if not (torch.equal(w, lp.w_ff) and torch.equal(b, lp.b_f)):
                         raise RuntimeError(
                             f"train_subnet({stage}): the weights of frozen units of {name}.layers.{k} "
                             "changed inside the block, whose steps used the copy cached at its start"
@@ -447,29 +463,20 @@ class TwoTower(nn.Module):
             w_own = own[f"{name}.layers.{k}.weight"].to("cpu", torch.long)
             # the sub-network reading needs unit-level ownership (csmf_core.masks.param_owners): an edge
             # belongs to the unit it feeds, and runs only from lower or equal owners
-            unit_level = torch.where(in_own[None, :] <= out_own[:, None], out_own[:, None], NO_EDGE)
+            unit_level = edge_owners(in_own, out_own)
             if not torch.equal(w_own, unit_level):
                 raise ValueError(
                     f"train_subnet: {name}.layers.{k}.weight has owners that are not its units' "
                     f"({int((w_own != unit_level).sum())} entries differ): the sub-network needs unit-level ownership"
                 )
-            edge = (w_own[f_out][:, f_in] != NO_EDGE).to(dev, lin.weight.dtype)
-            with torch.no_grad():
-                w_ff = lin.weight[f_out.to(dev)][:, f_in.to(dev)] * edge
-                b_f = lin.bias[f_out.to(dev)].clone()
             flat_f = (t_out[:, None] * lin.in_features + f_in[None, :]).flatten()
             flat_t = (t_out[:, None] * lin.in_features + t_in[None, :]).flatten()
+            f_out_d, f_in_d = f_out.to(dev), f_in.to(dev)
+            edge = (w_own[f_out][:, f_in] != NO_EDGE).to(dev, lin.weight.dtype)
+            with torch.no_grad():
+                w_ff, b_f = _frozen_block(lin, f_out_d, f_in_d, edge)
             plan.layers.append(
-                LayerPlan(
-                    f_out.to(dev),
-                    t_out.to(dev),
-                    w_ff,
-                    b_f,
-                    flat_f.to(dev),
-                    flat_t.to(dev),
-                    f_in.to(dev),
-                    edge,
-                )
+                LayerPlan(f_out_d, t_out.to(dev), w_ff, b_f, flat_f.to(dev), flat_t.to(dev), f_in_d, edge)
             )
             f_in, t_in, in_own = f_out, t_out, out_own
         return plan
