@@ -26,21 +26,37 @@ api.wait()
 from prefect import flow
 from prefect.client.orchestration import get_client
 
+from prefect import flow_engine
+from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+beats = []
+emit = flow_engine.BaseFlowRunEngine._emit_flow_run_heartbeat
+def counted(self, *a, **k):
+    beats.append(1)
+    return emit(self, *a, **k)
+flow_engine.BaseFlowRunEngine._emit_flow_run_heartbeat = counted
+
 @flow
 def tiny():
     with get_client(sync_client=True) as client:
-        return client.api_url
+        return client.api_url, get_current_settings().flows.heartbeat_frequency
 
 with api.use():
-    used = str(tiny())
+    used, beat_setting = tiny()
+beats_in_use = len(beats)
+with temporary_settings(updates={PREFECT_API_URL: api.api_url}):  # the same server, Prefect's defaults
+    _, default_setting = tiny()
+beats_default = len(beats) - beats_in_use
 servers = [
     " ".join(p.cmdline())
     for p in psutil.Process().children(recursive=True)
     if "prefect.server.api.server:create_app" in " ".join(p.cmdline())
 ]
-print("RESULT " + json.dumps({"launched": api.api_url, "used": used, "servers": servers,
+print("RESULT " + json.dumps({"launched": api.api_url, "used": str(used), "servers": servers,
                               "port": api.port, "waited": api.seconds_waited,
-                              "server_code_here": "prefect.server.api.server" in sys.modules}))
+                              "server_code_here": "prefect.server.api.server" in sys.modules,
+                              "beat_setting": beat_setting, "beats_in_use": beats_in_use,
+                              "default_setting": default_setting, "beats_default": beats_default}))
 """
 
 
@@ -64,6 +80,10 @@ def test_the_flow_uses_the_early_launched_server(tmp_path):
     assert out["used"].rstrip("/") == out["launched"]  # the flow's client talks to it
     assert "Starting temporary server" not in res.stdout + res.stderr  # Prefect did not start its own
     assert out["server_code_here"] is False  # the Prefect server's modules stayed out of this process
+    # no flow-run heartbeats against the temporary API (their thread cost up to 1 s at each run's end);
+    # with Prefect's default setting the same flow sends its first one as it starts
+    assert out["beat_setting"] is None and out["beats_in_use"] == 0
+    assert out["default_setting"] == 180 and out["beats_default"] >= 1
 
 
 SEEDED = r"""
