@@ -116,12 +116,31 @@ def test_loss_curve_flushes_every_n_steps():
     lines: list[str] = []
     tracker = SimpleNamespace(log_series=lambda k, v, first_step: logged.append((k, list(v), first_step)))
     logger = SimpleNamespace(info=lambda msg, *a: lines.append(msg % a))
-    curve = LossCurve(tracker, logger, "pretrain_exposure", every=2)
+    curve = LossCurve(tracker, logger, "pretrain_exposure", every=2, flush_seconds=0)
     for s, loss in enumerate([3.0, 2.0, 1.5], start=1):
         curve(s, loss)
     curve.flush()
     assert logged == [("train/loss", [3.0, 2.0], 1), ("train/loss", [1.5], 3)]
     assert lines == ["pretrain_exposure: step 2 loss 2.0000", "pretrain_exposure: step 3 loss 1.5000 (last)"]
+
+
+def test_loss_curve_sends_at_most_every_flush_seconds():
+    """Progress lines every `every` steps; the tracker gets the buffered losses only at a progress
+    line at least `flush_seconds` after the last write, and the rest at flush(): every step once."""
+    logged: list[tuple[list[float], int]] = []
+    lines: list[str] = []
+    tracker = SimpleNamespace(log_series=lambda k, v, first_step: logged.append((list(v), first_step)))
+    logger = SimpleNamespace(info=lambda msg, *a: lines.append(msg % a))
+    now = [100.0]
+    curve = LossCurve(tracker, logger, "s", every=2, flush_seconds=5.0, clock=lambda: now[0])
+    # step k at time 100 + 2k: progress lines at steps 2, 4, 6, 8; writes when >= 5 s have passed
+    for k in range(1, 10):
+        now[0] = 100.0 + 2 * k
+        curve(k, float(k))
+    curve.flush()
+    assert [x.split()[2] for x in lines] == ["2", "4", "6", "8", "9"]
+    # step 4 (t 108, 8 s after the start) and step 8 (t 116, 8 s after 108); step 6 (t 112) was 4 s
+    assert logged == [([1.0, 2.0, 3.0, 4.0], 1), ([5.0, 6.0, 7.0, 8.0], 5), ([9.0], 9)]
 
 
 def test_pyfunc_input_parsing():
