@@ -76,18 +76,15 @@ class TemporaryApi:
     def use(self) -> Iterator[None]:
         """Within: this process's Prefect clients talk to this server (PREFECT_API_URL for the own
         process; nothing to set for Prefect's singleton, which they find by themselves), and flow runs
-        send no heartbeats. Heartbeats (every 180 s by default) let a persistent server mark a run
-        whose process died as crashed; this server dies with the process, so they tell it nothing,
-        and each flow run paid for them at its end: prefect 3.8.8's heartbeat thread sleeps in 1-s
-        steps and the engine joins it when the run finishes (0.86-0.88 s measured on the 2-core VM,
-        a tenth of `make run`'s orchestration; docs/performance.md)."""
-        from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+        send no heartbeats (`no_heartbeats`)."""
+        from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        updates: dict[Any, Any] = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
-        if self.server is None:
-            updates[PREFECT_API_URL] = self.api_url
-        with temporary_settings(updates=updates):
-            yield
+        with no_heartbeats():
+            if self.server is not None:
+                yield
+                return
+            with temporary_settings(updates={PREFECT_API_URL: self.api_url}):
+                yield
 
     def stop(self) -> None:
         """Stop the server (at exit; idempotent), as SubprocessASGIServer.stop does."""
@@ -145,6 +142,20 @@ class TemporaryApi:
             raise
         finally:
             self.seconds_waited = time.monotonic() - t0
+
+
+@contextmanager
+def no_heartbeats() -> Iterator[None]:
+    """Within: flow runs send no heartbeats, for a temporary API (`TemporaryApi.use`, and the tests'
+    Prefect harness). Heartbeats (every 180 s by default) let a persistent server mark a run whose
+    process died as crashed; a temporary server dies with the process, so they tell it nothing, and
+    each flow run paid for them at its end: prefect 3.8.8's heartbeat thread sleeps in 1-s steps and
+    the engine joins it when the run finishes (0.86-0.88 s measured on the 2-core VM, a tenth of
+    `make run`'s orchestration; docs/performance.md)."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
 
 
 def _healthy(url: str) -> bool:

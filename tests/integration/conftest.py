@@ -6,8 +6,9 @@ import contextlib
 import os
 
 import pytest
-from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
+
+from flows.local_api import no_heartbeats
 
 # A server start on a fresh database runs every Prefect migration: a busy shared machine has needed
 # more than 60 s (and a 120-s limit once failed a loaded run). The limit only matters on failure.
@@ -19,12 +20,8 @@ RUN_TIMEOUT_S = int(os.environ.get("CSMF_TEST_RUN_TIMEOUT_S", "900"))
 @contextlib.contextmanager
 def temporary_api():
     """Prefect's test harness (a temporary API on a fresh database) with the suite's startup limit,
-    and no flow-run heartbeats, as `csmf run` against its temporary API (flows/local_api.py
-    `TemporaryApi.use`: their thread cost up to 1 s at the end of every flow run)."""
-    with (
-        prefect_test_harness(server_startup_timeout=SERVER_STARTUP_S),
-        temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
-    ):
+    and no flow-run heartbeats, as `csmf run` against its temporary API (flows.local_api.no_heartbeats)."""
+    with prefect_test_harness(server_startup_timeout=SERVER_STARTUP_S), no_heartbeats():
         yield
 
 
