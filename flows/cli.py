@@ -37,7 +37,7 @@ from pathlib import Path
 
 from csmf_core.allocator import tune_allocator
 from flows.console import Progress, partition_dates, text_table
-from flows.env import check_writable, setup_home, tracking_uri
+from flows.env import check_writable, setup_home, startup_imports, tracking_uri
 from flows.inputs import dataset_location
 
 SYNTH_DEFAULT = ("small", 0)  # preset and seed of the data `csmf run` generates when given no --data
@@ -131,32 +131,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     home = setup_home(args.home)  # before the flow module imports prefect and mlflow
     check_writable(home)  # a read-only home: one message now, not Prefect's retry loop later
     api_line = prefect_api(home)  # a running `make serve` stack: its API (no temporary server)
-    from flows.doctor import claim
-    from flows.local_api import start_temporary_api
+    # the cyclic GC off while torch, Prefect and MLflow import, then what they loaded frozen
+    # (flows/env.py `startup_imports`: ~1 s less import, ~1 s less at exit)
+    with startup_imports():
+        from flows.doctor import claim
+        from flows.local_api import start_temporary_api
 
-    claim(home)  # before Prefect starts its temporary server: it carries this process as its owner
-    # Prefect's temporary API (when no server is configured) starts now, in its own process, while
-    # this one imports torch and mlflow, reads the config and the data; waited for before the flow
-    api = start_temporary_api()
-    data = dataset_location(args.data, home) if args.data else default_dataset(home)
-    from flows.tune import describe_tuned, find_tuned
+        claim(home)  # before Prefect starts its temporary server: it carries this process as its owner
+        # Prefect's temporary API (when no server is configured) starts now, in its own process, while
+        # this one imports torch and mlflow, reads the config and the data; waited for before the flow
+        api = start_temporary_api()
+        data = dataset_location(args.data, home) if args.data else default_dataset(home)
+        from flows.tune import describe_tuned, find_tuned
 
-    tuned = find_tuned(home, data, args.tuned)
-    cfg = load_config(args.config, args.set, tuned=tuned)  # fail fast, before Prefect starts, on a bad config
-    if tuned is not None:
-        print(f"csmf run: applying the tuned config {describe_tuned(tuned)} (--tuned none to train without)")
-    dates = partition_dates(data)
-    date = args.date or dates[-1]
-    try:
-        dt.date.fromisoformat(date)
-    except ValueError as exc:
-        raise ValueError(f"--date {date!r} is not YYYY-MM-DD") from exc
-    print(f"csmf run: data {data}, evaluation day {date} (training on the partitions before it), home {home}")
-    print(f"csmf run: {api_line}")
-    from flows.pipeline import csmf_daily
+        tuned = find_tuned(home, data, args.tuned)
+        cfg = load_config(
+            args.config, args.set, tuned=tuned
+        )  # fail fast, before Prefect starts, on a bad config
+        if tuned is not None:
+            print(
+                f"csmf run: applying the tuned config {describe_tuned(tuned)} (--tuned none to train without)"
+            )
+        dates = partition_dates(data)
+        date = args.date or dates[-1]
+        try:
+            dt.date.fromisoformat(date)
+        except ValueError as exc:
+            raise ValueError(f"--date {date!r} is not YYYY-MM-DD") from exc
+        print(
+            f"csmf run: data {data}, evaluation day {date} (training on the partitions before it), home {home}"
+        )
+        print(f"csmf run: {api_line}")
+        from flows.pipeline import csmf_daily
 
+        _open_tracking_store()  # the flow's first MLflow work, done now (while a temporary API starts)
     if api is not None:
-        _open_tracking_store()  # while the temporary API may still be starting: the same work, earlier
         api.wait()  # the flow's Prefect client uses this server (flows/local_api.py)
     with _run_console(args), api.use() if api is not None else nullcontext():
         result = csmf_daily(

@@ -20,11 +20,14 @@ Imports nothing heavy (no prefect, mlflow or torch): the CLI calls it first thin
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import sqlite3
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 DEFAULT_HOME = ".csmf"
@@ -56,6 +59,9 @@ def home_defaults(root: Path) -> dict[str, str]:
         # the model to check the input example and printed "Downloading artifacts: 100%| 13/13" in
         # the middle of the task logs, which reads like something fetched from the network.
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        # MLflow 3's usage telemetry (a consumer thread that posts to MLflow's servers) reads
+        # DO_NOT_TRACK only as "true", not the "1" above: a run with no server of any kind sends none.
+        "MLFLOW_DISABLE_TELEMETRY": "true",
     }
 
 
@@ -66,7 +72,8 @@ def setup_home(home: str | os.PathLike | None = None) -> Path:
     as `mlflow ui`, agree with an explicit --home) and, only where unset, MLFLOW_TRACKING_URI =
     sqlite:///<home>/mlflow.db, PREFECT_HOME = <home>/prefect, PREFECT_SERVER_ANALYTICS_ENABLED =
     false, DO_NOT_TRACK = 1 (Prefect's client telemetry and its first-run notice),
-    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR = false (no tqdm bars for local artifact copies). Idempotent.
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR = false (no tqdm bars for local artifact copies),
+    MLFLOW_DISABLE_TELEMETRY = true (MLflow's usage telemetry). Idempotent.
     """
     root = resolve_home(home)
     _mkdir(root, root)
@@ -75,6 +82,37 @@ def setup_home(home: str | os.PathLike | None = None) -> Path:
         os.environ.setdefault(key, value)
     _mkdir(Path(os.environ["PREFECT_HOME"]).expanduser(), root)
     return root
+
+
+_startup_frozen = False
+
+
+@contextmanager
+def startup_imports() -> Iterator[None]:
+    """Import torch, Prefect, MLflow and the flow modules inside this block (`csmf run` does): the
+    cyclic garbage collector is off while they load, and what they loaded is then frozen
+    (`gc.freeze`), once per process.
+
+    Those imports create ~700k long-lived objects and no garbage worth collecting; with the collector
+    on, every allocation-count threshold crossed during them ran a collection over the growing heap,
+    and every later full collection (9 in a `make run`, 1.15 s) and the interpreter's collections at
+    exit walked them again. Measured on this project's 2-core VM (2026-12-05): the flow's imports
+    4.1 s -> 3.0 s, the process's exit after them 1.16 s -> 0.16 s. Objects created later are
+    collected as usual. A second call in the same process (tests call `cli.main` many times) only
+    runs the block: freezing again would keep the garbage of earlier calls for good."""
+    global _startup_frozen
+    if _startup_frozen:
+        yield
+        return
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        _startup_frozen = True
+        gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 def _mkdir(path: Path, root: Path) -> None:

@@ -220,7 +220,8 @@ def _singleton_api() -> TemporaryApi:
 def uvicorn_command(port: int) -> dict[str, Any]:
     """`subprocess.Popen` arguments of prefect 3.8.8's `SubprocessASGIServer._run_uvicorn_command`
     (the temporary API: uvicorn on 127.0.0.1:<port>, UI off, ephemeral services, the explicitly set
-    settings in its environment), built without importing the Prefect server."""
+    settings in its environment), built without importing the Prefect server; uvicorn runs through
+    `flows.api_server`, which imports the server's modules with the cyclic GC paused first."""
     import prefect
     from prefect.settings import get_current_settings
 
@@ -229,7 +230,7 @@ def uvicorn_command(port: int) -> dict[str, Any]:
         "args": [
             sys.executable,
             "-m",
-            "uvicorn",
+            "flows.api_server",  # `-m uvicorn` with the server's imports GC-paused (flows/api_server.py)
             "--app-dir",
             str(prefect.__module_path__.parent),
             "--factory",

@@ -34,6 +34,7 @@ ENV = (
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
     "DO_NOT_TRACK",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+    "MLFLOW_DISABLE_TELEMETRY",
 )
 
 
@@ -237,7 +238,8 @@ def test_run_launches_the_temporary_api_early_and_waits_before_the_flow(
     calls.clear()
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
     assert cli.main(args) == 0
-    assert len(calls) == 1 and isinstance(calls[0], dict)
+    # nothing launched or waited for; the stores are still opened before the flow (its first work)
+    assert calls[0] == "stores opened" and len(calls) == 2 and isinstance(calls[1], dict)
 
 
 def test_run_passes_from_model(tiny_world, tmp_path, monkeypatch, capsys, clean_env):
@@ -374,6 +376,11 @@ def test_setup_home_keeps_variables_already_set(tmp_path, monkeypatch, clean_env
     assert os.environ["PREFECT_HOME"] == str(home / "prefect") and Path(os.environ["PREFECT_HOME"]).is_dir()
     assert os.environ["CSMF_HOME"] == str(home) and "PREFECT_API_URL" not in os.environ
     assert os.environ["DO_NOT_TRACK"] == "1"  # no Prefect client telemetry, no first-run notice
+    # MLflow reads DO_NOT_TRACK only as "true" (and under pytest never sends): its own switch, read
+    # the way MLflow reads it
+    from mlflow.environment_variables import MLFLOW_DISABLE_TELEMETRY
+
+    assert MLFLOW_DISABLE_TELEMETRY.get() is True
     assert (
         os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "120"
     )  # Prefect's 20 s is too short

@@ -316,3 +316,43 @@ def test_open_stores_creates_the_database_the_flow_then_reuses(tmp_path):
     a, b = mlflow.MlflowClient(uri), mlflow.MlflowClient(uri)
     assert a._tracking_client.store is b._tracking_client.store
     assert a.search_experiments(max_results=5)  # the Default experiment: tables created
+
+
+_STARTUP = """
+import gc, json, sys
+from flows.env import startup_imports
+if sys.argv[1] == "off":
+    gc.disable()
+before = gc.get_freeze_count()
+with startup_imports():
+    inside = gc.isenabled()
+    kept = [[i] for i in range(1000)]  # tracked containers, as the imported modules' objects are
+first = gc.get_freeze_count()
+with startup_imports():
+    inside2 = gc.isenabled()
+    more = [[i] for i in range(1000)]
+print(json.dumps([before, inside, first, gc.isenabled(), inside2, gc.get_freeze_count()]))
+"""
+
+
+@pytest.mark.parametrize("caller_gc", ["on", "off"])
+def test_startup_imports_pause_the_collector_and_freeze_once(caller_gc):
+    """`csmf run` imports torch, Prefect and MLflow inside `startup_imports`: the collector is off in
+    the block, what the block made is frozen (never walked again), the caller's setting comes back,
+    and a second block in the same process (tests call `cli.main` often) freezes nothing more. In a
+    fresh interpreter, so this test's process keeps its own collector state."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", _STARTUP, caller_gc], cwd=root, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    before, inside, first, enabled_after, inside2, second = json.loads(out.stdout)
+    assert inside is False  # no collection while the modules load
+    assert first - before >= 1000  # the block's objects (and whatever else was alive) frozen
+    assert enabled_after is (caller_gc == "on")  # the caller's setting restored
+    assert inside2 is (caller_gc == "on") and second == first  # the second block: nothing changed
