@@ -42,7 +42,7 @@ from csmf_core.serving import metrics_table, write_bundle
 from csmf_core.tuning import trial_config
 from flows import doctor, reporting
 from flows.cascade_step import Checkpoints, train_cascade
-from flows.env import check_writable, setup_home, tracking_uri
+from flows.env import check_writable, freeze_startup, setup_home, tracking_uri
 from flows.epoch_selection import choose_default_weights, select_on_validation
 from flows.incremental import (
     Start,
@@ -152,6 +152,7 @@ def csmf_daily(
     resumed from earlier runs with identical inputs, the gate decides on the champion, retention
     trims old local run dirs.
     """
+    freeze_startup()  # a worker's flow-run process imported everything already (flows/env.py)
     root = setup_home(home)
     check_writable(root)  # a read-only home fails here, not in Prefect's or MLflow's retries
     if train_days is not None:

@@ -28,7 +28,7 @@ Child runs (tag mlflow.parentRunId), named after the step, tagged csmf.step / cs
       (pretrain_exposure,   checkpoint/ (model.pt, masks/, checkpoint.json);
        cpp_prune_exposure,  test/by_step/<objective>/{recall,ndcg}@K for every objective trained so far
        recover_exposure,      (own mode, evaluation day(s));
-       finetune_click,      train/recover steps: train/loss per step, train/{rows,steps,seconds,
+       finetune_click,      train/recover steps: train/loss (mean of each 10 steps), train/{rows,steps,seconds,
        ...)                   samples_per_s,final_loss}, train/opt_state_mib/<table> (optimiser state
                               of every embedding table the step trains); with data.val_days > 0 the train steps also
                               val/<objective>/{best_epoch,start_recall@K,best_recall@K,last_recall@K}
@@ -48,6 +48,7 @@ The comparison flow (flows/compare.py) uses the same parent/child layout in expe
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections.abc import Sequence
@@ -127,14 +128,16 @@ def log_prep(tracker: Tracker, summary: Any) -> None:
 
 # ---- cascade steps ---------------------------------------------------------------------------------
 class LossCurve:
-    """`on_step` callback: buffers per-step losses, every `every` steps logs a progress line and, at
-    most once every `flush_seconds` seconds, sends the buffered `train/loss` values to the tracker
-    (so the curve grows live in the MLflow UI); `flush()` sends the rest. `bar` (a
-    flows.progress.StepBar) draws every step on a terminal.
+    """`on_step` callback: the `train/loss` curve (the mean loss of every `mean_of` steps, logged at the
+    window's last step; a last partial window at its last step), a progress line every `every` steps,
+    and `bar` (a flows.progress.StepBar) drawn at every step on a terminal. The curve's points are
+    sent to the tracker at most once every `flush_seconds` seconds (so it grows live in the MLflow
+    UI); `flush()` sends the rest.
 
-    Every step's loss is logged either way; the interval only batches the writes: one MLflow
-    `log_batch` per 50 steps was ~0.5 s of a default `make run` on the 2-core VM (~140 writes), a
-    twentieth of its orchestration (docs/performance.md)."""
+    Why means and batches (docs/performance.md, 2-core VM): MLflow's SQLite store takes ~0.1 ms per
+    metric point and ~10 ms per `log_batch`; one point per step (~2,700 in a default `make run`) was
+    ~0.26 s of its orchestration, one `log_batch` per progress line (~140) ~0.5 s. A 10-step mean is
+    also the curve a reader wants from per-batch losses; the progress lines show single steps."""
 
     def __init__(
         self,
@@ -145,18 +148,21 @@ class LossCurve:
         bar: Any = None,
         flush_seconds: float = 5.0,
         clock: Any = time.monotonic,
+        mean_of: int = 10,
     ):
         self.tracker, self.logger, self.name, self.every = tracker, logger, name, max(1, every)
-        self.bar = bar
+        self.bar, self.mean_of = bar, max(1, mean_of)
         self.flush_seconds, self.clock = float(flush_seconds), clock
         self.sent_at = clock()
-        self.pending: list[float] = []
-        self.first = 1  # step number of pending[0]
+        self.pending: list[tuple[int, float]] = []  # (step, mean loss of the window ending there)
+        self.window: list[float] = []
         self.last: tuple[int, float] | None = None
 
     def __call__(self, step: int, loss: float) -> None:
-        self.pending.append(loss)
+        self.window.append(loss)
         self.last = (step, loss)
+        if len(self.window) == self.mean_of:
+            self._close_window(step)
         if self.bar is not None:
             self.bar.update(step, loss)
         if step % self.every == 0:
@@ -164,14 +170,21 @@ class LossCurve:
             if self.clock() - self.sent_at >= self.flush_seconds:
                 self._send()
 
+    def _close_window(self, step: int) -> None:
+        finite = [v for v in self.window if math.isfinite(v)]
+        if finite:
+            self.pending.append((step, sum(finite) / len(finite)))
+        self.window = []
+
     def _send(self) -> None:
         if self.pending:
-            self.tracker.log_series("train/loss", self.pending, first_step=self.first)
-            self.first += len(self.pending)
+            self.tracker.log_series("train/loss", self.pending)
             self.pending = []
         self.sent_at = self.clock()
 
     def flush(self) -> None:
+        if self.window and self.last is not None:
+            self._close_window(self.last[0])
         self._send()
         if self.last is not None and self.last[0] % self.every:
             self.logger.info("%s: step %d loss %.4f (last)", self.name, *self.last)

@@ -28,7 +28,7 @@ import sqlite3
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -52,7 +52,7 @@ class Tracker(Protocol):
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
-    def log_series(self, key: str, values: list[float], first_step: int = 1) -> None: ...
+    def log_series(self, key: str, points: Sequence[tuple[int, float]]) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_dict(self, data: Any, artifact_file: str) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
@@ -145,11 +145,11 @@ class MlflowTracker:
         for chunk in _chunks(items, _METRIC_BATCH):
             self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
 
-    def log_series(self, key: str, values: list[float], first_step: int = 1) -> None:
-        """One metric per step (a loss curve): values[j] at step first_step + j."""
+    def log_series(self, key: str, points: Sequence[tuple[int, float]]) -> None:
+        """One metric value per (step, value) point (a loss curve); non-finite values are skipped."""
         now = int(time.time() * 1000)
         key = metric_key(key)
-        items = [Metric(key, float(v), now, first_step + j) for j, v in enumerate(values) if math.isfinite(v)]
+        items = [Metric(key, float(v), now, int(step)) for step, v in points if math.isfinite(v)]
         for chunk in _chunks(items, _METRIC_BATCH):
             self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
 
@@ -243,7 +243,7 @@ class NullTracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         pass
 
-    def log_series(self, key: str, values: list[float], first_step: int = 1) -> None:
+    def log_series(self, key: str, points: Sequence[tuple[int, float]]) -> None:
         pass
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:

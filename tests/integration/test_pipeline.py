@@ -196,9 +196,11 @@ def test_stage_metrics_are_comparable(happy):
         }
         assert set(_by_step(run)) == want, name
         if not name.startswith("cpp_prune_"):
+            # the mean loss of every 10 steps, at each window's last step (the last window may be short)
             losses = happy.client.get_metric_history(run.info.run_id, "train/loss")
-            assert len(losses) == run.data.metrics["train/steps"]
-            assert [m.step for m in losses] == list(range(1, len(losses) + 1))
+            steps = int(run.data.metrics["train/steps"])
+            want = [*range(10, steps + 1, 10), *([steps] if steps % 10 else [])]
+            assert sorted(m.step for m in losses) == want
             # the refit trains each train step for the epochs the selection pass kept (0 = its start)
             trained = run.data.metrics["train/steps"] > 0
             assert trained if name.startswith("recover_") else trained == (kept[stage] > 0), (name, kept)

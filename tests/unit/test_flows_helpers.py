@@ -112,27 +112,45 @@ def test_metric_keys_and_null_tracker():
 
 
 def test_loss_curve_flushes_every_n_steps():
-    logged: list[tuple[str, list[float], int]] = []
+    logged: list[tuple[str, list]] = []
     lines: list[str] = []
-    tracker = SimpleNamespace(log_series=lambda k, v, first_step: logged.append((k, list(v), first_step)))
+    tracker = SimpleNamespace(log_series=lambda k, points: logged.append((k, list(points))))
     logger = SimpleNamespace(info=lambda msg, *a: lines.append(msg % a))
-    curve = LossCurve(tracker, logger, "pretrain_exposure", every=2, flush_seconds=0)
+    curve = LossCurve(tracker, logger, "pretrain_exposure", every=2, flush_seconds=0, mean_of=1)
     for s, loss in enumerate([3.0, 2.0, 1.5], start=1):
         curve(s, loss)
     curve.flush()
-    assert logged == [("train/loss", [3.0, 2.0], 1), ("train/loss", [1.5], 3)]
+    assert logged == [("train/loss", [(1, 3.0), (2, 2.0)]), ("train/loss", [(3, 1.5)])]
     assert lines == ["pretrain_exposure: step 2 loss 2.0000", "pretrain_exposure: step 3 loss 1.5000 (last)"]
 
 
-def test_loss_curve_sends_at_most_every_flush_seconds():
-    """Progress lines every `every` steps; the tracker gets the buffered losses only at a progress
-    line at least `flush_seconds` after the last write, and the rest at flush(): every step once."""
-    logged: list[tuple[list[float], int]] = []
+def test_loss_curve_logs_the_mean_of_every_window():
+    """`train/loss` is the mean of every `mean_of` steps at the window's last step, the last partial
+    window at the last step; a non-finite loss is left out of its window's mean (a window of only
+    non-finite losses gives no point); the progress lines still show single steps."""
+    logged: list = []
     lines: list[str] = []
-    tracker = SimpleNamespace(log_series=lambda k, v, first_step: logged.append((list(v), first_step)))
+    tracker = SimpleNamespace(log_series=lambda k, points: logged.extend(points))
+    logger = SimpleNamespace(info=lambda msg, *a: lines.append(msg % a))
+    curve = LossCurve(tracker, logger, "s", every=4, flush_seconds=0, mean_of=3)
+    losses = [6.0, 3.0, 0.0, 1.0, float("nan"), 2.0, float("inf"), float("nan"), float("nan"), 5.0, 7.0]
+    for s, loss in enumerate(losses, start=1):
+        curve(s, loss)
+    curve.flush()
+    # windows: steps 1-3 mean 3.0; 4-6 (1, 2) 1.5; 7-9 none finite; 10-11 (5, 7) 6.0 at step 11
+    assert logged == [(3, 3.0), (6, 1.5), (11, 6.0)]
+    assert lines == ["s: step 4 loss 1.0000", "s: step 8 loss nan", "s: step 11 loss 7.0000 (last)"]
+
+
+def test_loss_curve_sends_at_most_every_flush_seconds():
+    """Progress lines every `every` steps; the tracker gets the buffered points only at a progress
+    line at least `flush_seconds` after the last write, and the rest at flush(): every point once."""
+    logged: list[list] = []
+    lines: list[str] = []
+    tracker = SimpleNamespace(log_series=lambda k, points: logged.append(list(points)))
     logger = SimpleNamespace(info=lambda msg, *a: lines.append(msg % a))
     now = [100.0]
-    curve = LossCurve(tracker, logger, "s", every=2, flush_seconds=5.0, clock=lambda: now[0])
+    curve = LossCurve(tracker, logger, "s", every=2, flush_seconds=5.0, clock=lambda: now[0], mean_of=1)
     # step k at time 100 + 2k: progress lines at steps 2, 4, 6, 8; writes when >= 5 s have passed
     for k in range(1, 10):
         now[0] = 100.0 + 2 * k
@@ -140,7 +158,11 @@ def test_loss_curve_sends_at_most_every_flush_seconds():
     curve.flush()
     assert [x.split()[2] for x in lines] == ["2", "4", "6", "8", "9"]
     # step 4 (t 108, 8 s after the start) and step 8 (t 116, 8 s after 108); step 6 (t 112) was 4 s
-    assert logged == [([1.0, 2.0, 3.0, 4.0], 1), ([5.0, 6.0, 7.0, 8.0], 5), ([9.0], 9)]
+    assert logged == [
+        [(k, float(k)) for k in (1, 2, 3, 4)],
+        [(k, float(k)) for k in (5, 6, 7, 8)],
+        [(9, 9.0)],
+    ]
 
 
 def test_pyfunc_input_parsing():
@@ -331,6 +353,8 @@ first = gc.get_freeze_count()
 with startup_imports():
     inside2 = gc.isenabled()
     more = [[i] for i in range(1000)]
+from flows.env import freeze_startup
+freeze_startup()  # the daily flow's call: nothing more once frozen
 print(json.dumps([before, inside, first, gc.isenabled(), inside2, gc.get_freeze_count()]))
 """
 
@@ -356,3 +380,24 @@ def test_startup_imports_pause_the_collector_and_freeze_once(caller_gc):
     assert first - before >= 1000  # the block's objects (and whatever else was alive) frozen
     assert enabled_after is (caller_gc == "on")  # the caller's setting restored
     assert inside2 is (caller_gc == "on") and second == first  # the second block: nothing changed
+
+
+def test_freeze_startup_freezes_once_per_process():
+    """The daily flow's first call (a worker's flow-run process, which imported the flow module
+    itself) freezes what is alive; later flow runs in the same process freeze nothing more."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import gc, json\nfrom flows.env import freeze_startup\n"
+        "kept = [[i] for i in range(1000)]\nbefore = gc.get_freeze_count()\nfreeze_startup()\n"
+        "first = gc.get_freeze_count()\nmore = [[i] for i in range(1000)]\nfreeze_startup()\n"
+        "print(json.dumps([before, first, gc.get_freeze_count(), gc.isenabled()]))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    before, first, second, enabled = json.loads(out.stdout)
+    assert before == 0 and first >= 1000 and second == first and enabled is True
