@@ -389,6 +389,9 @@ def run(
                     benchlib.median(walls), "", rounds=rounds, per_round=[round(x, 4) for x in walls])  # fmt: skip
             print(f"orchestration overhead per round, {arm}: " + ", ".join(f"{x:.1%}" for x in ratios))
             print(f"wall-clock difference per round, {arm}: " + ", ".join(f"{x:.1%}" for x in walls))
+    for arm in arms:  # the rounds themselves: is one arm's training systematically slower?
+        print(f"{arm} per round, seconds / of them in the training calls: "
+              + ", ".join(f"{x['seconds']:.1f} / {x['phases']['compute']:.1f}" for x in res[arm]))  # fmt: skip
     for arm in arms:
         rec.add(f"{arm} seconds (imports included)", med(arm, "seconds"), "s")
         rec.add(f"{arm}: seconds in the training calls (run_trial, run_step)",
