@@ -229,6 +229,7 @@ def uvicorn_command(port: int) -> dict[str, Any]:
     return {
         "args": [
             sys.executable,
+            "-P",  # not the working directory on sys.path: a user's own `flows` folder cannot shadow ours
             "-m",
             "flows.api_server",  # `-m uvicorn` with the server's imports GC-paused (flows/api_server.py)
             "--app-dir",

@@ -156,3 +156,33 @@ def test_a_new_home_starts_from_the_migrated_template(tmp_path):
     assert _rows(db, "SELECT state_type FROM flow_run") == [("COMPLETED",)]
     assert _rows(db, "SELECT count(*) FROM task_run WHERE state_type = 'COMPLETED'") == [(2,)]
     assert template.read_bytes() == before  # the template itself is never written to
+
+
+SHADOWED = r"""
+import sys
+sys.path[:] = [p for p in sys.path if p not in ("", ".")]  # this process: the repository's flows
+from flows.env import setup_home
+setup_home(sys.argv[1])
+from flows.local_api import start_temporary_api
+api = start_temporary_api()
+api.wait()
+print("RESULT healthy", api.api_url)
+api.stop()
+"""
+
+
+def test_the_server_starts_from_a_folder_with_its_own_flows_package(tmp_path):
+    """The temporary API server runs `python -P -m flows.api_server`: a `flows` package in the user's
+    working directory (a common name) is not put first on the server's sys.path."""
+    (tmp_path / "flows").mkdir()
+    (tmp_path / "flows" / "__init__.py").write_text(
+        "raise SystemExit('the user folder flows was imported')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "CSMF_"))}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "300"
+    res = subprocess.run(
+        [sys.executable, "-c", SHADOWED, str(tmp_path / "home")],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 0 and "RESULT healthy" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
