@@ -145,22 +145,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         from flows.tune import describe_tuned, find_tuned
 
         tuned = find_tuned(home, data, args.tuned)
-        cfg = load_config(
-            args.config, args.set, tuned=tuned
-        )  # fail fast, before Prefect starts, on a bad config
+        # fail fast, before Prefect starts, on a bad config
+        cfg = load_config(args.config, args.set, tuned=tuned)
         if tuned is not None:
-            print(
-                f"csmf run: applying the tuned config {describe_tuned(tuned)} (--tuned none to train without)"
-            )
+            how = "(--tuned none to train without)"
+            print(f"csmf run: applying the tuned config {describe_tuned(tuned)} {how}")
         dates = partition_dates(data)
         date = args.date or dates[-1]
         try:
             dt.date.fromisoformat(date)
         except ValueError as exc:
             raise ValueError(f"--date {date!r} is not YYYY-MM-DD") from exc
-        print(
-            f"csmf run: data {data}, evaluation day {date} (training on the partitions before it), home {home}"
-        )
+        window = f"evaluation day {date} (training on the partitions before it)"
+        print(f"csmf run: data {data}, {window}, home {home}")
         print(f"csmf run: {api_line}")
         from flows.pipeline import csmf_daily
 
