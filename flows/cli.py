@@ -308,8 +308,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from flows.doctor import claim
 
     claim(home)
-    from flows.compare import check_arguments, csmf_compare, report_out_dir
-    from flows.names import COMPARE_EXPERIMENT
+    with startup_imports():  # torch, Prefect, MLflow: GC paused, then frozen (flows/env.py)
+        from flows.compare import check_arguments, csmf_compare, report_out_dir
+        from flows.names import COMPARE_EXPERIMENT
 
     cfg = load_config(args.config, args.set)  # fail fast on a bad config
     names, _ = check_arguments(args.methods, args.seeds, args.sweeps)
@@ -372,7 +373,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from flows.doctor import claim
 
     claim(home)
-    from flows.tune import csmf_tune
+    with startup_imports():  # torch, Prefect, MLflow, Optuna: GC paused, then frozen (flows/env.py)
+        from flows.tune import csmf_tune
 
     print(f"csmf tune: {args.trials} trial(s) on {data}, home {home} (the evaluation days are not read)")
     with _run_console(args):
