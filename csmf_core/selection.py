@@ -25,12 +25,22 @@ weighting of `weight_grid(N)` is scored on the validation users by the fused par
 weights (requests still pass their own). The grid fixes k_0 = 1 (rankings do not change when every
 weight is scaled) and takes k_t for t >= 1 from `WEIGHT_STEPS`, plus the paper's weights. Ties keep
 the paper's weights, then the earlier grid entry.
+
+The full grid has len(WEIGHT_STEPS) ** (N - 1) weightings: 37 with three objectives, but 216 with
+four and 1,296 with five, each one top-k ranking of every validation user against the whole catalog
+(measured: 1,296 weightings doubled a 5-objective selection pass on the generated `small` world, 35 ->
+67 s; on KuaiRand's catalog one weighting takes ~0.45 s). So the full grid is scanned only while it
+has at most `FULL_GRID_MAX` weightings (N <= 3: unchanged); beyond that `search_weights` runs a
+coordinate search over the same steps (module `search_weights`), at most
+1 + SEARCH_PASSES * (N - 1) * (len(WEIGHT_STEPS) - 1) weightings (81 for five objectives): exact on
+scores that add up over objectives' weights one at a time, a local optimum in general (no single k_t
+change improves it), which the weight table logged with the run shows.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,6 +54,8 @@ from csmf_core.rows import FeatureTables, TrainRows
 AUTO = "auto"
 PAPER_WEIGHTS = (1.0, 1.8, 1.2)  # <k_d, k_o, k_r> of the paper (three objectives)
 WEIGHT_STEPS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # k_t / k_0 for t >= 1
+FULL_GRID_MAX = 64  # the whole grid is scored up to this size (three objectives: 37); above, a search
+SEARCH_PASSES = 4  # coordinate passes of that search at most (it stops at the first that moves nothing)
 MIN_TRAIN_DAYS_PER_VAL_DAY = 3  # auto holds out at most a quarter of the window
 
 
@@ -82,6 +94,57 @@ def weight_grid(n_objectives: int) -> list[tuple[float, ...]]:
     if n_objectives == len(PAPER_WEIGHTS):
         grid = [PAPER_WEIGHTS] + [w for w in grid if w != PAPER_WEIGHTS]
     return grid
+
+
+def search_weights(
+    n_objectives: int,
+    score: Callable[[tuple[float, ...]], float],
+    grid: Sequence[tuple[float, ...]] | None = None,
+    keep: Callable[[tuple[float, ...]], bool] | None = None,
+) -> tuple[tuple[float, ...], list[tuple[float, ...]]]:
+    """(best weighting, the weightings scored in the order they were scored) under `score` (higher is
+    better; each weighting scored once). keep(w) False: w is skipped unscored (e.g. no weight on any
+    objective a method serves).
+
+    With `grid`, or when `weight_grid(n_objectives)` has at most FULL_GRID_MAX entries: every entry in
+    order, ties keeping the earlier one. Otherwise a coordinate search from equal weights: for
+    t = 1 .. N-1 in turn, every WEIGHT_STEPS value of k_t with the others held, moving to the best
+    (strictly better only); up to SEARCH_PASSES passes, stopping after one that moves nothing."""
+    keep = keep or (lambda w: True)
+    full = list(grid) if grid is not None else None
+    if full is None and len(WEIGHT_STEPS) ** (n_objectives - 1) + 1 <= FULL_GRID_MAX:
+        full = weight_grid(n_objectives)
+    if full is not None:
+        full = [tuple(float(x) for x in w) for w in full]
+        order, best, best_score = [], full[0], float("-inf")
+        for w in full:
+            if not keep(w):
+                continue
+            order.append(w)
+            s = score(w)
+            if s > best_score:  # strict: ties keep the earlier candidate (the paper's weights first)
+                best, best_score = w, s
+        return best, order
+    seen: dict[tuple[float, ...], float] = {}
+
+    def value(w: tuple[float, ...]) -> float:
+        if w not in seen:
+            seen[w] = score(w) if keep(w) else float("-inf")
+        return seen[w]
+
+    best = (1.0,) * n_objectives
+    best_score = value(best)
+    for _ in range(SEARCH_PASSES):
+        moved = False
+        for t in range(1, n_objectives):
+            start = best
+            for step in WEIGHT_STEPS:
+                w = start[:t] + (step,) + start[t + 1 :]
+                if w != start and value(w) > best_score:
+                    best, best_score, moved = w, seen[w], True
+        if not moved:
+            break
+    return best, [w for w in seen if keep(w)]
 
 
 @dataclass
@@ -177,17 +240,19 @@ def choose_weights(
     ranked: Ranked | None = None,
 ) -> tuple[tuple[float, ...], list[dict]]:
     """(best weights, one row per candidate {weights, score, <objective>: fused recall}), best first
-    in the returned choice; rows in grid order. The encoding is shared by every candidate (one
+    in the returned choice; rows in the order scored (the grid's, or `search_weights`' beyond
+    FULL_GRID_MAX weightings; an explicit `grid` is scanned whole). The encoding is shared by every candidate (one
     `Ranked`), and so is the popularity reference (computed once per objective), so the grid costs
     one top-k and its recalls per weighting. ranked: `Ranked(model, output_owners, tables, val)`
     when the caller already has it (e.g. to score the chosen weights next: its top-k is kept)."""
-    grid = list(grid) if grid is not None else weight_grid(len(objectives))
     ranked = Ranked(model, output_owners, tables, val) if ranked is None else ranked
     pop = popularity_recalls(val, counts, k)
-    rows, best, best_score = [], grid[0], float("-inf")
-    for w in grid:
+    rows = {}
+
+    def score(w: tuple[float, ...]) -> float:
         s = validation_score(ranked, val, objectives, counts, w, k, scorers=("fused",), popularity=pop)
-        rows.append({"weights": list(w), "score": s.score} | {o: s.recall[(o, "fused")] for o in s.users})
-        if s.score > best_score:  # strict: ties keep the earlier candidate (the paper's weights first)
-            best, best_score = w, s.score
-    return tuple(best), rows
+        rows[w] = {"weights": list(w), "score": s.score} | {o: s.recall[(o, "fused")] for o in s.users}
+        return s.score
+
+    best, order = search_weights(len(objectives), score, grid)
+    return tuple(best), [rows[w] for w in order]

@@ -17,7 +17,8 @@ protocol for every method"):
    Epoch 0 (the starting point) is a candidate where it means something: a later stage of a cascade
    (CSMF's `run_step` considers it for every train step); a freshly initialised model starts at 1.
    A part without a validation positive trains its cap (as CSMF's steps do).
-2. **Fused weights** on the same validation users: every weighting of `selection.weight_grid` is scored
+2. **Fused weights** on the same validation users: every weighting of `selection.weight_grid` (with
+   more than three objectives, `selection.search_weights`' coordinate search over it) is scored
    by the fused part of the validation score on the selection pass's final vectors (fusion as the
    report serves it, `serving_cost.fused_vectors`); the best becomes the method's default weights
    (ties: the paper's weights, then the earlier grid entry; weightings that give every served
@@ -55,7 +56,7 @@ from csmf_core.cascade import CascadeData, load_cascade_data
 from csmf_core.config import CSMFConfig
 from csmf_core.evaluate import EvalRows
 from csmf_core.metrics import TopKCache, popularity_topk, recall_ndcg
-from csmf_core.selection import ValidationScore, popularity_recalls, validation_score, weight_grid
+from csmf_core.selection import ValidationScore, popularity_recalls, search_weights, validation_score
 from csmf_core.tuning import refit_config, run_trial, trial_config
 
 SPACES = Path(__file__).resolve().parents[2] / "configs"
@@ -136,22 +137,22 @@ def choose_vector_weights(
     vectors: Vectors, data_val: CascadeData, k: int, grid: Sequence[tuple[float, ...]] | None = None
 ) -> tuple[tuple[float, ...], list[dict], ResultRanked]:
     """(best weights, one row per scored candidate, the ranking cache): `selection.choose_weights` for
-    any method's vectors. Candidates giving every served objective weight 0 are skipped (no ranking)."""
+    any method's vectors (the same grid, or the same search beyond `selection.FULL_GRID_MAX`
+    weightings). Candidates giving every served objective weight 0 are skipped (no ranking)."""
     objectives = list(data_val.objectives)
     served = [o for o in objectives if o in vectors[0]]
     idx = [objectives.index(o) for o in served]
     ranked = ResultRanked(vectors, served, objectives)
-    grid = list(grid) if grid is not None else weight_grid(len(objectives))
     pop = served_popularity(vectors, data_val, k)  # once, not per weighting
-    rows, best, best_score = [], tuple(grid[0]), float("-inf")
-    for w in grid:
-        if not any(w[i] > 0 for i in idx):
-            continue
+    rows = {}
+
+    def score(w: tuple[float, ...]) -> float:
         s = vectors_score(vectors, data_val, w, k, scorers=("fused",), ranked=ranked, popularity=pop)
-        rows.append({"weights": list(w), "score": s.score} | {o: s.recall[(o, "fused")] for o in s.users})
-        if s.score > best_score:  # strict: ties keep the earlier candidate (the paper's weights first)
-            best, best_score = tuple(w), s.score
-    return best, rows, ranked
+        rows[w] = {"weights": list(w), "score": s.score} | {o: s.recall[(o, "fused")] for o in s.users}
+        return s.score
+
+    best, order = search_weights(len(objectives), score, grid, keep=lambda w: any(w[i] > 0 for i in idx))
+    return best, [rows[w] for w in order], ranked
 
 
 # ---- the hooks: selection pass and refit ----------------------------------------------------------

@@ -14,11 +14,14 @@ from csmf_core import prep
 from csmf_core.cascade import load_cascade_data
 from csmf_core.config import ConfigError, build_config
 from csmf_core.selection import (
+    FULL_GRID_MAX,
     PAPER_WEIGHTS,
+    SEARCH_PASSES,
     WEIGHT_STEPS,
     choose_weights,
     positives_per_item,
     resolve_val_days,
+    search_weights,
     validation_score,
     weight_grid,
 )
@@ -63,6 +66,78 @@ def test_weight_grid():
     assert len(grid) == len(set(grid)) == len(WEIGHT_STEPS) ** 2 + 1
     assert all(w[0] == 1.0 for w in grid) and (1.0, 0.0, 0.0) in grid and (1.0, 4.0, 0.25) in grid
     assert len(weight_grid(2)) == len(WEIGHT_STEPS) and weight_grid(2)[0] == (1.0, 0.0)
+
+
+def _all_weightings(n):
+    """Every k_0 = 1 weighting over WEIGHT_STEPS, written out independently of weight_grid."""
+    out = [(1.0,)]
+    for _ in range(n - 1):
+        out = [w + (s,) for w in out for s in WEIGHT_STEPS]
+    return out
+
+
+def test_search_weights_scans_the_whole_grid_up_to_three_objectives():
+    calls = []
+    table = {w: float(np.sin(7 * sum((i + 1) * x for i, x in enumerate(w)))) for w in _all_weightings(3)}
+    table[PAPER_WEIGHTS] = 0.0
+
+    def score(w):
+        calls.append(w)
+        return table[w]
+
+    best, order = search_weights(3, score)
+    assert order == calls == weight_grid(3) and len(order) <= FULL_GRID_MAX
+    assert best == max(weight_grid(3), key=lambda w: table[w])  # the first of any tie: grid order
+    # an explicit grid is scanned whole, whatever its size
+    grid = _all_weightings(5)[:150]
+    best, order = search_weights(5, lambda w: -abs(w[2] - 2.0) - abs(w[4] - 0.5), grid)
+    assert order == grid and best == (1.0, 0.0, 2.0, 0.0, 0.5)
+
+
+def test_search_weights_finds_the_optimum_of_a_separable_score_with_few_rankings():
+    """Five objectives: 1,296 weightings in the grid. A score that adds one term per k_t is maximised
+    by the best step of each k_t on its own, which a brute force over the whole grid confirms."""
+    rng = np.random.default_rng(3)
+    terms = {t: dict(zip(WEIGHT_STEPS, rng.normal(size=len(WEIGHT_STEPS)))) for t in range(1, 5)}
+
+    def score(w):
+        return sum(terms[t][w[t]] for t in range(1, 5))
+
+    grid = _all_weightings(5)
+    assert len(grid) == 1296 and len(weight_grid(5)) == 1296
+    want = max(grid, key=score)
+    best, order = search_weights(5, score)
+    assert best == want
+    assert len(order) == len(set(order)) <= 1 + SEARCH_PASSES * 4 * (len(WEIGHT_STEPS) - 1)
+    assert order[0] == (1.0,) * 5  # starts from equal weights
+    # a score that never changes: one pass over the coordinates, then it stops where it started
+    best, order = search_weights(5, lambda w: 0.5)
+    assert best == (1.0,) * 5 and len(order) == 1 + 4 * (len(WEIGHT_STEPS) - 1)
+
+
+def test_search_weights_ends_at_a_local_optimum_and_respects_keep():
+    """A score with no structure (random per weighting): the search ends where no single k_t change
+    is better, every weighting it scored is at most as good, and skipped weightings are not scored."""
+    rng = np.random.default_rng(0)
+    grid = _all_weightings(4)
+    table = dict(zip(grid, rng.permutation(len(grid)).astype(float)))
+    scored = []
+
+    def score(w):
+        scored.append(w)
+        return table[w]
+
+    def keep(w):
+        return w[2] > 0  # as a method serving objective 2 only skips the weightings without it
+
+    best, order = search_weights(4, score, keep=keep)
+    assert order == scored and all(keep(w) for w in order) and keep(best)
+    assert table[best] == max(table[w] for w in order)
+    for t in range(1, 4):
+        for s in WEIGHT_STEPS:
+            w = best[:t] + (s,) + best[t + 1 :]
+            assert not keep(w) or table[w] <= table[best], (w, best)
+    assert len(order) < len(grid) // 2
 
 
 class _Fixed:
