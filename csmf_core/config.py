@@ -97,9 +97,12 @@ class TrainConfig:
     # How embedding tables are updated (docs/performance.md): "dense" = fused Adam over every row of every
     # table at every step (cost grows with the catalog); "lazy_adam" / "rowwise_adagrad" = sparse row
     # gradients, only the rows a batch touches are updated (csmf_core/rowwise.py); dense layers keep fused
-    # Adam. Default dense: on the small world (2 seeds) lazy_adam's Recall@50 is ~0.02 lower on exposure and
-    # click, rowwise_adagrad's ~0.08 lower, and neither is faster at such sizes (docs/performance.md)
-    embedding_optimizer: str = "dense"
+    # Adam. "auto" (the default) = dense while the embedding tables hold at most
+    # optim.AUTO_SPARSE_MIN_ENTRIES entries in all (the generated worlds, KuaiRand: unchanged), lazy_adam
+    # above (single-process): on the small world (2 seeds) lazy_adam's Recall@50 is ~0.02 lower on exposure
+    # and click, rowwise_adagrad's ~0.08 lower, and neither is faster at such sizes; dense Adam's step
+    # grows with every table entry (2.1x at 100k users / 50k items, 50-70x at 10M / 1M; docs/performance.md)
+    embedding_optimizer: str = "auto"
     # A stage t >= 1 (or a recovery) differentiates the in-batch score matmul over the output dims it owns
     # only, adding the earlier stages' part (frozen, AML computes it anyway) as a constant summed with the
     # log-Q and margin bias first (margins in the exact-branch form); where its sub-network is a small part
@@ -237,7 +240,7 @@ _CHOICES = {
     ("train", "device"): {"cpu", "cuda", "auto"},
     ("train", "loader"): {"memory", "parquet"},
     ("train", "dist_backend"): {"auto", "gloo", "nccl"},
-    ("train", "embedding_optimizer"): {"dense", "lazy_adam", "rowwise_adagrad"},
+    ("train", "embedding_optimizer"): {"auto", "dense", "lazy_adam", "rowwise_adagrad"},
     ("train", "mode"): {"full", "incremental"},
     ("train", "start_from"): {"champion", "line"},
     ("train", "incremental_logq"): {"rows", "history"},
@@ -376,9 +379,9 @@ def _check_ranges(cfg: CSMFConfig, errors: list[str]) -> None:
         ),
         (cfg.train.processes >= 1, "train.processes must be >= 1"),
         (
-            t.processes <= 1 or t.embedding_optimizer == "dense",
+            t.processes <= 1 or t.embedding_optimizer in ("dense", "auto"),
             f"train.embedding_optimizer={t.embedding_optimizer} (sparse row updates) is single-process: "
-            "with train.processes > 1 set train.embedding_optimizer=dense",
+            "with train.processes > 1 set train.embedding_optimizer=dense (or auto)",
         ),
         (cfg.train.shuffle_window >= 1, "train.shuffle_window must be >= 1"),
         (all(e >= 0 for e in cfg.train.epochs), "train.epochs must be >= 0"),

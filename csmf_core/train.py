@@ -24,6 +24,7 @@ entries are therefore bit-identical after the stage; `tests/unit/test_freeze_and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 
@@ -33,7 +34,7 @@ from csmf_core.config import CSMFConfig
 from csmf_core.losses import aml_bias, sampled_softmax
 from csmf_core.masks import trainable_masks
 from csmf_core.model import TwoTower
-from csmf_core.optim import Optimiser, TrainLog, run_epochs
+from csmf_core.optim import Optimiser, TrainLog, embedding_rule, run_epochs
 from csmf_core.rows import BatchSource, FeatureTables, TrainRows, shuffled_batches
 
 
@@ -216,12 +217,18 @@ def train_stage(
     # embedding tables: sparse row gradients and a row-wise update (train.embedding_optimizer), or
     # fused Adam over the whole table like every other parameter ("dense")
     tables_ = model.embedding_tables()
-    sparse = cfg.train.embedding_optimizer != "dense"
+    rule, _ = embedding_rule(
+        cfg.train.embedding_optimizer, sum(e.weight.numel() for e in tables_.values()), world
+    )
+    if rule != cfg.train.embedding_optimizer:  # "auto", resolved on this model's tables
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, embedding_optimizer=rule))
+    sparse = rule != "dense"
+    log = TrainLog(f"{name} ({phase})", n_rows, epochs, embedding_rule=rule)
     opt = Optimiser(
         [params[k] for k in masks],
         lr,
         cfg,
-        TrainLog(f"{name} ({phase})", n_rows, epochs),
+        log,
         masks=list(masks.values()),
         row_wise=[sparse and k in tables_ for k in masks],
         names=list(masks),

@@ -40,6 +40,7 @@ from csmf_core.distributed import run_step_distributed
 from csmf_core.evaluate import evaluate_model, metric_dict
 from csmf_core.masks import UnitOwners
 from csmf_core.model import TwoTower
+from csmf_core.optim import AUTO_SPARSE_MIN_ENTRIES, AUTO_SPARSE_RULE
 from csmf_core.rows import TrainRows
 from flows import reporting
 from flows.ingest import Ingested
@@ -284,6 +285,14 @@ def _report(step: Step, metrics: dict[str, float], report: StepReport, cfg: CSMF
         if key.startswith(BY_STEP) and key.endswith(f"recall@{k}")
     }
     logger.info("%s done: evaluation day(s) %s", step.name, primary)
+    if cfg.train.embedding_optimizer == "auto" and report.info.get("sparse_embeddings") == 1.0:
+        logger.info(
+            "%s: train.embedding_optimizer=auto -> %s (embedding tables over %s entries; set "
+            "train.embedding_optimizer=dense to keep fused Adam over whole tables)",
+            step.name,
+            AUTO_SPARSE_RULE,
+            f"{AUTO_SPARSE_MIN_ENTRIES:,}",
+        )
     if "val_best_epoch" in report.info:  # data.val_days > 0 (csmf_core/validation.py)
         logger.info(
             "%s: kept epoch %d of %d (validation recall@%d: start %.4f, best %.4f, last %.4f)",

@@ -269,3 +269,49 @@ def test_lazy_adam_on_huge_page_tables_matches_torch_sparse_adam(monkeypatch):
     other = torch.ones(n, dtype=torch.bool)
     other[list(touched)] = False
     assert torch.equal(p.detach()[other], start[other])
+
+
+def test_auto_rule_by_table_size():
+    """`train.embedding_optimizer: auto`: dense up to AUTO_SPARSE_MIN_ENTRIES table entries, lazy_adam
+    above, dense with several processes; explicit rules pass through whatever the size."""
+    from csmf_core.optim import AUTO_SPARSE_MIN_ENTRIES, embedding_rule
+
+    assert build_config({}, []).train.embedding_optimizer == "auto"
+    assert build_config({}, ["train.processes=2"]).train.processes == 2  # auto is allowed with DDP
+    n = AUTO_SPARSE_MIN_ENTRIES
+    assert embedding_rule("auto", n)[0] == "dense"
+    assert embedding_rule("auto", n + 1)[0] == "lazy_adam"
+    assert embedding_rule("auto", 10 * n, processes=2)[0] == "dense"
+    assert embedding_rule("auto", 10 * n)[1].startswith("train.embedding_optimizer=auto -> lazy_adam")
+    for rule in ("dense", "lazy_adam", "rowwise_adagrad"):
+        assert embedding_rule(rule, 10 * n)[0] == rule and embedding_rule(rule, 1)[0] == rule
+    # KuaiRand's tables (27,285 users, 7,583 items; id and two history tables of 32 columns, plus small
+    # feature tables) and the generated worlds' are far below it: their runs keep dense Adam
+    assert (27_285 + 3 * 7_583) * 32 < n
+
+
+@pytest.mark.parametrize("threshold_above", [True, False])
+def test_auto_trains_exactly_as_the_rule_it_resolves_to(trained_random, monkeypatch, threshold_above):
+    """A conversion stage with `auto` is bit for bit the stage trained with the rule the table size
+    selects (the threshold moved around this model's table size), and its log says which."""
+    import copy
+
+    from csmf_core import optim
+    from csmf_core.train import train_stage
+
+    data, stage = trained_random["data"], 2
+    entries = sum(e.weight.numel() for e in trained_random["model"].embedding_tables().values())
+    monkeypatch.setattr(optim, "AUTO_SPARSE_MIN_ENTRIES", entries - 1 if threshold_above else entries)
+    want = "lazy_adam" if threshold_above else "dense"
+    rows = data.rows.for_stage(stage).select(torch.arange(64))
+    out = trained_random["owners"].output_owners()
+    params = {}
+    for kind in ("auto", want):
+        model = copy.deepcopy(trained_random["model"])
+        cfg = build_config({"model": {"dim": 16, "hidden": [32, 16]}}, [f"train.embedding_optimizer={kind}"])
+        log = train_stage(model, data.tables, rows, stage, cfg, output_owners=out)
+        assert log.embedding_rule == want
+        assert log.summary()["sparse_embeddings"] == float(want != "dense")
+        params[kind] = {k: v.detach().clone() for k, v in model.named_parameters()}
+    for k, v in params[want].items():
+        assert torch.equal(params["auto"][k], v), k
