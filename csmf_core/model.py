@@ -140,7 +140,7 @@ def pooled_sum(
     the padding entries are dropped from the id list and each row becomes a bag of its own length:
     the same sums in the same order, bit for bit, and the same sparse gradient. Only a dense
     gradient would come out in another summation order (last bits differ), so a lookup that
-    trains a table with a dense gradient (`train.embedding_optimizer: dense`, the default) keeps
+    trains a table with a dense gradient (`train.embedding_optimizer: dense`, auto on small tables) keeps
     the padding_idx kernel; evaluation, serving and the row-wise optimisers take the fast one.
 
     `compact` (default: on the CPU only) chooses the dropping. On CUDA, `seq[keep]` is a boolean
