@@ -293,3 +293,38 @@ def test_in_place_aml_helpers_match_the_allocating_ones():
     up = segs[0].clone()
     with pytest.raises(ValueError, match="shares memory"):
         losses.aml_margins(up.diagonal(), up, 0.0, 1.8, overwrite=True)
+
+
+def test_choose_vector_weights_searches_beyond_three_objectives():
+    """Four served objectives (216 weightings in the grid): the comparison protocol's weight choice runs
+    `selection.search_weights`' coordinate search, and what it returns is a local optimum of the fused
+    validation score, each neighbour scored here with `vectors_score` on a fresh ranking cache."""
+    from csmf_core.evaluate import EvalRows
+    from csmf_core.selection import SEARCH_PASSES, WEIGHT_STEPS
+
+    data = random_cascade_data()
+    ev = data.eval
+    g = torch.Generator().manual_seed(5)
+    deep = [p[torch.rand(len(p), generator=g).numpy() < 0.5] if len(p) else p for p in ev.pos[2]]
+    val = EvalRows(ev.u, ev.hists, [*ev.pos, deep])
+    counts = [*data.counts, data.counts[2] // 2]
+    objectives = (*data.objectives, "deep")
+    dv = dataclasses.replace(data, objectives=objectives, val=val, val_counts=counts, val_days=1)
+    n_users, n_items = len(dv.val), dv.tables.items_cat.shape[0]
+    users = {o: torch.randn(n_users, 8, generator=g) for o in objectives}
+    items = {o: torch.randn(n_items, 8, generator=g) for o in objectives}
+    k = 5
+    best, rows, _ = protocol.choose_vector_weights((users, items), dv, k)
+    assert len(weight_grid(4)) == 216
+    assert len(rows) <= 1 + SEARCH_PASSES * 3 * (len(WEIGHT_STEPS) - 1) < 216
+    assert rows[0]["weights"] == [1.0] * 4
+    assert max(r["score"] for r in rows) == next(r["score"] for r in rows if tuple(r["weights"]) == best)
+
+    def score(w):
+        return protocol.vectors_score((users, items), dv, w, k, scorers=("fused",)).score
+
+    top = score(best)
+    for t in range(1, 4):
+        for s in WEIGHT_STEPS:
+            w = best[:t] + (s,) + best[t + 1 :]
+            assert score(w) <= top, (w, best)
