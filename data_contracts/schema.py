@@ -263,12 +263,18 @@ class ColumnProblem:
     fix: str
 
 
+# integer types whose every value is an int64 value: read as int64 (`canonical_event_columns`, prep)
+ID_DTYPES = (pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32)
+
+
 def _is_int64(dtype: pl.DataType) -> bool:
-    return dtype == pl.Int64
+    """An id type that int64 holds exactly: int64 itself, or a narrower (unsigned) integer."""
+    return dtype in ID_DTYPES
 
 
 def check_id_column(schema: pl.Schema, column: str) -> ColumnProblem | None:
-    """The key column of a users/items/events file must exist and be int64."""
+    """The key column of a users/items/events file must exist and be an integer type that int64 holds
+    exactly (int8 .. int64, uint8 .. uint32; uint64 is refused: its upper half is not an int64)."""
     if column not in schema:
         return ColumnProblem(
             "missing_column", column, f"column {column} is missing", f"add an int64 {column} column"
@@ -277,7 +283,8 @@ def check_id_column(schema: pl.Schema, column: str) -> ColumnProblem | None:
         return ColumnProblem(
             "wrong_type",
             column,
-            f"column {column} has type {schema[column]}, expected int64",
+            f"column {column} has type {schema[column]}, expected int64 (or an integer type int64 holds: "
+            "int8 .. int32, uint8 .. uint32)",
             f"cast it: pl.col('{column}').cast(pl.Int64) (map string ids to integers first if needed)",
         )
     return None
@@ -378,8 +385,8 @@ def canonical_event_columns(objective_columns: tuple[str, ...]) -> list[pl.Expr]
     """
     return [
         pl.col("request_id").cast(pl.String),
-        pl.col(USER_ID),
-        pl.col(ITEM_ID),
+        pl.col(USER_ID).cast(pl.Int64),
+        pl.col(ITEM_ID).cast(pl.Int64),
         pl.col("ts").dt.convert_time_zone("UTC").dt.cast_time_unit("us"),
         *(pl.col(c) for c in objective_columns),
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import shutil
 from pathlib import Path
 
 import polars as pl
@@ -209,6 +210,47 @@ def test_wrong_type_user_id_as_string(tmp_path):
     v = only(validate_dataset(write_dataset(tmp_path / "d", events={DAY: ev})), "wrong_type")
     assert_reported(v, rule="wrong_type", file=FILE, column="user_id", rows=0)
     assert "cast(pl.Int64)" in v.fix
+
+
+@pytest.mark.parametrize("dtype", [pl.Int8, pl.Int16, pl.Int32, pl.UInt8, pl.UInt16, pl.UInt32])
+def test_narrower_integer_ids_are_accepted(tmp_path, dtype):
+    """Ids of any integer type whose values are all int64 values pass (read as int64 downstream);
+    uint64 (half its range is not int64) and floats do not."""
+    ev = make_events().with_columns(pl.col("user_id").cast(dtype), pl.col("item_id").cast(dtype))
+    assert validate_dataset(write_dataset(tmp_path / "d", events={DAY: ev})).ok
+    for bad in (pl.UInt64, pl.Float64):
+        ev = make_events().with_columns(pl.col("item_id").cast(bad))
+        v = only(validate_dataset(write_dataset(tmp_path / f"d{bad}", events={DAY: ev})), "wrong_type")
+        assert v.column == "item_id" and "expected int64" in v.message
+
+
+def test_narrow_ids_prepare_the_same_model_ready_data(tmp_path):
+    """A dataset whose ids are int32 / uint32 (events, users, items) gives byte-identical model-ready
+    tables to the same dataset with int64 ids."""
+    import glob
+
+    from csmf_core import prep, synth
+
+    s = synth.generate(tmp_path / "wide", "tiny", seed=1)
+    shutil.copytree(tmp_path / "wide", tmp_path / "narrow")
+    narrow = tmp_path / "narrow"
+    for f in glob.glob(str(narrow / "events" / "*" / "*.parquet")):
+        ev = pl.read_parquet(f)
+        ev.with_columns(pl.col("user_id").cast(pl.Int32), pl.col("item_id").cast(pl.UInt32)).write_parquet(f)
+    for name, col, dtype in (("users.parquet", "user_id", pl.Int32), ("items.parquet", "item_id", pl.UInt32)):
+        pl.read_parquet(narrow / name).with_columns(pl.col(col).cast(dtype)).write_parquet(narrow / name)
+    assert pl.read_parquet_schema(narrow / "users.parquet")["user_id"] == pl.Int32
+    assert validate_dataset(narrow).ok
+    outs = {}
+    for name in ("wide", "narrow"):
+        out = tmp_path / f"mr_{name}"
+        prep.prepare(tmp_path / name, out, train_dates=(s.dates[0], s.dates[-2]), eval_dates=s.dates[-1])
+        outs[name] = out
+    files = sorted(p.relative_to(outs["wide"]) for p in outs["wide"].rglob("*.parquet"))
+    assert files and files == sorted(p.relative_to(outs["narrow"]) for p in outs["narrow"].rglob("*.parquet"))
+    for rel in files:
+        a, b = pl.read_parquet(outs["wide"] / rel), pl.read_parquet(outs["narrow"] / rel)
+        assert a.schema == b.schema and a.equals(b), rel
 
 
 def test_label_as_int_is_wrong_type(tmp_path):
@@ -596,7 +638,7 @@ def test_file_level_problems_are_never_quarantined(tmp_path):
 
 
 def test_contract_error_lists_every_error(tmp_path):
-    ev = _cascade_breaking(2).with_columns(pl.col("item_id").cast(pl.Int32))
+    ev = _cascade_breaking(2).with_columns(pl.col("item_id").cast(pl.UInt64))
     root = write_dataset(tmp_path / "d", events={DAY: ev, "2026-11-22": _cascade_breaking(1, "2026-11-22")})
     (root / "items.parquet").unlink()
     report = validate_dataset(root)
