@@ -219,7 +219,10 @@ def _scan_events(parts: dict[str, list[Path]], dates: list[str], cols: list[str]
 
 
 def _read_features(path: Path, id_col: str) -> pl.DataFrame:
-    return pl.read_parquet(path) if path.exists() else pl.DataFrame({id_col: []}, schema={id_col: pl.Int64})
+    """A users/items table with its id column as int64 (the contract also admits narrower integers)."""
+    if not path.exists():
+        return pl.DataFrame({id_col: []}, schema={id_col: pl.Int64})
+    return pl.read_parquet(path).with_columns(pl.col(id_col).cast(pl.Int64))
 
 
 def _list_column(u_rows: np.ndarray, u: np.ndarray, i: np.ndarray) -> pa.ListArray:
