@@ -62,7 +62,7 @@ from csmf_core.item_stats import (
 from csmf_core.model import TwoTower
 from csmf_core.prep import DAY_US, HistoryIndex
 from csmf_core.rows import FeatureTables
-from data_contracts import load_spec, partition_files
+from data_contracts import load_spec, partition_files, scan_partition
 
 FORMAT_VERSION = 1
 FEATURE_FILES = ("users.parquet", "items.parquet", "meta.json")
@@ -221,7 +221,7 @@ def user_histories(
     for o in objectives[1:]:
         lfs = []
         for files in parts:
-            lf = pl.scan_parquet(files)
+            lf = scan_partition(files)
             lfs.append(
                 # null ids would turn the whole id column into floats in to_numpy (csmf_core/ids.py)
                 lf.filter(pl.col(cols[o]).fill_null(False) & pl.col("user_id").is_not_null())
@@ -258,7 +258,7 @@ def event_rows(
     first = pl.col(cols[objectives[0]]).cast(pl.Boolean).fill_null(False)
     frames = []
     for files in parts:
-        lf = pl.scan_parquet(files)
+        lf = scan_partition(files)
         frames.append(
             lf.filter(keys & first).select(
                 pl.col("item_id").cast(pl.Int64), _ts_us(lf), (pl.sum_horizontal(labels) - 1).alias("level")

@@ -101,7 +101,7 @@ class TrainConfig:
     # optim.AUTO_SPARSE_MIN_ENTRIES entries in all (the generated worlds, KuaiRand: unchanged), lazy_adam
     # above (single-process): on the small world (2 seeds) lazy_adam's Recall@50 is ~0.02 lower on exposure
     # and click, rowwise_adagrad's ~0.08 lower, and neither is faster at such sizes; dense Adam's step
-    # grows with every table entry (2.1x at 100k users / 50k items, 50-70x at 10M / 1M; docs/performance.md)
+    # grows with every table entry (2.1x at 100k users / 50k items, 49-72x at 10M / 1M; docs/performance.md)
     embedding_optimizer: str = "auto"
     # A stage t >= 1 (or a recovery) differentiates the in-batch score matmul over the output dims it owns
     # only, adding the earlier stages' part (frozen, AML computes it anyway) as a constant summed with the

@@ -48,7 +48,7 @@ Reduce = Callable[[list[torch.Tensor], float, int], tuple[float, int]]
 # (rows x columns over every table), lazy_adam above. Measured with bench/bench_embeddings.py (2-core
 # EPYC, 2 threads, one step of 512 rows): dense 8.5 ms / lazy_adam 9.9 ms at 10,000 users / 5,000 items
 # (0.8M entries), 18.1 / 13.3 ms at 100,000 / 50,000 (8M), 1,013 / 43.5 ms at 10M / 1M: dense Adam
-# costs ~1.3 ms a step per million entries, so the two meet at ~2-3M. KuaiRand's tables (1.6M) and the
+# costs ~1.3 ms a step per million entries, so the two meet at ~2-3M. KuaiRand's tables (1.7M) and the
 # generated worlds' stay dense.
 AUTO_SPARSE_MIN_ENTRIES = 4_000_000
 AUTO_SPARSE_RULE = "lazy_adam"  # Adam's update on the rows a batch touches: the closest to dense

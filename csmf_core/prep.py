@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from csmf_core.fsutil import commit_dir, fresh_temp_dir, local_dataset, reject_uri
 from csmf_core.idmap import SEEN_FILES, Assigned, BaseMaps, assign_rows, collisions, hash_buckets, write_seen
-from data_contracts import DatasetSpec, load_spec, partition_files
+from data_contracts import DatasetSpec, load_spec, partition_files, scan_partition
 
 INT_CATEGORICAL_MAX_DISTINCT = 1000
 DAY_US = 86_400_000_000
@@ -200,7 +200,7 @@ def _fixed_list(a: np.ndarray) -> pa.FixedSizeListArray:
 def _scan_events(parts: dict[str, list[Path]], dates: list[str], cols: list[str], train: set, ev: set):
     frames = []
     for d in dates:
-        lf = pl.scan_parquet(parts[d])
+        lf = scan_partition(parts[d])
         has_req = "request_id" in lf.collect_schema()
         ts = pl.col("ts")
         ts = ts.dt.epoch("us") if lf.collect_schema()["ts"].is_temporal() else ts.cast(pl.Int64)

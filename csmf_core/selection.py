@@ -33,8 +33,9 @@ four and 1,296 with five, each one top-k ranking of every validation user agains
 has at most `FULL_GRID_MAX` weightings (N <= 3: unchanged); beyond that `search_weights` runs a
 coordinate search over the same steps (module `search_weights`), at most
 1 + SEARCH_PASSES * (N - 1) * (len(WEIGHT_STEPS) - 1) weightings (81 for five objectives): exact on
-scores that add up over objectives' weights one at a time, a local optimum in general (no single k_t
-change improves it), which the weight table logged with the run shows.
+scores that add up over objectives' weights one at a time; in general a local optimum (no single k_t
+change improves it) when a pass moved nothing before the pass limit, else the best found. The weight
+table logged with the run shows every weighting scored.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def search_weights(
     With `grid`, or when `weight_grid(n_objectives)` has at most FULL_GRID_MAX entries: every entry in
     order, ties keeping the earlier one. Otherwise a coordinate search from equal weights: for
     t = 1 .. N-1 in turn, every WEIGHT_STEPS value of k_t with the others held, moving to the best
-    (strictly better only); up to SEARCH_PASSES passes, stopping after one that moves nothing."""
+    (strictly better only, so ties keep the current weighting); up to SEARCH_PASSES passes, stopping
+    after one that moves nothing (then no single k_t change improves the result)."""
     keep = keep or (lambda w: True)
     full = list(grid) if grid is not None else None
     if full is None and len(WEIGHT_STEPS) ** (n_objectives - 1) + 1 <= FULL_GRID_MAX:

@@ -9,7 +9,7 @@ Imports only polars, pyarrow and yaml (never torch, prefect or mlflow).
 """
 
 from data_contracts.kuairand import ImportSummary, import_kuairand
-from data_contracts.layout import Partition, list_partitions, partition_files
+from data_contracts.layout import Partition, list_partitions, partition_files, scan_partition
 from data_contracts.quarantine import clean_events_lazy
 from data_contracts.report import ContractError, ValidationReport, Violation
 from data_contracts.rules import LABEL_NAME_PATTERNS, ROW_RULES, RULES, label_like
@@ -47,6 +47,7 @@ __all__ = [
     "load_spec",
     "parse_spec",
     "partition_files",
+    "scan_partition",
     "read_name",
     "validate_dataset",
     "write_spec",

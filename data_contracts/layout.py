@@ -125,3 +125,15 @@ def scan_event_file(path: Path, objective_columns: tuple[str, ...]) -> pl.LazyFr
     Only for files whose schema passed `check_event_columns`.
     """
     return pl.scan_parquet(path).select(canonical_event_columns(objective_columns))
+
+
+def scan_partition(files: Iterable[str | os.PathLike]) -> pl.LazyFrame:
+    """One lazy frame over a partition's event files, each scanned on its own and stacked with common
+    supertypes (`diagonal_relaxed`): files that each passed the contract may still differ in types the
+    contract admits (an int32 and an int64 id column, ms and us timestamps, an all-null request_id), which
+    one `pl.scan_parquet(files)` refuses (it takes the first file's schema as the target). Rows keep the
+    files' order; read the columns through casts (`canonical_event_columns`, prep's own)."""
+    frames = [pl.scan_parquet(f) for f in files]
+    if not frames:
+        raise ValueError("scan_partition: no files")
+    return frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")

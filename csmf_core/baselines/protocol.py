@@ -21,7 +21,7 @@ protocol for every method"):
    more than three objectives, `selection.search_weights`' coordinate search over it) is scored
    by the fused part of the validation score on the selection pass's final vectors (fusion as the
    report serves it, `serving_cost.fused_vectors`); the best becomes the method's default weights
-   (ties: the paper's weights, then the earlier grid entry; weightings that give every served
+   (ties: the paper's weights, then the earlier grid entry; in the search, the current weighting; weightings that give every served
    objective weight 0 are skipped). The selection pass's **validation score** is
    `selection.validation_score` over the objectives the method serves, own and fused scorers, with
    those weights: what a tuning trial of the method returns (`selection_score`).

@@ -7,6 +7,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 import yaml
@@ -240,6 +241,17 @@ def test_narrow_ids_prepare_the_same_model_ready_data(tmp_path):
     for name, col, dtype in (("users.parquet", "user_id", pl.Int32), ("items.parquet", "item_id", pl.UInt32)):
         pl.read_parquet(narrow / name).with_columns(pl.col(col).cast(dtype)).write_parquet(narrow / name)
     assert pl.read_parquet_schema(narrow / "users.parquet")["user_id"] == pl.Int32
+    # one partition in two files whose id types differ (int32 / uint32 and int64): each passes
+    # the contract, and the readers stack them (data_contracts.scan_partition) in the files' order
+    day = narrow / "events" / f"dt={s.dates[2]}"
+    (f,) = sorted(day.glob("*.parquet"))
+    ev = pl.read_parquet(f)
+    half = ev.height // 2
+    f.unlink()
+    ev[:half].write_parquet(day / "part-00000.parquet")
+    ev[half:].with_columns(pl.col("user_id", "item_id").cast(pl.Int64)).write_parquet(
+        day / "part-00001.parquet"
+    )
     assert validate_dataset(narrow).ok
     outs = {}
     for name in ("wide", "narrow"):
@@ -251,6 +263,22 @@ def test_narrow_ids_prepare_the_same_model_ready_data(tmp_path):
     for rel in files:
         a, b = pl.read_parquet(outs["wide"] / rel), pl.read_parquet(outs["narrow"] / rel)
         assert a.schema == b.schema and a.equals(b), rel
+    # the serving bundle's readers of the canonical events: histories and item statistics rows
+    from csmf_core import bundle
+
+    users = np.sort(pl.read_parquet(tmp_path / "wide" / "users.parquet")["user_id"].to_numpy())
+    items = np.sort(pl.read_parquet(tmp_path / "wide" / "items.parquet")["item_id"].to_numpy())
+    objectives = [o.name for o in load_spec(tmp_path / "wide").objectives]
+    got = {}
+    for name in ("wide", "narrow"):
+        ds = tmp_path / name
+        parts = [v for _, v in sorted(partition_files(ds).items())]
+        hist = bundle.user_histories(ds, users, items, objectives, s.dates[-1], 5)
+        got[name] = (hist, bundle.event_rows(ds, objectives, items, parts))
+    for o in objectives[1:]:
+        assert np.array_equal(got["wide"][0][o], got["narrow"][0][o]) and got["wide"][0][o].any()
+    for a, b in zip(got["wide"][1], got["narrow"][1]):
+        assert np.array_equal(a, b)
 
 
 def test_label_as_int_is_wrong_type(tmp_path):
