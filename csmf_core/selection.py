@@ -149,6 +149,26 @@ def search_weights(
     return best, [w for w in seen if keep(w)]
 
 
+def choose_by_fused_score(
+    n_objectives: int,
+    fused: Callable[[tuple[float, ...]], ValidationScore],
+    grid: Sequence[tuple[float, ...]] | None = None,
+    keep: Callable[[tuple[float, ...]], bool] | None = None,
+) -> tuple[tuple[float, ...], list[dict]]:
+    """`search_weights` by fused(w).score (a fused-only `ValidationScore` of weighting w): (best, one row
+    {weights, score, <objective>: fused recall} per weighting scored, in the order scored). What
+    `choose_weights` and the comparison protocol's `choose_vector_weights` share."""
+    rows = {}
+
+    def score(w: tuple[float, ...]) -> float:
+        s = fused(w)
+        rows[w] = {"weights": list(w), "score": s.score} | {o: s.recall[(o, "fused")] for o in s.users}
+        return s.score
+
+    best, order = search_weights(n_objectives, score, grid, keep)
+    return best, [rows[w] for w in order]
+
+
 @dataclass
 class ValidationScore:
     """The validation score and what it is made of (module docstring).
@@ -249,12 +269,9 @@ def choose_weights(
     when the caller already has it (e.g. to score the chosen weights next: its top-k is kept)."""
     ranked = Ranked(model, output_owners, tables, val) if ranked is None else ranked
     pop = popularity_recalls(val, counts, k)
-    rows = {}
 
-    def score(w: tuple[float, ...]) -> float:
-        s = validation_score(ranked, val, objectives, counts, w, k, scorers=("fused",), popularity=pop)
-        rows[w] = {"weights": list(w), "score": s.score} | {o: s.recall[(o, "fused")] for o in s.users}
-        return s.score
+    def fused(w: tuple[float, ...]) -> ValidationScore:
+        return validation_score(ranked, val, objectives, counts, w, k, scorers=("fused",), popularity=pop)
 
-    best, order = search_weights(len(objectives), score, grid)
-    return tuple(best), [rows[w] for w in order]
+    best, rows = choose_by_fused_score(len(objectives), fused, grid)
+    return tuple(best), rows

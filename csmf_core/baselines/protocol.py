@@ -56,7 +56,7 @@ from csmf_core.cascade import CascadeData, load_cascade_data
 from csmf_core.config import CSMFConfig
 from csmf_core.evaluate import EvalRows
 from csmf_core.metrics import TopKCache, popularity_topk, recall_ndcg
-from csmf_core.selection import ValidationScore, popularity_recalls, search_weights, validation_score
+from csmf_core.selection import ValidationScore, choose_by_fused_score, popularity_recalls, validation_score
 from csmf_core.tuning import refit_config, run_trial, trial_config
 
 SPACES = Path(__file__).resolve().parents[2] / "configs"
@@ -144,15 +144,14 @@ def choose_vector_weights(
     idx = [objectives.index(o) for o in served]
     ranked = ResultRanked(vectors, served, objectives)
     pop = served_popularity(vectors, data_val, k)  # once, not per weighting
-    rows = {}
 
-    def score(w: tuple[float, ...]) -> float:
-        s = vectors_score(vectors, data_val, w, k, scorers=("fused",), ranked=ranked, popularity=pop)
-        rows[w] = {"weights": list(w), "score": s.score} | {o: s.recall[(o, "fused")] for o in s.users}
-        return s.score
+    def fused(w: tuple[float, ...]) -> ValidationScore:
+        return vectors_score(vectors, data_val, w, k, scorers=("fused",), ranked=ranked, popularity=pop)
 
-    best, order = search_weights(len(objectives), score, grid, keep=lambda w: any(w[i] > 0 for i in idx))
-    return best, [rows[w] for w in order], ranked
+    best, rows = choose_by_fused_score(
+        len(objectives), fused, grid, keep=lambda w: any(w[i] > 0 for i in idx)
+    )
+    return best, rows, ranked
 
 
 # ---- the hooks: selection pass and refit ----------------------------------------------------------
