@@ -60,7 +60,7 @@ from csmf_core.item_stats import (
     serving_row,
 )
 from csmf_core.model import TwoTower
-from csmf_core.prep import DAY_US, HistoryIndex
+from csmf_core.prep import DAY_US, HistoryIndex, ts_us
 from csmf_core.rows import FeatureTables
 from data_contracts import load_spec, partition_files, scan_partition
 
@@ -226,7 +226,7 @@ def user_histories(
                 # null ids would turn the whole id column into floats in to_numpy (csmf_core/ids.py)
                 lf.filter(pl.col(cols[o]).fill_null(False) & pl.col("user_id").is_not_null())
                 .filter(pl.col("item_id").is_not_null())
-                .select(pl.col("user_id").cast(pl.Int64), pl.col("item_id").cast(pl.Int64), _ts_us(lf))
+                .select(pl.col("user_id").cast(pl.Int64), pl.col("item_id").cast(pl.Int64), ts_us(lf))
                 .filter(pl.col("ts") < end_us)
             )
         frames.append(pl.concat(lfs))
@@ -238,12 +238,6 @@ def user_histories(
         index = HistoryIndex(u[keep], i[keep], ev["ts"].to_numpy()[keep])
         out[o][1:] = index.query(users, np.full(len(users), end_us, np.int64), seq_len)
     return out
-
-
-def _ts_us(lf: pl.LazyFrame) -> pl.Expr:
-    """`ts` as int64 microseconds UTC, whether stored as a timestamp or as integers."""
-    ts = pl.col("ts")
-    return (ts.dt.epoch("us") if lf.collect_schema()["ts"].is_temporal() else ts.cast(pl.Int64)).alias("ts")
 
 
 def event_rows(
@@ -261,7 +255,7 @@ def event_rows(
         lf = scan_partition(files)
         frames.append(
             lf.filter(keys & first).select(
-                pl.col("item_id").cast(pl.Int64), _ts_us(lf), (pl.sum_horizontal(labels) - 1).alias("level")
+                pl.col("item_id").cast(pl.Int64), ts_us(lf), (pl.sum_horizontal(labels) - 1).alias("level")
             )
         )
     if not frames:

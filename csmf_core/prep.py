@@ -197,19 +197,23 @@ def _fixed_list(a: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(a.ravel(), pa.int32()), a.shape[1])
 
 
+def ts_us(lf: pl.LazyFrame) -> pl.Expr:
+    """`ts` as int64 microseconds UTC, whether stored as a timestamp or as integers."""
+    ts = pl.col("ts")
+    return (ts.dt.epoch("us") if lf.collect_schema()["ts"].is_temporal() else ts.cast(pl.Int64)).alias("ts")
+
+
 def _scan_events(parts: dict[str, list[Path]], dates: list[str], cols: list[str], train: set, ev: set):
     frames = []
     for d in dates:
         lf = scan_partition(parts[d])
         has_req = "request_id" in lf.collect_schema()
-        ts = pl.col("ts")
-        ts = ts.dt.epoch("us") if lf.collect_schema()["ts"].is_temporal() else ts.cast(pl.Int64)
         frames.append(
             lf.select(
                 (pl.col("request_id") if has_req else pl.lit(None)).cast(pl.String).alias("request_id"),
                 pl.col("user_id").cast(pl.Int64),
                 pl.col("item_id").cast(pl.Int64),
-                ts.alias("ts"),
+                ts_us(lf),
                 *[pl.col(c).cast(pl.Boolean).fill_null(False) for c in cols],
                 pl.lit(d in train).alias("_train"),
                 pl.lit(d in ev).alias("_eval"),

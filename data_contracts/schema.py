@@ -267,7 +267,7 @@ class ColumnProblem:
 ID_DTYPES = (pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32)
 
 
-def _is_int64(dtype: pl.DataType) -> bool:
+def _is_id_dtype(dtype: pl.DataType) -> bool:
     """An id type that int64 holds exactly: int64 itself, or a narrower (unsigned) integer."""
     return dtype in ID_DTYPES
 
@@ -279,7 +279,7 @@ def check_id_column(schema: pl.Schema, column: str) -> ColumnProblem | None:
         return ColumnProblem(
             "missing_column", column, f"column {column} is missing", f"add an int64 {column} column"
         )
-    if not _is_int64(schema[column]):
+    if not _is_id_dtype(schema[column]):
         return ColumnProblem(
             "wrong_type",
             column,
