@@ -27,7 +27,8 @@ ordered by item index, so the result does not depend on the row order of the sou
 Feature kinds when ``dataset.yaml`` has no ``features`` for a table: string, categorical, enum and
 boolean columns are categorical; integer columns are categorical when they have at most
 ``INT_CATEGORICAL_MAX_DISTINCT`` distinct values, numeric otherwise; float and decimal columns are
-numeric; other dtypes (dates, lists, ...) are ignored.
+numeric; other dtypes (dates, lists, ...) are not features (`csmf validate` names them:
+rule ``unused_column``). The kinds by dtype: ``data_contracts.schema.inferred_feature_kind``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import pyarrow.parquet as pq
 
 from csmf_core.fsutil import commit_dir, fresh_temp_dir, local_dataset, reject_uri
 from csmf_core.idmap import SEEN_FILES, Assigned, BaseMaps, assign_rows, collisions, hash_buckets, write_seen
-from data_contracts import DatasetSpec, load_spec, partition_files, scan_partition
+from data_contracts import DatasetSpec, inferred_feature_kind, load_spec, partition_files, scan_partition
 
 INT_CATEGORICAL_MAX_DISTINCT = 1000
 DAY_US = 86_400_000_000
@@ -89,15 +90,11 @@ def _feature_lists(spec: DatasetSpec, table: str) -> dict[str, list[str]] | None
 def _infer_spec(df: pl.DataFrame, id_col: str) -> dict[str, list[str]]:
     spec: dict[str, list[str]] = {"categorical": [], "numeric": []}
     for name, dtype in df.schema.items():
-        if name == id_col:
-            continue
-        if dtype in (pl.String, pl.Boolean) or isinstance(dtype, pl.Categorical | pl.Enum):
-            spec["categorical"].append(name)
-        elif dtype.is_integer():
-            small = df[name].n_unique() <= INT_CATEGORICAL_MAX_DISTINCT
-            spec["categorical" if small else "numeric"].append(name)
-        elif dtype.is_float() or dtype.is_decimal():
-            spec["numeric"].append(name)
+        kind = inferred_feature_kind(dtype) if name != id_col else None
+        if kind == "integer":
+            kind = "categorical" if df[name].n_unique() <= INT_CATEGORICAL_MAX_DISTINCT else "numeric"
+        if kind is not None:
+            spec[kind].append(name)
     return spec
 
 

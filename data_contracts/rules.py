@@ -32,6 +32,9 @@ leakage            error     a users/items feature column is label-like (see LAB
                              carries an events column's name; a warning when the column is present
                              but not used as a feature (dataset.yaml lists features without it)
 unknown_id         warning   events whose user or item has no feature row (handled as unknown)
+unused_column      warning   a users/items column of a type that is not a feature (a list, struct,
+                             date, binary...) while dataset.yaml lists no features for that table:
+                             inference skips it, so it is named, not dropped in silence
 no_positives       warning   a partition has no positive of an objective among its rows that break
                              no row rule: as an evaluation day it measures nothing for that objective
                              (the pipeline names it an evaluation partition), as a training day it
@@ -71,6 +74,7 @@ RULES = (
     "non_finite",
     "leakage",
     "unknown_id",
+    "unused_column",
     "no_positives",
 )
 ROW_RULES = ("null_key", "null_label", "cascade", "duplicate_event", "partition_date")

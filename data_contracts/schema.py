@@ -272,6 +272,28 @@ def _is_id_dtype(dtype: pl.DataType) -> bool:
     return dtype in ID_DTYPES
 
 
+def inferred_feature_kind(dtype: pl.DataType) -> str | None:
+    """The kind prep gives a users/items column when dataset.yaml lists no features for its table:
+    "categorical" (strings, booleans, categoricals, enums), "integer" (categorical or numeric by its
+    count of distinct values: csmf_core/prep.py decides on the values), "numeric" (floats, decimals),
+    or None: any other type (lists, arrays, structs, dates, times, binary) is not a feature."""
+    if dtype in (pl.String, pl.Boolean) or isinstance(dtype, pl.Categorical | pl.Enum):
+        return "categorical"
+    if dtype.is_integer():
+        return "integer"
+    if dtype.is_float() or dtype.is_decimal():
+        return "numeric"
+    return None
+
+
+def categorical_feature_ok(dtype: pl.DataType) -> bool:
+    """Whether a column listed as categorical in dataset.yaml can be coded (one code per distinct
+    value, the values kept in the model's metadata): strings, booleans, categoricals, enums, integers
+    and floats. Lists, structs, dates, times, decimals and binary cannot."""
+    kind = inferred_feature_kind(dtype)
+    return kind in ("categorical", "integer") or dtype.is_float()
+
+
 def check_id_column(schema: pl.Schema, column: str) -> ColumnProblem | None:
     """The key column of a users/items/events file must exist and be an integer type that int64 holds
     exactly (int8 .. int64, uint8 .. uint32; uint64 is refused: its upper half is not an int64)."""

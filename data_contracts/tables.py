@@ -8,7 +8,14 @@ import polars as pl
 
 from data_contracts.report import N_EXAMPLES, ValidationReport, example_rows
 from data_contracts.rules import label_like
-from data_contracts.schema import KEY_COLUMNS, DatasetSpec, TableFeatures, check_id_column
+from data_contracts.schema import (
+    KEY_COLUMNS,
+    DatasetSpec,
+    TableFeatures,
+    categorical_feature_ok,
+    check_id_column,
+    inferred_feature_kind,
+)
 
 READ_ERRORS = (pl.exceptions.PolarsError, OSError)
 
@@ -43,6 +50,30 @@ def check_table(
         if col in schema and not (schema[col].is_numeric() or schema[col] == pl.Boolean):
             fix = f"cast {col} to a number or list it under categorical in dataset.yaml"
             report.add("wrong_type", filename, col, f"numeric feature {col} has type {schema[col]}", fix)
+    for col in features.categorical if features else ():
+        if col in schema and not categorical_feature_ok(schema[col]):
+            msg = (
+                f"categorical feature {col} has type {schema[col]}: a categorical feature is a string, "
+                "boolean, integer, float or categorical column (one code per distinct value)"
+            )
+            fix = (
+                f"flatten it into scalar columns (e.g. pl.col('{col}').list.first()) or remove it from features"
+                if schema[col].is_nested()
+                else f"cast {col} to a string (pl.col('{col}').cast(pl.String)), or remove it from features"
+            )
+            report.add("wrong_type", filename, col, msg, fix)
+    if not (features and features.columns):  # inferred from the dtypes (csmf_core/prep.py)
+        for col in columns:
+            if inferred_feature_kind(schema[col]) is None:
+                msg = (
+                    f"column {col} has type {schema[col]}, which is not a feature type: the model does "
+                    "not use it (features are inferred from string, boolean, integer and float columns)"
+                )
+                fix = (
+                    f"to use it, derive a string or number column from it (e.g. a list's length or a "
+                    f"date's day of week); to silence this, drop {col} or list the features in dataset.yaml"
+                )
+                report.add("unused_column", filename, col, msg, fix, severity="warning")
     _check_finite(path, filename, id_column, schema, features, report)
     problem = check_id_column(schema, id_column)
     if problem is not None:

@@ -530,6 +530,79 @@ def test_table_feature_columns_checked(tmp_path):
     )
 
 
+def test_categorical_feature_of_a_type_that_cannot_be_coded_is_wrong_type(tmp_path):
+    # A list column listed as categorical passed validation and failed in prep with a polars
+    # ShapeError; dates were coded but their values came back as strings from meta.json.
+    n = 20
+    items = pl.DataFrame(
+        {
+            "item_id": list(range(1, n + 1)),
+            "category": [[i % 3, 7] for i in range(n)],
+            "price": [float(i) for i in range(n)],
+            "launch": [dt.date(2026, 1, 1 + i % 5) for i in range(n)],
+            "grade": [0.5 * (i % 4) for i in range(n)],
+            "promo": [i % 2 == 0 for i in range(n)],
+        }
+    )
+    spec = {
+        **SPEC,
+        "features": {
+            **SPEC["features"],
+            "items": {"categorical": ["category", "launch", "grade", "promo"], "numeric": ["price"]},
+        },
+    }
+    report = validate_dataset(write_dataset(tmp_path / "d", items=items, spec=spec))
+    found = {v.column: v for v in report.violations if v.rule == "wrong_type"}
+    assert set(found) == {"category", "launch"}  # floats and booleans are codable
+    for col, v in found.items():
+        assert_reported(v, rule="wrong_type", file="items.parquet", column=col, rows=0)
+        assert f"categorical feature {col}" in v.message
+    assert ".list.first()" in found["category"].fix and ".cast(pl.String)" in found["launch"].fix
+    assert report.rules("error") == {"wrong_type"}
+
+
+def test_inferred_features_name_the_columns_they_skip(tmp_path):
+    n = 20
+    users = pl.DataFrame(
+        {
+            "user_id": [1, 2, 3, 4],
+            "age_bucket": ["a", "b", "a", "c"],
+            "activity": [0.1, 0.5, 0.2, 0.9],
+            "vip": [True, False, True, True],
+            "signup": [dt.date(2025, 1, 1)] * 4,
+            "last_seen": [dt.datetime(2026, 1, 1)] * 4,
+        }
+    )
+    items = pl.DataFrame(
+        {
+            "item_id": list(range(1, n + 1)),
+            "category": [i % 3 for i in range(n)],
+            "price": [float(i) for i in range(n)],
+            "tags": [[i, i + 1] for i in range(n)],
+            "meta": [{"w": i, "h": 2 * i} for i in range(n)],
+        }
+    )
+    no_features = {k: v for k, v in SPEC.items() if k != "features"}
+    report = validate_dataset(write_dataset(tmp_path / "d", users=users, items=items, spec=no_features))
+    skipped = {(v.file, v.column) for v in report.violations if v.rule == "unused_column"}
+    assert skipped == {
+        ("users.parquet", "signup"),
+        ("users.parquet", "last_seen"),
+        ("items.parquet", "tags"),
+        ("items.parquet", "meta"),
+    }
+    assert all(v.severity == "warning" for v in report.violations if v.rule == "unused_column")
+    assert not report.rules("error")
+    # prep infers exactly the other columns (hand-listed), so the warning names what it leaves out
+    from csmf_core.prep import _infer_spec
+
+    assert _infer_spec(users, "user_id") == {"categorical": ["age_bucket", "vip"], "numeric": ["activity"]}
+    assert _infer_spec(items, "item_id") == {"categorical": ["category"], "numeric": ["price"]}
+    # with feature lists the columns left out are the user's choice: nothing to warn about
+    report = validate_dataset(write_dataset(tmp_path / "e", users=users, items=items))
+    assert "unused_column" not in report.rules()
+
+
 def test_infinite_numeric_features_are_errors(tmp_path):
     inf = float("inf")
     price = [float(i) for i in range(20)]
