@@ -26,9 +26,10 @@ ordered by item index, so the result does not depend on the row order of the sou
 
 Feature kinds when ``dataset.yaml`` has no ``features`` for a table: string, categorical, enum and
 boolean columns are categorical; integer columns are categorical when they have at most
-``INT_CATEGORICAL_MAX_DISTINCT`` distinct values, numeric otherwise; float and decimal columns are
-numeric; other dtypes (dates, lists, ...) are not features (`csmf validate` names them:
-rule ``unused_column``). The kinds by dtype: ``data_contracts.schema.inferred_feature_kind``.
+``INT_CATEGORICAL_MAX_DISTINCT`` (1,000) distinct values, numeric otherwise; float and decimal
+columns are numeric; other dtypes (dates, lists, ...) are not features (`csmf validate` names them:
+rule ``unused_column``, and lists the features it will read). One implementation for both:
+``data_contracts.schema.infer_features``.
 """
 
 from __future__ import annotations
@@ -46,9 +47,8 @@ import pyarrow.parquet as pq
 
 from csmf_core.fsutil import commit_dir, fresh_temp_dir, local_dataset, reject_uri
 from csmf_core.idmap import SEEN_FILES, Assigned, BaseMaps, assign_rows, collisions, hash_buckets, write_seen
-from data_contracts import DatasetSpec, inferred_feature_kind, load_spec, partition_files, scan_partition
+from data_contracts import DatasetSpec, infer_features, load_spec, partition_files, scan_partition
 
-INT_CATEGORICAL_MAX_DISTINCT = 1000
 DAY_US = 86_400_000_000
 
 
@@ -87,17 +87,6 @@ def _feature_lists(spec: DatasetSpec, table: str) -> dict[str, list[str]] | None
     return {"categorical": list(tf.categorical), "numeric": list(tf.numeric)}
 
 
-def _infer_spec(df: pl.DataFrame, id_col: str) -> dict[str, list[str]]:
-    spec: dict[str, list[str]] = {"categorical": [], "numeric": []}
-    for name, dtype in df.schema.items():
-        kind = inferred_feature_kind(dtype) if name != id_col else None
-        if kind == "integer":
-            kind = "categorical" if df[name].n_unique() <= INT_CATEGORICAL_MAX_DISTINCT else "numeric"
-        if kind is not None:
-            spec[kind].append(name)
-    return spec
-
-
 def _encode_table(
     df: pl.DataFrame,
     id_col: str,
@@ -112,7 +101,7 @@ def _encode_table(
     feature specs of this table: its categorical codes and numeric standardisation are kept (values new
     since then get the next codes). ``id_buckets``: the id column holds hashed buckets, not the row."""
     df = df.filter(pl.col(id_col).is_not_null()).unique(subset=id_col, keep="first", maintain_order=True)
-    spec = spec or _infer_spec(df, id_col)
+    spec = spec or infer_features(df, id_col)
     joined = pl.DataFrame({id_col: ids}).join(df, on=id_col, how="left", maintain_order="left")
     n = len(ids) + 1
     base_specs = {s.get("source"): s for s in base or [] if s["name"] != idx_name}

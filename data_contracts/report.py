@@ -120,6 +120,14 @@ class ValidationReport:
         if positives:
             lines.append("Positives: " + ", ".join(f"{k} {v:,}" for k, v in positives.items()))
             lines.append("")
+        features = self.counts.get("features", {})
+        if features:
+            lines.append("Features the model reads:")
+            for filename, found in features.items():
+                kinds = [f"{k} {', '.join(found[k])}" for k in ("categorical", "numeric") if found[k]]
+                what = "; ".join(kinds) or "none (ids and behaviour histories only)"
+                lines.append(f"- {filename} ({found['source']}): {what}")
+            lines.append("")
         if self.quarantined:
             where = ", ".join(str(p) for p in self.quarantine_files) or "(no files)"
             lines.append("Quarantined rows: " + ", ".join(f"{k} {v:,}" for k, v in self.quarantined.items()))

@@ -286,6 +286,25 @@ def inferred_feature_kind(dtype: pl.DataType) -> str | None:
     return None
 
 
+# an integer column inferred as a feature is categorical up to this many distinct values, numeric above
+INT_CATEGORICAL_MAX_DISTINCT = 1000
+
+
+def infer_features(table: pl.DataFrame, id_column: str) -> dict[str, list[str]]:
+    """The feature lists of a users/items table whose dataset.yaml lists none, as prep reads it
+    (`table` with one row per id): {"categorical": [...], "numeric": [...]} in column order, by
+    `inferred_feature_kind`; an integer column is categorical with at most INT_CATEGORICAL_MAX_DISTINCT
+    distinct values, numeric above."""
+    spec: dict[str, list[str]] = {"categorical": [], "numeric": []}
+    for name, dtype in table.schema.items():
+        kind = inferred_feature_kind(dtype) if name != id_column else None
+        if kind == "integer":
+            kind = "categorical" if table[name].n_unique() <= INT_CATEGORICAL_MAX_DISTINCT else "numeric"
+        if kind is not None:
+            spec[kind].append(name)
+    return spec
+
+
 def categorical_feature_ok(dtype: pl.DataType) -> bool:
     """Whether a column listed as categorical in dataset.yaml can be coded (one code per distinct
     value, the values kept in the model's metadata): strings, booleans, categoricals, enums, integers

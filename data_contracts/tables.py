@@ -14,6 +14,7 @@ from data_contracts.schema import (
     TableFeatures,
     categorical_feature_ok,
     check_id_column,
+    infer_features,
     inferred_feature_kind,
 )
 
@@ -95,7 +96,28 @@ def check_table(
         examples = example_rows(dups.sort("count", descending=True))
         fix = f"keep one feature row per {id_column}"
         report.add("duplicate_id", filename, id_column, msg, fix, rows=n_rows, examples=examples)
+    _record_features(path, filename, id_column, features, report)
     return ids.drop_nulls().unique(), columns
+
+
+def _record_features(
+    path: Path, filename: str, id_column: str, features: TableFeatures | None, report: ValidationReport
+) -> None:
+    """The feature columns the model will read from this table, into report.counts["features"]: the
+    lists of dataset.yaml, or the ones prep infers from the dtypes (`infer_features`, on the table as
+    prep reads it: rows with an id, the first row of each id)."""
+    if features and features.columns:
+        found = {"categorical": list(features.categorical), "numeric": list(features.numeric)}
+        source = "dataset.yaml"
+    else:
+        try:
+            table = pl.read_parquet(path)
+        except READ_ERRORS as exc:
+            report.add("corrupt_file", filename, None, f"cannot be read ({exc})", "rewrite the file")
+            return
+        rows = table.filter(pl.col(id_column).is_not_null()).unique(subset=id_column, keep="first")
+        found, source = infer_features(rows, id_column), "inferred from dtypes"
+    report.counts.setdefault("features", {})[filename] = {**found, "source": source}
 
 
 def _check_finite(

@@ -19,6 +19,7 @@ from data_contracts import (
     Objective,
     SpecError,
     clean_events_lazy,
+    infer_features,
     label_like,
     load_spec,
     parse_spec,
@@ -593,14 +594,44 @@ def test_inferred_features_name_the_columns_they_skip(tmp_path):
     }
     assert all(v.severity == "warning" for v in report.violations if v.rule == "unused_column")
     assert not report.rules("error")
-    # prep infers exactly the other columns (hand-listed), so the warning names what it leaves out
-    from csmf_core.prep import _infer_spec
+    # prep infers exactly the other columns (hand-listed), so the warning names what it leaves out;
+    # the report lists them, and prep's model-ready tables hold exactly those features
+    assert infer_features(users, "user_id") == {"categorical": ["age_bucket", "vip"], "numeric": ["activity"]}
+    assert infer_features(items, "item_id") == {"categorical": ["category"], "numeric": ["price"]}
+    assert report.counts["features"] == {
+        "users.parquet": {
+            "categorical": ["age_bucket", "vip"],
+            "numeric": ["activity"],
+            "source": "inferred from dtypes",
+        },
+        "items.parquet": {
+            "categorical": ["category"],
+            "numeric": ["price"],
+            "source": "inferred from dtypes",
+        },
+    }
+    text = report.to_markdown()
+    assert "- users.parquet (inferred from dtypes): categorical age_bucket, vip; numeric activity" in text
+    from csmf_core.prep import _encode_table
 
-    assert _infer_spec(users, "user_id") == {"categorical": ["age_bucket", "vip"], "numeric": ["activity"]}
-    assert _infer_spec(items, "item_id") == {"categorical": ["category"], "numeric": ["price"]}
+    _, specs = _encode_table(users, "user_id", np.array([1, 2, 3, 4]), None, "c_uid")
+    assert [s.get("source") for s in specs] == ["user_id", "age_bucket", "vip", "activity"]
     # with feature lists the columns left out are the user's choice: nothing to warn about
     report = validate_dataset(write_dataset(tmp_path / "e", users=users, items=items))
     assert "unused_column" not in report.rules()
+    assert report.counts["features"]["items.parquet"] == {
+        "categorical": ["category"],
+        "numeric": ["price"],
+        "source": "dataset.yaml",
+    }
+
+
+def test_integer_features_are_categorical_up_to_1000_distinct_values():
+    ids = list(range(1, 1002))
+    table = pl.DataFrame(
+        {"item_id": ids, "few": [i % 1000 for i in ids], "many": ids, "ratio": [0.5] * len(ids)}
+    )
+    assert infer_features(table, "item_id") == {"categorical": ["few"], "numeric": ["many", "ratio"]}
 
 
 def test_infinite_numeric_features_are_errors(tmp_path):
