@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 from data_contracts.location import (  # noqa: F401  (re-exported: datasets by URI)
+    check_replaceable,
     default_stage_root,
     filesystem,
     is_uri,
@@ -19,13 +20,18 @@ from data_contracts.location import (  # noqa: F401  (re-exported: datasets by U
 )
 
 
-def fresh_temp_dir(out_dir: Path, overwrite: bool, check_only: bool = False) -> Path:
+def fresh_temp_dir(
+    out_dir: Path, overwrite: bool, check_only: bool = False, marker: str | None = None
+) -> Path:
     """Refuse a non-empty out_dir unless overwrite; return a fresh temp dir beside it.
 
     check_only: only the refusal (fail before heavy work), returns out_dir and creates nothing.
+    marker: the file this writer puts in out_dir (dataset.yaml, meta.json): with overwrite, a non-empty
+    out_dir without it, a plain file, or the current directory are refused (`check_replaceable`).
     """
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True)")
+    check_replaceable(out_dir, marker)
     if check_only:
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)

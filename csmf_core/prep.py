@@ -351,7 +351,7 @@ def plan(
         raise ValueError("need non-empty train dates, every train date before the first eval date")
     if seq_len < 1 or n_req_neg < 1:  # arrow has no fixed_size_list of size 0; all-0 rows mean "none"
         raise ValueError("need seq_len >= 1 and n_req_neg >= 1")
-    fresh_temp_dir(out_dir, overwrite, check_only=True)  # fail before the heavy work
+    fresh_temp_dir(out_dir, overwrite, check_only=True, marker="meta.json")  # fail before the heavy work
     parts = partition_files(dataset_dir)
     missing = [d for d in train_d if d not in parts], [d for d in eval_d if d not in parts]
     if len(missing[0]) == len(train_d) or (eval_d and len(missing[1]) == len(eval_d)):
@@ -635,7 +635,7 @@ def prepare(
     del frames
     level, n_train = rows.level, len(rows.t_u)
 
-    tmp = fresh_temp_dir(out_dir, overwrite)
+    tmp = fresh_temp_dir(out_dir, overwrite, marker="meta.json")
     try:
         slices = [slice(lo, lo + part_rows) for lo in range(0, max(n_train, 1), part_rows)]
         by_level = np.bincount(level, minlength=len(p.names))[: len(p.names)].tolist()

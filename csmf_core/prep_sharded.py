@@ -179,7 +179,7 @@ def reduce_pass(
     evals = pa.concat_tables([pq.read_table(s["eval"]) for s in shards]).sort_by("u")
     counts = sum(np.load(s["counts"]) for s in shards)
     by_level = np.sum([s["by_level"] for s in shards], axis=0).astype(int).tolist()
-    tmp = fresh_temp_dir(out_dir, overwrite)
+    tmp = fresh_temp_dir(out_dir, overwrite, marker="meta.json")
     try:
         batches = [b for t in tables for b in t.to_batches()]  # concatenation order
         starts = np.cumsum([0] + [b.num_rows for b in batches])

@@ -382,7 +382,7 @@ def generate(
     """
     cfg = config if config is not None else SynthConfig.from_preset(preset or "small", seed, **overrides)
     out_dir = Path(out_dir)
-    tmp = fresh_temp_dir(out_dir, overwrite)
+    tmp = fresh_temp_dir(out_dir, overwrite, marker="dataset.yaml")
     try:
         world = _World(cfg)
         b = _calibrate(world, cfg)

@@ -40,9 +40,11 @@ from pathlib import Path
 
 import polars as pl
 
+from data_contracts.location import check_replaceable
 from data_contracts.schema import (
     EVENTS_DIR,
     ITEMS_FILE,
+    SPEC_FILE,
     USERS_FILE,
     DatasetSpec,
     Features,
@@ -137,7 +139,8 @@ def _log_files(src: Path) -> tuple[list[Path], str]:
 def _dataset_name(src: Path, kind: str) -> str:
     """The canonical dataset's name: `kuairand-pure-slice` for the slice's Parquet logs,
     `kuairand-<variant>` for the official CSV logs (`pure`, `1k`, `27k`: the user feature file's
-    suffix), so a config tuned on one is never applied to the other (tuned configs go by name)."""
+    suffix), so a config tuned on one is never applied to the other (tuned configs go by name); an
+    import with `conversion="long_view"` adds `-long-view` (`_spec`)."""
     if kind == "parquet":
         return NAME
     stem = _one(src, USER_CSV_GLOB, "user feature table").stem.lower()  # user_features_pure
@@ -235,7 +238,10 @@ def _items(src: Path) -> pl.DataFrame:
 
 def _spec(src: Path, logs: list[Path], kind: str, conversion: str) -> DatasetSpec:
     name = _dataset_name(src, kind)
-    if name == NAME:
+    slice_ = name == NAME
+    if conversion != "like":  # another third objective: another dataset (tuned configs go by name)
+        name = f"{name}-{conversion.replace('_', '-')}"
+    if slice_:
         commit_file = src / "SOURCE_COMMIT"
         commit = commit_file.read_text().strip() if commit_file.is_file() else "unknown"
         origin = (
@@ -295,6 +301,7 @@ def import_kuairand(
     src, out = Path(src_dir), Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
+    check_replaceable(out, SPEC_FILE)  # overwrite replaces an earlier dataset, never other files
     logs, kind = _log_files(src)
     events, users, items = _events(logs, kind, conversion), _users(src), _items(src)
     spec = _spec(src, logs, kind, conversion)

@@ -30,6 +30,25 @@ STAGE_MANIFEST = ".csmf-staged.json"
 STAGED_TOP = ("dataset.yaml", "users.parquet", "items.parquet")  # plus everything under events/
 
 
+def check_replaceable(out_dir: Path, marker: str | None) -> None:
+    """Refuse to replace `out_dir` (an output directory a writer was told to overwrite) unless it is
+    absent, an empty directory, or a directory holding `marker` (the file the writer itself writes,
+    e.g. dataset.yaml): overwriting never deletes a folder of other files, a plain file, or the
+    current directory or one of its parents. `marker` None: any directory is replaceable."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file, not an output directory; choose another path")
+    here, target = Path.cwd().resolve(), out_dir.resolve()
+    if here == target or target in here.parents:
+        raise FileExistsError(f"{out_dir} is the current directory or contains it; choose another path")
+    if marker is not None and any(out_dir.iterdir()) and not (out_dir / marker).is_file():
+        raise FileExistsError(
+            f"{out_dir} is not empty and holds no {marker}: it is not an earlier output of this command, "
+            "so it is not replaced even with overwrite; choose another path or empty it yourself"
+        )
+
+
 def is_uri(location: object) -> bool:
     """Whether `location` is a URI (`scheme://...`) rather than a local path."""
     return isinstance(location, str) and bool(_URI.match(location))

@@ -55,8 +55,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from csmf_core.fsutil import fresh_temp_dir
 
     try:  # the library's own refusal names its Python argument (overwrite=True)
-        fresh_temp_dir(args.out, args.overwrite, check_only=True)
+        fresh_temp_dir(args.out, args.overwrite, check_only=True, marker="dataset.yaml")
     except FileExistsError:
+        if args.overwrite:  # not replaceable even so (a folder of other files): the library's reason
+            raise
         raise FileExistsError(f"{args.out} exists and is not empty; add --overwrite to replace it") from None
     with Progress(f"generating synthetic dataset ({args.preset}, seed {args.seed}) in {args.out}"):
         s = synth.generate(args.out, args.preset, args.seed, overwrite=args.overwrite)
@@ -72,12 +74,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from data_contracts import import_kuairand
+    from data_contracts.location import check_replaceable
 
     if args.out.exists() and not args.overwrite:  # the library would name its Python argument
         raise FileExistsError(
             f"{args.out} already exists; add --overwrite to replace it (the old dataset is replaced "
             "only once the new one is complete)"
         )
+    check_replaceable(args.out, "dataset.yaml")  # before reading the source, not after
     with Progress(f"importing KuaiRand from {args.src} into {args.out}"):
         s = import_kuairand(args.src, args.out, conversion=args.conversion, overwrite=args.overwrite)
     print(

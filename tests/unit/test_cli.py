@@ -564,6 +564,36 @@ def test_import_and_synth_name_the_overwrite_flag(tmp_path, capsys):
     assert (out / "dataset.yaml").read_text() == "name: old\n"  # nothing replaced
 
 
+@pytest.mark.parametrize("command", ["synth", "import"])
+def test_overwrite_never_deletes_what_is_not_an_earlier_output(tmp_path, monkeypatch, capsys, command):
+    """--overwrite replaced whatever --out named: a folder of the user's files, a plain file, '.'."""
+    folder, plain, src = tmp_path / "work", tmp_path / "file.txt", tmp_path / "src"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "notes.txt").write_text("important")
+    plain.write_text("important")
+    src.mkdir()
+    (tmp_path / "elsewhere" / "here").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "elsewhere" / "here")  # ".." contains the current directory
+    args = ["synth", "--preset", "tiny"] if command == "synth" else ["import", "kuairand", str(src)]
+    for out, reason in (
+        (folder, "holds no dataset.yaml"),
+        (plain, "is a file"),
+        (folder, "holds no"),
+        (Path(".."), "current directory"),
+    ):
+        assert cli.main([*args, "--out", str(out), "--overwrite"]) == 2
+        assert reason in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "sub"]
+    assert (folder / "notes.txt").read_text() == plain.read_text() == "important"
+    # an earlier output (it holds dataset.yaml) is replaced
+    if command == "synth":
+        ds = tmp_path / "ds"
+        assert cli.main(["synth", "--out", str(ds), "--preset", "tiny"]) == 0
+        (ds / "stale.txt").write_text("x")
+        assert cli.main(["synth", "--out", str(ds), "--preset", "tiny", "--overwrite"]) == 0
+        assert not (ds / "stale.txt").exists() and (ds / "dataset.yaml").is_file()
+
+
 def test_unwritable_prefect_home_is_refused_before_prefect_starts(tmp_path, monkeypatch, capsys, clean_env):
     """Works as root too: a PREFECT_HOME below a regular file cannot be written by anyone."""
     blocker = tmp_path / "file"

@@ -106,6 +106,15 @@ def test_existing_output_needs_overwrite_and_long_view_option(imported, tmp_path
     lv = import_kuairand(SRC, out, conversion="long_view", overwrite=True)
     assert lv.positives["conversion"] == 70_713
     assert "long_view" in load_spec(out).provenance
+    # another third objective is another dataset: its own name, so tuned configs and reports never mix
+    assert lv.name == load_spec(out).name == "kuairand-pure-slice-long-view" != summary.name
+    # overwrite replaces an earlier dataset, never a folder of other files (nothing read or written)
+    other = tmp_path / "work"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="holds no dataset.yaml"):
+        import_kuairand(SRC, other, overwrite=True)
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
     with pytest.raises(ValueError, match="conversion must be one of"):
         import_kuairand(SRC, tmp_path / "x", conversion="follow")
 

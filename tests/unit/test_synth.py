@@ -113,6 +113,11 @@ def test_overwrite_guard(tmp_path):
     with pytest.raises(FileExistsError):
         synth.generate(target, "tiny", n_days=1)
     assert (target / "keep.txt").exists()
+    # overwrite replaces an earlier dataset only, never a folder of other files
+    with pytest.raises(FileExistsError, match="holds no dataset.yaml"):
+        synth.generate(target, "tiny", n_days=1, overwrite=True)
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    (target / "dataset.yaml").write_text("name: old\n")
     s = synth.generate(target, "tiny", n_days=1, overwrite=True)
     assert not (target / "keep.txt").exists() and s.counts["exposure"] == 3400
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
