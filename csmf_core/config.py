@@ -484,10 +484,14 @@ def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | None 
             continue
         key, value = item.split("=", 1)
         section, name = key.strip().split(".", 1)
-        raw.setdefault(section, {})[name] = yaml.safe_load(value) if value.strip() else value
+        try:
+            raw.setdefault(section, {})[name] = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError as exc:
+            errors.append(f"override {item!r}: the value is not valid YAML ({yaml_problem(exc)})")
     sections = {f.name: f.type for f in dataclasses.fields(CSMFConfig)}
     hints = typing.get_type_hints(CSMFConfig)
     built: dict[str, Any] = {}
+    bad_keys: set[str] = set()  # keys refused by name or type: their range rules are not applied
     for section, values in raw.items():
         if section not in sections:
             errors.append(f"unknown section {section!r} (known: {', '.join(sections)})")
@@ -498,17 +502,48 @@ def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | None 
         for k, v in values.items():
             if k not in fields:
                 errors.append(f"unknown key {section}.{k} (known: {', '.join(fields)})")
+                bad_keys.add(f"{section}.{k}")
                 continue
-            kwargs[k] = _coerce(v, fields[k], f"{section}.{k}", errors)
-        if not errors:
-            built[section] = cls(**kwargs)
-    if errors:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+            mine: list[str] = []
+            value = _coerce(v, fields[k], f"{section}.{k}", mine)
+            if mine:
+                errors.extend(mine)
+                bad_keys.add(f"{section}.{k}")
+                continue
+            kwargs[k] = value
+        built[section] = cls(**kwargs)
+    # the range rules run on every key that parsed, so every problem is reported at once; a rule that
+    # names a refused key (e.g. eval.primary_k against refused eval.ks) would judge its default: left out
     cfg = CSMFConfig(**built)
-    _check_ranges(cfg, errors)
+    ranges: list[str] = []
+    _check_ranges(cfg, ranges)
+    errors += [e for e in ranges if not any(re.search(rf"\b{re.escape(k)}\b", e) for k in bad_keys)]
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
     return cfg
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error: the problem and where (line and column, 1-based)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(exc, 'problem', None) or exc}{where}"
+
+
+def read_yaml_file(path: str | Path, what: str = "config file") -> Any:
+    """The YAML document of a file given on the command line; `ConfigError` naming the file when it is
+    missing, a directory, not UTF-8 text or not valid YAML (never a parser traceback)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what} {p} is a directory, not a YAML file")
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} does not exist")
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {p} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {p} is not valid YAML: {yaml_problem(exc)}") from None
 
 
 def load_config(
@@ -521,9 +556,7 @@ def load_config(
         if layer is None:
             continue
         p = Path(layer)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
+        data = read_yaml_file(p) or {}
         if not isinstance(data, dict) or not all(isinstance(v, dict | None) for v in data.values()):
             raise ConfigError(f"{p}: expected a mapping of sections (model:, train:, ...)")
         for section, values in data.items():

@@ -24,13 +24,13 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
 
 from csmf_core.cascade import CascadeData, Step, build_model, plan, run_step
-from csmf_core.config import ConfigError, CSMFConfig, build_config
+from csmf_core.config import ConfigError, CSMFConfig, build_config, yaml_problem
 from csmf_core.evaluate import Ranked
 from csmf_core.selection import choose_weights, validation_score
 
@@ -56,7 +56,10 @@ def load_space(spec: Mapping | str, base: CSMFConfig | None = None) -> list[Para
 
     Each parameter's values are checked against the config rules (a range end that the config would
     refuse, e.g. cpp.tau = 1.0, is an error here, before any trial)."""
-    raw = yaml.safe_load(spec) if isinstance(spec, str) else spec
+    try:
+        raw = yaml.safe_load(spec) if isinstance(spec, str) else spec
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"search space: not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(raw, Mapping) or not raw:
         raise ConfigError("search space: expected a non-empty mapping of config keys to ranges")
     base = base or build_config({})
@@ -158,6 +161,36 @@ def _nested(base: dict, flat: Mapping[str, Any]) -> dict:
         section, name = key.split(".", 1)
         out.setdefault(section, {})[name] = list(v) if isinstance(v, tuple) else v
     return out
+
+
+def override_keys(overrides: list[str] | None) -> list[str]:
+    """The config keys a list of `section.key=value` overrides sets (`--set`), in order."""
+    return [o.split("=", 1)[0].strip() for o in overrides or () if "=" in o]
+
+
+def fix_space(space: list[Param], fixed: list[str], base: CSMFConfig) -> tuple[list[Param], list[str]]:
+    """The search space without the keys the user fixed (`--set`): (parameters kept, keys left out).
+
+    A fixed key is not searched (a trial would have replaced the user's value); a parameter whose
+    `when` names a fixed key keeps that condition only as the fixed value decides it: searched
+    unconditionally when `base` (which holds the fixed values) satisfies it, left out otherwise."""
+    flat, fixed_set = base.flat(), set(fixed)
+    kept: list[Param] = []
+    dropped: list[str] = []
+    for p in space:
+        if p.key in fixed_set:
+            dropped.append(p.key)
+            continue
+        decided = [(k, v) for k, v in p.when if k in fixed_set]
+        if any(_as_config_value(flat[k]) != v for k, v in decided):
+            dropped.append(p.key)
+            continue
+        kept.append(replace(p, when=tuple(c for c in p.when if c[0] not in fixed_set)))
+    return kept, dropped
+
+
+def _as_config_value(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
 
 
 def suggest(space: list[Param], trial, n_stages: int) -> dict[str, Any]:

@@ -264,7 +264,11 @@ def validate_dataset(
     report = ValidationReport(dataset_dir=root, counts={"rows": 0, "rows_per_partition": {}, "positives": {}})
     if not root.is_dir():
         fix = "check the path (a canonical dataset is a directory with dataset.yaml)"
-        report.add("missing_path", str(root), None, "dataset directory does not exist", fix)
+        if root.is_file():
+            msg, fix = "is a file, not a dataset directory", f"give the folder that holds it: {root.parent}"
+        else:
+            msg = "dataset directory does not exist"
+        report.add("missing_path", str(root), None, msg, fix)
         return report
     spec = _check_spec(root, report)
     features = spec.features if spec else None

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -37,7 +38,7 @@ from pathlib import Path
 
 from csmf_core.allocator import tune_allocator
 from flows.console import Progress, partition_dates, text_table
-from flows.env import check_writable, setup_home, startup_imports, tracking_uri
+from flows.env import DEFAULT_HOME, check_writable, setup_home, startup_imports, tracking_uri
 from flows.inputs import dataset_location
 
 SYNTH_DEFAULT = ("small", 0)  # preset and seed of the data `csmf run` generates when given no --data
@@ -129,9 +130,42 @@ def default_dataset(home: Path) -> Path:
     return out
 
 
+# the home a later command finds without --home ($CSMF_HOME of the user's shell, else ./.csmf), read
+# before setup_home sets $CSMF_HOME for this process
+_SHELL_HOME = os.environ.get("CSMF_HOME")
+
+
+def home_flag(home: Path) -> str:
+    """' --home H' for the commands a hint suggests, unless they find H without it: a hint that
+    leaves it out would query another home (the default one's champion, its MLflow store)."""
+    found = Path(_SHELL_HOME or DEFAULT_HOME).expanduser().resolve()
+    return "" if Path(home).resolve() == found else f" --home {home}"
+
+
+def check_output_file(path: str | None, flag: str) -> Path | None:
+    """An output file named on the command line, checked before any work (a run that trained and
+    registered a model must not fail on its last line): not a directory, its folder created and
+    writable."""
+    if not path:
+        return None
+    out = Path(path)
+    if out.is_dir():
+        raise IsADirectoryError(
+            f"{flag} {path} is a directory; give a file path such as {out / 'result.json'}"
+        )
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"{flag} {path}: cannot create its folder ({exc.strerror or exc})") from None
+    if not os.access(out.parent, os.W_OK):
+        raise PermissionError(f"{flag} {path}: its folder {out.parent} is not writable")
+    return out
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from csmf_core.config import load_config
 
+    json_out = check_output_file(args.json_out, "--json-out")
     home = setup_home(args.home)  # before the flow module imports prefect and mlflow
     check_writable(home)  # a read-only home: one message now, not Prefect's retry loop later
     api_line = prefect_api(home)  # a running `make serve` stack: its API (no temporary server)
@@ -151,6 +185,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         tuned = find_tuned(home, data, args.tuned)
         # fail fast, before Prefect starts, on a bad config
         cfg = load_config(args.config, args.set, tuned=tuned)
+        from flows.runs import device
+
+        device(cfg)  # train.device=cuda on a machine without CUDA: refused now, not in a task
         if tuned is not None:
             how = "(--tuned none to train without)"
             print(f"csmf run: applying the tuned config {describe_tuned(tuned)} {how}")
@@ -178,11 +215,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             tuned=args.tuned,
             from_model=args.from_model,
         )
-    print(summarize_run(result, cfg.eval.primary_k))
-    if args.json_out:  # for scripts (csmf replay reads it): the flow's return value
+    print(summarize_run(result, cfg.eval.primary_k, home))
+    if json_out is not None:  # for scripts (csmf replay reads it): the flow's return value
         import json
 
-        Path(args.json_out).write_text(json.dumps(result, indent=1, default=str) + "\n")
+        json_out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     return 0
 
 
@@ -298,7 +335,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     run_id = replay.log_to_mlflow(result, summary, meta, out, home)
     print((out / "replay.md").read_text().split("## Per day")[0].rstrip())  # the summary just written
     print(
-        f"\nreport: {out / 'replay.md'}\nMLflow run: {run_id} (experiment csmf-replay; open with `csmf ui`)"
+        f"\nreport: {out / 'replay.md'}\nMLflow run: {run_id} (experiment csmf-replay; open with "
+        f"`csmf ui{home_flag(home)}`)"
     )
     return 0
 
@@ -354,23 +392,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
         )
     print(
         f"\nreport: {out['report']}\nMLflow parent run: {out['mlflow_run_id']} (experiment "
-        f"{COMPARE_EXPERIMENT}; open with `csmf ui`)"
+        f"{COMPARE_EXPERIMENT}; open with `csmf ui{home_flag(home)}`)"
     )
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """`csmf tune`: an Optuna study on the validation days; prints the best trial and the tuned config."""
-    from csmf_core.config import load_config
+    from csmf_core.config import load_config, read_yaml_file
     from csmf_core.tuning import load_space
 
     home = setup_home(args.home)
     check_writable(home)
     cfg = load_config(args.config, args.set)  # fail fast on a bad config or search space
     if args.space:
-        load_space(Path(args.space).read_text(), cfg)
-    if args.trials < 1 or (args.timeout is not None and args.timeout <= 0):
-        raise ValueError(f"--trials must be >= 1 and --timeout > 0, got {args.trials}, {args.timeout}")
+        load_space(read_yaml_file(args.space, "search space file") or {}, cfg)
+    if args.trials < 1:
+        raise ValueError(f"--trials must be >= 1, got {args.trials}")
+    if args.timeout is not None and args.timeout <= 0:
+        raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed must be between 0 and 2**32 - 1 (the sampler's seed), got {args.seed}")
     data = dataset_location(args.data, home)
     if not data.is_dir():
         raise FileNotFoundError(f"--data {data}: no such directory")
@@ -395,10 +437,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
             out=args.out,
         )
     print(out["report"])
+    flag = home_flag(home)
+    apply = (
+        f"apply it with: csmf run{flag} --data {args.data} --tuned {out['config_path']}"
+        if args.out
+        else f"a daily run on this home applies it: csmf run{flag} --data {args.data}"
+    )
     print(
         f"tuned config: {out['config_path']} (best trial {out['best_trial']}, validation score "
-        f"{out['best_value']:.4f}; a daily run on this home applies it: csmf run --data {args.data})\n"
-        f"MLflow parent run: {out['mlflow_run_id']} (experiment csmf-tune; open with `csmf ui`)"
+        f"{out['best_value']:.4f}; {apply})\n"
+        f"MLflow parent run: {out['mlflow_run_id']} (experiment csmf-tune; open with `csmf ui{flag}`)"
     )
     return 0
 
@@ -450,11 +498,12 @@ def _run_console(args: argparse.Namespace):
     return nullcontext() if getattr(args, "debug", False) else quiet_run_tracebacks()
 
 
-def summarize_run(result: dict, k: int = 50) -> str:
+def summarize_run(result: dict, k: int = 50, home: Path | None = None) -> str:
     """The end-of-run message: where the run is, how to look at it, and the final metrics at K=k."""
     from csmf_core.serving import summary_table
 
     uri = result.get("tracking_uri") or tracking_uri()
+    flag = home_flag(home) if home is not None else ""
     lines = [
         "",
         f"MLflow run:        {result['mlflow_run_id']}  (experiment {result.get('experiment', '?')})",
@@ -474,9 +523,9 @@ def summarize_run(result: dict, k: int = 50) -> str:
         ),
         f"Serving bundle:    {result.get('bundle_dir', '?')}",
         f"Tracking store:    {uri}",
-        "Open the UI:       csmf ui   (then http://127.0.0.1:5000)   or: "
+        f"Open the UI:       csmf ui{flag}   (then http://127.0.0.1:5000)   or: "
         f"mlflow ui --backend-store-uri {uri}",
-        "Try the model:     csmf recommend --user-id <id> --k 10",
+        f"Try the model:     csmf recommend{flag} --user-id <id> --k 10",
         "",
         summary_table(result["metrics"], k)
         if result.get("metrics")
@@ -501,8 +550,18 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     Own group: a SIGTERM to csmf alone (a supervisor, `kill PID`) would otherwise leave mlflow ui
     running; csmf forwards SIGTERM to the whole group instead, SIGKILL after 10 s."""
+    import socket
+
     from flows.lock import stop_process_group
 
+    with socket.socket() as probe:  # mlflow's server would log the clash and exit 0
+        try:
+            probe.bind(("127.0.0.1", args.port))
+        except OSError as exc:
+            raise OSError(
+                f"--port {args.port}: 127.0.0.1:{args.port} is in use ({exc.strerror}); another csmf ui or "
+                "server may be running there: open it, or choose another --port"
+            ) from None
     setup_home(args.home)
     uri = tracking_uri()
     url = f"http://127.0.0.1:{args.port}"
@@ -523,7 +582,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
     proc = None
     try:
         proc = subprocess.Popen(cmd, start_new_session=True)
-        return proc.wait()
+        code = proc.wait()  # it serves until stopped: ending by itself is a failure whatever its status
+        print(
+            f"csmf ui: the MLflow UI stopped by itself (exit status {code}); see its messages above",
+            file=sys.stderr,
+        )
+        return code or 1
     except _Signalled as got:
         print(f"{got}: stopping the MLflow UI", file=sys.stderr, flush=True)
         return 0
@@ -539,6 +603,17 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 # ---- parser and entry point ------------------------------------------------------------------------
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 1 .. 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1 .. 65535, got {port}")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     from flows import cli_serving
 
@@ -599,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="check a dataset against the contract (exit 1 on errors)",
         description="How to run: csmf validate data/synth-small [--dates 2026-01-07 2026-01-08]",
     )
-    v.add_argument("dir", type=Path)
+    v.add_argument("dir", help="dataset directory or URI (file://, s3://, gs://)")
     v.add_argument("--dates", nargs="+", help="partitions to check (default: all)")
     v.set_defaults(func=cmd_validate)
 
@@ -711,7 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="open the MLflow UI on the local tracking store",
         description="How to run: csmf ui [--port 5000]",
     )
-    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--port", type=port_number, default=5000)
     u.set_defaults(func=cmd_ui)
 
     d = sub.add_parser(

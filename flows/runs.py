@@ -45,7 +45,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from csmf_core.cascade import CascadeData, load_cascade_data
-from csmf_core.config import CSMFConfig
+from csmf_core.config import ConfigError, CSMFConfig
 from data_contracts import read_name
 from flows import doctor, reporting
 from flows.env import tracking_uri
@@ -342,8 +342,15 @@ def child_run(run: RunContext, name: str, plain_tags: dict[str, Any] | None = No
 
 # ---- model-ready data, loaded once per flow run -------------------------------------------------
 def device(cfg: CSMFConfig) -> str:
-    """train.device resolved: "cuda" when asked for, or "auto" with a GPU present; else "cpu"."""
+    """train.device resolved: "cuda" when asked for, or "auto" with a GPU present; else "cpu".
+    `ConfigError` naming the key when cuda is asked for on a machine without one (not torch's
+    AssertionError from the first tensor moved)."""
     want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.device=cuda but torch sees no CUDA device on this machine (torch.cuda.is_available() is "
+            f"False; torch {torch.__version__}): set train.device=auto (CUDA when present) or cpu"
+        )
     return "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
 
 

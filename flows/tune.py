@@ -45,7 +45,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from csmf_core.cascade import CascadeData, load_cascade_data
-from csmf_core.config import ConfigError, CSMFConfig, check_objectives, load_config
+from csmf_core.config import ConfigError, CSMFConfig, check_objectives, load_config, read_yaml_file
 from csmf_core.metrics import md_cell
 from csmf_core.prep import prepare
 from csmf_core.selection import resolve_val_days
@@ -54,7 +54,9 @@ from csmf_core.tuning import (
     TrialPruned,
     changed_keys,
     describe,
+    fix_space,
     load_space,
+    override_keys,
     run_trial,
     suggest,
     trial_config,
@@ -158,7 +160,12 @@ def csmf_tune(
     doctor.before_run(root, tracking_uri())
     dataset = dataset_location(data, root)
     base = fit_to_dataset(load_config(config, overrides), dataset, logger.info)
-    search = load_space(Path(space).read_text() if space else DEFAULT_SPACE.read_text(), base)
+    search = load_space(read_yaml_file(space or DEFAULT_SPACE, "search space file") or {}, base)
+    search, fixed = fix_space(search, override_keys(overrides), base)
+    if fixed:
+        logger.info("search space: %s fixed by --set, not searched", ", ".join(fixed))
+    if not search:
+        raise ConfigError("every parameter of the search space is fixed by --set: nothing to tune")
     td = prepare_tune_data(root, dataset, date, base)
     logger.info("%s; tuning on %s .. %s", td.val_why, td.train_dates[0], td.train_dates[-1])
     name = study_name(td.dataset, td.date, base, search, seed)
@@ -190,7 +197,7 @@ def csmf_tune(
                 )
                 study.tell(number, outcome["value"], state=outcome["state"])
                 logger.info("trial %d: %s %s", number, outcome["state"].name.lower(), outcome["summary"])
-            result = write_outputs(study, base, td, parent, out, root, search)
+            result = write_outputs(study, base, td, parent, out, root, search, override_keys(overrides))
         except BaseException as exc:
             parent.fail(exc)
             raise
@@ -349,7 +356,12 @@ def _data(cache: dict, td: TuneData, cfg: CSMFConfig) -> CascadeData:
 
 
 # ---- outputs ---------------------------------------------------------------------------------------
-def write_outputs(study, base: CSMFConfig, td: TuneData, parent, out, home: Path, search) -> dict:
+def write_outputs(
+    study, base: CSMFConfig, td: TuneData, parent, out, home: Path, search, fixed: list[str] = ()
+) -> dict:
+    """The tuned config file (the best trial's keys that differ from the base, plus the keys fixed by
+    --set: every trial was scored with them, and a later run without the same --set would not have
+    them), its MLflow logging and the report."""
     from optuna.trial import TrialState
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -360,12 +372,19 @@ def write_outputs(study, base: CSMFConfig, td: TuneData, parent, out, home: Path
         )
     best = study.best_trial
     tuned = changed_keys(base, trial_config(base, best.user_attrs["config"]))
+    flat = base.flat()
+    for key in fixed:
+        section, name = key.split(".", 1)
+        tuned.setdefault(section, {}).setdefault(
+            name, list(flat[key]) if isinstance(flat[key], tuple) else flat[key]
+        )
     path = Path(out) if out else tuned_config_path(home, td.dataset)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = (
         f"# csmf tune {td.dataset} {td.date}: best of {len(complete)} complete trials (study {study.study_name})\n"
         f"# validation score {best.value:.4f} (mean model / popularity Recall@K on {td.val_why.split(':')[0]} days)\n"
-        f"# written {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}; keys that differ from the base config only\n"
+        f"# written {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}; keys that differ from the base config"
+        f"{', and those fixed by --set' if fixed else ''} only\n"
     )
     path.write_text(header + (yaml.safe_dump(tuned, sort_keys=True) if tuned else "{}\n"))
     parent.log_artifact(path, "tuned")

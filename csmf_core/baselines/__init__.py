@@ -46,6 +46,8 @@ def resolve_methods(spec: str) -> list[str]:
     if spec.strip() == "all":
         return list(METHODS)
     names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise ValueError(f"no method named in {spec!r}; give 'all' or a comma list of: {', '.join(METHODS)}")
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")

@@ -120,6 +120,18 @@ def test_seeded_tune_is_reproducible(first, files, tmp_path):
     assert _trials(again) == _trials(first)
 
 
+def test_keys_fixed_by_set_are_not_searched_and_go_into_the_tuned_config(harness, files, tmp_path):
+    """--set loss.aml=false: trials used to replace it with the space's choice, silently, and the tuned
+    file (keys that differ from a base holding the --set) left it out for the runs that apply it."""
+    fixed = _tune(files, tmp_path / "home-f", trials=1, overrides=["loss.aml=false", "train.batch_size=128"])
+    (trial,) = fixed["trials"]
+    assert "loss.aml" not in trial["params"] and "loss.eta" not in trial["params"]  # eta: only when aml
+    assert "train.lr" in trial["params"]
+    tuned = yaml.safe_load(Path(fixed["config_path"]).read_text())
+    assert tuned["loss"]["aml"] is False and tuned["train"]["batch_size"] == 128
+    assert "fixed by --set" in Path(fixed["config_path"]).read_text().splitlines()[2]
+
+
 def test_evaluation_days_are_never_read(first, files, tmp_path):
     """Poison the evaluation partition (the run date's): the same study, trial for trial."""
     data = tmp_path / "poisoned"

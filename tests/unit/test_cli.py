@@ -19,6 +19,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
+from csmf_core.config import ConfigError, build_config
 from csmf_core.serving import Recommender, metrics_table
 from flows import cli
 from flows.env import HomeNotWritable, check_writable, setup_home
@@ -460,7 +461,8 @@ def test_ui_runs_mlflow_on_the_home_store(tmp_path, monkeypatch, capsys, clean_e
 
     monkeypatch.setattr(cli.subprocess, "Popen", popen)
     monkeypatch.setattr("flows.lock.stop_process_group", lambda pid, timeout: stopped.append(pid))
-    assert cli.main(["ui", "--home", str(tmp_path), "--port", "5099"]) == 0
+    # mlflow ui serves until stopped: exiting by itself (status 0 or not) is a failure
+    assert cli.main(["ui", "--home", str(tmp_path), "--port", "5099"]) == 1
     assert stopped == [424242]  # even when mlflow exits by itself: its workers go with it
     uri = f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     assert seen == [
@@ -477,7 +479,27 @@ def test_ui_runs_mlflow_on_the_home_store(tmp_path, monkeypatch, capsys, clean_e
             "5099",
         ]
     ]
-    assert "http://127.0.0.1:5099" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "http://127.0.0.1:5099" in out.out and "stopped by itself (exit status 0)" in out.err
+
+
+def test_ui_refuses_a_busy_or_impossible_port_before_starting(tmp_path, monkeypatch, capsys, clean_env):
+    """mlflow ui logged 'Address already in use' and exited 0 (csmf ui then said 0); port 99999 was a
+    uvicorn traceback with status 0."""
+    import socket
+
+    monkeypatch.setattr(cli.subprocess, "Popen", lambda *a, **k: pytest.fail("mlflow ui must not start"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli.main(["ui", "--home", str(tmp_path / "h"), "--port", str(port)]) == 2
+        assert f"--port {port}: 127.0.0.1:{port} is in use" in capsys.readouterr().err
+    for bad in ("99999", "0", "http"):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["ui", "--port", bad])
+        assert exit_.value.code == 2 and "--port" in capsys.readouterr().err
+    assert not (tmp_path / "h").exists()
 
 
 def _failing_pipeline(monkeypatch, exc: BaseException):
@@ -658,3 +680,60 @@ def test_read_only_home_with_state_fails_at_once(tiny_world, tmp_path):
     assert "csmf run: error: the csmf home" in res.stderr and "is not writable" in res.stderr, out
     assert "Traceback" not in out and len(out.splitlines()) <= 3, out
     assert time.perf_counter() - t0 < 60
+
+
+def test_json_out_is_checked_before_any_work(tmp_path, capsys, clean_env):
+    """--json-out was written after the flow: a run that trained and registered a model then failed
+    on a missing folder or a directory path. Now checked first: nothing starts, the home is untouched."""
+    home, folder = tmp_path / "home", tmp_path / "results"
+    folder.mkdir()
+    for out, reason in (
+        (folder, "is a directory"),
+        (tmp_path / "file" / "r.json", "cannot create its folder"),
+    ):
+        (tmp_path / "file").write_text("")  # a plain file where the folder should be
+        assert cli.main(["run", "--home", str(home), "--json-out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--json-out {out}" in err and reason in err
+        assert not home.exists()
+    # a missing folder is created (as embed --out does), still before any work
+    assert cli.check_output_file(str(tmp_path / "new" / "deep" / "r.json"), "--json-out") is not None
+    assert (tmp_path / "new" / "deep").is_dir()
+
+
+def test_cuda_without_a_device_and_no_methods_are_refused_before_prefect(
+    tmp_path, monkeypatch, capsys, clean_env
+):
+    """train.device=cuda on a CPU-only torch was an AssertionError inside a task; --methods "" ran
+    zero methods and failed with 'every run failed: []'."""
+    import torch
+
+    from flows.runs import device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="train.device=cuda but torch sees no CUDA device"):
+        device(build_config({}, ["train.device=cuda"]))
+    assert device(build_config({}, ["train.device=auto"])) == "cpu"
+    for methods in ("", ",", " , "):
+        assert (
+            cli.main(
+                ["compare", "--home", str(tmp_path / "h"), "--data", str(tmp_path), "--methods", methods]
+            )
+            == 2
+        )
+        assert "no method named" in capsys.readouterr().err
+
+
+def test_validate_reads_a_uri_and_names_a_file_given_for_the_directory(tmp_path, capsys):
+    """`csmf validate file:///...` collapsed '//' (an argparse Path) and reported a missing directory."""
+    from csmf_core import synth
+
+    data = tmp_path / "d"
+    synth.generate(data, "tiny", n_days=2)
+    assert cli.main(["validate", data.as_uri()]) == 0
+    assert f"dataset {data}: OK" in capsys.readouterr().out
+    assert cli.main(["validate", str(data / "dataset.yaml")]) == 1
+    assert (
+        f"is a file, not a dataset directory (rule: missing_path); fix: give the folder that holds it: {data}"
+        in (capsys.readouterr().out)
+    )

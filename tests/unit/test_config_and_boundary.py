@@ -32,6 +32,61 @@ def test_overrides_and_errors_reported_together(tmp_path):
     assert build_config().digest() == build_config().digest() != cfg.digest()
 
 
+def test_unknown_keys_and_bad_values_are_reported_in_one_message():
+    """The name pass used to stop the build: a typo hid every range error until it was fixed."""
+    with pytest.raises(ConfigError) as e:
+        build_config(
+            {"train": {"epoch": 3, "lr": -1}},
+            ["model.dim=0", "foo.bar=1", "eval.ks=[x]", "eval.primary_k=20"],
+        )
+    lines = [ln.strip() for ln in str(e.value).splitlines()[1:]]
+    assert len(lines) == 5
+    assert lines[0].startswith("unknown key train.epoch ") and lines[1].startswith("unknown section 'foo'")
+    assert lines[2].startswith("eval.ks: ")  # a type error
+    assert lines[3:] == ["model.dim must be >= 2", "train.lr must be > 0"]  # range errors, with them
+    # eval.primary_k is judged against eval.ks, which was refused: that rule is left out, not misreported
+    assert not any("primary_k" in ln for ln in lines)
+
+
+def test_malformed_yaml_is_a_config_error_naming_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: [1\n")
+    for path in (bad,):
+        with pytest.raises(ConfigError, match=r"bad.yaml is not valid YAML: .* at line \d+, column \d+"):
+            load_config(path)
+        with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+            load_config(None, tuned=path)
+    with pytest.raises(ConfigError, match=r"override 'train.epochs=\[1,': the value is not valid YAML"):
+        build_config({}, ["train.epochs=[1,", "model.dim=0"])
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"train:\n  lr: 0.01 # caf\xe9\n")
+    with pytest.raises(ConfigError, match="latin.yaml is not UTF-8 text"):
+        load_config(latin)
+    from csmf_core.tuning import load_space
+
+    with pytest.raises(ConfigError, match="search space: not valid YAML"):
+        load_space("train.lr: {low: [1\n")
+
+
+def test_fixed_keys_leave_the_search_space():
+    """--set train.epochs=1,1,1 with csmf tune: trials replaced it with the space's epochs, silently."""
+    from csmf_core.tuning import fix_space, load_space, override_keys
+
+    space = load_space(
+        "train.lr: {low: 1.0e-4, high: 1.0e-2}\ntrain.epochs: {per_stage: [[1, 2]]}\n"
+        "loss.aml: {choices: [true, false]}\nloss.eta: {low: 1.2, high: 3.0, when: {loss.aml: true}}\n"
+    )
+    keys = override_keys(["train.epochs=1,1,1", "loss.aml=false"])
+    assert keys == ["train.epochs", "loss.aml"]
+    kept, dropped = fix_space(space, keys, build_config({}, ["train.epochs=1,1,1", "loss.aml=false"]))
+    assert [p.key for p in kept] == ["train.lr"] and dropped == ["train.epochs", "loss.aml", "loss.eta"]
+    kept, dropped = fix_space(space, ["loss.aml"], build_config({}, ["loss.aml=true"]))
+    assert [(p.key, p.when) for p in kept] == [("train.lr", ()), ("train.epochs", ()), ("loss.eta", ())]
+    assert dropped == ["loss.aml"]
+
+
 def _imports(package: str):
     """(file, imported module) for every import statement of a top-level package, function-level too."""
     root = pathlib.Path(__file__).resolve().parents[2] / package
