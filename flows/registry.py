@@ -74,8 +74,10 @@ _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 class CSMFPyfunc(mlflow.pyfunc.PythonModel):
     """pyfunc over `csmf_core.serving.Recommender`.
 
-    Input: a DataFrame with `user_id` (int) and optionally `k` (int, default 50) and `weights` (per
-    row: a list of N floats, a "k0,k1,k2" string, or empty = the bundle's default fused weights).
+    Input: a DataFrame with `user_id` (int) and optionally `k` (int, default 50), `weights` (per
+    row: a list of N floats, a "k0,k1,k2" string, or empty = the bundle's default fused weights) and
+    `mode` (per row: an objective's name or index for that stage's own ranking; not with weights).
+    Other columns are refused by the scoring server's guard (serve_limits.check_columns).
     Output: one row per input row, same order: user_id, item_ids (list[int]), scores (list[float]),
     cold_start (bool: the user id is unknown to the model and got the generic vector).
 
@@ -106,7 +108,7 @@ class CSMFPyfunc(mlflow.pyfunc.PythonModel):
         except (ValueError, TypeError, KeyError) as exc:
             raise mlflow.exceptions.MlflowException.invalid_parameter_value(
                 f"csmf: {exc}. Input: user_id (int), optional k (1..{_max_k()}), optional weights "
-                "(one number >= 0 per objective, e.g. '1,1.8,1.2')"
+                "(one number >= 0 per objective, e.g. '1,1.8,1.2') or mode (an objective's name or index)"
             ) from exc
 
     def _predict(self, model_input: pd.DataFrame) -> pd.DataFrame:
@@ -127,12 +129,20 @@ class CSMFPyfunc(mlflow.pyfunc.PythonModel):
             if "weights" in model_input.columns
             else [None] * len(users)
         )
+        modes = (
+            [_mode(v) for v in model_input["mode"]] if "mode" in model_input.columns else [None] * len(users)
+        )
+        for r, (w, m) in enumerate(zip(ws, modes)):
+            if w is not None and m is not None:
+                raise ValueError(
+                    f"row {r}: weights {list(w)} and mode {m!r} given; a row ranks by one of them"
+                )
         out: list[dict | None] = [None] * len(users)
         groups: dict[tuple, list[int]] = {}
-        for r, key in enumerate(zip(ks, ws)):
+        for r, key in enumerate(zip(ks, ws, modes)):
             groups.setdefault(key, []).append(r)
-        for (k, w), rows in groups.items():  # one batched query per distinct (k, weights)
-            recs = self.recommender.recommend([users[r] for r in rows], k=k, weights=w)
+        for (k, w, m), rows in groups.items():  # one batched query per distinct (k, weights, mode)
+            recs = self.recommender.recommend([users[r] for r in rows], k=k, weights=w, mode=m)
             for r, rec in zip(rows, recs):
                 out[r] = rec
         return pd.DataFrame(
@@ -164,10 +174,25 @@ def _user_id(v: Any) -> int:
     return check_id(v, "user_id")
 
 
+def _mode(v: Any) -> int | str | None:
+    """A row's mode: missing = None (fused); an objective's name, or its index (1.0 from a JSON float
+    column is 1); the Recommender checks it against the bundle's objectives."""
+    if _missing(v):
+        return None
+    if isinstance(v, str):
+        return v.strip()
+    if isinstance(v, bool) or not float(v).is_integer():
+        raise ValueError(f"mode must be an objective's name or index, got {v!r}")
+    return int(v)
+
+
 def _k(v: Any) -> int:
-    """A row's k: missing = DEFAULT_K; else an integer 1..MAX_K (10.0 from a JSON float column is 10)."""
+    """A row's k: missing = DEFAULT_K; else an integer 1..MAX_K (10.0 from a JSON float column is 10;
+    a string is refused, as for user_id)."""
     if _missing(v):
         return DEFAULT_K
+    if isinstance(v, str):
+        raise ValueError(f"k must be an integer from 1 to {_max_k()}, got the string {v!r}")
     try:
         f = float(v)
     except (TypeError, ValueError):
@@ -207,7 +232,7 @@ def code_paths() -> list[str]:
 
 
 def model_signature():
-    """The pyfunc's signature: user_id, k, weights -> user_id, item_ids, scores, cold_start.
+    """The pyfunc's signature: user_id, k, weights, mode -> user_id, item_ids, scores, cold_start.
 
     The input columns are typed `Any` on purpose: MLflow enforces a typed input schema before the
     model sees the request, casting ids through pandas dtypes (a float column, 2**63) and answering
@@ -218,7 +243,7 @@ def model_signature():
     from mlflow.types import DataType
     from mlflow.types.schema import AnyType, Array, ColSpec, Schema
 
-    inputs = Schema([ColSpec(AnyType(), name, required=False) for name in ("user_id", "k", "weights")])
+    inputs = Schema([ColSpec(AnyType(), name, required=False) for name in serve_limits.INPUT_COLUMNS])
     outputs = Schema(
         [
             ColSpec(DataType.long, "user_id"),

@@ -42,6 +42,10 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import REQUEST_LIMIT_EXCEEDED
 
+# the pyfunc's input columns (flows/registry.py: signature and predict); MLflow's schema enforcement
+# drops any other column before the model sees it, so a misspelt "weight" would rank with the default
+# weights in silence: the guard refuses such a request instead (`request_columns`)
+INPUT_COLUMNS = ("user_id", "k", "weights", "mode")
 ENV_MAX_USERS = "CSMF_SERVE_MAX_USERS"
 ENV_MAX_BODY_BYTES = "CSMF_SERVE_MAX_BODY_BYTES"
 ENV_MAX_JSON_DEPTH = "CSMF_SERVE_MAX_JSON_DEPTH"
@@ -113,6 +117,41 @@ def json_depth(body: bytes) -> int:
     return max(0, int(np.cumsum(step, dtype=pos).max()))
 
 
+def request_columns(payload: object) -> set[str]:
+    """The column names of a parsed /invocations JSON body in any of MLflow's input formats
+    (dataframe_split's columns, dataframe_records' keys, inputs / instances as a mapping of columns or
+    a list of records); empty when the body has another shape (MLflow then answers it itself)."""
+    if not isinstance(payload, dict):
+        return set()
+    cols: set[str] = set()
+    split = payload.get("dataframe_split")
+    if isinstance(split, dict) and isinstance(split.get("columns"), list):
+        cols |= {str(c) for c in split["columns"]}
+    for key in ("dataframe_records", "inputs", "instances"):
+        value = payload.get(key)
+        if isinstance(value, dict):
+            cols |= {str(c) for c in value}
+        elif isinstance(value, list):
+            cols |= {str(c) for row in value if isinstance(row, dict) for c in row}
+    return cols
+
+
+def check_columns(body: bytes) -> None:
+    """MlflowException (HTTP 400) naming the columns of a JSON request that the model does not read."""
+    import json
+
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return  # not JSON: MLflow's own message
+    unknown = sorted(request_columns(payload) - set(INPUT_COLUMNS))
+    if unknown:
+        raise MlflowException.invalid_parameter_value(
+            f"csmf: unknown input column(s) {unknown}; the model reads {list(INPUT_COLUMNS)} (user_id "
+            "required; k, weights or mode optional): a misspelt column would otherwise be dropped"
+        )
+
+
 def in_scoring_server() -> bool:
     """True inside the worker process of `mlflow models serve` while it loads the model."""
     return _SERVER_APP in sys.modules and bool(os.environ.get(_SERVER_MODEL_PATH))
@@ -152,6 +191,7 @@ def install_request_guard(limits: Limits) -> None:
                     f'{top}; a request is {{"dataframe_records": [{{"user_id": 42, "k": 10}}, ...]}} '
                     "(4-5 levels)"
                 )
+            check_columns(self._body)
         return self._body
 
     body._csmf_original = original

@@ -189,7 +189,10 @@ def test_valid_requests_match_the_recommender_and_the_cli(served, capsys):
         ({"user_id": 1, "weights": "1,-2,1"}, "must be finite, >= 0"),
         ({"user_id": 1, "weights": "a,b,c"}, "expected comma-separated numbers"),
         ({"user_id": "alice"}, "user_id 'alice' is not an integer id"),
-        ({"item": 3}, "input needs a user_id column"),
+        ({"k": 3}, "input needs a user_id column"),
+        ({"item": 3}, "unknown input column(s) ['item']"),  # MLflow would drop it in silence
+        ({"user_id": 1, "weight": "0,0,1"}, "unknown input column(s) ['weight']"),
+        ({"user_id": 1, "mode": "click", "weights": "1,1,1"}, "a row ranks by one of them"),
     ],
 )
 def test_invalid_requests_get_400_with_a_message(served, record, message):

@@ -737,3 +737,17 @@ def test_validate_reads_a_uri_and_names_a_file_given_for_the_directory(tmp_path,
         f"is a file, not a dataset directory (rule: missing_path); fix: give the folder that holds it: {data}"
         in (capsys.readouterr().out)
     )
+
+
+def test_hints_carry_home_only_where_later_commands_would_not_find_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "_SHELL_HOME", None)
+    assert cli.home_flag(tmp_path / ".csmf") == ""  # ./.csmf: found without --home
+    assert cli.home_flag(tmp_path / "h") == f" --home {tmp_path / 'h'}"
+    monkeypatch.setattr(cli, "_SHELL_HOME", str(tmp_path / "h"))  # the shell's $CSMF_HOME finds it
+    assert cli.home_flag(tmp_path / "h") == "" and cli.home_flag(tmp_path / ".csmf") != ""
+    text = cli.summarize_run({"mlflow_run_id": "r", "tracking_uri": "sqlite:///x"}, 50, tmp_path / "other")
+    assert (
+        f"csmf ui --home {tmp_path / 'other'}" in text
+        and f"csmf recommend --home {tmp_path / 'other'}" in text
+    )

@@ -148,3 +148,54 @@ def test_scoring_app_with_the_guard(client, tiny_world):
     r = _post(client, big)  # installing again updates the limits
     assert r.status_code == 200 and r.json()["predictions"][0]["user_id"] == users[0]
     assert _post(client, ok.request.content).status_code == 200
+
+
+def test_request_columns_of_every_mlflow_input_format():
+    assert serve_limits.request_columns(
+        {"dataframe_split": {"columns": ["user_id", "wieghts"], "data": []}}
+    ) == {
+        "user_id",
+        "wieghts",
+    }
+    records = {"dataframe_records": [{"user_id": 1}, {"user_id": 2, "extra": 1}]}
+    assert serve_limits.request_columns(records) == {"user_id", "extra"}
+    assert serve_limits.request_columns({"inputs": {"user_id": [1], "mode": ["click"]}}) == {
+        "user_id",
+        "mode",
+    }
+    assert serve_limits.request_columns({"instances": [{"user_id": 1, "k": 2}]}) == {"user_id", "k"}
+    assert serve_limits.request_columns([1, 2]) == set() == serve_limits.request_columns({"inputs": [1, 2]})
+
+
+def test_scoring_app_refuses_unknown_columns_and_ranks_by_mode(client, tiny_world):
+    """MLflow's schema enforcement dropped columns outside the signature: {"mode": "click"} and a
+    misspelt "weight" both returned the default fused ranking with HTTP 200."""
+    from csmf_core.serving import Recommender
+
+    serve_limits.install_request_guard(Limits(max_users=10, max_body_bytes=10**6, max_json_depth=8))
+    users = _users(tiny_world, 2)
+    for body, unknown in (
+        ({"dataframe_records": [{"user_id": users[0], "weight": "0,0,1"}]}, "['weight']"),
+        ({"dataframe_split": {"columns": ["user_id", "extra"], "data": [[users[0], 1]]}}, "['extra']"),
+    ):
+        r = _post(client, json.dumps(body))
+        assert r.status_code == 400 and f"unknown input column(s) {unknown}" in r.json()["message"]
+    rec = Recommender.load(tiny_world["bundle"])
+    rows = [
+        {"user_id": users[0], "k": 4, "mode": "click"},
+        {"user_id": users[1], "k": 4, "mode": 2},
+        {"user_id": users[1], "k": 4},
+    ]
+    r = _post(client, json.dumps({"dataframe_records": rows}))
+    assert r.status_code == 200, r.json()
+    preds = r.json()["predictions"]
+    assert preds[0]["item_ids"] == rec.recommend([users[0]], k=4, mode="click")[0]["items"]
+    assert preds[1]["item_ids"] == rec.recommend([users[1]], k=4, mode=2)[0]["items"]
+    assert preds[2]["item_ids"] == rec.recommend([users[1]], k=4)[0]["items"]  # fused, default weights
+    for row, message in (
+        ({"user_id": users[0], "mode": "click", "weights": "1,1,1"}, "a row ranks by one of them"),
+        ({"user_id": users[0], "mode": "nope"}, "unknown stage 'nope'"),
+        ({"user_id": users[0], "k": "3"}, "got the string '3'"),
+    ):
+        r = _post(client, json.dumps({"dataframe_records": [row]}))
+        assert r.status_code == 400 and message in r.json()["message"], r.json()
