@@ -128,6 +128,11 @@ def decide_mode(
         if new_days and new_days > 1
         else ""
     )
+    if parent.get("date") and parent["date"] >= run_date:  # only when named (explicit): see above
+        since += (
+            f"; NOTE: it was trained for {parent['date']}, so it has seen {run_date} and maybe later days:"
+            " this run's evaluation figures are not out of sample"
+        )
     return ModeDecision(
         INCREMENTAL,
         f"train.mode=incremental: continuing model v{parent['version']} (last full retrain {last_full}){since}",

@@ -18,9 +18,11 @@ prints the model it used first ("Model: csmf version 3 (models:/csmf@champion; .
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import re
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -225,6 +227,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     data = dataset_location(args.data, setup_home(args.home))  # a path or a URI
     dates = partition_dates(data)
     date = args.date or dates[-1]
+    try:
+        dt.date.fromisoformat(date)
+    except ValueError:
+        raise ValueError(f"--date {date!r} is not YYYY-MM-DD") from None
     if date not in dates:
         raise ValueError(f"{data} has no partition dt={date}; available {dates[0]} .. {dates[-1]}")
     train = [d for d in dates if d < date]
@@ -235,6 +241,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     with Progress(f"validating {data} up to {date}"):
         validate_dataset(data, dates=train + [date]).raise_if_errors()
     meta = json.loads((rec.bundle_dir / "features" / "meta.json").read_text())
+    for line in evaluation_notes(rec, meta, data, date):
+        print(f"csmf evaluate: {line}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="csmf-eval-") as tmp:
         with Progress(f"preparing {data} for evaluation on {date}"):
             prepare(
@@ -256,6 +264,42 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print("\nModel minus popularity, paired 95% bootstrap interval over the evaluation users:\n")
     print(gaps_table(gaps))
     return 0
+
+
+def evaluation_notes(rec, meta: dict, data: Path, date: str) -> list[str]:
+    """What makes an evaluation's figures mean less than they seem, one line each: the evaluation day
+    inside the model's training window (not out of sample), another dataset than the model's, and
+    evaluation users or items the model has never seen (all of them: every score is popularity's or
+    a cold start's)."""
+    import numpy as np
+
+    from data_contracts import partition_files, read_name, scan_partition
+
+    notes = []
+    trained = sorted(meta.get("train_dates") or [])
+    if trained and date <= trained[-1]:
+        notes.append(
+            f"the model trained on {trained[0]} .. {trained[-1]}; {date} is inside that window, so these "
+            "figures are not out of sample (evaluate on a later day for that)"
+        )
+    own, this = (meta.get("dataset") or {}).get("name"), read_name(data)
+    if own and this and own != this:
+        notes.append(f"the model was trained on dataset {own!r}, this is {this!r}")
+    events = scan_partition(partition_files(data)[date]).select("user_id", "item_id").collect()
+    for side, vocab in (("user", rec.user_vocab), ("item", rec.item_vocab)):
+        ids = events.get_column(f"{side}_id").unique().to_numpy()
+        known = int(np.isin(ids, vocab).sum())
+        if known < len(ids):
+            share = f"{known:,} of {len(ids):,} {side}s of {date} are known to the model"
+            notes.append(
+                f"WARNING: none of the {len(ids):,} {side}s of {date} is known to the model: is this the "
+                "data it was trained on?"
+                if known == 0
+                else f"{share} (the others are cold starts)"
+                if side == "user"
+                else f"{share} (the others cannot be recommended)"
+            )
+    return notes
 
 
 def add_commands(sub, parents: list[argparse.ArgumentParser]) -> None:

@@ -751,3 +751,34 @@ def test_hints_carry_home_only_where_later_commands_would_not_find_it(tmp_path, 
         f"csmf ui --home {tmp_path / 'other'}" in text
         and f"csmf recommend --home {tmp_path / 'other'}" in text
     )
+
+
+def test_evaluation_notes_say_when_figures_are_not_what_they_seem(tmp_path):
+    """csmf evaluate scored a KuaiRand model on synth data (every figure 0, no word why) and a model on
+    its own training days (in-sample figures) without a note."""
+    import numpy as np
+    import polars as pl
+
+    from csmf_core import synth
+    from flows.cli_serving import evaluation_notes
+
+    data = tmp_path / "d"
+    synth.generate(data, "tiny", n_days=3)
+    day = sorted(p.name[3:] for p in (data / "events").iterdir())[-1]
+    events = pl.read_parquet(data / "events" / f"dt={day}")
+    users, items = np.unique(events["user_id"].to_numpy()), np.unique(events["item_id"].to_numpy())
+    rec = types.SimpleNamespace(user_vocab=users[: len(users) // 2], item_vocab=items)
+    meta = {"train_dates": ["2026-01-01", day], "dataset": {"name": "synth-tiny"}}
+    notes = evaluation_notes(rec, meta, data, day)
+    assert notes == [
+        f"the model trained on 2026-01-01 .. {day}; {day} is inside that window, so these figures are not "
+        "out of sample (evaluate on a later day for that)",
+        f"{len(users) // 2:,} of {len(users):,} users of {day} are known to the model (the others are cold starts)",
+    ]
+    rec = types.SimpleNamespace(user_vocab=users, item_vocab=np.array([-1, -2]))
+    meta = {"train_dates": ["2026-01-01"], "dataset": {"name": "kuairand-pure-slice"}}
+    assert evaluation_notes(rec, meta, data, day) == [
+        "the model was trained on dataset 'kuairand-pure-slice', this is 'synth-tiny'",
+        f"WARNING: none of the {len(items):,} items of {day} is known to the model: is this the data it was "
+        "trained on?",
+    ]

@@ -34,7 +34,10 @@ def test_decide_mode_schedule():
     d = decide_mode(INCREMENTAL, "2026-01-08", 7, parent)  # 7 days: forced
     assert d.mode == FULL and "full retrain is due" in d.reason and d.last_full_date == "2026-01-08"
     d = decide_mode(INCREMENTAL, "2026-01-08", 7, parent, explicit=True)  # --from-model: as asked
-    assert d.mode == INCREMENTAL
+    assert d.mode == INCREMENTAL and "NOTE" not in d.reason
+    # a named model trained for this date or later is continued, with a note: it saw the evaluation day
+    d = decide_mode(INCREMENTAL, "2026-01-05", 7, parent | {"date": "2026-01-06"}, explicit=True)
+    assert d.mode == INCREMENTAL and "it has seen 2026-01-05" in d.reason and "not out of sample" in d.reason
     d = decide_mode(INCREMENTAL, "2026-01-06", 7, parent | {"date": "2026-01-06"})  # a re-run
     assert d.mode == FULL and "re-run or a backfill" in d.reason
     d = decide_mode(INCREMENTAL, "2026-01-06", 7, parent | {"date": "2026-01-05"})
