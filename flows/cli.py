@@ -142,6 +142,14 @@ def home_flag(home: Path) -> str:
     return "" if Path(home).resolve() == found else f" --home {home}"
 
 
+def default_date(dates: list[str], eval_days: int) -> str:
+    """The run date when --date is not given: the evaluation window (the date and the eval_days - 1
+    days after it) ends on the newest partition; the newest partition itself when that first day has
+    no partition (the run then names the missing days)."""
+    first = (dt.date.fromisoformat(dates[-1]) - dt.timedelta(days=eval_days - 1)).isoformat()
+    return first if first in dates else dates[-1]
+
+
 def check_output_file(path: str | None, flag: str) -> Path | None:
     """An output file named on the command line, checked before any work (a run that trained and
     registered a model must not fail on its last line): not a directory, its folder created and
@@ -192,12 +200,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             how = "(--tuned none to train without)"
             print(f"csmf run: applying the tuned config {describe_tuned(tuned)} {how}")
         dates = partition_dates(data)
-        date = args.date or dates[-1]
+        date = args.date or default_date(dates, cfg.data.eval_days)
         try:
             dt.date.fromisoformat(date)
         except ValueError as exc:
             raise ValueError(f"--date {date!r} is not YYYY-MM-DD") from exc
-        window = f"evaluation day {date} (training on the partitions before it)"
+        n_eval = cfg.data.eval_days
+        window = (
+            f"evaluation day {date}"
+            if n_eval == 1
+            else f"evaluation days {date} and the {n_eval - 1} after it"
+        ) + " (training on the partitions before it)"
         print(f"csmf run: data {data}, {window}, home {home}")
         print(f"csmf run: {api_line}")
         from flows.pipeline import csmf_daily

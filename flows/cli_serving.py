@@ -155,6 +155,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
         raise ValueError("--weights applies to --side user only: item vectors do not depend on the weights")
     if args.mode is not None and args.weights is not None:
         raise ValueError("pass either --mode (one stage's vectors) or --weights (fused queries), not both")
+    out_path = Path(args.out)
+    if out_path.is_dir():
+        raise IsADirectoryError(
+            f"--out {args.out} is a directory; give a file such as {out_path / 'vectors.parquet'}"
+        )
+    if out_path.suffix.lower() != ".parquet":
+        raise ValueError(
+            f"--out {args.out}: the vectors are written as Parquet; give a name ending in .parquet"
+        )
     rec = open_recommender(args.model, args.home)
     mode = rec.stage_index(args.mode) if args.mode is not None else rec.n_stages - 1
     meta = {
@@ -258,7 +267,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             rows, gaps = rec.evaluate_with_gaps(Path(tmp) / "mr", ks=ks, gaps_k=k)
     print(
         f"\nModel {rec.bundle_dir} on {data}, evaluation day {date} (fused weights "
-        f"{rec.default_weights.tolist()}):\n"
+        f"{[round(float(w), 6) for w in rec.default_weights]}):\n"
     )
     print(metrics_table(rows))
     print("\nModel minus popularity, paired 95% bootstrap interval over the evaluation users:\n")

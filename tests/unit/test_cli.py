@@ -111,6 +111,11 @@ def test_embed_and_recommend_on_a_bundle_directory(tiny_world, tmp_path, capsys)
         cli.main(["embed", "--side", "item", "--weights", "1,1,1", "--model", bundle, "--out", str(out)]) == 2
     )
     capsys.readouterr()
+    # x.csv was written as Parquet, a directory failed with a raw "Is a directory" on its last step
+    for bad, reason in ((tmp_path / "u.csv", "give a name ending in .parquet"), (tmp_path, "is a directory")):
+        assert cli.main(["embed", "--side", "item", "--model", bundle, "--out", str(bad)]) == 2
+        assert reason in capsys.readouterr().err
+    assert not (tmp_path / "u.csv").exists()
 
     uid = int(users[3])
     assert (
@@ -782,3 +787,11 @@ def test_evaluation_notes_say_when_figures_are_not_what_they_seem(tmp_path):
         f"WARNING: none of the {len(items):,} items of {day} is known to the model: is this the data it was "
         "trained on?",
     ]
+
+
+def test_default_date_fits_the_evaluation_window():
+    """--set data.eval_days=3 without --date always failed: the default date was the newest partition."""
+    dates = ["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"]
+    assert cli.default_date(dates, 1) == "2026-01-04"
+    assert cli.default_date(dates, 3) == "2026-01-02"
+    assert cli.default_date(["2026-01-01", "2026-01-04"], 2) == "2026-01-04"  # 01-03 has no partition
