@@ -39,7 +39,7 @@ from pathlib import Path
 from csmf_core.allocator import tune_allocator
 from flows.console import Progress, partition_dates, text_table
 from flows.env import DEFAULT_HOME, check_writable, setup_home, startup_imports, tracking_uri
-from flows.inputs import dataset_location
+from flows.inputs import dataset_location, default_eval_day
 
 SYNTH_DEFAULT = ("small", 0)  # preset and seed of the data `csmf run` generates when given no --data
 # Errors that are the user's to fix (data, config, arguments, disk, a run already training): one
@@ -142,14 +142,6 @@ def home_flag(home: Path) -> str:
     return "" if Path(home).resolve() == found else f" --home {home}"
 
 
-def default_date(dates: list[str], eval_days: int) -> str:
-    """The run date when --date is not given: the evaluation window (the date and the eval_days - 1
-    days after it) ends on the newest partition; the newest partition itself when that first day has
-    no partition (the run then names the missing days)."""
-    first = (dt.date.fromisoformat(dates[-1]) - dt.timedelta(days=eval_days - 1)).isoformat()
-    return first if first in dates else dates[-1]
-
-
 def check_output_file(path: str | None, flag: str) -> Path | None:
     """An output file named on the command line, checked before any work (a run that trained and
     registered a model must not fail on its last line): not a directory, its folder created and
@@ -200,7 +192,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             how = "(--tuned none to train without)"
             print(f"csmf run: applying the tuned config {describe_tuned(tuned)} {how}")
         dates = partition_dates(data)
-        date = args.date or default_date(dates, cfg.data.eval_days)
+        date = args.date or default_eval_day(dates, cfg.data.eval_days)
         try:
             dt.date.fromisoformat(date)
         except ValueError as exc:

@@ -104,10 +104,19 @@ class Window:
         return sum(1 for d in self.validate_dates if first <= d < self.date)
 
 
+def default_eval_day(dates: list[str], eval_days: int) -> str:
+    """The evaluation day of a run given none (ISO dates in, ISO date out): the one whose evaluation
+    window (it and the eval_days - 1 days after it) ends on the newest partition; the newest partition
+    itself when that first day has no partition (plan_window then names the missing days)."""
+    first = (dt.date.fromisoformat(dates[-1]) - dt.timedelta(days=eval_days - 1)).isoformat()
+    return first if first in dates else dates[-1]
+
+
 def plan_window(
     dataset_dir: str | os.PathLike, date: str | None, data: DataConfig, last_partitions: int | None = None
 ) -> Window:
-    """Evaluation and training dates for evaluation day `date` (default: the last partition).
+    """Evaluation and training dates for evaluation day `date` (default: `default_eval_day`, the
+    newest partition with one evaluation day).
 
     Training days: `data.train_days` calendar days before `date` (each must have its partition), or
     every partition before it (train_days 0), or, with `last_partitions`, the last that many partitions
@@ -122,7 +131,7 @@ def plan_window(
         )
     have = [p.date for p in partitions]
     try:
-        day = dt.date.fromisoformat(date) if date else have[-1]
+        day = dt.date.fromisoformat(date or default_eval_day([d.isoformat() for d in have], data.eval_days))
     except ValueError as exc:
         raise ValueError(f"date {date!r} is not YYYY-MM-DD") from exc
     eval_d = [day + dt.timedelta(days=k) for k in range(data.eval_days)]

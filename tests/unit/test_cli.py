@@ -792,6 +792,8 @@ def test_evaluation_notes_say_when_figures_are_not_what_they_seem(tmp_path):
 def test_default_date_fits_the_evaluation_window():
     """--set data.eval_days=3 without --date always failed: the default date was the newest partition."""
     dates = ["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"]
-    assert cli.default_date(dates, 1) == "2026-01-04"
-    assert cli.default_date(dates, 3) == "2026-01-02"
-    assert cli.default_date(["2026-01-01", "2026-01-04"], 2) == "2026-01-04"  # 01-03 has no partition
+    from flows.inputs import default_eval_day
+
+    assert default_eval_day(dates, 1) == "2026-01-04"
+    assert default_eval_day(dates, 3) == "2026-01-02"
+    assert default_eval_day(["2026-01-01", "2026-01-04"], 2) == "2026-01-04"  # 01-03 has no partition
