@@ -427,11 +427,16 @@ def _version_for(ref: str | None, client: mlflow.MlflowClient):
     if m:
         name, alias, number = m.groups()
         safe_name(name, f"model reference {ref!r}: the model name")  # it names the cache directory
-        return (
-            client.get_model_version_by_alias(name, alias)
-            if alias
-            else client.get_model_version(name, number)
-        )
+        try:
+            return (
+                client.get_model_version_by_alias(name, alias)
+                if alias
+                else client.get_model_version(name, number)
+            )
+        except mlflow.exceptions.MlflowException:
+            raise LookupError(
+                f"model reference {ref!r}: no such {'alias' if alias else 'version'}; {_inventory(client, name)}"
+            ) from None
     if _RUN_ID.match(ref):
         versions = [
             v
@@ -441,9 +446,33 @@ def _version_for(ref: str | None, client: mlflow.MlflowClient):
         if not versions:
             raise LookupError(f"no version of {name!r} was registered by MLflow run {ref}")
         return max(versions, key=lambda v: int(v.version))
+    if Path(ref).exists():
+        raise ValueError(
+            f"model reference {ref!r}: a path, but not a serving-bundle directory (no bundle.json)"
+        )
     raise ValueError(
-        f"model reference {ref!r}: use models:/{name}@<alias>, models:/{name}/<version>, an MLflow run id, "
-        "latest, or nothing for the champion"
+        f"model reference {ref!r}: use a serving-bundle directory, models:/{name}@<alias>, "
+        f"models:/{name}/<version>, an MLflow run id, latest, or nothing for the champion"
+        + (" (no such directory)" if ("/" in ref or ref.startswith(".")) else "")
+    )
+
+
+def _inventory(client: mlflow.MlflowClient, name: str) -> str:
+    """What the registry holds for `name`: its versions and aliases, for a reference that missed."""
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except mlflow.exceptions.MlflowException:
+        versions = []
+    if not versions:
+        return f"registered model {name!r} has no version here (MLflow store {mlflow.get_tracking_uri()})"
+    numbers = sorted(int(v.version) for v in versions)
+    try:  # search results carry no aliases: the registered model has them
+        aliases = client.get_registered_model(name).aliases or {}
+    except mlflow.exceptions.MlflowException:
+        aliases = {}
+    named = ", ".join(f"{a} (v{v})" for a, v in sorted(aliases.items()))
+    return f"{name!r} has versions {', '.join(map(str, numbers))}" + (
+        f" and aliases {named}" if named else " and no alias"
     )
 
 

@@ -197,3 +197,24 @@ def test_resolve_bundle_refuses_registry_names_that_are_not_directory_names(
     assert not (tmp_path / "home" / "cache" / "models").exists() or not any(
         (tmp_path / "home" / "cache" / "models").rglob("*")
     )
+
+
+def test_a_reference_that_misses_names_what_the_registry_holds(tmp_path):
+    """models:/csmf/7 and @nosuch were MLflow's RESOURCE_DOES_NOT_EXIST, with no word of what exists;
+    a missing bundle path was told the reference forms without 'bundle directory'."""
+    client = registry.mlflow.MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    client.create_registered_model("csmf")
+    for _ in range(2):
+        client.create_model_version("csmf", source=str(tmp_path))
+    client.set_registered_model_alias("csmf", "champion", "1")
+    for ref, what in (("models:/csmf/7", "version"), ("models:/csmf@nosuch", "alias")):
+        with pytest.raises(LookupError) as exc:
+            registry._version_for(ref, client)
+        assert (
+            str(exc.value)
+            == f"model reference {ref!r}: no such {what}; 'csmf' has versions 1, 2 and aliases champion (v1)"
+        )
+    with pytest.raises(ValueError, match=r"use a serving-bundle directory, .* \(no such directory\)"):
+        registry._version_for(str(tmp_path / "nope"), client)
+    with pytest.raises(ValueError, match="a path, but not a serving-bundle directory"):
+        registry._version_for(str(tmp_path), client)
