@@ -7,7 +7,7 @@ How to run:
     csmf validate data/synth-tiny                         # exit 1 when the contract is broken
     csmf run                                              # whole pipeline on generated data
     csmf run --data data/kuairand --date 2022-05-08 --set train.epochs=1,2,2
-    csmf recommend --user-id 42 --k 10 --weights 1,1.8,1.2
+    csmf recommend --user-id 40 --k 10 --weights 1,1.8,1.2
     csmf embed --side user --mode click --out users.parquet
     csmf evaluate --model models:/csmf@champion --data data/synth-small
     csmf compare --data data/synth-small --methods all --seeds 3       # baselines + ablations report

@@ -2,8 +2,8 @@
 
 How to run:
 
-    csmf recommend --user-id 42 --k 10                          # the champion (models:/csmf@champion)
-    csmf recommend --user-id 42 --weights 1,3,0.5 --model models:/csmf@champion
+    csmf recommend --user-id 40 --k 10                          # the champion (models:/csmf@champion)
+    csmf recommend --user-id 40 --weights 1,3,0.5 --model models:/csmf@champion
     csmf embed --side user --mode click --out users.parquet     # mode-1 user vectors
     csmf embed --side user --weights 1,1.8,1.2 --out q.parquet  # fused query vectors
     csmf embed --side item --out items.parquet --model path/to/bundle
@@ -341,7 +341,7 @@ def add_commands(sub, parents: list[argparse.ArgumentParser]) -> None:
         "recommend",
         parents=parents,
         help="top-K items for a user",
-        description="How to run: csmf recommend --user-id 42 [--k 50] [--weights 1,1.8,1.2]",
+        description="How to run: csmf recommend --user-id 40 [--k 50] [--weights 1,1.8,1.2]",
     )
     r.add_argument(
         "--user-id",
