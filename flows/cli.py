@@ -38,7 +38,7 @@ from pathlib import Path
 
 from csmf_core.allocator import tune_allocator
 from flows.console import Progress, partition_dates, text_table
-from flows.env import DEFAULT_HOME, check_writable, setup_home, startup_imports, tracking_uri
+from flows.env import DEFAULT_HOME, check_writable, existing_home, setup_home, startup_imports, tracking_uri
 from flows.inputs import dataset_location, default_eval_day
 
 SYNTH_DEFAULT = ("small", 0)  # preset and seed of the data `csmf run` generates when given no --data
@@ -567,7 +567,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
                 f"--port {args.port}: 127.0.0.1:{args.port} is in use ({exc.strerror}); another csmf ui or "
                 "server may be running there: open it, or choose another --port"
             ) from None
-    setup_home(args.home)
+    existing_home(args.home)
     uri = tracking_uri()
     url = f"http://127.0.0.1:{args.port}"
     print(f"MLflow UI for {uri} on {url} (Ctrl+C to stop)", flush=True)

@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 
 from flows.console import Progress, parse_weights, partition_dates, text_table
-from flows.env import setup_home
+from flows.env import existing_home, setup_home
 from flows.inputs import dataset_location
 
 
@@ -58,7 +58,7 @@ def open_recommender(ref: str | None, home: str | None):
             )
         print(f"Model: bundle directory {Path(ref).resolve()} (not from the registry)")
         return Recommender.load(ref)
-    root = setup_home(home)  # before mlflow is imported: the registry lives in the home's tracking store
+    root = existing_home(home)  # before mlflow is imported: the registry lives in the home's tracking store
     hit = cached_resolution(root, ref)
     if hit is not None:  # the store has not changed since this reference was resolved: no mlflow import
         print(f"Model: {hit['describe']}")
@@ -233,7 +233,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from csmf_core.serving import metrics_table
     from data_contracts import validate_dataset
 
-    data = dataset_location(args.data, setup_home(args.home))  # a path or a URI
+    bundle_dir = args.model is not None and Path(args.model).is_dir()  # needs no registry
+    home = setup_home(args.home) if bundle_dir else existing_home(args.home)
+    data = dataset_location(args.data, home)  # a path or a URI
     dates = partition_dates(data)
     date = args.date or dates[-1]
     try:

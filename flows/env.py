@@ -65,6 +65,20 @@ def home_defaults(root: Path) -> dict[str, str]:
     }
 
 
+def existing_home(home: str | os.PathLike | None = None) -> Path:
+    """`setup_home` for commands that only read a home (recommend, embed, evaluate, ui): a home that
+    does not exist is an error naming it, not a new empty one (a mistyped --home would otherwise
+    query an empty registry, and leave a directory behind). With MLFLOW_TRACKING_URI set the
+    registry lives there, so the home may be new."""
+    root = resolve_home(home)
+    if not root.is_dir() and not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise FileNotFoundError(
+            f"no csmf home at {root}: a home is made by the first `csmf run` there; check --home "
+            "(or $CSMF_HOME), or set MLFLOW_TRACKING_URI to the registry's tracking server"
+        )
+    return setup_home(home)
+
+
 def setup_home(home: str | os.PathLike | None = None) -> Path:
     """Create the home directory and set the environment defaults; returns the absolute home path.
 

@@ -797,3 +797,21 @@ def test_default_date_fits_the_evaluation_window():
     assert default_eval_day(dates, 1) == "2026-01-04"
     assert default_eval_day(dates, 3) == "2026-01-02"
     assert default_eval_day(["2026-01-01", "2026-01-04"], 2) == "2026-01-04"  # 01-03 has no partition
+
+
+def test_read_only_commands_refuse_a_home_that_does_not_exist(tmp_path, capsys, clean_env, monkeypatch):
+    """A mistyped --home made a new empty home (mlflow.db, prefect/) and answered from its empty
+    registry ("no champion yet"), leaving the directory behind."""
+    typo = tmp_path / "hmoe"
+    for args in (
+        ["recommend", "--user-id", "1"],
+        ["ui", "--port", "5098"],
+        ["evaluate", "--data", str(tmp_path)],
+    ):
+        assert cli.main([*args, "--home", str(typo)]) == 2
+        assert f"no csmf home at {typo}" in capsys.readouterr().err
+    assert not typo.exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'server.db'}")  # registry elsewhere
+    from flows.env import existing_home
+
+    assert existing_home(typo) == typo.resolve() and typo.is_dir()
