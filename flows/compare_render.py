@@ -206,7 +206,13 @@ def _markdown(meta, seconds, t2, t2e, t2f, t3, t4, verdict, verdict3, sweep_md, 
         "",
         "![accuracy](figures/accuracy.png)",
         "",
-        "## Fused ranking (weights eval.fused_weights over the objectives each method serves)",
+        "## Fused ranking (weights "
+        + (
+            "chosen per method and seed on the validation users: Protocol above"
+            if any("protocol" in r for r in records)
+            else "eval.fused_weights"
+        )
+        + " over the objectives each method serves)",
         "",
         t2f,
         "",

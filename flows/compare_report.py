@@ -175,24 +175,31 @@ def verdicts(
             if focus not in stats or len(stats) < 2:
                 continue
             best = max(stats, key=lambda x: stats[x][0])
-            fm, fh, _ = stats[focus]
+            fm = stats[focus][0]
             label = f"{o} {m}@{k}"
             if best == focus:
                 runner = max((x for x in stats if x != focus), key=lambda x: stats[x][0])
-                rm, rh, _ = stats[runner]
-                sep = _separated(fm, fh, rm, rh)
+                rm = stats[runner][0]
                 out.append(
                     f"{label}: {focus} has the best mean ({fm:.4f}); runner-up {runner} {rm:.4f} "
-                    f"({'intervals do not overlap' if sep else 'intervals overlap: not a significant win'})."
+                    f"({_overlap(stats[focus], stats[runner], 'not a significant win')})."
                 )
             else:
-                bm, bh, _ = stats[best]
-                sep = _separated(fm, fh, bm, bh)
+                bm = stats[best][0]
                 out.append(
                     f"{label}: {focus} does NOT have the best mean: {best} {bm:.4f} vs {focus} {fm:.4f} "
-                    f"({'intervals do not overlap' if sep else 'intervals overlap'})."
+                    f"({_overlap(stats[focus], stats[best])})."
                 )
     return out
+
+
+def _overlap(a: tuple, b: tuple, if_overlap: str = "") -> str:
+    """Whether two (mean, half-width, n) 95% intervals overlap, in words; with one seed there is none."""
+    if min(a[2], b[2]) < 2:
+        return "one seed: no interval, so no claim of significance either way"
+    if _separated(a[0], a[1], b[0], b[1]):
+        return "intervals do not overlap"
+    return "intervals overlap" + (f": {if_overlap}" if if_overlap else "")
 
 
 def floor_verdicts(

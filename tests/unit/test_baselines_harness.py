@@ -79,6 +79,24 @@ def test_verdicts_say_when_csmf_does_not_win():
     assert len(text) == 2 and all("does NOT have the best mean" in t and "do not overlap" in t for t in text)
     table, rows = rep.accuracy_table(runs, ["csmf", "other"], ["click"], 50)
     assert rows[1]["click/recall@50"] == pytest.approx(0.40) and "0.4000 ± " in table
+    # one seed: no interval, so neither "overlap" nor "do not overlap" (it said "not a significant win")
+    one = [r for r in runs if r["seed"] == 0]
+    for text in (
+        rep.verdicts(one, ["csmf", "other"], ["click"], 50),
+        rep.verdicts(one, ["other", "csmf"], ["click"], 50, focus="other"),
+    ):
+        assert len(text) == 2 and all(
+            t.endswith("(one seed: no interval, so no claim of significance either way).") for t in text
+        )
+    close = [
+        dict(r, method={"csmf": "other", "other": "csmf"}[r["method"]]) for r in runs if r["method"] == "csmf"
+    ] + [
+        r for r in runs if r["method"] == "csmf"
+    ]  # both methods with the same three values: the best one's intervals overlap the runner-up's
+    assert all(
+        "intervals overlap: not a significant win" in t
+        for t in rep.verdicts(close, ["csmf", "other"], ["click"], 50)
+    )
 
 
 # ---- interface ---------------------------------------------------------------------------------
