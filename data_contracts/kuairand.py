@@ -301,6 +301,11 @@ def import_kuairand(
     src, out = Path(src_dir), Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise ValueError(
+            f"{out} is inside the source directory {src}: the source is never modified; write the dataset "
+            "elsewhere"
+        )
     check_replaceable(out, SPEC_FILE)  # overwrite replaces an earlier dataset, never other files
     logs, kind = _log_files(src)
     events, users, items = _events(logs, kind, conversion), _users(src), _items(src)

@@ -645,7 +645,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, type=Path, help="output directory")
     s.add_argument("--preset", default="small", choices=["tiny", "small", "large"])
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    s.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier dataset at --out (never a folder without dataset.yaml)",
+    )
     s.set_defaults(func=cmd_synth)
 
     imp = sub.add_parser("import", parents=[common], help="import a public dataset into the canonical format")
@@ -670,7 +674,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["like", "long_view"],
         help="label of the third objective: click & like (sparse) or click & long view (dense)",
     )
-    k.add_argument("--overwrite", action="store_true")
+    k.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier dataset at --out (never a folder without dataset.yaml)",
+    )
     k.set_defaults(func=cmd_import)
 
     v = sub.add_parser(

@@ -115,6 +115,10 @@ def test_existing_output_needs_overwrite_and_long_view_option(imported, tmp_path
     with pytest.raises(FileExistsError, match="holds no dataset.yaml"):
         import_kuairand(SRC, other, overwrite=True)
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    # nor is anything written into the source directory
+    with pytest.raises(ValueError, match="inside the source directory"):
+        import_kuairand(SRC, SRC / "out")
+    assert not (SRC / "out").exists()
     with pytest.raises(ValueError, match="conversion must be one of"):
         import_kuairand(SRC, tmp_path / "x", conversion="follow")
 
