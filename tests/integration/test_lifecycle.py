@@ -262,6 +262,7 @@ def test_a_full_disk_during_a_stage_fails_child_and_parent(harness, tiny, tmp_pa
 def test_ui_stops_mlflow_and_its_workers_on_a_signal(sig, prefect_home, tmp_path):
     port = free_port()
     log = tmp_path / "ui.log"
+    (tmp_path / "home").mkdir()  # csmf ui reads a home, it does not make one
     with log.open("w") as out:
         proc = subprocess.Popen(
             [*CLI, "ui", "--home", str(tmp_path / "home"), "--port", str(port)],
