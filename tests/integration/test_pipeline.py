@@ -310,7 +310,7 @@ def test_registered_version_describes_itself(happy, tiny):
         m for m in happy.mlflow_warnings if "signature" in m or "CloudPickle" in m or "serving input" in m
     ]
     info = mlflow.models.get_model_info(f"models:/{REGISTERED_MODEL}/1")
-    assert info.signature.inputs.input_names() == ["user_id", "k", "weights"]
+    assert info.signature.inputs.input_names() == ["user_id", "k", "weights", "mode"]
     assert info.signature.outputs.input_names() == ["user_id", "item_ids", "scores", "cold_start"]
     assert info.flavors["python_function"].get("model_code_path")  # models from code
     local = resolve_bundle(f"models:/{REGISTERED_MODEL}/1", home=happy.home).parent.parent
