@@ -4,8 +4,9 @@
 
 Run dirs live at `<home>/runs/<date>/<flow-run-id>/`. A date is kept when it is within `keep_days`
 calendar days of the newest run date present (keep_days=7 and newest 2026-01-10 keep 2026-01-04 ..
-2026-01-10); older run dirs are deleted unless they hold (or are inside) a protected path: the
-flow protects the champion's work dir and its own. keep_days=0 keeps everything. The MLflow
+2026-01-10); older run dirs are deleted unless they hold (or are inside) a protected path (the
+flow protects the champion's work dir and its own) or a run for their date is going on (a backfill
+holding that date's lock: its dirs are in use; retention holds the lock while it deletes). keep_days=0 keeps everything. The MLflow
 artifact store (registered models, logged checkpoints) is never touched: retention only frees the
 local working copies. Stage-cache entries (flows/resume.py) whose outputs are gone are removed too.
 """
@@ -17,6 +18,8 @@ import json
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+
+from flows.lock import RunLocked, date_lock
 
 
 def _date(name: str) -> dt.date | None:
@@ -46,12 +49,16 @@ def apply_retention(home: str | Path, keep_days: int, protect: Iterable[str | Pa
     for date_dir, day in sorted(dated.items()):
         if day >= cutoff:
             continue
-        for run_dir in sorted(p for p in date_dir.iterdir() if p.is_dir()):
-            if not _protected(run_dir, keep):
-                shutil.rmtree(run_dir)
-                removed.append(run_dir)
-        if not any(date_dir.iterdir()):
-            date_dir.rmdir()
+        try:  # a run for that date (a backfill) holds its date's lock: its dirs are in use
+            with date_lock(home, day.isoformat(), who="retention (deleting expired run dirs)"):
+                for run_dir in sorted(p for p in date_dir.iterdir() if p.is_dir()):
+                    if not _protected(run_dir, keep):
+                        shutil.rmtree(run_dir)
+                        removed.append(run_dir)
+                if not any(date_dir.iterdir()):
+                    date_dir.rmdir()
+        except RunLocked:
+            continue
     if removed:
         _drop_dangling_cache_entries(Path(home) / "cache" / "stages")
     return removed

@@ -125,6 +125,22 @@ def test_retention_keeps_last_days_and_the_champion(tmp_path):
     assert json.loads(next((tmp_path / "cache" / "stages").glob("*.json")).read_text())["stage"] == "s_new"
 
 
+def test_retention_never_deletes_the_dirs_of_a_run_going_on_for_an_old_date(tmp_path):
+    """A backfill of an old date, running while a daily run applies retention, lost its run dir and
+    failed in register ("No such artifact")."""
+    from flows.lock import date_lock
+
+    runs = tmp_path / "runs"
+    dirs = {
+        d: _checkpoint(runs / f"2026-01-{d:02d}" / f"run{d}" / "bundle" / "checkpoint").parents[1]
+        for d in (1, 2, 9, 10)
+    }
+    with date_lock(tmp_path, "2026-01-02", who="a backfill"):
+        removed = apply_retention(tmp_path, 3, [dirs[10]])
+        assert removed == [dirs[1]] and (dirs[2] / "bundle" / "checkpoint" / "model.pt").is_file()
+    assert apply_retention(tmp_path, 3, [dirs[10]]) == [dirs[2]]  # once it has finished
+
+
 def test_the_flow_refuses_a_date_that_is_training(tmp_path):
     """csmf_daily takes the date's lock after planning the window and before any task or MLflow run:
     with the lock held elsewhere it fails at once with the holder in the message."""
