@@ -128,10 +128,12 @@ def decide_mode(
         if new_days and new_days > 1
         else ""
     )
-    if parent.get("date") and parent["date"] >= run_date:  # only when named (explicit): see above
+    if parent.get("date") and parent["date"] > run_date:  # only when named (explicit): see above
+        # a model trained for P trained on the days before P: it saw run_date (this run's evaluation
+        # day) only when P is later
         since += (
-            f"; NOTE: it was trained for {parent['date']}, so it has seen {run_date} and maybe later days:"
-            " this run's evaluation figures are not out of sample"
+            f"; NOTE: it was trained for {parent['date']}, on days up to the day before, so it has seen "
+            f"{run_date}: this run's evaluation figures are not out of sample"
         )
     return ModeDecision(
         INCREMENTAL,

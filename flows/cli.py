@@ -457,7 +457,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    home = setup_home(args.home)
+    home = existing_home(args.home)  # a mistyped --home: refused, not made and reported clean
     check_writable(home)
     from flows.doctor import cleanup
 

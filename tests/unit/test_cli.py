@@ -807,6 +807,7 @@ def test_read_only_commands_refuse_a_home_that_does_not_exist(tmp_path, capsys, 
         ["recommend", "--user-id", "1"],
         ["ui", "--port", "5098"],
         ["evaluate", "--data", str(tmp_path)],
+        ["doctor"],
     ):
         assert cli.main([*args, "--home", str(typo)]) == 2
         assert f"no csmf home at {typo}" in capsys.readouterr().err

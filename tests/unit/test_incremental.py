@@ -38,6 +38,8 @@ def test_decide_mode_schedule():
     # a named model trained for this date or later is continued, with a note: it saw the evaluation day
     d = decide_mode(INCREMENTAL, "2026-01-05", 7, parent | {"date": "2026-01-06"}, explicit=True)
     assert d.mode == INCREMENTAL and "it has seen 2026-01-05" in d.reason and "not out of sample" in d.reason
+    d = decide_mode(INCREMENTAL, "2026-01-06", 7, parent | {"date": "2026-01-06"}, explicit=True)
+    assert d.mode == INCREMENTAL and "NOTE" not in d.reason  # trained on days before 01-06: not seen
     d = decide_mode(INCREMENTAL, "2026-01-06", 7, parent | {"date": "2026-01-06"})  # a re-run
     assert d.mode == FULL and "re-run or a backfill" in d.reason
     d = decide_mode(INCREMENTAL, "2026-01-06", 7, parent | {"date": "2026-01-05"})
