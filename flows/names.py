@@ -57,6 +57,7 @@ GATE_DAYS_TAG = "csmf.gate_days"  # on the gate child run: the days both models 
 
 # ---- model-version tags ----------------------------------------------------------------------------
 RUN_TAG = "csmf.parent_run_id"  # the daily flow's MLflow parent run that registered the version
+REUSED_BY_TAG = "csmf.reused_by"  # the latest parent run that reused the version (identical inputs)
 TRAIN_DATES_TAG = "csmf.train_dates"  # "2026-01-01..2026-01-04 (4 days)"
 MODEL_DIGEST_TAG = "csmf.model_digest"  # flows.registry.model_digest of the checkpoint
 

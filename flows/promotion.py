@@ -43,6 +43,7 @@ from flows.names import (
     MODEL_VERSION_TAG,
     PARENT_VERSION_TAG,
     REGISTERED_TAG,
+    REUSED_BY_TAG,
     RUN_TAG,
     TEST,
     TRAIN_DATES_TAG,
@@ -62,7 +63,7 @@ from flows.registry import (
 )
 from flows.resume import training_digest
 from flows.runs import RunContext, child_run, transient
-from flows.tracking import metric_key
+from flows.tracking import FAILURE_TAG, metric_key
 
 # the parent-run tags a version inherits: where it came from
 INHERITED_TAGS = (
@@ -140,6 +141,7 @@ def register(bundle: Path, rows: list[dict], cfg: CSMFConfig, run: RunContext) -
         same = find_version(client, {k: tags[k] for k in IDENTITY_TAGS})
         if same is not None and (same.tags or {}).get(RUN_TAG) != run.parent_run_id:
             client.set_registered_model_alias(REGISTERED_MODEL, CHALLENGER, same.version)
+            note_reuse(client, same.version, run.parent_run_id)
             version = client.get_model_version(REGISTERED_MODEL, same.version)
             how = (
                 f"reused v{version.version}: identical inputs and bit-identical model (model digest "
@@ -163,6 +165,15 @@ def register(bundle: Path, rows: list[dict], cfg: CSMFConfig, run: RunContext) -
         "registered csmf version %s (%s; aliases %s)", version.version, how, version.aliases
     )
     return str(version.version)
+
+
+def note_reuse(client, version: str, parent_run_id: str) -> None:
+    """A version reused by a run that goes on to the gate: `csmf.reused_by` names that run, and a
+    `csmf.failure_reason` that `csmf doctor` left (the run that registered it ended before the gate)
+    is removed: this run finishes what that one began, and a champion must not carry a failure tag."""
+    client.set_model_version_tag(REGISTERED_MODEL, version, REUSED_BY_TAG, parent_run_id)
+    if FAILURE_TAG in (client.get_model_version(REGISTERED_MODEL, version).tags or {}):
+        client.delete_model_version_tag(REGISTERED_MODEL, version, FAILURE_TAG)
 
 
 @task(name="gate", task_run_name="gate", cache_policy=NO_CACHE)

@@ -218,3 +218,24 @@ def test_a_reference_that_misses_names_what_the_registry_holds(tmp_path):
         registry._version_for(str(tmp_path / "nope"), client)
     with pytest.raises(ValueError, match="a path, but not a serving-bundle directory"):
         registry._version_for(str(tmp_path), client)
+
+
+def test_a_reused_version_loses_the_failure_tag_doctor_left(tmp_path):
+    """A version registered by a run killed before the gate is tagged csmf.failure_reason by csmf
+    doctor; a re-run that reuses it (identical inputs) and goes on to promote it left the tag on the
+    serving champion."""
+    from flows.promotion import note_reuse
+    from flows.tracking import FAILURE_TAG
+
+    client = registry.mlflow.MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    client.create_registered_model("csmf")
+    client.create_model_version("csmf", source=str(tmp_path), tags={"csmf.parent_run_id": "a" * 32})
+    client.set_model_version_tag(
+        "csmf", "1", FAILURE_TAG, "registered by pipeline run aaa, which ended FAILED"
+    )
+    note_reuse(client, "1", "b" * 32)
+    tags = client.get_model_version("csmf", "1").tags
+    assert FAILURE_TAG not in tags and tags["csmf.reused_by"] == "b" * 32
+    assert tags["csmf.parent_run_id"] == "a" * 32  # who registered it stays recorded
+    note_reuse(client, "1", "c" * 32)  # no tag to remove: fine
+    assert client.get_model_version("csmf", "1").tags["csmf.reused_by"] == "c" * 32
