@@ -11,6 +11,7 @@ child run, the Prefect artifact `csmf-gate` (docs/operations.md "Champion and ch
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -167,6 +168,14 @@ def register(bundle: Path, rows: list[dict], cfg: CSMFConfig, run: RunContext) -
     return str(version.version)
 
 
+def was_promoted_before(version, run: RunContext) -> bool:
+    """A version this run reuses (registered by another run: identical inputs) that a gate promoted
+    before: if it is no longer champion, an operator rolled it back or a later model replaced it, and a
+    re-run of its date must not undo that (README: a re-run never promotes again)."""
+    tags = version.tags or {}
+    return tags.get(RUN_TAG) != run.parent_run_id and tags.get(GATE_TAG) == "promoted"
+
+
 def note_reuse(client, version: str, parent_run_id: str) -> None:
     """A version reused by a run that goes on to the gate: `csmf.reused_by` names that run, and a
     `csmf.failure_reason` that `csmf doctor` left (the run that registered it ended before the gate)
@@ -197,6 +206,20 @@ def gate(
         current = champion(client)
         already = current is not None and str(current.version) == version  # a retry, or a reused version
         decision = _decide(bundle, version, stage_ends, current, already, ready, cfg, run)
+        demoted = not already and was_promoted_before(
+            client.get_model_version(REGISTERED_MODEL, version), run
+        )
+        if decision.promote and demoted:
+            decision = dataclasses.replace(
+                decision,
+                promote=False,
+                reason=(
+                    f"v{version} (reused: identical inputs) was promoted before and has since stopped being "
+                    f"champion (now v{current.version if current is not None else '-'}): a re-run does not "
+                    f"promote it again; to serve it, promote it by hand (flows.registry.promote('{version}')). "
+                    f"The gate's own finding: {decision.reason}"
+                ),
+            )
         if decision.promote and not already:
             promote(version, client)
         tags = {
@@ -204,7 +227,9 @@ def gate(
             GATE_REASON_TAG: decision.reason[:4000],
             GATE_VERIFIED_TAG: str(decision.verified).lower(),
         }
-        if not (already and GATE_TAG in (current.tags or {})):  # keep the verdict that promoted it
+        if not (
+            (already and GATE_TAG in (current.tags or {})) or demoted
+        ):  # keep the verdict that promoted it
             for key, value in tags.items():
                 client.set_model_version_tag(REGISTERED_MODEL, version, key, value)
             card = client.get_model_version(REGISTERED_MODEL, version).description or ""

@@ -216,6 +216,10 @@ def test_identical_rerun_registers_no_new_version(flows):
     if flows.c["gate"]["champion_version"] == "1":  # v1 was still champion: nothing to decide
         assert d["gate"]["promoted"] and d["gate"]["reason"] == "v1 is already champion"
         assert flows.versions["1"].tags["csmf.gate_reason"].startswith("first model")  # not overwritten
+    else:  # v1 (promoted first) was replaced: a re-run of its date never promotes it again
+        assert not d["gate"]["promoted"] and flows.champion != "1"
+        assert flows.versions["1"].tags["csmf.gate"] == "promoted"  # its verdict kept
+    assert flows.versions["1"].tags["csmf.reused_by"] == d["mlflow_run_id"]
     parent = flows.client.get_run(d["mlflow_run_id"])
     assert parent.data.tags["csmf.model_version"] == "1"
     assert parent.data.tags["csmf.registered"].startswith("reused v1")

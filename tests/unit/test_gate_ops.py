@@ -180,3 +180,20 @@ def test_non_finite_loss_stops_the_stage(tiny_world):
         run_cascade(tiny_world["data"], cfg)
     msg = str(err.value)
     assert msg.startswith("pretrain_exposure (train): loss nan") and "Lower train.lr" in msg
+
+
+def test_a_reused_version_promoted_before_is_not_promoted_again():
+    """An operator rolled the champion back from v1 to v2; re-running v1's date reused v1 (identical
+    inputs), found no metric below v2 and promoted v1 again, undoing the rollback."""
+    from types import SimpleNamespace
+
+    from flows.promotion import was_promoted_before
+
+    run = SimpleNamespace(parent_run_id="b" * 32)
+    v = lambda **tags: SimpleNamespace(tags=tags)  # noqa: E731
+    assert was_promoted_before(v(**{"csmf.parent_run_id": "a" * 32, "csmf.gate": "promoted"}), run)
+    assert not was_promoted_before(v(**{"csmf.parent_run_id": "a" * 32, "csmf.gate": "kept"}), run)
+    assert not was_promoted_before(v(**{"csmf.parent_run_id": "a" * 32}), run)  # killed before its gate
+    assert not was_promoted_before(
+        v(**{"csmf.parent_run_id": "b" * 32, "csmf.gate": "promoted"}), run
+    )  # a retry
