@@ -72,6 +72,16 @@ class Start:
             raise ValueError("a full run has no starting checkpoint")
         return self.bundle / "checkpoint"
 
+    def trained_through(self, train_dates: list[str]) -> str:
+        """The last day this run's model has learned from, its lineage included: its own last training
+        day, or, continuing a model, that model's `trained_through` when later (a model named with
+        --from-model may have been trained for a later date than this run's). The gate compares models
+        only on days after it (flows/promotion.py)."""
+        own = max(train_dates)
+        if not self.incremental or self.bundle is None:
+            return own
+        return max(own, lineage_end(json.loads((self.bundle / "bundle.json").read_text())) or own)
+
     def tags(self) -> dict[str, str]:
         d = self.decision
         return {
@@ -79,6 +89,14 @@ class Start:
             PARENT_TAG: d.parent_version or "none",
             LAST_FULL_TAG: d.last_full_date or "",
         }
+
+
+def lineage_end(info: dict) -> str | None:
+    """The last day a bundle's model has learned from (bundle.json): `extra.trained_through`, written
+    since lineages are tracked, else its own last training day."""
+    through = (info.get("extra") or {}).get("trained_through")
+    own = max(info.get("train_dates") or [], default=None)
+    return max(d for d in (through, own) if d) if (through or own) else None
 
 
 def check_start_model(bundle: Path, cfg: CSMFConfig, objectives: list[str]) -> None:

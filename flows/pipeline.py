@@ -198,7 +198,9 @@ def csmf_daily(
                 checkpoints = train_cascade(ready, cfg, run)
             if cfg.eval.fused_weights == "auto":  # data.val_refit false: chosen after the cascade
                 cfg = choose_default_weights(checkpoints.final, ready, cfg, run)
-            bundle = build_index(checkpoints.final, ready, cfg, run)
+            bundle = build_index(
+                checkpoints.final, ready, cfg, run, start.trained_through(window.train_dates)
+            )
             rows = evaluate(checkpoints, ready, cfg, run)
             version = register(bundle, rows, cfg, run)
             decision = gate(bundle, version, checkpoints.stage_ends(), ready, cfg, run)
@@ -239,8 +241,11 @@ def generate_data(home: Path) -> Path:
 
 
 @task(name="build-index", task_run_name="build_index", cache_policy=NO_CACHE)
-def build_index(checkpoint: Path, ready: Ingested, cfg: CSMFConfig, run: RunContext) -> Path:
-    """The serving bundle (checkpoint, FAISS index + id map, user state) in `<workdir>/bundle`."""
+def build_index(
+    checkpoint: Path, ready: Ingested, cfg: CSMFConfig, run: RunContext, trained_through: str | None = None
+) -> Path:
+    """The serving bundle (checkpoint, FAISS index + id map, user state) in `<workdir>/bundle`;
+    `trained_through`: the last day the model has learned from, its lineage included (Start)."""
     with child_run(run, "build_index", kind="build_index") as tracker:
         bundle = write_bundle(
             run.workdir / "bundle",
@@ -250,7 +255,11 @@ def build_index(checkpoint: Path, ready: Ingested, cfg: CSMFConfig, run: RunCont
             config=cfg,
             index_kind="flat",
             data_digest=run.data_digest,
-            extra={"mlflow_parent_run_id": run.parent_run_id, "date": run.window.date},
+            extra={
+                "mlflow_parent_run_id": run.parent_run_id,
+                "date": run.window.date,
+                "trained_through": trained_through or max(run.window.train_dates),
+            },
             overwrite=True,
         )
         tracker.log_artifact(bundle / "index", "index")

@@ -24,6 +24,7 @@ from csmf_core.evaluate import metric_dict
 from csmf_core.prep import prepare
 from data_contracts import list_partitions, validate_dataset
 from flows import gate as gating
+from flows.incremental import lineage_end
 from flows.ingest import Ingested
 from flows.inputs import code_version, plan_window
 from flows.model_card import version_card, with_gate
@@ -288,7 +289,7 @@ def _decide(
                 why_not = f"{type(exc).__name__}: {exc}"
     data, days, note = ready.model_ready, run.window.eval_dates, None
     if champ is not None:
-        data, days, note, why_not = _comparison_data(champ, str(current.version), ready, cfg, run)
+        data, days, note, why_not = _comparison_data(champ, str(current.version), ready, cfg, run, rec.info)
     k = cfg.eval.primary_k
     new, old, mismatch, users = gating.same_day_metrics(rec, None if why_not else champ, data, k)
     why_not = why_not or mismatch
@@ -311,7 +312,7 @@ def _decide(
 
 
 def _comparison_data(
-    champ, champion_version: str, ready: Ingested, cfg: CSMFConfig, run: RunContext
+    champ, champion_version: str, ready: Ingested, cfg: CSMFConfig, run: RunContext, mine: dict | None = None
 ) -> tuple[Path, list[str], str | None, str | None]:
     """Where to score challenger and champion: (model-ready dir, its evaluation days, note, why the
     champion cannot be compared or None).
@@ -332,11 +333,18 @@ def _comparison_data(
             "its bundle records no training dates, so it cannot be told whether it trained on "
             + ", ".join(own)
         )
+    # each model's window with its lineage's last day (a model continued from one trained on later
+    # data has seen those days too: flows/incremental.py lineage_end)
+    trained = [*trained, *filter(None, [lineage_end(champ.info)])]
+    challenger = [*run.window.train_dates, *filter(None, [lineage_end(mine or {})])]
     late = gating.trained_too_late(own, trained)
     if late is None:
-        return here(None)
+        own_late = gating.trained_too_late(own, challenger)
+        if own_late is None:
+            return here(None)
+        late = f"is compared with a challenger that {own_late}"
     partitions = [p.date.isoformat() for p in list_partitions(run.dataset_dir)[0]]
-    days = gating.comparison_dates(partitions, [trained, run.window.train_dates], cfg.data.eval_days)
+    days = gating.comparison_dates(partitions, [trained, challenger], cfg.data.eval_days)
     if days is None:
         return here(
             f"it {late}, and {run.dataset_dir} has no {cfg.data.eval_days} consecutive day(s) after both "

@@ -201,3 +201,30 @@ def test_a_day_missing_from_the_data_is_stepped_over(tmp_path):
     steps = [c for c in children if c.info.run_name.startswith("incremental_")]
     assert len(steps) == 3 and {c.data.params["step.train_from"] for c in steps} == {"2026-01-03"}
     assert b["gate"]["checks"]["exact_fusion"]
+
+
+def test_a_model_continued_from_later_data_is_compared_after_what_its_line_saw(tmp_path):
+    """v1 champion for 2026-01-04; v2 trained for 2026-01-06 (on .. 01-05), gate off; then a run for
+    01-04 continuing v2 (--from-model). Its own window ends before 01-04, but v2 learned from 01-04 and
+    01-05: the gate used to compare on 01-04, a day the challenger had seen. Now both models are
+    scored on the newest day after both lines, 01-06, and the bundle records trained_through."""
+    import json
+
+    tiny = generate(tmp_path / "tiny", "tiny", seed=0).out_dir
+    home = tmp_path / "home"
+    with temporary_api(), _store(home):
+        csmf_daily(date="2026-01-04", data=str(tiny), home=str(home), overrides=OVERRIDES)
+        csmf_daily(
+            date="2026-01-06", data=str(tiny), home=str(home), overrides=[*OVERRIDES, "gate.enabled=false"]
+        )
+        c = csmf_daily(
+            date="2026-01-04",
+            data=str(tiny),
+            home=str(home),
+            overrides=INCREMENTAL,
+            from_model="models:/csmf/2",
+        )
+        info = json.loads((resolve_bundle("models:/csmf/3", home=home) / "bundle.json").read_text())
+    assert info["extra"]["trained_through"] == "2026-01-05" and max(info["train_dates"]) < "2026-01-04"
+    assert c["gate"]["days"] == ["2026-01-06"]
+    assert "is compared with a challenger that trained on later days" in c["gate"]["reason"]
