@@ -457,11 +457,18 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"  export MLFLOW_TRACKING_URI={state['mlflow_uri']}   # csmf recommend, mlflow CLI")
         else:
             lines.append(f"  csmf ui --home {root}      # MLflow UI on http://127.0.0.1:5000")
-        lines.append("  make stop                  # stops exactly these processes")
+        default = resolve_home(None) == root and not os.environ.get("CSMF_HOME")
+        stop = "make stop" if default else f"CSMF_HOME={root} make stop"
+        lines.append(f"  {stop}                  # stops exactly these processes")
         print("\n".join(lines))
     elif args.action == "down":
         stopped = down(root)
-        print("stopped " + ", ".join(stopped) if stopped else f"nothing recorded as running for {root}")
+        print(
+            "stopped " + ", ".join(stopped)
+            if stopped
+            else f"nothing recorded as running for {root} (a stack started with another home: "
+            "CSMF_HOME=<that home> make stop, or --home)"
+        )
     else:
         state = read_state(root)
         if not state:

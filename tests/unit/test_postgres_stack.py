@@ -84,3 +84,14 @@ def test_down_stops_a_postmaster_that_pg_ctl_did_not_stop(tmp_path):
         if proc.poll() is None:
             os.kill(proc.pid, 9)
             proc.wait()
+
+
+def test_stop_with_nothing_recorded_says_how_to_name_the_home(tmp_path, capsys):
+    """`CSMF_HOME=x make serve` then a plain `make stop` said 'nothing recorded as running' and left
+    the stack up, with no word of the home."""
+    assert deploy.main(["down", "--home", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"nothing recorded as running for {tmp_path.resolve()}" in out
+        and "CSMF_HOME=<that home> make stop" in out
+    )
