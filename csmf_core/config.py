@@ -342,13 +342,16 @@ def _check_ranges(cfg: CSMFConfig, errors: list[str]) -> None:
     fw = (1.0,) if fw == "auto" else fw
     val_days = 0 if cfg.data.val_days == "auto" else cfg.data.val_days  # auto: resolved per window
     checks = [
-        (0.0 < cfg.cpp.tau < 1.0, "cpp.tau must be in (0, 1)"),
-        (0.0 < cfg.cpp.ratio < 1.0, "cpp.ratio must be in (0, 1)"),
+        (0.0 < cfg.cpp.tau < 1.0, f"cpp.tau must be in (0, 1), got {cfg.cpp.tau}"),
+        (0.0 < cfg.cpp.ratio < 1.0, f"cpp.ratio must be in (0, 1), got {cfg.cpp.ratio}"),
         (cfg.cpp.min_keep >= 1, f"cpp.min_keep must be >= 1, got {cfg.cpp.min_keep}"),
         (cfg.cpp.min_free >= 1, f"cpp.min_free must be >= 1, got {cfg.cpp.min_free}"),
-        (cfg.cpp.min_free_output >= 1, "cpp.min_free_output must be >= 1"),
-        (cfg.model.dim >= 2, "model.dim must be >= 2"),
-        (all(h >= 2 for h in cfg.model.hidden), "model.hidden widths must be >= 2"),
+        (cfg.cpp.min_free_output >= 1, f"cpp.min_free_output must be >= 1, got {cfg.cpp.min_free_output}"),
+        (cfg.model.dim >= 2, f"model.dim must be >= 2, got {cfg.model.dim}"),
+        (
+            all(h >= 2 for h in cfg.model.hidden),
+            f"model.hidden widths must be >= 2, got {list(cfg.model.hidden)}",
+        ),
         (m.emb_dim >= 1, f"model.emb_dim must be >= 1 (columns per feature embedding), got {m.emb_dim}"),
         (m.id_emb_dim >= 1, f"model.id_emb_dim must be >= 1, got {m.id_emb_dim}"),
         (m.hist_emb_dim >= 1, f"model.hist_emb_dim must be >= 1, got {m.hist_emb_dim}"),
@@ -363,11 +366,14 @@ def _check_ranges(cfg: CSMFConfig, errors: list[str]) -> None:
         ),
         (t.incremental_days >= 1, f"train.incremental_days must be >= 1, got {t.incremental_days}"),
         (t.full_every_days >= 1, f"train.full_every_days must be >= 1, got {t.full_every_days}"),
-        (cfg.loss.temperature > 0, "loss.temperature must be > 0"),
-        (cfg.loss.eta > 0, "loss.eta must be > 0"),
+        (cfg.loss.temperature > 0, f"loss.temperature must be > 0, got {cfg.loss.temperature}"),
+        (cfg.loss.eta > 0, f"loss.eta must be > 0, got {cfg.loss.eta}"),
         (cfg.loss.sigma >= 0, f"loss.sigma must be >= 0 (the minimum AML margin), got {cfg.loss.sigma}"),
-        (cfg.train.batch_size >= 2, "train.batch_size must be >= 2 (in-batch negatives)"),
-        (cfg.train.lr > 0, "train.lr must be > 0"),
+        (
+            cfg.train.batch_size >= 2,
+            f"train.batch_size must be >= 2 (in-batch negatives), got {cfg.train.batch_size}",
+        ),
+        (cfg.train.lr > 0, f"train.lr must be > 0, got {cfg.train.lr}"),
         (t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}"),
         (t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}"),
         (t.max_loss > 0, f"train.max_loss must be > 0, got {t.max_loss}"),
@@ -377,20 +383,26 @@ def _check_ranges(cfg: CSMFConfig, errors: list[str]) -> None:
             t.dist_backend != "nccl" or t.device != "cpu",
             "train.dist_backend=nccl needs CUDA: set train.device to cuda or auto, or use gloo",
         ),
-        (cfg.train.processes >= 1, "train.processes must be >= 1"),
+        (cfg.train.processes >= 1, f"train.processes must be >= 1, got {cfg.train.processes}"),
         (
             t.processes <= 1 or t.embedding_optimizer in ("dense", "auto"),
             f"train.embedding_optimizer={t.embedding_optimizer} (sparse row updates) is single-process: "
             "with train.processes > 1 set train.embedding_optimizer=dense (or auto)",
         ),
-        (cfg.train.shuffle_window >= 1, "train.shuffle_window must be >= 1"),
-        (all(e >= 0 for e in cfg.train.epochs), "train.epochs must be >= 0"),
-        (0.0 < cfg.recover.fraction <= 1.0, "recover.fraction must be in (0, 1]"),
+        (cfg.train.shuffle_window >= 1, f"train.shuffle_window must be >= 1, got {cfg.train.shuffle_window}"),
+        (all(e >= 0 for e in cfg.train.epochs), f"train.epochs must be >= 0, got {list(cfg.train.epochs)}"),
+        (
+            0.0 < cfg.recover.fraction <= 1.0,
+            f"recover.fraction must be in (0, 1], got {cfg.recover.fraction}",
+        ),
         (cfg.recover.epochs >= 0, f"recover.epochs must be >= 0, got {cfg.recover.epochs}"),
         (cfg.recover.lr_scale > 0, f"recover.lr_scale must be > 0, got {cfg.recover.lr_scale}"),
-        (all(k >= 1 for k in cfg.eval.ks), "eval.ks must be >= 1"),
+        (all(k >= 1 for k in cfg.eval.ks), f"eval.ks must be >= 1, got {list(cfg.eval.ks)}"),
         (len(set(cfg.eval.ks)) == len(cfg.eval.ks), f"eval.ks must be distinct, got {list(cfg.eval.ks)}"),
-        (cfg.eval.primary_k in cfg.eval.ks, "eval.primary_k must be one of eval.ks"),
+        (
+            cfg.eval.primary_k in cfg.eval.ks,
+            f"eval.primary_k must be one of eval.ks {list(cfg.eval.ks)}, got {cfg.eval.primary_k}",
+        ),
         (
             all(x >= 0 for x in fw) and sum(fw) > 0,
             f"eval.fused_weights must be >= 0 and not all zero (one weight per objective), got {list(fw)}",
@@ -404,7 +416,7 @@ def _check_ranges(cfg: CSMFConfig, errors: list[str]) -> None:
         ),
         (cfg.data.eval_days >= 1, f"data.eval_days must be >= 1, got {cfg.data.eval_days}"),
         (cfg.data.train_days >= 0, f"data.train_days must be >= 0 (0 = all), got {cfg.data.train_days}"),
-        (val_days >= 0, "data.val_days must be >= 0 (0 = off) or auto"),
+        (val_days >= 0, f"data.val_days must be >= 0 (0 = off) or auto, got {cfg.data.val_days}"),
         (
             all(w >= 1 for w in cfg.data.item_stats)
             and len(set(cfg.data.item_stats)) == len(cfg.data.item_stats),

@@ -43,7 +43,10 @@ def test_unknown_keys_and_bad_values_are_reported_in_one_message():
     assert len(lines) == 5
     assert lines[0].startswith("unknown key train.epoch ") and lines[1].startswith("unknown section 'foo'")
     assert lines[2].startswith("eval.ks: ")  # a type error
-    assert lines[3:] == ["model.dim must be >= 2", "train.lr must be > 0"]  # range errors, with them
+    assert lines[3:] == [
+        "model.dim must be >= 2, got 0",
+        "train.lr must be > 0, got -1.0",
+    ]  # range errors too
     # eval.primary_k is judged against eval.ks, which was refused: that rule is left out, not misreported
     assert not any("primary_k" in ln for ln in lines)
 
