@@ -266,13 +266,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             )
         with Progress("evaluating"):
             k = load_config(rec.bundle_dir / "config.yaml").eval.primary_k
+            k = k if k in ks else max(ks)  # --k given without the model's primary K: the gaps at the largest
             rows, gaps = rec.evaluate_with_gaps(Path(tmp) / "mr", ks=ks, gaps_k=k)
     print(
         f"\nModel {rec.bundle_dir} on {data}, evaluation day {date} (fused weights "
         f"{[round(float(w), 6) for w in rec.default_weights]}):\n"
     )
     print(metrics_table(rows))
-    print("\nModel minus popularity, paired 95% bootstrap interval over the evaluation users:\n")
+    print(f"\nModel minus popularity at K={k}, paired 95% bootstrap interval over the evaluation users:\n")
+    if max(ks) > len(rec.item_vocab):
+        print(
+            f"(K={max(ks)} is more than the {len(rec.item_vocab):,} items the model can recommend: each "
+            "ranking at it holds every one of them)\n"
+        )
     print(gaps_table(gaps))
     return 0
 
