@@ -693,7 +693,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     # the commands that run a flow: besides their data, an evaluation day and the configuration
     flowed = argparse.ArgumentParser(add_help=False)
-    flowed.add_argument("--date", help="evaluation day YYYY-MM-DD (default: the last partition)")
+    flowed.add_argument(
+        "--date",
+        help="evaluation day YYYY-MM-DD (default: the day whose data.eval_days window ends on the last partition)",
+    )
     flowed.add_argument("--config", help="YAML config (csmf_core.config sections)")
     flowed.add_argument(
         "--set",

@@ -27,7 +27,7 @@ The flow `csmf-tune`:
    figure of the trials + optuna's parameter importances) is logged on the parent and printed.
 5. **Output.** The best trial's settings that differ from the base config, as a config YAML:
    `<home>/tuned/<dataset>.yaml` (where the daily run reads it, `--out` to write elsewhere), also
-   logged to MLflow (`tuned/config.yaml`) so every tuned config is versioned with its study.
+   logged to MLflow (`tuned/<dataset>.yaml`) so every tuned config is versioned with its study.
 """
 
 from __future__ import annotations

@@ -163,6 +163,11 @@ def test_one_optimiser_step_for_every_method():
 def test_configs_default_yaml_is_the_builtin_default():
     root = pathlib.Path(__file__).resolve().parents[2]
     assert load_config(root / "configs" / "default.yaml") == build_config()
+    # every key written out, not only equal values (train.deterministic was missing from the file)
+    import yaml
+
+    written = yaml.safe_load((root / "configs" / "default.yaml").read_text())
+    assert {f"{sec}.{k}" for sec, keys in written.items() for k in keys} == set(build_config().flat())
     load_config(root / "configs" / "kuairand.yaml")  # parses and validates
 
 
