@@ -29,9 +29,9 @@ def fresh_temp_dir(
     marker: the file this writer puts in out_dir (dataset.yaml, meta.json): with overwrite, a non-empty
     out_dir without it, a plain file, or the current directory are refused (`check_replaceable`).
     """
+    check_replaceable(out_dir, marker)  # first: overwrite could not replace it either
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True)")
-    check_replaceable(out_dir, marker)
     if check_only:
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)

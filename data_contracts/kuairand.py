@@ -299,14 +299,14 @@ def import_kuairand(
     if conversion not in CONVERSIONS:
         raise ValueError(f"conversion must be one of {sorted(CONVERSIONS)}, got {conversion!r}")
     src, out = Path(src_dir), Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise ValueError(
             f"{out} is inside the source directory {src}: the source is never modified; write the dataset "
             "elsewhere"
         )
     check_replaceable(out, SPEC_FILE)  # overwrite replaces an earlier dataset, never other files
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
     logs, kind = _log_files(src)
     events, users, items = _events(logs, kind, conversion), _users(src), _items(src)
     spec = _spec(src, logs, kind, conversion)

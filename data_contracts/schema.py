@@ -310,7 +310,7 @@ def categorical_feature_ok(dtype: pl.DataType) -> bool:
     value, the values kept in the model's metadata): strings, booleans, categoricals, enums, integers
     and floats. Lists, structs, dates, times, decimals and binary cannot."""
     kind = inferred_feature_kind(dtype)
-    return kind in ("categorical", "integer") or dtype.is_float()
+    return kind in ("categorical", "integer") or dtype.is_float() or dtype == pl.Null  # all-null: one code
 
 
 def check_id_column(schema: pl.Schema, column: str) -> ColumnProblem | None:

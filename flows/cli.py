@@ -53,13 +53,12 @@ _RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")  # Prefect's flow and 
 # ---- data commands ---------------------------------------------------------------------------------
 def cmd_synth(args: argparse.Namespace) -> int:
     from csmf_core import synth
-    from csmf_core.fsutil import fresh_temp_dir
+    from csmf_core.fsutil import check_replaceable, fresh_temp_dir
 
+    check_replaceable(args.out, "dataset.yaml")  # a folder of other files, a file: never, whatever the flag
     try:  # the library's own refusal names its Python argument (overwrite=True)
         fresh_temp_dir(args.out, args.overwrite, check_only=True, marker="dataset.yaml")
     except FileExistsError:
-        if args.overwrite:  # not replaceable even so (a folder of other files): the library's reason
-            raise
         raise FileExistsError(f"{args.out} exists and is not empty; add --overwrite to replace it") from None
     with Progress(f"generating synthetic dataset ({args.preset}, seed {args.seed}) in {args.out}"):
         s = synth.generate(args.out, args.preset, args.seed, overwrite=args.overwrite)
@@ -77,12 +76,12 @@ def cmd_import(args: argparse.Namespace) -> int:
     from data_contracts import import_kuairand
     from data_contracts.location import check_replaceable
 
+    check_replaceable(args.out, "dataset.yaml")  # before reading the source, not after
     if args.out.exists() and not args.overwrite:  # the library would name its Python argument
         raise FileExistsError(
             f"{args.out} already exists; add --overwrite to replace it (the old dataset is replaced "
             "only once the new one is complete)"
         )
-    check_replaceable(args.out, "dataset.yaml")  # before reading the source, not after
     with Progress(f"importing KuaiRand from {args.src} into {args.out}"):
         s = import_kuairand(args.src, args.out, conversion=args.conversion, overwrite=args.overwrite)
     print(
@@ -560,6 +559,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from flows.lock import stop_process_group
 
     with socket.socket() as probe:  # mlflow's server would log the clash and exit 0
+        # as uvicorn binds (SO_REUSEADDR): a closed UI's connections in TIME_WAIT do not count as in
+        # use; a socket listening there still does
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", args.port))
         except OSError as exc:

@@ -291,13 +291,17 @@ def evaluation_notes(rec, meta: dict, data: Path, date: str) -> list[str]:
     import numpy as np
 
     from data_contracts import partition_files, read_name, scan_partition
+    from flows.incremental import lineage_end
 
     notes = []
     trained = sorted(meta.get("train_dates") or [])
-    if trained and date <= trained[-1]:
+    through = lineage_end(getattr(rec, "info", None) or {}) or (trained[-1] if trained else None)
+    if through and date <= through:
+        seen = f"{trained[0]} .. {through}" if trained else f"days up to {through}"
         notes.append(
-            f"the model trained on {trained[0]} .. {trained[-1]}; {date} is inside that window, so these "
-            "figures are not out of sample (evaluate on a later day for that)"
+            f"the model trained on {seen}"
+            + (" (with the model it continued)" if trained and through > trained[-1] else "")
+            + f"; {date} is inside that window, so these figures are not out of sample (evaluate on a later day for that)"
         )
     own, this = (meta.get("dataset") or {}).get("name"), read_name(data)
     if own and this and own != this:

@@ -44,7 +44,7 @@ from csmf_core.cascade import CascadeData, load_cascade_data
 from csmf_core.config import CSMFConfig, build_config, load_config
 from csmf_core.evaluate import popularity_rows
 from csmf_core.optim import deterministic_kernels
-from csmf_core.tuning import changed_keys
+from csmf_core.tuning import changed_keys, override_keys
 from flows import doctor, reporting
 from flows.compare_protocol import compare_protocol, fixed_weights, protocol_data, tune_method
 from flows.compare_render import PARTIAL_FILES, REPORT_FILES, machine, render_report
@@ -137,7 +137,7 @@ def csmf_compare(
         if tune_trials > 0 and protocol["val_days"] > 0:
             for name in names:  # the same budget for every method, on the validation days only
                 configs[name] = tune_method.with_options(task_run_name=f"tune-{name}")(
-                    name, tune_trials, ready, cfg, run
+                    name, tune_trials, ready, cfg, run, fixed=override_keys(overrides)
                 )
         meta = report_meta(ready, cfg, run, names, seeds, overrides, command)
         meta["protocol"] = protocol | {"tuned": {n: changed_keys(cfg, c) for n, c in configs.items()}}

@@ -26,7 +26,7 @@ from csmf_core.cascade import CascadeData, load_cascade_data
 from csmf_core.config import CSMFConfig
 from csmf_core.optim import deterministic_kernels
 from csmf_core.selection import PAPER_WEIGHTS, resolve_val_days
-from csmf_core.tuning import changed_keys, load_space, suggest, trial_config
+from csmf_core.tuning import changed_keys, fix_space, load_space, suggest, trial_config
 from flows.ingest import Ingested
 from flows.runs import RunContext, child_run
 
@@ -91,14 +91,22 @@ def fixed_weights(cfg: CSMFConfig, objectives: list[str]) -> list[float]:
 
 
 @task(name="tune-method", cache_policy=NO_CACHE)
-def tune_method(method: str, trials: int, ready: Ingested, cfg: CSMFConfig, run: RunContext) -> CSMFConfig:
+def tune_method(
+    method: str, trials: int, ready: Ingested, cfg: CSMFConfig, run: RunContext, fixed: list[str] = ()
+) -> CSMFConfig:
     """`trials` Optuna trials (TPE, seed 0; in memory) over the method's own search space, each the
     protocol's selection pass scored on the validation days (seed 0); returns the best configuration.
-    One child run per method with the trials table."""
+    One child run per method with the trials table. `fixed`: keys the user set (`--set`), never searched
+    (`csmf_core.tuning.fix_space`)."""
     import optuna
 
     logger = get_run_logger()
-    space = load_space(space_path(method).read_text(), cfg)
+    space, dropped = fix_space(load_space(space_path(method).read_text(), cfg), list(fixed), cfg)
+    if dropped:
+        logger.info("%s: search space without %s (fixed by --set)", method, ", ".join(dropped))
+    if not space:
+        logger.warning("%s: every parameter of its search space is fixed by --set: not tuned", method)
+        return cfg
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
     rows = []
     with child_run(run, f"{method}/tune", {"method": method}, method=method, kind="compare-tune") as tracker:

@@ -178,10 +178,15 @@ def was_promoted_before(version, run: RunContext) -> bool:
 
 
 def note_reuse(client, version: str, parent_run_id: str) -> None:
-    """A version reused by a run that goes on to the gate: `csmf.reused_by` names that run, and a
-    `csmf.failure_reason` that `csmf doctor` left (the run that registered it ended before the gate)
-    is removed: this run finishes what that one began, and a champion must not carry a failure tag."""
+    """A version reused by a run that goes on to the gate: `csmf.reused_by` names that run."""
     client.set_model_version_tag(REGISTERED_MODEL, version, REUSED_BY_TAG, parent_run_id)
+
+
+def clear_failure(client, version: str) -> None:
+    """The gate's verdict on a version finishes what the run that registered it began: a
+    `csmf.failure_reason` that `csmf doctor` left on it (that run ended before its gate) is removed,
+    so a champion never carries a failure tag. Done with the verdict tags, not at register: until
+    the verdict, doctor (any flow's start) would tag the version again."""
     if FAILURE_TAG in (client.get_model_version(REGISTERED_MODEL, version).tags or {}):
         client.delete_model_version_tag(REGISTERED_MODEL, version, FAILURE_TAG)
 
@@ -233,6 +238,7 @@ def gate(
         ):  # keep the verdict that promoted it
             for key, value in tags.items():
                 client.set_model_version_tag(REGISTERED_MODEL, version, key, value)
+            clear_failure(client, version)
             card = client.get_model_version(REGISTERED_MODEL, version).description or ""
             card = with_gate(card, tags[GATE_TAG], decision.reason, decision.days)
             client.update_model_version(REGISTERED_MODEL, version, description=card)

@@ -433,7 +433,9 @@ def _version_for(ref: str | None, client: mlflow.MlflowClient):
                 if alias
                 else client.get_model_version(name, number)
             )
-        except mlflow.exceptions.MlflowException:
+        except mlflow.exceptions.MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise  # an unreachable server or a refused request is not a missing model
             raise LookupError(
                 f"model reference {ref!r}: no such {'alias' if alias else 'version'}; {_inventory(client, name)}"
             ) from None

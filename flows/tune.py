@@ -161,9 +161,13 @@ def csmf_tune(
     dataset = dataset_location(data, root)
     base = fit_to_dataset(load_config(config, overrides), dataset, logger.info)
     search = load_space(read_yaml_file(space or DEFAULT_SPACE, "search space file") or {}, base)
-    search, fixed = fix_space(search, override_keys(overrides), base)
-    if fixed:
-        logger.info("search space: %s fixed by --set, not searched", ", ".join(fixed))
+    search, dropped = fix_space(search, override_keys(overrides), base)
+    fixed = [k for k in dropped if k in override_keys(overrides)]  # searched keys the user fixed
+    if dropped:
+        logger.info(
+            "search space: %s not searched (fixed by --set, or conditioned on a fixed key)",
+            ", ".join(dropped),
+        )
     if not search:
         raise ConfigError("every parameter of the search space is fixed by --set: nothing to tune")
     td = prepare_tune_data(root, dataset, date, base)
@@ -197,7 +201,7 @@ def csmf_tune(
                 )
                 study.tell(number, outcome["value"], state=outcome["state"])
                 logger.info("trial %d: %s %s", number, outcome["state"].name.lower(), outcome["summary"])
-            result = write_outputs(study, base, td, parent, out, root, search, override_keys(overrides))
+            result = write_outputs(study, base, td, parent, out, root, search, fixed)
         except BaseException as exc:
             parent.fail(exc)
             raise
@@ -359,9 +363,10 @@ def _data(cache: dict, td: TuneData, cfg: CSMFConfig) -> CascadeData:
 def write_outputs(
     study, base: CSMFConfig, td: TuneData, parent, out, home: Path, search, fixed: list[str] = ()
 ) -> dict:
-    """The tuned config file (the best trial's keys that differ from the base, plus the keys fixed by
-    --set: every trial was scored with them, and a later run without the same --set would not have
-    them), its MLflow logging and the report."""
+    """The tuned config file (the best trial's keys that differ from the base, plus the search-space
+    keys fixed by --set: every trial was scored with them, and a later run without the same --set
+    would not have them; other --set keys, such as data.train_days or train.device,
+    shape the tuning run only and are not written), its MLflow logging and the report."""
     from optuna.trial import TrialState
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

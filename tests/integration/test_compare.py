@@ -203,6 +203,10 @@ def test_tune_trials_give_each_method_its_budget_and_the_seeds_train_the_best(tm
     trials = json.loads(Path(trials_path).read_text())
     rows = [dict(zip(trials["columns"], r)) for r in trials["data"]] if "columns" in trials else trials
     assert len(rows) == 2
+    # keys the user fixed with --set (train.epochs, train.batch_size) are never searched (they were,
+    # silently: a bound like train.epochs=[1,1,1] was replaced by trials of up to 16 epochs)
+    searched = {k for r in rows for k in r if k not in ("trial", "state", "score", "error")}
+    assert searched and not [k for k in searched if k.startswith(("train.epochs", "train.batch_size"))]
     done = [r for r in rows if r["state"] == "complete"]
     assert tune_run.data.metrics["tune/complete"] == len(done)
     assert math.isclose(tune_run.data.metrics["tune/best_score"], max(r["score"] for r in done))

@@ -610,6 +610,9 @@ def test_overwrite_never_deletes_what_is_not_an_earlier_output(tmp_path, monkeyp
     ):
         assert cli.main([*args, "--out", str(out), "--overwrite"]) == 2
         assert reason in capsys.readouterr().err
+    # without --overwrite too: the reason, not "add --overwrite" (which would not help)
+    assert cli.main([*args, "--out", str(folder)]) == 2
+    assert "holds no dataset.yaml" in capsys.readouterr().err
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "sub"]
     assert (folder / "notes.txt").read_text() == plain.read_text() == "important"
     # an earlier output (it holds dataset.yaml) is replaced
@@ -779,6 +782,14 @@ def test_evaluation_notes_say_when_figures_are_not_what_they_seem(tmp_path):
         f"the model trained on 2026-01-01 .. {day}; {day} is inside that window, so these figures are not "
         "out of sample (evaluate on a later day for that)",
         f"{len(users) // 2:,} of {len(users):,} users of {day} are known to the model (the others are cold starts)",
+    ]
+    # a model continued from one trained on later data has seen what that one saw (bundle lineage)
+    rec = types.SimpleNamespace(user_vocab=users, item_vocab=items, info={"extra": {"trained_through": day}})
+    assert evaluation_notes(
+        rec, {"train_dates": ["2026-01-01"], "dataset": {"name": "synth-tiny"}}, data, day
+    ) == [
+        f"the model trained on 2026-01-01 .. {day} (with the model it continued); {day} is inside that window, "
+        "so these figures are not out of sample (evaluate on a later day for that)"
     ]
     rec = types.SimpleNamespace(user_vocab=users, item_vocab=np.array([-1, -2]))
     meta = {"train_dates": ["2026-01-01"], "dataset": {"name": "kuairand-pure-slice"}}

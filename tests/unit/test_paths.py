@@ -224,7 +224,7 @@ def test_a_reused_version_loses_the_failure_tag_doctor_left(tmp_path):
     """A version registered by a run killed before the gate is tagged csmf.failure_reason by csmf
     doctor; a re-run that reuses it (identical inputs) and goes on to promote it left the tag on the
     serving champion."""
-    from flows.promotion import note_reuse
+    from flows.promotion import clear_failure, note_reuse
     from flows.tracking import FAILURE_TAG
 
     client = registry.mlflow.MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
@@ -233,9 +233,12 @@ def test_a_reused_version_loses_the_failure_tag_doctor_left(tmp_path):
     client.set_model_version_tag(
         "csmf", "1", FAILURE_TAG, "registered by pipeline run aaa, which ended FAILED"
     )
-    note_reuse(client, "1", "b" * 32)
+    note_reuse(client, "1", "b" * 32)  # at register: doctor would tag it again until the verdict
+    assert FAILURE_TAG in client.get_model_version("csmf", "1").tags
+    clear_failure(client, "1")  # with the gate's verdict tags
     tags = client.get_model_version("csmf", "1").tags
     assert FAILURE_TAG not in tags and tags["csmf.reused_by"] == "b" * 32
     assert tags["csmf.parent_run_id"] == "a" * 32  # who registered it stays recorded
-    note_reuse(client, "1", "c" * 32)  # no tag to remove: fine
+    note_reuse(client, "1", "c" * 32)
+    clear_failure(client, "1")  # no tag to remove: fine
     assert client.get_model_version("csmf", "1").tags["csmf.reused_by"] == "c" * 32
