@@ -290,16 +290,22 @@ def inferred_feature_kind(dtype: pl.DataType) -> str | None:
 INT_CATEGORICAL_MAX_DISTINCT = 1000
 
 
-def infer_features(table: pl.DataFrame, id_column: str) -> dict[str, list[str]]:
+def infer_features(table: pl.DataFrame | pl.LazyFrame, id_column: str) -> dict[str, list[str]]:
     """The feature lists of a users/items table whose dataset.yaml lists none, as prep reads it
-    (`table` with one row per id): {"categorical": [...], "numeric": [...]} in column order, by
-    `inferred_feature_kind`; an integer column is categorical with at most INT_CATEGORICAL_MAX_DISTINCT
-    distinct values, numeric above."""
+    (`table` with one row per id; a LazyFrame reads only the integer columns' values):
+    {"categorical": [...], "numeric": [...]} in column order, by `inferred_feature_kind`; an integer
+    column is categorical with at most INT_CATEGORICAL_MAX_DISTINCT distinct values, numeric above."""
+    schema = table.collect_schema() if isinstance(table, pl.LazyFrame) else table.schema
+    kinds = {n: inferred_feature_kind(d) for n, d in schema.items() if n != id_column}
+    ints = [n for n, k in kinds.items() if k == "integer"]
+    distinct: dict[str, int] = {}
+    if ints:
+        counts = table.select(pl.col(c).n_unique() for c in ints)
+        distinct = (counts.collect() if isinstance(counts, pl.LazyFrame) else counts).row(0, named=True)
     spec: dict[str, list[str]] = {"categorical": [], "numeric": []}
-    for name, dtype in table.schema.items():
-        kind = inferred_feature_kind(dtype) if name != id_column else None
+    for name, kind in kinds.items():
         if kind == "integer":
-            kind = "categorical" if table[name].n_unique() <= INT_CATEGORICAL_MAX_DISTINCT else "numeric"
+            kind = "categorical" if distinct[name] <= INT_CATEGORICAL_MAX_DISTINCT else "numeric"
         if kind is not None:
             spec[kind].append(name)
     return spec

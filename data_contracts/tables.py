@@ -110,13 +110,13 @@ def _record_features(
         found = {"categorical": list(features.categorical), "numeric": list(features.numeric)}
         source = "dataset.yaml"
     else:
-        try:
-            table = pl.read_parquet(path)
+        rows = pl.scan_parquet(path).filter(pl.col(id_column).is_not_null())
+        try:  # only the id and the integer columns are read (their distinct counts decide their kind)
+            found = infer_features(rows.unique(subset=id_column, keep="first"), id_column)
         except READ_ERRORS as exc:
             report.add("corrupt_file", filename, None, f"cannot be read ({exc})", "rewrite the file")
             return
-        rows = table.filter(pl.col(id_column).is_not_null()).unique(subset=id_column, keep="first")
-        found, source = infer_features(rows, id_column), "inferred from dtypes"
+        source = "inferred from dtypes"
     report.counts.setdefault("features", {})[filename] = {**found, "source": source}
 
 
