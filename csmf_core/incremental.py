@@ -100,11 +100,22 @@ def decide_mode(
         )
     last_full = parent.get("last_full_date")
     role = parent.get("role", "champion")  # "champion", or "line's head" (train.start_from=line)
+    # the last day its line learned from (bundle lineage: a model continued from one trained for a
+    # later date has seen what that one saw), when known
+    through = parent.get("trained_through")
     if not explicit and parent.get("date") and parent["date"] >= run_date:
         return ModeDecision(
             FULL,
             f"train.mode=incremental, but the {role} (v{parent['version']}) was trained for "
             f"{parent['date']}, not before {run_date} (a re-run or a backfill): a full retrain",
+            None,
+            run_date,
+        )
+    if not explicit and through and through >= run_date:
+        return ModeDecision(
+            FULL,
+            f"train.mode=incremental, but the {role} (v{parent['version']}) has learned from days up to "
+            f"{through} through the model it continued, not only before {run_date}: a full retrain",
             None,
             run_date,
         )
@@ -134,6 +145,11 @@ def decide_mode(
         since += (
             f"; NOTE: it was trained for {parent['date']}, on days up to the day before, so it has seen "
             f"{run_date}: this run's evaluation figures are not out of sample"
+        )
+    elif through and through >= run_date:
+        since += (
+            f"; NOTE: its line has learned from days up to {through}, so it has seen {run_date}: this "
+            "run's evaluation figures are not out of sample"
         )
     return ModeDecision(
         INCREMENTAL,

@@ -99,6 +99,12 @@ def lineage_end(info: dict) -> str | None:
     return max(d for d in (through, own) if d) if (through or own) else None
 
 
+def _recorded_lineage(bundle: Path) -> str | None:
+    """The `trained_through` a flow run recorded in a bundle (None for bundles written before it, or
+    by the library: their dates then decide alone, as before)."""
+    return (json.loads((bundle / "bundle.json").read_text()).get("extra") or {}).get("trained_through")
+
+
 def check_start_model(bundle: Path, cfg: CSMFConfig, objectives: list[str]) -> None:
     """Refuse (WarmStartError, every difference named) a starting model whose objectives or model shape
     (model.dim, hidden, embedding sizes, id_buckets) differ from this run's: no silent mix."""
@@ -183,16 +189,19 @@ def choose_start(
             if resolved.version is not None
             else {"version": str(resolved.bundle), "last_full_date": None}
         )
-        decision = decide_mode(INCREMENTAL, run_date, cfg.train.full_every_days, parent, explicit=True)
         bundle = resolved.bundle
+        parent["trained_through"] = _recorded_lineage(bundle)
+        decision = decide_mode(INCREMENTAL, run_date, cfg.train.full_every_days, parent, explicit=True)
     else:
         current, role = champion(), "champion"
         if cfg.train.start_from == "line":
             current, role, note = _line_or_champion(current, run_date)
             log(note)
         parent = _parent_facts(current, role) if current is not None else None
-        decision = decide_mode(INCREMENTAL, run_date, cfg.train.full_every_days, parent)
         bundle = resolve_model(f"models:/csmf/{current.version}", home=home).bundle if current else None
+        if parent is not None:
+            parent["trained_through"] = _recorded_lineage(bundle)
+        decision = decide_mode(INCREMENTAL, run_date, cfg.train.full_every_days, parent)
     log(decision.reason)
     if decision.mode != INCREMENTAL:
         return Start(decision)

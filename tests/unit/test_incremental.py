@@ -40,6 +40,15 @@ def test_decide_mode_schedule():
     assert d.mode == INCREMENTAL and "it has seen 2026-01-05" in d.reason and "not out of sample" in d.reason
     d = decide_mode(INCREMENTAL, "2026-01-06", 7, parent | {"date": "2026-01-06"}, explicit=True)
     assert d.mode == INCREMENTAL and "NOTE" not in d.reason  # trained on days before 01-06: not seen
+    # its line learned from later days (it continued a model trained for a later date): the schedule
+    # retrains from scratch, a named start says its evaluation is not out of sample
+    later = parent | {"date": "2026-01-04", "trained_through": "2026-01-05"}
+    d = decide_mode(INCREMENTAL, "2026-01-05", 7, later)
+    assert d.mode == FULL and "learned from days up to 2026-01-05" in d.reason
+    d = decide_mode(INCREMENTAL, "2026-01-05", 7, later, explicit=True)
+    assert d.mode == INCREMENTAL and "its line has learned from days up to 2026-01-05" in d.reason
+    d = decide_mode(INCREMENTAL, "2026-01-06", 7, later)  # after everything it saw: as before
+    assert d.mode == INCREMENTAL and "NOTE" not in d.reason
     d = decide_mode(INCREMENTAL, "2026-01-06", 7, parent | {"date": "2026-01-06"})  # a re-run
     assert d.mode == FULL and "re-run or a backfill" in d.reason
     d = decide_mode(INCREMENTAL, "2026-01-06", 7, parent | {"date": "2026-01-05"})
