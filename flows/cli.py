@@ -26,7 +26,6 @@ Prefect API and UI keep it). `--debug` shows every traceback.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import logging
 import os
 import signal
@@ -37,7 +36,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from csmf_core.allocator import tune_allocator
-from flows.console import Progress, partition_dates, text_table
+from flows.console import Progress, check_output_file, iso_date, partition_dates, port_number, text_table
 from flows.env import DEFAULT_HOME, check_writable, existing_home, setup_home, startup_imports, tracking_uri
 from flows.inputs import dataset_location, default_eval_day
 
@@ -141,26 +140,6 @@ def home_flag(home: Path) -> str:
     return "" if Path(home).resolve() == found else f" --home {home}"
 
 
-def check_output_file(path: str | None, flag: str) -> Path | None:
-    """An output file named on the command line, checked before any work (a run that trained and
-    registered a model must not fail on its last line): not a directory, its folder created and
-    writable."""
-    if not path:
-        return None
-    out = Path(path)
-    if out.is_dir():
-        raise IsADirectoryError(
-            f"{flag} {path} is a directory; give a file path such as {out / 'result.json'}"
-        )
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OSError(f"{flag} {path}: cannot create its folder ({exc.strerror or exc})") from None
-    if not os.access(out.parent, os.W_OK):
-        raise PermissionError(f"{flag} {path}: its folder {out.parent} is not writable")
-    return out
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from csmf_core.config import load_config
 
@@ -191,11 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             how = "(--tuned none to train without)"
             print(f"csmf run: applying the tuned config {describe_tuned(tuned)} {how}")
         dates = partition_dates(data)
-        date = args.date or default_eval_day(dates, cfg.data.eval_days)
-        try:
-            dt.date.fromisoformat(date)
-        except ValueError as exc:
-            raise ValueError(f"--date {date!r} is not YYYY-MM-DD") from exc
+        date = args.date or default_eval_day(dates, cfg.data.eval_days)  # --date: checked by iso_date
         n_eval = cfg.data.eval_days
         window = (
             f"evaluation day {date}"
@@ -610,17 +585,6 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 # ---- parser and entry point ------------------------------------------------------------------------
-def port_number(text: str) -> int:
-    """argparse type: a TCP port, 1 .. 65535."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 1 .. 65535, got {port}")
-    return port
-
-
 def build_parser() -> argparse.ArgumentParser:
     from flows import cli_serving
 
@@ -697,6 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     flowed = argparse.ArgumentParser(add_help=False)
     flowed.add_argument(
         "--date",
+        type=iso_date,
         help="evaluation day YYYY-MM-DD (default: the day whose data.eval_days window ends on the last partition)",
     )
     flowed.add_argument("--config", help="YAML config (csmf_core.config sections)")

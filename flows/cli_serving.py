@@ -18,7 +18,6 @@ prints the model it used first ("Model: csmf version 3 (models:/csmf@champion; .
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import re
@@ -27,7 +26,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from flows.console import Progress, parse_weights, partition_dates, text_table
+from flows.console import Progress, check_output_file, iso_date, parse_weights, partition_dates, text_table
 from flows.env import existing_home, setup_home
 from flows.inputs import dataset_location
 
@@ -155,11 +154,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         raise ValueError("--weights applies to --side user only: item vectors do not depend on the weights")
     if args.mode is not None and args.weights is not None:
         raise ValueError("pass either --mode (one stage's vectors) or --weights (fused queries), not both")
-    out_path = Path(args.out)
-    if out_path.is_dir():
-        raise IsADirectoryError(
-            f"--out {args.out} is a directory; give a file such as {out_path / 'vectors.parquet'}"
-        )
+    out_path = check_output_file(args.out, "--out")  # not a directory, its folder made and writable
     if out_path.suffix.lower() != ".parquet":
         raise ValueError(
             f"--out {args.out}: the vectors are written as Parquet; give a name ending in .parquet"
@@ -238,10 +233,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     data = dataset_location(args.data, home)  # a path or a URI
     dates = partition_dates(data)
     date = args.date or dates[-1]
-    try:
-        dt.date.fromisoformat(date)
-    except ValueError:
-        raise ValueError(f"--date {date!r} is not YYYY-MM-DD") from None
     if date not in dates:
         raise ValueError(f"{data} has no partition dt={date}; available {dates[0]} .. {dates[-1]}")
     train = [d for d in dates if d < date]
@@ -387,6 +378,6 @@ def add_commands(sub, parents: list[argparse.ArgumentParser]) -> None:
     )
     v.add_argument("--model", metavar="REF", help=model_help)
     v.add_argument("--data", required=True, help="canonical dataset directory")
-    v.add_argument("--date", help="evaluation day YYYY-MM-DD (default: the last partition)")
+    v.add_argument("--date", type=iso_date, help="evaluation day YYYY-MM-DD (default: the last partition)")
     v.add_argument("--k", type=int, nargs="+", help="cut-offs (default: the model config's eval.ks)")
     v.set_defaults(func=cmd_evaluate)

@@ -14,6 +14,7 @@ Imports nothing heavy (the CLI stays fast to start).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 import time
@@ -80,6 +81,48 @@ def parse_weights(text: str) -> tuple[float, ...]:
             f"{text!r}: expected comma-separated numbers, one per objective, e.g. 1,1.8,1.2"
         )
     return values
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 1 .. 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1 .. 65535, got {port}")
+    return port
+
+
+def iso_date(text: str) -> str:
+    """argparse type: a day, as YYYY-MM-DD (Python also reads 20260105 as a date: written back in the
+    form partition names, run names and locks use)."""
+    import datetime as dt
+
+    try:
+        return dt.date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not YYYY-MM-DD") from None
+
+
+def check_output_file(path: str | None, flag: str) -> Path | None:
+    """An output file named on the command line, checked before any work (a run that trained and
+    registered a model must not fail on its last line): not a directory, its folder created and
+    writable."""
+    if not path:
+        return None
+    out = Path(path)
+    if out.is_dir():
+        raise IsADirectoryError(
+            f"{flag} {path} is a directory; give a file path such as {out / 'result.json'}"
+        )
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"{flag} {path}: cannot create its folder ({exc.strerror or exc})") from None
+    if not os.access(out.parent, os.W_OK):
+        raise PermissionError(f"{flag} {path}: its folder {out.parent} is not writable")
+    return out
 
 
 def partition_dates(dataset_dir: Path) -> list[str]:

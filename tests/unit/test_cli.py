@@ -3,6 +3,7 @@ directory (no MLflow), `run` with a stand-in flow, and the home/environment set-
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import io
@@ -827,3 +828,12 @@ def test_read_only_commands_refuse_a_home_that_does_not_exist(tmp_path, capsys, 
     from flows.env import existing_home
 
     assert existing_home(typo) == typo.resolve() and typo.is_dir()
+
+
+def test_date_arguments_are_checked_and_written_as_yyyy_mm_dd():
+    from flows.console import iso_date
+
+    assert iso_date("2026-01-05") == iso_date("20260105") == "2026-01-05"
+    for bad in ("2026/01/05", "2026-02-30", "tomorrow"):
+        with pytest.raises(argparse.ArgumentTypeError, match="is not YYYY-MM-DD"):
+            iso_date(bad)
