@@ -461,10 +461,7 @@ def _version_for(ref: str | None, client: mlflow.MlflowClient):
 
 def _inventory(client: mlflow.MlflowClient, name: str) -> str:
     """What the registry holds for `name`: its versions and aliases, for a reference that missed."""
-    try:
-        versions = client.search_model_versions(f"name='{name}'")
-    except mlflow.exceptions.MlflowException:
-        versions = []
+    versions = _versions_or_none(client, name)
     if not versions:
         return f"registered model {name!r} has no version here (MLflow store {mlflow.get_tracking_uri()})"
     numbers = sorted(int(v.version) for v in versions)
@@ -478,9 +475,9 @@ def _inventory(client: mlflow.MlflowClient, name: str) -> str:
     )
 
 
-def _versions_or_none(client: mlflow.MlflowClient) -> list:
+def _versions_or_none(client: mlflow.MlflowClient, name: str = REGISTERED_MODEL) -> list:
     try:
-        return client.search_model_versions(f"name='{REGISTERED_MODEL}'")
+        return client.search_model_versions(f"name='{name}'")
     except mlflow.exceptions.MlflowException:
         return []
 
