@@ -24,7 +24,8 @@ READ_ERRORS = (pl.exceptions.PolarsError, OSError)
 def check_table(
     root: Path, filename: str, id_column: str, features: TableFeatures | None, report: ValidationReport
 ) -> tuple[pl.Series | None, list[str]]:
-    """Check users.parquet or items.parquet.
+    """Check users.parquet or items.parquet. `features`: dataset.yaml's lists for the table, None when
+    it lists none (features inferred from the dtypes; the caller maps empty lists to None, as prep does).
 
     Returns its unique non-null ids (None when they cannot be trusted, which turns the unknown-id
     check off) and its non-id columns (for the leakage check, which needs the events columns first).
@@ -63,7 +64,7 @@ def check_table(
                 else f"cast {col} to a string (pl.col('{col}').cast(pl.String)), or remove it from features"
             )
             report.add("wrong_type", filename, col, msg, fix)
-    if not (features and features.columns):  # inferred from the dtypes (csmf_core/prep.py)
+    if features is None:  # inferred from the dtypes (csmf_core/prep.py)
         for col in columns:
             if inferred_feature_kind(schema[col]) is None:
                 msg = (
@@ -106,7 +107,7 @@ def _record_features(
     """The feature columns the model will read from this table, into report.counts["features"]: the
     lists of dataset.yaml, or the ones prep infers from the dtypes (`infer_features`, on the table as
     prep reads it: rows with an id, the first row of each id)."""
-    if features and features.columns:
+    if features is not None:
         found = {"categorical": list(features.categorical), "numeric": list(features.numeric)}
         source = "dataset.yaml"
     else:

@@ -272,7 +272,11 @@ def validate_dataset(
         return report
     spec = _check_spec(root, report)
     features = spec.features if spec else None
-    user_features, item_features = (features.users, features.items) if features else (None, None)
+    # a table whose lists are empty has its features inferred from the dtypes, as prep does
+    # (csmf_core/prep.py `_feature_lists`): None for the checks below, like a table not listed at all
+    user_features, item_features = (
+        (t if t.columns else None for t in (features.users, features.items)) if features else (None, None)
+    )
     users_ids, user_cols = check_table(root, USERS_FILE, USER_ID, user_features, report)
     items_ids, item_cols = check_table(root, ITEMS_FILE, ITEM_ID, item_features, report)
     report.counts["users"] = None if users_ids is None else users_ids.len()

@@ -626,6 +626,23 @@ def test_inferred_features_name_the_columns_they_skip(tmp_path):
     }
 
 
+def test_empty_feature_lists_are_checked_as_the_inferred_features_prep_reads(tmp_path):
+    """Empty lists in dataset.yaml mean "inferred from dtypes" to prep, but the validator read them as
+    "no features": an inf in a float column (prep standardises it) and a label-like column (prep trains
+    on it) were let through, the second as a mere warning."""
+    users = pl.DataFrame(
+        {"user_id": [1, 2, 3, 4], "activity": [0.1, float("inf"), 0.2, 0.9], "clicked_before": [1, 0, 1, 0]}
+    )
+    empty = {
+        **SPEC,
+        "features": {"users": {"categorical": [], "numeric": []}, "items": SPEC["features"]["items"]},
+    }
+    report = validate_dataset(write_dataset(tmp_path / "d", users=users, spec=empty))
+    found = {(v.rule, v.column, v.severity) for v in report.violations if v.file == "users.parquet"}
+    assert ("non_finite", "activity", "error") in found and ("leakage", "clicked_before", "error") in found
+    assert report.counts["features"]["users.parquet"]["source"] == "inferred from dtypes"
+
+
 def test_integer_features_are_categorical_up_to_1000_distinct_values():
     ids = list(range(1, 1002))
     table = pl.DataFrame(
