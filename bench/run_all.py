@@ -6,8 +6,9 @@ Each benchmark runs as its own process (its own threads, memory and imports) and
 its figures are appended to bench/results/<bench>.jsonl (or $CSMF_BENCH_RESULTS). At the end, every
 figure of this run is printed again in one table, with the list of targets met and not met.
 `--full` runs the 1M / 4M / 16M-exposure scaling cases instead of 0.5M / 2M (about 30 minutes on 2 cores) and the sharded-ingest
-benchmark on Dask (bench_ingest_dask.py, ~70 s: a scale-out figure, not one of the targets; without
---full it runs only when named in --only), keeping the default run under 20 minutes; `--quick` runs every
+benchmark on Dask (bench_ingest_dask.py, ~70 s: a scale-out figure, not one of the targets) and the
+early-stopping measurement (bench_patience.py, ~5 min: three seeds of CSMF's and MOPPR's selection
+pass); without --full these two run only when named in --only, keeping the default run under 20 minutes; `--quick` runs every
 benchmark at smoke-test size (seconds each; the figures mean nothing). Exit status 0 even when a
 target is missed (a benchmark reports, it does not gate); 1 when a benchmark crashed.
 """
@@ -28,7 +29,7 @@ except ImportError:  # run as `python bench/run_all.py`
     import benchlib  # type: ignore[no-redef]
 
 
-FULL_ONLY = {"ingest_dask"}  # run with --full (or by name in --only)
+FULL_ONLY = {"ingest_dask", "patience"}  # run with --full (or by name in --only)
 
 
 def scripts(only: list[str] | None = None, full: bool = False) -> list[Path]:

@@ -177,12 +177,28 @@ def _topk_rows(
         raise ValueError(f"rows must index the {n_users} users, got values in [{rows.min()}, {rows.max()}]")
     if user_vecs.ndim == 2 and not bool(torch.isfinite(user_vecs).all()):  # every user, as without rows
         raise ValueError("user_vecs contains NaN/inf values")
-    asked = np.unique(rows).astype(np.int64)
+    asked, want = padded_rows(rows, n_users)
+    top = topk_items(user_vecs[torch.as_tensor(want)], item_vecs, k, exclude_first=exclude_first, chunk=chunk)
+    return spread_rows(top, asked, want, n_users)
+
+
+def padded_rows(rows: np.ndarray, n_users: int) -> tuple[np.ndarray, np.ndarray]:
+    """(asked, want): the distinct rows asked for, sorted, and the rows to compute: `asked` padded with
+    the first rows not asked for up to MIN_SUBSET_ROWS (all rows when there are fewer), sorted. A
+    matrix product over the `want` rows gives the asked rows bit for bit as a product over every row
+    (topk_items' docstring: BLAS switches kernels for a few rows only). `spread_rows` puts the result
+    back in place."""
+    asked = np.unique(np.asarray(rows)).astype(np.int64)
     want = asked
     if want.size < min(MIN_SUBSET_ROWS, n_users):  # pad with the first rows not asked for
         others = np.setdiff1d(np.arange(min(n_users, 2 * MIN_SUBSET_ROWS), dtype=np.int64), want)
         want = np.union1d(want, others[: min(MIN_SUBSET_ROWS, n_users) - want.size])
-    top = topk_items(user_vecs[torch.as_tensor(want)], item_vecs, k, exclude_first=exclude_first, chunk=chunk)
+    return asked, want
+
+
+def spread_rows(top: np.ndarray, asked: np.ndarray, want: np.ndarray, n_users: int) -> np.ndarray:
+    """(n_users, K) rankings from `top`, the rankings of the `want` rows (`padded_rows`): the asked rows
+    in place, -1 in every other row (a miss for `recall_ndcg`, as `topk_items(rows=)` gives)."""
     out = np.full((n_users, top.shape[1]), -1, dtype=np.int64)
     out[asked] = top[np.searchsorted(want, asked)]
     return out

@@ -30,7 +30,7 @@ import torch
 from csmf_core.data import TrainData
 from csmf_core.evaluate import EvalRows, item_matrix, user_matrix
 from csmf_core.fusion import mode_queries
-from csmf_core.metrics import recall_ndcg, topk_items
+from csmf_core.metrics import padded_rows, recall_ndcg, spread_rows, topk_items
 from csmf_core.model import TwoTower
 from csmf_core.rows import FeatureTables
 
@@ -87,13 +87,16 @@ def own_mode_recall(
     k: int,
 ) -> float:
     """Recall@k of objective `stage` under mode `stage` on the validation users (NaN if none has a positive).
-    Only the users with a positive of the objective are ranked: the others do not count."""
+    Only the users with a positive of the objective are encoded and ranked (padded as `topk_items(rows=)`
+    pads them, so each is scored bit for bit as among every user): the others do not count. At a late
+    stage that is a few percent of the users (KuaiRand's conversion: 515 of 16,241)."""
     rel = val.relevant(stage)
-    rows = rel.rows_with_positives()
+    asked, want = padded_rows(rel.rows_with_positives(), len(val.u))
     items = item_matrix(model, tables)
-    users = user_matrix(model, tables, val.u, val.hists)
-    top = topk_items(mode_queries(users, output_owners, stage), items, k, rows=rows)
-    return float(recall_ndcg(top, rel, (k,))[k]["recall"])
+    idx = torch.as_tensor(want)
+    users = user_matrix(model, tables, val.u[idx], [h[idx] for h in val.hists])
+    top = topk_items(mode_queries(users, output_owners, stage), items, k)
+    return float(recall_ndcg(spread_rows(top, asked, want, len(val.u)), rel, (k,))[k]["recall"])
 
 
 class EpochSelector:

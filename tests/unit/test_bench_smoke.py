@@ -207,3 +207,28 @@ def test_cascade_cost_smoke():
     assert r["value"] == pytest.approx(
         figs["csmf fit (select + refit)"]["value"] / figs["moppr fit (select + refit)"]["value"]
     )
+
+
+def test_patience_rule_on_hand_written_curves():
+    """The epoch early stopping would keep, and the last epoch it would train, worked out by hand."""
+    kept = _bench("bench_patience").kept_with_patience
+    epochs, scores = [0, 1, 2, 3, 4, 5, 6], [0.1, 0.5, 0.4, 0.5, 0.3, 0.9, 0.2]
+    # patience 1: epoch 2 is not better than 0.5 -> stop there, keep 1
+    assert kept(epochs, scores, 1) == (1, 2)
+    # patience 2: 2 and 3 not better (a tie is not better) -> stop at 3, keep 1
+    assert kept(epochs, scores, 2) == (1, 3)
+    # patience 4: 2, 3, 4 not better, 5 better -> no stop before the end, keep 5
+    assert kept(epochs, scores, 4) == (5, 6)
+    assert kept(epochs, scores, 0) == (5, 6)  # off: the whole curve
+    assert kept([1, 2, 3], [float("nan"), 0.2, 0.1], 2) == (2, 3)  # NaN never improves
+
+
+def test_patience_smoke():
+    """Both methods' selection pass on the tiny world: one row per part, figures per patience."""
+    figs = _by_figure(
+        _bench("bench_patience").main(["--quick", "--set", "train.threads=1", "--patience", "1,50"])
+    )
+    assert figs["patience 50: selection epochs saved"]["value"] == 0.0  # never stops early
+    n_parts = int(next(f for f in figs if f.startswith("patience 1: parts")).split("(of ")[1].rstrip(")"))
+    assert n_parts == 4  # csmf: pretrain, finetune click, finetune conversion; moppr: model
+    assert 0.0 < figs["patience 1: selection epochs saved"]["value"] < 1.0

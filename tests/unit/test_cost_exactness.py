@@ -152,7 +152,8 @@ class FullResultRanked(protocol.ResultRanked):
 
 
 def old_own_mode_recall(model, output_owners, tables, val, stage, k):
-    """validation.own_mode_recall before it ranked only the users with a positive of the objective."""
+    """validation.own_mode_recall before it encoded and ranked only the users with a positive of the
+    objective."""
     from csmf_core.evaluate import item_matrix, user_matrix
     from csmf_core.fusion import mode_queries
     from csmf_core.metrics import recall_ndcg, topk_items
@@ -175,13 +176,16 @@ def more_users(ev, n_items, times=5, seed=0):
     return EvalRows(ev.u.repeat(times), hists, pos)
 
 
-def sparser_positives(ev):
+def sparser_positives(ev, conversion_users=None):
     """`ev` with the click positives of every 2nd user and the conversion positives of 3 users in 4
-    removed (the random data give every user a positive of each objective; real data do not)."""
+    removed (the random data give every user a positive of each objective; real data do not).
+    conversion_users: keep the conversion positives of only the first this many users (fewer than
+    the rows a partial product is padded to: the padding is then what keeps the sums exact)."""
     from csmf_core.evaluate import EvalRows
 
     empty = np.zeros(0, np.int64)
-    keep = (lambda i: True, lambda i: i % 2 == 0, lambda i: i % 4 == 0)
+    conv = (lambda i: i % 4 == 0) if conversion_users is None else (lambda i: i < conversion_users)
+    keep = (lambda i: True, lambda i: i % 2 == 0, conv)
     pos = [[p if keep[t](i) else empty for i, p in enumerate(ev.pos[t])] for t in range(len(ev.pos))]
     return EvalRows(ev.u, ev.hists, pos)
 
@@ -193,7 +197,7 @@ def test_scoring_only_users_with_positives_gives_the_same_recall(trained_random,
     t = trained_random
     data, model, out = t["data"], t["model"], t["owners"].output_owners()
     many = more_users(data.eval, data.tables.items_cat.shape[0])
-    for ev in (data.eval, many, sparser_positives(many)):
+    for ev in (data.eval, many, sparser_positives(many), sparser_positives(many, conversion_users=3)):
         for stage in range(3):
             args = (model, out, data.tables, ev, stage, k)
             assert own_mode_recall(*args) == old_own_mode_recall(*args)
