@@ -99,10 +99,12 @@ def _count_new_partitions(start: Start, window: Window, dataset) -> Start:
 
 def daily_run_name() -> str:
     """The flow run's name, `csmf-daily-<evaluation day>`: the MLflow parent run's name too. Given no
-    date, the day the run will pick (the dataset's last partition); "latest" when that cannot be read
-    here (the flow itself then fails with the reason)."""
+    date, the day the run will pick (`flows.inputs.default_eval_day`: with data.eval_days = N the
+    first of the last N partitions, from the run's config, tuned config and overrides); "latest" when
+    that cannot be read here (the flow itself then fails with the reason)."""
     from data_contracts import list_partitions
     from flows.env import resolve_home
+    from flows.inputs import default_eval_day
 
     params = flow_run.parameters or {}
     date = params.get("date")
@@ -112,7 +114,10 @@ def daily_run_name() -> str:
         try:  # a URI is staged where the flow stages it (<home>/staged): the flow then finds it there
             root = dataset_location(data, home) if data else home / "data" / "synth-small"
             partitions, _ = list_partitions(root)
-            date = partitions[-1].date.isoformat() if partitions else "latest"
+            tuned = find_tuned(home, root, params.get("tuned", "auto"))
+            eval_days = load_config(params.get("config"), params.get("overrides"), tuned=tuned).data.eval_days
+            dates = [p.date.isoformat() for p in partitions]
+            date = default_eval_day(dates, eval_days) if dates else "latest"
         except (OSError, ValueError):
             date = "latest"
     return f"csmf-daily-{date}"

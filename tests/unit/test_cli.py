@@ -837,3 +837,27 @@ def test_date_arguments_are_checked_and_written_as_yyyy_mm_dd():
     for bad in ("2026/01/05", "2026-02-30", "tomorrow"):
         with pytest.raises(argparse.ArgumentTypeError, match="is not YYYY-MM-DD"):
             iso_date(bad)
+
+
+def test_daily_run_name_names_the_day_the_run_evaluates(tmp_path, monkeypatch):
+    """A deployment run without a date was named after the newest partition even with
+    data.eval_days > 1, where the run evaluates from an earlier day (default_eval_day)."""
+    import flows.pipeline as pipeline
+
+    data = tmp_path / "data"
+    for day in ("2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"):
+        (data / "events" / f"dt={day}").mkdir(parents=True)
+        (data / "events" / f"dt={day}" / "part-0.parquet").write_bytes(b"")
+    conf = tmp_path / "two.yaml"
+    conf.write_text("data:\n  eval_days: 2\n")
+
+    def name(**params):
+        params = {"data": str(data), "home": str(tmp_path / "home"), "tuned": "none", **params}
+        monkeypatch.setattr(pipeline, "flow_run", types.SimpleNamespace(parameters=params))
+        return pipeline.daily_run_name()
+
+    assert name() == "csmf-daily-2026-01-04"
+    assert name(overrides=["data.eval_days=3"]) == "csmf-daily-2026-01-02"
+    assert name(config=str(conf)) == "csmf-daily-2026-01-03"
+    assert name(date="2026-01-02", overrides=["data.eval_days=3"]) == "csmf-daily-2026-01-02"
+    assert name(overrides=["data.eval_days=oops"]) == "csmf-daily-latest"  # the flow names the error
