@@ -25,6 +25,7 @@ import json
 import os
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +61,44 @@ def date_lock(home: str | os.PathLike, date: str, who: str = "", kind: str = "cs
             "who": who,
             "since": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def registry_lock(home: str | os.PathLike, who: str = "", timeout: float = 600.0) -> Iterator[Path]:
+    """Hold the home's registry lock (`<home>/locks/csmf-registry.lock`) for the block, waiting up to
+    `timeout` seconds for it: the gate reads the champion, decides and promotes under it, so two runs
+    for different dates (a backfill beside the daily run) cannot both decide against the same champion
+    and the later promotion silently win. RunLocked, naming the holder, when the wait runs out."""
+    path = Path(home) / "locks" / "csmf-registry.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = _read(fd)
+                    raise RunLocked(
+                        f"the registry of {home} has been locked for over {timeout:g} s by pid "
+                        f"{holder.get('pid', '?')} on {holder.get('host', '?')} "
+                        f"({holder.get('who') or 'unknown'}, since {holder.get('since', '?')}; lock {path}): "
+                        "this run's model is registered but not gated; re-run it once that one ends"
+                    ) from None
+                time.sleep(0.05)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "who": who,
+                "since": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}  # fmt: skip
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         try:

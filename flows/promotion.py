@@ -11,6 +11,7 @@ child run, the Prefect artifact `csmf-gate` (docs/operations.md "Champion and ch
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -27,6 +28,7 @@ from flows import gate as gating
 from flows.incremental import lineage_end
 from flows.ingest import Ingested
 from flows.inputs import code_version, plan_window
+from flows.lock import registry_lock
 from flows.model_card import version_card, with_gate
 from flows.names import (
     CODE_VERSION_TAG,
@@ -206,9 +208,12 @@ def gate(
     Challenger and champion are scored with the same function (Recommender.evaluate, ids mapped
     through the original ids) on the same days: this run's evaluation days, or, when the champion
     trained on them or later (a backfill), the newest days after both training windows
-    (`_comparison_data`). Days that cannot measure the model promote nothing (flows/gate.py)."""
+    (`_comparison_data`). Days that cannot measure the model promote nothing (flows/gate.py).
+    Under the home's registry lock (`flows.lock.registry_lock`): a second run's gate waits."""
     client = run.parent().client
-    with child_run(run, "gate", kind="gate") as tracker:
+    # one gate at a time per home: the champion read here is still the champion at the promotion
+    locked = contextlib.nullcontext() if run.home is None else registry_lock(run.home, f"gate of v{version}")
+    with locked, child_run(run, "gate", kind="gate") as tracker:
         current = champion(client)
         already = current is not None and str(current.version) == version  # a retry, or a reused version
         decision = _decide(bundle, version, stage_ends, current, already, ready, cfg, run)

@@ -57,6 +57,39 @@ def test_lock_of_a_killed_process_is_released(tmp_path):
         pass
 
 
+def test_a_second_gate_waits_for_the_registry_lock(tmp_path):
+    """Two runs of different dates gating at once both read the same champion and the later promotion
+    won; the gate now runs under one lock per home: the second waits, and names the holder when its
+    wait runs out."""
+    import threading
+    import time
+
+    from flows.lock import registry_lock
+
+    held, release = threading.Event(), threading.Event()
+
+    def first():
+        with registry_lock(tmp_path, who="gate of v1"):
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=first)
+    t.start()
+    try:
+        assert held.wait(10)
+        with pytest.raises(RunLocked, match=r"locked for over 0.2 s by pid \d+ .*gate of v1"):
+            with registry_lock(tmp_path, who="gate of v2", timeout=0.2):
+                pass
+        threading.Timer(0.3, release.set).start()
+        t0 = time.monotonic()
+        with registry_lock(tmp_path, who="gate of v2", timeout=10):  # waits for the first to end
+            waited = time.monotonic() - t0
+        assert waited >= 0.25
+    finally:
+        release.set()
+        t.join(10)
+
+
 # ---- stage cache -----------------------------------------------------------------------------------
 def _checkpoint(d: Path, content: str = "w") -> Path:
     d.mkdir(parents=True)
