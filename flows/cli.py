@@ -158,7 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # this one imports torch and mlflow, reads the config and the data; waited for before the flow
         api = start_temporary_api()
         data = dataset_location(args.data, home) if args.data else default_dataset(home)
-        from flows.tune import describe_tuned, find_tuned
+        from flows.tune import describe_tuned, find_tuned, tuned_applies
 
         tuned = find_tuned(home, data, args.tuned)
         # fail fast, before Prefect starts, on a bad config
@@ -166,11 +166,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         from flows.runs import device
 
         device(cfg)  # train.device=cuda on a machine without CUDA: refused now, not in a task
-        if tuned is not None:
-            how = "(--tuned none to train without)"
-            print(f"csmf run: applying the tuned config {describe_tuned(tuned)} {how}")
         dates = partition_dates(data)
         date = args.date or default_eval_day(dates, cfg.data.eval_days)  # --date: checked by iso_date
+        if tuned is not None:  # the flow decides the same; said here before it starts
+            applies, why = tuned_applies(tuned, date, explicit=args.tuned not in (None, "auto"))
+            if applies:
+                how = "(--tuned none to train without)"
+                print(f"csmf run: applying the tuned config {describe_tuned(tuned)} {how}")
+            else:
+                print(f"csmf run: {why}")
+                cfg = load_config(args.config, args.set)
+                date = args.date or default_eval_day(dates, cfg.data.eval_days)
         n_eval = cfg.data.eval_days
         window = (
             f"evaluation day {date}"

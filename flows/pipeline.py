@@ -69,7 +69,7 @@ from flows.registry import champion
 from flows.retention import apply_retention
 from flows.runs import DAILY, RunContext, child_run, device, loaded_data, open_run, run_lifecycle
 from flows.tracking import metric_key
-from flows.tune import describe_tuned, find_tuned
+from flows.tune import describe_tuned, find_tuned, tuned_applies
 
 
 # ---- the flow --------------------------------------------------------------------------------------
@@ -166,6 +166,13 @@ def csmf_daily(
     tuned_file = find_tuned(root, dataset, tuned)
     cfg = fit_to_dataset(load_config(config, overrides, tuned=tuned_file), dataset, _log_line)
     window = plan_window(dataset, date, cfg.data)  # missing partitions fail here, before any work
+    if tuned_file is not None:  # chosen on this run's evaluation days: refused, or skipped under auto
+        applies, why = tuned_applies(tuned_file, window.date, explicit=tuned not in (None, "auto"))
+        if not applies:
+            _log_line(why)
+            tuned_file = None
+            cfg = fit_to_dataset(load_config(config, overrides), dataset, _log_line)
+            window = plan_window(dataset, date, cfg.data)
     doctor.before_run(root, tracking_uri())  # what killed csmf processes left (flows/doctor.py)
     start = choose_start(cfg, window.date, dataset, from_model, root, _log_line)
     if start.incremental:  # the new day(s) and the validation day(s) only (flows/incremental.py)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,37 @@ def find_tuned(home: Path, dataset: Path, tuned: str | None) -> Path | None:
     if not path.is_file():
         raise ConfigError(f"--tuned {tuned}: no such file (give a csmf tune output, auto or none)")
     return path
+
+
+READ_BEFORE = re.compile(r"^# read: the days before (\d{4}-\d{2}-\d{2})\b", re.M)
+OLD_HEADER = re.compile(r"^# csmf tune \S+ (\d{4}-\d{2}-\d{2}):", re.M)  # files written before that line
+
+
+def tuned_reads_before(path: Path) -> str | None:
+    """The day before which the tune that wrote `path` read its data (its validation days are the last
+    days before it), from the file's header; None for a file without one (written by hand)."""
+    head = path.read_text(errors="replace")[:2000]
+    m = READ_BEFORE.search(head) or OLD_HEADER.search(head)
+    return m.group(1) if m else None
+
+
+def tuned_applies(path: Path, first_eval_day: str, explicit: bool) -> tuple[bool, str]:
+    """(apply, why not): a tuned config chosen on days a run evaluates is not applied to that run: its
+    choices saw those days' labels (as training or validation days), so the run's figures would not be
+    out of sample. "auto" (`explicit` False) skips it with the reason; a file named by --tuned is
+    refused (ConfigError). Files without a header line naming their days apply as before."""
+    before = tuned_reads_before(path)
+    if before is None or first_eval_day >= before:
+        return True, ""
+    why = (
+        f"the tuned config {path} was chosen on the days before {before} (its validation days "
+        f"included); this run evaluates from {first_eval_day}, whose labels that choice has seen"
+    )
+    if explicit:
+        raise ConfigError(
+            f"{why}: give --tuned none, or tune for this date (csmf tune --date {first_eval_day})"
+        )
+    return False, f"{why}: not applied (tune with --date {first_eval_day} to tune for this run)"
 
 
 def describe_tuned(path: Path | None) -> str:
@@ -387,6 +419,7 @@ def write_outputs(
     path.parent.mkdir(parents=True, exist_ok=True)
     header = (
         f"# csmf tune {td.dataset} {td.date}: best of {len(complete)} complete trials (study {study.study_name})\n"
+        f"# read: the days before {td.date} (a run evaluating any of them does not apply this file)\n"
         f"# validation score {best.value:.4f} (mean model / popularity Recall@K on {td.val_why.split(':')[0]} days)\n"
         f"# written {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}; keys that differ from the base config"
         f"{', and those fixed by --set' if fixed else ''} only\n"

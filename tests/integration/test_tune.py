@@ -102,6 +102,10 @@ def test_tune_writes_the_changed_keys_and_tracks_every_trial(first, files):
     # only keys that differ from the base config; the best trial's lr is one of them
     assert tuned["train"]["lr"] == pytest.approx(best["params"]["train.lr"])
     assert "model" not in tuned and "dim" not in tuned.get("model", {})
+    # the header names the days the tune read (those before its run date: the tiny world's 01-06)
+    from flows.tune import tuned_reads_before
+
+    assert tuned_reads_before(Path(first["config_path"])) == "2026-01-06"
     home = Path(first["config_path"]).parents[1]
     client = mlflow.MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     parent = client.get_run(first["mlflow_run_id"])

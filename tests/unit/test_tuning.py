@@ -147,3 +147,64 @@ def test_tuned_config_is_layered_between_the_file_and_the_overrides(tmp_path, ti
     assert describe_tuned(found).startswith(str(tuned)) and "sha256" in describe_tuned(found)
     with pytest.raises(ConfigError, match="no such file"):
         find_tuned(home, tiny_world["ds"], str(tmp_path / "missing.yaml"))
+
+
+def test_tuned_config_header_names_the_days_it_read(tmp_path):
+    from flows.tune import tuned_applies, tuned_reads_before
+
+    new = tmp_path / "new.yaml"
+    new.write_text(
+        "# csmf tune synth-tiny 2026-01-06: best of 2 complete trials (study s)\n"
+        "# read: the days before 2026-01-06 (a run evaluating any of them does not apply this file)\n"
+        "train: {lr: 0.004}\n"
+    )
+    old = tmp_path / "old.yaml"  # written before the "read:" line: its first line names the date
+    old.write_text("# csmf tune kuairand-pure-slice 2022-05-06: best of 9 complete trials (study s)\n{}\n")
+    hand = tmp_path / "hand.yaml"
+    hand.write_text("train: {lr: 0.004}\n")
+    assert (tuned_reads_before(new), tuned_reads_before(old), tuned_reads_before(hand)) == (
+        "2026-01-06",
+        "2022-05-06",
+        None,
+    )
+    assert tuned_applies(new, "2026-01-06", explicit=True) == (True, "")  # the tune never read 01-06
+    assert tuned_applies(new, "2026-01-09", explicit=False) == (True, "")
+    assert tuned_applies(hand, "2020-01-01", explicit=True) == (True, "")  # no header: nothing to check
+    applies, why = tuned_applies(new, "2026-01-05", explicit=False)  # 01-05 was its validation day
+    assert not applies and "chosen on the days before 2026-01-06" in why and "not applied" in why
+    with pytest.raises(ConfigError, match="evaluates from 2026-01-05, whose labels.*--tuned none"):
+        tuned_applies(new, "2026-01-05", explicit=True)
+
+
+def test_the_daily_run_skips_a_tuned_config_chosen_on_its_evaluation_days(tmp_path, tiny_world, monkeypatch):
+    """A tune for 2026-01-06 (validation day 01-05) was applied to a run evaluating 01-05: settings
+    chosen on that day's labels, scored on them."""
+    import flows.pipeline as pipeline
+    from flows.tune import tuned_config_path
+
+    class Started(Exception):
+        pass
+
+    def start(cfg, date, *args):  # the first step after the tuned config is settled: stop there
+        raise Started(cfg, date)
+
+    monkeypatch.setattr(pipeline, "choose_start", start)
+    monkeypatch.setattr(pipeline.doctor, "before_run", lambda *a: None)
+    home = tmp_path / "home"
+    tuned = tuned_config_path(home, "synth-tiny")
+    tuned.parent.mkdir(parents=True)
+    tuned.write_text("# read: the days before 2026-01-06 (...)\ntrain: {lr: 0.004}\n")
+
+    def lr_of_run(**kw):
+        with pytest.raises(Started) as run:
+            pipeline.csmf_daily.fn(data=str(tiny_world["ds"]), home=str(home), **kw)
+        cfg, date = run.value.args
+        return date, cfg.train.lr
+
+    assert lr_of_run() == ("2026-01-06", 0.004)  # the newest day: the tune never read it
+    assert lr_of_run(date="2026-01-05") == ("2026-01-05", 0.002)  # its validation day: not applied
+    assert lr_of_run(overrides=["data.eval_days=2"]) == ("2026-01-05", 0.002)
+    with pytest.raises(ConfigError, match="whose labels that choice has seen"):
+        pipeline.csmf_daily.fn(
+            data=str(tiny_world["ds"]), home=str(home), date="2026-01-05", tuned=str(tuned)
+        )
