@@ -41,9 +41,10 @@ from csmf_core.baselines.csmf import train_csmf
 from csmf_core.baselines.protocol import fit_with_protocol
 from csmf_core.baselines.serving_cost import fused_rows, serving_costs
 from csmf_core.cascade import CascadeData, load_cascade_data
-from csmf_core.config import CSMFConfig, build_config, load_config
+from csmf_core.config import ConfigError, CSMFConfig, build_config, load_config
 from csmf_core.evaluate import popularity_rows
 from csmf_core.optim import deterministic_kernels
+from csmf_core.selection import resolve_val_days
 from csmf_core.tuning import changed_keys, override_keys
 from flows import doctor, reporting
 from flows.compare_protocol import compare_protocol, fixed_weights, protocol_data, tune_method
@@ -92,6 +93,29 @@ def report_out_dir(dataset: Path, report_dir: str | os.PathLike | None, cwd: Pat
     return report_directory(dataset_name(dataset), report_dir, REPORT_FILES, "csmf report", cwd)
 
 
+def check_fixed_weights(cfg: CSMFConfig, window, fixed: list[str]) -> None:
+    """`--set eval.fused_weights=[...]` with validation days: refused (ConfigError), since the protocol
+    chooses every method's default fused weights on the validation days from one grid and would
+    replace the fixed weighting without a word. Without validation days every method uses it."""
+    if "eval.fused_weights" not in fixed or cfg.eval.fused_weights == "auto":
+        return
+    v = "auto" if cfg.data.val_days in (0, "auto") else cfg.data.val_days
+    n, why = resolve_val_days(
+        v,
+        len(window.train_dates),
+        len(window.eval_dates),
+        loader=cfg.train.loader,
+        processes=cfg.train.processes,
+    )
+    if n > 0:
+        raise ConfigError(
+            f"--set eval.fused_weights={list(cfg.eval.fused_weights)}: the comparison chooses every method's "
+            f"default fused weights on its validation days ({why}) from one grid (docs/comparison.md), "
+            "so a fixed weighting would not be applied; drop it (the report's weights sweep, --sweeps "
+            "weights, shows CSMF at other weightings)"
+        )
+
+
 # ---- the flow --------------------------------------------------------------------------------------
 @flow(name="csmf-compare", on_failure=[notify_failure], on_crashed=[notify_failure])
 def csmf_compare(
@@ -126,6 +150,7 @@ def csmf_compare(
     dataset = dataset_location(data, root)
     cfg = fit_to_dataset(cfg, dataset, get_run_logger().info)
     window = plan_window(dataset, date, cfg.data)
+    check_fixed_weights(cfg, window, override_keys(overrides or []))
     doctor.before_run(root, tracking_uri())  # what killed csmf processes left (flows/doctor.py)
     out_dir = report_out_dir(dataset, report_dir)
     command = command or _command(data, date, methods, seeds, config, overrides, sweeps)
@@ -139,6 +164,8 @@ def csmf_compare(
                 configs[name] = tune_method.with_options(task_run_name=f"tune-{name}")(
                     name, tune_trials, ready, cfg, run, fixed=override_keys(overrides)
                 )
+        if tune_trials > 0 and protocol["val_days"] > 0:  # the statement with what the tuning chose
+            protocol = compare_protocol(ready, cfg, tune_trials, configs)
         meta = report_meta(ready, cfg, run, names, seeds, overrides, command)
         meta["protocol"] = protocol | {"tuned": {n: changed_keys(cfg, c) for n, c in configs.items()}}
         results = Results(out_dir, meta)

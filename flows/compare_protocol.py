@@ -31,18 +31,35 @@ from flows.ingest import Ingested
 from flows.runs import RunContext, child_run
 
 
-def compare_protocol(ready: Ingested, cfg: CSMFConfig, tune_trials: int) -> dict:
-    """What the report states: the validation days (resolved like the daily run's), the refit, the
-    fused weights and the tuning budget; without room for validation days, fixed epochs."""
-    meta = json.loads((ready.model_ready / "meta.json").read_text())
-    v, why = resolve_val_days(
+def protocol_val_days(model_ready: Path, cfg: CSMFConfig) -> tuple[int, str]:
+    """(validation days, why) of the comparison, resolved like the daily run's (0 and auto: auto):
+    what the report states and what `protocol_data` loads."""
+    meta = json.loads((Path(model_ready) / "meta.json").read_text())
+    return resolve_val_days(
         "auto" if cfg.data.val_days in (0, "auto") else cfg.data.val_days,
         len(meta["train_dates"]),
         len(meta["eval_dates"]),
         loader=cfg.train.loader,
         processes=cfg.train.processes,
     )
-    if v == 0:
+
+
+def item_stats_sentence(configs: dict[str, CSMFConfig]) -> str:
+    """The report's item-statistics sentence from each method's configuration (a tuned one may differ)."""
+    per = {name: list(c.data.item_stats) or "off" for name, c in configs.items()}
+    if len({str(v) for v in per.values()}) <= 1:
+        return f"Item statistics: {next(iter(per.values()), 'off')} for every method."
+    return "Item statistics (as tuned): " + ", ".join(f"{n} {v}" for n, v in per.items()) + "."
+
+
+def compare_protocol(
+    ready: Ingested, cfg: CSMFConfig, tune_trials: int, configs: dict[str, CSMFConfig] | None = None
+) -> dict:
+    """What the report states: the validation days (resolved like the daily run's), the refit, the
+    fused weights and the tuning budget; without room for validation days, fixed epochs. configs:
+    each method's configuration once tuned (the item statistics they train with), default `cfg`."""
+    v, why = protocol_val_days(ready.model_ready, cfg)
+    if v == 0 and configs is None:
         get_run_logger().warning("no validation days (%s): every method trains its fixed epochs", why)
         statement = (
             f"No validation days ({why}): every method trains train.epochs {list(cfg.train.epochs)} on the "
@@ -54,8 +71,9 @@ def compare_protocol(ready: Ingested, cfg: CSMFConfig, tune_trials: int) -> dict
             "day(s), keeps, for every independently trained part, the epoch with the best validation score "
             "(model / popularity Recall@K on the validation users), chooses its default fused weights there "
             "from the same grid, then is retrained from the same seed on the whole window for the epochs it "
-            "kept (csmf_core/baselines/protocol.py). Item statistics: "
-            f"{list(cfg.data.item_stats) or 'off'} for every method. "
+            "kept (csmf_core/baselines/protocol.py). "
+            + item_stats_sentence(configs or {"every method": cfg})
+            + " "
             + (
                 f"Tuning budget: {tune_trials} Optuna trials (TPE, seed 0) per method over its own search "
                 "space (configs/tune_spaces/), scored on the validation days; the seeds train the best."
@@ -72,12 +90,17 @@ _PROTOCOL_DATA: dict = {}
 def protocol_data(model_ready: Path, cfg: CSMFConfig) -> tuple[CascadeData | None, CascadeData]:
     """(data with the validation days held out or None when the window has none, the whole window),
     both with cfg.data.item_stats; the last pair is kept for the next run of the same settings."""
-    key = (str(model_ready), tuple(cfg.data.item_stats), cfg.data.val_days)
+    v, _ = protocol_val_days(model_ready, cfg)  # the days compare_protocol states
+    key = (str(model_ready), tuple(cfg.data.item_stats), v)
     if key not in _PROTOCOL_DATA:
         _PROTOCOL_DATA.clear()
-        try:
-            pair = load_protocol_data(model_ready, cfg)
-        except ValueError:  # no room for validation days: fixed epochs (compare_protocol says so)
+        pair = None
+        if v > 0:  # v = 0: too short a window, the Parquet loader or DDP (compare_protocol says which)
+            try:
+                pair = load_protocol_data(model_ready, cfg, val_days=v)
+            except ValueError:  # no room for validation days after all: fixed epochs
+                pair = None
+        if pair is None:
             pair = (None, load_cascade_data(model_ready, item_stats_windows=tuple(cfg.data.item_stats)))
         _PROTOCOL_DATA[key] = pair
     data_val, data = _PROTOCOL_DATA[key]

@@ -215,6 +215,9 @@ def test_tune_trials_give_each_method_its_budget_and_the_seeds_train_the_best(tm
     assert json.loads((tmp_path / "report" / "runs.json").read_text())["meta"]["protocol"]["tuned"] == {
         "youtubednn_sep": tuned
     }
+    # the report's item statistics are those the tuned method trained with (it said the base config's)
+    stats = tuned.get("data", {}).get("item_stats", [])
+    assert f"Item statistics: {list(stats) or 'off'} for every method." in text
     seed_params = children["youtubednn_sep/seed0"].data.params
     base = load_config(None, overrides)
     assert tuned, "two trials over lr, batch size, epochs... changed nothing"

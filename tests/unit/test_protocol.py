@@ -480,6 +480,43 @@ def test_every_method_has_a_search_space(name):
     assert "none" in space["data.item_stats"].choices
     if name == "csmf":
         assert path.name == "tune_space.yaml"
+    if not name.startswith("csmf"):  # a baseline searches the common ranges only (its caps among them):
+        # settings every method reads (weight decay, log-Q) but CSMF's space leaves out are not searched
+        assert set(space) <= COMMON, sorted(set(space) - COMMON)
+        csmf = {p.key: p for p in load_space(space_path("csmf").read_text())}
+        for key in COMMON - {"train.epochs"}:  # the same ranges as CSMF's
+            assert space[key] == csmf[key], key
     # an ablation does not search the setting it switches off
     off = {"csmf_no_aml": {"loss.aml", "loss.eta"}, "csmf_no_ar": {"recover.fraction", "recover.epochs"}}
     assert not off.get(name, set()) & set(space)
+
+
+def test_compare_refuses_fixed_fused_weights_it_would_replace():
+    """--set eval.fused_weights=[...] was silently replaced by the weights the protocol chose on the
+    validation days; now refused there, and applied where there are no validation days."""
+    from types import SimpleNamespace
+
+    from csmf_core.config import ConfigError
+    from flows.compare import check_fixed_weights
+
+    window = SimpleNamespace(train_dates=[f"2026-01-0{d}" for d in range(1, 6)], eval_dates=["2026-01-06"])
+    cfg = build_config(None, ["eval.fused_weights=[1, 2, 3]"])
+    with pytest.raises(ConfigError, match=r"fused_weights=\[1.0, 2.0, 3.0\]: the comparison chooses"):
+        check_fixed_weights(cfg, window, ["eval.fused_weights"])
+    check_fixed_weights(cfg, window, [])  # the config file's weights (not --set): the protocol's grid
+    check_fixed_weights(build_config(None, ["eval.fused_weights=auto"]), window, ["eval.fused_weights"])
+    short = SimpleNamespace(train_dates=["2026-01-05"], eval_dates=["2026-01-06"])  # no room: applied
+    check_fixed_weights(cfg, short, ["eval.fused_weights"])
+
+
+def test_protocol_data_holds_out_the_days_the_report_states(tiny_world):
+    """With train.loader=parquet the report said "no validation days, fixed epochs, no tuning" while
+    the data were loaded with validation days and every method selected epochs on them."""
+    from flows.compare_protocol import protocol_data, protocol_val_days
+
+    for sets, days in (([], 1), (["train.loader=parquet"], 0), (["data.val_days=2"], 2)):
+        cfg = build_config(None, sets)
+        v, _ = protocol_val_days(tiny_world["mr"], cfg)
+        data_val, data = protocol_data(tiny_world["mr"], cfg)
+        assert v == days and (data_val is None) == (days == 0), sets
+        assert data.val is None and (data_val is None or data_val.val_days == days)
