@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -85,7 +86,10 @@ def load_checkpoint(
     for f in ("model.pt", "checkpoint.json", "masks/masks.json"):
         if not (directory / f).exists():
             raise CheckpointError(f"{directory}: missing {f}; is this a csmf checkpoint directory?")
-    info = json.loads((directory / "checkpoint.json").read_text())
+    try:
+        info = json.loads((directory / "checkpoint.json").read_text())
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
+        raise CheckpointError(f"{directory}/checkpoint.json: cannot be read ({exc})") from exc
     if info.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{directory}/checkpoint.json: unsupported format {info.get('format_version')!r}"
@@ -98,7 +102,13 @@ def load_checkpoint(
         ModelConfig(**mcfg),
         int(info["n_stages"]),
     )
-    state = torch.load(directory / "model.pt", weights_only=True, map_location="cpu")
+    try:
+        state = torch.load(directory / "model.pt", weights_only=True, map_location="cpu")
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # truncated, overwritten
+        raise CheckpointError(
+            f"{directory}/model.pt: cannot be read, the file is damaged or truncated "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
     model.load_state_dict(state, strict=True)
     owners = load_masks(directory / "masks", model)
     model.to(device)

@@ -64,6 +64,22 @@ def test_checkpoint_roundtrip_is_exact(trained_random, tmp_path):
         load_checkpoint(tmp_path)
 
 
+def test_a_damaged_checkpoint_is_a_checkpoint_error_naming_the_file(trained_random, tmp_path):
+    """A truncated model.pt raised torch's RuntimeError, which the gate did not catch: a traceback
+    instead of "champion kept (cannot be loaded)"; an unreadable checkpoint.json a bare JSON error."""
+    save_checkpoint(tmp_path / "ck", trained_random["model"], trained_random["owners"], {})
+    weights = tmp_path / "ck" / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"ck/model.pt: cannot be read, the file is damaged or truncated"):
+        load_checkpoint(tmp_path / "ck")
+    weights.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="model.pt: cannot be read"):
+        load_checkpoint(tmp_path / "ck")
+    (tmp_path / "ck" / "checkpoint.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="checkpoint.json: cannot be read"):
+        load_checkpoint(tmp_path / "ck")
+
+
 def test_n_stages_is_a_setting():
     us = TowerSpec(cat=(("uid", 5),), id_feature="uid")
     its = TowerSpec(cat=(("iid", 5),), id_feature="iid")
