@@ -42,7 +42,15 @@ from flows.cascade_step import (
 )
 from flows.epoch_selection import EPOCHS_TAG, SELECT, VAL_DAYS_TAG, WEIGHTS_TAG
 from flows.ingest import Ingested
-from flows.names import DATE_TAG, GATE_TAG, LAST_FULL_TAG, PARENT_VERSION_TAG, TRAIN_MODE_TAG, VAL
+from flows.names import (
+    DATASET_TAG,
+    DATE_TAG,
+    GATE_TAG,
+    LAST_FULL_TAG,
+    PARENT_VERSION_TAG,
+    TRAIN_MODE_TAG,
+    VAL,
+)
 from flows.progress import StepBar, expected_steps
 from flows.runs import RunContext, child_run, device
 from flows.tracking import metric_key
@@ -126,14 +134,14 @@ def check_start_model(bundle: Path, cfg: CSMFConfig, objectives: list[str]) -> N
         )
 
 
-def _line_or_champion(current, run_date: str):
+def _line_or_champion(current, run_date: str, dataset: str | None = None):
     """train.start_from=line: (the model to continue, its role, one line for the log). The line's head
-    (flows.registry.line_head) when it is newer than the champion (a later run date, or the same
-    date and a later version); else the champion, which also covers a re-run or backfill (a champion
-    trained for this date or later: decide_mode retrains in full)."""
+    (flows.registry.line_head, among models of `dataset`) when it is newer than the champion (a later
+    run date, or the same date and a later version); else the champion, which also covers a re-run or
+    backfill (a champion trained for this date or later: decide_mode retrains in full)."""
     from flows.registry import line_head
 
-    head = line_head(run_date)
+    head = line_head(run_date, dataset=dataset)
     if head is None:
         return (
             current,
@@ -193,9 +201,18 @@ def choose_start(
         parent["trained_through"] = _recorded_lineage(bundle)
         decision = decide_mode(INCREMENTAL, run_date, cfg.train.full_every_days, parent, explicit=True)
     else:
+        from flows.runs import dataset_name
+
+        name = dataset_name(dataset)
         current, role = champion(), "champion"
+        theirs = None if current is None else (current.tags or {}).get(DATASET_TAG)
+        if theirs is not None and theirs != name:  # one registry per home: another dataset's champion
+            log(
+                f"the champion v{current.version} is a model of dataset {theirs!r}, this run's is {name!r}: not continued"
+            )
+            current = None
         if cfg.train.start_from == "line":
-            current, role, note = _line_or_champion(current, run_date)
+            current, role, note = _line_or_champion(current, run_date, name)
             log(note)
         parent = _parent_facts(current, role) if current is not None else None
         bundle = resolve_model(f"models:/csmf/{current.version}", home=home).bundle if current else None

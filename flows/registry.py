@@ -48,7 +48,7 @@ from flows import serve_limits
 from flows.env import resolve_home
 from flows.inputs import contained, safe_name
 from flows.model_card import registered_description
-from flows.names import DATE_TAG, GATE_VERIFIED_TAG, RUN_TAG
+from flows.names import DATASET_TAG, DATE_TAG, GATE_VERIFIED_TAG, RUN_TAG
 
 REGISTERED_MODEL = "csmf"
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -328,17 +328,19 @@ def champion(client: mlflow.MlflowClient | None = None):
         return None
 
 
-def line_head(run_date: str, client: mlflow.MlflowClient | None = None):
+def line_head(run_date: str, client: mlflow.MlflowClient | None = None, dataset: str | None = None):
     """The head of the training line for a run for `run_date` (train.start_from=line): the newest
     registered version (latest run date, then highest version) trained for a date before `run_date`
     whose gate verification passed (tag csmf.gate_verified=true), promoted or not; None when there
     is none. A version the gate never saw (its run died before the gate) or that failed verification
-    is never continued."""
+    is never continued. dataset: only versions trained on that dataset (tag csmf.dataset)."""
     best, best_key = None, None
     for v in _versions_or_none(client or mlflow.MlflowClient()):
         tags = v.tags or {}
         date = tags.get(DATE_TAG)
         if not date or date >= run_date or tags.get(GATE_VERIFIED_TAG) != "true":
+            continue
+        if dataset is not None and tags.get(DATASET_TAG) != dataset:
             continue
         key = (date, int(v.version))
         if best_key is None or key > best_key:

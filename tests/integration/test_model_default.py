@@ -182,6 +182,10 @@ def test_line_head_is_the_newest_verified_version_before_the_run(store):
         client.set_model_version_tag(REGISTERED_MODEL, v2, "csmf.date", "2026-01-05")
         client.set_model_version_tag(REGISTERED_MODEL, v2, "csmf.gate_verified", "true")
         assert str(line_head("2026-01-07", client).version) == v2  # same date: the later version
+        client.set_model_version_tag(REGISTERED_MODEL, v2, "csmf.dataset", "other-world")
+        tags[v2]["csmf.dataset"] = "other-world"
+        assert str(line_head("2026-01-07", client, dataset="other-world").version) == v2
+        assert line_head("2026-01-07", client, dataset="a-third") is None  # only the run's dataset's
     finally:
         for v, t in tags.items():
             for k in t:

@@ -96,7 +96,7 @@ def _version(n, **tags):
 
 def test_choose_start_falls_back_without_champion(monkeypatch, tiny_world):
     monkeypatch.setattr(registry, "champion", lambda client=None: None)
-    monkeypatch.setattr(registry, "line_head", lambda run_date, client=None: None)
+    monkeypatch.setattr(registry, "line_head", lambda run_date, client=None, dataset=None: None)
     fallback = (
         "train.mode=incremental but there is no champion to start from: falling back to a full retrain "
         "(the cascade from scratch)"
@@ -153,7 +153,7 @@ def test_start_from_line_continues_the_newest_verified_model(monkeypatch, tiny_w
     head = _version(6, **{DATE_TAG: "2026-01-04", LAST_FULL_TAG: "2026-01-02", "csmf.gate": "kept"})
     monkeypatch.setattr(registry, "champion", lambda client=None: champ)
     heads = {"now": head}
-    monkeypatch.setattr(registry, "line_head", lambda run_date, client=None: heads["now"])
+    monkeypatch.setattr(registry, "line_head", lambda run_date, client=None, dataset=None: heads["now"])
     asked = []
 
     def resolve(ref=None, home=None):
@@ -200,6 +200,38 @@ def test_start_from_line_continues_the_newest_verified_model(monkeypatch, tiny_w
     start = flow_inc.choose_start(cfg, "2026-01-09", tiny_world["ds"], None, tiny_world["root"], lines.append)
     assert not start.incremental
     assert "the line's head (v6) descends from the full retrain of 2026-01-02, 7 days" in lines[1]
+
+
+def test_a_model_of_another_dataset_is_not_continued(monkeypatch, tiny_world):
+    """One registry per home: an incremental run on dataset B continued dataset A's champion (its id
+    maps, its users), and the gate could then promote it over A's. Now another dataset's champion
+    counts as no champion, and the line's head is looked up among the run's dataset's models."""
+    from flows.names import DATASET_TAG
+
+    other = _version(4, **{DATE_TAG: "2026-01-04", DATASET_TAG: "other-world"})
+    monkeypatch.setattr(registry, "champion", lambda client=None: other)
+    asked = []
+
+    def head(run_date, client=None, dataset=None):
+        asked.append(dataset)
+        return None
+
+    monkeypatch.setattr(registry, "line_head", head)
+    lines = []
+    cfg = build_config(TINY_CONFIG, ["train.mode=incremental"])
+    start = flow_inc.choose_start(cfg, "2026-01-06", tiny_world["ds"], None, tiny_world["root"], lines.append)
+    assert not start.incremental and asked == ["synth-tiny"]
+    assert lines[0] == (
+        "the champion v4 is a model of dataset 'other-world', this run's is 'synth-tiny': not continued"
+    )
+    assert "no champion to start from" in lines[-1]
+    # the same dataset's champion is continued as before
+    monkeypatch.setattr(registry, "champion", lambda client=None: _version(4, **{DATE_TAG: "2026-01-04",
+                                                                               DATASET_TAG: "synth-tiny"}))  # fmt: skip
+    resolved = SimpleNamespace(bundle=tiny_world["bundle"], version=None)
+    monkeypatch.setattr(registry, "resolve_model", lambda ref=None, home=None: resolved)
+    start = flow_inc.choose_start(cfg, "2026-01-06", tiny_world["ds"], None, tiny_world["root"], print)
+    assert start.incremental and start.decision.parent_version == "4"
 
 
 def test_mismatched_champion_is_refused(monkeypatch, tiny_world):
