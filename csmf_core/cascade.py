@@ -312,6 +312,8 @@ def load_cascade_data(
         counts.append(c)
     if train_from is not None and isinstance(rows, TrainRows):
         counts = positives_per_item(rows, mr.n_items, len(objs))
+    if val_counts is not None:  # validation days held out: log-Q from the rows trained on, as a refit's
+        counts = [c.copy() for c in val_counts]  # (the window's) and an evaluation's: none of their labels
     if logq_history:
         f = Path(path) / HISTORY_COUNTS
         if not f.is_file():

@@ -13,8 +13,10 @@ it. With `data.val_days = V > 0` the last V days of the training window are held
   after each epoch, and ends with the parameters of the best (`EpochSelector`). "Before the first
   epoch" is a candidate: for a late stage that is the starting point the cascade handed over.
 
-The popularity counts (log-Q correction, popularity baseline) still cover the whole training
-window, validation days included: item frequencies only, no user's label.
+The item counts the selection pass trains with (log-Q correction) and its popularity reference are
+those of the rows it trains on, before the validation days (`CascadeData.counts` = `val_counts`):
+what an evaluation sees of its own days. Until 2026-12-05 the log-Q counts covered the whole window,
+validation days included, so the pass trained on item frequencies of the days it was judged on.
 
 Only entries the stage owns change during a step, so restoring the best snapshot leaves every
 earlier stage's entries bit-identical (the no-forgetting guarantee is unaffected).

@@ -101,3 +101,27 @@ def test_freed_init_continue_starts_the_next_mode_at_this_one(tiny_world):
         gaps[how] = float((s1 - s0).abs().max())
     assert gaps["continue"] <= 1e-6 * (1 + float(s0.abs().max()))
     assert gaps["keep"] > 1e-3  # the check can fail: without it the modes differ
+
+
+def test_log_q_of_the_selection_pass_counts_only_the_rows_it_trains_on(tiny_world):
+    """With validation days held out, the log-Q counts covered the whole window, validation days
+    included: the selection pass trained on item frequencies of the very days it was judged on, which
+    neither its refit nor an evaluation does. Recomputed here from the train Parquet with polars."""
+    import polars as pl
+
+    data = load_cascade_data(tiny_world["mr"], val_days=1)
+    full = load_cascade_data(tiny_world["mr"])
+    train = pl.read_parquet(tiny_world["mr"] / "train" / "*.parquet")
+    day = (pl.col("ts") // DAY_US).cast(pl.Int64)
+    before = train.filter(day < day.max())  # the last day is the validation day
+    n = len(full.counts[0])
+    for t in range(len(data.objectives)):
+        got = before.filter(pl.col("level") >= t).group_by("i").len()
+        want = np.zeros(n, np.int64)
+        want[got["i"].to_numpy()] = got["len"].to_numpy()
+        assert np.array_equal(data.counts[t], want), t
+        whole = train.filter(pl.col("level") >= t).group_by("i").len()
+        want_full = np.zeros(n, np.int64)
+        want_full[whole["i"].to_numpy()] = whole["len"].to_numpy()
+        assert np.array_equal(full.counts[t], want_full), t  # the refit's: the whole window
+        assert data.counts[t].sum() < full.counts[t].sum()
