@@ -43,6 +43,9 @@ from dataclasses import dataclass
 from csmf_core.cascade import Step
 
 FULL, INCREMENTAL = "full", "incremental"
+# the csmf.last_full_date of a model that continued one named by its path (not a registered version):
+# its line's last full retrain is unknown, and the next scheduled run of the line retrains in full
+UNKNOWN_FULL = "unknown"
 
 
 def incremental_plan(objectives: list[str]) -> list[Step]:
@@ -116,6 +119,14 @@ def decide_mode(
             FULL,
             f"train.mode=incremental, but the {role} (v{parent['version']}) has learned from days up to "
             f"{through} through the model it continued, not only before {run_date}: a full retrain",
+            None,
+            run_date,
+        )
+    if not explicit and last_full == UNKNOWN_FULL:
+        return ModeDecision(
+            FULL,
+            f"train.mode=incremental, but the {role} (v{parent['version']}) continued a model named by its "
+            "path, so the last full retrain of its line is unknown: a full retrain",
             None,
             run_date,
         )

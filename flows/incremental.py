@@ -27,7 +27,15 @@ from prefect.cache_policies import NO_CACHE
 from csmf_core.cascade import Step, load_cascade_data, run_step
 from csmf_core.config import CSMFConfig, build_config
 from csmf_core.idmap import read_recycled
-from csmf_core.incremental import FULL, INCREMENTAL, ModeDecision, decide_mode, incremental_plan, val_days_for
+from csmf_core.incremental import (
+    FULL,
+    INCREMENTAL,
+    UNKNOWN_FULL,
+    ModeDecision,
+    decide_mode,
+    incremental_plan,
+    val_days_for,
+)
 from csmf_core.train import stage_positives
 from csmf_core.tuning import refit_config, run_trial, trial_config
 from csmf_core.warm import SHAPE_KEYS, WarmStartError, warm_start
@@ -165,6 +173,19 @@ def _line_or_champion(current, run_date: str, dataset: str | None = None):
     )
 
 
+def _registered_as(bundle: Path):
+    """The registered version whose checkpoint is the one in `bundle` (same model digest), or None."""
+    from flows.names import MODEL_DIGEST_TAG
+    from flows.registry import find_version, model_digest
+
+    try:
+        import mlflow
+
+        return find_version(mlflow.MlflowClient(), {MODEL_DIGEST_TAG: model_digest(bundle / "checkpoint")})
+    except (OSError, ValueError, LookupError):  # not a readable checkpoint, no registry yet
+        return None
+
+
 def _parent_facts(version, role: str = "champion") -> dict:
     tags = version.tags or {}
     return {
@@ -192,10 +213,13 @@ def choose_start(
 
     if from_model is not None:
         resolved = resolve_model(from_model, home=home)
+        version = resolved.version or _registered_as(resolved.bundle)  # a bundle named by its path
         parent = (
-            _parent_facts(resolved.version)
-            if resolved.version is not None
-            else {"version": str(resolved.bundle), "last_full_date": None}
+            _parent_facts(version)
+            if version is not None
+            # not a registered model: its line's last full retrain is unknown, so the next scheduled
+            # run of this line retrains in full (decide_mode)
+            else {"version": str(resolved.bundle), "last_full_date": UNKNOWN_FULL}
         )
         bundle = resolved.bundle
         parent["trained_through"] = _recorded_lineage(bundle)

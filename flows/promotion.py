@@ -227,7 +227,7 @@ def gate(
                 reason=(
                     f"v{version} (reused: identical inputs) was promoted before and has since stopped being "
                     f"champion (now v{current.version if current is not None else '-'}): a re-run does not "
-                    f"promote it again; to serve it, promote it by hand (flows.registry.promote('{version}')). "
+                    f"promote it again; to serve it, promote it by hand (flows.registry.promote('{version}') with MLFLOW_TRACKING_URI set to this home's registry, docs/operations.md). "
                     f"The gate's own finding: {decision.reason}"
                 ),
             )

@@ -55,6 +55,36 @@ def test_decide_mode_schedule():
     assert d.mode == INCREMENTAL
     d = decide_mode(INCREMENTAL, "2026-01-08", 7, None)
     assert d.mode == FULL and "no champion" in d.reason and "falling back" in d.reason
+    # a model that continued a bundle named by its path: its line's last full retrain is unknown, so
+    # the next scheduled run retrains in full (it reset the clock: read as a full retrain of its date)
+    named = {"version": "/somewhere/bundle", "last_full_date": "unknown"}
+    d = decide_mode(INCREMENTAL, "2026-01-07", 7, named, explicit=True)
+    assert d.mode == INCREMENTAL and d.last_full_date == "unknown" and "last full retrain unknown" in d.reason
+    d = decide_mode(
+        INCREMENTAL, "2026-01-08", 7, {"version": "5", "last_full_date": "unknown", "date": "2026-01-07"}
+    )
+    assert d.mode == FULL and "last full retrain of its line is unknown" in d.reason
+
+
+def test_a_bundle_named_by_path_keeps_its_registered_lineage(monkeypatch, tiny_world):
+    """--from-model <bundle directory> recorded no lineage: the version it registered said
+    csmf.last_full_date '' and the next scheduled run took it for a full retrain of its own date."""
+    resolved = SimpleNamespace(bundle=tiny_world["bundle"], version=None)
+    monkeypatch.setattr(registry, "resolve_model", lambda ref=None, home=None: resolved)
+    found = {}
+    monkeypatch.setattr(registry, "find_version", lambda client, tags: found.get(tuple(tags.values())[0]))
+    cfg = build_config(TINY_CONFIG, ["train.mode=incremental"])
+    start = flow_inc.choose_start(
+        cfg, "2026-01-06", tiny_world["ds"], str(tiny_world["bundle"]), tiny_world["root"], print
+    )
+    assert start.incremental and start.tags()["csmf.last_full_date"] == "unknown"
+    # the directory is a registered version's bundle (same model digest): that version's facts
+    digest = registry.model_digest(tiny_world["bundle"] / "checkpoint")
+    found[digest] = _version(2, **{DATE_TAG: "2026-01-05", LAST_FULL_TAG: "2026-01-03"})
+    start = flow_inc.choose_start(
+        cfg, "2026-01-06", tiny_world["ds"], str(tiny_world["bundle"]), tiny_world["root"], print
+    )
+    assert start.decision.parent_version == "2" and start.tags()["csmf.last_full_date"] == "2026-01-03"
 
 
 def test_incremental_runs_train_on_the_days_new_to_their_model():
