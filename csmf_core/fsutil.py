@@ -3,6 +3,7 @@ dataset locations given as URIs (`local_dataset`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -49,3 +50,23 @@ def commit_dir(tmp: Path, out_dir: Path) -> None:
     os.replace(tmp, out_dir)
     if old is not None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+FILES_MANIFEST = ".csmf-files.json"  # a directory's files and their sizes, written last (`write_manifest`)
+
+
+def write_manifest(directory: Path) -> None:
+    """Record every file under `directory` and its size (e.g. a downloaded model, before it is renamed
+    into the cache): `whole_by_manifest` then tells a deleted or truncated file."""
+    files = {str(f.relative_to(directory)): f.stat().st_size for f in directory.rglob("*") if f.is_file()}
+    (directory / FILES_MANIFEST).write_text(json.dumps(files, sort_keys=True))
+
+
+def whole_by_manifest(directory: Path) -> bool:
+    """Whether `directory` still holds every file of its manifest at its recorded size (False without
+    a manifest)."""
+    try:
+        files = json.loads((directory / FILES_MANIFEST).read_text())
+        return all((directory / rel).stat().st_size == size for rel, size in files.items())
+    except (OSError, ValueError, AttributeError):
+        return False

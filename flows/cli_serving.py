@@ -109,7 +109,14 @@ def cached_resolution(root: Path, ref: str | None) -> dict | None:
         return None
     if not isinstance(entry, dict) or entry.get("stamp") != stamp:
         return None
-    if not (Path(entry.get("bundle", "")) / "bundle.json").is_file():
+    bundle = Path(entry.get("bundle", ""))
+    if not (bundle / "bundle.json").is_file():
+        return None
+    from csmf_core.fsutil import whole_by_manifest
+
+    cache = (root / "cache" / "models").resolve()
+    entry_dir = next((p for p in bundle.resolve().parents if p.parent.parent == cache), None)
+    if entry_dir is not None and not whole_by_manifest(entry_dir):  # a damaged download: through MLflow
         return None
     return entry
 

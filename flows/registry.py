@@ -44,6 +44,7 @@ import mlflow
 import pandas as pd
 import yaml
 
+from csmf_core.fsutil import whole_by_manifest, write_manifest
 from flows import serve_limits
 from flows.env import resolve_home
 from flows.inputs import contained, safe_name
@@ -542,12 +543,21 @@ def _download(version, home: str | os.PathLike | None) -> Path:
     if not number.isascii() or not number.isdigit():
         raise ValueError(f"registered model {name!r} has version {number!r}, expected a number")
     dest = contained(cache, name, number, what="model cache directory")
-    if not (dest / "MLmodel").is_file():  # download beside it, then rename: never a half-filled cache
+    # every file as downloaded (a deleted or truncated model.pt is fetched again, not trusted forever;
+    # entries from before the manifest once): download beside it, then rename: never a half-filled cache
+    if not whole_by_manifest(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{version.version}-", dir=dest.parent))
         try:
             uri = f"models:/{version.name}/{version.version}"
             mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp))
+            if not (tmp / "MLmodel").is_file():
+                raise FileNotFoundError(
+                    f"registered model {version.name}/{version.version}: its artifacts ({uri}, source "
+                    f"{getattr(version, 'source', '?')}) hold no MLmodel: the registry's artifact store "
+                    "no longer has this model's files"
+                )
+            write_manifest(tmp)
             shutil.rmtree(dest, ignore_errors=True)
             os.replace(tmp, dest)
         finally:

@@ -193,3 +193,21 @@ def test_line_head_is_the_newest_verified_version_before_the_run(store):
                     client.delete_model_version_tag(REGISTERED_MODEL, v, k)
                 except mlflow.exceptions.MlflowException:
                     pass
+
+
+def test_a_damaged_model_cache_is_downloaded_again(store, tmp_path):
+    """The local model cache was trusted as soon as its MLmodel existed: a deleted or truncated
+    model.pt failed every run that loaded the version, though the registry's copy was intact."""
+    from flows.registry import resolve_bundle
+
+    home = tmp_path / "home"
+    bundle = resolve_bundle("models:/csmf/1", home=home)
+    weights = bundle / "checkpoint" / "model.pt"
+    want = weights.read_bytes()
+    weights.unlink()
+    assert resolve_bundle("models:/csmf/1", home=home) == bundle and weights.read_bytes() == want
+    weights.write_bytes(want[:100])  # truncated
+    assert resolve_bundle("models:/csmf/1", home=home) == bundle and weights.read_bytes() == want
+    before = weights.stat().st_mtime_ns
+    assert resolve_bundle("models:/csmf/1", home=home) == bundle  # whole: used as it is
+    assert weights.stat().st_mtime_ns == before
