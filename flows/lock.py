@@ -26,7 +26,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,34 +42,17 @@ def date_lock(home: str | os.PathLike, date: str, who: str = "", kind: str = "cs
     """Hold the lock of `date` for the duration of the block (module docstring). kind: whose lock
     (`csmf-daily` runs lock a date, `csmf-tune` a study)."""
     path = Path(home) / "locks" / f"{kind}-{date}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read(fd)
-            raise RunLocked(
-                f"another {kind} run for {date} is training (pid {holder.get('pid', '?')} on "
-                f"{holder.get('host', '?')}, {holder.get('who') or 'unknown run'}, since "
-                f"{holder.get('since', '?')}; lock {path}). Two runs for the same date never train at "
-                "once: wait for it to finish, then re-run (completed stages are resumed from the cache)."
-            ) from None
-        info = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "who": who,
-            "since": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
-        try:
-            yield path
-        finally:
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+
+    def refused(holder: dict) -> RunLocked:
+        return RunLocked(
+            f"another {kind} run for {date} is training (pid {holder.get('pid', '?')} on "
+            f"{holder.get('host', '?')}, {holder.get('who') or 'unknown run'}, since "
+            f"{holder.get('since', '?')}; lock {path}). Two runs for the same date never train at "
+            "once: wait for it to finish, then re-run (completed stages are resumed from the cache)."
+        )
+
+    with _flock(path, who, refused) as held:
+        yield held
 
 
 @contextmanager
@@ -79,26 +62,41 @@ def registry_lock(home: str | os.PathLike, who: str = "", timeout: float = 600.0
     for different dates (a backfill beside the daily run) cannot both decide against the same champion
     and the later promotion silently win. RunLocked, naming the holder, when the wait runs out."""
     path = Path(home) / "locks" / "csmf-registry.lock"
+
+    def refused(holder: dict) -> RunLocked:
+        return RunLocked(
+            f"the registry of {home} has been locked for over {timeout:g} s by pid "
+            f"{holder.get('pid', '?')} on {holder.get('host', '?')} "
+            f"({holder.get('who') or 'unknown'}, since {holder.get('since', '?')}; lock {path}): "
+            "this run's model is registered but not gated; re-run it once that one ends"
+        )
+
+    with _flock(path, who, refused, wait=timeout) as held:
+        yield held
+
+
+@contextmanager
+def _flock(path: Path, who: str, refused: Callable[[dict], Exception], wait: float = 0.0) -> Iterator[Path]:
+    """An exclusive `flock` on `path` for the block, with its holder (pid, host, who, since) written
+    into the file; taken at once or within `wait` seconds, else `refused(holder)` is raised."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + wait
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    holder = _read(fd)
-                    raise RunLocked(
-                        f"the registry of {home} has been locked for over {timeout:g} s by pid "
-                        f"{holder.get('pid', '?')} on {holder.get('host', '?')} "
-                        f"({holder.get('who') or 'unknown'}, since {holder.get('since', '?')}; lock {path}): "
-                        "this run's model is registered but not gated; re-run it once that one ends"
-                    ) from None
+                    raise refused(_read(fd)) from None
                 time.sleep(0.05)
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "who": who,
-                "since": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}  # fmt: skip
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "who": who,
+            "since": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         try:
