@@ -134,7 +134,7 @@ def test_keys_fixed_by_set_are_not_searched_and_go_into_the_tuned_config(harness
     tuned = yaml.safe_load(Path(fixed["config_path"]).read_text())
     # a searched key fixed by --set is written; one that only shaped this run (not searched) is not
     assert tuned["loss"]["aml"] is False and "batch_size" not in tuned.get("train", {})
-    assert "fixed by --set" in Path(fixed["config_path"]).read_text().splitlines()[2]
+    assert "fixed by --set" in Path(fixed["config_path"]).read_text().splitlines()[3]
 
 
 def test_evaluation_days_are_never_read(first, files, tmp_path):
