@@ -70,7 +70,9 @@ def test_a_damaged_checkpoint_is_a_checkpoint_error_naming_the_file(trained_rand
     save_checkpoint(tmp_path / "ck", trained_random["model"], trained_random["owners"], {})
     weights = tmp_path / "ck" / "model.pt"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match=r"ck/model.pt: cannot be read, the file is damaged or truncated"):
+    with pytest.raises(
+        CheckpointError, match=r"ck/model.pt: cannot be read, the file is damaged or truncated"
+    ):
         load_checkpoint(tmp_path / "ck")
     weights.write_bytes(b"")
     with pytest.raises(CheckpointError, match="model.pt: cannot be read"):
