@@ -299,6 +299,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         tuned=tuned,
         k=cfg.eval.primary_k,
         partial=partial,
+        tuned_explicit=args.tuned not in (None, "auto", "none"),
     )
     meta |= {
         "dataset": name,

@@ -228,14 +228,27 @@ def replay(
     k: int,
     partial: Path | None = None,
     say: Callable[[str], None] = print,
+    tuned_explicit: bool = False,
 ) -> list[Day]:
     """Every day in order; per day, each line of `homes` (full first). Each Day is appended to
-    `partial` (JSON lines) as soon as it is known."""
+    `partial` (JSON lines) as soon as it is known. tuned: the tuned config found for the replay
+    (`--tuned`); a day it was chosen on (flows.tune.tuned_applies) trains without it, with a line
+    saying why, unless the file was named (`tuned_explicit`: that day's run refuses it)."""
+    from flows.tune import tuned_applies
+
     out: list[Day] = []
     for i, date in enumerate(days):
+        day_tuned = tuned
+        if tuned is not None and not tuned_explicit:
+            applies, why = tuned_applies(tuned, date, explicit=False)
+            if not applies:
+                say(f"csmf replay: {date}: {why}")
+                day_tuned = None
         for line in (ln for ln in LINES if ln in homes):
             say(f"csmf replay: day {i + 1}/{len(days)} {date}, {line} line ...")
-            day = run_day(line, homes[line], data, date, config=config, overrides=overrides, tuned=tuned, k=k)
+            day = run_day(
+                line, homes[line], data, date, config=config, overrides=overrides, tuned=day_tuned, k=k
+            )
             out.append(day)
             if partial is not None:
                 with partial.open("a") as f:

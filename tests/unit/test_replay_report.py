@@ -130,3 +130,28 @@ def test_report_dir_refuses_a_foreign_directory(tmp_path):
     assert report_dir("synth", None, cwd=tmp_path) == (tmp_path / "reports" / "synth").resolve()
     with pytest.raises(ValueError, match="cannot name a directory"):
         report_dir("../etc", None, cwd=tmp_path)
+
+
+def test_replay_trains_without_a_tuned_config_on_the_days_it_was_chosen_on(tmp_path, monkeypatch):
+    """`csmf replay` handed the home's tuned file to every day's run as a named file, so a replay of
+    days before the tune's date stopped on its first day (a named file chosen on them is refused)."""
+    from flows import replay
+
+    tuned = tmp_path / "tuned.yaml"
+    tuned.write_text("# read: the days before 2026-01-06 (...)\ntrain: {lr: 0.004}\n")
+    given = []
+
+    def run_day(line, home, data, date, *, config, overrides, tuned, k):
+        given.append((date, tuned))
+        return replay.Day(date, line, "full", "1", True, "first model", 1.0, 0.5, 0.1, 10)
+
+    monkeypatch.setattr(replay, "run_day", run_day)
+    said = []
+    days = ["2026-01-05", "2026-01-06"]
+    kw = dict(config=None, overrides=[], tuned=tuned, k=50, say=said.append)
+    replay.replay(tmp_path, days, {"full": tmp_path / "full"}, **kw)
+    assert given == [("2026-01-05", None), ("2026-01-06", tuned)]
+    assert any("2026-01-05: the tuned config" in s and "not applied" in s for s in said)
+    given.clear()
+    replay.replay(tmp_path, days, {"full": tmp_path / "full"}, **kw, tuned_explicit=True)  # named: as given
+    assert given == [("2026-01-05", tuned), ("2026-01-06", tuned)]
