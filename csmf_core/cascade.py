@@ -48,7 +48,8 @@ class CascadeData:
     """Everything training and evaluation need, in memory.
 
     objectives: names in cascade order. counts[t]: (N_items,) positives of objective t per item
-    in the training window (log-Q correction and the popularity baseline). rows: the train rows
+    in the training window (the popularity baseline, and the log-Q correction unless `logq_counts`
+    says otherwise: `log_q_counts(t)`). rows: the train rows
     in memory, or a BatchSource streaming them (`load_cascade_data(..., loader="parquet")`).
     """
 
@@ -67,6 +68,14 @@ class CascadeData:
     # val_counts[t]: positives of objective t per item in the rows trained on (before the validation
     # days): the popularity reference of the validation score (csmf_core/selection.py)
     val_counts: list[np.ndarray] | None = None
+    # the log-Q correction's counts when they are not `counts` (validation days held out: those of the
+    # rows trained on, so the selection pass never trains on its validation days' item frequencies,
+    # while `counts` stays the whole window's popularity); read them through `log_q_counts(t)`
+    logq_counts: list[np.ndarray] | None = None
+
+    def log_q_counts(self, t: int) -> np.ndarray:
+        """(N_items,) the counts objective t's log-Q correction is computed from."""
+        return (self.logq_counts if self.logq_counts is not None else self.counts)[t]
 
     def catalog_tables(self, split: str = "eval") -> FeatureTables:
         """The feature tables a catalog encoding of `split` ("eval" or "val") reads: with item
@@ -142,7 +151,7 @@ def run_step(
         n = stage_positives(data.rows, step.stage)
         if n < MIN_STAGE_ROWS:  # kept as it is: what a selection pass's epoch 0 would keep
             return owners, StepReport(step, {"rows": n, "epochs": 0, "steps": 0, "kept": 1})
-    log_q = item_log_q(torch.as_tensor(data.counts[step.stage]))
+    log_q = item_log_q(torch.as_tensor(data.log_q_counts(step.stage)))
     selector = None
     if step.kind == "train" and data.val is not None and any(len(p) for p in data.val.pos[step.stage]):
         selector = EpochSelector(
@@ -312,8 +321,9 @@ def load_cascade_data(
         counts.append(c)
     if train_from is not None and isinstance(rows, TrainRows):
         counts = positives_per_item(rows, mr.n_items, len(objs))
-    if val_counts is not None:  # validation days held out: log-Q from the rows trained on, as a refit's
-        counts = [c.copy() for c in val_counts]  # (the window's) and an evaluation's: none of their labels
+    # validation days held out: log-Q from the rows trained on, as a refit's (the window's) and an
+    # evaluation's, none of the validation days' labels; `counts` stays the window's popularity
+    logq_counts = None if val_counts is None else [c.copy() for c in val_counts]
     if logq_history:
         f = Path(path) / HISTORY_COUNTS
         if not f.is_file():
@@ -327,7 +337,9 @@ def load_cascade_data(
             c = np.zeros(mr.n_items, dtype=np.int64)
             c[hidx] = hist[f"count_{o}"].to_numpy()
             counts[t] = c
+            if logq_counts is not None:  # (every partition before the evaluation day: documented)
+                logq_counts[t] = c.copy()
     return CascadeData(
         objs, user_spec, item_spec, tables, rows, ev, counts, val, eval_day, val_day, val_days, val_why,
-        val_counts,
+        val_counts, logq_counts,
     )  # fmt: skip

@@ -143,7 +143,7 @@ def count_params(*modules: nn.Module) -> int:
 
 def stage_log_q(data: CascadeData, stage: int) -> torch.Tensor:
     """(N_items,) log sampling probability of each item among objective `stage`'s positives."""
-    return item_log_q(torch.as_tensor(data.counts[stage]))
+    return item_log_q(torch.as_tensor(data.log_q_counts(stage)))
 
 
 def uses_request_negatives(cfg: CSMFConfig, stage: int, rows: TrainRows) -> bool:

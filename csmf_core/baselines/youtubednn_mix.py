@@ -48,7 +48,7 @@ def fit(
     set_threads(cfg)
     t0 = time.perf_counter()
     served = data.objectives[1:]
-    counts = sum(torch.as_tensor(data.counts[t]).double() for t in range(1, len(data.objectives)))
+    counts = sum(torch.as_tensor(data.log_q_counts(t)).double() for t in range(1, len(data.objectives)))
     model, log = train_plain_two_tower(
         data,
         cfg,
