@@ -59,8 +59,11 @@ def compare_protocol(
     fused weights and the tuning budget; without room for validation days, fixed epochs. configs:
     each method's configuration once tuned (the item statistics they train with), default `cfg`."""
     v, why = protocol_val_days(ready.model_ready, cfg)
-    if v == 0 and configs is None:
-        get_run_logger().warning("no validation days (%s): every method trains its fixed epochs", why)
+    if v > 0 and protocol_data(ready.model_ready, cfg)[0] is None:  # e.g. data.val_days=9 on 5 days
+        v, why = 0, f"{why}, which leave no training rows before them"
+    if v == 0:
+        if configs is None:  # the first statement of a comparison (the second adds the tuned configs)
+            get_run_logger().warning("no validation days (%s): every method trains its fixed epochs", why)
         statement = (
             f"No validation days ({why}): every method trains train.epochs {list(cfg.train.epochs)} on the "
             "whole window with the configured fused weights; no tuning."

@@ -520,3 +520,20 @@ def test_protocol_data_holds_out_the_days_the_report_states(tiny_world):
         data_val, data = protocol_data(tiny_world["mr"], cfg)
         assert v == days and (data_val is None) == (days == 0), sets
         assert data.val is None and (data_val is None or data_val.val_days == days)
+
+
+def test_compare_states_what_an_oversized_val_days_leaves(tiny_world):
+    """data.val_days=9 on five training days: the data fell back to fixed epochs while the report
+    stated nine validation days (and tuning on them)."""
+    from types import SimpleNamespace
+
+    from flows.compare_protocol import compare_protocol, item_stats_sentence
+
+    cfg = build_config(None, ["data.val_days=9"])
+    ready = SimpleNamespace(model_ready=tiny_world["mr"])
+    out = compare_protocol(ready, cfg, 2, configs={"csmf": cfg})
+    assert out["val_days"] == 0 and out["tune_trials"] == 0
+    assert out["statement"].startswith("No validation days (data.val_days=9 (set explicitly), which leave")
+    a, b = build_config(), build_config(None, ["data.item_stats=[7]"])
+    assert item_stats_sentence({"csmf": a, "moppr": b}) == "Item statistics (as tuned): csmf off, moppr [7]."
+    assert item_stats_sentence({"csmf": b, "moppr": b}) == "Item statistics: [7] for every method."
