@@ -230,3 +230,26 @@ def test_a_reused_version_promoted_before_is_not_promoted_again():
     assert not was_promoted_before(
         v(**{"csmf.parent_run_id": "b" * 32, "csmf.gate": "promoted"}), run
     )  # a retry
+
+
+def test_the_gate_decides_under_the_registry_lock(tmp_path, monkeypatch):
+    """flows.promotion.gate takes the home's registry lock before it reads the champion."""
+    import flows.promotion as promotion
+
+    taken = []
+
+    class Taken(Exception):
+        pass
+
+    def lock(home, who="", timeout=600.0):
+        taken.append((home, who))
+        raise Taken
+
+    monkeypatch.setattr(promotion, "registry_lock", lock)
+    monkeypatch.setattr(
+        promotion, "champion", lambda client=None: pytest.fail("champion read before the lock")
+    )
+    run = SimpleNamespace(parent=lambda: SimpleNamespace(client=None), home=tmp_path)
+    with pytest.raises(Taken):
+        promotion.gate.fn(tmp_path / "bundle", "7", {}, None, build_config(), run)
+    assert taken == [(tmp_path, "gate of v7")]
