@@ -161,6 +161,7 @@ def run_step(
             data.val,
             step.stage,
             cfg.eval.primary_k,
+            patience=cfg.train.patience,
         )
         selector.consider(0)  # the starting point is a candidate
     res = train_stage(

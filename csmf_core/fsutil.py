@@ -58,7 +58,11 @@ FILES_MANIFEST = ".csmf-files.json"  # a directory's files and their sizes, writ
 def write_manifest(directory: Path) -> None:
     """Record every file under `directory` and its size (e.g. a downloaded model, before it is renamed
     into the cache): `whole_by_manifest` then tells a deleted or truncated file."""
-    files = {str(f.relative_to(directory)): f.stat().st_size for f in directory.rglob("*") if f.is_file()}
+    files = {
+        str(f.relative_to(directory)): f.stat().st_size
+        for f in directory.rglob("*")
+        if f.is_file() and f.relative_to(directory) != Path(FILES_MANIFEST)
+    }
     (directory / FILES_MANIFEST).write_text(json.dumps(files, sort_keys=True))
 
 

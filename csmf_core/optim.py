@@ -358,14 +358,15 @@ def run_epochs(
     epoch_batches: Callable[[int], Iterable[tuple[int, B]]],
     loss_fn: Callable[[B], torch.Tensor],
     *,
-    on_epoch: Callable[[int], None] | None = None,
+    on_epoch: Callable[[int], bool | None] | None = None,
     by_rows: bool = True,
 ) -> TrainLog:
     """`epochs` passes of `opt.step(loss_fn(batch), rows)` over `epoch_batches(epoch)` ((rows, batch)
     pairs), under deterministic kernels when train.deterministic; returns the filled-in log.
 
     on_epoch(epoch): called after each epoch (1-based), not timed as training (e.g. to score and keep
-    the best epoch: csmf_core.validation.EpochSelector). by_rows: see TrainLog.end_epoch.
+    the best epoch: csmf_core.validation.EpochSelector); a true return stops training there (early
+    stopping, train.patience). by_rows: see TrainLog.end_epoch.
     """
     tune_allocator()  # freed (B, B) step buffers stay in the heap: no page faults per step
     log = opt.log
@@ -377,7 +378,9 @@ def run_epochs(
             log.end_epoch(by_rows=by_rows)
             if on_epoch is not None:
                 t_cb = time.perf_counter()
-                on_epoch(epoch + 1)
+                stop = on_epoch(epoch + 1)
                 t0 += time.perf_counter() - t_cb
+                if stop:
+                    break
     log.seconds = time.perf_counter() - t0
     return log

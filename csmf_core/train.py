@@ -158,7 +158,7 @@ def train_stage(
     output_owners: torch.Tensor | None = None,
     on_step: Callable[[int, float], None] | None = None,
     stage_name: str | None = None,
-    on_epoch: Callable[[int], None] | None = None,
+    on_epoch: Callable[[int], bool | None] | None = None,
 ) -> TrainLog:
     """Train the entries owned by `stage` on rows with level >= stage.
 
@@ -167,7 +167,8 @@ def train_stage(
     recover.epochs on a recover.fraction subset at train.lr * recover.lr_scale.
     log_q: (N_items,) log sampling probability per item (None = no correction).
     output_owners: (D,) owner of each output dimension (needed for AML when stage >= 1).
-    on_epoch(epoch): called after each epoch (1-based), e.g. to score and keep the best epoch.
+    on_epoch(epoch): called after each epoch (1-based), e.g. to score and keep the best epoch; a true
+    return ends the stage there (early stopping).
     Under torch.distributed every rank calls this with the same arguments (module docstring).
     Returns the stage's TrainLog, named "<stage_name> (<phase>)".
     Raises TrainingDiverged on a non-finite or exploding loss.
@@ -251,9 +252,10 @@ def train_stage(
         split = stage_columns(out, stage)
     log_q = log_q.to(device) if (log_q is not None and cfg.loss.logq) else None
 
-    def after_epoch(epoch: int) -> None:  # e.g. csmf_core.validation.EpochSelector
-        on_epoch(epoch)
+    def after_epoch(epoch: int) -> bool | None:  # e.g. csmf_core.validation.EpochSelector
+        stop = on_epoch(epoch)
         model.train()
+        return stop
 
     model.train()
     model.sparse_embeddings(sparse)

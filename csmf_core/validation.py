@@ -27,6 +27,7 @@ earlier stage's entries bit-identical (the no-forgetting guarantee is unaffected
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
@@ -108,7 +109,8 @@ class EpochSelector:
 
     Call `consider(0)` before training (the starting point is a candidate), pass `consider` as
     `train_stage(..., on_epoch=...)`, then `restore()` loads the best parameters back.
-    Ties keep the earlier epoch (fewer steps on sparse data).
+    Ties keep the earlier epoch (fewer steps on sparse data). patience > 0: `consider` returns True
+    (stop) once that many considered epochs in a row have not beaten a finite best score.
     """
 
     def __init__(
@@ -119,20 +121,27 @@ class EpochSelector:
         val: EvalRows,
         stage: int,
         k: int,
+        patience: int = 0,
     ):
-        self.model, self.k = model, k
+        self.model, self.k, self.patience = model, k, int(patience)
+        self._since = 0  # considered epochs since the best
         self._score = functools.partial(own_mode_recall, model, output_owners, tables, val, stage, k)
         self.scores: list[float] = []
         self.best_epoch = -1
         self.best_score = float("-inf")
         self._best_state: dict[str, torch.Tensor] | None = None
 
-    def consider(self, epoch: int) -> None:
+    def consider(self, epoch: int) -> bool:
+        """Score the model after `epoch`, keep it if best; True when training should stop (patience)."""
         score = self._score()
         self.scores.append(score)
         if score > self.best_score or self._best_state is None:
             self.best_epoch, self.best_score = epoch, score
             self._best_state = {n: p.detach().clone() for n, p in self.model.state_dict().items()}
+            self._since = 0
+        else:
+            self._since += 1
+        return self.patience > 0 and self._since >= self.patience and math.isfinite(self.best_score)
 
     def restore(self) -> None:
         if self._best_state is None:

@@ -75,7 +75,7 @@ class EpochHook:
     def begin(self, part: str, modules: Sequence[nn.Module], encode: Encode, *, start: bool = False) -> None:
         pass
 
-    def on_epoch(self, part: str) -> Callable[[int], None] | None:
+    def on_epoch(self, part: str) -> Callable[[int], bool | None] | None:
         return None
 
     def end(self, part: str) -> None:
@@ -303,7 +303,7 @@ def train_loop(
     on_step: OnStep = None,
     step_offset: int = 0,
     masks: Sequence[torch.Tensor | None] | None = None,
-    on_epoch: Callable[[int], None] | None = None,
+    on_epoch: Callable[[int], bool | None] | None = None,
 ) -> TrainLog:
     """`epochs` passes of shuffled batches of `rows` (anything with len() and select(idx), e.g.
     TrainRows), each one `csmf_core.optim.Optimiser` step over `params` on loss_fn(rows.select(idx)).

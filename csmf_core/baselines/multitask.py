@@ -108,7 +108,7 @@ def joint_train_loop(
     batch_sizes: list[int] | None = None,
     on_step: OnStep = None,
     stop_after: int | None = None,
-    on_epoch: Callable[[int], None] | None = None,
+    on_epoch: Callable[[int], bool | None] | None = None,
 ) -> TrainLog:
     """Joint multi-task training with the same per-objective sample budget as CSMF's stages.
 

@@ -167,6 +167,7 @@ class PartRecord:
     objectives: list[str] = field(default_factory=list)
     best_epoch: int | None = None
     best_score: float = float("-inf")
+    since: int = 0  # considered epochs since the best (early stopping)
     state: list[dict[str, torch.Tensor]] | None = None
     done: bool = False
 
@@ -191,8 +192,8 @@ class Selector(EpochHook):
     """The selection pass's hook: scores a part after every epoch on the validation users, keeps a copy
     of its best epoch's parameters and puts them back at the part's end (module docstring, step 1)."""
 
-    def __init__(self, data_val: CascadeData, k: int):
-        self.data, self.k = data_val, k
+    def __init__(self, data_val: CascadeData, k: int, patience: int = 0):
+        self.data, self.k, self.patience = data_val, k, int(patience)
         self.tables = data_val.catalog_tables("val")
         self.parts: dict[str, PartRecord] = {}
         self.final: Vectors | None = None
@@ -208,7 +209,7 @@ class Selector(EpochHook):
         if start:
             self._consider(part, 0)
 
-    def on_epoch(self, part: str) -> Callable[[int], None]:
+    def on_epoch(self, part: str) -> Callable[[int], bool]:
         self._part(part)
         return lambda epoch: self._consider(part, epoch)
 
@@ -238,7 +239,9 @@ class Selector(EpochHook):
             for m, t in zip(modules, was):
                 m.train(t)
 
-    def _consider(self, part: str, epoch: int) -> None:
+    def _consider(self, part: str, epoch: int) -> bool:
+        """Score `part` after `epoch`, keep it if best; True when the part should stop (train.patience
+        considered epochs in a row without beating a finite best, as `validation.EpochSelector`)."""
         rec = self._part(part)
         vectors = self._encode(rec.encode, rec.modules)
         s = vectors_score(vectors, self.data, (1.0,) * len(self.data.objectives), self.k, scorers=("own",))
@@ -248,6 +251,10 @@ class Selector(EpochHook):
         if math.isfinite(s.score) and s.score > rec.best_score:  # ties keep the earlier epoch
             rec.best_epoch, rec.best_score = int(epoch), s.score
             rec.state = [{n: p.detach().clone() for n, p in m.state_dict().items()} for m in rec.modules]
+            rec.since = 0
+        else:
+            rec.since += 1
+        return self.patience > 0 and rec.best_epoch is not None and rec.since >= self.patience
 
 
 class Refit(EpochHook):
@@ -362,7 +369,7 @@ def _selection(method: str | Callable, data_val: CascadeData, cfg: CSMFConfig, s
         info["seconds"] = {"selection": time.perf_counter() - t0}
         return name, info, refit_cfg
     k = cfg.eval.primary_k
-    sel = Selector(data_val, k)
+    sel = Selector(data_val, k, cfg.train.patience)
     fit(data_val, cfg, seed, on_step=on_step, hook=sel)
     if sel.final is None:
         raise RuntimeError(f"method {name!r} did not call hook.finish(encode) after training")

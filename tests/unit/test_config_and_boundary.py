@@ -234,6 +234,7 @@ BAD_VALUES = {
     "model.evict_after_days": ["0", "1.5"],
     "train.mode": ["warm"],
     "train.incremental_days": ["0"],
+    "train.patience": ["-1", "1.5"],
     "train.full_every_days": ["0"],
     "train.start_from": ["latest", "challenger"],
     "train.incremental_logq": ["day", "all"],
@@ -288,6 +289,7 @@ def test_bad_value_is_refused_naming_the_key(key, value):
 def test_boundary_values_are_accepted():
     ok = [
         "train.threads=0",
+        "train.patience=0",
         "recover.epochs=0",
         "loss.sigma=0",
         "train.grad_clip=0",

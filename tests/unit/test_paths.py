@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from csmf_core.fsutil import write_manifest
 from data_contracts import SpecError, parse_spec, validate_dataset
 from flows import registry
 from flows.cli import main as csmf
@@ -177,10 +178,12 @@ def test_resolve_bundle_refuses_a_manifest_pointing_outside_the_cache(tmp_path, 
     rel = os.path.relpath(victim / "x", dest)
     mlmodel = {"flavors": {"python_function": {"artifacts": {"bundle": {"path": rel}}}}}
     (dest / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    write_manifest(dest)  # a whole cache entry, as a download leaves it
     with pytest.raises(ValueError, match="the bundle path in .* leads outside"):
         registry.resolve_bundle("models:/csmf@champion", home=tmp_path / "home")
     mlmodel["flavors"]["python_function"]["artifacts"]["bundle"]["path"] = str(victim / "x")  # absolute
     (dest / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    write_manifest(dest)
     with pytest.raises(ValueError, match="leads outside"):
         registry.resolve_bundle("models:/csmf@champion", home=tmp_path / "home")
 

@@ -128,3 +128,60 @@ def test_log_q_of_the_selection_pass_counts_only_the_rows_it_trains_on(tiny_worl
         # the popularity counts stay the window's (an evaluation served from this load, e.g. with
         # data.val_refit false, compares with popularity over every training day)
         assert np.array_equal(data.counts[t], want_full), t
+
+
+def _kept_with_patience(scores: list[float], patience: int) -> tuple[int, int]:
+    """(epoch kept, last epoch trained) of a curve over epochs 0, 1, ... (hand rule, restated)."""
+    best, kept, since = float("-inf"), 0, 0
+    for e, s in enumerate(scores):
+        if s > best:
+            best, kept, since = s, e, 0
+        else:
+            since += 1
+            if since >= patience:
+                return kept, e
+    return kept, len(scores) - 1
+
+
+def test_run_epochs_stops_when_on_epoch_says_so():
+    from csmf_core.optim import Optimiser, TrainLog, run_epochs
+
+    w = torch.nn.Parameter(torch.ones(3))
+    cfg = build_config()
+    log = TrainLog("t", 4, 10)
+    opt = Optimiser([w], 0.1, cfg, log)
+    seen = []
+    run_epochs(
+        opt, 10, lambda e: [(4, None)], lambda b: (w**2).sum(), on_epoch=lambda e: seen.append(e) or e == 3
+    )
+    assert seen == [1, 2, 3] and len(log.epoch_losses) == 3
+
+
+def test_early_stopping_keeps_the_epochs_of_the_whole_curve_when_the_best_comes_in_time(tiny_world):
+    """train.patience: each train step stops after `patience` considered epochs without a better
+    validation score. The epochs kept equal those the hand rule reads off the whole curve (patience
+    off); where they equal the whole curve's choice, the selection pass ends with a bit-identical model."""
+    from csmf_core.tuning import run_trial
+
+    data = load_cascade_data(tiny_world["mr"], val_days=1)
+    base = {
+        "model": {"dim": 16, "hidden": [32]},
+        "train": {"batch_size": 256, "epochs": [3, 6, 6], "patience": 0},
+        "data": {"seq_len": 5, "n_req_neg": 4, "val_days": 1},
+    }
+    whole = run_trial(data, build_config(base))
+    curves = [r.val_scores for r in whole.reports if r.step.kind == "train"]
+    assert [len(c) for c in curves] == [4, 7, 7]  # epochs 0 .. cap, every step to its cap
+    stopped_any = False
+    for patience in (1, 2, 5):
+        cfg = build_config(base, [f"train.patience={patience}"])
+        res = run_trial(data, cfg)
+        want = [_kept_with_patience(c, patience) for c in curves]
+        assert res.epochs == [k for k, _ in want], (patience, curves)
+        trained = [len(r.val_scores) - 1 for r in res.reports if r.step.kind == "train"]
+        assert trained == [last for _, last in want]  # stopped where the rule says
+        stopped_any |= trained != [3, 6, 6]
+        if res.epochs == whole.epochs:
+            for a, b in zip(res.model.state_dict().values(), whole.model.state_dict().values()):
+                assert torch.equal(a, b)
+    assert stopped_any  # the tiny world's curves do stop early at patience 1 or 2
