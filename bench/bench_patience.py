@@ -51,7 +51,7 @@ def curves(data: Path, date: str | None, overrides: list[str], seeds: int, metho
     from csmf_core.config import load_config
     from flows.inputs import plan_window
 
-    cfg = load_config(None, overrides)
+    cfg = load_config(None, [*overrides, "train.patience=0"])  # whole curves: every part to its cap
     threads = benchlib.set_threads(cfg.train.threads or None)
     window = plan_window(str(data), date, cfg.data)
     mr = benchlib.work_dir() / "patience" / data.name / "model_ready"

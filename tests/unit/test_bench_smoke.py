@@ -223,11 +223,23 @@ def test_patience_rule_on_hand_written_curves():
     assert kept([1, 2, 3], [float("nan"), 0.2, 0.1], 2) == (2, 3)  # NaN never improves
 
 
-def test_patience_smoke():
-    """Both methods' selection pass on the tiny world: one row per part, figures per patience."""
+def test_patience_smoke(tmp_path):
+    """Both methods' selection pass on the tiny world: one row per part, figures per patience, and
+    every curve whole (to its cap, whatever the default train.patience) for the rule to read."""
+    args = [
+        "--quick",
+        "--set",
+        "train.threads=1",
+        "--set",
+        "train.epochs=[2,3,9]",
+        "--set",
+        "train.patience=1",
+    ]
     figs = _by_figure(
-        _bench("bench_patience").main(["--quick", "--set", "train.threads=1", "--patience", "1,50"])
+        _bench("bench_patience").main([*args, "--patience", "1,50", "--json-out", str(tmp_path / "c.json")])
     )
+    for row in json.loads((tmp_path / "c.json").read_text()):
+        assert row["epochs"][-1] == row["cap"], row
     assert figs["patience 50: selection epochs saved"]["value"] == 0.0  # never stops early
     n_parts = int(next(f for f in figs if f.startswith("patience 1: parts")).split("(of ")[1].rstrip(")"))
     assert n_parts == 4  # csmf: pretrain, finetune click, finetune conversion; moppr: model
