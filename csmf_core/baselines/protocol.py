@@ -16,7 +16,9 @@ protocol for every method"):
    ("train_<objective>"); CSMF and its ablations every train step of the cascade (`tuning.run_trial`).
    Epoch 0 (the starting point) is a candidate where it means something: a later stage of a cascade
    (CSMF's `run_step` considers it for every train step); a freshly initialised model starts at 1.
-   A part without a validation positive trains its cap (as CSMF's steps do).
+   A part without a validation positive trains its cap (as CSMF's steps do). With `train.patience` P
+   (default 5) a part stops after P considered epochs in a row without beating its best finite score,
+   as CSMF's steps do (`validation.EpochSelector`); 0 trains every part to its cap.
 2. **Fused weights** on the same validation users: every weighting of `selection.weight_grid` (with
    more than three objectives, `selection.search_weights`' coordinate search over it) is scored
    by the fused part of the validation score on the selection pass's final vectors (fusion as the
