@@ -44,10 +44,16 @@ from csmf_core.cascade import CascadeData, load_cascade_data
 from csmf_core.config import ConfigError, CSMFConfig, build_config, load_config
 from csmf_core.evaluate import popularity_rows
 from csmf_core.optim import deterministic_kernels
-from csmf_core.selection import resolve_val_days
 from csmf_core.tuning import changed_keys, override_keys
 from flows import doctor, reporting
-from flows.compare_protocol import compare_protocol, fixed_weights, protocol_data, tune_method
+from flows.compare_protocol import (
+    compare_protocol,
+    fixed_weights,
+    protocol_data,
+    protocol_statement,
+    protocol_val_days,
+    tune_method,
+)
 from flows.compare_render import PARTIAL_FILES, REPORT_FILES, machine, render_report
 from flows.compare_report import SWEEPS, WEIGHT_GRID
 from flows.env import check_writable, setup_home, tracking_uri
@@ -99,14 +105,7 @@ def check_fixed_weights(cfg: CSMFConfig, window, fixed: list[str]) -> None:
     replace the fixed weighting without a word. Without validation days every method uses it."""
     if "eval.fused_weights" not in fixed or cfg.eval.fused_weights == "auto":
         return
-    v = "auto" if cfg.data.val_days in (0, "auto") else cfg.data.val_days
-    n, why = resolve_val_days(
-        v,
-        len(window.train_dates),
-        len(window.eval_dates),
-        loader=cfg.train.loader,
-        processes=cfg.train.processes,
-    )
+    n, why = protocol_val_days(cfg, len(window.train_dates), len(window.eval_dates))
     if n > 0:
         raise ConfigError(
             f"--set eval.fused_weights={list(cfg.eval.fused_weights)}: the comparison chooses every method's "
@@ -158,6 +157,10 @@ def csmf_compare(
     with run_lifecycle(run):
         ready = ingest(run, cfg, max_violation_rate)
         protocol = compare_protocol(ready, cfg, tune_trials)
+        if protocol["val_days"] == 0:
+            get_run_logger().warning(
+                "no validation days (%s): every method trains its fixed epochs", protocol["why"]
+            )
         configs = {name: cfg for name in names}
         if tune_trials > 0 and protocol["val_days"] > 0:
             for name in names:  # the same budget for every method, on the validation days only
@@ -165,7 +168,7 @@ def csmf_compare(
                     name, tune_trials, ready, cfg, run, fixed=override_keys(overrides)
                 )
         if tune_trials > 0 and protocol["val_days"] > 0:  # the statement with what the tuning chose
-            protocol = compare_protocol(ready, cfg, tune_trials, configs)
+            protocol["statement"] = protocol_statement(protocol, cfg, configs)
         meta = report_meta(ready, cfg, run, names, seeds, overrides, command)
         meta["protocol"] = protocol | {"tuned": {n: changed_keys(cfg, c) for n, c in configs.items()}}
         results = Results(out_dir, meta)

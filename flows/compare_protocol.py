@@ -3,6 +3,7 @@
     protocol = compare_protocol(ready, cfg, tune_trials)      # what the report says, validation days
     data_val, data = protocol_data(ready.model_ready, cfg)     # held-out days / whole window (or None)
     cfg_m = tune_method(method, trials, ready, cfg, run)       # --tune-trials: the best of N trials
+    protocol["statement"] = protocol_statement(protocol, cfg, {method: cfg_m, ...})  # as tuned
 
 Every method, CSMF and its ablations included, is trained as the daily run trains CSMF: epochs chosen
 on the validation days at the end of the training window, default fused weights chosen there, then
@@ -31,17 +32,23 @@ from flows.ingest import Ingested
 from flows.runs import RunContext, child_run
 
 
-def protocol_val_days(model_ready: Path, cfg: CSMFConfig) -> tuple[int, str]:
-    """(validation days, why) of the comparison, resolved like the daily run's (0 and auto: auto):
-    what the report states and what `protocol_data` loads."""
-    meta = json.loads((Path(model_ready) / "meta.json").read_text())
+def protocol_val_days(cfg: CSMFConfig, n_train_days: int, n_eval_days: int) -> tuple[int, str]:
+    """(validation days, why) of a comparison over a window of that many training and evaluation
+    days, resolved like the daily run's (0 and auto: auto): what the report states, what
+    `protocol_data` loads and what `flows.compare.check_fixed_weights` refuses against."""
     return resolve_val_days(
         "auto" if cfg.data.val_days in (0, "auto") else cfg.data.val_days,
-        len(meta["train_dates"]),
-        len(meta["eval_dates"]),
+        n_train_days,
+        n_eval_days,
         loader=cfg.train.loader,
         processes=cfg.train.processes,
     )
+
+
+def _window_days(model_ready: Path) -> tuple[int, int]:
+    """(training days, evaluation days) of a model-ready directory (its meta.json)."""
+    meta = json.loads((Path(model_ready) / "meta.json").read_text())
+    return len(meta["train_dates"]), len(meta["eval_dates"])
 
 
 def item_stats_sentence(configs: dict[str, CSMFConfig]) -> str:
@@ -52,39 +59,41 @@ def item_stats_sentence(configs: dict[str, CSMFConfig]) -> str:
     return "Item statistics (as tuned): " + ", ".join(f"{n} {v}" for n, v in per.items()) + "."
 
 
-def compare_protocol(
-    ready: Ingested, cfg: CSMFConfig, tune_trials: int, configs: dict[str, CSMFConfig] | None = None
-) -> dict:
+def compare_protocol(ready: Ingested, cfg: CSMFConfig, tune_trials: int) -> dict:
     """What the report states: the validation days (resolved like the daily run's), the refit, the
-    fused weights and the tuning budget; without room for validation days, fixed epochs. configs:
-    each method's configuration once tuned (the item statistics they train with), default `cfg`."""
-    v, why = protocol_val_days(ready.model_ready, cfg)
+    fused weights and the tuning budget; without room for validation days, fixed epochs. Once methods
+    are tuned, `protocol_statement(protocol, cfg, configs)` states their item statistics."""
+    v, why = protocol_val_days(cfg, *_window_days(ready.model_ready))
     if v > 0 and protocol_data(ready.model_ready, cfg)[0] is None:  # e.g. data.val_days=9 on 5 days
         v, why = 0, f"{why}, which leave no training rows before them"
+    protocol = {"val_days": v, "why": why, "tune_trials": tune_trials if v else 0}
+    return protocol | {"statement": protocol_statement(protocol, cfg)}
+
+
+def protocol_statement(protocol: dict, cfg: CSMFConfig, configs: dict[str, CSMFConfig] | None = None) -> str:
+    """The report's protocol sentence for `compare_protocol`'s resolution (val_days, why, tune_trials);
+    configs: each method's configuration once tuned, default `cfg` for every method."""
+    v, why, tune_trials = protocol["val_days"], protocol["why"], protocol["tune_trials"]
     if v == 0:
-        if configs is None:  # the first statement of a comparison (the second adds the tuned configs)
-            get_run_logger().warning("no validation days (%s): every method trains its fixed epochs", why)
-        statement = (
+        return (
             f"No validation days ({why}): every method trains train.epochs {list(cfg.train.epochs)} on the "
             "whole window with the configured fused weights; no tuning."
         )
-    else:
-        statement = (
-            f"One protocol for every method ({why}): each method trains on the window without its last {v} "
-            "day(s), keeps, for every independently trained part, the epoch with the best validation score "
-            "(model / popularity Recall@K on the validation users), chooses its default fused weights there "
-            "from the same grid, then is retrained from the same seed on the whole window for the epochs it "
-            "kept (csmf_core/baselines/protocol.py). "
-            + item_stats_sentence(configs or {"every method": cfg})
-            + " "
-            + (
-                f"Tuning budget: {tune_trials} Optuna trials (TPE, seed 0) per method over its own search "
-                "space (configs/tune_spaces/), scored on the validation days; the seeds train the best."
-                if tune_trials > 0
-                else "No tuning: every method uses the same configuration."
-            )
+    return (
+        f"One protocol for every method ({why}): each method trains on the window without its last {v} "
+        "day(s), keeps, for every independently trained part, the epoch with the best validation score "
+        "(model / popularity Recall@K on the validation users), chooses its default fused weights there "
+        "from the same grid, then is retrained from the same seed on the whole window for the epochs it "
+        "kept (csmf_core/baselines/protocol.py). "
+        + item_stats_sentence(configs or {"every method": cfg})
+        + " "
+        + (
+            f"Tuning budget: {tune_trials} Optuna trials (TPE, seed 0) per method over its own search "
+            "space (configs/tune_spaces/), scored on the validation days; the seeds train the best."
+            if tune_trials > 0
+            else "No tuning: every method uses the same configuration."
         )
-    return {"val_days": v, "why": why, "tune_trials": tune_trials if v else 0, "statement": statement}
+    )
 
 
 _PROTOCOL_DATA: dict = {}
@@ -93,7 +102,7 @@ _PROTOCOL_DATA: dict = {}
 def protocol_data(model_ready: Path, cfg: CSMFConfig) -> tuple[CascadeData | None, CascadeData]:
     """(data with the validation days held out or None when the window has none, the whole window),
     both with cfg.data.item_stats; the last pair is kept for the next run of the same settings."""
-    v, _ = protocol_val_days(model_ready, cfg)  # the days compare_protocol states
+    v, _ = protocol_val_days(cfg, *_window_days(model_ready))  # the days compare_protocol states
     key = (str(model_ready), tuple(cfg.data.item_stats), v)
     if key not in _PROTOCOL_DATA:
         _PROTOCOL_DATA.clear()

@@ -512,11 +512,11 @@ def test_compare_refuses_fixed_fused_weights_it_would_replace():
 def test_protocol_data_holds_out_the_days_the_report_states(tiny_world):
     """With train.loader=parquet the report said "no validation days, fixed epochs, no tuning" while
     the data were loaded with validation days and every method selected epochs on them."""
-    from flows.compare_protocol import protocol_data, protocol_val_days
+    from flows.compare_protocol import _window_days, protocol_data, protocol_val_days
 
     for sets, days in (([], 1), (["train.loader=parquet"], 0), (["data.val_days=2"], 2)):
         cfg = build_config(None, sets)
-        v, _ = protocol_val_days(tiny_world["mr"], cfg)
+        v, _ = protocol_val_days(cfg, *_window_days(tiny_world["mr"]))
         data_val, data = protocol_data(tiny_world["mr"], cfg)
         assert v == days and (data_val is None) == (days == 0), sets
         assert data.val is None and (data_val is None or data_val.val_days == days)
@@ -531,7 +531,7 @@ def test_compare_states_what_an_oversized_val_days_leaves(tiny_world):
 
     cfg = build_config(None, ["data.val_days=9"])
     ready = SimpleNamespace(model_ready=tiny_world["mr"])
-    out = compare_protocol(ready, cfg, 2, configs={"csmf": cfg})
+    out = compare_protocol(ready, cfg, 2)
     assert out["val_days"] == 0 and out["tune_trials"] == 0
     assert out["statement"].startswith("No validation days (data.val_days=9 (set explicitly), which leave")
     a, b = build_config(), build_config(None, ["data.item_stats=[7]"])
