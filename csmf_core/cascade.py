@@ -324,7 +324,7 @@ def load_cascade_data(
         counts = positives_per_item(rows, mr.n_items, len(objs))
     # validation days held out: log-Q from the rows trained on, as a refit's (the window's) and an
     # evaluation's, none of the validation days' labels; `counts` stays the window's popularity
-    logq_counts = None if val_counts is None else [c.copy() for c in val_counts]
+    logq_counts = None if val_counts is None else list(val_counts)
     if logq_history:
         f = Path(path) / HISTORY_COUNTS
         if not f.is_file():
@@ -339,7 +339,7 @@ def load_cascade_data(
             c[hidx] = hist[f"count_{o}"].to_numpy()
             counts[t] = c
             if logq_counts is not None:  # (every partition before the evaluation day: documented)
-                logq_counts[t] = c.copy()
+                logq_counts[t] = c
     return CascadeData(
         objs, user_spec, item_spec, tables, rows, ev, counts, val, eval_day, val_day, val_days, val_why,
         val_counts, logq_counts,
