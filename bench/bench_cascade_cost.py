@@ -172,10 +172,8 @@ def run(
     quick: bool = False,
     write: bool = True,
 ) -> list[dict]:
-    from csmf_core import prep, synth
     from csmf_core.baselines.protocol import load_protocol_data
     from csmf_core.config import load_config
-    from flows.inputs import plan_window
 
     overrides = list(overrides or [])
     if quick:
@@ -186,20 +184,11 @@ def run(
             "data.seq_len=5",
             *overrides,
         ]
-    if data is None:
-        if quick:
-            data = benchlib.work_dir() / "datasets" / "tiny"
-            if not (data / "dataset.yaml").exists():
-                synth.generate(data, "tiny", seed=0, overwrite=True)
-        else:
-            data, _, _ = benchlib.synth_dataset("small")
+    data = benchlib.protocol_dataset(data, quick)
     cfg = load_config(None, overrides)
     threads = benchlib.set_threads(cfg.train.threads or None)
-    window = plan_window(str(data), date, cfg.data)
-    mr = benchlib.work_dir() / "cascade_cost" / Path(data).name / "model_ready"
     t0 = time.perf_counter()
-    prep.prepare(data, mr, train_dates=window.train_dates, eval_dates=window.eval_dates,
-                 seq_len=cfg.data.seq_len, n_req_neg=cfg.data.n_req_neg, overwrite=True)  # fmt: skip
+    mr, window = benchlib.prepare_window("cascade_cost", data, date, cfg)
     t_prep = time.perf_counter() - t0
     t0 = time.perf_counter()
     data_val, data_full = load_protocol_data(mr, cfg)
@@ -275,13 +264,9 @@ def breakdown_table(rows: dict[str, dict[tuple[str, str], float]], walls: dict[s
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, help="canonical dataset (default: the generated small world)")
-    p.add_argument("--date", help="first evaluation day (default: the last partition)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    benchlib.add_protocol_args(p, "tiny world, 1 epoch per step (smoke test)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="+", default=["csmf", "moppr"])
-    p.add_argument("--quick", action="store_true", help="tiny world, 1 epoch per step (smoke test)")
-    p.add_argument("--no-write", action="store_true", help="do not append to bench/results")
     a = p.parse_args(argv)
     return run(a.data, a.date, a.overrides, a.seed, tuple(a.methods), a.quick, write=not a.no_write)
 

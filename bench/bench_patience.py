@@ -46,17 +46,12 @@ def kept_with_patience(epochs: list[int], scores: list[float], patience: int) ->
 def curves(data: Path, date: str | None, overrides: list[str], seeds: int, methods: list[str]) -> list[dict]:
     """The selection pass of each method and seed on `data`: one row per part (method, seed, part, cap,
     chosen, epochs, scores), printed as it goes."""
-    from csmf_core import prep
     from csmf_core.baselines.protocol import load_protocol_data, selection_score
     from csmf_core.config import load_config
-    from flows.inputs import plan_window
 
     cfg = load_config(None, [*overrides, "train.patience=0"])  # whole curves: every part to its cap
     threads = benchlib.set_threads(cfg.train.threads or None)
-    window = plan_window(str(data), date, cfg.data)
-    mr = benchlib.work_dir() / "patience" / data.name / "model_ready"
-    prep.prepare(data, mr, train_dates=window.train_dates, eval_dates=window.eval_dates,
-                 seq_len=cfg.data.seq_len, n_req_neg=cfg.data.n_req_neg, overwrite=True)  # fmt: skip
+    mr, window = benchlib.prepare_window("patience", data, date, cfg)
     data_val, _ = load_protocol_data(mr, cfg)
     print(f"== patience: {data.name}, evaluation from {window.eval_dates[0]}, {threads} threads")
     rows = []
@@ -76,14 +71,10 @@ def curves(data: Path, date: str | None, overrides: list[str], seeds: int, metho
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, help="canonical dataset (default: the generated small world)")
-    ap.add_argument("--date", help="first evaluation day (default: the last partition)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    benchlib.add_protocol_args(ap, "tiny world, few epochs, one seed (smoke test)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--methods", default="csmf,moppr")
     ap.add_argument("--patience", default="1,2,3,4,5")
-    ap.add_argument("--quick", action="store_true", help="tiny world, few epochs, one seed (smoke test)")
-    ap.add_argument("--no-write", action="store_true", help="do not append to bench/results")
     ap.add_argument("--json-out", type=Path, help="also write every curve here")
     a = ap.parse_args(argv)
     overrides, seeds, data = list(a.overrides), a.seeds, a.data
@@ -96,14 +87,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             *overrides,
         ]
         seeds = 1
-        if data is None:
-            data = benchlib.work_dir() / "datasets" / "tiny"
-            if not (data / "dataset.yaml").exists():
-                from csmf_core import synth
-
-                synth.generate(data, "tiny", seed=0, overwrite=True)
-    data = data or benchlib.synth_dataset("small")[0]
-    rows = curves(Path(data), a.date, overrides, seeds, a.methods.split(","))
+    data = benchlib.protocol_dataset(data, a.quick)
+    rows = curves(data, a.date, overrides, seeds, a.methods.split(","))
     rec = benchlib.Recorder("patience", {"dataset": Path(data).name, "overrides": overrides, "seeds": seeds},
                             write=not a.no_write)  # fmt: skip
     total = sum(r["cap"] for r in rows)

@@ -11,6 +11,7 @@ Results: `bench/results/<bench>.jsonl` ($CSMF_BENCH_RESULTS overrides the folder
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import math
@@ -22,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -227,6 +229,43 @@ def synth_dataset(name: str, **overrides) -> tuple[Path, list[str], float]:
     s = synth.generate(path, None, overwrite=True, config=synth.SynthConfig.from_preset("small", **overrides))
     stamp.write_text(want)
     return path, s.dates, time.perf_counter() - t0
+
+
+def protocol_dataset(data: Path | None, quick: bool) -> Path:
+    """The dataset a protocol benchmark (cascade cost, early stopping) runs on: `data` when given, else
+    the generated tiny world for --quick (generated once) or the `small` one."""
+    if data is not None:
+        return Path(data)
+    if not quick:
+        return synth_dataset("small")[0]
+    from csmf_core import synth
+
+    path = work_dir() / "datasets" / "tiny"
+    if not (path / "dataset.yaml").exists():
+        synth.generate(path, "tiny", seed=0, overwrite=True)
+    return path
+
+
+def prepare_window(bench: str, data: Path, date: str | None, cfg) -> tuple[Path, Any]:
+    """(model-ready directory, window): `data` prepared as a daily run for evaluation day `date` (the
+    last partition by default) would prepare it, under work_dir()/<bench>/<dataset>/model_ready."""
+    from csmf_core import prep
+    from flows.inputs import plan_window
+
+    window = plan_window(str(data), date, cfg.data)
+    mr = work_dir() / bench / Path(data).name / "model_ready"
+    prep.prepare(data, mr, train_dates=window.train_dates, eval_dates=window.eval_dates,
+                 seq_len=cfg.data.seq_len, n_req_neg=cfg.data.n_req_neg, overwrite=True)  # fmt: skip
+    return mr, window
+
+
+def add_protocol_args(parser: argparse.ArgumentParser, quick_help: str) -> None:
+    """--data, --date, --set, --quick, --no-write: the options of the protocol benchmarks."""
+    parser.add_argument("--data", type=Path, help="canonical dataset (default: the generated small world)")
+    parser.add_argument("--date", help="first evaluation day (default: the last partition)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--no-write", action="store_true", help="do not append to bench/results")
 
 
 def model_ready(
