@@ -164,15 +164,15 @@ def csmf_daily(
         overrides = [*(overrides or []), f"data.train_days={int(train_days)}"]
     dataset = dataset_location(data, root) if data else generate_data(root)  # a path or a URI
     tuned_file = find_tuned(root, dataset, tuned)
-    cfg = fit_to_dataset(load_config(config, overrides, tuned=tuned_file), dataset, _log_line)
-    window = plan_window(dataset, date, cfg.data)  # missing partitions fail here, before any work
+    raw = load_config(config, overrides, tuned=tuned_file)
+    window = plan_window(dataset, date, raw.data)  # missing partitions fail here, before any work
     if tuned_file is not None:  # chosen on this run's evaluation days: refused, or skipped under auto
         applies, why = tuned_applies(tuned_file, window.date, explicit=tuned not in (None, "auto"))
         if not applies:
             _log_line(why)
-            tuned_file = None
-            cfg = fit_to_dataset(load_config(config, overrides), dataset, _log_line)
-            window = plan_window(dataset, date, cfg.data)
+            tuned_file, raw = None, load_config(config, overrides)
+            window = plan_window(dataset, date, raw.data)
+    cfg = fit_to_dataset(raw, dataset, _log_line)  # (the fused weights only: the window stands)
     doctor.before_run(root, tracking_uri())  # what killed csmf processes left (flows/doctor.py)
     start = choose_start(cfg, window.date, dataset, from_model, root, _log_line)
     if start.incremental:  # the new day(s) and the validation day(s) only (flows/incremental.py)
