@@ -232,7 +232,9 @@ def load_cascade_data(
     then those of the rows kept. logq_history: the log-Q counts of every objective after the first
     are its positives before the first evaluation day over every partition prep read for the
     behaviour histories (`history_counts.parquet`; `train.incremental_logq: history`), not those of
-    the rows trained on; the first objective's stay the rows'.
+    the rows trained on; the first objective's stay the rows'. With validation days held out, the
+    selection pass's history counts leave out the validation days' positives (those of their train
+    rows: the data contract's cascade rule makes every positive an exposure row).
     """
     from pathlib import Path
 
@@ -288,6 +290,7 @@ def load_cascade_data(
             )
         if val_days > 0:
             keep, val, (val_day, _) = split_validation(tr, objs, val_days)
+            window_pos = positives_per_item(rows, mr.n_items, len(objs)) if logq_history else None
             rows = rows.select(keep)
             val_counts = positives_per_item(rows, mr.n_items, len(objs))
         if train_from is not None:
@@ -338,8 +341,8 @@ def load_cascade_data(
             c = np.zeros(mr.n_items, dtype=np.int64)
             c[hidx] = hist[f"count_{o}"].to_numpy()
             counts[t] = c
-            if logq_counts is not None:  # (every partition before the evaluation day: documented)
-                logq_counts[t] = c
+            if logq_counts is not None:  # less the validation days' positives (their train rows)
+                logq_counts[t] = np.maximum(c - (window_pos[t] - val_counts[t]), 0)
     return CascadeData(
         objs, user_spec, item_spec, tables, rows, ev, counts, val, eval_day, val_day, val_days, val_why,
         val_counts, logq_counts,

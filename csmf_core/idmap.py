@@ -20,7 +20,9 @@ maps as a `BaseMaps` and `assign_rows` keeps them:
 
 Last-seen day (int32 UTC day number, csmf_core/item_stats.day_number) = the last day the id occurs in
 an event partition the run read (any row, exposed or not); an id seen only in the feature table keeps
-its base value, or, when new, the run's last training day. Stored per row in `users_seen.parquet` /
+its base value (a feature table listing every id does not keep them all from eviction), or, when new,
+the run's last training day. An evicted id still listed in the feature table is such a new id in the
+next run: it gets a fresh row again (ids are not remembered once evicted). Stored per row in `users_seen.parquet` /
 `items_seen.parquet` (columns `last_seen`, `recycled`: the row was given to a new id by this run), which
 travel with the model-ready features into the serving bundle (csmf_core/bundle.py).
 
@@ -147,18 +149,21 @@ def assign_rows(
     seen on or after `first_day` (the run's first training day) is never evicted, whatever
     `evict_after_days`: it has training or evaluation rows."""
     ids = np.asarray(ids, np.int64)
-    seen = np.where(seen >= 0, seen, today).astype(np.int32)
+    read = np.asarray(seen, np.int32)
+    seen = np.where(read >= 0, read, today).astype(np.int32)  # a new id only in the feature table: today
     if base is None:
         n = len(ids)
         return Assigned(ids, seen, np.zeros(n, bool), {"ids": n, "kept": 0, "new": n, "recycled": 0})
     b_ids, b_seen = base.ids, base.last_seen.copy()
     known = np.isin(ids, b_ids)
     new_ids, new_seen = ids[~known], seen[~known]
-    # base ids seen again: their last-seen day moves forward
+    # base ids seen again in an event: their last-seen day moves forward; one only in the feature
+    # table (-1) keeps the base's day, or a feature table that lists every id would keep each one
+    # from ever being evicted
     order = np.argsort(b_ids, kind="stable")
     if known.any():
         pos = order[np.searchsorted(b_ids, ids[known], sorter=order)]
-        b_seen[pos] = np.maximum(b_seen[pos], seen[known])
+        b_seen[pos] = np.maximum(b_seen[pos], read[known])
     out_ids, out_seen = b_ids.copy(), b_seen
     recycled = np.zeros(len(b_ids), bool)
     n_recycled = 0

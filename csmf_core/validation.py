@@ -16,9 +16,10 @@ it. With `data.val_days = V > 0` the last V days of the training window are held
 The item counts the selection pass trains with (log-Q correction) and its popularity reference are
 those of the rows it trains on, before the validation days (`CascadeData.log_q_counts`, `val_counts`):
 what an evaluation sees of its own days. Until 2026-12-05 the log-Q counts covered the whole window,
-validation days included, so the pass trained on item frequencies of the days it was judged on. (An
-incremental run's `train.incremental_logq: history` counts still cover every partition before its
-evaluation day, its validation day included: prep does not keep them per day.)
+validation days included, so the pass trained on item frequencies of the days it was judged on. An
+incremental run's `train.incremental_logq: history` counts cover every partition before its
+evaluation day; its selection pass subtracts the validation days' positives from them (since
+2026-12-05 evening; before, they were included).
 
 Only entries the stage owns change during a step, so restoring the best snapshot leaves every
 earlier stage's entries bit-identical (the no-forgetting guarantee is unaffected).

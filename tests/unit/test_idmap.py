@@ -184,6 +184,15 @@ def test_assign_rows_keeps_appends_and_recycles():
     assert a.ids.tolist() == [15, 10, 5, 40, 50]
     assert a.recycled.tolist() == [True, False, True, False, False]
     assert a.stats == {"ids": 5, "kept": 2, "new": 3, "recycled": 2, "base_rows": 5}
+    # a base id read only from the feature table (-1) keeps its base day: 20 (day 2) and 30 (day 5)
+    # listed in users.parquet with no event stay evictable and are recycled as before
+    listed = np.array([5, 10, 15, 20, 30, 40, 50])
+    a = assign_rows(
+        listed, np.array([10, 10, 10, -1, -1, 10, -1], np.int32), base, today=10, evict_after_days=5
+    )
+    assert a.ids.tolist() == [15, 10, 5, 40, 50] and a.recycled.tolist() == [True, False, True, False, False]
+    a = assign_rows(listed, np.array([10, 10, 10, -1, -1, 10, -1], np.int32), base, today=10)
+    assert a.last_seen.tolist() == [5, 10, 2, 10, 10, 10, 10]
     # no new id: evictable ids keep their rows
     a = assign_rows(np.array([10]), np.array([10], np.int32), base, today=10, evict_after_days=1)
     assert a.ids.tolist() == [30, 10, 20, 40] and not a.recycled.any()

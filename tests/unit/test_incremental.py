@@ -384,6 +384,33 @@ def test_logq_history_counts_every_earlier_partition(incremental_run, tiny_world
         assert hist.counts[t].sum() > rows_only.counts[t].sum()  # more days than day 5's rows
 
 
+def test_logq_history_of_the_selection_pass_leaves_out_its_validation_day(incremental_run, tiny_world):
+    """With a validation day held out, the history counts of the selection pass are the positives of
+    the days before that day (they included it: the pass trained on item frequencies of the day it
+    was judged on); the counts of a load without validation days keep every day before evaluation."""
+    import datetime as dt
+
+    import polars as pl
+
+    mr, dates = incremental_run["root"] / "mr", tiny_world["dates"]
+    sel = load_cascade_data(mr, val_days=1, logq_history=True)
+    whole = load_cascade_data(mr, logq_history=True)
+    val_date = (dt.date(1970, 1, 1) + dt.timedelta(days=sel.val_day)).isoformat()
+    assert val_date == dates[4]
+    items = pl.read_parquet(mr / "items.parquet")["item_id"].to_list()
+    row = {iid: r for r, iid in enumerate(items) if iid is not None}
+    events = pl.read_parquet(tiny_world["ds"] / "events" / "**" / "*.parquet", hive_partitioning=True)
+    for t, col in ((1, "clicked"), (2, "converted")):
+        for data, before in ((sel, val_date), (whole, dates[5])):
+            expected = [0] * len(items)
+            early = events.filter((pl.col("dt").cast(pl.String) < before) & pl.col(col))
+            for iid, n in early.group_by("item_id").len().iter_rows():
+                if iid in row:
+                    expected[row[iid]] += n
+            assert data.log_q_counts(t).tolist() == expected, (col, before)
+        assert sel.log_q_counts(t).sum() < whole.log_q_counts(t).sum()
+
+
 def test_a_stage_with_too_few_rows_is_kept_as_it_was(incremental_run, tiny_world):
     """A quiet day of a sparse objective: the incremental step keeps the stage bit for bit (and the
     selection pass keeps its epoch 0) where a step of a cascade from scratch fails."""
