@@ -24,8 +24,8 @@ then calls these functions and moves "champion" only when `decide` says so. Rule
 4. No champion yet: promote (the first measurable model becomes champion).
 5. The champion was trained on identical inputs (dataset digest, training-config digest, code
    version, date): keep it, so re-running a date never promotes twice.
-6. The champion could not be re-evaluated (other objectives, bundle not loadable, no training dates,
-   no day after both training windows): keep it.
+6. The champion could not be re-evaluated (another dataset's model, other objectives, bundle not
+   loadable, no training dates, no day after both training windows): keep it.
 7. Metrics: recall and nDCG at eval.primary_k, per objective, under the objective's own score and
    the fused score, of the challenger and of the champion re-evaluated on the SAME days, days that
    come after every training day of both models (`trained_too_late`, `comparison_dates`): a

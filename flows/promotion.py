@@ -66,7 +66,7 @@ from flows.registry import (
     resolve_bundle,
 )
 from flows.resume import training_digest
-from flows.runs import RunContext, child_run, transient
+from flows.runs import RunContext, child_run, dataset_name, transient
 from flows.tracking import FAILURE_TAG, metric_key
 
 # the parent-run tags a version inherits: where it came from
@@ -293,7 +293,8 @@ def _decide(
     champ, why_not, identical = None, None, False
     if current is not None and not already:
         identical = _same_inputs(current.tags or {}, run, cfg)
-        if not identical:
+        why_not = _other_dataset(current.tags or {}, run)
+        if not identical and why_not is None:
             try:
                 champ = Recommender.load(resolve_bundle(f"models:/csmf/{current.version}", home=run.home))
             except (OSError, ValueError, LookupError, MlflowException) as exc:
@@ -387,6 +388,20 @@ def _comparison_data(
         "the newest day(s) after both training windows"
     )
     return summary.out_dir, days, note, None
+
+
+def _other_dataset(tags: dict, run: RunContext) -> str | None:
+    """Why a champion (its registry tags) of another dataset than this run's cannot be compared with
+    it, or None. Its users and items are not this dataset's: re-scored on this run's days it would
+    lose by construction, and this run's model would then replace the model serving that dataset."""
+    theirs, mine = tags.get(DATASET_TAG), dataset_name(run.dataset_dir)
+    if theirs is None or theirs == mine:
+        return None
+    return (
+        f"it is a model of dataset {theirs!r} and this run's is {mine!r}: the registry has one champion, "
+        "so use one home (registry) per dataset; to serve this version anyway, promote it by hand "
+        "(docs/operations.md)"
+    )
 
 
 def _same_inputs(tags: dict, run: RunContext, cfg: CSMFConfig) -> bool:

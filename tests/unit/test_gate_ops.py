@@ -253,3 +253,32 @@ def test_the_gate_decides_under_the_registry_lock(tmp_path, monkeypatch):
     with pytest.raises(Taken):
         promotion.gate.fn(tmp_path / "bundle", "7", {}, None, build_config(), run)
     assert taken == [(tmp_path, "gate of v7")]
+
+
+def test_a_champion_of_another_dataset_is_kept_and_not_compared(tiny_world, tmp_path, monkeypatch):
+    """One registry per home: a run on dataset B re-scored dataset A's champion on B's days (where A's
+    users and items are unknown, so it loses by construction) and replaced it. The champion here is the
+    very model of the challenger, loadable, so a comparison would find no drop and promote: only the
+    dataset tag keeps it."""
+    import flows.promotion as promotion
+    from flows.names import DATASET_TAG
+
+    monkeypatch.setattr(promotion, "resolve_bundle", lambda ref, home=None: tiny_world["bundle"])
+    cfg = build_config(None, ["gate.min_users=1"])
+    d = tiny_world["dates"]
+    window = SimpleNamespace(date=d[5], eval_dates=[d[5]], train_dates=list(d[:5]))
+    run = SimpleNamespace(dataset_dir=tiny_world["ds"], data_digest="d", window=window, home=tmp_path)
+    ready = SimpleNamespace(model_ready=tiny_world["mr"])
+
+    def decide(dataset):
+        current = SimpleNamespace(version="3", tags={DATASET_TAG: dataset})
+        return promotion._decide(tiny_world["bundle"], "4", {}, current, False, ready, cfg, run)
+
+    same = decide("synth-tiny")
+    assert same.promote and "no metric below champion v3" in same.reason
+    other = decide("another-world")
+    assert not other.promote
+    assert other.reason.startswith(
+        "champion v3 could not be compared: it is a model of dataset 'another-world'"
+    )
+    assert "one home (registry) per dataset" in other.reason
