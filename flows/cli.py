@@ -141,7 +141,6 @@ def home_flag(home: Path) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from csmf_core.config import load_config
 
     json_out = check_output_file(args.json_out, "--json-out")
     home = setup_home(args.home)  # before the flow module imports prefect and mlflow
@@ -158,25 +157,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         # this one imports torch and mlflow, reads the config and the data; waited for before the flow
         api = start_temporary_api()
         data = dataset_location(args.data, home) if args.data else default_dataset(home)
-        from flows.tune import describe_tuned, find_tuned, tuned_applies
+        from flows.tune import describe_tuned, settle_tuned
 
-        tuned = find_tuned(home, data, args.tuned)
-        # fail fast, before Prefect starts, on a bad config
-        cfg = load_config(args.config, args.set, tuned=tuned)
+        dates = partition_dates(data)
+
+        def first_day(c) -> str:  # --date: checked by iso_date
+            return args.date or default_eval_day(dates, c.data.eval_days)
+
+        # fail fast, before Prefect starts, on a bad config (the flow settles the tuned config the same)
+        tuned, cfg, why = settle_tuned(home, data, args.tuned, args.config, args.set, first_day)
+        if tuned is not None:
+            print(
+                f"csmf run: applying the tuned config {describe_tuned(tuned)} (--tuned none to train without)"
+            )
+        elif why:
+            print(f"csmf run: {why}")
         from flows.runs import device
 
         device(cfg)  # train.device=cuda on a machine without CUDA: refused now, not in a task
-        dates = partition_dates(data)
-        date = args.date or default_eval_day(dates, cfg.data.eval_days)  # --date: checked by iso_date
-        if tuned is not None:  # the flow decides the same; said here before it starts
-            applies, why = tuned_applies(tuned, date, explicit=args.tuned not in (None, "auto"))
-            if applies:
-                how = "(--tuned none to train without)"
-                print(f"csmf run: applying the tuned config {describe_tuned(tuned)} {how}")
-            else:
-                print(f"csmf run: {why}")
-                cfg = load_config(args.config, args.set)
-                date = args.date or default_eval_day(dates, cfg.data.eval_days)
+        date = first_day(cfg)
         n_eval = cfg.data.eval_days
         window = (
             f"evaluation day {date}"
@@ -254,7 +253,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from flows import replay
     from flows.compare_render import machine
     from flows.runs import dataset_name
-    from flows.tune import find_tuned
+    from flows.tune import find_tuned, tuned_named
 
     tuned = find_tuned(home, data, args.tuned)
     cfg = load_config(args.config, args.set, tuned=tuned)  # fail fast on a bad config
@@ -299,7 +298,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         tuned=tuned,
         k=cfg.eval.primary_k,
         partial=partial,
-        tuned_explicit=args.tuned not in (None, "auto", "none"),
+        tuned_explicit=tuned_named(args.tuned),
     )
     meta |= {
         "dataset": name,

@@ -69,7 +69,7 @@ from flows.registry import champion
 from flows.retention import apply_retention
 from flows.runs import DAILY, RunContext, child_run, device, loaded_data, open_run, run_lifecycle
 from flows.tracking import metric_key
-from flows.tune import describe_tuned, find_tuned, tuned_applies
+from flows.tune import describe_tuned, find_tuned, settle_tuned
 
 
 # ---- the flow --------------------------------------------------------------------------------------
@@ -163,15 +163,13 @@ def csmf_daily(
     if train_days is not None:
         overrides = [*(overrides or []), f"data.train_days={int(train_days)}"]
     dataset = dataset_location(data, root) if data else generate_data(root)  # a path or a URI
-    tuned_file = find_tuned(root, dataset, tuned)
-    raw = load_config(config, overrides, tuned=tuned_file)
+    # chosen on this run's evaluation days: refused, or skipped under auto
+    tuned_file, raw, why = settle_tuned(
+        root, dataset, tuned, config, overrides, lambda c: plan_window(dataset, date, c.data).date
+    )
+    if why:
+        _log_line(why)
     window = plan_window(dataset, date, raw.data)  # missing partitions fail here, before any work
-    if tuned_file is not None:  # chosen on this run's evaluation days: refused, or skipped under auto
-        applies, why = tuned_applies(tuned_file, window.date, explicit=tuned not in (None, "auto"))
-        if not applies:
-            _log_line(why)
-            tuned_file, raw = None, load_config(config, overrides)
-            window = plan_window(dataset, date, raw.data)
     cfg = fit_to_dataset(raw, dataset, _log_line)  # (the fused weights only: the window stands)
     doctor.before_run(root, tracking_uri())  # what killed csmf processes left (flows/doctor.py)
     start = choose_start(cfg, window.date, dataset, from_model, root, _log_line)

@@ -37,6 +37,7 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,6 +148,35 @@ def tuned_applies(path: Path, first_eval_day: str, explicit: bool) -> tuple[bool
             f"{why}: give --tuned none, or tune for this date (csmf tune --date {first_eval_day})"
         )
     return False, f"{why}: not applied (tune with --date {first_eval_day} to tune for this run)"
+
+
+def tuned_named(spec: str | None) -> bool:
+    """Does a `--tuned` value name a file (not auto, none or unset)? A named file that does not apply
+    to a run is refused (`tuned_applies`); auto's is skipped."""
+    return spec not in (None, "", "auto", "none")
+
+
+def settle_tuned(
+    home: Path,
+    dataset: Path,
+    spec: str | None,
+    config: str | Path | None,
+    overrides: list[str] | None,
+    first_eval_day: Callable[[CSMFConfig], str],
+) -> tuple[Path | None, CSMFConfig, str]:
+    """The tuned config a run applies, and the run's config: `spec` (auto, none or a file: `find_tuned`)
+    loaded between `config` and `overrides`, unless it was chosen on days the run evaluates
+    (`tuned_applies`, the run's first evaluation day being `first_eval_day(config)`): a named file is
+    then refused (ConfigError), auto's dropped and the config loaded without it. Returns (the file
+    applied or None, the config, why a file found was not applied or "")."""
+    tuned = find_tuned(home, dataset, spec)
+    cfg = load_config(config, overrides, tuned=tuned)
+    if tuned is None:
+        return None, cfg, ""
+    applies, why = tuned_applies(tuned, first_eval_day(cfg), explicit=tuned_named(spec))
+    if applies:
+        return tuned, cfg, ""
+    return None, load_config(config, overrides), why
 
 
 def describe_tuned(path: Path | None) -> str:

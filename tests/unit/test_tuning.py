@@ -208,3 +208,35 @@ def test_the_daily_run_skips_a_tuned_config_chosen_on_its_evaluation_days(tmp_pa
         pipeline.csmf_daily.fn(
             data=str(tiny_world["ds"]), home=str(home), date="2026-01-05", tuned=str(tuned)
         )
+
+
+def test_settle_tuned_finds_applies_or_drops_the_tuned_config(tmp_path, tiny_world):
+    """`csmf run` and the flow settle the tuned config through one function: auto's file applies to a
+    run evaluating after the tune's days, is dropped (the config loaded without it) for one evaluating
+    them, and a file named by --tuned is refused there; none never reads it."""
+    from flows.tune import settle_tuned, tuned_config_path, tuned_named
+
+    assert [tuned_named(s) for s in (None, "", "auto", "none", "x.yaml")] == [
+        False,
+        False,
+        False,
+        False,
+        True,
+    ]
+    home, ds = tmp_path / "home", tiny_world["ds"]
+    tuned = tuned_config_path(home, "synth-tiny")
+    tuned.parent.mkdir(parents=True)
+    tuned.write_text("# read: the days before 2026-01-06 (...)\ntrain: {lr: 0.004}\n")
+    asked = []
+
+    def day(d):
+        return lambda cfg: asked.append(cfg.train.lr) or d
+
+    got, cfg, why = settle_tuned(home, ds, "auto", None, ["train.epochs=[1,1,1]"], day("2026-01-06"))
+    assert (got, cfg.train.lr, why, cfg.train.epochs) == (tuned, 0.004, "", (1, 1, 1))
+    got, cfg, why = settle_tuned(home, ds, "auto", None, [], day("2026-01-05"))
+    assert got is None and cfg.train.lr == 0.002 and "not applied" in why
+    assert asked == [0.004, 0.004]  # the first evaluation day is asked of the config with the file
+    with pytest.raises(ConfigError, match="whose labels that choice has seen"):
+        settle_tuned(home, ds, str(tuned), None, [], day("2026-01-05"))
+    assert settle_tuned(home, ds, "none", None, [], day("2026-01-05"))[::2] == (None, "")
