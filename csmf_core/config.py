@@ -135,6 +135,12 @@ class TrainConfig:
     # evaluation day that prep reads for the behaviour histories (default: the rarer objectives' item
     # frequencies from one day are too noisy to correct in-batch sampling; docs/method-notes.md)
     incremental_logq: str = "history"
+    # incremental: the model the selection pass continues (it trains on the days before the validation
+    # day(s) to choose each step's epochs). "unseen": the newest model of the line (the start, its
+    # parent, ...) that has not trained on those days, so the pass measures epochs on new data as the
+    # refit will use them; the start itself when the line has none (its first runs after a full
+    # retrain). "start": the run's starting model, which has usually trained on them already
+    incremental_select_from: str = "unseen"
 
 
 @dataclass(frozen=True)
@@ -250,6 +256,7 @@ _CHOICES = {
     ("train", "mode"): {"full", "incremental"},
     ("train", "start_from"): {"champion", "line"},
     ("train", "incremental_logq"): {"rows", "history"},
+    ("train", "incremental_select_from"): {"unseen", "start"},
 }
 
 

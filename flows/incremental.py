@@ -16,10 +16,12 @@ full retrains reads the continued model's).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -73,6 +75,11 @@ class Start:
 
     decision: ModeDecision
     bundle: Path | None = None
+    # the model the selection pass continues when not `bundle` (`selection_start`), its version, and
+    # the features dirs of the line's models after it up to `bundle` (the rows their runs recycled)
+    select_bundle: Path | None = None
+    select_version: str | None = None
+    select_between: tuple[Path, ...] = ()
 
     @property
     def incremental(self) -> bool:
@@ -271,10 +278,80 @@ def train_from(run: RunContext, cfg: CSMFConfig) -> str:
     return sorted(run.window.train_dates)[-cfg.train.incremental_days]
 
 
-def _warm(start: Start, ready: Ingested, data, cfg: CSMFConfig):
-    recycled = {side: read_recycled(ready.model_ready, side) for side in ("users", "items")}
-    model, owners, info = warm_start(start.checkpoint, data, cfg, recycled)
+def _warm(start: Start, ready: Ingested, data, cfg: CSMFConfig, *, selection: bool = False):
+    """The starting model on `data`; `selection`: the model the selection pass continues (`selection_start`),
+    whose rows recycled later in the line (and by this run) start fresh as this run's recycled rows do."""
+    dirs = [ready.model_ready]
+    checkpoint = start.checkpoint
+    if selection and start.select_bundle is not None:
+        dirs += list(start.select_between)
+        checkpoint = start.select_bundle / "checkpoint"
+    recycled = {}
+    for side in ("users", "items"):
+        flags = [read_recycled(d, side) for d in dirs]
+        union = np.zeros(max(len(f) for f in flags), bool)
+        for f in flags:
+            union[: len(f)] |= f
+        recycled[side] = union
+    model, owners, info = warm_start(checkpoint, data, cfg, recycled)
     return model.to(device(cfg)), owners, info
+
+
+MAX_LINE_WALK = 60  # versions looked back through by `selection_start`
+
+
+def selection_start(start: Start, first_day: str, cfg: CSMFConfig, home: Path, log) -> Start:
+    """`train.incremental_select_from: unseen`: the model the selection pass continues.
+
+    The selection pass trains the start on the days before the validation day(s), from `first_day`, and
+    keeps each step's best epoch there; the refit then trains the start on the new day(s). A line's
+    start has usually trained on those earlier days already (the previous run's refit was that day), so
+    continuing it measured extra epochs on a seen day, and chose few (epoch 0 of the click and
+    conversion steps, often). The pass now continues the newest model of the line that has not trained
+    on them: the start, or its parent (`csmf.parent_model_version`), or that one's, ... read from the
+    registry. None such (the line reaches a full retrain whose window covers them, a model named by
+    directory): the start, with a log line. The models of one line share their id maps (a later one
+    only adds rows), so the run's data fits any of them."""
+    if not start.incremental or start.bundle is None or cfg.train.incremental_select_from != "unseen":
+        return start
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from flows.registry import REGISTERED_MODEL, resolve_model
+
+    client = mlflow.MlflowClient()
+    bundle, version, between = start.bundle, start.decision.parent_version, []
+    for _ in range(MAX_LINE_WALK):
+        through = lineage_end(json.loads((bundle / "bundle.json").read_text()))
+        if through is not None and through < first_day:
+            break
+        parent = None
+        if version is not None and str(version).isdigit():
+            try:
+                parent = (client.get_model_version(REGISTERED_MODEL, str(version)).tags or {}).get(PARENT_TAG)
+            except MlflowException:
+                parent = None
+        if not (parent and parent.isdigit()):
+            log(
+                f"incremental selection: no model of the line trained before {first_day} (v{version} trained "
+                f"through {through}, {'a full retrain' if parent == 'none' else 'no parent recorded'}): the "
+                "selection pass continues the starting model, which has trained on its days"
+            )
+            return start
+        between.append(bundle / "features")
+        bundle, version = resolve_model(f"models:/csmf/{parent}", home=home).bundle, parent
+    else:
+        return start
+    if bundle == start.bundle:
+        return start
+    log(
+        f"incremental selection: the selection pass continues v{version} (trained through {through}), the "
+        f"newest model of the line not trained on its days from {first_day}; the refit continues "
+        f"v{start.decision.parent_version}"
+    )
+    return dataclasses.replace(
+        start, select_bundle=bundle, select_version=str(version), select_between=tuple(between)
+    )
 
 
 @task(name="select", task_run_name="select", cache_policy=NO_CACHE)
@@ -296,9 +373,12 @@ def select_incremental(ready: Ingested, cfg: CSMFConfig, run: RunContext, start:
         logq_history=cfg.train.incremental_logq == "history",
     )
     data.tables = data.tables.to(device(cfg))
-    model, owners, _ = _warm(start, ready, data, cfg)
+    model, owners, _ = _warm(start, ready, data, cfg, selection=True)
     with child_run(run, SELECT, kind=SELECT) as tracker:
-        tracker.log_params({"select.val_days": v, "select.refit": True, "select.mode": INCREMENTAL})
+        tracker.log_params(
+            {"select.val_days": v, "select.refit": True, "select.mode": INCREMENTAL,
+             "select.from_version": start.select_version or start.decision.parent_version}
+        )  # fmt: skip
         res = run_trial(
             data,
             trial_config(cfg, {"data.val_days": v}),

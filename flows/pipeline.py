@@ -38,6 +38,7 @@ from prefect.runtime import flow_run
 from csmf_core.checkpoint import load_checkpoint
 from csmf_core.config import CSMFConfig, load_config
 from csmf_core.evaluate import Ranked, evaluate_model, gaps_table, popularity_gaps
+from csmf_core.incremental import val_days_for
 from csmf_core.serving import metrics_table, write_bundle
 from csmf_core.tuning import trial_config
 from flows import doctor, reporting
@@ -49,6 +50,7 @@ from flows.incremental import (
     choose_start,
     incremental_overrides,
     select_incremental,
+    selection_start,
     train_incremental,
 )
 from flows.ingest import Ingested, ingest
@@ -183,6 +185,8 @@ def csmf_daily(
                 f"{window.date}: training on the last {cfg.train.incremental_days} (the rest are validation days)"
             )
         window = plan_window(dataset, window.date, cfg.data, last_partitions=cfg.data.train_days)
+        if val_days_for(cfg.data.val_days):  # the selection pass trains from the window's first day
+            start = selection_start(start, min(window.train_dates), cfg, root, _log_line)
     elif cfg.train.mode != "full":  # fell back to a full retrain: configured (and resumed) as one
         cfg = trial_config(cfg, {"train.mode": "full"})
     if window.missing:

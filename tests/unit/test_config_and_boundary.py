@@ -238,6 +238,7 @@ BAD_VALUES = {
     "train.full_every_days": ["0"],
     "train.start_from": ["latest", "challenger"],
     "train.incremental_logq": ["day", "all"],
+    "train.incremental_select_from": ["parent", "Unseen"],
     "ingest.dask": ["yes", "host:8786", "local2"],
     "ingest.workers": ["0"],
     "ingest.shards": ["-1"],

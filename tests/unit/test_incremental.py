@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from csmf_core import prep
-from csmf_core.cascade import load_cascade_data, run_step
+from csmf_core.cascade import build_model, load_cascade_data, run_step
 from csmf_core.checkpoint import save_checkpoint
 from csmf_core.config import build_config
 from csmf_core.idmap import BaseMaps
@@ -457,3 +457,99 @@ def test_the_selection_pass_keeps_epoch_0_for_a_quiet_stage(incremental_run, tin
     )
     assert res.epochs[2] == 0 and res.reports[2].info["rows"] == 0
     assert list(refit_config(cfg, res).train.epochs)[2] == 0
+
+
+def test_the_selection_pass_continues_the_newest_model_not_trained_on_its_days(
+    monkeypatch, tiny_world, tmp_path
+):
+    """train.incremental_select_from=unseen: the selection pass trained the run's start on days the start
+    had trained on (the previous run's refit day), so it measured extra epochs on a seen day. It now
+    walks the line back through csmf.parent_model_version to the newest model trained before its first
+    day; the start when the line reaches a full retrain (logged), or with `start`."""
+    import json
+    import shutil
+
+    import mlflow
+
+    from flows.incremental import Start, selection_start
+
+    bundles, parents = {}, {"3": "2", "2": "1", "1": "none"}
+    for v, through in (("1", "2026-01-03"), ("2", "2026-01-04"), ("3", "2026-01-05")):
+        b = shutil.copytree(tiny_world["bundle"], tmp_path / f"b{v}")
+        info = json.loads((b / "bundle.json").read_text())
+        info["train_dates"] = ["2026-01-01", "2026-01-02"]  # each one's own window ends before its lineage
+        info.setdefault("extra", {})["trained_through"] = through
+        (b / "bundle.json").write_text(json.dumps(info))
+        bundles[v] = b
+
+    class Client:
+        def get_model_version(self, name, version):
+            assert name == "csmf"
+            return _version(version, **{"csmf.parent_model_version": parents[version]})
+
+    monkeypatch.setattr(mlflow, "MlflowClient", Client)
+    monkeypatch.setattr(
+        registry, "resolve_model", lambda ref, home=None: SimpleNamespace(bundle=bundles[ref[-1]])
+    )
+    cfg = build_config(TINY_CONFIG, ["train.mode=incremental"])
+    start = Start(decide_mode(INCREMENTAL, "2026-01-07", 7, {"version": "3", "last_full_date": "2026-01-03",
+                                                                "date": "2026-01-06"}), bundles["3"])  # fmt: skip
+    assert start.incremental and start.decision.parent_version == "3"
+    lines = []
+    got = selection_start(start, "2026-01-05", cfg, tmp_path, lines.append)  # v3 trained on 01-05
+    assert (got.select_bundle, got.select_version, got.select_between) == (
+        bundles["2"],
+        "2",
+        (bundles["3"] / "features",),
+    )
+    assert "continues v2 (trained through 2026-01-04)" in lines[-1] and "the refit continues v3" in lines[-1]
+    got = selection_start(start, "2026-01-04", cfg, tmp_path, lines.append)
+    assert got.select_version == "1" and got.select_between == (
+        bundles["3"] / "features",
+        bundles["2"] / "features",
+    )
+    got = selection_start(start, "2026-01-03", cfg, tmp_path, lines.append)  # v1 is the line's full retrain
+    assert got == start and "a full retrain" in lines[-1] and "continues the starting model" in lines[-1]
+    assert selection_start(start, "2026-01-06", cfg, tmp_path, lines.append) == start  # v3 has not seen 01-06
+    old = build_config(TINY_CONFIG, ["train.mode=incremental", "train.incremental_select_from=start"])
+    assert selection_start(start, "2026-01-05", old, tmp_path, lines.append) == start
+
+
+def test_the_selection_warm_start_loads_its_model_and_the_rows_recycled_since(tiny_world, tmp_path):
+    """`_warm(selection=True)` continues the selection's model (not the run's start), and a row that a
+    later model of the line recycled starts fresh, as a row this run recycles does."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from csmf_core.checkpoint import load_checkpoint
+    from flows.incremental import Start, _warm
+
+    cfg, data = build_config(TINY_CONFIG), tiny_world["data"]
+    older = shutil.copytree(tiny_world["bundle"], tmp_path / "older")
+    model, owners, _ = load_checkpoint(older / "checkpoint")
+    with torch.no_grad():
+        model.user.emb["c_uid"].weight.add_(1.0)  # tell the two models apart
+    shutil.rmtree(older / "checkpoint")
+    save_checkpoint(older / "checkpoint", model, owners)
+    between = tmp_path / "between_features"
+    between.mkdir()
+    n_users = model.user.emb["c_uid"].weight.shape[0]
+    flags = [False] * n_users
+    flags[5] = True  # the line's later model gave user row 5 to a new id
+    pq.write_table(pa.table({"last_seen": pa.array([0] * n_users, pa.int32()), "recycled": flags}),
+                   between / "users_seen.parquet")  # fmt: skip
+    start = Start(decide_mode(INCREMENTAL, "2026-01-07", 7, {"version": "3", "last_full_date": "2026-01-03",
+                                                                "date": "2026-01-06"}), tiny_world["bundle"],
+                  select_bundle=older, select_version="2", select_between=(between,))  # fmt: skip
+    ready = SimpleNamespace(model_ready=tiny_world["mr"])
+    refit_start, _, _ = _warm(start, ready, data, cfg)
+    sel, _, info = _warm(start, ready, data, cfg, selection=True)
+    w_start, w_sel = refit_start.user.emb["c_uid"].weight, sel.user.emb["c_uid"].weight
+    fresh = build_model(data, cfg)[0].user.emb["c_uid"].weight
+    assert torch.equal(w_start, tiny_world["model"].user.emb["c_uid"].weight)
+    rows = [r for r in range(n_users) if r != 5]
+    assert torch.equal(w_sel[rows], model.user.emb["c_uid"].weight[rows])
+    assert torch.equal(w_sel[5], fresh[5]) and not torch.equal(w_sel[5], model.user.emb["c_uid"].weight[5])
+    assert info["user.emb.c_uid.weight"]["recycled"] == 1
