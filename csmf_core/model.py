@@ -189,26 +189,47 @@ def embed_inputs(
     return torch.cat(parts, dim=1)
 
 
+def module_key(name: str) -> str:
+    """A feature or objective name as a torch module key. torch refuses "." in one, and dotted
+    column names are common after flattening nested data ("cat.level1"), so "." is written ":" (which
+    MLflow metric names, built from parameter names, accept); every other name is its own key (the
+    parameter names of existing checkpoints are unchanged)."""
+    return name.replace(".", ":")
+
+
+def _keyed(names: list[str], what: str) -> list[str]:
+    keys = [module_key(n) for n in names]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{what} {names} give the same module name twice once '.' is written ':'")
+    return keys
+
+
 class Tower(nn.Module):
-    """Embeddings (+ mean-pooled sequences) + numeric columns -> MLP -> (B, dim)."""
+    """Embeddings (+ mean-pooled sequences) + numeric columns -> MLP -> (B, dim).
+
+    Row 0 of the id feature's table (the unknown id: no training row has it) starts at zero, so an id
+    coded 0 (unknown to the model, or an item without a training exposure: csmf_core/prep.py) is
+    scored by its other features alone; the other rows start at N(0, 0.1)."""
 
     def __init__(self, spec: TowerSpec, cfg: ModelConfig, gen: torch.Generator):
         super().__init__()
         self.spec = spec
         self.emb = nn.ModuleDict()
-        for name, card in spec.cat:
+        for (name, card), key in zip(spec.cat, _keyed([c for c, _ in spec.cat], "categorical features")):
             d = cfg.id_emb_dim if name == spec.id_feature else cfg.emb_dim
             e = nn.Embedding(int(card), d)
             with torch.no_grad():
                 e.weight.normal_(0.0, 0.1, generator=gen)
-            self.emb[name] = e
+                if name == spec.id_feature:
+                    e.weight[0].zero_()
+            self.emb[key] = e
         self.hist = nn.ModuleDict()
-        for name in spec.hist:
+        for key in _keyed(list(spec.hist), "behaviour sequences"):
             e = nn.Embedding(int(spec.n_items), cfg.hist_emb_dim, padding_idx=0)
             with torch.no_grad():
                 e.weight.normal_(0.0, 0.1, generator=gen)
                 e.weight[0].zero_()
-            self.hist[name] = e
+            self.hist[key] = e
         in_dim = sum(e.embedding_dim for e in self.emb.values())
         in_dim += sum(e.embedding_dim for e in self.hist.values()) + spec.n_num
         widths = [in_dim, *cfg.hidden, cfg.dim]

@@ -118,6 +118,10 @@ def _encode_table(
             old = pl.Series(f, prior.get("values") or [], dtype=values.dtype, strict=False)
             values = pl.concat([old, values.filter(~values.is_in(old.implode()))])
         codes = joined[f].replace_strict(values, range(1, len(values) + 1), default=0, return_dtype=pl.Int32)
+        if f"c_{f}" in cols:  # dataset.yaml's checks refuse it (data_contracts.schema.RESERVED_FEATURES)
+            raise ValueError(
+                f"feature {f!r} of the {id_col} table would overwrite the model-ready column c_{f}"
+            )
         cols[f"c_{f}"] = np.concatenate([[0], codes.fill_null(0).to_numpy()]).astype(np.int32)
         specs.append(
             {"name": f"c_{f}", "kind": "categorical", "cardinality": len(values) + 1, "source": f}
@@ -465,13 +469,17 @@ class Rows:
         return pa.table(etab)
 
     def counts(self, p: Plan) -> np.ndarray:
-        """(2 n_objectives - 1, n_items) int64: positives per item of each objective in the train rows
+        """(2 n_objectives, n_items) int64: positives per item of each objective in the train rows
         (``popularity.parquet``), then, for every objective after the first, its positives before the
         first evaluation day in every partition read for the behaviour histories
-        (``history_counts.parquet``: the log-Q counts of `train.incremental_logq: history`)."""
+        (``history_counts.parquet``: the log-Q counts of `train.incremental_logq: history`), then, last,
+        per item the requests of train rows it is a same-request negative of (``cold_item_codes``).
+        Sums over shards of users are the counts of the whole (csmf_core/prep_sharded.py)."""
         train = [np.bincount(self.t_i[self.flags[:, k]], minlength=p.n_items) for k in range(len(p.names))]
         hist = [self.index[n].count_before(p.eval_start, p.n_items) for n in p.names[1:]]
-        return np.stack(train + hist).astype(np.int64)
+        negs = self.neg_mat[np.unique(self.train_rc)].ravel()
+        as_negative = np.bincount(negs[negs > 0], minlength=p.n_items)
+        return np.stack(train + hist + [as_negative]).astype(np.int64)
 
 
 def build_rows(p: Plan, req: pl.DataFrame, frames: list[pl.DataFrame]) -> Rows:
@@ -505,6 +513,32 @@ def build_rows(p: Plan, req: pl.DataFrame, frames: list[pl.DataFrame]) -> Rows:
     )
 
 
+def cold_item_codes(p: Plan, counts: np.ndarray) -> pl.DataFrame:
+    """``p.items_tab`` with id code 0 for every item the window does not train: no train row (no
+    exposure) and no same-request negative (`Rows.counts`' last row). Such an item's own id-embedding
+    row would never get a gradient and keep its random start, which then ranks it anywhere in the
+    whole-catalog retrieval, above the trained items as often as not (a catalog listing many items
+    never shown: items.parquet 5,000 rows beyond the events' 300 took the tiny world's exposure
+    Recall@50 from 0.49 to 0.15). Coded 0, its id embedding is row 0, which starts at zero
+    (csmf_core/model.py), and it is scored by its other features. An item a base model trained (its code
+    there not 0, its row not recycled since) keeps its code: its row holds what it learned. Ids keep
+    their rows (csmf_core/idmap.py); only the id feature's code changes."""
+    trained = (counts[0] > 0) | (counts[-1] > 0)
+    if p.base is not None and p.base.source:
+        base_codes = pq.read_table(Path(p.base.source) / "items.parquet", columns=["c_iid"])[
+            "c_iid"
+        ].to_numpy()
+        known = np.zeros(len(trained), bool)
+        n = min(len(base_codes), len(trained))
+        known[:n] = base_codes[:n] != 0
+        known[1:][p.maps["items"].recycled] = False
+        trained |= known
+    trained[0] = False
+    codes = p.items_tab["c_iid"].to_numpy()
+    p.maps["items"].stats["untrained"] = int(len(codes) - 1 - trained[1:].sum())
+    return p.items_tab.with_columns(pl.Series("c_iid", np.where(trained, codes, 0).astype(codes.dtype)))
+
+
 def write_outputs(
     p: Plan,
     tmp: Path,
@@ -515,7 +549,8 @@ def write_outputs(
     n_train: int,
 ) -> dict:
     """Write users/items, the train parts (``train_tables``: an iterable of pa.Table, one per part),
-    eval, popularity and meta.json into ``tmp``; returns the meta dict."""
+    eval, popularity and meta.json into ``tmp``; returns the meta dict. ``counts``: `Rows.counts`."""
+    p.items_tab = cold_item_codes(p, counts)
     p.users_tab.write_parquet(tmp / "users.parquet")
     p.items_tab.write_parquet(tmp / "items.parquet")
     for side, name in SEEN_FILES.items():

@@ -34,6 +34,10 @@ EVENTS_DIR = "events"
 USER_ID = "user_id"
 ITEM_ID = "item_id"
 KEY_COLUMNS = ("request_id", USER_ID, ITEM_ID, "ts")
+# A feature column f of a users / items table becomes the model-ready column c_f (categorical) or n_f
+# (numeric); the row id of each table is c_uid / c_iid, so a categorical feature named like this would
+# overwrite it (and inference never picks such a column).
+RESERVED_FEATURES = {USER_ID: "uid", ITEM_ID: "iid"}
 # Time zone spellings that all mean UTC (polars normalises "+00:00" to "UTC" on read).
 UTC_NAMES = frozenset({"UTC", "Etc/UTC", "+00:00", "Z", "GMT", "Etc/GMT"})
 
@@ -140,6 +144,12 @@ def _parse_table_features(where: str, data: Any, id_column: str, errors: list[st
         errors.append(f"{where}: columns listed as both categorical and numeric: {both}")
     if id_column in tf.columns:
         errors.append(f"{where}: {id_column} is the key, not a feature; remove it from the lists")
+    reserved = RESERVED_FEATURES.get(id_column)
+    if reserved in tf.categorical:
+        errors.append(
+            f"{where}: a categorical feature named {reserved!r} would take the name of the model's row-id "
+            f"column (c_{reserved}); rename the column in the table (and here), or remove it from the lists"
+        )
     return tf
 
 
@@ -294,9 +304,12 @@ def infer_features(table: pl.DataFrame | pl.LazyFrame, id_column: str) -> dict[s
     """The feature lists of a users/items table whose dataset.yaml lists none, as prep reads it
     (`table` with one row per id; a LazyFrame reads only the integer columns' values):
     {"categorical": [...], "numeric": [...]} in column order, by `inferred_feature_kind`; an integer
-    column is categorical with at most INT_CATEGORICAL_MAX_DISTINCT distinct values, numeric above."""
+    column is categorical with at most INT_CATEGORICAL_MAX_DISTINCT distinct values, numeric above. A
+    column named as the table's row-id column would be encoded (`RESERVED_FEATURES`, e.g. `uid` in
+    users.parquet) is not a feature: list the features in dataset.yaml to use it under another name."""
     schema = table.collect_schema() if isinstance(table, pl.LazyFrame) else table.schema
-    kinds = {n: inferred_feature_kind(d) for n, d in schema.items() if n != id_column}
+    skip = {id_column, RESERVED_FEATURES.get(id_column)}  # (a column named like the row id's: not inferred)
+    kinds = {n: inferred_feature_kind(d) for n, d in schema.items() if n not in skip}
     ints = [n for n, k in kinds.items() if k == "integer"]
     distinct: dict[str, int] = {}
     if ints:

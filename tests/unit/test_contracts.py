@@ -137,6 +137,30 @@ def test_spec_rejects_unknown_keys_and_lists_every_problem():
         parse_spec({**SPEC, "features": {"users": {"text": ["bio"]}}})
 
 
+def test_a_feature_named_like_the_row_id_column_is_refused_or_not_inferred():
+    """A users column `uid` (an items column `iid`) listed as a feature became the model-ready column
+    c_uid, the row id's: the cascade trained with the user-id embedding replaced by that feature and
+    only build_index failed, blaming the config. dataset.yaml refuses it; inference leaves it out."""
+    with pytest.raises(
+        SpecError, match=r"features.users: a categorical feature named 'uid' would take .*\(c_uid\)"
+    ):
+        parse_spec({**SPEC, "features": {"users": {"categorical": ["uid"]}}})
+    with pytest.raises(SpecError, match=r"features.items: a categorical feature named 'iid'"):
+        parse_spec({**SPEC, "features": {"items": {"categorical": ["iid"]}}})
+    # numeric ones become n_uid / n_iid, and the other table's name is free
+    parse_spec(
+        {
+            **SPEC,
+            "features": {
+                "users": {"categorical": ["iid"], "numeric": ["uid"]},
+                "items": {"categorical": ["uid"]},
+            },
+        }
+    )
+    users = pl.DataFrame({"user_id": [1, 2], "uid": [7, 8], "age": ["a", "b"]})
+    assert infer_features(users, "user_id") == {"categorical": ["age"], "numeric": []}
+
+
 def test_spec_without_features_and_write_refuses_invalid(tmp_path):
     spec = parse_spec({k: v for k, v in SPEC.items() if k != "features"})
     assert spec.features is None

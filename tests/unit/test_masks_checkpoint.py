@@ -97,3 +97,25 @@ def test_n_stages_is_a_setting():
         assert x.shape == (1, 8)
     with pytest.raises(ValueError, match="at least 2"):
         TwoTower(us, its, ModelConfig(dim=8, hidden=(8,)), 1)
+
+
+def test_a_dotted_feature_name_trains_and_round_trips(tmp_path):
+    """torch refuses "." in a module name, so a categorical column "cat.level1" (common after flattening
+    nested data) crashed every run at build_model. Its table is keyed "c_cat:level1" (MLflow metric
+    names, built from parameter names, accept ":"); two names that would meet are refused."""
+    from csmf_core.model import TowerInputs
+
+    us = TowerSpec(cat=(("c_uid", 5),), id_feature="c_uid")
+    its = TowerSpec(cat=(("c_iid", 5), ("c_cat.level1", 3)), id_feature="c_iid")
+    m = TwoTower(us, its, ModelConfig(dim=8, hidden=(8,)), 2)
+    assert "item.emb.c_cat:level1.weight" in dict(m.named_parameters())
+    own = UnitOwners.initial(m, ("a", "b"))
+    m.set_owners(param_owners(m, own))
+    x = TowerInputs(torch.tensor([[1, 2], [3, 0]]), torch.zeros(2, 0))
+    before = m.item_vectors(x, 1)
+    save_checkpoint(tmp_path / "ck", m, own)
+    back, _, _ = load_checkpoint(tmp_path / "ck")
+    assert torch.equal(back.item_vectors(x, 1), before)
+    clash = TowerSpec(cat=(("c_iid", 5), ("c_a.b", 3), ("c_a:b", 3)), id_feature="c_iid")
+    with pytest.raises(ValueError, match="same module name twice"):
+        TwoTower(us, clash, ModelConfig(dim=8, hidden=(8,)), 2)
