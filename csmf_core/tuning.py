@@ -325,16 +325,21 @@ def refit_config(cfg: CSMFConfig, result: TrialResult) -> CSMFConfig:
     )
 
 
-def describe(space: list[Param]) -> list[dict]:
-    """One row per parameter, for the tune report."""
+def describe(space: list[Param], n_stages: int | None = None) -> list[dict]:
+    """One row per parameter, for the tune report. n_stages: the cascade's stages, every one of which a
+    `per_stage` range samples (the last range repeats for stages past the list, as `sample` does)."""
     rows = []
     for p in space:
+        stages = max(n_stages or 0, len(p.ranges or ()))
         rng = (
             f"{p.low:g} .. {p.high:g}{' (log)' if p.log else ''}"
             if p.kind in ("float", "int")
             else ", ".join(map(str, p.choices))
             if p.kind == "categorical"
-            else "; ".join(f"stage {t}: {lo} .. {hi}" for t, (lo, hi) in enumerate(p.ranges))
+            else "; ".join(
+                f"stage {t}: {lo} .. {hi}"
+                for t, (lo, hi) in ((t, p.ranges[min(t, len(p.ranges) - 1)]) for t in range(stages))
+            )
         )
         when = ", ".join(f"{k} = {v}" for k, v in p.when)
         rows.append({"parameter": p.key, "kind": p.kind, "range": rng, "when": when})

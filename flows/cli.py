@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -423,10 +424,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
         )
     print(out["report"])
     flag = home_flag(home)
+    # the tune's own --set (what its trials ran with: only searched keys among them are in the file)
+    sets = "".join(f" --set {shlex.quote(o)}" for o in args.set)
     apply = (
-        f"apply it with: csmf run{flag} --data {args.data} --tuned {out['config_path']}"
+        f"apply it with: csmf run{flag} --data {args.data}{sets} --tuned {out['config_path']}"
         if args.out
-        else f"a daily run on this home applies it: csmf run{flag} --data {args.data}"
+        else f"a daily run on this home applies it: csmf run{flag} --data {args.data}{sets}"
     )
     print(
         f"tuned config: {out['config_path']} (best trial {out['best_trial']}, validation score "
@@ -487,20 +490,20 @@ def summarize_run(result: dict, k: int = 50, home: Path | None = None) -> str:
     """The end-of-run message: where the run is, how to look at it, and the final metrics at K=k."""
     from csmf_core.serving import summary_table
 
+    from flows.reporting import gate_verdict
+
     uri = result.get("tracking_uri") or tracking_uri()
     flag = home_flag(home) if home is not None else ""
+    gate = result.get("gate")
+    # no champion at all: recommend's default (the champion) would fail, so name this run's version
+    model = f" --model models:/csmf/{result['model_version']}" if (
+        gate and gate.get("champion_version") is None and result.get("model_version")
+    ) else ""  # fmt: skip
     lines = [
         "",
         f"MLflow run:        {result['mlflow_run_id']}  (experiment {result.get('experiment', '?')})",
         f"Registered model:  csmf version {result.get('model_version', '?')}",
-        *(
-            [
-                f"Gate:              {'promoted to champion' if g.get('promoted') else 'champion kept'} "
-                f"(champion: v{g.get('champion_version')}): {g.get('reason', '')}"
-            ]
-            if (g := result.get("gate"))
-            else []
-        ),
+        *([f"Gate:              {gate_verdict(gate)}: {gate.get('reason', '')}"] if gate else []),
         *(
             [f"Resumed stages:    {', '.join(result['resumed_stages'])} (identical inputs, earlier run)"]
             if result.get("resumed_stages")
@@ -510,7 +513,7 @@ def summarize_run(result: dict, k: int = 50, home: Path | None = None) -> str:
         f"Tracking store:    {uri}",
         f"Open the UI:       csmf ui{flag}   (then http://127.0.0.1:5000)   or: "
         f"mlflow ui --backend-store-uri {uri}",
-        f"Try the model:     csmf recommend{flag} --user-id <id> --k 10",
+        f"Try the model:     csmf recommend{flag}{model} --user-id <id> --k 10",
         "",
         summary_table(result["metrics"], k)
         if result.get("metrics")
@@ -810,6 +813,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `csmf recommend ... | head`: the reader has gone, which is not an error
+        # Python would report the same on flushing stdout at exit: point it at /dev/null first
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a process ended by SIGPIPE (128 + 13)
     except Exception as exc:
         if debug or not _is_user_error(exc):
             raise  # a bug, not a usage problem: keep the traceback

@@ -249,6 +249,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ks = tuple(args.k) if args.k else load_config(rec.bundle_dir / "config.yaml").eval.ks
     with Progress(f"validating {data} up to {date}"):
         validate_dataset(data, dates=train + [date]).raise_if_errors()
+    from data_contracts import load_spec
+
+    names = [o.name for o in load_spec(data).objectives]
+    if names != list(rec.objectives):  # said of the dataset given, before a temporary preparation of it
+        raise ValueError(
+            f"{data}/dataset.yaml has objectives {names}, the model {rec.bundle_dir} {list(rec.objectives)}: "
+            "evaluate a model on data with its objectives"
+        )
     meta = json.loads((rec.bundle_dir / "features" / "meta.json").read_text())
     for line in evaluation_notes(rec, meta, data, date):
         print(f"csmf evaluate: {line}", file=sys.stderr)

@@ -255,17 +255,27 @@ def log_cascade(tracker: Tracker, rows: list[dict], objectives: list[str], k: in
 
 
 # ---- the flow run's summary (Prefect artifact csmf-summary) ---------------------------------------------
+def gate_verdict(gate: dict) -> str:
+    """The gate's decision in a few words (the flow's `gate` result): promoted, the champion kept, or
+    not promoted with no champion at all (a first model the evaluation days could not measure)."""
+    champ = gate.get("champion_version")
+    if gate.get("promoted"):
+        return f"promoted to champion (champion: v{champ})"
+    if champ is None:
+        return "not promoted (no champion yet)"
+    return f"champion kept (champion: v{champ})"
+
+
 def run_summary(result: dict, k: int, date: str) -> str:
     """Markdown summary of a daily flow run (its `publish` result): model version, gate decision,
     the metrics at K = k against popularity, and where the details are."""
     from csmf_core.metrics import md_cell
 
     gate = result.get("gate") or {}
-    verdict = "promoted to champion" if gate.get("promoted") else "champion kept"
     lines = [
         f"## csmf-daily {date}: model version {result.get('model_version', '?')}",
         "",
-        f"**Gate: {verdict}** (champion: v{gate.get('champion_version')}). {gate.get('reason', '')}",
+        f"**Gate: {gate_verdict(gate)}**. {gate.get('reason', '')}",
         "",
         f"Recall@{k} / nDCG@{k} on the evaluation day(s):",
         "",

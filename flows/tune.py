@@ -311,7 +311,10 @@ def prepare_tune_data(home: Path, dataset: Path, date: str | None, base: CSMFCon
         processes=base.train.processes,
     )
     if v == 0:
-        raise ConfigError(f"cannot tune: {why}; tuning needs validation days inside the training window")
+        raise ConfigError(
+            f"cannot tune: {why}; tuning needs validation days inside the training window (--set "
+            "data.val_days=1 holds out the last training day)"
+        )
     check_objectives(base, spec.objective_names)  # one fused weight each, before any work
     history = [d for d in window.validate_dates if d <= window.train_dates[-1]]
     report = validate_dataset(dataset, dates=history)
@@ -361,7 +364,8 @@ def open_tune_run(root: Path, td: TuneData, base, search, name, trials, seed) ->
         tracking_uri=uri,
     )
     parent.log_params({"tune.trials": trials, "tune.seed": seed, "tune.val_days": td.val_days, **base.flat()})
-    parent.log_table(describe(search), "tune/search_space.json")
+    n_stages = len(json.loads((td.model_ready / "meta.json").read_text())["objectives"])
+    parent.log_table(describe(search, n_stages), "tune/search_space.json")
     return parent
 
 
@@ -527,7 +531,7 @@ def render_report(study, best, tuned, importances, td: TuneData, search) -> str:
     lines += ["", "Search space:", "", "| parameter | kind | range | when |", "|---|---|---|---|"]
     lines += [
         "| " + " | ".join(md_cell(r[c]) for c in ("parameter", "kind", "range", "when")) + " |"
-        for r in describe(search)
+        for r in describe(search, len(best.user_attrs.get("epochs") or []) or None)
     ]
     return "\n".join(lines) + "\n"
 

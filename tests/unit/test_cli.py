@@ -176,6 +176,24 @@ def test_evaluate_command(tiny_world, capsys):
     assert "Model minus popularity" in out and "| click | fused | recall@50 |" in out
 
 
+def test_evaluate_on_data_with_other_objectives_names_the_data(tiny_world, tmp_path, capsys):
+    """The refusal named the temporary model-ready copy (/tmp/csmf-eval-.../mr), not the data given."""
+    import shutil
+
+    import yaml
+
+    other = shutil.copytree(tiny_world["ds"], tmp_path / "two")
+    spec = yaml.safe_load((other / "dataset.yaml").read_text())
+    spec["objectives"] = spec["objectives"][:2]
+    (other / "dataset.yaml").write_text(yaml.safe_dump(spec))
+    assert cli.main(["evaluate", "--model", str(tiny_world["bundle"]), "--data", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"{other}/dataset.yaml has objectives ['exposure', 'click'], the model" in err
+        and "csmf-eval" not in err
+    )
+
+
 def _fake_pipeline(monkeypatch, calls: list):
     def csmf_daily(**kwargs):
         calls.append({"kwargs": kwargs, "env": {k: os.environ.get(k) for k in ENV}})
@@ -861,3 +879,21 @@ def test_daily_run_name_names_the_day_the_run_evaluates(tmp_path, monkeypatch):
     assert name(config=str(conf)) == "csmf-daily-2026-01-03"
     assert name(date="2026-01-02", overrides=["data.eval_days=3"]) == "csmf-daily-2026-01-02"
     assert name(overrides=["data.eval_days=oops"]) == "csmf-daily-latest"  # the flow names the error
+
+
+def test_the_run_summary_says_when_no_model_is_champion(tmp_path):
+    """A first model the gate did not promote was summarised as `champion kept (champion: vNone)`, and
+    the hint `csmf recommend --user-id <id>` then failed (no champion to serve)."""
+    from flows.reporting import gate_verdict, run_summary
+
+    base = {"mlflow_run_id": "r", "tracking_uri": "sqlite:///x", "model_version": "1"}
+    none = {"promoted": False, "champion_version": None, "reason": "the evaluation data cannot measure it"}
+    text = cli.summarize_run({**base, "gate": none}, 50, tmp_path / ".csmf")
+    assert "Gate:              not promoted (no champion yet): the evaluation data" in text
+    assert "csmf recommend --home" in text and "--model models:/csmf/1 --user-id <id>" in text
+    assert "vNone" not in run_summary({**base, "gate": none}, 50, "2026-01-06")
+    kept = {"promoted": False, "champion_version": "3"}
+    assert gate_verdict(kept) == "champion kept (champion: v3)"
+    assert gate_verdict({"promoted": True, "champion_version": "4"}) == "promoted to champion (champion: v4)"
+    text = cli.summarize_run({**base, "gate": kept}, 50, tmp_path / ".csmf")
+    assert "--model" not in text  # the champion serves

@@ -240,3 +240,14 @@ def test_settle_tuned_finds_applies_or_drops_the_tuned_config(tmp_path, tiny_wor
     with pytest.raises(ConfigError, match="whose labels that choice has seen"):
         settle_tuned(home, ds, str(tuned), None, [], day("2026-01-05"))
     assert settle_tuned(home, ds, "none", None, [], day("2026-01-05"))[::2] == (None, "")
+
+
+def test_the_search_space_table_lists_every_stage_sampled():
+    """A 4-objective dataset samples train.epochs.3 (the last range repeats), but the report's table
+    listed stages 0-2 only."""
+    from csmf_core.tuning import Param, describe
+
+    p = Param("train.epochs", "per_stage", ranges=((1, 6), (1, 10), (1, 16)))
+    assert describe([p])[0]["range"] == "stage 0: 1 .. 6; stage 1: 1 .. 10; stage 2: 1 .. 16"
+    assert describe([p], 4)[0]["range"].endswith("stage 2: 1 .. 16; stage 3: 1 .. 16")
+    assert describe([p], 2)[0]["range"].count("stage") == 3  # a list longer than the stages: as given
