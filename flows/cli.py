@@ -489,7 +489,6 @@ def _run_console(args: argparse.Namespace):
 def summarize_run(result: dict, k: int = 50, home: Path | None = None) -> str:
     """The end-of-run message: where the run is, how to look at it, and the final metrics at K=k."""
     from csmf_core.serving import summary_table
-
     from flows.reporting import gate_verdict
 
     uri = result.get("tracking_uri") or tracking_uri()
