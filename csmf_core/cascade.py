@@ -109,6 +109,14 @@ def plan(objectives: list[str], cfg: CSMFConfig) -> list[Step]:
     return steps
 
 
+def apply_threads(cfg: CSMFConfig) -> None:
+    """`train.threads` > 0: torch's intra-op threads in this process, set by everything that trains or
+    scores (0 leaves torch's own setting). Process-wide: each training task sets it, so none runs with
+    what an earlier task or the process's start left (two runs side by side each on its share)."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+
+
 def build_model(data: CascadeData, cfg: CSMFConfig) -> tuple[TwoTower, UnitOwners]:
     """A fresh model with every unit owned by stage 0, on the device of `data.tables`.
 
@@ -191,8 +199,7 @@ def run_cascade(
     after_step: Callable[[StepReport, TwoTower, UnitOwners], None] | None = None,
 ) -> tuple[TwoTower, UnitOwners, list[StepReport]]:
     """Run the whole plan in memory, calling `after_step(report, model, owners)` after each step."""
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    apply_threads(cfg)
     model, owners = build_model(data, cfg)
     reports = []
     for step in plan(data.objectives, cfg):

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from csmf_core.cascade import Step, StepReport, load_cascade_data, run_step
+from csmf_core.cascade import Step, StepReport, apply_threads, load_cascade_data, run_step
 from csmf_core.checkpoint import load_checkpoint, save_checkpoint
 from csmf_core.config import CSMFConfig, build_config
 from csmf_core.masks import UnitOwners
@@ -83,8 +83,7 @@ def worker(args: argparse.Namespace) -> int:
     device = _device(cfg, local_rank)
     if device.startswith("cuda"):
         torch.cuda.set_device(local_rank)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    apply_threads(cfg)
     backend = resolve_backend(cfg.train.dist_backend, device)
     dist.init_process_group(backend, rank=rank, world_size=world)
     out = Path(args.out)

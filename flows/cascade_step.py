@@ -29,11 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from csmf_core.cascade import CascadeData, Step, StepReport, build_model, plan, run_step
+from csmf_core.cascade import CascadeData, Step, StepReport, apply_threads, build_model, plan, run_step
 from csmf_core.checkpoint import load_checkpoint, save_checkpoint
 from csmf_core.config import CSMFConfig
 from csmf_core.distributed import run_step_distributed
@@ -160,8 +159,7 @@ def _inputs(
     """The run's data and the model to continue (the previous checkpoint, or a fresh model for the
     first step), both on the run's device. With train.processes > 1 the torchrun ranks read the train
     rows themselves, so this process loads only what evaluation needs."""
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    apply_threads(cfg)
     data = loaded_data(ready.model_ready, cfg, load_train=cfg.train.processes == 1)
     if previous is None:
         model, owners = build_model(data, cfg)

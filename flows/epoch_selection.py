@@ -31,7 +31,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from csmf_core.cascade import load_cascade_data
+from csmf_core.cascade import apply_threads, load_cascade_data
 from csmf_core.checkpoint import load_checkpoint
 from csmf_core.config import CSMFConfig
 from csmf_core.selection import PAPER_WEIGHTS, choose_weights
@@ -60,10 +60,7 @@ def select_on_validation(ready: Ingested, cfg: CSMFConfig, run: RunContext) -> C
             tracker.log_metrics(hit["metrics"])
         logger.info("select: resumed from MLflow run %s (%s)", hit["source_run"], chosen["why"])
         return _finish(run, cfg, chosen)
-    if cfg.train.threads:
-        import torch
-
-        torch.set_num_threads(cfg.train.threads)
+    apply_threads(cfg)
     data = load_cascade_data(
         ready.model_ready,
         val_days=cfg.data.val_days,

@@ -26,7 +26,7 @@ import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from csmf_core.cascade import Step, load_cascade_data, run_step
+from csmf_core.cascade import Step, apply_threads, load_cascade_data, run_step
 from csmf_core.config import CSMFConfig, build_config
 from csmf_core.idmap import read_recycled
 from csmf_core.incremental import (
@@ -359,6 +359,7 @@ def select_incremental(ready: Ingested, cfg: CSMFConfig, run: RunContext, start:
     """The epochs of each incremental step, chosen on the validation day(s) by a selection pass from
     the starting model (csmf_core/incremental.py); the config of the refit."""
     logger = get_run_logger()
+    apply_threads(cfg)  # (before 2026-12-05 the selection pass ran with the process's threads)
     v = val_days_for(cfg.data.val_days)
     if v == 0:
         logger.info("incremental: data.val_days=0, training train.epochs %s", list(cfg.train.epochs))
@@ -445,10 +446,7 @@ def incremental_step(
     from csmf_core.checkpoint import load_checkpoint
 
     logger = get_run_logger()
-    if cfg.train.threads:
-        import torch
-
-        torch.set_num_threads(cfg.train.threads)
+    apply_threads(cfg)
     data = load_cascade_data(
         ready.model_ready,
         val_days=0,

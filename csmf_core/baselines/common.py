@@ -357,12 +357,6 @@ def two_tower_encode(user_fn: Encoder, item_fn: Encoder, served: Sequence[str]) 
     return encode
 
 
-def set_threads(cfg: CSMFConfig) -> None:
-    """Apply train.threads (0 = leave torch's setting)."""
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-
-
 def train_plain_two_tower(
     data: CascadeData,
     cfg: CSMFConfig,

@@ -24,8 +24,8 @@ import time
 import torch
 
 from csmf_core.baselines.base import MethodResult
-from csmf_core.baselines.common import OnStep, count_params, set_threads, with_seed
-from csmf_core.cascade import CascadeData, build_model, plan, run_step
+from csmf_core.baselines.common import OnStep, count_params, with_seed
+from csmf_core.cascade import CascadeData, apply_threads, build_model, plan, run_step
 from csmf_core.config import CSMFConfig
 from csmf_core.evaluate import item_matrix, user_matrix
 from csmf_core.fusion import mode_queries
@@ -49,7 +49,7 @@ def train_csmf(
 ) -> TrainedCSMF:
     """Run the whole cascade with seed `seed` and build the per-objective vectors."""
     cfg = with_seed(cfg, seed)
-    set_threads(cfg)
+    apply_threads(cfg)
     t0 = time.perf_counter()
     model, owners = build_model(data, cfg)
     steps, infos = 0, {}

@@ -53,13 +53,12 @@ from csmf_core.baselines.common import (
     encode_eval_users,
     make_tower,
     scores_loss,
-    set_threads,
     users_of,
     with_seed,
 )
 from csmf_core.baselines.distill import train_distilled
 from csmf_core.baselines.multitask import MLP, FeatureEmbedding
-from csmf_core.cascade import CascadeData
+from csmf_core.cascade import CascadeData, apply_threads
 from csmf_core.config import CSMFConfig, ModelConfig
 from csmf_core.evaluate import EvalRows, encode_items
 from csmf_core.model import TowerInputs, TowerSpec
@@ -138,7 +137,7 @@ def fit(
 ) -> MethodResult:
     """Train the MoE teacher and the three-tower student jointly; serve the student."""
     cfg = with_seed(cfg, seed)
-    set_threads(cfg)
+    apply_threads(cfg)
     t0 = time.perf_counter()
     n = len(data.objectives)
     served = data.objectives[1:]

@@ -50,13 +50,12 @@ from csmf_core.baselines.common import (
     count_params,
     make_tower,
     scores_loss,
-    set_threads,
     users_of,
     with_seed,
 )
 from csmf_core.baselines.distill import train_distilled
 from csmf_core.baselines.multitask import MLP, FeatureEmbedding
-from csmf_core.cascade import CascadeData
+from csmf_core.cascade import CascadeData, apply_threads
 from csmf_core.config import CSMFConfig, ModelConfig
 from csmf_core.evaluate import EvalRows, encode_items
 from csmf_core.model import TowerInputs, TowerSpec
@@ -102,7 +101,7 @@ def fit(
 ) -> MethodResult:
     """Train teacher and student jointly; serve the student's per-objective vectors (objectives 1..T-1)."""
     cfg = with_seed(cfg, seed)
-    set_threads(cfg)
+    apply_threads(cfg)
     t0 = time.perf_counter()
     n = len(data.objectives)
     served = data.objectives[1:]

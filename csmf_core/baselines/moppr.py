@@ -47,14 +47,13 @@ from csmf_core.baselines.common import (
     PlainTwoTower,
     batch_scores,
     count_params,
-    set_threads,
     stage_log_q,
     train_loop,
     two_tower_encode,
     uses_request_negatives,
     with_seed,
 )
-from csmf_core.cascade import CascadeData
+from csmf_core.cascade import CascadeData, apply_threads
 from csmf_core.config import CSMFConfig
 from csmf_core.losses import NEG_INF
 from csmf_core.rows import TrainRows
@@ -147,7 +146,7 @@ def fit(
 ) -> MethodResult:
     """Train one two-tower model with the graded page-view softmax; one vector serves every objective."""
     cfg = with_seed(cfg, seed)
-    set_threads(cfg)
+    apply_threads(cfg)
     t0 = time.perf_counter()
     rows = data.rows
     starts, lengths = page_views(rows)

@@ -48,12 +48,11 @@ from csmf_core.baselines.common import (
     Vectors,
     count_params,
     make_tower,
-    set_threads,
     users_of,
     with_seed,
 )
 from csmf_core.baselines.multitask import MLP, FeatureEmbedding, train_objective_towers
-from csmf_core.cascade import CascadeData
+from csmf_core.cascade import CascadeData, apply_threads
 from csmf_core.config import CSMFConfig, ModelConfig
 from csmf_core.evaluate import EvalRows, encode_items
 from csmf_core.model import TowerInputs, TowerSpec
@@ -104,7 +103,7 @@ def fit(
 ) -> MethodResult:
     """Train MVKE jointly on every objective; serve a K*d user vector and a K*d item vector per task."""
     cfg = with_seed(cfg, seed)
-    set_threads(cfg)
+    apply_threads(cfg)
     t0 = time.perf_counter()
     n = len(data.objectives)
     model = MVKE(data.user_spec, data.item_spec, cfg.model, n, seed=seed, k=N_EXPERTS)

@@ -51,10 +51,10 @@ from torch import nn
 
 from csmf_core.baselines import METHODS
 from csmf_core.baselines.base import MethodResult
-from csmf_core.baselines.common import Encode, EpochHook, OnStep, Vectors, set_threads, with_seed
+from csmf_core.baselines.common import Encode, EpochHook, OnStep, Vectors, with_seed
 from csmf_core.baselines.csmf import VARIANTS, train_csmf, variant_config
 from csmf_core.baselines.serving_cost import fused_vectors
-from csmf_core.cascade import CascadeData, load_cascade_data
+from csmf_core.cascade import CascadeData, apply_threads, load_cascade_data
 from csmf_core.config import CSMFConfig
 from csmf_core.evaluate import EvalRows
 from csmf_core.metrics import TopKCache, popularity_topk, recall_ndcg
@@ -327,7 +327,7 @@ def _popularity_recall(counts: np.ndarray, rel, k: int) -> float:
 def _csmf_selection(name: str, data_val: CascadeData, cfg: CSMFConfig, seed: int, on_step: OnStep):
     """CSMF or an ablation: `tuning.run_trial` (weights auto) and the refit config it implies."""
     c = variant_config(name, with_seed(cfg, seed))
-    set_threads(c)
+    apply_threads(c)
     steps = 0
 
     def counted(_: int, loss: float) -> None:  # run_step numbers each step's own steps from 1

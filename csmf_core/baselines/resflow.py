@@ -44,12 +44,11 @@ from csmf_core.baselines.common import (
     OnStep,
     Vectors,
     count_params,
-    set_threads,
     users_of,
     with_seed,
 )
 from csmf_core.baselines.multitask import MLP, FeatureEmbedding, train_objective_towers
-from csmf_core.cascade import CascadeData
+from csmf_core.cascade import CascadeData, apply_threads
 from csmf_core.config import CSMFConfig, ModelConfig
 from csmf_core.evaluate import EvalRows, encode_items
 from csmf_core.model import TowerInputs, TowerSpec
@@ -115,7 +114,7 @@ def fit(
 ) -> MethodResult:
     """Train ResFlow jointly on every objective; task t's retrieval vector is the prefix [r_0..r_t]."""
     cfg = with_seed(cfg, seed)
-    set_threads(cfg)
+    apply_threads(cfg)
     t0 = time.perf_counter()
     n = len(data.objectives)
     model = ResFlowRetrieval(data.user_spec, data.item_spec, cfg.model, n, seed=seed)

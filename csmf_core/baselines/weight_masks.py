@@ -40,14 +40,13 @@ from csmf_core.baselines.common import (
     RowItems,
     Vectors,
     count_params,
-    set_threads,
     stage_log_q,
     train_loop,
     users_of,
     uses_request_negatives,
     with_seed,
 )
-from csmf_core.cascade import CascadeData
+from csmf_core.cascade import CascadeData, apply_threads
 from csmf_core.config import CSMFConfig
 from csmf_core.cpp import select_pruned
 from csmf_core.evaluate import EvalRows, encode_items
@@ -266,7 +265,7 @@ def fit(
     # this variant has always trained without weight decay (its figures); the masked optimiser step
     # (csmf_core.optim) would decay only the stage's own entries
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, weight_decay=0.0))
-    set_threads(cfg)
+    apply_threads(cfg)
     t0 = time.perf_counter()
     n = len(data.objectives)
     model = TwoTower(data.user_spec, data.item_spec, cfg.model, n)

@@ -23,12 +23,11 @@ from csmf_core.baselines.common import (
     EpochHook,
     OnStep,
     count_params,
-    set_threads,
     train_plain_two_tower,
     two_tower_encode,
     with_seed,
 )
-from csmf_core.cascade import CascadeData
+from csmf_core.cascade import CascadeData, apply_threads
 from csmf_core.config import CSMFConfig
 from csmf_core.losses import item_log_q
 from csmf_core.rows import TrainRows
@@ -45,7 +44,7 @@ def fit(
 ) -> MethodResult:
     """Train one plain two-tower model on the mixed later-objective positives; serve it for all of them."""
     cfg = with_seed(cfg, seed)
-    set_threads(cfg)
+    apply_threads(cfg)
     t0 = time.perf_counter()
     served = data.objectives[1:]
     counts = sum(torch.as_tensor(data.log_q_counts(t)).double() for t in range(1, len(data.objectives)))

@@ -23,13 +23,12 @@ from csmf_core.baselines.common import (
     OnStep,
     Vectors,
     count_params,
-    set_threads,
     stage_log_q,
     train_plain_two_tower,
     two_tower_encode,
     with_seed,
 )
-from csmf_core.cascade import CascadeData
+from csmf_core.cascade import CascadeData, apply_threads
 from csmf_core.config import CSMFConfig
 from csmf_core.evaluate import EvalRows
 from csmf_core.rows import FeatureTables
@@ -40,7 +39,7 @@ def fit(
 ) -> MethodResult:
     """Train one plain two-tower model per objective in data.objectives."""
     cfg = with_seed(cfg, seed)
-    set_threads(cfg)
+    apply_threads(cfg)
     t0 = time.perf_counter()
     encoders, info, n_params, steps = [], {}, 0, 0
     for t, o in enumerate(data.objectives):
