@@ -520,9 +520,13 @@ def cold_item_codes(p: Plan, counts: np.ndarray) -> pl.DataFrame:
     whole-catalog retrieval, above the trained items as often as not (a catalog listing many items
     never shown: items.parquet 5,000 rows beyond the events' 300 took the tiny world's exposure
     Recall@50 from 0.49 to 0.15). Coded 0, its id embedding is row 0, which starts at zero
-    (csmf_core/model.py), and it is scored by its other features. An item a base model trained (its code
-    there not 0, its row not recycled since) keeps its code: its row holds what it learned. Ids keep
-    their rows (csmf_core/idmap.py); only the id feature's code changes."""
+    (csmf_core/model.py), and it is scored by its other features. With `model.id_buckets` its bucket's
+    row may be trained by other items; it is coded 0 all the same (not scored as those items). An item
+    a base model trained (its code there not 0, its row not recycled since) keeps its code: its row
+    holds what it learned. A base prepared before this rule (2026-12-05) coded every item, so a line
+    started then keeps every code it had until its next full retrain. Ids keep their rows
+    (csmf_core/idmap.py); only the id feature's code changes. With `loss.request_negatives: none` a
+    same-request negative gets no gradient, but counts as trained here (prep does not read the loss)."""
     trained = (counts[0] > 0) | (counts[-1] > 0)
     if p.base is not None and p.base.source:
         base_codes = pq.read_table(Path(p.base.source) / "items.parquet", columns=["c_iid"])[

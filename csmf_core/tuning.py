@@ -327,10 +327,11 @@ def refit_config(cfg: CSMFConfig, result: TrialResult) -> CSMFConfig:
 
 def describe(space: list[Param], n_stages: int | None = None) -> list[dict]:
     """One row per parameter, for the tune report. n_stages: the cascade's stages, every one of which a
-    `per_stage` range samples (the last range repeats for stages past the list, as `sample` does)."""
+    `per_stage` range samples (the last range repeats for stages past the list, as `sample` does;
+    ranges past the stages are not listed)."""
     rows = []
     for p in space:
-        stages = max(n_stages or 0, len(p.ranges or ()))
+        stages = n_stages or len(p.ranges or ())
         rng = (
             f"{p.low:g} .. {p.high:g}{' (log)' if p.log else ''}"
             if p.kind in ("float", "int")

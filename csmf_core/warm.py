@@ -27,7 +27,7 @@ import torch
 from csmf_core.checkpoint import load_checkpoint
 from csmf_core.config import CSMFConfig
 from csmf_core.masks import UnitOwners, param_owners
-from csmf_core.model import TowerSpec, TwoTower
+from csmf_core.model import TowerSpec, TwoTower, module_key
 
 SHAPE_KEYS = ("dim", "hidden", "emb_dim", "id_emb_dim", "hist_emb_dim", "id_buckets")
 
@@ -113,6 +113,10 @@ def warm_start(
                 raise WarmStartError(
                     f"{name}: the model has shape {tuple(src.shape)}, the run {tuple(p.shape)}"
                 )
+        # row 0 of an id table (the unknown id; items the window does not train, csmf_core/prep.py) gets
+        # no gradient: zero, as a model from scratch starts it (a model from before 2026-12-05 left it random)
+        for tower in (model.user, model.item):
+            tower.emb[module_key(tower.spec.id_feature)].weight[0].zero_()
     model.set_owners(param_owners(model, owners))
     return model, owners, info
 

@@ -802,18 +802,35 @@ def _hint(exc: BaseException) -> str:
     return ""
 
 
+def _stdout_closed() -> bool:
+    """Is stdout a pipe whose reader has gone? (poll reports POLLERR on such a pipe's write end.)"""
+    import select
+
+    try:
+        p = select.poll()
+        p.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in p.poll(0))
+    except (OSError, ValueError, AttributeError):  # no fileno (captured), no poll on this platform
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse argv (default sys.argv[1:]) and run the command; returns the exit code."""
     args = build_parser().parse_args(argv)
     tune_allocator()  # glibc keeps freed step-sized buffers (csmf_core/allocator.py)
     debug = getattr(args, "debug", False)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, not at exit: a reader that has gone is seen below
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `csmf recommend ... | head`: the reader has gone, which is not an error
-        # Python would report the same on flushing stdout at exit: point it at /dev/null first
+    except BrokenPipeError:
+        if debug or not _stdout_closed():  # a pipe of MLflow's, Prefect's, a subprocess's: an error
+            raise
+        # `csmf recommend ... | head`: the reader has gone, which is not an error. Python would report
+        # it again on flushing stdout at exit: point stdout at /dev/null first
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # as a shell reports a process ended by SIGPIPE (128 + 13)
     except Exception as exc:

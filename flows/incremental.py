@@ -338,8 +338,16 @@ def selection_start(start: Start, first_day: str, cfg: CSMFConfig, home: Path, l
                 "selection pass continues the starting model, which has trained on its days"
             )
             return start
+        try:
+            older = resolve_model(f"models:/csmf/{parent}", home=home).bundle
+        except (MlflowException, LookupError, OSError, ValueError) as exc:  # deleted, artifacts gone
+            log(
+                f"incremental selection: v{parent}, the parent of v{version}, cannot be loaded "
+                f"({type(exc).__name__}: {exc}): the selection pass continues the starting model"
+            )
+            return start
         between.append(bundle / "features")
-        bundle, version = resolve_model(f"models:/csmf/{parent}", home=home).bundle, parent
+        bundle, version = older, parent
     else:
         return start
     if bundle == start.bundle:

@@ -897,3 +897,28 @@ def test_the_run_summary_says_when_no_model_is_champion(tmp_path):
     assert gate_verdict({"promoted": True, "champion_version": "4"}) == "promoted to champion (champion: v4)"
     text = cli.summarize_run({**base, "gate": kept}, 50, tmp_path / ".csmf")
     assert "--model" not in text  # the champion serves
+
+
+def test_a_broken_pipe_is_quiet_only_when_stdout_is_the_pipe(monkeypatch):
+    """`csmf recommend ... | head` ended with a disk-full hint; it now exits 141 quietly, but only when
+    stdout is the pipe whose reader has gone: a BrokenPipeError of anything else stays an error."""
+    r, w = os.pipe()
+    out = os.fdopen(w, "w")
+    monkeypatch.setattr(sys, "stdout", out)
+    assert not cli._stdout_closed()  # the reader is there
+    os.close(r)
+    assert cli._stdout_closed()
+    monkeypatch.setattr(sys, "stdout", sys.__stdout__)
+    parser = cli.build_parser()
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")  # e.g. a socket's, with stdout fine
+
+    args = parser.parse_args(["doctor"])
+    monkeypatch.setattr(args, "func", broken)
+    monkeypatch.setattr(parser, "parse_args", lambda argv=None: args)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(cli, "_stdout_closed", lambda: False)
+    with pytest.raises(BrokenPipeError):
+        cli.main(["doctor"])
+    out.close()

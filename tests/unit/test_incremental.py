@@ -553,3 +553,57 @@ def test_the_selection_warm_start_loads_its_model_and_the_rows_recycled_since(ti
     assert torch.equal(w_sel[rows], model.user.emb["c_uid"].weight[rows])
     assert torch.equal(w_sel[5], fresh[5]) and not torch.equal(w_sel[5], model.user.emb["c_uid"].weight[5])
     assert info["user.emb.c_uid.weight"]["recycled"] == 1
+
+
+def test_an_ancestor_that_cannot_be_loaded_leaves_the_selection_on_the_start(
+    monkeypatch, tiny_world, tmp_path
+):
+    """A deleted parent version (or its artifacts gone) failed the whole daily run in selection_start;
+    the pass then continues the start, with a line saying why."""
+    import json
+    import shutil
+
+    import mlflow
+
+    from flows.incremental import Start, selection_start
+
+    b = shutil.copytree(tiny_world["bundle"], tmp_path / "b3")
+    info = json.loads((b / "bundle.json").read_text())
+    info.setdefault("extra", {})["trained_through"] = "2026-01-05"
+    (b / "bundle.json").write_text(json.dumps(info))
+
+    class Client:
+        def get_model_version(self, name, version):
+            return _version(version, **{"csmf.parent_model_version": "2"})
+
+    def gone(ref, home=None):
+        raise LookupError(f"{ref}: no such version")
+
+    monkeypatch.setattr(mlflow, "MlflowClient", Client)
+    monkeypatch.setattr(registry, "resolve_model", gone)
+    start = Start(decide_mode(INCREMENTAL, "2026-01-07", 7, {"version": "3", "last_full_date": "2026-01-03",
+                                                                "date": "2026-01-06"}), b)  # fmt: skip
+    lines = []
+    cfg = build_config(TINY_CONFIG, ["train.mode=incremental"])
+    assert selection_start(start, "2026-01-05", cfg, tmp_path, lines.append) == start
+    assert "v2, the parent of v3, cannot be loaded (LookupError" in lines[-1]
+
+
+def test_a_warm_start_zeroes_the_unknown_id_row(tiny_world, tmp_path):
+    """Row 0 of the id tables (the unknown id, and items the window does not train) never gets a
+    gradient; a model from before 2026-12-05 left it random, so a line continuing one scored every
+    untrained item with the same random vector. A warm start zeroes it, as a model from scratch starts."""
+    import shutil
+
+    from csmf_core.checkpoint import load_checkpoint
+
+    old = shutil.copytree(tiny_world["bundle"] / "checkpoint", tmp_path / "ckpt")
+    model, owners, _ = load_checkpoint(old)
+    with torch.no_grad():
+        model.item.emb["c_iid"].weight[0].normal_()
+        model.user.emb["c_uid"].weight[0].normal_()
+    shutil.rmtree(old)
+    save_checkpoint(old, model, owners)
+    warm, _, _ = warm_start(old, tiny_world["data"], build_config(TINY_CONFIG))
+    assert not warm.item.emb["c_iid"].weight[0].any() and not warm.user.emb["c_uid"].weight[0].any()
+    assert torch.equal(warm.item.emb["c_iid"].weight[1:], model.item.emb["c_iid"].weight[1:])

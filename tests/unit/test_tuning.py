@@ -250,4 +250,4 @@ def test_the_search_space_table_lists_every_stage_sampled():
     p = Param("train.epochs", "per_stage", ranges=((1, 6), (1, 10), (1, 16)))
     assert describe([p])[0]["range"] == "stage 0: 1 .. 6; stage 1: 1 .. 10; stage 2: 1 .. 16"
     assert describe([p], 4)[0]["range"].endswith("stage 2: 1 .. 16; stage 3: 1 .. 16")
-    assert describe([p], 2)[0]["range"].count("stage") == 3  # a list longer than the stages: as given
+    assert describe([p], 2)[0]["range"] == "stage 0: 1 .. 6; stage 1: 1 .. 10"  # the stages sampled
