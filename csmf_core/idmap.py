@@ -81,6 +81,9 @@ class BaseMaps:
     items: SideMap
     features: dict  # meta.json "features" of the base: categorical values and numeric mean / std
     source: str = ""
+    # the base's item id codes (items.parquet c_iid, row r at r): 0 = an item it did not train
+    # (csmf_core/prep.py cold_item_codes); read with the maps, so a reduce worker needs no base files
+    item_codes: np.ndarray | None = None
 
     def side(self, name: str) -> SideMap:
         return {"users": self.users, "items": self.items}[name]
@@ -107,7 +110,8 @@ class BaseMaps:
             else:
                 seen = np.full(len(ids), default_day, np.int32)
             sides[side] = SideMap(ids, seen.astype(np.int32))
-        return cls(sides["users"], sides["items"], meta["features"], str(d))
+        codes = pq.read_table(d / "items.parquet", columns=["c_iid"])["c_iid"].to_numpy()
+        return cls(sides["users"], sides["items"], meta["features"], str(d), codes)
 
 
 @dataclass

@@ -528,10 +528,8 @@ def cold_item_codes(p: Plan, counts: np.ndarray) -> pl.DataFrame:
     (csmf_core/idmap.py); only the id feature's code changes. With `loss.request_negatives: none` a
     same-request negative gets no gradient, but counts as trained here (prep does not read the loss)."""
     trained = (counts[0] > 0) | (counts[-1] > 0)
-    if p.base is not None and p.base.source:
-        base_codes = pq.read_table(Path(p.base.source) / "items.parquet", columns=["c_iid"])[
-            "c_iid"
-        ].to_numpy()
+    if p.base is not None and p.base.item_codes is not None:
+        base_codes = p.base.item_codes
         known = np.zeros(len(trained), bool)
         n = min(len(base_codes), len(trained))
         known[:n] = base_codes[:n] != 0
