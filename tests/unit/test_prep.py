@@ -329,13 +329,14 @@ def test_events_without_request_ids(tmp_path):
     assert t["hist_click"].to_pylist()[4] == [2, 2, 3]
 
 
-def test_items_the_window_does_not_train_get_id_code_0(tmp_path):
+def test_items_only_in_the_feature_table_get_id_code_0(tmp_path):
     """An item with no training exposure and no same-request negative in the window kept a random
     id-embedding row that no step updated; ranked over the whole catalog it came up anywhere (a catalog
     of 5,000 such items took the tiny world's exposure Recall@50 from 0.49 to 0.15). Its id code is now 0
-    (row 0 of the id table, which starts at zero): item 700 is only in items.parquet, 900 is exposed only
-    on the evaluation day, 800 is only a same-request negative (a gradient reaches its row: kept), and
-    an incremental run keeps the code of an item its base model trained even if the new window does not."""
+    (row 0 of the id table, which starts at zero): item 700 is only in items.parquet; 900, exposed only
+    on the evaluation day, and 800, only a same-request negative, are in the event logs and keep their
+    rows; an incremental run keeps the code of an item its base model trained even if the new window
+    does not."""
     from csmf_core.cascade import load_cascade_data
     from csmf_core.config import build_config
     from csmf_core.idmap import BaseMaps
@@ -352,10 +353,10 @@ def test_items_the_window_does_not_train_get_id_code_0(tmp_path):
     items = pl.read_parquet(tmp_path / "mr" / "items.parquet")
     code = dict(zip(items["item_id"].to_list()[1:], items["c_iid"].to_list()[1:]))
     row = {iid: r for r, iid in enumerate(items["item_id"].to_list()) if iid is not None}
-    assert {i for i, c in code.items() if c == 0} == {700, 900}
-    assert all(code[i] == row[i] for i in (100, 200, 300, 400, 500, 800))  # the row itself, as before
+    assert {i for i, c in code.items() if c == 0} == {700}
+    assert all(code[i] == row[i] for i in (100, 200, 300, 400, 500, 800, 900))  # the row itself, as before
     meta = json.loads((tmp_path / "mr" / "meta.json").read_text())
-    assert meta["id_maps"]["items"]["untrained"] == 2
+    assert meta["id_maps"]["items"]["untrained"] == 1
     data = load_cascade_data(tmp_path / "mr")
     model = TwoTower(data.user_spec, data.item_spec, build_config(None).model, 3)
     assert not model.item.emb["c_iid"].weight[0].any() and not model.user.emb["c_uid"].weight[0].any()
@@ -365,5 +366,6 @@ def test_items_the_window_does_not_train_get_id_code_0(tmp_path):
                  seq_len=3, n_req_neg=2, base=base)  # fmt: skip
     items2 = pl.read_parquet(tmp_path / "mr2" / "items.parquet")
     code2 = dict(zip(items2["item_id"].to_list()[1:], items2["c_iid"].to_list()[1:]))
+    row2 = {iid: r for r, iid in enumerate(items2["item_id"].to_list()) if iid is not None}
     assert code2[900] == row[900] and code2[400] == row[400]  # 900 exposed on day 4; 400 trained before
-    assert code2[700] == 0 and code2[600] == 0  # never trained: 600 is new on day 5 (evaluation only)
+    assert code2[700] == 0 and code2[600] == row2[600] != 0  # 600: new on day 5, an evaluation event
