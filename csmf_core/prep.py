@@ -479,17 +479,13 @@ class Rows:
         return pa.table(etab)
 
     def counts(self, p: Plan) -> np.ndarray:
-        """(2 n_objectives, n_items) int64: positives per item of each objective in the train rows
+        """(2 n_objectives - 1, n_items) int64: positives per item of each objective in the train rows
         (``popularity.parquet``), then, for every objective after the first, its positives before the
         first evaluation day in every partition read for the behaviour histories
-        (``history_counts.parquet``: the log-Q counts of `train.incremental_logq: history`), then, last,
-        per item the requests of train rows it is a same-request negative of (``cold_item_codes``).
-        Sums over shards of users are the counts of the whole (csmf_core/prep_sharded.py)."""
+        (``history_counts.parquet``: the log-Q counts of `train.incremental_logq: history`)."""
         train = [np.bincount(self.t_i[self.flags[:, k]], minlength=p.n_items) for k in range(len(p.names))]
         hist = [self.index[n].count_before(p.eval_start, p.n_items) for n in p.names[1:]]
-        negs = self.neg_mat[np.unique(self.train_rc)].ravel()
-        as_negative = np.bincount(negs[negs > 0], minlength=p.n_items)
-        return np.stack(train + hist + [as_negative]).astype(np.int64)
+        return np.stack(train + hist).astype(np.int64)
 
 
 def build_rows(p: Plan, req: pl.DataFrame, frames: list[pl.DataFrame]) -> Rows:
@@ -523,7 +519,7 @@ def build_rows(p: Plan, req: pl.DataFrame, frames: list[pl.DataFrame]) -> Rows:
     )
 
 
-def cold_item_codes(p: Plan, counts: np.ndarray) -> pl.DataFrame:
+def cold_item_codes(p: Plan) -> pl.DataFrame:
     """``p.items_tab`` with id code 0 for every item the run knows only from items.parquet: no event in
     the partitions read (so no train row, no same-request negative, no evaluation row). Such an item's own id-embedding
     row would never get a gradient and keep its random start, which then ranks it anywhere in the
@@ -543,10 +539,9 @@ def cold_item_codes(p: Plan, counts: np.ndarray) -> pl.DataFrame:
     holds what it learned. A base prepared before this rule (2026-12-05) coded every item, so a line
     started then keeps every code it had until its next full retrain. Ids keep their rows
     (csmf_core/idmap.py); only the id feature's code changes. With `loss.request_negatives: none` a
-    same-request negative gets no gradient, but counts as trained here (prep does not read the loss)."""
-    trained = (counts[0] > 0) | (counts[-1] > 0)
-    if p.item_in_events is not None:  # an item of the event logs keeps its row (see above)
-        trained |= p.item_in_events
+    same-request negative gets no gradient, but keeps its row here (prep does not read the loss).
+    (Every item with a train row or a same-request negative is in the events: `p.item_in_events`.)"""
+    trained = p.item_in_events.copy()
     if p.base is not None and p.base.item_codes is not None:
         base_codes = p.base.item_codes
         known = np.zeros(len(trained), bool)
@@ -571,7 +566,7 @@ def write_outputs(
 ) -> dict:
     """Write users/items, the train parts (``train_tables``: an iterable of pa.Table, one per part),
     eval, popularity and meta.json into ``tmp``; returns the meta dict. ``counts``: `Rows.counts`."""
-    p.items_tab = cold_item_codes(p, counts)
+    p.items_tab = cold_item_codes(p)
     p.users_tab.write_parquet(tmp / "users.parquet")
     p.items_tab.write_parquet(tmp / "items.parquet")
     for side, name in SEEN_FILES.items():
