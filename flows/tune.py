@@ -97,6 +97,11 @@ class TuneData:
     val_why: str
     digest: str
 
+    @property
+    def n_stages(self) -> int:
+        """The cascade's stages: the objectives of the model-ready data (meta.json)."""
+        return len(json.loads((self.model_ready / "meta.json").read_text())["objectives"])
+
 
 def tuned_config_path(home: Path, dataset_name: str) -> Path:
     """Where the daily run looks for the tuned config of a dataset."""
@@ -364,8 +369,7 @@ def open_tune_run(root: Path, td: TuneData, base, search, name, trials, seed) ->
         tracking_uri=uri,
     )
     parent.log_params({"tune.trials": trials, "tune.seed": seed, "tune.val_days": td.val_days, **base.flat()})
-    n_stages = len(json.loads((td.model_ready / "meta.json").read_text())["objectives"])
-    parent.log_table(describe(search, n_stages), "tune/search_space.json")
+    parent.log_table(describe(search, td.n_stages), "tune/search_space.json")
     return parent
 
 
@@ -531,7 +535,7 @@ def render_report(study, best, tuned, importances, td: TuneData, search) -> str:
     lines += ["", "Search space:", "", "| parameter | kind | range | when |", "|---|---|---|---|"]
     lines += [
         "| " + " | ".join(md_cell(r[c]) for c in ("parameter", "kind", "range", "when")) + " |"
-        for r in describe(search, len(best.user_attrs.get("epochs") or []) or None)
+        for r in describe(search, td.n_stages)
     ]
     return "\n".join(lines) + "\n"
 
