@@ -72,6 +72,7 @@ class CascadeData:
     # rows trained on, so the selection pass never trains on its validation days' item frequencies,
     # while `counts` stays the whole window's popularity); read them through `log_q_counts(t)`
     logq_counts: list[np.ndarray] | None = None
+    rehearsal_rows: int = 0  # of `rows`, those drawn from the days before train_from (the last ones)
 
     def log_q_counts(self, t: int) -> np.ndarray:
         """(N_items,) the counts objective t's log-Q correction is computed from."""
@@ -210,6 +211,18 @@ def run_cascade(
     return model, owners, reports
 
 
+def rehearsal_rows(day: torch.Tensor, train_from: str, n_new: int, ratio: float, seed: int) -> torch.Tensor:
+    """Indices (sorted) of the rehearsal rows of an incremental step: round(ratio x n_new) rows drawn
+    uniformly without replacement (torch.randperm under `seed`) among the rows whose day (`day`: (R,)
+    day numbers) is before `train_from`, or all of them when there are fewer; empty when ratio is 0."""
+    if ratio <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    old = torch.nonzero(day < day_number(train_from)).flatten()
+    n = min(len(old), int(round(ratio * n_new)))
+    pick = torch.randperm(len(old), generator=torch.Generator().manual_seed(int(seed)))[:n]
+    return old[pick].sort().values
+
+
 def load_cascade_data(
     path,
     *,
@@ -224,6 +237,8 @@ def load_cascade_data(
     processes: int = 1,
     train_from: str | None = None,
     logq_history: bool = False,
+    rehearsal: float = 0.0,
+    rehearsal_seed: int = 0,
 ) -> CascadeData:
     """Read a model-ready dataset directory (docs/architecture.md section 2) into CascadeData.
 
@@ -235,8 +250,12 @@ def load_cascade_data(
     meta.json, `eval_days` or the number of evaluation dates, the loader and `processes`). A model-ready
     dataset without evaluation dates (`prep.prepare(eval_dates=[])`, what `csmf tune` trains on) has
     an empty `eval`. train_from (YYYY-MM-DD, memory loader): only the train rows of that day and later
-    are trained on (an incremental run's last days, csmf_core/incremental.py); the log-Q counts are
-    then those of the rows kept. logq_history: the log-Q counts of every objective after the first
+    are trained on (an incremental run's last days, csmf_core/incremental.py; with validation days,
+    the non-validation rows from that day on: an incremental selection pass); the log-Q counts are
+    then those of the rows kept. rehearsal (with train_from): besides those rows, round(rehearsal x
+    their number) rows drawn uniformly without replacement (seed `rehearsal_seed`) from the rows before
+    `train_from` (never validation rows), or all of them when fewer (`train.incremental_rehearsal`).
+    logq_history: the log-Q counts of every objective after the first
     are its positives before the first evaluation day over every partition prep read for the
     behaviour histories (`history_counts.parquet`; `train.incremental_logq: history`), not those of
     the rows trained on; the first objective's stay the rows'. With validation days held out, the
@@ -284,6 +303,7 @@ def load_cascade_data(
             mr.users_cat, mr.users_num, mr.items_cat, mr.items_num, torch.from_numpy(st.values), st.first_day
         )
         item_spec = dataclasses.replace(item_spec, n_num=item_spec.n_num + len(st.columns))
+    n_drawn = 0  # rehearsal rows among the train rows (train_from, rehearsal)
     if mr.train is not None:
         tr = mr.train
         rows = TrainRows(
@@ -295,18 +315,19 @@ def load_cascade_data(
                 f"{path}: train rows on or after the first evaluation day {mr.meta['eval_dates'][0]}: "
                 "point-in-time item statistics need every train row before it"
             )
+        at = None  # indices into the train table of `rows`, once rows are selected (None: all)
         if val_days > 0:
             keep, val, (val_day, _) = split_validation(tr, objs, val_days)
             window_pos = positives_per_item(rows, mr.n_items, len(objs)) if logq_history else None
-            rows = rows.select(keep)
+            rows, at = rows.select(keep), keep
             val_counts = positives_per_item(rows, mr.n_items, len(objs))
         if train_from is not None:
-            if val_days > 0:
-                raise ValueError("train_from and validation days cannot be combined")
-            day = torch.div(tr.ts, DAY_US, rounding_mode="floor")
-            rows = rows.select(torch.nonzero(day >= day_number(train_from)).flatten())
-            if len(rows.u) < 2:
+            day = torch.div(tr.ts if at is None else tr.ts[at], DAY_US, rounding_mode="floor")
+            new = torch.nonzero(day >= day_number(train_from)).flatten()
+            if len(new) < 2:
                 raise ValueError(f"{path}: fewer than 2 train rows on or after {train_from}")
+            drawn = rehearsal_rows(day, train_from, len(new), rehearsal, rehearsal_seed)
+            rows, n_drawn = rows.select(torch.cat([new, drawn])), len(drawn)
     else:
         empty = torch.zeros(0, dtype=torch.long)
         rows = TrainRows(
@@ -330,11 +351,15 @@ def load_cascade_data(
         c = np.zeros(mr.n_items, dtype=np.int64)
         c[idx] = pop[f"count_{o}"].to_numpy()
         counts.append(c)
-    if train_from is not None and isinstance(rows, TrainRows):
-        counts = positives_per_item(rows, mr.n_items, len(objs))
     # validation days held out: log-Q from the rows trained on, as a refit's (the window's) and an
     # evaluation's, none of the validation days' labels; `counts` stays the window's popularity
     logq_counts = None if val_counts is None else list(val_counts)
+    if train_from is not None and isinstance(rows, TrainRows):
+        trained = positives_per_item(rows, mr.n_items, len(objs))
+        if val_counts is None:
+            counts = trained
+        else:  # an incremental selection pass: val_counts stays the popularity of the non-validation rows
+            logq_counts = list(trained)
     if logq_history:
         f = Path(path) / HISTORY_COUNTS
         if not f.is_file():
@@ -352,5 +377,5 @@ def load_cascade_data(
                 logq_counts[t] = np.maximum(c - (window_pos[t] - val_counts[t]), 0)
     return CascadeData(
         objs, user_spec, item_spec, tables, rows, ev, counts, val, eval_day, val_day, val_days, val_why,
-        val_counts, logq_counts,
+        val_counts, logq_counts, n_drawn,
     )  # fmt: skip

@@ -141,6 +141,12 @@ class TrainConfig:
     # refit will use them; the start itself when the line has none (its first runs after a full
     # retrain). "start": the run's starting model, which has usually trained on them already
     incremental_select_from: str = "unseen"
+    # incremental: rehearsal. Each incremental step also trains on `incremental_rehearsal` x as many rows
+    # as the new day(s) give it, drawn uniformly (train.seed) from the `rehearsal_days` partitions before
+    # them (their ingest reads those days too); 0 = off: the new day(s) only. The selection pass draws
+    # from the days before its own training day(s) the same way. Measured in docs/method-notes.md
+    incremental_rehearsal: float = 0.0
+    rehearsal_days: int = 6
 
 
 @dataclass(frozen=True)
@@ -379,6 +385,11 @@ def _check_ranges(cfg: CSMFConfig, errors: list[str]) -> None:
         ),
         (t.patience >= 0, f"train.patience must be >= 0 (0 = off), got {t.patience}"),
         (t.incremental_days >= 1, f"train.incremental_days must be >= 1, got {t.incremental_days}"),
+        (
+            t.incremental_rehearsal >= 0,
+            f"train.incremental_rehearsal must be >= 0 (0 = off), got {t.incremental_rehearsal}",
+        ),
+        (t.rehearsal_days >= 1, f"train.rehearsal_days must be >= 1, got {t.rehearsal_days}"),
         (t.full_every_days >= 1, f"train.full_every_days must be >= 1, got {t.full_every_days}"),
         (cfg.loss.temperature > 0, f"loss.temperature must be > 0, got {cfg.loss.temperature}"),
         (cfg.loss.eta > 0, f"loss.eta must be > 0, got {cfg.loss.eta}"),

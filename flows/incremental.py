@@ -262,14 +262,32 @@ def incremental_overrides(cfg: CSMFConfig, decision: ModeDecision, available: in
     (at least the configured ones), data.train_days = those plus the validation days. `available`:
     the training days a full run for the same date would have (the partitions before it); the days
     are clipped to them, keeping the validation days (a dataset's first days, a long catch-up)."""
-    days = decision.train_days(cfg.train.incremental_days)
+    days, v = decision.train_days(cfg.train.incremental_days), val_days_for(cfg.data.val_days)
     if available is not None:
-        days = max(1, min(days, available - val_days_for(cfg.data.val_days)))
+        days = max(1, min(days, available - v))
+    # rehearsal: the days before the new ones that the steps draw rows from (as many as there are)
+    older = (
+        rehearsal_window(cfg)
+        if available is None
+        else min(rehearsal_window(cfg), max(0, available - days - v))
+    )
     return {
         "train.mode": INCREMENTAL,
         "train.incremental_days": days,
-        "data.train_days": days + val_days_for(cfg.data.val_days),
+        "data.train_days": days + v + older,
     }
+
+
+def rehearsal_window(cfg: CSMFConfig) -> int:
+    """The partitions before an incremental run's new day(s) its ingest reads for rehearsal rows:
+    `train.rehearsal_days` with `train.incremental_rehearsal` > 0, else none."""
+    return cfg.train.rehearsal_days if cfg.train.incremental_rehearsal > 0 else 0
+
+
+def selection_from(train_dates: list[str], cfg: CSMFConfig) -> str:
+    """The first training day of an incremental selection pass: the `train.incremental_days` partitions
+    before the validation day(s) (the window's first day when it has no rehearsal days)."""
+    return sorted(train_dates)[-(cfg.train.incremental_days + val_days_for(cfg.data.val_days))]
 
 
 def train_from(run: RunContext, cfg: CSMFConfig) -> str:
@@ -380,13 +398,18 @@ def select_incremental(ready: Ingested, cfg: CSMFConfig, run: RunContext, start:
         val_days=v,
         item_stats_windows=cfg.data.item_stats,
         logq_history=cfg.train.incremental_logq == "history",
+        # rehearsal: the pass's own day(s) and a draw from the days before them (the window's older days)
+        train_from=selection_from(run.window.train_dates, cfg) if rehearsal_window(cfg) else None,
+        rehearsal=cfg.train.incremental_rehearsal,
+        rehearsal_seed=cfg.train.seed,
     )
     data.tables = data.tables.to(device(cfg))
     model, owners, _ = _warm(start, ready, data, cfg, selection=True)
     with child_run(run, SELECT, kind=SELECT) as tracker:
         tracker.log_params(
             {"select.val_days": v, "select.refit": True, "select.mode": INCREMENTAL,
-             "select.from_version": start.select_version or start.decision.parent_version}
+             "select.from_version": start.select_version or start.decision.parent_version,
+             "select.rehearsal_rows": data.rehearsal_rows}
         )  # fmt: skip
         res = run_trial(
             data,
@@ -461,6 +484,8 @@ def incremental_step(
         item_stats_windows=cfg.data.item_stats,
         train_from=first_day,
         logq_history=cfg.train.incremental_logq == "history",
+        rehearsal=cfg.train.incremental_rehearsal,
+        rehearsal_seed=cfg.train.seed,
     )
     data.tables = data.tables.to(device(cfg))
     if previous is None:
@@ -477,8 +502,18 @@ def incremental_step(
     with _step_run(run, step, index, ready, train_mode=INCREMENTAL) as tracker:
         tracker.log_params(
             {**cfg.flat(), "step.name": step.name, "step.kind": step.kind, "step.stage": step.stage,
-             "step.index": index, "step.train_from": first_day}
+             "step.index": index, "step.train_from": first_day, "step.rehearsal_rows": data.rehearsal_rows}
         )  # fmt: skip
+        if data.rehearsal_rows:
+            logger.info(
+                "%s: the rows from %s on and %d rehearsal row(s) drawn from the %d day(s) before "
+                "(train.incremental_rehearsal=%g)",
+                step.name,
+                first_day,
+                data.rehearsal_rows,
+                sum(d < first_day for d in run.window.train_dates),
+                cfg.train.incremental_rehearsal,
+            )
         epochs = cfg.epochs_for(step.stage)
         n = stage_positives(data.rows, step.stage)
         bar = StepBar(step.name, expected_steps(n, cfg.train.batch_size, epochs), epochs)

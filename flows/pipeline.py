@@ -50,6 +50,7 @@ from flows.incremental import (
     choose_start,
     incremental_overrides,
     select_incremental,
+    selection_from,
     selection_start,
     train_incremental,
 )
@@ -185,8 +186,10 @@ def csmf_daily(
                 f"{window.date}: training on the last {cfg.train.incremental_days} (the rest are validation days)"
             )
         window = plan_window(dataset, window.date, cfg.data, last_partitions=cfg.data.train_days)
-        if val_days_for(cfg.data.val_days):  # the selection pass trains from the window's first day
-            start = selection_start(start, min(window.train_dates), cfg, root, _log_line)
+        if val_days_for(
+            cfg.data.val_days
+        ):  # the selection pass trains on the day(s) before the validation day(s)
+            start = selection_start(start, selection_from(window.train_dates, cfg), cfg, root, _log_line)
     elif cfg.train.mode != "full":  # fell back to a full retrain: configured (and resumed) as one
         cfg = trial_config(cfg, {"train.mode": "full"})
     if window.missing:

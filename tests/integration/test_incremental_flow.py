@@ -5,6 +5,8 @@ One tracking store, two consecutive days as the daily deployment runs them (trai
     A  2026-01-05  no champion yet       -> full retrain (fallback), v1 champion
     B  2026-01-06  champion v1 exists    -> incremental from v1 on 2026-01-05 (2026-01-04 the validation
                                             day of the selection pass), v2, verified by the gate
+    C  2026-01-06  --from-model v1,      -> incremental from v1 on 2026-01-05 and as many rows again drawn
+                   rehearsal 1, 2 days      from 2026-01-02 .. 01-04 (2 rehearsal days + the pass's own day)
 
     .venv/bin/pytest -m integration tests/integration/test_incremental_flow.py
 """
@@ -27,6 +29,7 @@ from tests.integration.test_gate_flow import OVERRIDES, _store
 pytestmark = pytest.mark.integration
 
 INCREMENTAL = [*OVERRIDES, "train.mode=incremental"]
+REHEARSAL = [*INCREMENTAL, "train.incremental_rehearsal=1", "train.rehearsal_days=2"]
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +43,20 @@ def days(tmp_path_factory):
             out.client = client
             out.a = csmf_daily(date="2026-01-05", data=str(tiny), home=str(home), overrides=INCREMENTAL)
             out.b = csmf_daily(date="2026-01-06", data=str(tiny), home=str(home), overrides=INCREMENTAL)
+            out.c = csmf_daily(
+                date="2026-01-06",
+                data=str(tiny),
+                home=str(home),
+                overrides=REHEARSAL,
+                from_model="models:/csmf/1",
+            )
             out.versions = {
                 str(v.version): v for v in client.search_model_versions(f"name='{REGISTERED_MODEL}'")
             }
             out.bundles = {
                 v: resolve_bundle(f"models:/{REGISTERED_MODEL}/{v}", home=home) for v in ("1", "2")
             }
-            out.parents = {k: client.get_run(getattr(out, k)["mlflow_run_id"]) for k in ("a", "b")}
+            out.parents = {k: client.get_run(getattr(out, k)["mlflow_run_id"]) for k in ("a", "b", "c")}
     return out
 
 
@@ -228,3 +238,32 @@ def test_a_model_continued_from_later_data_is_compared_after_what_its_line_saw(t
     assert info["extra"]["trained_through"] == "2026-01-05" and max(info["train_dates"]) < "2026-01-04"
     assert c["gate"]["days"] == ["2026-01-06"]
     assert "is compared with a challenger that trained on later days" in c["gate"]["reason"]
+
+
+def test_rehearsal_trains_the_new_day_and_a_draw_of_the_days_before(days):
+    """Day C with train.incremental_rehearsal=1, rehearsal_days=2: its window reads two more days, and
+    each step trains the new day's rows and as many rows again drawn from the window's days before it
+    (counted here from the raw events: every exposure is a train row of stage 0)."""
+    import polars as pl
+
+    v3 = days.versions["3"]
+    assert v3.tags["csmf.train_mode"] == "incremental" and v3.tags["csmf.parent_model_version"] == "1"
+    # 2 rehearsal days + the selection pass's day + the validation day (the refit's new day)
+    assert v3.tags["csmf.train_dates"].startswith("2026-01-02..2026-01-05")
+    assert days.c["gate"]["checks"]["frozen_parameters"] and days.c["gate"]["checks"]["exact_fusion"]
+    children = days.client.search_runs(
+        [days.parents["c"].info.experiment_id], f"tags.mlflow.parentRunId = '{days.c['mlflow_run_id']}'"
+    )
+    step = next(c for c in children if c.info.run_name == "incremental_exposure")
+    assert step.data.params["step.train_from"] == "2026-01-05"
+    events = pl.read_parquet(days.root / "tiny" / "events" / "**" / "*.parquet", hive_partitioning=True)
+    exposed = events.filter(pl.col("exposed")).with_columns(pl.col("dt").cast(pl.String))
+    new = exposed.filter(pl.col("dt") == "2026-01-05").height
+    older = exposed.filter(pl.col("dt").is_between(pl.lit("2026-01-02"), pl.lit("2026-01-04"))).height
+    drawn = min(new, older)
+    assert int(step.data.params["step.rehearsal_rows"]) == drawn > 0
+    assert int(step.data.metrics["train/rows"]) == new + drawn
+    select = next(c for c in children if c.info.run_name == "select")
+    day4 = exposed.filter(pl.col("dt") == "2026-01-04").height
+    before4 = exposed.filter(pl.col("dt").is_between(pl.lit("2026-01-02"), pl.lit("2026-01-03"))).height
+    assert int(select.data.params["select.rehearsal_rows"]) == min(day4, before4) > 0

@@ -239,6 +239,8 @@ BAD_VALUES = {
     "train.start_from": ["latest", "challenger"],
     "train.incremental_logq": ["day", "all"],
     "train.incremental_select_from": ["parent", "Unseen"],
+    "train.incremental_rehearsal": ["-0.5", "nan", "inf"],
+    "train.rehearsal_days": ["0", "1.5"],
     "ingest.dask": ["yes", "host:8786", "local2"],
     "ingest.workers": ["0"],
     "ingest.shards": ["-1"],

@@ -607,3 +607,109 @@ def test_a_warm_start_zeroes_the_unknown_id_row(tiny_world, tmp_path):
     warm, _, _ = warm_start(old, tiny_world["data"], build_config(TINY_CONFIG))
     assert not warm.item.emb["c_iid"].weight[0].any() and not warm.user.emb["c_uid"].weight[0].any()
     assert torch.equal(warm.item.emb["c_iid"].weight[1:], model.item.emb["c_iid"].weight[1:])
+
+
+# ---- rehearsal (train.incremental_rehearsal) -------------------------------------------------------
+@pytest.fixture(scope="module")
+def rehearsal_mr(tiny_world, tmp_path_factory):
+    """Days 2-5 of the tiny world prepared with its id maps, evaluated on day 6; with each train row's
+    day and identity read straight from the model-ready train table (independent of the loader)."""
+    from csmf_core.data import load_model_ready
+    from csmf_core.prep import DAY_US
+
+    root, dates = tmp_path_factory.mktemp("rehearsal"), tiny_world["dates"]
+    base = BaseMaps.read(tiny_world["bundle"] / "features")
+    prep.prepare(tiny_world["ds"], root / "mr", train_dates=(dates[1], dates[4]), eval_dates=dates[5],
+                 seq_len=5, n_req_neg=4, base=base)  # fmt: skip
+    tr = load_model_ready(root / "mr").train
+    day = (tr.ts // DAY_US).tolist()
+    keys = [(int(u), int(i), int(lv), tuple(n.tolist())) for u, i, lv, n in zip(tr.u, tr.i, tr.level, tr.neg)]
+    return SimpleNamespace(mr=root / "mr", dates=dates, day=day, keys=keys)
+
+
+def _keys(rows):
+    return [
+        (int(u), int(i), int(lv), tuple(n.tolist()))
+        for u, i, lv, n in zip(rows.u, rows.i, rows.level, rows.neg)
+    ]
+
+
+def _day_number(date: str) -> int:
+    import datetime as dt
+
+    return (dt.date.fromisoformat(date) - dt.date(1970, 1, 1)).days
+
+
+def test_rehearsal_adds_a_uniform_draw_of_earlier_rows(rehearsal_mr):
+    """The refit of an incremental step with rehearsal R: every row of the new day, in order, then
+    round(R x their number) distinct rows of the earlier days (a multiset check against the raw
+    table), drawn by the seed; R = 0 is the new day alone."""
+    from collections import Counter
+
+    r, new_day = rehearsal_mr, rehearsal_mr.dates[4]
+    d5 = _day_number(new_day)
+    new = [k for k, d in zip(r.keys, r.day) if d == d5]
+    old = Counter(k for k, d in zip(r.keys, r.day) if d < d5)
+    plain = load_cascade_data(r.mr, train_from=new_day)
+    assert _keys(plain.rows) == new
+    half = load_cascade_data(r.mr, train_from=new_day, rehearsal=0.5, rehearsal_seed=3)
+    got = _keys(half.rows)
+    assert got[: len(new)] == new
+    drawn = got[len(new) :]
+    assert len(drawn) == round(0.5 * len(new)) > 0
+    assert (
+        not Counter(drawn) - old
+    )  # every drawn row is an earlier day's row, none twice more than it is there
+    again = load_cascade_data(r.mr, train_from=new_day, rehearsal=0.5, rehearsal_seed=3)
+    other = load_cascade_data(r.mr, train_from=new_day, rehearsal=0.5, rehearsal_seed=4)
+    assert _keys(again.rows) == got and _keys(other.rows) != got
+    # more than the earlier days hold: all of them, once
+    everything = load_cascade_data(r.mr, train_from=new_day, rehearsal=1000.0)
+    assert Counter(_keys(everything.rows)[len(new) :]) == old
+    # the log-Q / popularity counts of a refit are those of the rows trained on, the drawn ones included
+    exposure = [0] * half.counts[0].shape[0]
+    for _, i, _, _ in got:
+        exposure[i] += 1
+    assert half.counts[0].tolist() == exposure
+
+
+def test_rehearsal_in_the_selection_pass_never_draws_validation_rows(rehearsal_mr):
+    """The selection pass (validation day = day 5) trains on day 4 and a draw from days 2-3; its
+    popularity reference stays the window's non-validation rows; without rehearsal, naming the
+    window's first day as train_from changes nothing (rows and counts bit for bit)."""
+    from collections import Counter
+
+    r = rehearsal_mr
+    d4, d5 = _day_number(r.dates[3]), _day_number(r.dates[4])
+    day4 = [k for k, d in zip(r.keys, r.day) if d == d4]
+    earlier = Counter(k for k, d in zip(r.keys, r.day) if d < d4)
+    sel = load_cascade_data(r.mr, val_days=1, train_from=r.dates[3], rehearsal=1.0)
+    assert _day_number(r.dates[4]) == sel.val_day == d5
+    got = _keys(sel.rows)
+    assert got[: len(day4)] == day4 and len(got) == 2 * len(day4)
+    assert not Counter(got[len(day4) :]) - earlier
+    window = load_cascade_data(r.mr, val_days=1)
+    for a, b in zip(sel.val_counts, window.val_counts):
+        assert (a == b).all()
+    clicks = [0] * sel.counts[0].shape[0]
+    for _, i, lv, _ in got:
+        clicks[i] += lv >= 1
+    assert sel.logq_counts[1].tolist() == clicks  # log-Q: the rows trained on (incremental_logq rows)
+    same = load_cascade_data(r.mr, val_days=1, train_from=r.dates[1])
+    assert _keys(same.rows) == _keys(window.rows)
+    for a, b in zip(same.logq_counts, window.logq_counts):
+        assert (a == b).all()
+
+
+def test_rehearsal_widens_the_incremental_window():
+    parent = {"version": "3", "last_full_date": "2026-01-04", "date": "2026-01-07"}
+    decision = decide_mode(INCREMENTAL, "2026-01-08", 7, parent)
+    cfg = build_config({"train": {"incremental_rehearsal": 1.0, "rehearsal_days": 3}})
+    # one new day + the validation day + three rehearsal days before them
+    assert flow_inc.incremental_overrides(cfg, decision)["data.train_days"] == 5
+    assert flow_inc.incremental_overrides(cfg, decision, 4)["data.train_days"] == 4  # as many as there are
+    assert flow_inc.incremental_overrides(build_config(None), decision, 7)["data.train_days"] == 2  # off
+    dates = [f"2026-01-0{d}" for d in range(2, 8)]
+    assert flow_inc.selection_from(dates, cfg) == "2026-01-06"  # the day before the validation day
+    with pytest.raises(ValueError, match="incremental_rehearsal must be >= 0"):
+        build_config(None, ["train.incremental_rehearsal=-1"])
