@@ -711,5 +711,27 @@ def test_rehearsal_widens_the_incremental_window():
     assert flow_inc.incremental_overrides(build_config(None), decision, 7)["data.train_days"] == 2  # off
     dates = [f"2026-01-0{d}" for d in range(2, 8)]
     assert flow_inc.selection_from(dates, cfg) == "2026-01-06"  # the day before the validation day
+    two = build_config({"train": {"incremental_days": 2, "incremental_rehearsal": 0.5, "rehearsal_days": 2}})
+    assert flow_inc.selection_from(dates, two) == "2026-01-05"  # the two days before the validation day
+    assert flow_inc.incremental_overrides(two, decision, 9)["data.train_days"] == 5  # 2 + 1 + 2
+    no_val = build_config({"data": {"val_days": 0}, "train": {"incremental_rehearsal": 1.0}})
+    assert flow_inc.incremental_overrides(no_val, decision, 9)["data.train_days"] == 7  # 1 + 0 + 6
     with pytest.raises(ValueError, match="incremental_rehearsal must be >= 0"):
         build_config(None, ["train.incremental_rehearsal=-1"])
+
+
+def test_rehearsal_keeps_the_selection_pass_history_counts(rehearsal_mr):
+    """train.incremental_logq=history with rehearsal in the selection pass: the counts of the objectives
+    after the first are still the positives before the validation day (the draw does not change them),
+    the first objective's are those of the rows trained on."""
+    r = rehearsal_mr
+    plain = load_cascade_data(r.mr, val_days=1, logq_history=True)
+    drawn = load_cascade_data(r.mr, val_days=1, logq_history=True, train_from=r.dates[3], rehearsal=1.0)
+    assert drawn.rehearsal_rows == len(drawn.rows.u) // 2 > 0
+    for t in (1, 2):
+        assert (drawn.logq_counts[t] == plain.logq_counts[t]).all()
+    exposure = [0] * drawn.counts[0].shape[0]
+    for _, i, _, _ in _keys(drawn.rows):
+        exposure[i] += 1
+    assert drawn.logq_counts[0].tolist() == exposure
+    assert (drawn.logq_counts[0] != plain.logq_counts[0]).any()  # fewer rows than the whole window
