@@ -142,9 +142,10 @@ class TrainConfig:
     # retrain). "start": the run's starting model, which has usually trained on them already
     incremental_select_from: str = "unseen"
     # incremental: rehearsal. Each incremental step also trains on `incremental_rehearsal` x as many rows
-    # as the new day(s) give it, drawn uniformly (train.seed) from the `rehearsal_days` partitions before
-    # them (their ingest reads those days too); 0 = off: the new day(s) only. The selection pass draws
-    # from the days before its own training day(s) the same way. Measured in docs/method-notes.md
+    # as the new day(s) give it, drawn uniformly (train.seed) from the window's earlier days: the run's
+    # ingest reads `rehearsal_days` more partitions (as many as the data has); the selection pass draws
+    # from those, never from its validation day(s), the refit from those and the pass's own day(s).
+    # 0 = off: the new day(s) only. Measured in docs/method-notes.md
     incremental_rehearsal: float = 0.0
     rehearsal_days: int = 6
 

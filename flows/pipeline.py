@@ -49,6 +49,7 @@ from flows.incremental import (
     Start,
     choose_start,
     incremental_overrides,
+    rehearsal_window,
     select_incremental,
     selection_from,
     selection_start,
@@ -180,15 +181,19 @@ def csmf_daily(
         start = _count_new_partitions(start, window, dataset)
         asked = start.decision.train_days(cfg.train.incremental_days)
         cfg = trial_config(cfg, incremental_overrides(cfg, start.decision, len(window.train_dates)))
+        older = cfg.data.train_days - cfg.train.incremental_days - val_days_for(cfg.data.val_days)
+        if rehearsal_window(cfg) > older:
+            _log_line(
+                f"incremental rehearsal: {older} of train.rehearsal_days={cfg.train.rehearsal_days} earlier "
+                f"partition(s) before {window.date} to draw from"
+            )
         if cfg.train.incremental_days < asked:
             _log_line(
                 f"incremental: {asked} training day(s) asked, {len(window.train_dates)} partition(s) before "
                 f"{window.date}: training on the last {cfg.train.incremental_days} (the rest are validation days)"
             )
         window = plan_window(dataset, window.date, cfg.data, last_partitions=cfg.data.train_days)
-        if val_days_for(
-            cfg.data.val_days
-        ):  # the selection pass trains on the day(s) before the validation day(s)
+        if val_days_for(cfg.data.val_days):  # the selection pass trains on the day(s) before them
             start = selection_start(start, selection_from(window.train_dates, cfg), cfg, root, _log_line)
     elif cfg.train.mode != "full":  # fell back to a full retrain: configured (and resumed) as one
         cfg = trial_config(cfg, {"train.mode": "full"})
