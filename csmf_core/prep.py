@@ -407,14 +407,18 @@ def row_queries(ev: pl.LazyFrame, cols: list[str], n_req_neg: int) -> tuple[pl.D
     the output is the same as with the ids themselves (tests/unit/test_prep_bounded.py).
     """
     c0, is_train, rid = pl.col(cols[0]), pl.col("_train"), pl.col("request_id")
+    # a request is one user's: an id another user reuses (a per-user counter) is another request, whose
+    # candidates are not pooled; one user's id stays one request across days (a request that spans
+    # midnight has rows in two partitions)
+    key = ["request_id", "user_id"]
     req = (
         ev.filter(is_train & rid.is_not_null())
-        .select("request_id")
+        .select(key)
         .unique()
         .collect(engine="streaming")
         .with_row_index("rc", offset=1)
     )
-    coded = ev.filter(is_train).join(req.lazy(), on="request_id", how="left", maintain_order="left")
+    coded = ev.filter(is_train).join(req.lazy(), on=key, how="left", maintain_order="left")
     train_lf = coded.filter(c0).select("rc", "user_id", "item_id", "ts", *cols)
     train_lf = train_lf.sort(["ts", "user_id", "item_id"], maintain_order=True)
     neg_lf = (

@@ -6,9 +6,8 @@
 
 1. **Vocabulary pass** (global): the sorted user and item vocabularies (feature tables + events),
    the encoded ``users.parquet`` / ``items.parquet``, the dates; written as one pickle under ``work``.
-   It also checks that no request id of the training days belongs to several users: request
-   negatives are per request and shards are per user, so such a dataset cannot be sharded (a
-   ValueError names the count and examples; prep it with one process).
+   (A request is one user's request id, in prep as here: an id several users share is one request
+   per user, so request negatives never need another shard's rows.)
 2. **Shard pass** (per shard, independent): the events whose ``user_id`` hashes to shard ``k``
    (polars' ``hash`` with a fixed seed: stable for a given polars version, which every worker shares):
    training rows with their point-in-time histories and request negatives (both are per user, so
@@ -84,20 +83,7 @@ def vocab_pass(
     p = plan(dataset_dir, out_dir, base=BaseMaps.read(base_dir) if base_dir is not None else None, **plan_kw)
     ev = p.events()
     users_df, items_df = read_feature_tables(p)
-    shared = (
-        ev.filter(pl.col("_train") & pl.col("request_id").is_not_null())
-        .group_by("request_id")
-        .agg(pl.col("user_id").n_unique().alias("users"))
-        .filter(pl.col("users") > 1)
-    )
-    uids, iids, shared = pl.collect_all([*vocab_queries(ev, users_df, items_df), shared], engine="streaming")
-    if shared.height:
-        examples = shared.sort("request_id").head(3).rows()
-        raise ValueError(
-            f"{p.dataset_dir}/events: {shared.height} request_id values of the training days belong to "
-            f"several users (e.g. {examples}) (rule: one user per request, needed by sharded prep, whose "
-            "shards are per user while request negatives are per request); set ingest.dask=off"
-        )
+    uids, iids = pl.collect_all(vocab_queries(ev, users_df, items_df), engine="streaming")
     p.set_vocab(uids, iids, users_df, items_df)
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)

@@ -369,3 +369,25 @@ def test_items_only_in_the_feature_table_get_id_code_0(tmp_path):
     row2 = {iid: r for r, iid in enumerate(items2["item_id"].to_list()) if iid is not None}
     assert code2[900] == row[900] and code2[400] == row[400]  # 900 exposed on day 4; 400 trained before
     assert code2[700] == 0 and code2[600] == row2[600] != 0  # 600: new on day 5, an evaluation event
+
+
+def test_a_request_id_reused_by_another_user_is_another_request(tmp_path):
+    """Same-request negatives are those of one user's request: a request id another user reuses (r8
+    of user 20) is another request, so its unexposed candidates are not pooled (they were: user 20's
+    row got user 30's candidates). One user's id across days stays one request
+    (tests/unit/test_prep_bounded.py: a request that spans midnight)."""
+    reused = [
+        *EVENTS,
+        ("r8", 20, 300, 3, 14, 1, 1, 0),  # user 20 reuses user 30's request id r8
+        ("r8", 20, 500, 3, 14, 0, 0, 0),
+    ]
+    src = _write_hand_dataset(tmp_path / "hand", events=reused)
+    prep.prepare(
+        src, tmp_path / "mr", train_dates=("2026-01-02", "2026-01-03"), eval_dates="2026-01-04", seq_len=3,
+        n_req_neg=2,
+    )  # fmt: skip
+    rows = pq.read_table(tmp_path / "mr" / "train" / "part-00000.parquet").to_pylist()
+    by = {(r["u"], r["i"], r["ts"]): r["neg"] for r in rows}
+    # indices: users 10 -> 1, 20 -> 2, 30 -> 3; items 100 -> 1, 200 -> 2, 300 -> 3, 400 -> 4, 500 -> 5
+    assert by[(3, 4, _ts(3, 13))] == [1, 2]  # user 30's r8: its own unexposed 100, 200
+    assert by[(2, 3, _ts(3, 14))] == [5, 0]  # user 20's r8: only its own unexposed 500

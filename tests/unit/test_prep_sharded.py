@@ -53,22 +53,26 @@ def test_shards_partition_the_users_and_rows(tiny_world, tmp_path):
     assert ids[0] == ids[3] and all(0 <= k < n for k in ids)
 
 
-def test_a_request_shared_by_two_users_is_refused(tiny_world, tmp_path):
+def test_a_request_id_shared_by_two_users_shards_as_one_process_preps_it(tiny_world, tmp_path):
+    """A request id two users share is one request per user (csmf_core.prep.row_queries), so shards
+    of users write what one process writes (sharded prep refused such data before)."""
     ds = tmp_path / "ds"
     shutil.copytree(tiny_world["ds"], ds)
     part = sorted((ds / "events" / "dt=2026-01-02").glob("*.parquet"))[0]
     df = pl.read_parquet(part)
-    users = df["user_id"].unique().sort().head(2).to_list()
-    rid = df.filter(pl.col("user_id") == users[0])["request_id"][0]
-    first_other = df.with_row_index().filter(pl.col("user_id") == users[1])["index"][0]
+    users = pl.DataFrame({"user_id": df["user_id"].unique().sort()}).with_columns(k=shard_of(3))
+    a = users.row(0, named=True)
+    b = users.filter(pl.col("k") != a["k"]).row(0, named=True)  # a user of another shard
+    rid = df.filter(pl.col("user_id") == a["user_id"])["request_id"][0]
+    other = df.with_row_index().filter(pl.col("user_id") == b["user_id"])["index"]
     df = df.with_columns(
-        pl.when(pl.int_range(pl.len()) == first_other)
+        pl.when(pl.int_range(pl.len()).is_in(other.implode()))
         .then(pl.lit(rid))
         .otherwise(pl.col("request_id"))
         .alias("request_id")
     )
     df.write_parquet(part)
-    with pytest.raises(
-        ValueError, match=r"1 request_id values of the training days belong to several users.*ingest.dask=off"
-    ):
-        vocab_pass(ds, tmp_path / "w", tmp_path / "out", **KW)
+    single = prep.prepare(ds, tmp_path / "single", **KW)
+    sharded = prepare_sharded(ds, tmp_path / "sharded", n_shards=3, work_dir=tmp_path / "w", **KW)
+    assert sharded.n_train == single.n_train
+    assert_same_model_ready(tmp_path / "single", tmp_path / "sharded")
