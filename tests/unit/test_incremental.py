@@ -14,6 +14,7 @@ from csmf_core.checkpoint import save_checkpoint
 from csmf_core.config import build_config
 from csmf_core.idmap import BaseMaps
 from csmf_core.incremental import FULL, INCREMENTAL, decide_mode, incremental_plan
+from csmf_core.item_stats import day_number
 from csmf_core.masks import param_owners
 from csmf_core.serving import Recommender, write_bundle
 from csmf_core.tuning import refit_config, run_trial, trial_config
@@ -634,12 +635,6 @@ def _keys(rows):
     ]
 
 
-def _day_number(date: str) -> int:
-    import datetime as dt
-
-    return (dt.date.fromisoformat(date) - dt.date(1970, 1, 1)).days
-
-
 def test_rehearsal_adds_a_uniform_draw_of_earlier_rows(rehearsal_mr):
     """The refit of an incremental step with rehearsal R: every row of the new day, in order, then
     round(R x their number) distinct rows of the earlier days (a multiset check against the raw
@@ -647,7 +642,7 @@ def test_rehearsal_adds_a_uniform_draw_of_earlier_rows(rehearsal_mr):
     from collections import Counter
 
     r, new_day = rehearsal_mr, rehearsal_mr.dates[4]
-    d5 = _day_number(new_day)
+    d5 = day_number(new_day)
     new = [k for k, d in zip(r.keys, r.day) if d == d5]
     old = Counter(k for k, d in zip(r.keys, r.day) if d < d5)
     plain = load_cascade_data(r.mr, train_from=new_day)
@@ -680,11 +675,11 @@ def test_rehearsal_in_the_selection_pass_never_draws_validation_rows(rehearsal_m
     from collections import Counter
 
     r = rehearsal_mr
-    d4, d5 = _day_number(r.dates[3]), _day_number(r.dates[4])
+    d4, d5 = day_number(r.dates[3]), day_number(r.dates[4])
     day4 = [k for k, d in zip(r.keys, r.day) if d == d4]
     earlier = Counter(k for k, d in zip(r.keys, r.day) if d < d4)
     sel = load_cascade_data(r.mr, val_days=1, train_from=r.dates[3], rehearsal=1.0)
-    assert _day_number(r.dates[4]) == sel.val_day == d5
+    assert day_number(r.dates[4]) == sel.val_day == d5
     got = _keys(sel.rows)
     assert got[: len(day4)] == day4 and len(got) == 2 * len(day4)
     assert not Counter(got[len(day4) :]) - earlier
