@@ -145,9 +145,14 @@ class TrainConfig:
     # as the new day(s) give it, drawn uniformly (train.seed) from the window's earlier days: the run's
     # ingest reads `rehearsal_days` more partitions (as many as the data has); the selection pass draws
     # from those, never from its validation day(s), the refit from those and the pass's own day(s).
-    # 0 = off: the new day(s) only. Measured in docs/method-notes.md
-    incremental_rehearsal: float = 0.0
+    # 0 = off: the new day(s) only. A list: one ratio per stage (the last repeats, as train.epochs).
+    # "auto": each stage's ratio is chosen by the selection pass on the validation day(s) among
+    # `rehearsal_candidates` (every candidate trains the step from the same point; the best validation
+    # Recall@K of the stage's own objective wins, the smaller ratio on a tie), and the refit trains each
+    # stage with its choice. Measured in docs/method-notes.md
+    incremental_rehearsal: tuple[float, ...] | str = (0.0,)
     rehearsal_days: int = 6
+    rehearsal_candidates: tuple[float, ...] = (0.0, 3.0)
 
 
 @dataclass(frozen=True)
@@ -250,6 +255,21 @@ class CSMFConfig:
         e = self.train.epochs
         return int(e[min(stage, len(e) - 1)])
 
+    def rehearsal_for(self, stage: int) -> float:
+        """Stage `stage`'s `train.incremental_rehearsal` ratio (the last one repeats); "auto" is resolved
+        by an incremental run's selection pass (flows/incremental.py) and has no ratio before it."""
+        r = self.train.incremental_rehearsal
+        if r == "auto":
+            raise ValueError(
+                "train.incremental_rehearsal=auto has no ratio until a selection pass chooses one"
+            )
+        return float(r[min(stage, len(r) - 1)])
+
+    def rehearsal_ratios(self) -> tuple[float, ...]:
+        """Every rehearsal ratio this config may train with: the candidates under "auto", else the list."""
+        r = self.train.incremental_rehearsal
+        return tuple(self.train.rehearsal_candidates if r == "auto" else r)
+
 
 _CHOICES = {
     ("cpp", "rule"): {"cpp", "fixed"},
@@ -271,7 +291,7 @@ MAY_BE_EMPTY = {"data.item_stats"}  # list settings where [] means "off"
 # settings where null (YAML) or none / null (--set) means "off"
 MAY_BE_NONE = {"model.id_buckets", "model.evict_after_days"}
 # settings that also take the string "auto": resolved from the data (csmf_core/selection.py)
-AUTO_KEYS = {"data.val_days", "eval.fused_weights"}
+AUTO_KEYS = {"data.val_days", "eval.fused_weights", "train.incremental_rehearsal"}
 MAX_SEED = 2**32 - 1  # numpy's SeedSequence needs seeds >= 0; torch seeds are derived as seed * 1009 + ...
 
 
@@ -349,6 +369,11 @@ def _non_finite(cfg: CSMFConfig) -> dict[str, Any]:
     return bad
 
 
+def _shown(value: Any) -> Any:
+    """A setting as a message shows it: a list for a tuple (as YAML wrote it)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 def _check_ranges(cfg: CSMFConfig, errors: list[str]) -> None:
     """One rule per key (enums, then finiteness, then ranges); messages start with the dotted key."""
     for (section, key), allowed in _CHOICES.items():
@@ -387,8 +412,13 @@ def _check_ranges(cfg: CSMFConfig, errors: list[str]) -> None:
         (t.patience >= 0, f"train.patience must be >= 0 (0 = off), got {t.patience}"),
         (t.incremental_days >= 1, f"train.incremental_days must be >= 1, got {t.incremental_days}"),
         (
-            t.incremental_rehearsal >= 0,
-            f"train.incremental_rehearsal must be >= 0 (0 = off), got {t.incremental_rehearsal}",
+            t.incremental_rehearsal == "auto" or all(r >= 0 for r in t.incremental_rehearsal),
+            "train.incremental_rehearsal must be >= 0 (0 = off), one per stage, or auto, got "
+            f"{_shown(t.incremental_rehearsal)}",
+        ),
+        (
+            all(r >= 0 for r in t.rehearsal_candidates),
+            f"train.rehearsal_candidates must be >= 0, got {list(t.rehearsal_candidates)}",
         ),
         (t.rehearsal_days >= 1, f"train.rehearsal_days must be >= 1, got {t.rehearsal_days}"),
         (t.full_every_days >= 1, f"train.full_every_days must be >= 1, got {t.full_every_days}"),

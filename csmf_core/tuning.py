@@ -245,6 +245,8 @@ class TrialResult:
     model: Any = None  # the selection pass's model (validation days held out) and unit owners
     owners: Any = None
     reports: list = field(default_factory=list)  # cascade.StepReport of every step
+    # with `choices`: the rehearsal ratio each train step kept (train.incremental_rehearsal per stage)
+    rehearsal: list[float] | None = None
 
 
 def step_score(model, owners, data: CascadeData, upto: int, k: int) -> float:
@@ -258,6 +260,47 @@ def step_score(model, owners, data: CascadeData, upto: int, k: int) -> float:
     return s.score
 
 
+def best_of(
+    step: Step,
+    model,
+    owners,
+    choices: list[tuple[float, CascadeData]],
+    cfg: CSMFConfig,
+    on_step: Callable[[int, float], None] | None = None,
+):
+    """Train step `step` on each choice's rows from the same starting point (`model` as it is) and keep
+    the one whose best validation score (own-mode Recall@K of the step's objective, the epoch
+    selection's `StepReport.val_scores`) is highest; the first of equal ones (list the cheaper first).
+    Returns (owners, report, ratio): `model` holds the kept result; the report's info carries
+    `rehearsal` (the ratio kept) and `val_score_rehearsal_<r>` for every ratio tried. One choice: that
+    one, trained as `run_step` would. The model's parameters are held twice more while it runs."""
+    if len(choices) == 1:
+        r, d = choices[0]
+        owners, rep = run_step(step, model, owners, d, cfg, on_step=on_step)
+        return owners, rep, r
+    base = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    best, tried = None, {}
+    for j, (r, d) in enumerate(choices):
+        if j:
+            model.load_state_dict(base)
+        o, rep = run_step(step, model, owners, d, cfg, on_step=on_step)
+        score = max(rep.val_scores) if rep.val_scores else -math.inf
+        tried[r] = score
+        if best is None or score > best[0]:
+            kept = (
+                {n: p.detach().clone() for n, p in model.state_dict().items()}
+                if j < len(choices) - 1
+                else None
+            )
+            best = (score, r, o, rep, kept, j)
+    score, r, o, rep, kept, j = best
+    if j < len(choices) - 1:
+        model.load_state_dict(kept)
+    rep.info["rehearsal"] = r
+    rep.info |= {f"val_score_rehearsal_{x:g}": v for x, v in tried.items() if v > -math.inf}
+    return o, rep, r
+
+
 def run_trial(
     data: CascadeData,
     cfg: CSMFConfig,
@@ -267,6 +310,7 @@ def run_trial(
     on_begin: Callable[[Step], None] | None = None,
     start: tuple | None = None,
     steps: list | None = None,
+    choices: Callable[[Step], list[tuple[float, CascadeData]]] | None = None,
 ) -> TrialResult:
     """The selection pass: train the cascade of `cfg` on `data` (validation days held out: data.val),
     every train step keeping its best epoch there, and score it on the validation users.
@@ -276,17 +320,23 @@ def run_trial(
     counted from 1 within the step (what a per-step progress bar needs).
     The score is `selection.validation_score` with the chosen (auto) or configured fusion weights.
     start: (model, owners) to continue instead of a fresh model, steps: the steps to run instead of
-    the cascade's plan (an incremental run: csmf_core/incremental.py)."""
+    the cascade's plan (an incremental run: csmf_core/incremental.py). choices(step): for a train step,
+    the (rehearsal ratio, data) pairs it is trained on, the best kept (`best_of`; the ratios kept are
+    TrialResult.rehearsal); each pair's data differs from `data` in its train rows only."""
     if data.val is None or data.val_counts is None:
         raise ValueError("run_trial needs data loaded with validation days (load_cascade_data(val_days=...))")
     k = cfg.eval.primary_k
     model, owners = build_model(data, cfg) if start is None else start
-    epochs, step_scores, reports = [], [], []
+    epochs, step_scores, reports, ratios = [], [], [], []
     n_train = 0
     for step in plan(data.objectives, cfg) if steps is None else steps:
         if on_begin is not None:
             on_begin(step)
-        owners, rep = run_step(step, model, owners, data, cfg, on_step=on_step)
+        if choices is not None and step.kind == "train":
+            owners, rep, r = best_of(step, model, owners, choices(step), cfg, on_step=on_step)
+            ratios.append(r)
+        else:
+            owners, rep = run_step(step, model, owners, data, cfg, on_step=on_step)
         reports.append(rep)
         if step.kind != "train":
             continue
@@ -311,7 +361,16 @@ def run_trial(
         weights = tuple(float(w) for w in cfg.eval.fused_weights)
     score = validation_score(ranked, data.val, data.objectives, data.val_counts, weights, k)
     return TrialResult(
-        score.score, weights, epochs, step_scores, score.metrics(), rows, model, owners, reports
+        score.score,
+        weights,
+        epochs,
+        step_scores,
+        score.metrics(),
+        rows,
+        model,
+        owners,
+        reports,
+        ratios if choices is not None else None,
     )
 
 
@@ -319,10 +378,14 @@ def refit_config(cfg: CSMFConfig, result: TrialResult) -> CSMFConfig:
     """The config of the refit: every train step trains for the epochs the selection pass kept, on
     the whole window (no held-out days), with the chosen default weights
     (docs/method-notes.md, "Validation days and the refit")."""
-    return trial_config(
-        cfg,
-        {"train.epochs": list(result.epochs), "data.val_days": 0, "eval.fused_weights": list(result.weights)},
-    )
+    params = {
+        "train.epochs": list(result.epochs),
+        "data.val_days": 0,
+        "eval.fused_weights": list(result.weights),
+    }
+    if result.rehearsal is not None:  # an incremental pass's ratios (train.incremental_rehearsal auto)
+        params["train.incremental_rehearsal"] = list(result.rehearsal)
+    return trial_config(cfg, params)
 
 
 def describe(space: list[Param], n_stages: int | None = None) -> list[dict]:

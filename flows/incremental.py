@@ -280,8 +280,9 @@ def incremental_overrides(cfg: CSMFConfig, decision: ModeDecision, available: in
 
 def rehearsal_window(cfg: CSMFConfig) -> int:
     """The partitions before an incremental run's new day(s) its ingest reads for rehearsal rows:
-    `train.rehearsal_days` with `train.incremental_rehearsal` > 0, else none."""
-    return cfg.train.rehearsal_days if cfg.train.incremental_rehearsal > 0 else 0
+    `train.rehearsal_days` when some stage may rehearse (a ratio > 0, or auto with a candidate > 0),
+    else none."""
+    return cfg.train.rehearsal_days if any(r > 0 for r in cfg.rehearsal_ratios()) else 0
 
 
 def selection_from(train_dates: list[str], cfg: CSMFConfig) -> str:
@@ -388,35 +389,36 @@ def select_incremental(ready: Ingested, cfg: CSMFConfig, run: RunContext, start:
     apply_threads(cfg)  # (before 2026-12-05 the selection pass ran with the process's threads)
     v = val_days_for(cfg.data.val_days)
     if v == 0:
+        if cfg.train.incremental_rehearsal == "auto":
+            raise ValueError(
+                "train.incremental_rehearsal=auto chooses each stage's ratio on the validation day(s), and "
+                "data.val_days=0 holds none out: set data.val_days (auto or >= 1) or a ratio per stage"
+            )
         logger.info("incremental: data.val_days=0, training train.epochs %s", list(cfg.train.epochs))
         new = trial_config(cfg, {"data.val_days": 0})
         if new.eval.fused_weights == "auto":
             new = trial_config(new, {"eval.fused_weights": [1.0] * len(ready.objectives)})
         return new
-    data = load_cascade_data(
-        ready.model_ready,
-        val_days=v,
-        item_stats_windows=cfg.data.item_stats,
-        logq_history=cfg.train.incremental_logq == "history",
-        # rehearsal: the pass's own day(s) and a draw from the days before them (the window's older days)
-        train_from=selection_from(run.window.train_dates, cfg) if rehearsal_window(cfg) else None,
-        rehearsal=cfg.train.incremental_rehearsal,
-        rehearsal_seed=cfg.train.seed,
-    )
-    data.tables = data.tables.to(device(cfg))
+    by_ratio = selection_data(ready, cfg, run, v)
+    data = next(iter(by_ratio.values()))
     model, owners, _ = _warm(start, ready, data, cfg, selection=True)
+    auto = cfg.train.incremental_rehearsal == "auto"
+    stage_ratios = (lambda t: sorted(by_ratio)) if auto else (lambda t: [cfg.rehearsal_for(t)])
     with child_run(run, SELECT, kind=SELECT) as tracker:
         tracker.log_params(
             {"select.val_days": v, "select.refit": True, "select.mode": INCREMENTAL,
              "select.from_version": start.select_version or start.decision.parent_version,
-             "select.rehearsal_rows": data.rehearsal_rows}
+             "select.rehearsal_rows": ",".join(f"{r:g}:{d.rehearsal_rows}" for r, d in by_ratio.items())
+             if len(by_ratio) > 1 else data.rehearsal_rows}
         )  # fmt: skip
         res = run_trial(
             data,
             trial_config(cfg, {"data.val_days": v}),
             start=(model, owners),
             steps=incremental_plan(data.objectives),
+            choices=lambda step: [(r, by_ratio[r]) for r in stage_ratios(step.stage)],
         )
+        tracker.log_params({"select.rehearsal": ",".join(f"{r:g}" for r in res.rehearsal)})
         metrics = {metric_key(k): x for k, x in res.metrics.items() if x == x}
         for rep in res.reports:
             if "val_best_epoch" in rep.info:
@@ -434,11 +436,24 @@ def select_incremental(ready: Ingested, cfg: CSMFConfig, run: RunContext, start:
                 rep.step.name,
                 rep.info["rows"],
             )
+    if auto:
+        for rep in res.reports:
+            tried = {k.removeprefix("val_score_rehearsal_"): x for k, x in rep.info.items()
+                     if k.startswith("val_score_rehearsal_")}  # fmt: skip
+            logger.info(
+                "select (incremental): %s keeps rehearsal %g (validation Recall@%d by ratio: %s)",
+                rep.step.name,
+                rep.info.get("rehearsal", 0.0),
+                cfg.eval.primary_k,
+                ", ".join(f"{r}: {x:.4f}" for r, x in tried.items()) or "not trained",
+            )
     logger.info(
-        "select (incremental): validation score %.4f; refit on the last %d day(s) with epochs %s, weights %s",
+        "select (incremental): validation score %.4f; refit on the last %d day(s) with epochs %s, "
+        "rehearsal %s, weights %s",
         res.score,
         cfg.train.incremental_days,
         res.epochs,
+        [f"{r:g}" for r in res.rehearsal],
         list(res.weights),
     )
     run.parent().set_tags(
@@ -449,6 +464,39 @@ def select_incremental(ready: Ingested, cfg: CSMFConfig, run: RunContext, start:
         }
     )
     return refit_config(cfg, res)
+
+
+def selection_data(ready: Ingested, cfg: CSMFConfig, run: RunContext, v: int) -> dict:
+    """{rehearsal ratio: CascadeData} of an incremental selection pass, one per ratio its steps may
+    train with (`CSMFConfig.rehearsal_ratios`), in ascending order; they share the first one's feature
+    tables and validation rows (the same for every ratio) and differ in their train rows (and the
+    log-Q counts of those). With rehearsal, the pass trains on its own day(s) and a draw from the days
+    before them (the window's older days), never on its validation day(s)."""
+    ratios = sorted(set(cfg.rehearsal_ratios()))
+    out = {}
+    for r in ratios:
+        d = load_cascade_data(
+            ready.model_ready,
+            val_days=v,
+            item_stats_windows=cfg.data.item_stats,
+            logq_history=cfg.train.incremental_logq == "history",
+            train_from=selection_from(run.window.train_dates, cfg) if rehearsal_window(cfg) else None,
+            rehearsal=r,
+            rehearsal_seed=cfg.train.seed,
+        )
+        if not out:
+            d.tables = d.tables.to(device(cfg))
+            out[r] = d
+        else:
+            first = out[ratios[0]]
+            out[r] = dataclasses.replace(
+                first,
+                rows=d.rows,
+                counts=d.counts,
+                logq_counts=d.logq_counts,
+                rehearsal_rows=d.rehearsal_rows,
+            )
+    return out
 
 
 def train_incremental(ready: Ingested, cfg: CSMFConfig, run: RunContext, start: Start) -> Checkpoints:
@@ -484,7 +532,7 @@ def incremental_step(
         item_stats_windows=cfg.data.item_stats,
         train_from=first_day,
         logq_history=cfg.train.incremental_logq == "history",
-        rehearsal=cfg.train.incremental_rehearsal,
+        rehearsal=cfg.rehearsal_for(step.stage),
         rehearsal_seed=cfg.train.seed,
     )
     data.tables = data.tables.to(device(cfg))
@@ -512,7 +560,7 @@ def incremental_step(
                 first_day,
                 data.rehearsal_rows,
                 sum(d < first_day for d in run.window.train_dates),
-                cfg.train.incremental_rehearsal,
+                cfg.rehearsal_for(step.stage),
             )
         epochs = cfg.epochs_for(step.stage)
         n = stage_positives(data.rows, step.stage)

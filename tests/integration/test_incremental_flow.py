@@ -7,6 +7,8 @@ One tracking store, two consecutive days as the daily deployment runs them (trai
                                             day of the selection pass), v2, verified by the gate
     C  2026-01-06  --from-model v1,      -> incremental from v1 on 2026-01-05 and as many rows again drawn
                    rehearsal 1, 2 days      from 2026-01-02 .. 01-04 (2 rehearsal days + the pass's own day)
+    D  2026-01-06  --from-model v1,      -> the same, each stage's ratio (0 or 1) chosen by the selection
+                   rehearsal auto [0, 1]    pass on the validation day 2026-01-04
 
     .venv/bin/pytest -m integration tests/integration/test_incremental_flow.py
 """
@@ -23,6 +25,7 @@ from csmf_core.bundle import read_vocab
 from csmf_core.synth import generate
 from flows.pipeline import csmf_daily
 from flows.registry import REGISTERED_MODEL, resolve_bundle
+from flows.tracking import metric_key
 from tests.integration.conftest import temporary_api
 from tests.integration.test_gate_flow import OVERRIDES, _store
 
@@ -30,6 +33,12 @@ pytestmark = pytest.mark.integration
 
 INCREMENTAL = [*OVERRIDES, "train.mode=incremental"]
 REHEARSAL = [*INCREMENTAL, "train.incremental_rehearsal=1", "train.rehearsal_days=2"]
+AUTO = [
+    *INCREMENTAL,
+    "train.incremental_rehearsal=auto",
+    "train.rehearsal_candidates=[1,0]",
+    "train.rehearsal_days=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +59,16 @@ def days(tmp_path_factory):
                 overrides=REHEARSAL,
                 from_model="models:/csmf/1",
             )
+            out.d = csmf_daily(
+                date="2026-01-06", data=str(tiny), home=str(home), overrides=AUTO, from_model="models:/csmf/1"
+            )
             out.versions = {
                 str(v.version): v for v in client.search_model_versions(f"name='{REGISTERED_MODEL}'")
             }
             out.bundles = {
                 v: resolve_bundle(f"models:/{REGISTERED_MODEL}/{v}", home=home) for v in ("1", "2")
             }
-            out.parents = {k: client.get_run(getattr(out, k)["mlflow_run_id"]) for k in ("a", "b", "c")}
+            out.parents = {k: client.get_run(getattr(out, k)["mlflow_run_id"]) for k in ("a", "b", "c", "d")}
     return out
 
 
@@ -267,3 +279,41 @@ def test_rehearsal_trains_the_new_day_and_a_draw_of_the_days_before(days):
     day4 = exposed.filter(pl.col("dt") == "2026-01-04").height
     before4 = exposed.filter(pl.col("dt").is_between(pl.lit("2026-01-02"), pl.lit("2026-01-03"))).height
     assert int(select.data.params["select.rehearsal_rows"]) == min(day4, before4) > 0
+
+
+def test_rehearsal_auto_keeps_each_stages_better_ratio(days):
+    """Day D with train.incremental_rehearsal=auto over [0, 1]: the selection pass trains every stage with
+    each ratio from the same point and keeps the one with the higher validation Recall@K (0 on a tie:
+    the candidates are tried in ascending order); the refit trains each stage with its kept ratio (the
+    exposure step's rows counted from the raw events, as for day C)."""
+    import polars as pl
+
+    v4 = days.versions["4"]
+    assert v4.tags["csmf.train_mode"] == "incremental" and v4.tags["csmf.parent_model_version"] == "1"
+    assert days.d["gate"]["checks"]["frozen_parameters"] and days.d["gate"]["checks"]["exact_fusion"]
+    children = days.client.search_runs(
+        [days.parents["d"].info.experiment_id], f"tags.mlflow.parentRunId = '{days.d['mlflow_run_id']}'"
+    )
+    select = next(c for c in children if c.info.run_name == "select")
+    kept = [float(r) for r in select.data.params["select.rehearsal"].split(",")]
+    events = pl.read_parquet(days.root / "tiny" / "events" / "**" / "*.parquet", hive_partitioning=True)
+    exposed = events.filter(pl.col("exposed")).with_columns(pl.col("dt").cast(pl.String))
+    day4 = exposed.filter(pl.col("dt") == "2026-01-04").height
+    before4 = exposed.filter(pl.col("dt").is_between(pl.lit("2026-01-02"), pl.lit("2026-01-03"))).height
+    assert select.data.params["select.rehearsal_rows"] == f"0:0,1:{min(day4, before4)}"
+    objectives = ["exposure", "click", "conversion"]
+    assert len(kept) == len(objectives)
+    for o, r in zip(objectives, kept):
+        s0, s1 = (select.data.metrics.get(f"val/{o}/score_rehearsal_{x}") for x in (0, 1))
+        if s0 is None:  # the stage had too few positives to train: kept as it was, the first ratio
+            assert s1 is None and r == 0.0
+            continue
+        assert r == (1.0 if s1 > s0 else 0.0), (o, s0, s1, r)
+        assert max(s0, s1) == pytest.approx(select.data.metrics[metric_key(f"val/{o}/best_recall@50")]), o
+    new = exposed.filter(pl.col("dt") == "2026-01-05").height
+    older = exposed.filter(pl.col("dt").is_between(pl.lit("2026-01-02"), pl.lit("2026-01-04"))).height
+    for o, r in zip(objectives, kept):
+        step = next(c for c in children if c.info.run_name == f"incremental_{o}")
+        assert int(step.data.params["step.rehearsal_rows"]) == (min(new, older) if r else 0), o
+    exposure = next(c for c in children if c.info.run_name == "incremental_exposure")
+    assert int(exposure.data.metrics["train/rows"]) == new + (min(new, older) if kept[0] else 0)

@@ -730,3 +730,73 @@ def test_rehearsal_keeps_the_selection_pass_history_counts(rehearsal_mr):
         exposure[i] += 1
     assert drawn.logq_counts[0].tolist() == exposure
     assert (drawn.logq_counts[0] != plain.logq_counts[0]).any()  # fewer rows than the whole window
+
+
+def _state(model):
+    return {n: p.detach().clone() for n, p in model.state_dict().items()}
+
+
+def test_best_of_keeps_the_rows_whose_stage_validates_best(tiny_world, rehearsal_mr):
+    """train.incremental_rehearsal=auto in the selection pass (csmf_core.tuning.best_of): each ratio's
+    rows train the step from the same point; the kept one is the one whose own-mode validation Recall@K
+    (the epoch selection's best) is highest, the first of equal ones, and the model ends exactly as
+    that ratio's run alone leaves it (every ratio checked against its own run from a copy)."""
+    import copy
+    import math
+
+    from csmf_core.tuning import best_of
+
+    cfg = build_config(TINY_CONFIG, ["train.epochs=[2,2,2]", "data.val_days=1"])
+    r = rehearsal_mr
+    by_ratio = {
+        x: load_cascade_data(r.mr, val_days=1, train_from=r.dates[3], rehearsal=x) for x in (0.0, 1.0, 3.0)
+    }
+    assert [d.rehearsal_rows for d in by_ratio.values()][0] == 0 < by_ratio[1.0].rehearsal_rows
+    start, owners, _ = warm_start(tiny_world["bundle"] / "checkpoint", by_ratio[0.0], cfg)
+    step = incremental_plan(by_ratio[0.0].objectives)[0]
+    alone = {}
+    for x, d in by_ratio.items():
+        m = copy.deepcopy(start)
+        _, rep = run_step(step, m, owners, d, cfg)
+        alone[x] = (max(rep.val_scores), _state(m), rep.info["val_best_epoch"])
+    assert len({s for s, _, _ in alone.values()}) > 1  # the ratios lead to different validation scores
+    order = [1.0, 3.0, 0.0]  # here 3 validates best: neither the first nor the last tried
+    want = max(order, key=lambda x: alone[x][0])  # the best score, the first tried among equals
+    model = copy.deepcopy(start)
+    _, rep, kept = best_of(step, model, owners, [(x, by_ratio[x]) for x in order], cfg)
+    assert kept == want == rep.info["rehearsal"]
+    assert rep.info["val_best_epoch"] == alone[want][2]
+    for x, (s, _, _) in alone.items():
+        assert math.isclose(rep.info[f"val_score_rehearsal_{x:g}"], s, rel_tol=0, abs_tol=1e-12)
+    got = _state(model)
+    assert all(torch.equal(got[n], alone[want][1][n]) for n in got)
+    # equal candidates (the same rows twice): the first is kept, as trained alone
+    model = copy.deepcopy(start)
+    _, rep, kept = best_of(step, model, owners, [(3.0, by_ratio[1.0]), (5.0, by_ratio[1.0])], cfg)
+    assert kept == 3.0
+    got = _state(model)
+    assert all(torch.equal(got[n], alone[1.0][1][n]) for n in got)
+
+
+def test_rehearsal_per_stage_and_auto_settings():
+    """A list gives one ratio per stage (the last repeats), auto reads the candidates; the refit of an
+    auto run trains the ratios its selection pass kept; rehearsal days are read when any may be > 0."""
+    from csmf_core.tuning import TrialResult
+
+    per = build_config(None, ["train.incremental_rehearsal=[1, 0]"])
+    assert [per.rehearsal_for(t) for t in range(3)] == [1.0, 0.0, 0.0]
+    assert flow_inc.rehearsal_window(per) == per.train.rehearsal_days == 6
+    auto = build_config(None, ["train.incremental_rehearsal=auto", "train.rehearsal_candidates=[0, 2]"])
+    assert auto.rehearsal_ratios() == (0.0, 2.0) and flow_inc.rehearsal_window(auto) == 6
+    assert flow_inc.rehearsal_window(build_config(None, ["train.incremental_rehearsal=auto",
+                                                        "train.rehearsal_candidates=[0]"])) == 0  # fmt: skip
+    with pytest.raises(ValueError, match="no ratio until a selection pass"):
+        auto.rehearsal_for(0)
+    res = TrialResult(1.0, (1.0, 1.0, 1.0), [2, 0, 3], [], rehearsal=[2.0, 0.0, 2.0])
+    refit = refit_config(auto, res)
+    assert [refit.rehearsal_for(t) for t in range(3)] == [2.0, 0.0, 2.0] and refit.data.val_days == 0
+    assert refit.train.epochs == (2, 0, 3)
+    assert refit_config(per, TrialResult(1.0, (1.0,) * 3, [1, 1, 1], [])).train.incremental_rehearsal == (
+        1.0,
+        0.0,
+    )
