@@ -150,9 +150,9 @@ class TrainConfig:
     # `rehearsal_candidates` (every candidate trains the step from the same point; the best validation
     # Recall@K of the stage's own objective wins, the smaller ratio on a tie), and the refit trains each
     # stage with its choice. Measured in docs/method-notes.md
-    incremental_rehearsal: tuple[float, ...] | str = (0.0,)
+    incremental_rehearsal: tuple[float, ...] | str = "auto"
     rehearsal_days: int = 6
-    rehearsal_candidates: tuple[float, ...] = (0.0, 3.0)
+    rehearsal_candidates: tuple[float, ...] = (0.0, 2.0)
 
 
 @dataclass(frozen=True)

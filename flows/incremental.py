@@ -280,8 +280,10 @@ def incremental_overrides(cfg: CSMFConfig, decision: ModeDecision, available: in
 
 def rehearsal_window(cfg: CSMFConfig) -> int:
     """The partitions before an incremental run's new day(s) its ingest reads for rehearsal rows:
-    `train.rehearsal_days` when some stage may rehearse (a ratio > 0, or auto with a candidate > 0),
-    else none."""
+    `train.rehearsal_days` when some stage may rehearse (a ratio > 0, or auto with a candidate > 0 and
+    validation days to choose on), else none."""
+    if cfg.train.incremental_rehearsal == "auto" and val_days_for(cfg.data.val_days) == 0:
+        return 0
     return cfg.train.rehearsal_days if any(r > 0 for r in cfg.rehearsal_ratios()) else 0
 
 
@@ -389,13 +391,14 @@ def select_incremental(ready: Ingested, cfg: CSMFConfig, run: RunContext, start:
     apply_threads(cfg)  # (before 2026-12-05 the selection pass ran with the process's threads)
     v = val_days_for(cfg.data.val_days)
     if v == 0:
-        if cfg.train.incremental_rehearsal == "auto":
-            raise ValueError(
-                "train.incremental_rehearsal=auto chooses each stage's ratio on the validation day(s), and "
-                "data.val_days=0 holds none out: set data.val_days (auto or >= 1) or a ratio per stage"
-            )
         logger.info("incremental: data.val_days=0, training train.epochs %s", list(cfg.train.epochs))
         new = trial_config(cfg, {"data.val_days": 0})
+        if cfg.train.incremental_rehearsal == "auto":
+            logger.info(
+                "incremental: train.incremental_rehearsal=auto chooses on validation days and data.val_days=0 "
+                "holds none out: no rehearsal (set a ratio, or a list of one per stage, to rehearse without)"
+            )
+            new = trial_config(new, {"train.incremental_rehearsal": [0.0]})
         if new.eval.fused_weights == "auto":
             new = trial_config(new, {"eval.fused_weights": [1.0] * len(ready.objectives)})
         return new

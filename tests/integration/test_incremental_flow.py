@@ -90,7 +90,9 @@ def test_second_day_is_incremental_and_verified(days):
     assert v2.tags["csmf.train_mode"] == "incremental"
     assert v2.tags["csmf.parent_model_version"] == "1"
     assert v2.tags["csmf.last_full_date"] == "2026-01-05"
-    assert v2.tags["csmf.train_dates"].startswith("2026-01-04..2026-01-05")
+    # one new day (01-05), its validation day (01-04) and, for rehearsal (train.incremental_rehearsal auto,
+    # train.rehearsal_days 6), the days before them: as many as the data has (01-01 .. 01-03)
+    assert v2.tags["csmf.train_dates"].startswith("2026-01-01..2026-01-05 (5 days)")
     children = days.client.search_runs(
         [days.parents["b"].info.experiment_id], f"tags.mlflow.parentRunId = '{days.b['mlflow_run_id']}'"
     )
@@ -150,8 +152,16 @@ def test_line_continues_the_verified_challenger_the_gate_kept_out(line_days):
     assert v3.tags["csmf.train_mode"] == "incremental"
     assert v3.tags["csmf.parent_model_version"] == "2"  # the line's head, not champion v1
     assert v3.tags["csmf.last_full_date"] == "2026-01-04"
-    # one new day (01-05) and the validation day before it; the default would have caught v1 up on two
-    assert v3.tags["csmf.train_dates"].startswith("2026-01-04..2026-01-05")
+    # one new day (01-05), the validation day before it and the rehearsal days before those (01-01 ..
+    # 01-03); train.start_from=champion would have caught v1 up on two new days
+    assert v3.tags["csmf.train_dates"].startswith("2026-01-01..2026-01-05 (5 days)")
+    steps = line_days.client.search_runs(
+        [line_days.client.get_run(line_days.c["mlflow_run_id"]).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{line_days.c['mlflow_run_id']}'",
+    )
+    assert {
+        c.data.params["step.train_from"] for c in steps if c.info.run_name.startswith("incremental_")
+    } == {"2026-01-05"}
     assert line_days.c["gate"]["checks"] == {
         "exact_fusion": True,
         "frozen_parameters": True,
@@ -218,8 +228,9 @@ def test_a_day_missing_from_the_data_is_stepped_over(tmp_path):
         )
     assert parent.data.tags["csmf.train_mode"] == "incremental"
     assert parent.data.tags["csmf.parent_model_version"] == "1"
-    # two new days of data (01-03, 01-05) plus one validation day before them: the last 3 partitions
-    assert parent.data.params["run.train_dates"] == '["2026-01-02", "2026-01-03", "2026-01-05"]'
+    # two new days of data (01-03, 01-05) plus one validation day before them (the last 3 partitions)
+    # and the one partition left before those for rehearsal (train.incremental_rehearsal auto)
+    assert parent.data.params["run.train_dates"] == '["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-05"]'
     steps = [c for c in children if c.info.run_name.startswith("incremental_")]
     assert len(steps) == 3 and {c.data.params["step.train_from"] for c in steps} == {"2026-01-03"}
     assert b["gate"]["checks"]["exact_fusion"]

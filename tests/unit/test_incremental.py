@@ -97,7 +97,9 @@ def test_incremental_runs_train_on_the_days_new_to_their_model():
     assert d.new_days == 3 and d.train_days(1) == 3 and "the 3 day(s)" in d.reason
     d = decide_mode(INCREMENTAL, "2026-01-08", 7, parent | {"date": None}, explicit=True)  # a bundle path
     assert d.new_days is None and d.train_days(2) == 2
-    cfg = build_config({"data": {"val_days": "auto"}, "train": {"incremental_days": 1}})
+    cfg = build_config(
+        {"data": {"val_days": "auto"}, "train": {"incremental_days": 1, "incremental_rehearsal": 0}}
+    )
     assert flow_inc.incremental_overrides(cfg, decide_mode(INCREMENTAL, "2026-01-08", 7, parent)) == {
         "train.mode": "incremental",
         "train.incremental_days": 3,
@@ -703,7 +705,14 @@ def test_rehearsal_widens_the_incremental_window():
     # one new day + the validation day + three rehearsal days before them
     assert flow_inc.incremental_overrides(cfg, decision)["data.train_days"] == 5
     assert flow_inc.incremental_overrides(cfg, decision, 4)["data.train_days"] == 4  # as many as there are
-    assert flow_inc.incremental_overrides(build_config(None), decision, 7)["data.train_days"] == 2  # off
+    off = build_config(None, ["train.incremental_rehearsal=0"])
+    assert flow_inc.incremental_overrides(off, decision, 7)["data.train_days"] == 2  # off
+    # the default (auto over [0, 2]) reads the rehearsal days; with no validation days it cannot choose
+    assert (
+        flow_inc.incremental_overrides(build_config(None), decision, 9)["data.train_days"] == 8
+    )  # 1 + 1 + 6
+    no_val_auto = build_config({"data": {"val_days": 0}})
+    assert flow_inc.incremental_overrides(no_val_auto, decision, 9)["data.train_days"] == 1
     dates = [f"2026-01-0{d}" for d in range(2, 8)]
     assert flow_inc.selection_from(dates, cfg) == "2026-01-06"  # the day before the validation day
     two = build_config({"train": {"incremental_days": 2, "incremental_rehearsal": 0.5, "rehearsal_days": 2}})
