@@ -271,33 +271,51 @@ def best_of(
     """Train step `step` on each choice's rows from the same starting point (`model` as it is) and keep
     the one whose best validation score (own-mode Recall@K of the step's objective, the epoch
     selection's `StepReport.val_scores`) is highest; the first of equal ones (list the cheaper first).
-    Returns (owners, report, ratio): `model` holds the kept result; the report's info carries
-    `rehearsal` (the ratio kept) and `val_score_rehearsal_<r>` for every ratio tried. One choice: that
+    A choice whose rows leave the stage as it was (`Step.keep_if_few`: too few positives) scores what
+    the starting model scores (the other choices' epoch 0), so it ties with a trained choice that kept
+    epoch 0. Returns (owners, report, ratio): `model` holds the kept result; the report's info carries
+    `rehearsal` (the ratio kept) and `val_score_rehearsal_<r>` for every ratio scored. One choice: that
     one, trained as `run_step` would. The model's parameters are held twice more while it runs."""
     if len(choices) == 1:
         r, d = choices[0]
         owners, rep = run_step(step, model, owners, d, cfg, on_step=on_step)
+        rep.info["rehearsal"] = r
         return owners, rep, r
-    base = {n: p.detach().clone() for n, p in model.state_dict().items()}
-    best, tried = None, {}
+
+    def score(rep) -> float | None:  # None: the stage was not trained (or not scored) on these rows
+        finite = [x for x in rep.val_scores if math.isfinite(x)]
+        return max(finite) if finite else None
+
+    def state() -> dict:
+        return {n: p.detach().clone() for n, p in model.state_dict().items()}
+
+    base = state()
+    # best: (score, index, state) of the best scored choice; first: the first choice's state (kept when
+    # nothing is scored: no validation positives for the stage, the same for every choice)
+    tried, start, best, first = [], None, None, None
     for j, (r, d) in enumerate(choices):
         if j:
             model.load_state_dict(base)
         o, rep = run_step(step, model, owners, d, cfg, on_step=on_step)
-        score = max(rep.val_scores) if rep.val_scores else -math.inf
-        tried[r] = score
-        if best is None or score > best[0]:
-            kept = (
-                {n: p.detach().clone() for n, p in model.state_dict().items()}
-                if j < len(choices) - 1
-                else None
-            )
-            best = (score, r, o, rep, kept, j)
-    score, r, o, rep, kept, j = best
-    if j < len(choices) - 1:
-        model.load_state_dict(kept)
+        s = score(rep)
+        tried.append((r, s, o, rep))
+        if j == 0:
+            first = base if rep.info.get("kept") else state()
+        if s is not None:
+            if start is None and math.isfinite(rep.val_scores[0]):
+                start = rep.val_scores[0]  # the starting model's score: every choice's epoch 0
+            if best is None or s > best[0]:
+                best = (s, j, first if j == 0 else state())
+    scores = [start if s is None and rep.info.get("kept") else s for _, s, _, rep in tried]
+    known = [x for x in scores if x is not None]
+    j = scores.index(max(known)) if known else 0  # the first of the best (a kept choice scores the start)
+    r, _, o, rep = tried[j]
+    if rep.info.get("kept"):
+        model.load_state_dict(base)
+    else:
+        model.load_state_dict(first if j == 0 else best[2])
     rep.info["rehearsal"] = r
-    rep.info |= {f"val_score_rehearsal_{x:g}": v for x, v in tried.items() if v > -math.inf}
+    rep.info |= {f"val_score_rehearsal_{x:g}": v for (x, _, _, _), v in zip(tried, scores) if v is not None}
     return o, rep, r
 
 

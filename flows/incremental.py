@@ -406,13 +406,18 @@ def select_incremental(ready: Ingested, cfg: CSMFConfig, run: RunContext, start:
     data = next(iter(by_ratio.values()))
     model, owners, _ = _warm(start, ready, data, cfg, selection=True)
     auto = cfg.train.incremental_rehearsal == "auto"
-    stage_ratios = (lambda t: sorted(by_ratio)) if auto else (lambda t: [cfg.rehearsal_for(t)])
+    # auto: the ratios whose rows differ (a larger ratio that draws no more rows than a smaller one,
+    # as when the pass has no earlier day, would train the same rows again: it is the smaller one)
+    distinct = [
+        r for r in sorted(by_ratio) if next(x for x in sorted(by_ratio) if by_ratio[x] is by_ratio[r]) == r
+    ]
+    stage_ratios = (lambda t: distinct) if auto else (lambda t: [cfg.rehearsal_for(t)])
     with child_run(run, SELECT, kind=SELECT) as tracker:
         tracker.log_params(
             {"select.val_days": v, "select.refit": True, "select.mode": INCREMENTAL,
              "select.from_version": start.select_version or start.decision.parent_version,
-             "select.rehearsal_rows": ",".join(f"{r:g}:{d.rehearsal_rows}" for r, d in by_ratio.items())
-             if len(by_ratio) > 1 else data.rehearsal_rows}
+             "select.rehearsal_rows": ",".join(f"{r:g}:{by_ratio[r].rehearsal_rows}" for r in distinct)
+             if len(distinct) > 1 else data.rehearsal_rows}
         )  # fmt: skip
         res = run_trial(
             data,
@@ -448,7 +453,8 @@ def select_incremental(ready: Ingested, cfg: CSMFConfig, run: RunContext, start:
                 rep.step.name,
                 rep.info.get("rehearsal", 0.0),
                 cfg.eval.primary_k,
-                ", ".join(f"{r}: {x:.4f}" for r, x in tried.items()) or "not trained",
+                ", ".join(f"{r}: {x:.4f}" for r, x in tried.items())
+                or ("one candidate: the others draw the same rows" if len(distinct) == 1 else "none scored"),
             )
     logger.info(
         "select (incremental): validation score %.4f; refit on the last %d day(s) with epochs %s, "
@@ -473,8 +479,10 @@ def selection_data(ready: Ingested, cfg: CSMFConfig, run: RunContext, v: int) ->
     """{rehearsal ratio: CascadeData} of an incremental selection pass, one per ratio its steps may
     train with (`CSMFConfig.rehearsal_ratios`), in ascending order; they share the first one's feature
     tables and validation rows (the same for every ratio) and differ in their train rows (and the
-    log-Q counts of those). With rehearsal, the pass trains on its own day(s) and a draw from the days
-    before them (the window's older days), never on its validation day(s)."""
+    log-Q counts of those); a ratio that draws as many rows as the next smaller one maps to that one's
+    data (the same rows: a draw is a prefix of one permutation under the seed). With rehearsal, the
+    pass trains on its own day(s) and a draw from the days before them (the window's older days), never
+    on its validation day(s)."""
     ratios = sorted(set(cfg.rehearsal_ratios()))
     out = {}
     for r in ratios:
@@ -490,10 +498,11 @@ def selection_data(ready: Ingested, cfg: CSMFConfig, run: RunContext, v: int) ->
         if not out:
             d.tables = d.tables.to(device(cfg))
             out[r] = d
+        elif d.rehearsal_rows == out[max(out)].rehearsal_rows:  # no earlier day, or every earlier row
+            out[r] = out[max(out)]
         else:
-            first = out[ratios[0]]
             out[r] = dataclasses.replace(
-                first,
+                out[ratios[0]],
                 rows=d.rows,
                 counts=d.counts,
                 logq_counts=d.logq_counts,

@@ -307,6 +307,7 @@ def test_rehearsal_auto_keeps_each_stages_better_ratio(days):
     )
     select = next(c for c in children if c.info.run_name == "select")
     kept = [float(r) for r in select.data.params["select.rehearsal"].split(",")]
+    assert 1.0 in kept and 0.0 in kept  # on this day both outcomes occur (exposure keeps 1, click a tie at 0)
     events = pl.read_parquet(days.root / "tiny" / "events" / "**" / "*.parquet", hive_partitioning=True)
     exposed = events.filter(pl.col("exposed")).with_columns(pl.col("dt").cast(pl.String))
     day4 = exposed.filter(pl.col("dt") == "2026-01-04").height

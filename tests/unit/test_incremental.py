@@ -771,6 +771,7 @@ def test_best_of_keeps_the_rows_whose_stage_validates_best(tiny_world, rehearsal
     assert len({s for s, _, _ in alone.values()}) > 1  # the ratios lead to different validation scores
     order = [1.0, 3.0, 0.0]  # here 3 validates best: neither the first nor the last tried
     want = max(order, key=lambda x: alone[x][0])  # the best score, the first tried among equals
+    assert want == 3.0  # (what makes this case test the restore of a kept state)
     model = copy.deepcopy(start)
     _, rep, kept = best_of(step, model, owners, [(x, by_ratio[x]) for x in order], cfg)
     assert kept == want == rep.info["rehearsal"]
@@ -809,3 +810,60 @@ def test_rehearsal_per_stage_and_auto_settings():
         1.0,
         0.0,
     )
+
+
+def test_best_of_scores_a_kept_stage_as_its_start(tiny_world, rehearsal_mr):
+    """A choice whose rows leave the stage as it was (fewer than 2 positives: Step.keep_if_few) scores
+    what the starting model scores (the trained choice's epoch 0): it is kept, with the model
+    untouched, unless the trained choice validates better than its start."""
+    import copy
+    import dataclasses
+
+    from csmf_core.tuning import best_of
+
+    cfg = build_config(TINY_CONFIG, ["train.epochs=[2,2,2]", "data.val_days=1"])
+    r = rehearsal_mr
+    full = load_cascade_data(r.mr, val_days=1, train_from=r.dates[3])
+    few = dataclasses.replace(full, rows=full.rows.select(torch.nonzero(full.rows.level < 2).flatten()))
+    start, owners, _ = warm_start(tiny_world["bundle"] / "checkpoint", full, cfg)
+    step = incremental_plan(full.objectives)[2]  # conversion: no positive among `few`'s rows
+    trained = copy.deepcopy(start)
+    _, alone = run_step(step, trained, owners, full, cfg)
+    assert alone.val_scores and max(alone.val_scores) >= alone.val_scores[0]
+    model = copy.deepcopy(start)
+    _, rep, kept = best_of(step, model, owners, [(0.0, few), (2.0, full)], cfg)
+    assert rep.info["val_score_rehearsal_0"] == alone.val_scores[0]  # the start's score
+    assert rep.info["val_score_rehearsal_2"] == max(alone.val_scores)
+    want, state = (
+        (2.0, _state(trained)) if max(alone.val_scores) > alone.val_scores[0] else (0.0, _state(start))
+    )
+    assert kept == want
+    got = _state(model)
+    assert all(torch.equal(got[n], state[n]) for n in got)
+    # the trained choice first: it wins a tie with the kept one (the first of equal ones)
+    model = copy.deepcopy(start)
+    _, rep, kept = best_of(step, model, owners, [(2.0, full), (0.0, few)], cfg)
+    assert kept == 2.0
+    got, state = _state(model), _state(trained)
+    assert all(torch.equal(got[n], state[n]) for n in got)
+
+
+def test_selection_data_shares_what_the_ratios_share(rehearsal_mr):
+    """One CascadeData per ratio for the selection pass (validation day 5, pass day 4): the same tables
+    and validation rows, each its own draw; a ratio that cannot draw more rows than a smaller one (every
+    earlier row drawn already) is that one's data, so auto does not train the same rows twice."""
+    r = rehearsal_mr
+    cfg = build_config(
+        None, ["train.incremental_rehearsal=auto", "train.rehearsal_candidates=[1000, 0, 1, 2000]"]
+    )
+    ready = SimpleNamespace(model_ready=r.mr)
+    run = SimpleNamespace(window=SimpleNamespace(train_dates=list(r.dates[1:5])))
+    out = flow_inc.selection_data(ready, cfg, run, 1)
+    assert list(out) == [0.0, 1.0, 1000.0, 2000.0]
+    d4 = day_number(r.dates[3])
+    n4, older = sum(d == d4 for d in r.day), sum(d < d4 for d in r.day)
+    assert [out[x].rehearsal_rows for x in (0.0, 1.0, 1000.0)] == [0, min(n4, older), older]
+    assert out[2000.0] is out[1000.0] and out[1000.0] is not out[1.0]
+    assert all(out[x].tables is out[0.0].tables and out[x].val is out[0.0].val for x in out)
+    alone = load_cascade_data(r.mr, val_days=1, train_from=r.dates[3], rehearsal=1.0)
+    assert _keys(out[1.0].rows) == _keys(alone.rows)
