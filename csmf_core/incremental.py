@@ -15,10 +15,13 @@ fusion holds as for any model with unit-level ownership.
 
 Epochs: as in a full run (flows/epoch_selection.py), a selection pass on validation days chooses
 them: the run's window is `train.incremental_days` + v days, v = `data.val_days` (auto = 1, 0 = no
-selection); the pass continues the previous model on the first `incremental_days` days, keeps each
-step's best epoch (its starting point, epoch 0, included: a stage may stay as it was) by own-mode
-Recall@K on the last v days, and the refit then continues the previous model on the last
-`incremental_days` days only, for those epochs. `train.epochs` are the caps.
+selection), and the `train.rehearsal_days` before them when rehearsal is on; the pass continues the
+previous model on the `incremental_days` days before the validation day(s), keeps each step's best
+epoch (its starting point, epoch 0, included: a stage may stay as it was) by own-mode Recall@K on the
+last v days, and the refit then continues the previous model on the last `incremental_days` days
+only, for those epochs. `train.epochs` are the caps. Rehearsal (`train.incremental_rehearsal`, auto by
+default) adds to each step a draw of rows from the earlier days, its ratio per stage chosen by the
+same pass (flows/incremental.py, csmf_core.tuning.best_of).
 
 New days: an incremental run trains on the days its starting model has not seen, at least
 `train.incremental_days`: a champion trained for D-1 gives one new day (D-1's partition is the
