@@ -453,7 +453,7 @@ def select_incremental(ready: Ingested, cfg: CSMFConfig, run: RunContext, start:
                 rep.step.name,
                 rep.info.get("rehearsal", 0.0),
                 cfg.eval.primary_k,
-                ", ".join(f"{r}: {x:.4f}" for r, x in tried.items())
+                ", ".join(f"{r}: {x:.6f}" for r, x in tried.items())
                 or ("one candidate: the others draw the same rows" if len(distinct) == 1 else "none scored"),
             )
     logger.info(
