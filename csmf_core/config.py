@@ -256,19 +256,25 @@ class CSMFConfig:
         return int(e[min(stage, len(e) - 1)])
 
     def rehearsal_for(self, stage: int) -> float:
-        """Stage `stage`'s `train.incremental_rehearsal` ratio (the last one repeats); "auto" is resolved
-        by an incremental run's selection pass (flows/incremental.py) and has no ratio before it."""
+        """Stage `stage`'s `train.incremental_rehearsal` ratio (the last one repeats). "auto" is resolved
+        by an incremental run's selection pass (flows/incremental.py) and has no ratio before it, but
+        with data.val_days=0 (no validation day to choose on), where it means no rehearsal: 0."""
         r = self.train.incremental_rehearsal
         if r == "auto":
+            if self.data.val_days == 0:
+                return 0.0
             raise ValueError(
                 "train.incremental_rehearsal=auto has no ratio until a selection pass chooses one"
             )
         return float(r[min(stage, len(r) - 1)])
 
     def rehearsal_ratios(self) -> tuple[float, ...]:
-        """Every rehearsal ratio this config may train with: the candidates under "auto", else the list."""
+        """Every rehearsal ratio this config may train with: the candidates under "auto" (none but 0 with
+        data.val_days=0), else the list."""
         r = self.train.incremental_rehearsal
-        return tuple(self.train.rehearsal_candidates if r == "auto" else r)
+        if r == "auto":
+            return (0.0,) if self.data.val_days == 0 else tuple(self.train.rehearsal_candidates)
+        return tuple(r)
 
 
 _CHOICES = {

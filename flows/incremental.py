@@ -281,9 +281,7 @@ def incremental_overrides(cfg: CSMFConfig, decision: ModeDecision, available: in
 def rehearsal_window(cfg: CSMFConfig) -> int:
     """The partitions before an incremental run's new day(s) its ingest reads for rehearsal rows:
     `train.rehearsal_days` when some stage may rehearse (a ratio > 0, or auto with a candidate > 0 and
-    validation days to choose on), else none."""
-    if cfg.train.incremental_rehearsal == "auto" and val_days_for(cfg.data.val_days) == 0:
-        return 0
+    validation days to choose on: `CSMFConfig.rehearsal_ratios`), else none."""
     return cfg.train.rehearsal_days if any(r > 0 for r in cfg.rehearsal_ratios()) else 0
 
 
@@ -393,12 +391,11 @@ def select_incremental(ready: Ingested, cfg: CSMFConfig, run: RunContext, start:
     if v == 0:
         logger.info("incremental: data.val_days=0, training train.epochs %s", list(cfg.train.epochs))
         new = trial_config(cfg, {"data.val_days": 0})
-        if cfg.train.incremental_rehearsal == "auto":
+        if cfg.train.incremental_rehearsal == "auto":  # CSMFConfig.rehearsal_for: 0 for every stage
             logger.info(
                 "incremental: train.incremental_rehearsal=auto chooses on validation days and data.val_days=0 "
                 "holds none out: no rehearsal (set a ratio, or a list of one per stage, to rehearse without)"
             )
-            new = trial_config(new, {"train.incremental_rehearsal": [0.0]})
         if new.eval.fused_weights == "auto":
             new = trial_config(new, {"eval.fused_weights": [1.0] * len(ready.objectives)})
         return new
@@ -408,9 +405,8 @@ def select_incremental(ready: Ingested, cfg: CSMFConfig, run: RunContext, start:
     auto = cfg.train.incremental_rehearsal == "auto"
     # auto: the ratios whose rows differ (a larger ratio that draws no more rows than a smaller one,
     # as when the pass has no earlier day, would train the same rows again: it is the smaller one)
-    distinct = [
-        r for r in sorted(by_ratio) if next(x for x in sorted(by_ratio) if by_ratio[x] is by_ratio[r]) == r
-    ]
+    ratios = sorted(by_ratio)  # (selection_data maps such a ratio to the data of the one before it)
+    distinct = [r for i, r in enumerate(ratios) if i == 0 or by_ratio[r] is not by_ratio[ratios[i - 1]]]
     stage_ratios = (lambda t: distinct) if auto else (lambda t: [cfg.rehearsal_for(t)])
     with child_run(run, SELECT, kind=SELECT) as tracker:
         tracker.log_params(

@@ -713,6 +713,7 @@ def test_rehearsal_widens_the_incremental_window():
     )  # 1 + 1 + 6
     no_val_auto = build_config({"data": {"val_days": 0}})
     assert flow_inc.incremental_overrides(no_val_auto, decision, 9)["data.train_days"] == 1
+    assert no_val_auto.rehearsal_ratios() == (0.0,) and no_val_auto.rehearsal_for(2) == 0.0
     dates = [f"2026-01-0{d}" for d in range(2, 8)]
     assert flow_inc.selection_from(dates, cfg) == "2026-01-06"  # the day before the validation day
     two = build_config({"train": {"incremental_days": 2, "incremental_rehearsal": 0.5, "rehearsal_days": 2}})
