@@ -51,16 +51,24 @@ def test_train_step_smoke():
 
 
 def test_embeddings_smoke():
-    """Every path reports its big/small step-time ratio (target <= 1.2 for the sparse paths, none for
-    dense), step times, peak RSS and per-table optimiser state: lazy Adam's state is two tables' worth,
-    row-wise Adagrad's one float per row."""
+    """Every path reports its big/small step-time ratio on the same batch (target <= 1.2 for the sparse
+    paths, none for dense) and with ids drawn over each catalog (no target), each the quotient of the
+    step times it prints, peak RSS and per-table optimiser state: lazy Adam's state is two tables'
+    worth, row-wise Adagrad's one float per row."""
     figs = _by_figure(
         _bench("bench_embeddings").main(["--quick", "--paths", "lazy_adam", "rowwise_adagrad", "dense"])
     )
     tag = "(200,000/50,000 vs 10,000/5,000 rows)"
     for path in ("lazy_adam", "rowwise_adagrad", "dense"):
-        r = figs[f"step time ratio big/small, {path} {tag}"]
+        r = figs[f"step time ratio big/small, same batch, {path} {tag}"]
         assert r["value"] > 0 and r["target"] == (None if path == "dense" else "<= 1.2")
+        drawn = figs[f"step time ratio big/small, ids drawn over each catalog, {path} {tag}"]
+        assert drawn["value"] > 0 and drawn["target"] is None
+        small = figs[f"step time small, {path}"]["value"]
+        assert r["value"] == pytest.approx(figs[f"step time big, same batch, {path}"]["value"] / small)
+        assert drawn["value"] == pytest.approx(
+            figs[f"step time big, ids drawn over each catalog, {path}"]["value"] / small
+        )
         assert figs[f"peak RSS big, {path}"]["value"] >= figs[f"peak RSS small, {path}"]["value"] > 0
 
     def touched(case: str, table: str) -> float:
