@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -105,13 +106,43 @@ def own_mode_recall(
     return float(recall_ndcg(spread_rows(top, asked, want, len(val.u)), rel, (k,))[k]["recall"])
 
 
+@dataclass
+class BestEpoch:
+    """Epoch selection's bookkeeping, shared by `EpochSelector` (CSMF's train steps) and the comparison
+    protocol's `Selector` (every method's parts, csmf_core/baselines/protocol.py): the considered
+    epochs and their scores, and the best of them. Only a finite score can be best, and a later epoch
+    must beat it strictly (ties keep the earlier epoch: fewer steps on sparse data). Early stopping:
+    `stop` once `patience` (> 0) considered epochs in a row have not beaten a best (never before one)."""
+
+    patience: int = 0
+    epochs: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_score: float = float("-inf")
+    since: int = 0  # considered epochs since the best
+
+    def offer(self, epoch: int, score: float) -> bool:
+        """Record `score` after `epoch`; True when it is the new best."""
+        self.epochs.append(int(epoch))
+        self.scores.append(score)
+        if math.isfinite(score) and score > self.best_score:
+            self.best_epoch, self.best_score, self.since = int(epoch), score, 0
+            return True
+        self.since += 1
+        return False
+
+    @property
+    def stop(self) -> bool:
+        return self.patience > 0 and self.best_epoch is not None and self.since >= self.patience
+
+
 class EpochSelector:
     """`on_epoch` callback of `train_stage`: scores the model after each epoch, keeps the best.
 
     Call `consider(0)` before training (the starting point is a candidate), pass `consider` as
-    `train_stage(..., on_epoch=...)`, then `restore()` loads the best parameters back.
-    Ties keep the earlier epoch (fewer steps on sparse data). patience > 0: `consider` returns True
-    (stop) once that many considered epochs in a row have not beaten a finite best score.
+    `train_stage(..., on_epoch=...)`, then `restore()` loads the best parameters back. The best epoch
+    and patience as `BestEpoch` says (ties keep the earlier epoch; `consider` returns True to stop);
+    without any finite score the first epoch considered is what `restore` loads.
     """
 
     def __init__(
@@ -124,25 +155,31 @@ class EpochSelector:
         k: int,
         patience: int = 0,
     ):
-        self.model, self.k, self.patience = model, k, int(patience)
-        self._since = 0  # considered epochs since the best
+        self.model, self.k = model, k
+        self.track = BestEpoch(int(patience))
         self._score = functools.partial(own_mode_recall, model, output_owners, tables, val, stage, k)
-        self.scores: list[float] = []
-        self.best_epoch = -1
-        self.best_score = float("-inf")
         self._best_state: dict[str, torch.Tensor] | None = None
+
+    @property
+    def scores(self) -> list[float]:
+        return self.track.scores
+
+    @property
+    def best_epoch(self) -> int:
+        """The kept epoch (the first considered while no score is finite; -1 before any)."""
+        if self.track.best_epoch is not None:
+            return self.track.best_epoch
+        return self.track.epochs[0] if self.track.epochs else -1
+
+    @property
+    def best_score(self) -> float:
+        return self.track.best_score if self.track.best_epoch is not None else float("nan")
 
     def consider(self, epoch: int) -> bool:
         """Score the model after `epoch`, keep it if best; True when training should stop (patience)."""
-        score = self._score()
-        self.scores.append(score)
-        if score > self.best_score or self._best_state is None:
-            self.best_epoch, self.best_score = epoch, score
+        if self.track.offer(epoch, self._score()) or self._best_state is None:
             self._best_state = {n: p.detach().clone() for n, p in self.model.state_dict().items()}
-            self._since = 0
-        else:
-            self._since += 1
-        return self.patience > 0 and self._since >= self.patience and math.isfinite(self.best_score)
+        return self.track.stop
 
     def restore(self) -> None:
         if self._best_state is None:

@@ -39,7 +39,6 @@ reads them (`common.RowItems`).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ from csmf_core.evaluate import EvalRows
 from csmf_core.metrics import TopKCache, popularity_topk, recall_ndcg
 from csmf_core.selection import ValidationScore, choose_by_fused_score, popularity_recalls, validation_score
 from csmf_core.tuning import refit_config, run_trial, trial_config
+from csmf_core.validation import BestEpoch
 
 SPACES = Path(__file__).resolve().parents[2] / "configs"
 
@@ -163,15 +163,23 @@ class PartRecord:
 
     modules: list[nn.Module]
     encode: Encode
+    track: BestEpoch = field(default_factory=BestEpoch)  # epochs, scores, the best, patience
     cap: int | None = None
-    epochs: list[int] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
     objectives: list[str] = field(default_factory=list)
-    best_epoch: int | None = None
-    best_score: float = float("-inf")
-    since: int = 0  # considered epochs since the best (early stopping)
     state: list[dict[str, torch.Tensor]] | None = None
     done: bool = False
+
+    @property
+    def epochs(self) -> list[int]:
+        return self.track.epochs
+
+    @property
+    def scores(self) -> list[float]:
+        return self.track.scores
+
+    @property
+    def best_epoch(self) -> int | None:
+        return self.track.best_epoch
 
     @property
     def chosen(self) -> int:
@@ -207,7 +215,7 @@ class Selector(EpochHook):
     def begin(self, part: str, modules: Sequence[nn.Module], encode: Encode, *, start: bool = False) -> None:
         if part in self.parts:
             raise ValueError(f"part {part!r} began twice: a method's parts must have distinct names")
-        self.parts[part] = PartRecord(list(modules), encode)
+        self.parts[part] = PartRecord(list(modules), encode, BestEpoch(self.patience))
         if start:
             self._consider(part, 0)
 
@@ -248,15 +256,9 @@ class Selector(EpochHook):
         vectors = self._encode(rec.encode, rec.modules)
         s = vectors_score(vectors, self.data, (1.0,) * len(self.data.objectives), self.k, scorers=("own",))
         rec.objectives = [o for o in self.data.objectives if o in vectors[0]]
-        rec.epochs.append(int(epoch))
-        rec.scores.append(s.score)
-        if math.isfinite(s.score) and s.score > rec.best_score:  # ties keep the earlier epoch
-            rec.best_epoch, rec.best_score = int(epoch), s.score
+        if rec.track.offer(epoch, s.score):
             rec.state = [{n: p.detach().clone() for n, p in m.state_dict().items()} for m in rec.modules]
-            rec.since = 0
-        else:
-            rec.since += 1
-        return self.patience > 0 and rec.best_epoch is not None and rec.since >= self.patience
+        return rec.track.stop
 
 
 class Refit(EpochHook):

@@ -185,3 +185,36 @@ def test_early_stopping_keeps_the_epochs_of_the_whole_curve_when_the_best_comes_
             for a, b in zip(res.model.state_dict().values(), whole.model.state_dict().values()):
                 assert torch.equal(a, b)
     assert stopped_any  # the tiny world's curves do stop early at patience 1 or 2
+
+
+@pytest.mark.parametrize(
+    "scores, patience, best, stops_after",
+    [
+        # ties keep the earlier epoch; a strictly better later one wins
+        ([0.2, 0.3, 0.3, 0.25, 0.31], 0, 4, None),
+        # patience 2: epochs 2 and 3 do not beat epoch 1's 0.5 (a tie does not), so it stops after
+        # epoch 3 and epoch 4's 0.9 is never seen
+        ([0.1, 0.5, 0.4, 0.5, 0.9], 2, 1, 3),
+        # non-finite scores are never best and patience never stops before a finite best exists
+        ([float("nan"), float("-inf"), float("nan"), 0.1, 0.0, 0.0], 2, 3, 5),
+        ([float("nan"), float("nan"), float("nan")], 1, None, None),
+        # a NaN after a best counts as an epoch without a better score
+        ([0.4, float("nan"), 0.39], 2, 0, 2),
+    ],
+)
+def test_best_epoch_bookkeeping_by_hand(scores, patience, best, stops_after):
+    """`BestEpoch` (EpochSelector's and the comparison protocol's Selector's bookkeeping) against
+    expectations written out by hand: the epoch kept, and the first epoch after which `stop` holds."""
+    from csmf_core.validation import BestEpoch
+
+    track, first_stop = BestEpoch(patience), None
+    for epoch, s in enumerate(scores):  # as training does: no epoch after the first stop
+        track.offer(epoch, s)
+        if track.stop:
+            first_stop = epoch
+            break
+    assert track.best_epoch == best
+    assert first_stop == stops_after
+    n = len(scores) if stops_after is None else stops_after + 1
+    assert track.epochs == list(range(n))
+    assert [str(x) for x in track.scores] == [str(x) for x in scores[:n]]
