@@ -161,8 +161,8 @@ def child(
     # distinct rows per step, module docstring)
     times: dict[str, list[float]] = {"small": [], "big": [], "same": []}
     for r in range(rounds):
-        order = ("small", "big", "same") if r % 2 == 0 else ("same", "big", "small")
-        for label in order:
+        cases3 = ("small", "same", "big")
+        for label in cases3[r % 3 :] + cases3[: r % 3]:  # each case first, second and last in turn
             nu, ni = big if label == "big" else small
             t, summary = step_times(
                 *cases["small" if label == "small" else "big"], cfg, nu, ni, steps, seed=r

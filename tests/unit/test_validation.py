@@ -11,7 +11,7 @@ from csmf_core.cascade import build_model, load_cascade_data, plan, run_step
 from csmf_core.config import ConfigError, build_config
 from csmf_core.data import TrainData
 from csmf_core.masks import expand_to_param
-from csmf_core.validation import DAY_US, own_mode_recall, split_validation
+from csmf_core.validation import DAY_US, BestEpoch, EpochSelector, own_mode_recall, split_validation
 
 
 def test_split_by_hand():
@@ -205,8 +205,6 @@ def test_early_stopping_keeps_the_epochs_of_the_whole_curve_when_the_best_comes_
 def test_best_epoch_bookkeeping_by_hand(scores, patience, best, stops_after):
     """`BestEpoch` (EpochSelector's and the comparison protocol's Selector's bookkeeping) against
     expectations written out by hand: the epoch kept, and the first epoch after which `stop` holds."""
-    from csmf_core.validation import BestEpoch
-
     track, first_stop = BestEpoch(patience), None
     for epoch, s in enumerate(scores):  # as training does: no epoch after the first stop
         track.offer(epoch, s)
@@ -218,3 +216,28 @@ def test_best_epoch_bookkeeping_by_hand(scores, patience, best, stops_after):
     n = len(scores) if stops_after is None else stops_after + 1
     assert track.epochs == list(range(n))
     assert [str(x) for x in track.scores] == [str(x) for x in scores[:n]]
+
+
+def test_epoch_selector_restores_the_first_epoch_when_no_score_is_finite_and_the_best_otherwise():
+    """EpochSelector on top of BestEpoch, scores stubbed: with no finite score it reports the first
+    epoch considered (score NaN) and restores those parameters; once a finite score comes, that epoch."""
+
+    def run(scores: list[float]) -> tuple[EpochSelector, torch.nn.Linear]:
+        model = torch.nn.Linear(1, 1, bias=False)
+        sel = EpochSelector.__new__(EpochSelector)  # no validation data needed: `_score` is stubbed
+        sel.model, sel.k = model, 10
+        sel.track, sel._best_state = BestEpoch(0), None
+        feed = iter(scores)
+        sel._score = lambda: next(feed)
+        for epoch in range(len(scores)):
+            with torch.no_grad():
+                model.weight.fill_(float(epoch))  # the parameters after `epoch`
+            sel.consider(epoch)
+        sel.restore()
+        return sel, model
+
+    sel, model = run([float("nan"), float("nan")])
+    assert sel.best_epoch == 0 and np.isnan(sel.best_score) and model.weight.item() == 0.0
+    sel, model = run([float("nan"), 0.2, 0.1])
+    assert sel.best_epoch == 1 and sel.best_score == 0.2 and model.weight.item() == 1.0
+    assert sel.summary()["val_best_epoch"] == 1.0 and np.isnan(sel.summary()["val_start_recall@10"])
