@@ -159,16 +159,16 @@ def child(
     # "same": the big model on the small case's very batches (same seed, ids within the small
     # catalog), so only the tables' size differs; "big": ids drawn over the big catalog (more
     # distinct rows per step, module docstring)
-    times: dict[str, list[float]] = {"small": [], "big": [], "same": []}
+    times: dict[str, list[float]] = {"small": [], "same": [], "big": []}
+    labels = tuple(times)
     for r in range(rounds):
-        cases3 = ("small", "same", "big")
-        for label in cases3[r % 3 :] + cases3[: r % 3]:  # each case first, second and last in turn
+        for label in labels[r % 3 :] + labels[: r % 3]:  # each case first, second and last in turn
             nu, ni = big if label == "big" else small
             t, summary = step_times(
                 *cases["small" if label == "small" else "big"], cfg, nu, ni, steps, seed=r
             )
             times[label] += t
-            if label == "small" or label == "big":
+            if label != "same":  # the same model and state as "big"
                 res[f"{label}_state_mib"] = {
                     k.removeprefix("opt_state_mib/"): v
                     for k, v in summary.items()

@@ -290,7 +290,7 @@ def best_of(
         return {n: p.detach().clone() for n, p in model.state_dict().items()}
 
     base = state()
-    # best: (score, index, state) of the best scored choice; first: the first choice's state (kept when
+    # best: (score, state) of the best scored choice; first: the first choice's state (kept when
     # nothing is scored: no validation positives for the stage, the same for every choice)
     tried, start, best, first = [], None, None, None
     for j, (r, d) in enumerate(choices):
@@ -305,7 +305,7 @@ def best_of(
             if start is None and math.isfinite(rep.val_scores[0]):
                 start = rep.val_scores[0]  # the starting model's score: every choice's epoch 0
             if best is None or s > best[0]:
-                best = (s, j, first if j == 0 else state())
+                best = (s, first if j == 0 else state())
     scores = [start if s is None and rep.info.get("kept") else s for _, s, _, rep in tried]
     known = [x for x in scores if x is not None]
     j = scores.index(max(known)) if known else 0  # the first of the best (a kept choice scores the start)
@@ -313,7 +313,7 @@ def best_of(
     if rep.info.get("kept"):
         model.load_state_dict(base)
     else:
-        model.load_state_dict(first if j == 0 else best[2])
+        model.load_state_dict(first if j == 0 else best[1])
     rep.info["rehearsal"] = r
     rep.info |= {f"val_score_rehearsal_{x:g}": v for (x, _, _, _), v in zip(tried, scores) if v is not None}
     return o, rep, r
