@@ -70,6 +70,10 @@ class LossConfig:
     sigma: float = 0.0  # AML minimum margin
     eta: float = 1.8  # AML correction factor when upstream disagrees
     upstream: str = "log_prob"  # AML upstream: "log_prob" (sum of log sigmoid of modes < t) | "last_logit"
+    # "log_prob" computed as the log of the product of the sigmoids (losses.upstream_scores): the same
+    # margins up to float32 rounding at about half the cost; false = one log-sigmoid per stage, bit for
+    # bit the runs before 2026-12-06
+    fast_upstream: bool = False
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -122,18 +123,86 @@ def accidental_hits(items: torch.Tensor) -> torch.Tensor:
 def _hit_pairs(items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The accidental hits as index pairs: (rows, cols, hits per row).
 
-    Same entries as `accidental_hits(items)`, found among the rows whose item occurs more than
-    once (a few per batch) instead of by a (B, B) comparison: boolean (B, B) matrices and
-    masked fills cost several times more than float arithmetic on the CPU builds measured
-    (bench/bench_train_step.py).
+    The same entries as `accidental_hits(items)` (in another order), built from the rows sorted by
+    item: each row of a group of c equal items pairs with the c - 1 others of its group, enumerated
+    by a repeat, so the work follows the number of pairs, not B^2. Boolean (B, B) matrices and masked
+    fills cost several times more than float arithmetic on the CPU builds measured, and comparing the
+    rows with duplicates among themselves, then `nonzero`, still cost ~0.15 ms a step when half the
+    rows of a batch share items (the generated worlds' batches). On the CPU the ~15 index operations
+    on B entries run in NumPy (~40 us in all instead of ~100 us of torch dispatch); elsewhere in torch.
     """
-    _, inv, counts = torch.unique(items, return_inverse=True, return_counts=True)
-    per_row = counts[inv] - 1
-    dup = torch.nonzero(per_row > 0).flatten()
-    same = inv[dup][:, None] == inv[dup][None, :]
-    same.fill_diagonal_(False)
-    a, b = torch.nonzero(same, as_tuple=True)
-    return dup[a], dup[b], per_row
+    if items.device.type == "cpu":
+        rows, cols, per_row = _hit_pairs_sorted(items.numpy(), np)
+        return torch.from_numpy(rows), torch.from_numpy(cols), torch.from_numpy(per_row)
+    return _hit_pairs_sorted(items, _TorchOps(items.device))
+
+
+class _TorchOps:
+    """The NumPy calls `_hit_pairs_sorted` makes, as torch operations on `device`."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def argsort(self, x):
+        return torch.sort(x, stable=True)[1]
+
+    def ones(self, n):
+        return torch.ones(n, dtype=torch.bool, device=self.device)
+
+    def flatnonzero(self, x):
+        return torch.nonzero(x).flatten()
+
+    def bincount(self, x):
+        return torch.bincount(x)
+
+    def cumsum(self, x):
+        return torch.cumsum(x, 0)
+
+    def repeat(self, x, counts):
+        return torch.repeat_interleave(x, counts)
+
+    def arange(self, n):
+        return torch.arange(n, device=self.device)
+
+    def empty_like(self, x):
+        return torch.empty_like(x)
+
+
+class _NumpyOps:
+    ones = staticmethod(lambda n: np.ones(n, dtype=bool))
+    flatnonzero = staticmethod(np.flatnonzero)
+    cumsum = staticmethod(np.cumsum)
+    repeat = staticmethod(np.repeat)
+    arange = staticmethod(np.arange)
+    empty_like = staticmethod(np.empty_like)
+    bincount = staticmethod(np.bincount)
+
+    @staticmethod
+    def argsort(x):
+        return np.argsort(x, kind="stable")
+
+
+def _hit_pairs_sorted(items, xp):
+    """`_hit_pairs` on a NumPy array (xp = np) or a tensor (xp = _TorchOps): (rows, cols, per_row)."""
+    if xp is np:
+        xp = _NumpyOps
+    n = items.shape[0]
+    order = xp.argsort(items)
+    s = items[order]
+    first = xp.ones(n)  # a group of equal items starts at this sorted position
+    first[1:] = s[1:] != s[:-1]
+    group = xp.cumsum(first) - 1  # group of each sorted position
+    counts = xp.bincount(group)  # groups are 0 .. G - 1
+    starts = xp.cumsum(counts) - counts
+    size = counts[group]  # size of each sorted position's group
+    per_row = xp.empty_like(size)
+    per_row[order] = size - 1
+    p = xp.flatnonzero(size > 1)  # positions with partners
+    sz = size[p]
+    a = xp.repeat(p, sz)  # each position once per member of its group (itself included)
+    b = starts[group[a]] + (xp.arange(a.shape[0]) - xp.repeat(xp.cumsum(sz) - sz, sz))
+    keep = a != b
+    return order[a[keep]], order[b[keep]], per_row
 
 
 def sampled_softmax(
@@ -208,8 +277,19 @@ def sampled_softmax(
     return LossTerms(loss=loss, n_neg=float(n_neg.float().mean()))
 
 
+# fast upstream (loss.fast_upstream): the product of the stages' sigmoids is used while its smallest
+# entry is at least this (2^-100: every factor a normal float32, the product's relative error a few
+# ulps); below it, the exact sum of log-sigmoids
+FAST_UPSTREAM_MIN = 2.0**-100
+
+
 def upstream_scores(
-    segment_scores: list[torch.Tensor], stage: int, how: str = "log_prob", *, overwrite: bool = False
+    segment_scores: list[torch.Tensor],
+    stage: int,
+    how: str = "log_prob",
+    *,
+    overwrite: bool = False,
+    fast: bool = False,
 ) -> torch.Tensor:
     """Upstream score for stage `stage` >= 1 from per-segment score matrices.
 
@@ -223,20 +303,37 @@ def upstream_scores(
     overwrite=True: the segment matrices are the caller's temporaries; the running mode score is
     accumulated in them in place (segment_scores[r] + running, bit for bit running + segment_scores[r]:
     IEEE addition commutes), so they are overwritten, and the result may be one of them.
+    fast=True ("log_prob" only; `loss.fast_upstream`): log(prod_{r < stage} sigmoid(s_r)), one sigmoid
+    per stage and one log per entry instead of a log-sigmoid per stage (whose log1p is most of its
+    cost on the CPU builds measured: 2x the sigmoid's and the log's together). The same values up to
+    float32 rounding (absolute error a few 1e-7; entries whose log-sigmoid is above about -6e-8 read
+    0); when the product's smallest entry is below FAST_UPSTREAM_MIN (a mode score below about -69)
+    the exact sum is computed instead, from the running sums kept.
     """
     if stage < 1:
         raise ValueError("AML has no upstream for stage 0")
+    if how not in ("log_prob", "last_logit"):
+        raise ValueError(f"unknown upstream definition {how!r}")
     running = segment_scores[0]
+    if how == "log_prob" and fast:
+        runs = [running]
+        prob = torch.sigmoid(running)
+        for r in range(1, stage):
+            running = segment_scores[r].add_(running) if overwrite else running + segment_scores[r]
+            runs.append(running)
+            prob.mul_(torch.sigmoid(running))
+        if bool(prob.min() >= FAST_UPSTREAM_MIN):
+            return prob.log_()
+        total = prob.copy_(F.logsigmoid(runs[0]))  # the exact sum, from the running mode scores
+        for run in runs[1:]:
+            total.add_(F.logsigmoid(run))
+        return total
     total = F.logsigmoid(running) if how == "log_prob" else None
     for r in range(1, stage):
         running = segment_scores[r].add_(running) if overwrite else running + segment_scores[r]
         if total is not None:
             total.add_(F.logsigmoid(running))  # total is this function's own buffer
-    if how == "log_prob":
-        return total
-    if how == "last_logit":
-        return running
-    raise ValueError(f"unknown upstream definition {how!r}")
+    return total if how == "log_prob" else running
 
 
 def aml_bias(
@@ -259,7 +356,7 @@ def aml_bias(
     its training cannot change (csmf_core.train.stage_columns).
     exact_branches: as in `aml_margins` (the margins in fewer passes; not bit-identical).
     """
-    up = upstream_scores(segment_scores, stage, loss.upstream, overwrite=True)
+    up = upstream_scores(segment_scores, stage, loss.upstream, overwrite=True, fast=loss.fast_upstream)
     # the running sum ends in segment matrix stage - 1; "last_logit" returns that very buffer, which
     # the margins below overwrite, so it is copied first ("log_prob" returns a buffer of its own)
     last = segment_scores[stage - 1]  # (overwrite=True: the running sum is accumulated in place)
@@ -270,7 +367,9 @@ def aml_bias(
     )
     extra_margins = None
     if extra_segment_scores is not None:
-        up_n = upstream_scores(extra_segment_scores, stage, loss.upstream, overwrite=True)
+        up_n = upstream_scores(
+            extra_segment_scores, stage, loss.upstream, overwrite=True, fast=loss.fast_upstream
+        )
         extra_margins = aml_margins(
             up_pos, up_n, loss.sigma, loss.eta, overwrite=True, exact_branches=exact_branches
         )

@@ -194,6 +194,7 @@ BAD_VALUES = {
     "loss.sigma": ["-0.1"],
     "loss.eta": ["0"],
     "loss.upstream": ["magic"],
+    "loss.fast_upstream": ["maybe"],
     "train.batch_size": ["1"],
     "train.lr": ["0", "-1"],
     "train.epochs": ["[1,-1]", "[]"],

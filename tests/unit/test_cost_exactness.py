@@ -236,8 +236,10 @@ def test_protocol_scoring_only_users_with_positives_gives_the_same_score():
         assert new == old
 
 
-def old_upstream_scores(segment_scores, stage, how="log_prob", *, overwrite=False):
-    """losses.upstream_scores before it accumulated in its inputs (each sum a new matrix)."""
+def old_upstream_scores(segment_scores, stage, how="log_prob", *, overwrite=False, fast=False):
+    """losses.upstream_scores before it accumulated in its inputs (each sum a new matrix); the exact
+    form only (loss.fast_upstream rounds differently: these bit-for-bit tests turn it off)."""
+    assert not fast
     running = segment_scores[0]
     total = torch.nn.functional.logsigmoid(running) if how == "log_prob" else None
     for r in range(1, stage):
@@ -272,7 +274,7 @@ def test_cascade_bit_identical_with_aml_in_place(monkeypatch, upstream, sigma):
             # one score matmul over every dim: the split form (train.split_scores) takes the upstream
             # mode's score from the segment matrices the in-place helpers accumulate it in
             "train": {"batch_size": 256, "epochs": [1, 2, 2], "split_scores": False},
-            "loss": {"upstream": upstream, "sigma": sigma},
+            "loss": {"upstream": upstream, "sigma": sigma, "fast_upstream": False},
         }
     )
     # losses.aml_bias, which train_stage calls, then reaches the allocating forms

@@ -5,7 +5,16 @@ import math
 import pytest
 import torch
 
-from csmf_core.losses import accidental_hits, aml_margins, sampled_softmax, upstream_scores
+from csmf_core.losses import (
+    FAST_UPSTREAM_MIN,
+    _hit_pairs,
+    _hit_pairs_sorted,
+    _TorchOps,
+    accidental_hits,
+    aml_margins,
+    sampled_softmax,
+    upstream_scores,
+)
 
 
 def test_accidental_hits():
@@ -92,6 +101,80 @@ def test_upstream_log_prob_and_last_logit():
     assert upstream_scores([seg0, seg1], 2, "last_logit").tolist()[0] == pytest.approx([0.75, 1.0])
     with pytest.raises(ValueError):
         upstream_scores([seg0], 0)
+
+
+def _hit_pair_backends(items):
+    """_hit_pairs as it runs on this tensor's device (NumPy on the CPU) and its torch form."""
+    return [_hit_pairs(items), _hit_pairs_sorted(items, _TorchOps(items.device))]
+
+
+def test_hit_pairs_by_hand():
+    items = torch.tensor([5, 7, 5, 9, 5])
+    for rows, cols, per_row in _hit_pair_backends(items):
+        pairs = sorted(zip(rows.tolist(), cols.tolist()))
+        assert pairs == [(0, 2), (0, 4), (2, 0), (2, 4), (4, 0), (4, 2)]
+        assert per_row.tolist() == [2, 0, 2, 0, 2]
+        assert rows.dtype == cols.dtype == per_row.dtype == torch.int64
+
+
+@pytest.mark.parametrize("n,n_items", [(0, 1), (1, 1), (6, 1), (64, 5), (512, 300), (300, 10_000)])
+def test_hit_pairs_are_the_comparison_matrix(n, n_items):
+    """Every (row, column) pair holding the same item, once each, and the count per row: the (B, B)
+    comparison `accidental_hits` makes, on batches from all-equal to all-distinct."""
+    items = torch.randint(0, n_items, (n,), generator=torch.Generator().manual_seed(n + n_items))
+    want = accidental_hits(items)
+    for rows, cols, per_row in _hit_pair_backends(items):
+        assert rows.numel() == int(want.sum())  # no pair twice
+        got = torch.zeros(n, n, dtype=torch.bool)
+        got[rows, cols] = True
+        assert torch.equal(got, want)
+        assert torch.equal(per_row, want.sum(dim=1))
+
+
+def _log_sigmoid_sum(segs, stage):
+    """sum_{r < stage} log sigmoid(s_r) in float64, s_r the running sums: the reference."""
+    running, total = torch.zeros_like(segs[0], dtype=torch.float64), 0.0
+    for r in range(stage):
+        running = running + segs[r].double()
+        total = total + torch.nn.functional.logsigmoid(running)
+    return total
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_fast_upstream_is_the_log_sigmoid_sum_up_to_rounding(stage):
+    """loss.fast_upstream: log of the product of sigmoids, within float32 rounding of the exact sum
+    (scores up to about +-25: no product below FAST_UPSTREAM_MIN), and the segment matrices hold the
+    running mode scores afterwards exactly as the exact form leaves them (aml_bias reads the last)."""
+    g = torch.Generator().manual_seed(stage)
+    segs = [torch.randn(96, 96, generator=g) * 4 for _ in range(3)]
+    want = _log_sigmoid_sum(segs, stage)
+    fast_in, exact_in = [s.clone() for s in segs], [s.clone() for s in segs]
+    fast = upstream_scores(fast_in, stage, "log_prob", overwrite=True, fast=True)
+    exact = upstream_scores(exact_in, stage, "log_prob", overwrite=True)
+    assert float(torch.exp(want).min()) > FAST_UPSTREAM_MIN  # the fast path itself ran
+    torch.testing.assert_close(fast.double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(exact.double(), want, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(fast, exact)  # a different rounding, not the same computation
+    for a, b in zip(fast_in, exact_in):
+        assert torch.equal(a, b)
+    # without overwrite the inputs are left alone
+    kept = [s.clone() for s in segs]
+    torch.testing.assert_close(upstream_scores(kept, stage, fast=True).double(), want, rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(kept, segs))
+
+
+def test_fast_upstream_falls_back_to_the_exact_sum_for_very_low_scores():
+    """A product below FAST_UPSTREAM_MIN (a mode score of -80 here: sigmoid 1.8e-35) would lose
+    precision or underflow: the exact sum is returned instead, bit for bit the exact form's."""
+    g = torch.Generator().manual_seed(9)
+    segs = [torch.randn(32, 32, generator=g) for _ in range(2)]
+    segs[0][3, 5] = -80.0
+    exact = upstream_scores([s.clone() for s in segs], 2, "log_prob")
+    fast = upstream_scores([s.clone() for s in segs], 2, "log_prob", overwrite=True, fast=True)
+    assert torch.equal(fast, exact)
+    assert float(fast[3, 5]) < -79  # log sigmoid(-80) + log sigmoid(-80 + segs[1][3, 5])
+    with pytest.raises(ValueError, match="unknown upstream"):
+        upstream_scores(segs, 1, "logit", fast=True)
 
 
 def _reference_loss(scores, items, temperature, log_q, up, sigma, eta):
