@@ -121,88 +121,110 @@ def accidental_hits(items: torch.Tensor) -> torch.Tensor:
 
 
 def _hit_pairs(items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The accidental hits as index pairs: (rows, cols, hits per row).
+    """The accidental hits as index pairs: (rows, cols, hits per row), all int64.
 
     The same entries as `accidental_hits(items)` (in another order), built from the rows sorted by
-    item: each row of a group of c equal items pairs with the c - 1 others of its group, enumerated
-    by a repeat, so the work follows the number of pairs, not B^2. Boolean (B, B) matrices and masked
+    item: each row of a group of c equal items pairs with the c - 1 others of its group, enumerated by
+    a repeat, so the work follows the number of pairs, not B^2. Boolean (B, B) matrices and masked
     fills cost several times more than float arithmetic on the CPU builds measured, and comparing the
     rows with duplicates among themselves, then `nonzero`, still cost ~0.15 ms a step when half the
     rows of a batch share items (the generated worlds' batches). On the CPU the ~15 index operations
-    on B entries run in NumPy (~40 us in all instead of ~100 us of torch dispatch); elsewhere in torch.
+    on B entries run in NumPy (~40 us in all instead of ~100 us of torch dispatch); elsewhere in torch
+    (one host sync: the number of pairs).
     """
     if items.device.type == "cpu":
-        rows, cols, per_row = _hit_pairs_sorted(items.numpy(), np)
-        return torch.from_numpy(rows), torch.from_numpy(cols), torch.from_numpy(per_row)
+        out = _hit_pairs_sorted(items.numpy(), _NumpyOps)
+        return tuple(torch.from_numpy(x.astype(np.int64, copy=False)) for x in out)  # type: ignore[return-value]
     return _hit_pairs_sorted(items, _TorchOps(items.device))
 
 
-class _TorchOps:
-    """The NumPy calls `_hit_pairs_sorted` makes, as torch operations on `device`."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def argsort(self, x):
-        return torch.sort(x, stable=True)[1]
-
-    def ones(self, n):
-        return torch.ones(n, dtype=torch.bool, device=self.device)
-
-    def flatnonzero(self, x):
-        return torch.nonzero(x).flatten()
-
-    def bincount(self, x):
-        return torch.bincount(x)
-
-    def cumsum(self, x):
-        return torch.cumsum(x, 0)
-
-    def repeat(self, x, counts):
-        return torch.repeat_interleave(x, counts)
-
-    def arange(self, n):
-        return torch.arange(n, device=self.device)
-
-    def empty_like(self, x):
-        return torch.empty_like(x)
-
-
 class _NumpyOps:
-    ones = staticmethod(lambda n: np.ones(n, dtype=bool))
-    flatnonzero = staticmethod(np.flatnonzero)
-    cumsum = staticmethod(np.cumsum)
-    repeat = staticmethod(np.repeat)
-    arange = staticmethod(np.arange)
-    empty_like = staticmethod(np.empty_like)
-    bincount = staticmethod(np.bincount)
+    """The array operations `_hit_pairs_sorted` needs, on NumPy arrays."""
 
     @staticmethod
     def argsort(x):
         return np.argsort(x, kind="stable")
 
+    @staticmethod
+    def arange(n):
+        return np.arange(n, dtype=np.int64)
+
+    @staticmethod
+    def ones(n):
+        return np.ones(n, dtype=bool)
+
+    @staticmethod
+    def running_max(x):
+        return np.maximum.accumulate(x)
+
+    @staticmethod
+    def running_min_from_end(x):
+        return np.minimum.accumulate(x[::-1])[::-1]
+
+    @staticmethod
+    def repeat(x, counts, total):
+        return np.repeat(x, counts)
+
+    where = staticmethod(np.where)
+    cumsum = staticmethod(np.cumsum)
+    empty_like = staticmethod(np.empty_like)
+
+
+class _TorchOps:
+    """The same operations as torch calls on `device` (`_hit_pairs` off the CPU)."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = device
+
+    def argsort(self, x):
+        return torch.argsort(x, stable=True)
+
+    def arange(self, n):
+        return torch.arange(n, device=self.device)
+
+    def ones(self, n):
+        return torch.ones(n, dtype=torch.bool, device=self.device)
+
+    def running_max(self, x):
+        return torch.cummax(x, 0).values
+
+    def running_min_from_end(self, x):
+        return torch.cummin(x.flip(0), 0).values.flip(0)
+
+    def repeat(self, x, counts, total):
+        return torch.repeat_interleave(x, counts, output_size=total)
+
+    def where(self, cond, x, y):
+        return torch.where(cond, x, y)
+
+    def cumsum(self, x):
+        return torch.cumsum(x, 0)
+
+    def empty_like(self, x):
+        return torch.empty_like(x)
+
 
 def _hit_pairs_sorted(items, xp):
-    """`_hit_pairs` on a NumPy array (xp = np) or a tensor (xp = _TorchOps): (rows, cols, per_row)."""
-    if xp is np:
-        xp = _NumpyOps
+    """`_hit_pairs` on a NumPy array (xp = _NumpyOps) or a tensor (xp = _TorchOps(device)):
+    (rows, cols, per_row)."""
     n = items.shape[0]
     order = xp.argsort(items)
     s = items[order]
-    first = xp.ones(n)  # a group of equal items starts at this sorted position
-    first[1:] = s[1:] != s[:-1]
-    group = xp.cumsum(first) - 1  # group of each sorted position
-    counts = xp.bincount(group)  # groups are 0 .. G - 1
-    starts = xp.cumsum(counts) - counts
-    size = counts[group]  # size of each sorted position's group
-    per_row = xp.empty_like(size)
-    per_row[order] = size - 1
-    p = xp.flatnonzero(size > 1)  # positions with partners
-    sz = size[p]
-    a = xp.repeat(p, sz)  # each position once per member of its group (itself included)
-    b = starts[group[a]] + (xp.arange(a.shape[0]) - xp.repeat(xp.cumsum(sz) - sz, sz))
-    keep = a != b
-    return order[a[keep]], order[b[keep]], per_row
+    pos = xp.arange(n)
+    differs = s[1:] != s[:-1]
+    first, last = xp.ones(n), xp.ones(n)  # sorted positions where a group of equal items starts / ends
+    first[1:] = differs
+    last[:-1] = differs
+    start = xp.running_max(xp.where(first, pos, 0))  # the first position of each position's group
+    k = xp.running_min_from_end(xp.where(last, pos, n - 1)) - start  # its partners: group size - 1
+    per_row = xp.empty_like(k)
+    per_row[order] = k
+    total = int(k.sum())
+    a = xp.repeat(pos, k, total)  # each position once per partner
+    j = xp.arange(total) - xp.repeat(xp.cumsum(k) - k, k, total)  # 0 .. k - 1 within its run
+    first_of = start[a]
+    b = first_of + j + (j >= a - first_of)  # the group's positions in order, a itself skipped
+    return order[a], order[b], per_row
 
 
 def sampled_softmax(
@@ -277,9 +299,9 @@ def sampled_softmax(
     return LossTerms(loss=loss, n_neg=float(n_neg.float().mean()))
 
 
-# fast upstream (loss.fast_upstream): the product of the stages' sigmoids is used while its smallest
-# entry is at least this (2^-100: every factor a normal float32, the product's relative error a few
-# ulps); below it, the exact sum of log-sigmoids
+# fast upstream (loss.fast_upstream): an entry of the product of the stages' sigmoids at least this
+# (2^-100: every factor a normal float32, the product's relative error a few ulps) gives its log; one
+# below it (the log-sigmoids summing to less than about -69) gets the sum of log-sigmoids instead
 FAST_UPSTREAM_MIN = 2.0**-100
 
 
@@ -303,31 +325,36 @@ def upstream_scores(
     overwrite=True: the segment matrices are the caller's temporaries; the running mode score is
     accumulated in them in place (segment_scores[r] + running, bit for bit running + segment_scores[r]:
     IEEE addition commutes), so they are overwritten, and the result may be one of them.
-    fast=True ("log_prob" only; `loss.fast_upstream`): log(prod_{r < stage} sigmoid(s_r)), one sigmoid
-    per stage and one log per entry instead of a log-sigmoid per stage (whose log1p is most of its
-    cost on the CPU builds measured: 2x the sigmoid's and the log's together). The same values up to
-    float32 rounding (absolute error a few 1e-7; entries whose log-sigmoid is above about -6e-8 read
-    0); when the product's smallest entry is below FAST_UPSTREAM_MIN (a mode score below about -69)
-    the exact sum is computed instead, from the running sums kept.
+    fast=True ("log_prob" on float32 / float64 scores; ignored otherwise; `loss.fast_upstream`, on in
+    the default config, while this function's default stays the exact form): log(prod_{r < stage}
+    sigmoid(s_r)), one sigmoid per stage and one log per entry instead of a log-sigmoid per stage
+    (whose log1p is most of its cost on the CPU builds measured: 2x the sigmoid's and the log's
+    together). The same values up to float32 rounding (a few ulps of the value, like the exact sum's
+    own rounding; entries whose log-sigmoid is above about -6e-8 read 0); an entry whose product is
+    below FAST_UPSTREAM_MIN gets the sum of log-sigmoids instead (from the running mode scores kept).
+    The segment matrices are left as the exact form leaves them.
     """
     if stage < 1:
         raise ValueError("AML has no upstream for stage 0")
     if how not in ("log_prob", "last_logit"):
         raise ValueError(f"unknown upstream definition {how!r}")
     running = segment_scores[0]
-    if how == "log_prob" and fast:
+    if how == "log_prob" and fast and running.dtype in (torch.float32, torch.float64):
         runs = [running]
         prob = torch.sigmoid(running)
         for r in range(1, stage):
             running = segment_scores[r].add_(running) if overwrite else running + segment_scores[r]
             runs.append(running)
             prob.mul_(torch.sigmoid(running))
-        if bool(prob.min() >= FAST_UPSTREAM_MIN):
-            return prob.log_()
-        total = prob.copy_(F.logsigmoid(runs[0]))  # the exact sum, from the running mode scores
-        for run in runs[1:]:
-            total.add_(F.logsigmoid(run))
-        return total
+        low = prob.numel() and not bool(prob.min() >= FAST_UPSTREAM_MIN)  # NaN: not >=, so low
+        at = torch.nonzero(~(prob >= FAST_UPSTREAM_MIN), as_tuple=True) if low else None
+        out = prob.log_()
+        if at is not None:
+            exact = F.logsigmoid(runs[0][at])
+            for run in runs[1:]:
+                exact.add_(F.logsigmoid(run[at]))
+            out[at] = exact
+        return out
     total = F.logsigmoid(running) if how == "log_prob" else None
     for r in range(1, stage):
         running = segment_scores[r].add_(running) if overwrite else running + segment_scores[r]

@@ -117,6 +117,32 @@ def test_hit_pairs_by_hand():
         assert rows.dtype == cols.dtype == per_row.dtype == torch.int64
 
 
+def test_hit_pairs_of_int32_and_strided_items():
+    g = torch.Generator().manual_seed(3)
+    for items in (
+        torch.randint(0, 40, (300,), generator=g).to(torch.int32),
+        torch.randint(0, 40, (600,), generator=g)[::2],
+    ):
+        want = accidental_hits(items)
+        for rows, cols, per_row in _hit_pair_backends(items):
+            assert rows.dtype == cols.dtype == per_row.dtype == torch.int64
+            got = torch.zeros(want.shape, dtype=torch.bool)
+            got[rows, cols] = True
+            assert torch.equal(got, want) and rows.numel() == int(want.sum())
+            assert torch.equal(per_row, want.sum(dim=1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_hit_pairs_on_cuda_are_the_comparison_matrix():
+    items = torch.randint(0, 300, (512,), generator=torch.Generator().manual_seed(1))
+    want = accidental_hits(items)
+    rows, cols, per_row = _hit_pairs(items.cuda())
+    got = torch.zeros(want.shape, dtype=torch.bool)
+    got[rows.cpu(), cols.cpu()] = True
+    assert torch.equal(got, want) and rows.numel() == int(want.sum())
+    assert torch.equal(per_row.cpu(), want.sum(dim=1))
+
+
 @pytest.mark.parametrize("n,n_items", [(0, 1), (1, 1), (6, 1), (64, 5), (512, 300), (300, 10_000)])
 def test_hit_pairs_are_the_comparison_matrix(n, n_items):
     """Every (row, column) pair holding the same item, once each, and the count per row: the (B, B)
@@ -163,16 +189,40 @@ def test_fast_upstream_is_the_log_sigmoid_sum_up_to_rounding(stage):
     assert all(torch.equal(a, b) for a, b in zip(kept, segs))
 
 
-def test_fast_upstream_falls_back_to_the_exact_sum_for_very_low_scores():
-    """A product below FAST_UPSTREAM_MIN (a mode score of -80 here: sigmoid 1.8e-35) would lose
-    precision or underflow: the exact sum is returned instead, bit for bit the exact form's."""
+def test_fast_upstream_entries_below_the_floor_get_the_log_sigmoid_sum():
+    """An entry whose product of sigmoids is below FAST_UPSTREAM_MIN (a mode score of -80 here: its
+    sigmoid 1.8e-35; the product would lose precision, then underflow) gets the sum of log-sigmoids;
+    the other entries keep the fast form; a NaN score stays NaN; with and without overwrite alike."""
     g = torch.Generator().manual_seed(9)
     segs = [torch.randn(32, 32, generator=g) for _ in range(2)]
     segs[0][3, 5] = -80.0
-    exact = upstream_scores([s.clone() for s in segs], 2, "log_prob")
-    fast = upstream_scores([s.clone() for s in segs], 2, "log_prob", overwrite=True, fast=True)
-    assert torch.equal(fast, exact)
-    assert float(fast[3, 5]) < -79  # log sigmoid(-80) + log sigmoid(-80 + segs[1][3, 5])
+    segs[1][7, 7] = float("nan")
+    want = _log_sigmoid_sum(segs, 2)
+    over_in = [s.clone() for s in segs]
+    over = upstream_scores(over_in, 2, "log_prob", overwrite=True, fast=True)
+    kept = upstream_scores([s.clone() for s in segs], 2, "log_prob", fast=True)
+    assert torch.equal(over.nan_to_num(), kept.nan_to_num())
+    assert float(over[3, 5]) == pytest.approx(float(want[3, 5]), rel=1e-6)  # about -160
+    assert float(over[3, 5]) < -150
+    assert torch.isnan(over[7, 7]) and int(torch.isnan(over).sum()) == 1
+    fine = ~torch.isnan(want)
+    torch.testing.assert_close(over.double()[fine], want[fine], rtol=1e-6, atol=1e-6)
+    exact_in = [s.clone() for s in segs]
+    upstream_scores(exact_in, 2, "log_prob", overwrite=True)
+    assert all(torch.equal(x.nan_to_num(), y.nan_to_num()) for x, y in zip(over_in, exact_in))
+
+
+def test_fast_upstream_only_where_it_applies():
+    """Ignored for "last_logit" and for half-precision scores (2^-100 is 0 in float16: the exact form,
+    bit for bit); empty matrices pass through; a bad definition is refused before any work."""
+    g = torch.Generator().manual_seed(2)
+    segs = [torch.randn(8, 8, generator=g) for _ in range(2)]
+    for how in ("last_logit",):
+        assert torch.equal(upstream_scores(segs, 2, how, fast=True), upstream_scores(segs, 2, how))
+    half = [torch.tensor([[-20.0, -5.0]]).half()]
+    assert torch.equal(upstream_scores(half, 1, fast=True), upstream_scores(half, 1))
+    assert bool(torch.isfinite(upstream_scores(half, 1, fast=True)).all())
+    assert upstream_scores([torch.zeros(4, 0), torch.zeros(4, 0)], 2, fast=True).shape == (4, 0)
     with pytest.raises(ValueError, match="unknown upstream"):
         upstream_scores(segs, 1, "logit", fast=True)
 
