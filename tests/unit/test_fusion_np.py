@@ -43,10 +43,23 @@ def test_bit_identical_to_torch_for_random_weights():
         n = int(rng.integers(2, 6))
         owners = np.sort(rng.integers(0, n, 64))
         u = (rng.standard_normal((4, 64)) * 10.0 ** rng.integers(-3, 4)).astype(np.float32)
-        shape = (4, n) if trial % 3 == 0 else (n,)
+        shape = [(4, n), (n,), (1, n)][trial % 3]  # (n,) and (1, n): the one-request path
         w = (rng.uniform(0, 1, shape) * 10.0 ** rng.integers(-4, 4, shape)).astype(np.float32)
         want = fuse_queries(torch.from_numpy(u), torch.from_numpy(owners), torch.from_numpy(w)).numpy()
         np.testing.assert_array_equal(fuse_queries_np(u, owners, w), want)
+        assert fuse_queries_np(u, owners, w).shape == (4, 64)
+
+
+def test_one_request_suffix_sums_by_hand():
+    """The one-vector path (Python float sums) on values where float32 accumulation would round:
+    1 + 2^-24 is not a float32, so the suffix sum must be formed in float64 and rounded once."""
+    owners = np.array([0, 1, 2])
+    u = np.ones((1, 3), np.float32)
+    w = np.array([2.0**-24, 2.0**-24, 1.0], np.float32)
+    want = np.array([[np.float32(1.0 + 2.0**-23), np.float32(1.0 + 2.0**-24), 1.0]], np.float32)
+    for weights in (w, w[None, :]):
+        np.testing.assert_array_equal(fuse_queries_np(u, owners, weights), want)
+    assert fuse_queries_np(u, owners, w[None, :]).shape == (1, 3)
 
 
 def test_recommender_fuses_as_offline_evaluation(tiny_world):
