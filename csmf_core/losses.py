@@ -338,29 +338,30 @@ def upstream_scores(
         raise ValueError("AML has no upstream for stage 0")
     if how not in ("log_prob", "last_logit"):
         raise ValueError(f"unknown upstream definition {how!r}")
-    running = segment_scores[0]
-    if how == "log_prob" and fast and running.dtype in (torch.float32, torch.float64):
-        runs = [running]
-        prob = torch.sigmoid(running)
-        for r in range(1, stage):
-            running = segment_scores[r].add_(running) if overwrite else running + segment_scores[r]
-            runs.append(running)
-            prob.mul_(torch.sigmoid(running))
-        low = prob.numel() and not bool(prob.min() >= FAST_UPSTREAM_MIN)  # NaN: not >=, so low
-        at = torch.nonzero(~(prob >= FAST_UPSTREAM_MIN), as_tuple=True) if low else None
-        out = prob.log_()
-        if at is not None:
-            exact = F.logsigmoid(runs[0][at])
-            for run in runs[1:]:
-                exact.add_(F.logsigmoid(run[at]))
-            out[at] = exact
-        return out
-    total = F.logsigmoid(running) if how == "log_prob" else None
+    runs = [segment_scores[0]]  # the running mode scores s_0 .. s_{stage-1}
     for r in range(1, stage):
-        running = segment_scores[r].add_(running) if overwrite else running + segment_scores[r]
-        if total is not None:
-            total.add_(F.logsigmoid(running))  # total is this function's own buffer
-    return total if how == "log_prob" else running
+        runs.append(segment_scores[r].add_(runs[-1]) if overwrite else runs[-1] + segment_scores[r])
+    if how == "last_logit":
+        return runs[-1]
+    if not (fast and runs[0].dtype in (torch.float32, torch.float64)):
+        return _log_sigmoid_sum(runs)
+    prob = torch.sigmoid(runs[0])
+    for run in runs[1:]:
+        prob.mul_(torch.sigmoid(run))
+    low = prob.numel() and not bool(prob.min() >= FAST_UPSTREAM_MIN)  # NaN: not >=, so low
+    at = torch.nonzero(~(prob >= FAST_UPSTREAM_MIN), as_tuple=True) if low else None
+    out = prob.log_()
+    if at is not None:
+        out[at] = _log_sigmoid_sum([run[at] for run in runs])
+    return out
+
+
+def _log_sigmoid_sum(runs: list[torch.Tensor]) -> torch.Tensor:
+    """sum_r log sigmoid(runs[r]), in a buffer of its own."""
+    total = F.logsigmoid(runs[0])
+    for run in runs[1:]:
+        total.add_(F.logsigmoid(run))
+    return total
 
 
 def aml_bias(
