@@ -242,7 +242,7 @@ def _save(
     if step.kind == "prune" or first:
         tracker.log_artifact(out / "masks", "masks")
     if step.kind == "prune":
-        reporting.log_pruning(tracker, report.info, list(owners.stages), step.name)
+        reporting.log_pruning(tracker, report.info, list(owners.stages), step.name, run.figures)
     else:
         tracker.log_metrics({f"train/{k}": v for k, v in report.info.items() if not k.startswith("val_")})
     return out

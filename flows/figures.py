@@ -4,25 +4,49 @@
     fig = ownership_figure({"cpp_prune_exposure": units_per_stage, ...}, stages)
     tracker.log_figure(fig, "figures/recall_at_k.png")
 
-Figures are built with `matplotlib.figure.Figure` directly (no pyplot global state to leak).
+    figures = BackgroundFigures(workdir / "figures")   # or drawn by a child process, meanwhile:
+    figures.add("recall_at_k", {"rows": rows}, "figures/recall_at_k.png", [tracker, parent])
+    figures.start()                                     # returns at once
+    ...                                                 # the flow goes on
+    figures.finish()                                    # waits, logs each PNG to its runs
+
+Figures are built with `matplotlib.figure.Figure` directly (no pyplot global state to leak);
+matplotlib is imported by the first figure drawn, not by this module.
 """
 
 from __future__ import annotations
 
-import matplotlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-matplotlib.use("Agg")
-
-from matplotlib.figure import Figure  # noqa: E402  (after choosing the backend)
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SCORERS = ("own", "fused", "popularity")
 _COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860")
 
 
+def _new_figure(**kwargs: Any) -> Figure:
+    """A `matplotlib.figure.Figure` on the Agg backend, matplotlib imported here (~0.3 s): a process
+    whose figures a `BackgroundFigures` child draws never imports it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
 def recall_at_k_figure(rows: list[dict], scorers: tuple[str, ...] = SCORERS) -> Figure:
     """Recall@K vs K, one panel per objective, one line per scorer ("own" = the objective's own mode)."""
     objectives = list(dict.fromkeys(r["objective"] for r in rows))
-    fig = Figure(figsize=(4.2 * max(1, len(objectives)), 3.4), layout="constrained")
+    fig = _new_figure(figsize=(4.2 * max(1, len(objectives)), 3.4), layout="constrained")
     axes = fig.subplots(1, max(1, len(objectives)), squeeze=False)[0]
     for ax, obj in zip(axes, objectives):
         for j, scorer in enumerate(scorers):
@@ -48,7 +72,7 @@ def ownership_figure(snapshots: dict[str, dict[str, list[int]]], stages: list[st
 
     snapshots: {title: {group: [units owned by stage 0, stage 1, ...]}} (masks.json units_per_stage).
     """
-    fig = Figure(
+    fig = _new_figure(
         figsize=(max(6.0, 0.5 * _n_groups(snapshots) + 2), 2.8 * max(1, len(snapshots))), layout="constrained"
     )
     axes = fig.subplots(max(1, len(snapshots)), 1, squeeze=False)[:, 0]
@@ -82,7 +106,7 @@ def cascade_figure(rows: list[dict], objectives: list[str], k: int, days: str) -
     rows: `flows.reporting.cascade_rows` (one per step: "step", "name", and "<objective> recall@k" /
     "<objective> ndcg@k" values or None); days: the evaluation day(s) the metrics were measured on."""
     names = [r["name"] for r in rows]
-    fig = Figure(figsize=(max(7.0, 0.85 * len(names) + 2.5), 4.4), layout="constrained")
+    fig = _new_figure(figsize=(max(7.0, 0.85 * len(names) + 2.5), 4.4), layout="constrained")
     axes = fig.subplots(1, 2, squeeze=False)[0]
     xs = list(range(len(names)))
     for ax, metric, label in zip(axes, ("recall", "ndcg"), (f"Recall@{k}", f"nDCG@{k}")):
@@ -101,3 +125,105 @@ def cascade_figure(rows: list[dict], objectives: list[str], k: int, days: str) -
     axes[0].legend(loc="best", fontsize="small", title="objective (own mode)")
     fig.suptitle("Each objective after every cascade step")
     return fig
+
+
+DRAWERS = {"recall_at_k": recall_at_k_figure, "ownership": ownership_figure, "cascade": cascade_figure}
+
+
+class BackgroundFigures:
+    """Figures drawn to PNG by one child process (`python -m flows.figures SPEC`) while the caller goes
+    on, then logged to their runs by `finish`.
+
+    Why: drawing is matplotlib's Python (text layout for the constrained layout, then the Agg draw),
+    ~0.15-0.2 s a figure that holds the GIL, so a thread would not overlap it with the flow's own
+    Python work. A child process draws on the machine's other core while the flow registers and gates
+    the model (the daily flow's last three figures: ~0.6 s off its critical path on the 2-core VM,
+    docs/performance.md). The PNGs are the bytes `savefig` writes in-process (same matplotlib, same
+    code, MLflow's `log_figure` defaults), logged with `log_artifact` as `reporting.log_figure` does.
+
+    Jobs are drawn in the order added. `directory` (created, removed by `finish` once everything is
+    logged) holds the spec, the PNGs and the child's stderr; a child that fails makes `finish` raise
+    with that stderr. Arguments must be JSON (NumPy scalars are converted)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.jobs: list[tuple[Path, str, list[Any]]] = []  # (png, artifact folder, target trackers)
+        self._spec: list[dict] = []
+        self._process: subprocess.Popen | None = None
+        self._stderr: Any = None
+
+    def add(self, kind: str, kwargs: dict, artifact_file: str, targets: Sequence[Any]) -> None:
+        """Queue `DRAWERS[kind](**kwargs)` as `artifact_file` ("figures/x.png") of every target run."""
+        if kind not in DRAWERS:
+            raise ValueError(f"unknown figure {kind!r}; known: {', '.join(DRAWERS)}")
+        if self._process is not None:
+            raise RuntimeError("figures already started: add every figure before start()")
+        folder, name = os.path.split(os.path.normpath(artifact_file))
+        png = self.directory / str(len(self.jobs)) / name
+        self.jobs.append((png, folder, list(targets)))
+        self._spec.append({"kind": kind, "kwargs": kwargs, "png": str(png)})
+
+    def start(self) -> None:
+        """Launch the child on the queued figures (nothing when none were queued); returns at once."""
+        if self._process is not None or not self._spec:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        spec = self.directory / "spec.json"
+        spec.write_text(json.dumps({"jobs": self._spec}, default=_json_scalar))
+        self._stderr = open(self.directory / "stderr.txt", "wb")  # noqa: SIM115  (closed by finish)
+        # -P: the child finds this installation's `flows`, never a `flows` folder in the working dir
+        self._process = subprocess.Popen(
+            [sys.executable, "-P", "-m", "flows.figures", str(spec)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
+        )
+
+    def finish(self, timeout: float = 600.0) -> list[str]:
+        """Wait for the child (starting it first if `start` was not called), log every PNG to its runs
+        and remove `directory`; returns the artifact files logged. RuntimeError when the child failed."""
+        self.start()
+        process, self._process = self._process, None
+        if process is None:
+            return []
+        jobs, self.jobs, self._spec = self.jobs, [], []  # finished either way: nothing to draw again
+        try:
+            code = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            code = None
+        finally:
+            self._stderr.close()
+        if code != 0:
+            err = (self.directory / "stderr.txt").read_text(errors="replace").strip()[-2000:]
+            why = f"exited with code {code}" if code is not None else f"did not finish in {timeout:g} s"
+            raise RuntimeError(f"drawing the figures in {self.directory} {why}: {err or '(no output)'}")
+        logged = []
+        for png, folder, targets in jobs:
+            for t in targets:
+                t.log_artifact(png, folder or None)
+            logged.append(f"{folder}/{png.name}" if folder else png.name)
+        shutil.rmtree(self.directory, ignore_errors=True)
+        return logged
+
+
+def _json_scalar(value: Any) -> Any:
+    """NumPy (and torch) scalars as Python numbers for the spec."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON: {type(value).__name__}")
+
+
+def draw(spec: Path) -> None:
+    """Draw every job of the spec file written by `BackgroundFigures.start` to its PNG."""
+    for job in json.loads(Path(spec).read_text())["jobs"]:
+        png = Path(job["png"])
+        png.parent.mkdir(parents=True, exist_ok=True)
+        DRAWERS[job["kind"]](**job["kwargs"]).savefig(png)
+
+
+if __name__ == "__main__":  # the child of BackgroundFigures.start
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m flows.figures SPEC.json")
+    draw(Path(sys.argv[1]))

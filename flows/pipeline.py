@@ -45,6 +45,7 @@ from flows import doctor, reporting
 from flows.cascade_step import Checkpoints, train_cascade
 from flows.env import check_writable, freeze_startup, setup_home, tracking_uri
 from flows.epoch_selection import choose_default_weights, select_on_validation
+from flows.figures import BackgroundFigures
 from flows.incremental import (
     Start,
     choose_start,
@@ -206,6 +207,9 @@ def csmf_daily(
         run = open_run(DAILY, root, cfg, dataset, window)
         if start.incremental:  # stages continue a model: never resumed from a run with another parent
             run = dataclasses.replace(run, cache=None)
+        # the run's figures (pruning steps, evaluate) are drawn by one child process while register
+        # and gate run, and logged after them (flows/figures.py)
+        run = dataclasses.replace(run, figures=BackgroundFigures(run.workdir / "figures"))
         with run_lifecycle(run):
             run.parent().set_tags({TUNED_CONFIG_TAG: describe_tuned(tuned_file), **start.tags()})
             if tuned_file is not None:
@@ -223,9 +227,10 @@ def csmf_daily(
             bundle = build_index(
                 checkpoints.final, ready, cfg, run, start.trained_through(window.train_dates)
             )
-            rows = evaluate(checkpoints, ready, cfg, run)
+            rows = evaluate(checkpoints, ready, cfg, run)  # starts drawing the run's figures
             version = register(bundle, rows, cfg, run)
             decision = gate(bundle, version, checkpoints.stage_ends(), ready, cfg, run)
+            log_figures(run.figures)
         retain(run, cfg)
         result = publish(run, rows, version, bundle, decision)
     # in the flow body, not in a task: the summary belongs to the flow run itself
@@ -295,7 +300,9 @@ def build_index(
 def evaluate(checkpoints: Checkpoints, ready: Ingested, cfg: CSMFConfig, run: RunContext) -> list[dict]:
     """The final model (`checkpoints.final`) under every scorer (own modes, fused, popularity, random)
     on the evaluation day(s), and the model-minus-popularity gaps; the ownership figure comes from
-    the pruning steps' checkpoints."""
+    the pruning steps' checkpoints. With `run.figures`, its figures join those queued there and the
+    child process that draws them all starts (the flow logs them: `log_figures`); else they are drawn
+    and logged here."""
     with child_run(run, "evaluate", kind="evaluate") as tracker:
         model, owners, _ = load_checkpoint(checkpoints.final, device=device(cfg))
         data = loaded_data(ready.model_ready, cfg, load_train=False)
@@ -316,8 +323,11 @@ def evaluate(checkpoints: Checkpoints, ready: Ingested, cfg: CSMFConfig, run: Ru
             ranked=ranked,
         )
         # the same files on the step's run and the parent (figures rendered once for both)
-        reporting.log_evaluation([tracker, run.parent()], rows, checkpoints.after_pruning(), data.objectives)
+        prunes = checkpoints.after_pruning()
+        reporting.log_evaluation([tracker, run.parent()], rows, prunes, data.objectives, run.figures)
         log_cascade_at_a_glance(checkpoints, data.objectives, cfg, run)
+        if run.figures is not None:
+            run.figures.start()  # drawn on another core while the gaps, register and gate run
         # is the model better than popularity on these users? paired bootstrap over users
         k = cfg.eval.primary_k
         gaps = popularity_gaps(
@@ -366,8 +376,18 @@ def log_cascade_at_a_glance(
                 }
     steps = [(i, s.name, s.kind, objectives[s.stage]) for i, (s, _) in enumerate(checkpoints.steps)]
     rows = reporting.cascade_rows(steps, history, objectives, cfg.eval.ks)
-    reporting.log_cascade(parent, rows, objectives, cfg.eval.primary_k, ", ".join(run.window.eval_dates))
+    days = ", ".join(run.window.eval_dates)
+    reporting.log_cascade(parent, rows, objectives, cfg.eval.primary_k, days, run.figures)
     return rows
+
+
+@task(name="figures", task_run_name="figures", cache_policy=NO_CACHE)
+def log_figures(figures: BackgroundFigures) -> list[str]:
+    """Wait for the run's figures (drawn by a child process while register and gate ran) and log each
+    PNG to its runs: every pruning step's ownership, the evaluate step's and the parent's recall_at_k
+    and ownership, the parent's cascade figure. Returns the artifact files logged. A run that fails
+    before this logs no figures (its tables and metrics are logged where they are made)."""
+    return figures.finish()
 
 
 def _gap_metrics(gaps: list[dict]) -> dict[str, float]:

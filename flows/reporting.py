@@ -58,7 +58,7 @@ from typing import Any
 from csmf_core.metrics import md_cell
 from csmf_core.serving import metrics_table
 from data_contracts import ValidationReport, clean_events_lazy
-from flows.figures import ownership_figure, recall_at_k_figure
+from flows.figures import BackgroundFigures, ownership_figure, recall_at_k_figure
 from flows.tracking import Tracker
 
 
@@ -191,8 +191,11 @@ class LossCurve:
             self.last = None
 
 
-def log_pruning(tracker: Tracker, info: dict, stages: list[str], step_name: str) -> None:
-    """Per-layer pruning table (csmf_core.cpp.LayerPruneStats), summary metrics, ownership figure."""
+def log_pruning(
+    tracker: Tracker, info: dict, stages: list[str], step_name: str, figures: BackgroundFigures | None = None
+) -> None:
+    """Per-layer pruning table (csmf_core.cpp.LayerPruneStats), summary metrics, ownership figure
+    (queued on `figures` when given, else drawn here)."""
     layers = info["layers"]
     tracker.log_table(layers, "prune/layers.json")
     cols = list(layers[0]) if layers else []
@@ -213,9 +216,13 @@ def log_pruning(tracker: Tracker, info: dict, stages: list[str], step_name: str)
         sum(r["mass_total"] * r["mass_share_pruned"] for r in layers) / mass if mass > 0 else 0.0
     )
     tracker.log_metrics(metrics)
-    tracker.log_figure(
-        ownership_figure({f"after {step_name}": info["units"]}, stages), "figures/ownership.png"
-    )
+    snapshot = {f"after {step_name}": info["units"]}
+    if figures is not None:
+        figures.add(
+            "ownership", {"snapshots": snapshot, "stages": stages}, "figures/ownership.png", [tracker]
+        )
+        return
+    tracker.log_figure(ownership_figure(snapshot, stages), "figures/ownership.png")
 
 
 # ---- the cascade at a glance ----------------------------------------------------------------------------
@@ -239,8 +246,16 @@ def cascade_rows(
     return out
 
 
-def log_cascade(tracker: Tracker, rows: list[dict], objectives: list[str], k: int, days: str) -> None:
-    """metrics/by_step.{json,md} (every step's metrics, named) and figures/cascade.png (at K = k)."""
+def log_cascade(
+    tracker: Tracker,
+    rows: list[dict],
+    objectives: list[str],
+    k: int,
+    days: str,
+    figures: BackgroundFigures | None = None,
+) -> None:
+    """metrics/by_step.{json,md} (every step's metrics, named) and figures/cascade.png (at K = k);
+    the figure queued on `figures` when given (drawn by its child process), else drawn here."""
     from csmf_core.metrics import format_metrics_table
     from flows.figures import cascade_figure
 
@@ -251,6 +266,10 @@ def log_cascade(tracker: Tracker, rows: list[dict], objectives: list[str], k: in
         "empty before the objective's stage.\n\n"
     )
     tracker.log_text(head + format_metrics_table(rows) + "\n", "metrics/by_step.md")
+    if figures is not None:
+        args = {"rows": rows, "objectives": objectives, "k": k, "days": days}
+        figures.add("cascade", args, "figures/cascade.png", [tracker])
+        return
     tracker.log_figure(cascade_figure(rows, objectives, k, days), "figures/cascade.png")
 
 
@@ -300,13 +319,19 @@ def run_summary(result: dict, k: int, date: str) -> str:
 
 # ---- evaluation ------------------------------------------------------------------------------------
 def log_evaluation(
-    tracker: Tracker | Sequence[Tracker], rows: list[dict], prunes: dict[str, Path], objectives: list[str]
+    tracker: Tracker | Sequence[Tracker],
+    rows: list[dict],
+    prunes: dict[str, Path],
+    objectives: list[str],
+    figures: BackgroundFigures | None = None,
 ) -> None:
     """test/ metrics, the metrics table (JSON + markdown), Recall@K and ownership figures.
 
     tracker: one run's tracker, or several (the evaluate step's child run and the parent): each gets
     the same files, the figures rendered once and the same PNG logged to every run.
     prunes: {prune step name: its checkpoint dir} (ownership snapshots from masks/masks.json).
+    figures: the figures are queued on it (drawn by its child process, logged by its `finish`)
+    instead of drawn here.
     """
     from csmf_core.evaluate import metric_dict
 
@@ -315,12 +340,18 @@ def log_evaluation(
         t.log_metrics(metric_dict(rows, prefix="test", own_only=False))
         t.log_table(rows, "metrics/test_metrics.json")
         t.log_text(metrics_table(rows) + "\n", "metrics/test_metrics.md")
-    log_figure(targets, recall_at_k_figure(rows), "figures/recall_at_k.png")
     snapshots = {
         f"after {name}": read_json(ckpt / "masks" / "masks.json")["units_per_stage"]
         for name, ckpt in prunes.items()
         if (ckpt / "masks" / "masks.json").is_file()
     }
+    if figures is not None:
+        figures.add("recall_at_k", {"rows": rows}, "figures/recall_at_k.png", targets)
+        if snapshots:
+            args = {"snapshots": snapshots, "stages": objectives}
+            figures.add("ownership", args, "figures/ownership.png", targets)
+        return
+    log_figure(targets, recall_at_k_figure(rows), "figures/recall_at_k.png")
     if snapshots:
         log_figure(targets, ownership_figure(snapshots, objectives), "figures/ownership.png")
 

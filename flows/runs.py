@@ -49,6 +49,7 @@ from csmf_core.config import ConfigError, CSMFConfig
 from data_contracts import read_name
 from flows import doctor, reporting
 from flows.env import tracking_uri
+from flows.figures import BackgroundFigures
 from flows.inputs import Window, code_version, dataset_digest
 from flows.names import (
     CODE_VERSION_TAG,
@@ -194,6 +195,9 @@ class RunContext:
     home: Path | None = None
     cache: StageCache | None = None  # completed stages of earlier runs with identical inputs
     source: str = ""  # tag mlflow.source.name of its runs (RunKind.source)
+    # figures queued for a child process to draw and the run to log at its end (flows/figures.py);
+    # None: each figure is drawn and logged where it is made
+    figures: BackgroundFigures | None = None
 
     def parent(self) -> MlflowTracker:
         return MlflowTracker.attach(self.parent_run_id, self.tracking_uri, self.experiment_id)

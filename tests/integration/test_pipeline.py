@@ -29,6 +29,7 @@ from csmf_core.config import build_config, load_config
 from csmf_core.optim import TrainingDiverged
 from csmf_core.synth import generate
 from data_contracts import ContractError
+from flows.names import WORKDIR_TAG
 from flows.pipeline import csmf_daily
 from flows.registry import REGISTERED_MODEL, load_recommender, resolve_bundle
 
@@ -167,6 +168,8 @@ def test_artifacts_where_they_belong(happy):
         changes_masks = name.startswith("cpp_prune_") or name == STEPS[0]
         assert ("masks/masks.json" in files) == changes_masks, name
         assert ("prune/layers.json" in files) == name.startswith("cpp_prune_"), name
+        # drawn by the run's figure process after the gate, logged to the step's own run
+        assert ("figures/ownership.png" in files) == name.startswith("cpp_prune_"), name
     assert "validation/report.md" in _artifacts(c, happy.children["ingest"].info.run_id)
     assert {"index/index.faiss", "index/ids.npy"} <= _artifacts(c, happy.children["build_index"].info.run_id)
     expected = {
@@ -177,6 +180,7 @@ def test_artifacts_where_they_belong(happy):
     }
     assert expected <= _artifacts(c, happy.children["evaluate"].info.run_id)
     assert expected | {"config/config.yaml"} <= _artifacts(c, happy.parent.info.run_id)
+    assert not (Path(happy.parent.data.tags[WORKDIR_TAG]) / "figures").exists()  # removed once logged
     prune = happy.children["cpp_prune_exposure"].data.metrics
     assert 0.0 <= prune["prune/mass_share_pruned"] <= 1.0 and prune["prune/units_freed"] > 0
     assert any(k.startswith("prune/user.") and k.endswith("/mass_share_pruned") for k in prune)

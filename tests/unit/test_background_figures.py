@@ -1,0 +1,104 @@
+"""flows/figures.py `BackgroundFigures`: figures drawn by a child process, logged by `finish`.
+
+The reference for the bytes is MLflow's own `log_figure` of the same figure drawn in this process
+(what the flow logged before figures moved to a child process)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flows.figures import BackgroundFigures, cascade_figure, ownership_figure, recall_at_k_figure
+
+ROWS = [
+    {"objective": o, "scorer": s, "k": k, "recall": 0.1 * k / 50, "ndcg": 0.0, "users": 3}
+    for o in ("exposure", "click")
+    for s in (o, "fused", "popularity")
+    for k in (10, 50)
+]
+SNAPSHOTS = {"after cpp_prune_exposure": {"user.layers.0": [3, 5], "output": [4, 4]}}
+CASCADE = [
+    {"step": 0, "name": "pretrain_exposure", "exposure recall@50": 0.2, "exposure ndcg@50": 0.1},
+    {"step": 1, "name": "finetune_click", "exposure recall@50": 0.2, "exposure ndcg@50": 0.1,
+     "click recall@50": 0.3, "click ndcg@50": None},
+]  # fmt: skip
+
+
+class Files:
+    """A tracker that keeps what `log_artifact` hands it: {artifact path: bytes}."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+
+    def log_artifact(self, path, artifact_path=None):
+        from pathlib import Path
+
+        path = Path(path)
+        self.files[f"{artifact_path}/{path.name}" if artifact_path else path.name] = path.read_bytes()
+
+
+def test_the_child_draws_the_bytes_mlflow_logs_for_the_same_figures(tmp_path):
+    import mlflow
+
+    from flows.tracking import MlflowTracker, ensure_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = ensure_experiment("figures", tmp_path / "artifacts", uri)
+    own = MlflowTracker.start(exp, "own", tracking_uri=uri)
+    own.log_figure(recall_at_k_figure(ROWS), "figures/recall_at_k.png")
+    own.log_figure(ownership_figure(SNAPSHOTS, ["exposure", "click"]), "figures/ownership.png")
+    own.log_figure(cascade_figure(CASCADE, ["exposure", "click"], 50, "2026-01-06"), "figures/cascade.png")
+
+    def reference(name: str) -> bytes:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=own.run_id,
+            artifact_path=f"figures/{name}",
+            dst_path=str(tmp_path / "ref"),
+            tracking_uri=uri,
+        )
+        return open(path, "rb").read()
+
+    a, b = Files(), Files()
+    figures = BackgroundFigures(tmp_path / "work" / "figures")
+    figures.add("recall_at_k", {"rows": ROWS}, "figures/recall_at_k.png", [a, b])
+    # NumPy scalars, as metric rows carry them, become plain numbers in the spec
+    snapshots = {"after cpp_prune_exposure": {"user.layers.0": [np.int64(3), 5], "output": [4, np.int32(4)]}}
+    figures.add(
+        "ownership", {"snapshots": snapshots, "stages": ["exposure", "click"]}, "figures/ownership.png", [a]
+    )
+    args = {"rows": CASCADE, "objectives": ["exposure", "click"], "k": 50, "days": "2026-01-06"}
+    figures.add("cascade", args, "figures/cascade.png", [b])
+    figures.start()
+    assert a.files == {} and b.files == {}  # nothing is logged before finish
+    logged = figures.finish()
+    assert logged == ["figures/recall_at_k.png", "figures/ownership.png", "figures/cascade.png"]
+    assert set(a.files) == {"figures/recall_at_k.png", "figures/ownership.png"}
+    assert set(b.files) == {"figures/recall_at_k.png", "figures/cascade.png"}
+    for tracker in (a, b):
+        for path, data in tracker.files.items():
+            assert data == reference(path.split("/")[-1]), path
+    assert not (tmp_path / "work" / "figures").exists()  # removed once logged
+    assert figures.finish() == []  # finished: nothing more to wait for
+
+
+def test_a_failing_child_raises_with_its_error_and_logs_nothing(tmp_path):
+    a = Files()
+    figures = BackgroundFigures(tmp_path / "figures")
+    figures.add("recall_at_k", {"rows": ROWS, "no_such_argument": 1}, "figures/recall_at_k.png", [a])
+    with pytest.raises(RuntimeError, match=r"(?s)exited with code 1: .*no_such_argument"):
+        figures.finish()  # starts the child itself when start() was not called
+    assert a.files == {}
+    assert (tmp_path / "figures" / "stderr.txt").is_file()  # kept for a look
+
+
+def test_nothing_queued_starts_nothing_and_misuse_is_refused(tmp_path):
+    figures = BackgroundFigures(tmp_path / "figures")
+    figures.start()
+    assert figures.finish() == [] and not (tmp_path / "figures").exists()
+    with pytest.raises(ValueError, match="unknown figure 'pie'"):
+        figures.add("pie", {}, "figures/pie.png", [Files()])
+    figures.add("recall_at_k", {"rows": ROWS}, "recall_at_k.png", [Files()])
+    figures.start()
+    with pytest.raises(RuntimeError, match="already started"):
+        figures.add("recall_at_k", {"rows": ROWS}, "figures/again.png", [Files()])
+    assert figures.finish() == ["recall_at_k.png"]  # an artifact at the run's root
