@@ -23,8 +23,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from flows.env import startup_imports
+from flows.local_api import PREPARE, prepare
 
 WARM_UP_PATH = "/api/admin/version"
 
@@ -64,6 +66,11 @@ def _port(argv: list[str]) -> int | None:
 
 def main() -> None:
     with startup_imports():
+        if sys.argv[1:2] == [PREPARE]:  # flows.local_api.uvicorn_command: the checks that need Prefect
+            template = Path(sys.argv[2])
+            del sys.argv[1:3]
+            if not prepare(template):
+                return  # Prefect's settings name an API: no temporary server (the CLI sees the same)
         import prefect.server.api.server  # noqa: F401  (what the app factory imports)
     import uvicorn
 

@@ -189,7 +189,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         _open_tracking_store()  # the flow's first MLflow work, done now (while a temporary API starts)
     if api is not None:
-        api.wait()  # the flow's Prefect client uses this server (flows/local_api.py)
+        api = api.wait()  # the flow's Prefect client uses this server (flows/local_api.py)
     with _run_console(args), api.use() if api is not None else nullcontext():
         result = csmf_daily(
             date=date,

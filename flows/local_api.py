@@ -46,7 +46,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -110,11 +110,17 @@ class TemporaryApi:
             self.port = _free_port()
             self.process = subprocess.Popen(**uvicorn_command(self.port))
 
-    def wait(self, timeout: float | None = None) -> TemporaryApi:
-        """Block until /api/health answers 200; raise RuntimeError (with the server's exit code) when it
-        does not within `timeout` (default PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)."""
+    def wait(self, timeout: float | None = None) -> TemporaryApi | None:
+        """Block until /api/health answers 200 and return self; raise RuntimeError (with the server's
+        exit code) when it does not within `timeout` (default
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS). None, the server stopped, when Prefect's
+        settings name an API after all (a profile's PREFECT_API_URL: `start_temporary_api` does not
+        read them)."""
         from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
+        if self.server is None and not temporary_api_wanted():  # a profile names an API: not needed
+            self.stop()
+            return None
         limit = timeout or PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
         t0 = time.monotonic()
         try:
@@ -183,14 +189,20 @@ def start_temporary_api() -> TemporaryApi | None:
     inside `api.use()`.
 
     The subprocess is Prefect's own command and environment (`uvicorn_command`), on a free port, over
-    a database seeded from the migrated template when the home has none (`seed_database`). The CLI
-    process does not import the Prefect server's modules (~1.5 s of CPU): its clients reach the server
-    through PREFECT_API_URL inside `use()`. Only when this process has already imported them (and may
-    have started Prefect's singleton) is the server handed to that singleton as before."""
-    if not temporary_api_wanted():
+    a database seeded from the migrated template when the home has none (`seed_database`, done by the
+    server process before it starts: `flows.api_server.prepare`). Nothing here imports Prefect (~0.7 s
+    of CPU before the launch otherwise): the server process checks Prefect's settings itself and exits
+    when they name an API (a profile's PREFECT_API_URL), which `wait` then sees from this process's
+    settings. The CLI process does not import the Prefect server's modules (~1.5 s of CPU): its
+    clients reach the server through PREFECT_API_URL inside `use()`. Only when this process has
+    already imported them (and may have started Prefect's singleton) is the server handed to that
+    singleton as before."""
+    if os.environ.get("PREFECT_API_URL"):
         return None
-    seed_database()
     if "prefect.server.api.server" in sys.modules:
+        if not temporary_api_wanted():
+            return None
+        seed_database()
         return _singleton_api()
     port = _free_port()
     api = TemporaryApi(process=subprocess.Popen(**uvicorn_command(port)), port=port)
@@ -219,26 +231,31 @@ def _singleton_api() -> TemporaryApi:
 
 def uvicorn_command(port: int) -> dict[str, Any]:
     """`subprocess.Popen` arguments of prefect 3.8.8's `SubprocessASGIServer._run_uvicorn_command`
-    (the temporary API: uvicorn on 127.0.0.1:<port>, UI off, ephemeral services, the explicitly set
-    settings in its environment), built without importing the Prefect server; uvicorn runs through
-    `flows.api_server`, which imports the server's modules with the cyclic GC paused first."""
-    import prefect
-    from prefect.settings import get_current_settings
+    (the temporary API: uvicorn on 127.0.0.1:<port>, UI off, ephemeral services), built without
+    importing Prefect: uvicorn runs through `flows.api_server`, which first checks that a temporary
+    API is wanted and seeds the database from `template_path()` (`PREPARE`), then imports the
+    server's modules with the cyclic GC paused. Prefect's own command also passes this process's
+    explicitly set settings in the environment; the server process reads the same environment,
+    profile and files itself."""
+    import importlib.util
 
     server_env = {
         "PREFECT_UI_ENABLED": "0",
         "PREFECT__SERVER_EPHEMERAL": "1",
         "PREFECT__SERVER_FINAL": "1",
-        **NO_BLOCK_REGISTRATION,
+        **block_registration_off(os.environ),
     }
+    prefect_dir = Path(importlib.util.find_spec("prefect").origin).parent  # found, not imported
     return {
         "args": [
             sys.executable,
             "-P",  # not the working directory on sys.path: a user's own `flows` folder cannot shadow ours
             "-m",
             "flows.api_server",  # `-m uvicorn` with the server's imports GC-paused (flows/api_server.py)
+            PREPARE,
+            str(template_path()),
             "--app-dir",
-            str(prefect.__module_path__.parent),
+            str(prefect_dir.parent),
             "--factory",
             "prefect.server.api.server:create_app",
             "--host",
@@ -250,16 +267,24 @@ def uvicorn_command(port: int) -> dict[str, Any]:
             "--lifespan",
             "on",
         ],  # fmt: skip
-        "env": {
-            **os.environ,
-            **server_env,
-            **get_current_settings().to_environment_variables(exclude_unset=True),
-        },
+        "env": {**os.environ, **server_env},
     }
 
 
-# The temporary server registers no block types on start (a user's explicit setting still wins: the
-# settings below come after these in the server's environment). Prefect's start-up otherwise imports
+PREPARE = "--csmf-prepare"  # flows.api_server: `PREPARE <template>` first, taken off before uvicorn
+
+
+def prepare(template: Path) -> bool:
+    """In the server process, before the server starts: False when Prefect's settings name an API
+    (nothing to serve); else seed a new home's database from `template` and return True."""
+    if not temporary_api_wanted():
+        return False
+    seed_database(template)
+    return True
+
+
+# The temporary server registers no block types on start (unless this process's environment sets either
+# setting, under any of its names: a user's choice stays). Prefect's start-up otherwise imports
 # every installed collection (prefect-dask, and through it dask.distributed) to hash the block registry,
 # and on a new home writes every block type to the database: 0.26 s of a 2.3 s start with a kept home
 # and 0.8 s of 2.9 s with a new one (2-core Intel VM, 2026-12-06, flows/api_server.py timed to
@@ -269,6 +294,20 @@ NO_BLOCK_REGISTRATION = {
     "PREFECT_SERVER_REGISTER_BLOCKS_ON_START": "false",
     "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION": "false",
 }
+# every environment name Prefect 3.8.8 reads for each (its settings' validation aliases)
+_BLOCK_SETTING_NAMES = {
+    "PREFECT_SERVER_REGISTER_BLOCKS_ON_START": ("PREFECT_API_BLOCKS_REGISTER_ON_START",),
+    "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION": ("PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION",),
+}
+
+
+def block_registration_off(environ: Mapping[str, str]) -> dict[str, str]:
+    """NO_BLOCK_REGISTRATION less each setting `environ` already sets (any of its names)."""
+    return {
+        name: value
+        for name, value in NO_BLOCK_REGISTRATION.items()
+        if not any(n in environ for n in (name, *_BLOCK_SETTING_NAMES[name]))
+    }
 
 
 def _free_port() -> int:
@@ -289,10 +328,11 @@ def _free_port() -> int:
 
 def template_path() -> Path:
     """Where the migrated database template of this Prefect version lives: under the virtual
-    environment (`flows.env.template_dir`), next to the Prefect it belongs to."""
-    import prefect
+    environment (`flows.env.template_dir`), next to the Prefect it belongs to (its installed version,
+    read without importing it)."""
+    from importlib.metadata import version
 
-    return template_dir() / f"prefect-{prefect.__version__}.db"
+    return template_dir() / f"prefect-{version('prefect')}.db"
 
 
 def build_template(path: Path | None = None) -> Path:

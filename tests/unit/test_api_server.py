@@ -4,7 +4,6 @@ that flows/local_api.py turns off for it."""
 from __future__ import annotations
 
 import http.server
-import os
 import subprocess
 import sys
 import threading
@@ -68,11 +67,20 @@ def test_warm_up_gives_up_quietly(server):
 
 
 def test_the_temporary_server_registers_no_blocks_unless_the_user_says_so(monkeypatch):
-    from flows.local_api import NO_BLOCK_REGISTRATION, uvicorn_command
+    from flows.local_api import NO_BLOCK_REGISTRATION, PREPARE, block_registration_off, uvicorn_command
 
-    env = uvicorn_command(8000)["env"]
+    for name in (
+        "PREFECT_SERVER_REGISTER_BLOCKS_ON_START",
+        "PREFECT_API_BLOCKS_REGISTER_ON_START",
+        "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION",
+        "PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION",
+    ):
+        monkeypatch.delenv(name, raising=False)  # fmt: skip
+    command = uvicorn_command(8000)
+    env, args = command["env"], command["args"]
     assert {k: env[k] for k in NO_BLOCK_REGISTRATION} == NO_BLOCK_REGISTRATION
-    # Prefect reads these names (its settings, not a guess): off in a process with that environment
+    assert args[3:6] == ["flows.api_server", PREPARE, args[5]] and args[5].endswith(".db")
+    # Prefect reads these names (its settings, not a guess): both off in a process with that environment
     from prefect.settings import Settings
 
     with monkeypatch.context() as m:
@@ -80,13 +88,48 @@ def test_the_temporary_server_registers_no_blocks_unless_the_user_says_so(monkey
             m.setenv(k, v)
         server = Settings().server
     assert server.register_blocks_on_start is False and server.memoize_block_auto_registration is False
-    # a user's explicit setting comes after ours in the server's environment (a fresh process, as `csmf
-    # run` is: this one's Prefect settings context is the test harness's)
+    # a user's own setting, under any of Prefect's names for it, is left as it is
+    assert block_registration_off({"PREFECT_API_BLOCKS_REGISTER_ON_START": "true"}) == {
+        "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION": "false"
+    }
+    assert block_registration_off({"PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION": "true"}) == {
+        "PREFECT_SERVER_REGISTER_BLOCKS_ON_START": "false"
+    }
+    monkeypatch.setenv("PREFECT_API_BLOCKS_REGISTER_ON_START", "true")
+    env = uvicorn_command(8000)["env"]
+    assert "PREFECT_SERVER_REGISTER_BLOCKS_ON_START" not in env
+    with monkeypatch.context() as m:
+        m.delenv("PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION", raising=False)
+        for k, v in env.items():
+            if k.startswith("PREFECT_"):
+                m.setenv(k, v)
+        assert Settings().server.register_blocks_on_start is True
+
+
+def test_uvicorn_command_imports_no_prefect():
+    """The temporary API is launched before `csmf run` imports Prefect (~0.7 s): building its command
+    must not import it."""
     code = (
+        "import sys\n"
         "from flows.local_api import uvicorn_command\n"
-        "env = uvicorn_command(8000)['env']\n"
-        "print(env['PREFECT_SERVER_REGISTER_BLOCKS_ON_START'], env['PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION'])"
+        "uvicorn_command(8000)\n"
+        "print(sorted(m for m in sys.modules if m == 'prefect' or m.startswith('prefect.')))"
     )
-    user = {**os.environ, "PREFECT_API_BLOCKS_REGISTER_ON_START": "true"}  # Prefect's older name for it
-    out = subprocess.run([sys.executable, "-c", code], env=user, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["True", "false"]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_profile_that_names_an_api_stops_the_launched_server(tmp_path, monkeypatch):
+    """`start_temporary_api` launches before Prefect's settings are read; when they name an API after
+    all, the server process returns before seeding anything and `wait` stops it and returns None."""
+    from flows import local_api
+
+    monkeypatch.setattr(local_api, "temporary_api_wanted", lambda: False)
+    template = tmp_path / "template.db"
+    template.write_bytes(b"not used")
+    monkeypatch.setattr(local_api, "seed_database", lambda t=None: (_ for _ in ()).throw(AssertionError(t)))
+    assert local_api.prepare(template) is False
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    api = local_api.TemporaryApi(process=process, port=1)
+    assert api.wait(timeout=5) is None
+    assert process.poll() is not None and api.process is None
