@@ -17,7 +17,9 @@ child's first line to the end of its work, imports included (what a user waits f
 * direct: the same csmf_core work with no Prefect and no MLflow, as lean as the library allows:
   validate -> prepare -> the selection pass on the validation days and the refit config (the
   flow's `select`) -> load once -> every cascade step in memory with the same per-step
-  validation -> final checkpoint -> serving bundle (flat index) -> final evaluation.
+  validation -> final checkpoint -> serving bundle (flat index) -> final evaluation (every scorer
+  and the model-minus-popularity gaps, ranked once, as the flow's `evaluate` computes them; the
+  gaps since 2026-12-06, ~0.1 s: before, their bootstrap was counted as orchestration).
 
 Overhead of a flow arm, the target line (<= 10% for each flow arm), per round then the median:
 ((arm - C_arm) - (direct - C_direct)) / arm, where C is the seconds a child spent inside the training
@@ -64,7 +66,7 @@ def direct(data: str, work: Path, overrides: list[str]) -> dict:
     from csmf_core.cascade import build_model, load_cascade_data, plan, run_step
     from csmf_core.checkpoint import save_checkpoint
     from csmf_core.config import load_config
-    from csmf_core.evaluate import evaluate_model
+    from csmf_core.evaluate import Ranked, evaluate_model, popularity_gaps
     from csmf_core.prep import prepare
     from csmf_core.serving import write_bundle
     from csmf_core.tuning import refit_config, run_trial, trial_config
@@ -96,9 +98,13 @@ def direct(data: str, work: Path, overrides: list[str]) -> dict:
     ckpt = save_checkpoint(work / "checkpoint", model, owners)
     write_bundle(work / "bundle", checkpoint_dir=ckpt, model_ready_dir=mr, dataset_dir=data, config=cfg,
                  index_kind="flat", overwrite=True)  # fmt: skip
-    evaluate_model(model, owners.output_owners(), cd.catalog_tables("eval"), cd.eval.head(cfg.eval.max_users), cd.objectives,
-                   ks=cfg.eval.ks, scorers="all", fused_weights=cfg.eval.fused_weights, popularity=cd.counts,
-                   random_seed=0)  # fmt: skip
+    # the flow's `evaluate`: every scorer, then the model-minus-popularity gaps, ranked once for both
+    out, tables, ev = owners.output_owners(), cd.catalog_tables("eval"), cd.eval.head(cfg.eval.max_users)
+    ranked = Ranked(model, out, tables, ev)
+    evaluate_model(model, out, tables, ev, cd.objectives, ks=cfg.eval.ks, scorers="all",
+                   fused_weights=cfg.eval.fused_weights, popularity=cd.counts, random_seed=0, ranked=ranked)  # fmt: skip
+    popularity_gaps(model, out, tables, ev, cd.objectives, cd.counts, cfg.eval.fused_weights, cfg.eval.primary_k,
+                    ranked=ranked)  # fmt: skip
     t["end"] = time.perf_counter()
     return {
         "ingest": t["ingest"] - t["start"],
