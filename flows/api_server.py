@@ -5,7 +5,10 @@ built by `flows.local_api.uvicorn_command`), with the Prefect server's modules i
 
 That import is most of the server's start (~2.4 s of CPU on this project's 2-core VM, 1.9 s this
 way, 2026-12-05), and `csmf run` waits for the server after its own imports: on a 2-core machine the
-two processes share the cores while both start. Everything else is uvicorn's own command line.
+two processes share the cores while both start. `--csmf-prepare TEMPLATE` first (taken off before
+uvicorn reads the rest): the checks that need Prefect's settings, made here so that `csmf run` can
+launch this before importing Prefect (`flows.local_api.prepare`: is a temporary API wanted? seed a
+new home's database from TEMPLATE). Everything else is uvicorn's own command line.
 
 Once it answers /api/health, the server sends itself one GET /api/admin/version (`warm_up`, a
 daemon thread): the first GET a fresh server answers costs it ~0.22 s whatever the route (/api/hello
@@ -13,7 +16,7 @@ the same; later ones ~2 ms; 2-core Intel VM, 2026-12-06), and the flow's first r
 call (Prefect's client checks the API version before creating the flow run). Made here, that cost
 falls while `csmf run` is still importing, not after it.
 
-    python -m flows.api_server --app-dir ... --factory prefect.server.api.server:create_app --port N ...
+    python -m flows.api_server --csmf-prepare TEMPLATE --app-dir ... --factory prefect.server.api.server:create_app --port N ...
 """
 
 from __future__ import annotations
@@ -69,8 +72,9 @@ def main() -> None:
         if sys.argv[1:2] == [PREPARE]:  # flows.local_api.uvicorn_command: the checks that need Prefect
             template = Path(sys.argv[2])
             del sys.argv[1:3]
-            if not prepare(template):
-                return  # Prefect's settings name an API: no temporary server (the CLI sees the same)
+            if not prepare(template):  # the CLI reads the same settings and stops waiting for it
+                print("Prefect's settings name an API: no temporary server started", file=sys.stderr)
+                return
         import prefect.server.api.server  # noqa: F401  (what the app factory imports)
     import uvicorn
 

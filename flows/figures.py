@@ -32,7 +32,7 @@ SCORERS = ("own", "fused", "popularity")
 _COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860")
 
 
-def _new_figure(**kwargs: Any) -> Figure:
+def new_figure(**kwargs: Any) -> Figure:
     """A `matplotlib.figure.Figure` on the Agg backend, matplotlib imported here (~0.3 s): a process
     whose figures a `BackgroundFigures` child draws never imports it."""
     import matplotlib
@@ -46,7 +46,7 @@ def _new_figure(**kwargs: Any) -> Figure:
 def recall_at_k_figure(rows: list[dict], scorers: tuple[str, ...] = SCORERS) -> Figure:
     """Recall@K vs K, one panel per objective, one line per scorer ("own" = the objective's own mode)."""
     objectives = list(dict.fromkeys(r["objective"] for r in rows))
-    fig = _new_figure(figsize=(4.2 * max(1, len(objectives)), 3.4), layout="constrained")
+    fig = new_figure(figsize=(4.2 * max(1, len(objectives)), 3.4), layout="constrained")
     axes = fig.subplots(1, max(1, len(objectives)), squeeze=False)[0]
     for ax, obj in zip(axes, objectives):
         for j, scorer in enumerate(scorers):
@@ -72,7 +72,7 @@ def ownership_figure(snapshots: dict[str, dict[str, list[int]]], stages: list[st
 
     snapshots: {title: {group: [units owned by stage 0, stage 1, ...]}} (masks.json units_per_stage).
     """
-    fig = _new_figure(
+    fig = new_figure(
         figsize=(max(6.0, 0.5 * _n_groups(snapshots) + 2), 2.8 * max(1, len(snapshots))), layout="constrained"
     )
     axes = fig.subplots(max(1, len(snapshots)), 1, squeeze=False)[:, 0]
@@ -106,7 +106,7 @@ def cascade_figure(rows: list[dict], objectives: list[str], k: int, days: str) -
     rows: `flows.reporting.cascade_rows` (one per step: "step", "name", and "<objective> recall@k" /
     "<objective> ndcg@k" values or None); days: the evaluation day(s) the metrics were measured on."""
     names = [r["name"] for r in rows]
-    fig = _new_figure(figsize=(max(7.0, 0.85 * len(names) + 2.5), 4.4), layout="constrained")
+    fig = new_figure(figsize=(max(7.0, 0.85 * len(names) + 2.5), 4.4), layout="constrained")
     axes = fig.subplots(1, 2, squeeze=False)[0]
     xs = list(range(len(names)))
     for ax, metric, label in zip(axes, ("recall", "ndcg"), (f"Recall@{k}", f"nDCG@{k}")):
@@ -148,7 +148,7 @@ class BackgroundFigures:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self.jobs: list[tuple[Path, str, list[Any]]] = []  # (png, artifact folder, target trackers)
-        self._spec: list[dict] = []
+        self._spec: list[str] = []  # each job as JSON
         self._process: subprocess.Popen | None = None
         self._stderr: Any = None
 
@@ -160,8 +160,10 @@ class BackgroundFigures:
             raise RuntimeError("figures already started: add every figure before start()")
         folder, name = os.path.split(os.path.normpath(artifact_file))
         png = self.directory / str(len(self.jobs)) / name
+        # serialised now: a value that is not JSON fails here, at the call that queued it
+        job = json.dumps({"kind": kind, "kwargs": kwargs, "png": str(png)}, default=_json_scalar)
         self.jobs.append((png, folder, list(targets)))
-        self._spec.append({"kind": kind, "kwargs": kwargs, "png": str(png)})
+        self._spec.append(job)
 
     def start(self) -> None:
         """Launch the child on the queued figures (nothing when none were queued); returns at once."""
@@ -169,15 +171,20 @@ class BackgroundFigures:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         spec = self.directory / "spec.json"
-        spec.write_text(json.dumps({"jobs": self._spec}, default=_json_scalar))
-        self._stderr = open(self.directory / "stderr.txt", "wb")  # noqa: SIM115  (closed by finish)
-        # -P: the child finds this installation's `flows`, never a `flows` folder in the working dir
-        self._process = subprocess.Popen(
-            [sys.executable, "-P", "-m", "flows.figures", str(spec)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=self._stderr,
-        )
+        spec.write_text('{"jobs": [' + ", ".join(self._spec) + "]}")
+        stderr = open(self.directory / "stderr.txt", "wb")  # noqa: SIM115  (closed by finish / close)
+        try:
+            # -P: the child finds this installation's `flows`, never a `flows` folder in the working dir
+            self._process = subprocess.Popen(
+                [sys.executable, "-P", "-m", "flows.figures", str(spec)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        except BaseException:
+            stderr.close()
+            raise
+        self._stderr = stderr
 
     def finish(self, timeout: float = 600.0) -> list[str]:
         """Wait for the child (starting it first if `start` was not called), log every PNG to its runs
@@ -195,6 +202,7 @@ class BackgroundFigures:
             code = None
         finally:
             self._stderr.close()
+            self._stderr = None
         if code != 0:
             err = (self.directory / "stderr.txt").read_text(errors="replace").strip()[-2000:]
             why = f"exited with code {code}" if code is not None else f"did not finish in {timeout:g} s"
@@ -206,6 +214,27 @@ class BackgroundFigures:
             logged.append(f"{folder}/{png.name}" if folder else png.name)
         shutil.rmtree(self.directory, ignore_errors=True)
         return logged
+
+    def salvage(self, timeout: float = 120.0) -> list[str]:
+        """`finish` for a run that failed: draw and log what was queued, as far as that goes; never
+        raises (the run's own error is the one to report). Returns the artifact files logged."""
+        try:
+            return self.finish(timeout=timeout)
+        except Exception:  # noqa: BLE001  (a failing run: its figures are best effort)
+            return []
+
+    def close(self) -> None:
+        """Stop a child still drawing (a run that ended without `finish`) and close its files;
+        idempotent. What was queued is dropped."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+        if process is not None:
+            process.wait()
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+        self.jobs, self._spec = [], []
 
 
 def _json_scalar(value: Any) -> Any:

@@ -3,7 +3,7 @@ checks, so that the server's start-up overlaps them instead of preceding the flo
 
     api = start_temporary_api()   # None when PREFECT_API_URL is set (a persistent server is used)
     ...                           # imports, config, data: the server starts meanwhile
-    api.wait()                    # up and answering
+    api = api.wait()              # up and answering (None: Prefect's settings name an API after all)
     with api.use():               # this process's Prefect clients talk to it
         csmf_daily(...)
 
@@ -11,7 +11,8 @@ Without a PREFECT_API_URL, the first Prefect client of a process starts the temp
 (prefect 3.8.8: `prefect.client.orchestration.get_client` -> `SubprocessASGIServer().start()`), a
 `uvicorn` subprocess that imports the Prefect server, checks the database migrations of
 PREFECT_HOME and registers block types, then answers /api/health. Here the same subprocess (same
-command and environment: `uvicorn_command`, less the block registration: `NO_BLOCK_REGISTRATION`) is launched on a free port before this process imports
+command and environment: `uvicorn_command`, less the block registration:
+`NO_BLOCK_REGISTRATION`) is launched on a free port before this process imports
 anything heavy; `TemporaryApi.wait` polls /api/health as `start` does (a port taken meanwhile: exit
 code 3, relaunched on another port), within PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS; the
 flow then runs with PREFECT_API_URL set to it (`use`, Prefect's `temporary_settings`), so its
@@ -29,7 +30,8 @@ Prefect's database migrations (114 alembic revisions on SQLite, ~4 s of CPU on t
 VM, half of its start-up), which the flow then waits for. `build_template` runs Prefect's documented
 `prefect server database upgrade -y` once, on an empty home, and keeps the resulting `prefect.db`
 under the virtual environment (`template_path`: one file per Prefect version; `make venv` builds it
-after installing). `start_temporary_api` copies it in when the home has no database yet and the
+after installing). The server process copies it in before it starts (`prepare`, launched by
+`start_temporary_api` with `--csmf-prepare`) when the home has no database yet and the
 database is the default SQLite file of PREFECT_HOME; the server still runs `alembic upgrade head` on
 start (PREFECT_API_DATABASE_MIGRATE_ON_START stays on), which finds nothing to do. An existing
 database, another database URL (PostgreSQL) or a missing template: nothing is copied, Prefect
@@ -188,7 +190,8 @@ def start_temporary_api() -> TemporaryApi | None:
     when a persistent server is configured (PREFECT_API_URL), where nothing is started. Run the flow
     inside `api.use()`.
 
-    The subprocess is Prefect's own command and environment (`uvicorn_command`), on a free port, over
+    The subprocess is Prefect's own command (`uvicorn_command`: uvicorn with the same arguments, the
+    environment less the block registration), on a free port, over
     a database seeded from the migrated template when the home has none (`seed_database`, done by the
     server process before it starts: `flows.api_server.prepare`). Nothing here imports Prefect (~0.7 s
     of CPU before the launch otherwise): the server process checks Prefect's settings itself and exits

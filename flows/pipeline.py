@@ -385,9 +385,19 @@ def log_cascade_at_a_glance(
 def log_figures(figures: BackgroundFigures) -> list[str]:
     """Wait for the run's figures (drawn by a child process while register and gate ran) and log each
     PNG to its runs: every pruning step's ownership, the evaluate step's and the parent's recall_at_k
-    and ownership, the parent's cascade figure. Returns the artifact files logged. A run that fails
-    before this logs no figures (its tables and metrics are logged where they are made)."""
-    return figures.finish()
+    and ownership, the parent's cascade figure. Returns the artifact files logged. The gate has
+    decided by now: figures that cannot be drawn are a warning, not a failed run (`finish_figures`).
+    A run that fails earlier has its queued figures drawn as far as that goes (`run_lifecycle`)."""
+    return finish_figures(figures, get_run_logger().warning)
+
+
+def finish_figures(figures: BackgroundFigures, warn) -> list[str]:
+    """`figures.finish()`; on a drawing or logging error, `warn(message)` and [] instead of raising."""
+    try:
+        return figures.finish()
+    except (RuntimeError, OSError) as exc:
+        warn(f"the run's figures were not logged: {exc}")
+        return []
 
 
 def _gap_metrics(gaps: list[dict]) -> dict[str, float]:

@@ -436,10 +436,10 @@ def render(days: Sequence[Day], summary: dict, meta: dict) -> str:
 
 def figure(days: Sequence[Day], k: int):
     """Recall@K (own mode) per objective over the days, both lines and popularity; cascade seconds."""
-    from flows.figures import Figure
+    from flows.figures import new_figure
 
     objectives = objectives_of(days)
-    fig = Figure(figsize=(4.0 * (len(objectives) + 1), 3.4), layout="constrained")
+    fig = new_figure(figsize=(4.0 * (len(objectives) + 1), 3.4), layout="constrained")
     axes = fig.subplots(1, len(objectives) + 1, squeeze=False)[0]
     dates = list(dict.fromkeys(d.date for d in days))
     xs = range(len(dates))

@@ -325,11 +325,19 @@ def ended(tracker: MlflowTracker) -> Iterator[MlflowTracker]:
 
 @contextmanager
 def run_lifecycle(run: RunContext) -> Iterator[RunContext]:
-    """The parent run's end around the flow's block (`ended`); the run's loaded data is dropped either way."""
+    """The parent run's end around the flow's block (`ended`); the run's loaded data is dropped either
+    way. A run that fails with figures still queued (`run.figures`: the pruning steps', evaluate's)
+    has them drawn and logged as far as that goes; no figure process outlives the block."""
     try:
         with ended(run.parent()):
             yield run
+    except Exception:
+        if run.figures is not None:
+            run.figures.salvage()
+        raise
     finally:
+        if run.figures is not None:
+            run.figures.close()
         LOADED.clear()
 
 

@@ -102,3 +102,50 @@ def test_nothing_queued_starts_nothing_and_misuse_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="already started"):
         figures.add("recall_at_k", {"rows": ROWS}, "figures/again.png", [Files()])
     assert figures.finish() == ["recall_at_k.png"]  # an artifact at the run's root
+
+
+def test_a_value_that_is_not_json_fails_where_it_is_queued(tmp_path):
+    figures = BackgroundFigures(tmp_path / "figures")
+    with pytest.raises(TypeError, match="not JSON: object"):
+        figures.add("recall_at_k", {"rows": [object()]}, "figures/recall_at_k.png", [Files()])
+    assert figures.jobs == [] and figures.finish() == []
+
+
+def test_close_stops_a_child_still_drawing_and_salvage_never_raises(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    figures = BackgroundFigures(tmp_path / "figures")
+    figures.add("recall_at_k", {"rows": ROWS}, "figures/recall_at_k.png", [Files()])
+    real = subprocess.Popen  # a child that would run for a minute: close() must not wait for it
+    monkeypatch.setattr(
+        subprocess,
+        "Popen",
+        lambda args, **kw: real([sys.executable, "-c", "import time; time.sleep(60)"], **kw),
+    )
+    figures.start()
+    process, stderr = figures._process, figures._stderr
+    figures.close()
+    assert process.poll() is not None and stderr.closed
+    assert figures.jobs == [] and figures.finish() == []
+    figures.close()  # idempotent
+    monkeypatch.undo()
+
+    broken = BackgroundFigures(tmp_path / "broken")
+    broken.add("recall_at_k", {"rows": ROWS, "no_such_argument": 1}, "figures/recall_at_k.png", [Files()])
+    assert broken.salvage() == []  # the child failed: nothing logged, nothing raised
+
+
+def test_the_flow_turns_a_figure_failure_into_a_warning(tmp_path):
+    from flows.pipeline import finish_figures
+
+    figures = BackgroundFigures(tmp_path / "figures")
+    figures.add("recall_at_k", {"rows": ROWS, "no_such_argument": 1}, "figures/recall_at_k.png", [Files()])
+    warnings: list[str] = []
+    assert finish_figures(figures, warnings.append) == []
+    assert (
+        len(warnings) == 1 and "figures were not logged" in warnings[0] and "no_such_argument" in warnings[0]
+    )
+    ok = BackgroundFigures(tmp_path / "ok")
+    ok.add("recall_at_k", {"rows": ROWS}, "figures/recall_at_k.png", [Files()])
+    assert finish_figures(ok, warnings.append) == ["figures/recall_at_k.png"] and len(warnings) == 1
