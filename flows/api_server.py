@@ -24,12 +24,10 @@ from __future__ import annotations
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from flows.env import startup_imports
-from flows.local_api import PREPARE, prepare
+from flows.local_api import PREPARE, _healthy, prepare
 
 WARM_UP_PATH = "/api/admin/version"
 
@@ -39,19 +37,11 @@ def warm_up(port: int, timeout: float = 60.0) -> bool:
     both answered within `timeout` seconds. Never raises (the server's own errors are its output)."""
     base = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        try:
-            with urllib.request.urlopen(f"{base}/api/health", timeout=2):
-                break
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.05)
-    else:
-        return False
-    try:
-        with urllib.request.urlopen(f"{base}{WARM_UP_PATH}", timeout=10) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
+    while not _healthy(f"{base}/api/health"):
+        if time.monotonic() - t0 >= timeout:
+            return False
+        time.sleep(0.05)
+    return _healthy(f"{base}{WARM_UP_PATH}", timeout=10)
 
 
 def _port(argv: list[str]) -> int | None:

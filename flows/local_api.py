@@ -166,9 +166,10 @@ def no_heartbeats() -> Iterator[None]:
         yield
 
 
-def _healthy(url: str) -> bool:
+def _healthy(url: str, timeout: float = 2) -> bool:
+    """Whether a GET of `url` answers 200 within `timeout` seconds."""
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False

@@ -58,7 +58,7 @@ from typing import Any
 from csmf_core.metrics import md_cell
 from csmf_core.serving import metrics_table
 from data_contracts import ValidationReport, clean_events_lazy
-from flows.figures import BackgroundFigures, ownership_figure, recall_at_k_figure
+from flows.figures import DRAWERS, BackgroundFigures
 from flows.tracking import Tracker
 
 
@@ -216,13 +216,8 @@ def log_pruning(
         sum(r["mass_total"] * r["mass_share_pruned"] for r in layers) / mass if mass > 0 else 0.0
     )
     tracker.log_metrics(metrics)
-    snapshot = {f"after {step_name}": info["units"]}
-    if figures is not None:
-        figures.add(
-            "ownership", {"snapshots": snapshot, "stages": stages}, "figures/ownership.png", [tracker]
-        )
-        return
-    tracker.log_figure(ownership_figure(snapshot, stages), "figures/ownership.png")
+    args = {"snapshots": {f"after {step_name}": info["units"]}, "stages": stages}
+    queue_or_log_figure(figures, [tracker], "ownership", args, "figures/ownership.png")
 
 
 # ---- the cascade at a glance ----------------------------------------------------------------------------
@@ -257,7 +252,6 @@ def log_cascade(
     """metrics/by_step.{json,md} (every step's metrics, named) and figures/cascade.png (at K = k);
     the figure queued on `figures` when given (drawn by its child process), else drawn here."""
     from csmf_core.metrics import format_metrics_table
-    from flows.figures import cascade_figure
 
     tracker.log_table(rows, "metrics/by_step.json")
     head = (
@@ -266,11 +260,8 @@ def log_cascade(
         "empty before the objective's stage.\n\n"
     )
     tracker.log_text(head + format_metrics_table(rows) + "\n", "metrics/by_step.md")
-    if figures is not None:
-        args = {"rows": rows, "objectives": objectives, "k": k, "days": days}
-        figures.add("cascade", args, "figures/cascade.png", [tracker])
-        return
-    tracker.log_figure(cascade_figure(rows, objectives, k, days), "figures/cascade.png")
+    args = {"rows": rows, "objectives": objectives, "k": k, "days": days}
+    queue_or_log_figure(figures, [tracker], "cascade", args, "figures/cascade.png")
 
 
 # ---- the flow run's summary (Prefect artifact csmf-summary) ---------------------------------------------
@@ -345,15 +336,22 @@ def log_evaluation(
         for name, ckpt in prunes.items()
         if (ckpt / "masks" / "masks.json").is_file()
     }
-    if figures is not None:
-        figures.add("recall_at_k", {"rows": rows}, "figures/recall_at_k.png", targets)
-        if snapshots:
-            args = {"snapshots": snapshots, "stages": objectives}
-            figures.add("ownership", args, "figures/ownership.png", targets)
-        return
-    log_figure(targets, recall_at_k_figure(rows), "figures/recall_at_k.png")
+    queue_or_log_figure(figures, targets, "recall_at_k", {"rows": rows}, "figures/recall_at_k.png")
     if snapshots:
-        log_figure(targets, ownership_figure(snapshots, objectives), "figures/ownership.png")
+        args = {"snapshots": snapshots, "stages": objectives}
+        queue_or_log_figure(figures, targets, "ownership", args, "figures/ownership.png")
+
+
+def queue_or_log_figure(
+    figures: BackgroundFigures | None, targets: Sequence[Tracker], kind: str, args: dict, artifact_file: str
+) -> None:
+    """Figure `kind` of flows.figures (DRAWERS[kind](**args)) as `artifact_file` of every target run:
+    queued on `figures` (drawn by its child process, logged by its `finish`), or, without it, drawn
+    and logged here (`log_figure`)."""
+    if figures is not None:
+        figures.add(kind, args, artifact_file, targets)
+    else:
+        log_figure(targets, DRAWERS[kind](**args), artifact_file)
 
 
 def log_figure(targets: Sequence[Tracker], figure: Any, artifact_file: str) -> None:
