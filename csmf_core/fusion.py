@@ -57,21 +57,31 @@ def fuse_queries_np(user_full: np.ndarray, output_owners: np.ndarray, weights: n
     w = np.asarray(weights, dtype=np.float32)
     owners = np.asarray(output_owners, dtype=np.int64)
     n = w.shape[-1]
-    if owners.size and int(owners.max()) >= n:
-        raise ValueError(f"{n} weights for a model with output owners up to stage {int(owners.max())}")
     if w.ndim == 1 or w.shape[0] == 1:
         # one weight vector (a request): its suffix sums as Python floats, the same sequential float64
-        # additions as the cumsum below (bit for bit), ~1 us instead of ~3.4 of numpy calls
+        # additions as the cumsum below (bit for bit), ~1 us instead of ~3.4 of numpy calls; gathered by
+        # 1-d fancy indexing, whose IndexError is the owners check (~0.2 us against ~1.7 for
+        # owners.max() and np.take on 2 cores)
         acc, sums = 0.0, []
         for x in reversed(w.reshape(-1).tolist()):
             acc += x
             sums.append(acc)
-        tail = np.array(sums[::-1], dtype=np.float32).reshape(w.shape)
+        try:
+            scale = np.array(sums[::-1], dtype=np.float32)[owners]
+        except IndexError:
+            raise _too_few_weights(n, owners) from None
+        if w.ndim == 2:
+            scale = scale[None, :]
     else:
+        if owners.size and int(owners.max()) >= n:
+            raise _too_few_weights(n, owners)
         tail = np.cumsum(w[..., ::-1], axis=-1, dtype=np.float64)[..., ::-1].astype(np.float32)
-    return (np.asarray(user_full, dtype=np.float32) * np.take(tail, owners, axis=-1)).astype(
-        np.float32, copy=False
-    )
+        scale = np.take(tail, owners, axis=-1)
+    return (np.asarray(user_full, dtype=np.float32) * scale).astype(np.float32, copy=False)
+
+
+def _too_few_weights(n: int, owners: np.ndarray) -> ValueError:
+    return ValueError(f"{n} weights for a model with output owners up to stage {int(owners.max())}")
 
 
 def mode_queries(user_full: torch.Tensor, output_owners: torch.Tensor, mode: int) -> torch.Tensor:

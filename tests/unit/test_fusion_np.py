@@ -30,9 +30,19 @@ def test_per_request_weights_match_torch():
     np.testing.assert_allclose(fuse_queries_np(u, owners, w), hand, rtol=1e-6)
 
 
-def test_too_few_weights():
-    with pytest.raises(ValueError, match="2 weights"):
-        fuse_queries_np(np.ones((1, 3), np.float32), np.array([0, 1, 2]), np.array([1.0, 1.0]))
+@pytest.mark.parametrize("weights", [[1.0, 1.0], [[1.0, 1.0]], [[1.0, 1.0], [2.0, 0.5]]])
+def test_too_few_weights(weights):
+    """One request's weights (N,) or (1, N) and a batch's (Q, N) take different paths; both refuse."""
+    with pytest.raises(ValueError, match="2 weights for a model with output owners up to stage 2"):
+        fuse_queries_np(np.ones((2, 3), np.float32), np.array([0, 2, 1]), np.array(weights))
+
+
+def test_one_request_keeps_the_batch_shape():
+    """(1, N) weights with a single (D,) vector give (1, D), as the (Q, N) path's broadcasting does."""
+    u = np.array([1.0, 2.0, 4.0], np.float32)
+    got = fuse_queries_np(u, np.array([0, 1, 1]), np.array([[1.0, 0.5]]))
+    np.testing.assert_array_equal(got, np.array([[1.5, 1.0, 2.0]], np.float32))
+    assert fuse_queries_np(u, np.array([0, 1, 1]), np.array([1.0, 0.5])).shape == (3,)
 
 
 def test_bit_identical_to_torch_for_random_weights():
