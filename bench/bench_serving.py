@@ -131,20 +131,18 @@ def time_case(
     rec.add(f"fusion transform / single search, {tag}", t_fuse / benchlib.median(t["single"]), "x", **p)
     if index.kind == "hnsw":  # where a fused HNSW query's extra time goes: a longer graph walk?
         every = range(min(n_blocks, reps))  # the queries the timed rounds ran
-        ndis = {
-            a: sum(hnsw_ndis(lambda: f(b)) for b in every) for a, f in (("fused", fused), ("single", single))
-        }
+        ndis = {a: sum(hnsw_ndis(f, b) for b in every) for a, f in (("fused", fused), ("single", single))}
         rec.add(f"hnsw distance computations fused/single, {tag}", ndis["fused"] / ndis["single"], "x", **p)
     rec.add(f"fused latency per query, {tag}", per_query["fused"] * 1e6, "us", **p)
     rec.add(f"single latency per query, {tag}", per_query["single"] * 1e6, "us", **p)
 
 
-def hnsw_ndis(fn) -> int:
-    """Distance computations FAISS's HNSW search made during one call of `fn` (faiss.cvar.hnsw_stats)."""
+def hnsw_ndis(fn, *args) -> int:
+    """Distance computations FAISS's HNSW search made during one call `fn(*args)` (faiss.cvar.hnsw_stats)."""
     import faiss
 
     faiss.cvar.hnsw_stats.reset()
-    fn()
+    fn(*args)
     return int(faiss.cvar.hnsw_stats.ndis)
 
 
