@@ -15,7 +15,7 @@ recall@50 of HNSW against exact, for single and fused queries, is reported (no t
 Vectors: D=64 with output owners split 40/16/8 over 3 stages; items are drawn from a mixture of
 1,000 Gaussian clusters (clustered like learned embeddings, unlike isotropic noise, which is the worst
 case for HNSW); the recall queries are users drawn from the same clusters, the timed queries isotropic
-standard-normal users with uniform(0.1, 2) weights, a fresh block of them every round at batch 1.
+standard-normal users with uniform(0.1, 2) weights, at batch 1 fresh ones for each arm in every round.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from csmf_core.index import ItemIndex
 DIM = 64
 OWNERS = np.array([0] * 40 + [1] * 16 + [2] * 8)
 K = 50
+HNSW_CALLS = 64  # batch-1 queries per round and arm on an HNSW index (~9 ms a round at 100k)
+FLAT_1M_CALLS = 8  # batch-1 queries per round and arm on an exact index of >= 1M items (~25 ms each)
 
 
 def clustered(n: int, d: int, rng: np.random.Generator, centers: np.ndarray) -> np.ndarray:
@@ -71,13 +73,18 @@ def time_case(
     single-objective search, a figure the machine's noise hardly moves.
     """
     if batch == 1:
-        n_calls = 16 if index.kind == "hnsw" else (2 if n >= 1_000_000 else 8)
+        n_calls = HNSW_CALLS if index.kind == "hnsw" else (FLAT_1M_CALLS if n >= 1_000_000 else 8)
     else:
         n_calls = 1
-    # Batch 1: every round (and the warm-up) queries its own users, ~500 distinct queries in all; 16
-    # queries repeated every round measured those 16 queries' HNSW walks (fused/single distance
-    # computations 1.09 at 1M where 1,024 queries give 1.01). Batch 1024 is a sample in itself.
-    n_blocks = reps + 1 if batch == 1 else 1
+    # Batch 1: in every round (and the warm-up) each arm queries users of its own, fresh ones: 16 users
+    # repeated every round measured those users' HNSW walks (fused/single distance computations 1.09
+    # at 1M where 1,024 users give 1.01), and one block of users for both arms let the second arm of a
+    # round walk the graph the first had just brought into the cache (fused/single 1.08-1.12 in rounds
+    # where the fused arm ran first, 0.95-0.97 where it ran second; their median swung 1.00-1.06). Batch
+    # 1024: one block of 1,024 users, a sample in itself, for every round and both arms. Calls per round:
+    # 64 on HNSW (~9 ms), 8 on an exact index (8 at 1M, ~0.2 s an arm: with 2, the VM's memory-bandwidth
+    # swings put the median per-round ratio anywhere in 0.88-1.17 on 2026-12-06; with 8, 0.994-1.006).
+    n_blocks = 2 * (reps + 1) if batch == 1 else 1
     blocks = [
         (
             [rng.standard_normal((batch, DIM), dtype=np.float32) for _ in range(n_calls)],
@@ -86,13 +93,13 @@ def time_case(
         for _ in range(n_blocks)
     ]
 
-    def fused(b: int):
-        users, weights = blocks[b % n_blocks]
+    def fused(r: int):  # round r (-1: the warm-up)
+        users, weights = blocks[(2 * r) % n_blocks]
         for u, w in zip(users, weights):
             fused_search(index, u, w)
 
-    def single(b: int):
-        users, _ = blocks[b % n_blocks]
+    def single(r: int):
+        users, _ = blocks[(2 * r + 1) % n_blocks]
         for u in users:
             single_search(index, u)
 
@@ -103,9 +110,9 @@ def time_case(
                 fuse_queries_np(u, OWNERS, w)
 
     t0 = time.perf_counter()
-    fused(n_blocks - 1), single(n_blocks - 1)  # warm-up (on a block of its own), and one round's time
+    fused(-1), single(-1)  # warm-up (on blocks of its own), and one round's time
     reps = int(min(reps, max(3, budget_s / max(time.perf_counter() - t0, 1e-9))))
-    rounds = {"fused": iter(range(reps)), "single": iter(range(reps))}  # both arms: block r in round r
+    rounds = {"fused": iter(range(reps)), "single": iter(range(reps))}
     t = benchlib.interleaved(
         {"fused": lambda: fused(next(rounds["fused"])), "single": lambda: single(next(rounds["single"]))},
         reps,
@@ -119,7 +126,7 @@ def time_case(
         batch=batch,
         calls_per_round=n_calls,
         rounds=reps,
-        distinct_queries=n_calls * batch * min(n_blocks, reps),
+        distinct_queries_per_arm=n_calls * batch * (reps if batch == 1 else 1),
     )
     rec.add(
         f"latency ratio fused/single, {tag}",
@@ -130,7 +137,7 @@ def time_case(
     )
     rec.add(f"fusion transform / single search, {tag}", t_fuse / benchlib.median(t["single"]), "x", **p)
     if index.kind == "hnsw":  # where a fused HNSW query's extra time goes: a longer graph walk?
-        every = range(min(n_blocks, reps))  # the queries the timed rounds ran
+        every = range(reps) if batch == 1 else range(1)  # the queries the timed rounds ran
         ndis = {a: sum(hnsw_ndis(f, b) for b in every) for a, f in (("fused", fused), ("single", single))}
         rec.add(f"hnsw distance computations fused/single, {tag}", ndis["fused"] / ndis["single"], "x", **p)
     rec.add(f"fused latency per query, {tag}", per_query["fused"] * 1e6, "us", **p)

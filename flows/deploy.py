@@ -19,7 +19,8 @@
    environment: CSMF_HOME, MLFLOW_TRACKING_URI (sqlite:///<home>/mlflow.db, or the MLflow server's
    http://127.0.0.1:<mlflow-port>), OMP_NUM_THREADS, PREFECT_SERVER_ANALYTICS_ENABLED,
    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR;
-3. `prefect deploy --all` with prefect.yaml (deployments `csmf-daily/daily`, cron 03:00 UTC, and
+3. the zombie flow-run automation (flows/automations.py: a run with no heartbeat or state change for
+   three heartbeats, 540 s at the default 180 s, is set Crashed), then `prefect deploy --all` with prefect.yaml (deployments `csmf-daily/daily`, cron 03:00 UTC, and
    `csmf-daily/adhoc`), from the project root so the worker runs this checkout;
 4. `prefect worker start --pool csmf-process`.
 
@@ -48,6 +49,7 @@ from pathlib import Path
 import psutil
 
 from csmf_core.fsutil import is_uri
+from flows.automations import HEARTBEAT_VARS, heartbeat_seconds
 from flows.env import free_port, resolve_home
 from flows.lock import process_alive, stop_process_group
 
@@ -82,7 +84,8 @@ def _prefect() -> list[str]:
 def job_env(home: Path, threads: str | None = None, tracking_uri: str | None = None) -> dict[str, str]:
     """The environment of every flow run (pool base job template and prefect.yaml job_variables):
     MLFLOW_TRACKING_URI is `tracking_uri` (the stack's MLflow server), else $MLFLOW_TRACKING_URI, else
-    the home's SQLite file."""
+    the home's SQLite file; PREFECT_FLOWS_HEARTBEAT_FREQUENCY the one the zombie automation counts on
+    (flows/automations.py: $PREFECT_FLOWS_HEARTBEAT_FREQUENCY, else prefect's 180 s)."""
     return {
         "CSMF_HOME": str(home),
         "MLFLOW_TRACKING_URI": tracking_uri
@@ -91,6 +94,7 @@ def job_env(home: Path, threads: str | None = None, tracking_uri: str | None = N
         "OMP_NUM_THREADS": threads or os.environ.get("OMP_NUM_THREADS") or "2",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # as flows.env.home_defaults: no tqdm bars in logs
+        HEARTBEAT_VARS[0]: str(heartbeat_seconds()),
     }
 
 
@@ -250,6 +254,7 @@ def up(
     free port)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    heartbeat_seconds()  # a bad $PREFECT_FLOWS_HEARTBEAT_FREQUENCY fails before anything starts
     root = resolve_home(home)
     stack = Stack(root, int(port), pool)
     stack.dir.mkdir(parents=True, exist_ok=True)
@@ -311,6 +316,16 @@ def up(
             env
             | job_env(root, tracking_uri=tracking)
             | {"CSMF_DATA": str(data_dir), "CSMF_CONFIG": str(cfg), "CSMF_POOL": pool}
+        )
+        # a run whose process dies is marked Crashed after 3 missed heartbeats (flows/automations.py)
+        heartbeat = deploy_env[HEARTBEAT_VARS[0]]
+        log(
+            _run(
+                [sys.executable, "-m", "flows.automations", "--heartbeat", heartbeat],
+                env,
+                stack,
+                "creating the zombie flow-run automation",
+            ).strip()
         )
         _run([*_prefect(), "--no-prompt", "deploy", "--all"], deploy_env, stack, "prefect deploy --all")
         worker_env = env | {

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -47,11 +48,12 @@ import psutil
 import pytest
 
 from csmf_core.synth import generate
-from flows import deploy, postgres
+from flows import automations, deploy, postgres
 from flows.env import free_port
 from tests.integration.conftest import RUN_TIMEOUT_S, SERVER_STARTUP_S
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+HEARTBEAT_S = 30  # the flow runs' heartbeat in these stacks (prefect's minimum)
 
 TINY = """\
 model: {dim: 16, hidden: [32]}
@@ -143,6 +145,9 @@ def stack(request, tmp_path_factory):
     # the test must not change the code version between the two runs; poll for work every 2 s
     mp.setenv("CSMF_CODE_VERSION", "test-deployment")
     mp.setenv("PREFECT_WORKER_QUERY_SECONDS", "2")
+    # prefect's shortest heartbeat: the zombie automation then fires 90 s after a run's last one
+    mp.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_S))
+    mp.delenv("PREFECT_RUNNER_HEARTBEAT_FREQUENCY", raising=False)
     mp.delenv("MLFLOW_TRACKING_URI", raising=False)
     try:
         state = deploy.up(
@@ -209,6 +214,95 @@ def test_deployments_declared_by_prefect_yaml(stack):
         pool_env["CSMF_HOME"] == str(stack["home"])
         and pool_env["MLFLOW_TRACKING_URI"] == env["MLFLOW_TRACKING_URI"]
     )
+    # the flow runs' heartbeat and the automation that counts on it (flows/automations.py)
+    assert (
+        env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]
+        == pool_env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]
+        == str(HEARTBEAT_S)
+    )
+    (zombie,) = zombie_automations(stack["api"])
+    trigger = zombie["trigger"]
+    assert trigger["posture"] == "Proactive" and trigger["within"] == 3 * HEARTBEAT_S
+    assert trigger["after"] == ["prefect.flow-run.heartbeat"] and trigger["expect"] == ["prefect.flow-run.*"]
+    assert [(x["type"], x["state"]) for x in zombie["actions"]] == [("change-flow-run-state", "CRASHED")]
+
+
+def zombie_automations(api: str) -> list[dict]:
+    autos = json.loads(_request(api, "/automations/filter", "POST", b"{}"))
+    return [a for a in autos if a["name"] == automations.ZOMBIE_AUTOMATION]
+
+
+SLEEPER = """
+import time
+from prefect import flow
+from prefect.runtime import flow_run
+
+@flow(name="csmf-zombie-check")
+def sleeper():
+    print("RUN", flow_run.id, flush=True)
+    time.sleep(900)
+
+sleeper()
+"""
+
+
+def test_killed_flow_run_is_marked_crashed(stack, tmp_path):
+    """A flow run whose process dies without a word (SIGKILL, no worker watching it) is set Crashed by
+    the stack's zombie automation three heartbeats after its last one; running `make serve` again would
+    update that automation, not add a second (flows/automations.py). sqlite only: store-independent."""
+    if stack["backend"] != "sqlite":
+        pytest.skip("the automation is the Prefect server's, whatever its database: checked on sqlite")
+    api = stack["api"]
+    env = dict(os.environ, PREFECT_API_URL=api, PREFECT_HOME=str(tmp_path / "prefect"))
+    env |= {
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    out = tmp_path / "sleeper.log"
+    with out.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SLEEPER],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        run_id = None
+        while run_id is None:  # the run has started; then its first heartbeat has reached the server
+            assert proc.poll() is None and time.monotonic() < deadline, out.read_text()[-3000:]
+            lines = [x for x in out.read_text().splitlines() if x.startswith("RUN ")]
+            run_id = lines[0].split()[1] if lines else None
+            time.sleep(0.5)
+        body = {
+            "filter": {
+                "event": {"name": ["prefect.flow-run.heartbeat"]},
+                "resource": {"id": [f"prefect.flow-run.{run_id}"]},
+            }
+        }
+        while not json.loads(_request(api, "/events/filter", "POST", json.dumps(body).encode()))["events"]:
+            assert proc.poll() is None and time.monotonic() < deadline, out.read_text()[-3000:]
+            time.sleep(1.0)
+        assert api_get(api, f"/flow_runs/{run_id}")["state"]["type"] == "RUNNING"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed = time.monotonic()
+    while (state := api_get(api, f"/flow_runs/{run_id}")["state"])["type"] == "RUNNING":
+        assert time.monotonic() - killed < 3 * HEARTBEAT_S + 120, "still RUNNING"
+        time.sleep(2.0)
+    waited = time.monotonic() - killed
+    print(f"killed flow run set {state['type']} after {waited:.0f} s")
+    assert state["type"] == "CRASHED" and "process is gone" in (state["message"] or "")
+    assert waited >= 3 * HEARTBEAT_S - HEARTBEAT_S  # not before the window (less one heartbeat's slack)
+    # `make serve` again on the same server: the automation is updated, not duplicated
+    res = subprocess.run(
+        [sys.executable, "-m", "flows.automations", "--heartbeat", str(HEARTBEAT_S)],
+        env=env, capture_output=True, text=True, cwd=deploy.PROJECT, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0 and res.stdout.startswith("updated automation"), res.stdout + res.stderr
+    assert len(zombie_automations(api)) == 1
 
 
 def test_daily_run_then_resumed_rerun(stack):
