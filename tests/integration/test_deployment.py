@@ -21,6 +21,8 @@ prefect deployment run 'csmf-daily/daily' --param date=2026-01-06 --watch   (the
     -> incremental from the champion v1: v2 registered (challenger), tagged train_mode incremental,
        parent v1, last full retrain 2026-01-05; steps select + incremental_*, no cascade from scratch;
        the gate's checks passed (gate/check/* = 1.0); champion as the gate decided (csmf.gate)
+(sqlite only) a flow run on the stack's server killed with SIGKILL, no worker watching it
+    -> set Crashed by the zombie automation `up` created, 3 heartbeats (90 s at 30 s) after its last
 python -m flows.deploy down -> every started process is gone (PostgreSQL too)
 
 The tiny dataset has the partitions 2026-01-01..2026-01-06: the first day is 2026-01-05 so that the
