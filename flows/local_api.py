@@ -156,7 +156,8 @@ class TemporaryApi:
 def no_heartbeats() -> Iterator[None]:
     """Within: flow runs send no heartbeats, for a temporary API (`TemporaryApi.use`, and the tests'
     Prefect harness). Heartbeats (every 180 s by default) let a persistent server mark a run whose
-    process died as crashed; a temporary server dies with the process, so they tell it nothing, and
+    process died as crashed (the automation `make serve` creates, flows/automations.py); a temporary
+    server dies with the process, so they tell it nothing, and
     each flow run paid for them at its end: prefect 3.8.8's heartbeat thread sleeps in 1-s steps and
     the engine joins it when the run finishes (0.86-0.88 s measured on the 2-core VM, a tenth of
     `make run`'s orchestration; docs/performance.md)."""
