@@ -299,7 +299,11 @@ class PrefectServer:
         # itself up on its first API request (0.47 s for GET /admin/version on the 2-core Intel VM,
         # then 0.01 s), which the round-1 server arm paid (its client's first call). Once, here.
         t1 = time.perf_counter()
-        self._get("/admin/version")
+        try:
+            self._get("/admin/version")
+        except BaseException:
+            self.stop()
+            raise
         self.first_request_seconds = time.perf_counter() - t1
 
     def cpu_seconds(self) -> float:

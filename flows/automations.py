@@ -97,7 +97,9 @@ def zombie_automation(heartbeat: int = HEARTBEAT_DEFAULT_S):
 
 def ensure_zombie_automation(heartbeat: int = HEARTBEAT_DEFAULT_S) -> tuple[str, str]:
     """Create the zombie automation on the configured API, or update the one with its name (one per
-    server, whatever the number of `make serve` runs). Returns ("created" | "updated", its id)."""
+    server, whatever the number of `make serve` runs; of several with that name, prefect's
+    `Automation.read` gives the last updated), keeping whether it is enabled. Returns
+    ("created" | "updated", its id)."""
     from prefect.automations import Automation
 
     wanted = zombie_automation(heartbeat)
@@ -105,7 +107,7 @@ def ensure_zombie_automation(heartbeat: int = HEARTBEAT_DEFAULT_S) -> tuple[str,
         current = Automation.read(name=ZOMBIE_AUTOMATION)
     except ValueError:  # prefect: "Automation with name ... not found"
         return "created", str(wanted.create().id)
-    wanted.id = current.id
+    wanted.id, wanted.enabled = current.id, current.enabled  # one disabled in the UI stays disabled
     wanted.update()
     return "updated", str(current.id)
 

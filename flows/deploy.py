@@ -18,7 +18,8 @@
 2. the process work pool (default `csmf-process`) whose base job template sets the flow runs'
    environment: CSMF_HOME, MLFLOW_TRACKING_URI (sqlite:///<home>/mlflow.db, or the MLflow server's
    http://127.0.0.1:<mlflow-port>), OMP_NUM_THREADS, PREFECT_SERVER_ANALYTICS_ENABLED,
-   MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR;
+   MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR, PREFECT_FLOWS_HEARTBEAT_FREQUENCY (also in the worker's own
+   environment, which reaches the deployments' runs);
 3. the zombie flow-run automation (flows/automations.py: a run with no heartbeat or state change for
    three heartbeats, 540 s at the default 180 s, is set Crashed), then `prefect deploy --all` with prefect.yaml (deployments `csmf-daily/daily`, cron 03:00 UTC, and
    `csmf-daily/adhoc`), from the project root so the worker runs this checkout;
@@ -329,7 +330,10 @@ def up(
         )
         _run([*_prefect(), "--no-prompt", "deploy", "--all"], deploy_env, stack, "prefect deploy --all")
         worker_env = env | {
-            "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "5")
+            "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "5"),
+            # the process worker passes its environment to the flow runs (the deployments' env has no
+            # heartbeat: prefect.yaml), so every run heartbeats as the zombie automation expects
+            HEARTBEAT_VARS[0]: heartbeat,
         }
         state["processes"]["worker"] = _spawn(
             "worker", [*_prefect(), "worker", "start", "--pool", pool, "--type", "process"], worker_env, stack

@@ -216,12 +216,12 @@ def test_deployments_declared_by_prefect_yaml(stack):
         pool_env["CSMF_HOME"] == str(stack["home"])
         and pool_env["MLFLOW_TRACKING_URI"] == env["MLFLOW_TRACKING_URI"]
     )
-    # the flow runs' heartbeat and the automation that counts on it (flows/automations.py)
-    assert (
-        env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]
-        == pool_env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]
-        == str(HEARTBEAT_S)
-    )
+    # the flow runs' heartbeat (the worker's environment, which reaches the deployments' runs, and the
+    # pool's) and the automation that counts on it (flows/automations.py)
+    assert "PREFECT_FLOWS_HEARTBEAT_FREQUENCY" not in env  # prefect.yaml: an unset {{ $VAR }} would be ""
+    worker = psutil.Process(stack["state"]["processes"]["worker"]["pid"]).environ()
+    assert worker["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == pool_env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]
+    assert pool_env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(HEARTBEAT_S)
     (zombie,) = zombie_automations(stack["api"])
     trigger = zombie["trigger"]
     assert trigger["posture"] == "Proactive" and trigger["within"] == 3 * HEARTBEAT_S

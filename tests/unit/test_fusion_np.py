@@ -37,6 +37,17 @@ def test_too_few_weights(weights):
         fuse_queries_np(np.ones((2, 3), np.float32), np.array([0, 2, 1]), np.array(weights))
 
 
+def test_odd_owners_and_weight_shapes_fail_as_before():
+    """An owner below -N is numpy's IndexError on both paths (not "too few weights"); 3-d weights take
+    the batch path, which refuses too few weights the same way."""
+    u = np.ones((2, 3), np.float32)
+    for w in ([1.0, 1.0], [[1.0, 1.0], [2.0, 0.5]]):
+        with pytest.raises(IndexError):
+            fuse_queries_np(u, np.array([0, -3, 1]), np.array(w))
+    with pytest.raises(ValueError, match="2 weights"):
+        fuse_queries_np(u, np.array([0, 2, 1]), np.ones((1, 2, 2)))
+
+
 def test_one_request_keeps_the_batch_shape():
     """(1, N) weights with a single (D,) vector give (1, D), as the (Q, N) path's broadcasting does."""
     u = np.array([1.0, 2.0, 4.0], np.float32)
