@@ -262,6 +262,72 @@ def load_cascade_data(
     selection pass's history counts leave out the validation days' positives (those of their train
     rows: the data contract's cascade rule makes every positive an exposure row).
     """
+    return _load_cascade(
+        path,
+        (rehearsal,),
+        load_train=load_train,
+        loader=loader,
+        shuffle_window=shuffle_window,
+        rank=rank,
+        world_size=world_size,
+        val_days=val_days,
+        item_stats_windows=item_stats_windows,
+        eval_days=eval_days,
+        processes=processes,
+        train_from=train_from,
+        logq_history=logq_history,
+        rehearsal_seed=rehearsal_seed,
+    )[0]
+
+
+def load_rehearsal_variants(
+    path,
+    ratios,
+    *,
+    train_from: str,
+    val_days: int | str = 0,
+    item_stats_windows: tuple[int, ...] = (),
+    logq_history: bool = False,
+    rehearsal_seed: int = 0,
+) -> dict[float, CascadeData]:
+    """{ratio: `load_cascade_data(path, train_from=..., rehearsal=ratio, ...)`} for every distinct ratio
+    of `ratios`, reading the model-ready data once (an incremental selection pass trains every stage
+    with each rehearsal candidate, flows/incremental.py). The variants share every table they have in
+    common (features, evaluation and validation rows: the same objects) and differ in their train rows
+    (the new rows, then each ratio's draw: a prefix of one permutation under `rehearsal_seed`), the
+    counts of those and `rehearsal_rows`."""
+    ratios = tuple(dict.fromkeys(float(r) for r in ratios))
+    loaded = _load_cascade(
+        path,
+        ratios,
+        val_days=val_days,
+        item_stats_windows=item_stats_windows,
+        train_from=train_from,
+        logq_history=logq_history,
+        rehearsal_seed=rehearsal_seed,
+    )
+    return dict(zip(ratios, loaded, strict=True))
+
+
+def _load_cascade(
+    path,
+    rehearsals: tuple[float, ...],
+    *,
+    load_train: bool = True,
+    loader: str = "memory",
+    shuffle_window: int = 1 << 20,
+    rank: int = 0,
+    world_size: int = 1,
+    val_days: int | str = 0,
+    item_stats_windows: tuple[int, ...] = (),
+    eval_days: int | None = None,
+    processes: int = 1,
+    train_from: str | None = None,
+    logq_history: bool = False,
+    rehearsal_seed: int = 0,
+) -> list[CascadeData]:
+    """`load_cascade_data` for each ratio of `rehearsals` (one CascadeData each, in order), reading the
+    data once."""
     from pathlib import Path
 
     import pyarrow.parquet as pq
@@ -303,7 +369,7 @@ def load_cascade_data(
             mr.users_cat, mr.users_num, mr.items_cat, mr.items_num, torch.from_numpy(st.values), st.first_day
         )
         item_spec = dataclasses.replace(item_spec, n_num=item_spec.n_num + len(st.columns))
-    n_drawn = 0  # rehearsal rows among the train rows (train_from, rehearsal)
+    variants = None  # [(train rows, rehearsal rows among them)] per ratio, when train_from draws them
     if mr.train is not None:
         tr = mr.train
         rows = TrainRows(
@@ -326,8 +392,10 @@ def load_cascade_data(
             new = torch.nonzero(day >= day_number(train_from)).flatten()
             if len(new) < 2:
                 raise ValueError(f"{path}: fewer than 2 train rows on or after {train_from}")
-            drawn = rehearsal_rows(day, train_from, len(new), rehearsal, rehearsal_seed)
-            rows, n_drawn = rows.select(torch.cat([new, drawn])), len(drawn)
+            variants = []
+            for r in rehearsals:
+                drawn = rehearsal_rows(day, train_from, len(new), r, rehearsal_seed)
+                variants.append((rows.select(torch.cat([new, drawn])), len(drawn)))
     else:
         empty = torch.zeros(0, dtype=torch.long)
         rows = TrainRows(
@@ -343,23 +411,17 @@ def load_cascade_data(
             world_size=world_size,
             with_days=bool(item_stats_windows),
         )
+    if variants is None:
+        variants = [(rows, 0)] * len(rehearsals)
     ev = EvalRows(mr.eval.u, [mr.eval.hist[o] for o in hist_names], [mr.eval.pos[o] for o in objs])
     pop = pq.read_table(Path(path) / "popularity.parquet")
     idx = pop["i"].to_numpy().astype(np.int64)
-    counts = []
+    window_counts = []
     for o in objs:
         c = np.zeros(mr.n_items, dtype=np.int64)
         c[idx] = pop[f"count_{o}"].to_numpy()
-        counts.append(c)
-    # validation days held out: log-Q from the rows trained on, as a refit's (the window's) and an
-    # evaluation's, none of the validation days' labels; `counts` stays the window's popularity
-    logq_counts = None if val_counts is None else list(val_counts)
-    if train_from is not None and isinstance(rows, TrainRows):
-        trained = positives_per_item(rows, mr.n_items, len(objs))
-        if val_counts is None:
-            counts = trained
-        else:  # an incremental selection pass: val_counts stays the popularity of the non-validation rows
-            logq_counts = list(trained)
+        window_counts.append(c)
+    hist_counts = {}  # logq_history: objective t >= 1 -> its history counts
     if logq_history:
         f = Path(path) / HISTORY_COUNTS
         if not f.is_file():
@@ -372,10 +434,26 @@ def load_cascade_data(
         for t, o in enumerate(objs[1:], start=1):
             c = np.zeros(mr.n_items, dtype=np.int64)
             c[hidx] = hist[f"count_{o}"].to_numpy()
+            hist_counts[t] = c
+    out = []
+    for rows, n_drawn in variants:
+        counts = list(window_counts)
+        # validation days held out: log-Q from the rows trained on, as a refit's (the window's) and an
+        # evaluation's, none of the validation days' labels; `counts` stays the window's popularity
+        logq_counts = None if val_counts is None else list(val_counts)
+        if train_from is not None and isinstance(rows, TrainRows):
+            trained = positives_per_item(rows, mr.n_items, len(objs))
+            if val_counts is None:
+                counts = trained
+            else:  # an incremental selection pass: val_counts stays the popularity of the non-validation rows
+                logq_counts = list(trained)
+        for t, c in hist_counts.items():
             counts[t] = c
             if logq_counts is not None:  # less the validation days' positives (their train rows)
                 logq_counts[t] = np.maximum(c - (window_pos[t] - val_counts[t]), 0)
-    return CascadeData(
-        objs, user_spec, item_spec, tables, rows, ev, counts, val, eval_day, val_day, val_days, val_why,
-        val_counts, logq_counts, n_drawn,
-    )  # fmt: skip
+        data = CascadeData(
+            objs, user_spec, item_spec, tables, rows, ev, counts, val, eval_day, val_day, val_days, val_why,
+            val_counts, logq_counts, n_drawn,
+        )  # fmt: skip
+        out.append(data)
+    return out

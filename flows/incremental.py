@@ -26,7 +26,7 @@ import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from csmf_core.cascade import Step, apply_threads, load_cascade_data, run_step
+from csmf_core.cascade import Step, apply_threads, load_cascade_data, load_rehearsal_variants, run_step
 from csmf_core.config import CSMFConfig, build_config
 from csmf_core.idmap import read_recycled
 from csmf_core.incremental import (
@@ -480,17 +480,21 @@ def selection_data(ready: Ingested, cfg: CSMFConfig, run: RunContext, v: int) ->
     pass trains on its own day(s) and a draw from the days before them (the window's older days), never
     on its validation day(s)."""
     ratios = sorted(set(cfg.rehearsal_ratios()))
+    options = dict(
+        val_days=v,
+        item_stats_windows=cfg.data.item_stats,
+        logq_history=cfg.train.incremental_logq == "history",
+        rehearsal_seed=cfg.train.seed,
+    )
+    if rehearsal_window(cfg):  # the data read once, a draw per ratio
+        loaded = load_rehearsal_variants(
+            ready.model_ready, ratios, train_from=selection_from(run.window.train_dates, cfg), **options
+        )
+    else:  # no earlier day to draw from: every ratio trains on the same rows
+        loaded = dict.fromkeys(ratios, load_cascade_data(ready.model_ready, **options))
     out = {}
     for r in ratios:
-        d = load_cascade_data(
-            ready.model_ready,
-            val_days=v,
-            item_stats_windows=cfg.data.item_stats,
-            logq_history=cfg.train.incremental_logq == "history",
-            train_from=selection_from(run.window.train_dates, cfg) if rehearsal_window(cfg) else None,
-            rehearsal=r,
-            rehearsal_seed=cfg.train.seed,
-        )
+        d = loaded[r]
         if not out:
             d.tables = d.tables.to(device(cfg))
             out[r] = d

@@ -670,6 +670,38 @@ def test_rehearsal_adds_a_uniform_draw_of_earlier_rows(rehearsal_mr):
     assert half.counts[0].tolist() == exposure
 
 
+@pytest.mark.parametrize("logq_history", [False, True])
+def test_rehearsal_variants_read_once_equal_separate_loads(rehearsal_mr, logq_history):
+    """load_rehearsal_variants: for each ratio (0, a draw, more than the earlier days hold, a repeat)
+    the CascadeData a separate load_cascade_data(rehearsal=ratio) gives, field by field, the selection
+    pass's validation day held out; the tables they have in common are the same objects."""
+    import dataclasses
+
+    import numpy as np
+
+    from csmf_core.cascade import load_rehearsal_variants
+
+    r = rehearsal_mr
+    opts = dict(val_days=1, train_from=r.dates[3], logq_history=logq_history, rehearsal_seed=5)
+    got = load_rehearsal_variants(r.mr, [0.0, 0.5, 1000.0, 0.5], **opts)
+    assert list(got) == [0.0, 0.5, 1000.0]
+    for ratio, d in got.items():
+        want = load_cascade_data(r.mr, rehearsal=ratio, **opts)
+        assert _keys(d.rows) == _keys(want.rows) and d.rehearsal_rows == want.rehearsal_rows
+        for f in dataclasses.fields(want):
+            a, b = getattr(d, f.name), getattr(want, f.name)
+            if f.name in ("counts", "logq_counts", "val_counts"):
+                assert (a is None) == (b is None) and all((x == y).all() for x, y in zip(a or [], b or []))
+                assert len(a or []) == len(b or [])
+            elif f.name in ("val", "eval"):
+                assert torch.equal(a.u, b.u)
+            elif f.name not in ("rows", "tables"):
+                assert a == b, f.name
+        assert d.tables is got[0.0].tables and d.val is got[0.0].val and d.eval is got[0.0].eval
+    assert got[0.0].rehearsal_rows == 0 < got[0.5].rehearsal_rows < got[1000.0].rehearsal_rows
+    assert not np.array_equal(got[0.0].logq_counts[0], got[0.5].logq_counts[0])
+
+
 def test_rehearsal_in_the_selection_pass_never_draws_validation_rows(rehearsal_mr):
     """The selection pass (validation day = day 5) trains on day 4 and a draw from days 2-3; its
     popularity reference stays the window's non-validation rows; without rehearsal, naming the
