@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
+import time
 
 import pytest
 import torch
@@ -45,6 +46,33 @@ STEP = Step("finetune_click", "train", 1)
 # world size, the same shard per global rank and an all-reduce of 2 terms (exact in any order), so
 # the parameters agree to TWO_NODE_ATOL (docs/distributed.md); in practice they are bit-identical.
 TWO_NODE_ATOL = 1e-6
+# A torchrun agent whose workers succeeded waits up to 300 s (torch's exit_barrier_timeout, no torchrun
+# option) for the other agents; when the other node's worker aborts in gloo's teardown after the result
+# was written (module docstring of csmf_core.distributed), that agent never reaches the barrier and node 0
+# leaves only after those 300 s (seen once in CI, 2026-12-06: the test's old 300-s limit expired first).
+LAUNCHERS_TIMEOUT_S = 300 + 180
+
+
+def _wait_all(procs, timeout: float, logs) -> list[str]:
+    """Both launchers' output; on a timeout both are killed and the failure quotes every output and
+    every rank's torchrun log (what the other node did)."""
+    deadline = time.monotonic() + timeout
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        texts = [p.communicate()[0] for p in procs]
+        ranks = "".join(
+            f"\n--- {f} ---\n{f.read_text()[-2000:]}" for d in logs for f in sorted(d.rglob("*.log"))
+        )
+        pytest.fail(f"launchers still running after {timeout:.0f} s:\n" + "\n".join(
+            f"node {n}:\n{t[-2000:]}" for n, t in enumerate(texts)) + ranks)  # fmt: skip
+    return outputs
+
+
 RAW = {
     "model": {"dim": 8, "hidden": [16]},
     "train": {
@@ -222,7 +250,7 @@ def test_two_node_launchers_match_two_processes_on_one_node(world, one_node, tmp
                 cmd, env=launch_env(c2, 1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
             )
         )
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    outputs = _wait_all(procs, timeout=LAUNCHERS_TIMEOUT_S, logs=[tmp_path / f"logs-{n}" for n in (0, 1)])
     for node, (p, text) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0 or (out / "report.json").is_file(), f"node {node}:\n{text[-3000:]}"
     rep = json.loads((out / "report.json").read_text())
