@@ -43,7 +43,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +51,7 @@ import psutil
 from csmf_core.fsutil import is_uri
 from flows.automations import HEARTBEAT_VARS, heartbeat_seconds
 from flows.env import free_port, resolve_home
+from flows.local_api import _healthy as url_answers
 from flows.lock import process_alive, stop_process_group
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -132,11 +132,8 @@ def _run(cmd: list[str], env: dict[str, str], stack: Stack, what: str) -> str:
 
 
 def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
+    """Whether the server at base `url` (Prefect's /api or MLflow's root) answers `<url>/health`."""
+    return url_answers(f"{url}/health")
 
 
 def _wait_healthy(url: str, entry: dict, timeout: float, what: str, log: Path) -> None:
@@ -255,7 +252,9 @@ def up(
     free port)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    heartbeat_seconds()  # a bad $PREFECT_FLOWS_HEARTBEAT_FREQUENCY fails before anything starts
+    heartbeat = str(
+        heartbeat_seconds()
+    )  # a bad $PREFECT_FLOWS_HEARTBEAT_FREQUENCY fails before anything starts
     root = resolve_home(home)
     stack = Stack(root, int(port), pool)
     stack.dir.mkdir(parents=True, exist_ok=True)
@@ -319,7 +318,6 @@ def up(
             | {"CSMF_DATA": str(data_dir), "CSMF_CONFIG": str(cfg), "CSMF_POOL": pool}
         )
         # a run whose process dies is marked Crashed after 3 missed heartbeats (flows/automations.py)
-        heartbeat = deploy_env[HEARTBEAT_VARS[0]]
         log(
             _run(
                 [sys.executable, "-m", "flows.automations", "--heartbeat", heartbeat],
