@@ -21,7 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -131,53 +131,59 @@ DRAWERS = {"recall_at_k": recall_at_k_figure, "ownership": ownership_figure, "ca
 
 
 class BackgroundFigures:
-    """Figures drawn to PNG by one child process (`python -m flows.figures SPEC`) while the caller goes
+    """Figures drawn to PNG by one child process (`python -m flows.figures DIR`) while the caller goes
     on, then logged to their runs by `finish`.
 
     Why: drawing is matplotlib's Python (text layout for the constrained layout, then the Agg draw),
     ~0.15-0.2 s a figure that holds the GIL, so a thread would not overlap it with the flow's own
-    Python work. A child process draws on the machine's other core while the flow registers and gates
-    the model (the daily flow's last three figures: ~0.6 s off its critical path on the 2-core VM,
-    docs/performance.md). The PNGs are the bytes `savefig` writes in-process (same matplotlib, same
-    code, MLflow's `log_figure` defaults), logged with `log_artifact` as `reporting.log_figure` does.
+    Python work. A child process draws on the machine's other core while the flow builds the index,
+    evaluates, registers and gates the model (the daily flow's figures: ~1.2 s of drawing, matplotlib's
+    import included, off its critical path on the 2-core VM, docs/performance.md). The PNGs are the
+    bytes `savefig` writes in-process (same matplotlib, same code, MLflow's `log_figure` defaults),
+    logged with `log_artifact` as `reporting.log_figure` does.
 
-    Jobs are drawn in the order added. `directory` (created, removed by `finish` once everything is
-    logged) holds the spec, the PNGs and the child's stderr; a child that fails makes `finish` raise
+    Jobs are drawn in the order added. `start` may come before the last `add`: each job is a JSON file
+    in `directory`, its path one line on the child's stdin (a line, not the job: the pipe never fills),
+    and the child draws each as it arrives until `finish` closes its stdin. From `start` until `finish`
+    or `close` this process's torch runs one intra-op thread fewer (`_leave_a_core`), so that the two
+    do not fight over the same cores. `directory` (created, removed by `finish` once everything is
+    logged) holds the jobs, the PNGs and the child's stderr; a child that fails makes `finish` raise
     with that stderr. Arguments must be JSON (NumPy scalars are converted)."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self.jobs: list[tuple[Path, str, list[Any]]] = []  # (png, artifact folder, target trackers)
-        self._spec: list[str] = []  # each job as JSON
+        self._unsent: list[str] = []  # queued jobs (JSON) the child has not been handed yet
         self._process: subprocess.Popen | None = None
         self._stderr: Any = None
+        self._threads: int | None = None  # this process's torch threads before the child started
 
     def add(self, kind: str, kwargs: dict, artifact_file: str, targets: Sequence[Any]) -> None:
-        """Queue `DRAWERS[kind](**kwargs)` as `artifact_file` ("figures/x.png") of every target run."""
+        """Queue `DRAWERS[kind](**kwargs)` as `artifact_file` ("figures/x.png") of every target run;
+        once started, the child gets it at once."""
         if kind not in DRAWERS:
             raise ValueError(f"unknown figure {kind!r}; known: {', '.join(DRAWERS)}")
-        if self._process is not None:
-            raise RuntimeError("figures already started: add every figure before start()")
         folder, name = os.path.split(os.path.normpath(artifact_file))
         png = self.directory / str(len(self.jobs)) / name
         # serialised now: a value that is not JSON fails here, at the call that queued it
         job = json.dumps({"kind": kind, "kwargs": kwargs, "png": str(png)}, default=_json_scalar)
         self.jobs.append((png, folder, list(targets)))
-        self._spec.append(job)
+        self._unsent.append(job)
+        if self._process is not None:
+            self._send()
 
     def start(self) -> None:
-        """Launch the child on the queued figures (nothing when none were queued); returns at once."""
-        if self._process is not None or not self._spec:
+        """Launch the child on the figures queued so far (nothing when none are: a later `start` or
+        `finish` launches it); returns at once. Figures added after it go to the same child."""
+        if self._process is not None or not self._unsent:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        spec = self.directory / "spec.json"
-        spec.write_text('{"jobs": [' + ", ".join(self._spec) + "]}")
         stderr = open(self.directory / "stderr.txt", "wb")  # noqa: SIM115  (closed by finish / close)
         try:
             # -P: the child finds this installation's `flows`, never a `flows` folder in the working dir
             self._process = subprocess.Popen(
-                [sys.executable, "-P", "-m", "flows.figures", str(spec)],
-                stdin=subprocess.DEVNULL,
+                [sys.executable, "-P", "-m", "flows.figures", str(self.directory)],
+                stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
             )
@@ -185,16 +191,36 @@ class BackgroundFigures:
             stderr.close()
             raise
         self._stderr = stderr
+        self._threads = _leave_a_core()
+        self._send()
+
+    def _send(self) -> None:
+        """Write each unsent job to its file and hand the child its path. A child that has died
+        (a failed figure) reads nothing more: `finish` reports its error."""
+        first = len(self.jobs) - len(self._unsent)
+        unsent, self._unsent = self._unsent, []
+        lines = []
+        for i, job in enumerate(unsent, start=first):
+            path = self.directory / f"job-{i}.json"
+            path.write_text(job)
+            lines.append(json.dumps(str(path)) + "\n")  # one line whatever the path holds
+        try:
+            self._process.stdin.write("".join(lines).encode())
+            self._process.stdin.flush()
+        except (BrokenPipeError, OSError):  # the child exited: its stderr says why, at `finish`
+            pass
 
     def finish(self, timeout: float = 600.0) -> list[str]:
-        """Wait for the child (starting it first if `start` was not called), log every PNG to its runs
-        and remove `directory`; returns the artifact files logged. RuntimeError when the child failed."""
+        """Wait for the child (starting it first if `start` was not called) to draw every job, log
+        every PNG to its runs and remove `directory`; returns the artifact files logged. RuntimeError
+        when the child failed."""
         self.start()
         process, self._process = self._process, None
         if process is None:
             return []
-        jobs, self.jobs, self._spec = self.jobs, [], []  # finished either way: nothing to draw again
+        jobs, self.jobs, self._unsent = self.jobs, [], []  # finished either way: nothing to draw again
         try:
+            _close_quietly(process.stdin)  # no more jobs: the child exits after the last one
             code = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             process.kill()
@@ -203,6 +229,7 @@ class BackgroundFigures:
         finally:
             self._stderr.close()
             self._stderr = None
+            self._threads = _restore_threads(self._threads)
         if code != 0:
             err = (self.directory / "stderr.txt").read_text(errors="replace").strip()[-2000:]
             why = f"exited with code {code}" if code is not None else f"did not finish in {timeout:g} s"
@@ -231,10 +258,43 @@ class BackgroundFigures:
             process.kill()
         if process is not None:
             process.wait()
+            _close_quietly(process.stdin)
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None
-        self.jobs, self._spec = [], []
+        self._threads = _restore_threads(self._threads)
+        self.jobs, self._unsent = [], []
+
+
+def _close_quietly(stream: Any) -> None:
+    """Close a pipe to a child that may have exited (its end closed: nothing to flush)."""
+    try:
+        stream.close()
+    except (BrokenPipeError, OSError):
+        pass
+
+
+def _leave_a_core() -> int | None:
+    """While the child draws, this process's torch uses one intra-op thread fewer (at least one) and
+    leaves it a core: with as many threads as cores, every parallel op waits at its barrier for the
+    thread the child preempted (the gate's exact-fusion check, 257 users x 1500 items on the 2-core
+    VM beside a busy process: 0.13 s with 2 threads, 0.013 s with 1; docs/performance.md). Returns
+    the count to restore, None when nothing changed (torch not imported here, or one thread)."""
+    torch = sys.modules.get("torch")  # never imported for this
+    if torch is None:
+        return None
+    n = torch.get_num_threads()
+    if n <= 1:
+        return None
+    torch.set_num_threads(n - 1)
+    return n
+
+
+def _restore_threads(n: int | None) -> None:
+    """Undo `_leave_a_core` (its return value); returns None for the caller to store."""
+    if n is not None:
+        sys.modules["torch"].set_num_threads(n)
+    return None
 
 
 def _json_scalar(value: Any) -> Any:
@@ -244,9 +304,11 @@ def _json_scalar(value: Any) -> Any:
     raise TypeError(f"not JSON: {type(value).__name__}")
 
 
-def draw(spec: Path) -> None:
-    """Draw every job of the spec file written by `BackgroundFigures.start` to its PNG."""
-    for job in json.loads(Path(spec).read_text())["jobs"]:
+def draw(lines: Iterable[str]) -> None:
+    """Draw each job whose JSON file path (a JSON string) is a line of `lines` (the child's stdin, written by
+    `BackgroundFigures`) to its PNG, in order, until the lines end."""
+    for line in lines:
+        job = json.loads(Path(json.loads(line)).read_text())
         png = Path(job["png"])
         png.parent.mkdir(parents=True, exist_ok=True)
         DRAWERS[job["kind"]](**job["kwargs"]).savefig(png)
@@ -254,5 +316,5 @@ def draw(spec: Path) -> None:
 
 if __name__ == "__main__":  # the child of BackgroundFigures.start
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m flows.figures SPEC.json")
-    draw(Path(sys.argv[1]))
+        sys.exit("usage: python -m flows.figures DIR  (job file paths on stdin, one a line)")
+    draw(sys.stdin)

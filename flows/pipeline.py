@@ -207,8 +207,8 @@ def csmf_daily(
         run = open_run(DAILY, root, cfg, dataset, window)
         if start.incremental:  # stages continue a model: never resumed from a run with another parent
             run = dataclasses.replace(run, cache=None)
-        # the run's figures (pruning steps, evaluate) are drawn by one child process while register
-        # and gate run, and logged after them (flows/figures.py)
+        # the run's figures (pruning steps, evaluate) are drawn by one child process while the index,
+        # evaluate, register and gate run, and logged after them (flows/figures.py)
         run = dataclasses.replace(run, figures=BackgroundFigures(run.workdir / "figures"))
         with run_lifecycle(run):
             run.parent().set_tags({TUNED_CONFIG_TAG: describe_tuned(tuned_file), **start.tags()})
@@ -224,10 +224,12 @@ def csmf_daily(
                 checkpoints = train_cascade(ready, cfg, run)
             if cfg.eval.fused_weights == "auto":  # data.val_refit false: chosen after the cascade
                 cfg = choose_default_weights(checkpoints.final, ready, cfg, run)
+            # the pruning steps' figures, drawn by a child process from now on (flows/figures.py)
+            run.figures.start()
             bundle = build_index(
                 checkpoints.final, ready, cfg, run, start.trained_through(window.train_dates)
             )
-            rows = evaluate(checkpoints, ready, cfg, run)  # starts drawing the run's figures
+            rows = evaluate(checkpoints, ready, cfg, run)  # adds its figures to the child's
             version = register(bundle, rows, cfg, run)
             decision = gate(bundle, version, checkpoints.stage_ends(), ready, cfg, run)
             log_figures(run.figures)
@@ -300,8 +302,8 @@ def build_index(
 def evaluate(checkpoints: Checkpoints, ready: Ingested, cfg: CSMFConfig, run: RunContext) -> list[dict]:
     """The final model (`checkpoints.final`) under every scorer (own modes, fused, popularity, random)
     on the evaluation day(s), and the model-minus-popularity gaps; the ownership figure comes from
-    the pruning steps' checkpoints. With `run.figures`, its figures join those queued there and the
-    child process that draws them all starts (the flow logs them: `log_figures`); else they are drawn
+    the pruning steps' checkpoints. With `run.figures`, its figures go to the child process drawing
+    the pruning steps' (started here if it was not; the flow logs them all: `log_figures`); else drawn
     and logged here."""
     with child_run(run, "evaluate", kind="evaluate") as tracker:
         model, owners, _ = load_checkpoint(checkpoints.final, device=device(cfg))
@@ -327,7 +329,10 @@ def evaluate(checkpoints: Checkpoints, ready: Ingested, cfg: CSMFConfig, run: Ru
         reporting.log_evaluation([tracker, run.parent()], rows, prunes, data.objectives, run.figures)
         log_cascade_at_a_glance(checkpoints, data.objectives, cfg, run)
         if run.figures is not None:
-            run.figures.start()  # drawn on another core while the gaps, register and gate run
+            # to the child drawing the pruning figures (or started now): drawn on another core while
+            # the gaps, register and gate run; until `log_figures` this process's torch uses one
+            # thread fewer, leaving that core to the child (flows/figures.py)
+            run.figures.start()
         # is the model better than popularity on these users? paired bootstrap over users
         k = cfg.eval.primary_k
         gaps = popularity_gaps(

@@ -34,7 +34,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -282,6 +283,31 @@ def pyfunc_spec(bundle_dir: str | Path) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def _no_package_scan() -> Iterator[None]:
+    """Within: MLflow's check of the model's requirements against this environment
+    (`warn_dependency_requirement_mismatches`, run by every `log_model`) reads each one's installed
+    version as it always does, without first mapping every installed distribution to its top-level
+    modules (`importlib.metadata.packages_distributions()`: ~0.28 s a process on the 2-core VM,
+    docs/performance.md). MLflow consults that map only for a requirement whose distribution
+    metadata is missing; `pinned_requirements` read each version from that metadata, so it is
+    never consulted here. An empty map stands in while the model is logged and the unbuilt state
+    is put back after, so nothing else in the process sees it (a map MLflow had already built is
+    left alone). On an MLflow without these module globals this does nothing."""
+    from mlflow.utils import requirements_utils as ru
+
+    if getattr(ru, "_MODULES_TO_PACKAGES", ()) is not None:  # built already, or another MLflow
+        yield
+        return
+    ru._MODULES_TO_PACKAGES = {}
+    try:
+        yield
+    finally:
+        ru._MODULES_TO_PACKAGES = None
+        if hasattr(ru, "_PACKAGES_TO_MODULES"):
+            ru._PACKAGES_TO_MODULES = None
+
+
 def log_and_register(
     run_id: str,
     bundle_dir: str | Path,
@@ -307,7 +333,7 @@ def log_and_register(
     version = _registered_by(client, tags.get(RUN_TAG))  # a retry after a late failure reuses it
     if version is None:
         params = {k: str(v) for k, v in (model_params or {}).items()}
-        with mlflow.start_run(run_id=run_id):
+        with mlflow.start_run(run_id=run_id), _no_package_scan():
             info = mlflow.pyfunc.log_model(name="model", params=params or None, **pyfunc_spec(bundle_dir))
             if model_metrics:
                 mlflow.log_metrics({k: float(v) for k, v in model_metrics.items()}, model_id=info.model_id)

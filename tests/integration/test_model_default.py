@@ -211,3 +211,14 @@ def test_a_damaged_model_cache_is_downloaded_again(store, tmp_path):
     before = weights.stat().st_mtime_ns
     assert resolve_bundle("models:/csmf/1", home=home) == bundle  # whole: used as it is
     assert weights.stat().st_mtime_ns == before
+
+
+def test_logged_model_pins_the_installed_requirements(store):
+    """log_and_register logs under `_no_package_scan`: the model's requirements.txt is still the
+    pinned list (tests/unit/test_registry_requirements.py: the check itself, MLflow's state after)."""
+    from flows.registry import pinned_requirements
+
+    v1, _ = store["versions"]
+    local = mlflow.artifacts.download_artifacts(f"models:/{REGISTERED_MODEL}/{v1.version}")
+    lines = (Path(local) / "requirements.txt").read_text().split()
+    assert lines == pinned_requirements()

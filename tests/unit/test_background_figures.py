@@ -99,9 +99,46 @@ def test_nothing_queued_starts_nothing_and_misuse_is_refused(tmp_path):
         figures.add("pie", {}, "figures/pie.png", [Files()])
     figures.add("recall_at_k", {"rows": ROWS}, "recall_at_k.png", [Files()])
     figures.start()
-    with pytest.raises(RuntimeError, match="already started"):
-        figures.add("recall_at_k", {"rows": ROWS}, "figures/again.png", [Files()])
     assert figures.finish() == ["recall_at_k.png"]  # an artifact at the run's root
+
+
+def test_figures_added_after_start_go_to_the_same_child(tmp_path):
+    """The flow starts the child on the pruning figures and adds evaluate's later: one process draws
+    them all, each the bytes it draws when queued before start (same PNG files, same order)."""
+    early, late = Files(), Files()
+    before = BackgroundFigures(tmp_path / "before")
+    after = BackgroundFigures(tmp_path / "after")
+    jobs = [
+        ("ownership", {"snapshots": SNAPSHOTS, "stages": ["exposure", "click"]}, "figures/ownership.png"),
+        ("recall_at_k", {"rows": ROWS}, "figures/recall_at_k.png"),
+        (
+            "cascade",
+            {"rows": CASCADE, "objectives": ["exposure", "click"], "k": 50, "days": "d"},
+            "figures/cascade.png",
+        ),
+    ]
+    for kind, kwargs, name in jobs:
+        before.add(kind, kwargs, name, [early])
+    before.start()
+    after.add(*jobs[0], [late])
+    after.start()
+    child = after._process
+    for kind, kwargs, name in jobs[1:]:
+        after.add(kind, kwargs, name, [late])
+        assert after._process is child  # no second child
+    assert before.finish() == after.finish() == [name for _, _, name in jobs]
+    assert child.returncode == 0
+    assert late.files == early.files and len(late.files) == 3
+
+
+def test_a_figure_added_after_the_child_failed_ends_in_its_error(tmp_path):
+    figures = BackgroundFigures(tmp_path / "figures")
+    figures.add("recall_at_k", {"rows": ROWS, "no_such_argument": 1}, "figures/a.png", [Files()])
+    figures.start()
+    figures._process.wait()  # died on the first job: its stdin is closed at the other end
+    figures.add("recall_at_k", {"rows": ROWS}, "figures/b.png", [Files()])  # does not raise
+    with pytest.raises(RuntimeError, match=r"(?s)exited with code 1: .*no_such_argument"):
+        figures.finish()
 
 
 def test_a_value_that_is_not_json_fails_where_it_is_queued(tmp_path):
@@ -134,6 +171,56 @@ def test_close_stops_a_child_still_drawing_and_salvage_never_raises(tmp_path, mo
     broken = BackgroundFigures(tmp_path / "broken")
     broken.add("recall_at_k", {"rows": ROWS, "no_such_argument": 1}, "figures/recall_at_k.png", [Files()])
     assert broken.salvage() == []  # the child failed: nothing logged, nothing raised
+
+
+@pytest.fixture
+def three_threads():
+    """torch at 3 intra-op threads for the test (restored after)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        yield torch
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("end", ["finish", "close", "failing child"])
+def test_the_parent_leaves_the_child_a_core_while_it_draws(tmp_path, three_threads, end):
+    """One intra-op thread fewer from start() until finish() or close(), whatever the child did."""
+    torch = three_threads
+    figures = BackgroundFigures(tmp_path / "figures")
+    kwargs = {"rows": ROWS, "no_such_argument": 1} if end == "failing child" else {"rows": ROWS}
+    figures.add("recall_at_k", kwargs, "figures/recall_at_k.png", [Files()])
+    assert torch.get_num_threads() == 3  # queueing changes nothing
+    figures.start()
+    assert torch.get_num_threads() == 2
+    figures.start()  # already started: not one fewer again
+    assert torch.get_num_threads() == 2
+    if end == "finish":
+        assert figures.finish() == ["figures/recall_at_k.png"]
+    elif end == "close":
+        figures.close()
+    else:
+        with pytest.raises(RuntimeError, match="no_such_argument"):
+            figures.finish()
+    assert torch.get_num_threads() == 3
+    figures.close()  # nothing left to restore: unchanged
+    assert torch.get_num_threads() == 3
+
+
+def test_one_thread_or_no_torch_is_left_as_it_is(tmp_path, three_threads, monkeypatch):
+    import sys
+
+    from flows import figures as fig
+
+    torch = three_threads
+    torch.set_num_threads(1)
+    assert fig._leave_a_core() is None and torch.get_num_threads() == 1
+    monkeypatch.delitem(sys.modules, "torch")  # a process that never imported torch
+    assert fig._leave_a_core() is None
+    assert "torch" not in sys.modules  # and it was not imported for this
 
 
 def test_the_flow_turns_a_figure_failure_into_a_warning(tmp_path):
