@@ -24,8 +24,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import shutil
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -146,7 +146,8 @@ def run(
                 return sum(1 for _ in src.batches(stage, cfg.train.batch_size, seed=0, epoch=0))
 
             lt = benchlib.interleaved({a: drain}, 2)
-            share = cpu_seconds(drain) / cpu_seconds(arms[a])
+            loader_cpu, train_cpu = cpu_seconds(drain), cpu_seconds(arms[a])
+            share = loader_cpu / train_cpu if train_cpu > 0 else float("nan")
             rec.add(f"{a} loader CPU time / training epoch CPU time, stage {stage}", share, "", **p)
             rec.add(f"{a} loader alone, stage {stage}", n / benchlib.median(lt[a]), "rows/s", **p)
         for a, src in sources.items():  # a fresh source's first epoch decodes the whole table
@@ -176,11 +177,12 @@ def run(
 
 def cpu_seconds(fn) -> float:
     """CPU time (user + system, every thread of this process) of one call: less sensitive than wall
-    time to other jobs on a shared machine."""
-    t0 = os.times()
+    time to other jobs on a shared machine. `time.process_time` (the process's CPU clock, ns
+    resolution), not `os.times` (10-ms ticks): a small stage's epoch can take under one tick, and
+    a share of 0 / 0 crashed `make bench` (2026-12-06, the conversion stage)."""
+    t0 = time.process_time()
     fn()
-    t1 = os.times()
-    return (t1.user - t0.user) + (t1.system - t0.system)
+    return time.process_time() - t0
 
 
 def print_profile(fn, title: str, rows: int = 15) -> None:
