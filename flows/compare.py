@@ -45,7 +45,7 @@ from csmf_core.config import ConfigError, CSMFConfig, build_config, load_config
 from csmf_core.evaluate import popularity_rows
 from csmf_core.optim import deterministic_kernels
 from csmf_core.tuning import changed_keys, override_keys
-from flows import doctor, reporting
+from flows import doctor, prefect_compat, reporting
 from flows.compare_protocol import (
     compare_protocol,
     fixed_weights,
@@ -61,6 +61,8 @@ from flows.ingest import Ingested, ingest
 from flows.inputs import code_version, dataset_location, fit_to_dataset, plan_window, report_directory
 from flows.notify import notify_failure
 from flows.runs import COMPARE, RunContext, child_run, dataset_name, open_run, run_lifecycle
+
+prefect_compat.install()  # a flow run's end does not wait for its heartbeat thread (flows/prefect_compat.py)
 
 LOG_EVERY = 200
 LATENCY_ITEMS = 100_000  # fused-query latency is measured on the catalog tiled to at least this many rows

@@ -26,6 +26,9 @@ from prefect.cache_policies import NO_CACHE
 from csmf_core.config import IngestConfig
 from csmf_core.prep import PrepSummary, _resolve_dates
 from csmf_core.prep_sharded import n_shards, peak_rss_bytes, reduce_pass, shard_pass, vocab_pass
+from flows import prefect_compat
+
+prefect_compat.install()  # a flow run's end does not wait for its heartbeat thread (flows/prefect_compat.py)
 
 
 def api_url() -> str:

@@ -160,7 +160,8 @@ def no_heartbeats() -> Iterator[None]:
     server dies with the process, so they tell it nothing, and
     each flow run paid for them at its end: prefect 3.8.8's heartbeat thread sleeps in 1-s steps and
     the engine joins it when the run finishes (0.86-0.88 s measured on the 2-core VM, a tenth of
-    `make run`'s orchestration; docs/performance.md)."""
+    `make run`'s orchestration; docs/performance.md; flows/prefect_compat.py now spares every run
+    that wait, and the thread stays off here)."""
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):

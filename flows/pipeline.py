@@ -41,7 +41,7 @@ from csmf_core.evaluate import Ranked, evaluate_model, gaps_table, popularity_ga
 from csmf_core.incremental import val_days_for
 from csmf_core.serving import metrics_table, write_bundle
 from csmf_core.tuning import trial_config
-from flows import doctor, reporting
+from flows import doctor, prefect_compat, reporting
 from flows.cascade_step import Checkpoints, train_cascade
 from flows.env import check_writable, freeze_startup, setup_home, tracking_uri
 from flows.epoch_selection import choose_default_weights, select_on_validation
@@ -75,6 +75,8 @@ from flows.retention import apply_retention
 from flows.runs import DAILY, RunContext, child_run, device, loaded_data, open_run, run_lifecycle
 from flows.tracking import metric_key
 from flows.tune import describe_tuned, find_tuned, settle_tuned
+
+prefect_compat.install()  # a flow run's end does not wait for its heartbeat thread (flows/prefect_compat.py)
 
 
 # ---- the flow --------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ from csmf_core.tuning import (
     trial_config,
 )
 from data_contracts import load_spec, validate_dataset
-from flows import doctor
+from flows import doctor, prefect_compat
 from flows.env import check_writable, setup_home, tracking_uri
 from flows.ingest import check_positives
 from flows.inputs import (
@@ -79,6 +79,8 @@ from flows.lock import date_lock
 from flows.names import TUNE_EXPERIMENT, TUNED_CONFIG_TAG
 from flows.notify import notify_failure
 from flows.tracking import MlflowTracker, ensure_experiment, metric_key
+
+prefect_compat.install()  # a flow run's end does not wait for its heartbeat thread (flows/prefect_compat.py)
 
 EXPERIMENT = TUNE_EXPERIMENT
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "configs" / "tune_space.yaml"
