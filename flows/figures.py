@@ -143,10 +143,10 @@ class BackgroundFigures:
     logged with `log_artifact` as `reporting.log_figure` does.
 
     Jobs are drawn in the order added. `start` may come before the last `add`: each job is a JSON file
-    in `directory`, its path one line on the child's stdin (a line, not the job: the pipe never fills),
-    and the child draws each as it arrives until `finish` closes its stdin. From `start` until `finish`
-    or `close` this process's torch runs one intra-op thread fewer (`_leave_a_core`), so that the two
-    do not fight over the same cores. `directory` (created, removed by `finish` once everything is
+    in `directory`, its path one line on the child's stdin (a line of ~100 bytes, not the job, so a
+    pipe buffer holds hundreds of them), and the child draws each as it arrives until `finish` closes
+    its stdin. From `start` until `finish` or `close` this process's torch runs one intra-op thread
+    fewer (`_leave_a_core`), so that the two do not fight over the same cores. `directory` (created, removed by `finish` once everything is
     logged) holds the jobs, the PNGs and the child's stderr; a child that fails makes `finish` raise
     with that stderr. Arguments must be JSON (NumPy scalars are converted)."""
 
@@ -157,6 +157,7 @@ class BackgroundFigures:
         self._process: subprocess.Popen | None = None
         self._stderr: Any = None
         self._threads: int | None = None  # this process's torch threads before the child started
+        self._lost: OSError | None = None  # why a job could not be handed to the child
 
     def add(self, kind: str, kwargs: dict, artifact_file: str, targets: Sequence[Any]) -> None:
         """Queue `DRAWERS[kind](**kwargs)` as `artifact_file` ("figures/x.png") of every target run;
@@ -195,15 +196,19 @@ class BackgroundFigures:
         self._send()
 
     def _send(self) -> None:
-        """Write each unsent job to its file and hand the child its path. A child that has died
-        (a failed figure) reads nothing more: `finish` reports its error."""
+        """Write each unsent job to its file and hand the child its path. Never raises: a child that
+        has died (a failed figure) reads nothing more and `finish` reports its error; a job file that
+        cannot be written (a full disk) is kept for `finish` to report, and the flow goes on."""
         first = len(self.jobs) - len(self._unsent)
         unsent, self._unsent = self._unsent, []
         lines = []
-        for i, job in enumerate(unsent, start=first):
-            path = self.directory / f"job-{i}.json"
-            path.write_text(job)
-            lines.append(json.dumps(str(path)) + "\n")  # one line whatever the path holds
+        try:
+            for i, job in enumerate(unsent, start=first):
+                path = self.directory / f"job-{i}.json"
+                path.write_text(job)
+                lines.append(json.dumps(str(path)) + "\n")  # one line whatever the path holds
+        except OSError as exc:
+            self._lost = self._lost or exc
         try:
             self._process.stdin.write("".join(lines).encode())
             self._process.stdin.flush()
@@ -234,6 +239,9 @@ class BackgroundFigures:
             err = (self.directory / "stderr.txt").read_text(errors="replace").strip()[-2000:]
             why = f"exited with code {code}" if code is not None else f"did not finish in {timeout:g} s"
             raise RuntimeError(f"drawing the figures in {self.directory} {why}: {err or '(no output)'}")
+        lost, self._lost = self._lost, None
+        if lost is not None:
+            raise RuntimeError(f"a figure could not be handed to the child drawing them: {lost}")
         logged = []
         for png, folder, targets in jobs:
             for t in targets:
@@ -263,7 +271,7 @@ class BackgroundFigures:
             self._stderr.close()
             self._stderr = None
         self._threads = _restore_threads(self._threads)
-        self.jobs, self._unsent = [], []
+        self.jobs, self._unsent, self._lost = [], [], None
 
 
 def _close_quietly(stream: Any) -> None:
@@ -275,11 +283,14 @@ def _close_quietly(stream: Any) -> None:
 
 
 def _leave_a_core() -> int | None:
-    """While the child draws, this process's torch uses one intra-op thread fewer (at least one) and
+    """While the child runs, this process's torch uses one intra-op thread fewer (at least one) and
     leaves it a core: with as many threads as cores, every parallel op waits at its barrier for the
     thread the child preempted (the gate's exact-fusion check, 257 users x 1500 items on the 2-core
-    VM beside a busy process: 0.13 s with 2 threads, 0.013 s with 1; docs/performance.md). Returns
-    the count to restore, None when nothing changed (torch not imported here, or one thread)."""
+    VM beside a busy process: 0.13 s with 2 threads, 0.013 s with 1; evaluation alone as fast with 1
+    as with 2; docs/performance.md). torch's OpenMP setting is per thread: this applies to the
+    calling thread, where the daily flow runs its tasks (a task submitted to a worker thread would
+    keep its own count). Returns the count to restore, None when nothing changed (torch not
+    imported here, or one thread)."""
     torch = sys.modules.get("torch")  # never imported for this
     if torch is None:
         return None

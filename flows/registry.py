@@ -292,8 +292,10 @@ def _no_package_scan() -> Iterator[None]:
     docs/performance.md). MLflow consults that map only for a requirement whose distribution
     metadata is missing; `pinned_requirements` read each version from that metadata, so it is
     never consulted here. An empty map stands in while the model is logged and the unbuilt state
-    is put back after, so nothing else in the process sees it (a map MLflow had already built is
-    left alone). On an MLflow without these module globals this does nothing."""
+    is put back after (a map MLflow had already built is left alone). MLflow's global is
+    process-wide: a `log_model` without `pip_requirements` in another thread meanwhile would infer
+    from the empty map (csmf has none). On an MLflow without these module globals this does
+    nothing."""
     from mlflow.utils import requirements_utils as ru
 
     if getattr(ru, "_MODULES_TO_PACKAGES", ()) is not None:  # built already, or another MLflow

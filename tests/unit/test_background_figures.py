@@ -131,6 +131,27 @@ def test_figures_added_after_start_go_to_the_same_child(tmp_path):
     assert late.files == early.files and len(late.files) == 3
 
 
+def test_a_job_file_that_cannot_be_written_is_reported_at_finish(tmp_path, monkeypatch):
+    """A full disk while the flow goes on: `add` does not fail the task, `finish` names the error."""
+    from pathlib import Path
+
+    figures = BackgroundFigures(tmp_path / "figures")
+    figures.add("recall_at_k", {"rows": ROWS}, "figures/a.png", [Files()])
+    figures.start()
+    real = Path.write_text
+
+    def full(self, *a, **k):
+        if self.name.startswith("job-"):
+            raise OSError(28, "No space left on device")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    figures.add("recall_at_k", {"rows": ROWS}, "figures/b.png", [Files()])  # does not raise
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="could not be handed to the child.*No space left"):
+        figures.finish()
+
+
 def test_a_figure_added_after_the_child_failed_ends_in_its_error(tmp_path):
     figures = BackgroundFigures(tmp_path / "figures")
     figures.add("recall_at_k", {"rows": ROWS, "no_such_argument": 1}, "figures/a.png", [Files()])

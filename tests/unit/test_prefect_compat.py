@@ -45,17 +45,25 @@ def heartbeat_threads() -> list[threading.Thread]:
     ]
 
 
-def run_once(send) -> tuple[Engine, float]:
+def wait_for(condition, limit: float = 5.0) -> bool:
+    t0 = time.monotonic()
+    while not condition():
+        if time.monotonic() - t0 > limit:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def run_once(send) -> tuple[Engine, float, list[threading.Thread]]:
     """Enter the heartbeat context, wait for the first heartbeat (the thread then sleeps in 1-s
-    steps), leave it; returns the engine and the seconds leaving took."""
-    engine = Engine()
+    steps), leave it; returns the engine, the seconds leaving took and the context's thread."""
+    engine, before = Engine(), set(heartbeat_threads())
     with send(engine):
-        t0 = time.monotonic()
-        while not engine.beats and time.monotonic() - t0 < 5:
-            time.sleep(0.005)
+        assert wait_for(lambda: engine.beats), "no heartbeat within 5 s"
+        mine = [t for t in heartbeat_threads() if t not in before]
         time.sleep(0.05)  # well inside the thread's first 1-s sleep
         t_exit = time.monotonic()
-    return engine, time.monotonic() - t_exit
+    return engine, time.monotonic() - t_exit, mine
 
 
 def test_the_end_of_a_run_does_not_wait_for_the_heartbeat_thread():
@@ -63,29 +71,37 @@ def test_the_end_of_a_run_does_not_wait_for_the_heartbeat_thread():
     patched = flow_engine._send_heartbeats
     original = patched.__wrapped__
 
-    engine, waited = run_once(original)  # the reference: prefect's own, joining the sleeping thread
-    assert len(engine.beats) == 1 and waited > 0.5
+    engine, waited, _ = run_once(original)  # the reference: prefect's own joins the sleeping thread
+    assert len(engine.beats) == 1 and waited > 0.3  # ~0.95 s: the rest of its 1-s sleep
 
-    engine, waited = run_once(patched)
+    engine, waited, threads = run_once(patched)
     assert len(engine.beats) == 1  # the heartbeat at the run's start was sent
-    assert len(heartbeat_threads()) == 1  # not joined: still in its 1-s sleep
+    assert len(threads) == 1 and threads[0].is_alive()  # not joined: still in its 1-s sleep
     assert waited < 0.2
-    t0 = time.monotonic()  # the thread stops by itself at its next 1-s step
-    while time.monotonic() - t0 < 3 and any(t.is_alive() for t in heartbeat_threads()):
-        time.sleep(0.05)
-    assert not any(t.is_alive() for t in heartbeat_threads())
+    assert wait_for(lambda: not threads[0].is_alive(), 3.0)  # stops by itself at its next step
     assert len(engine.beats) == 1  # nothing sent after the run ended
 
 
 def test_an_error_in_the_run_still_stops_the_heartbeats():
     prefect_compat.install()
-    engine = Engine()
+    engine, before = Engine(), set(heartbeat_threads())
     with pytest.raises(RuntimeError, match="the flow failed"), flow_engine._send_heartbeats(engine):
-        while not engine.beats:
-            time.sleep(0.005)
+        assert wait_for(lambda: engine.beats), "no heartbeat within 5 s"
+        mine = [t for t in heartbeat_threads() if t not in before]
         raise RuntimeError("the flow failed")
-    time.sleep(1.2)
-    assert not any(t.is_alive() for t in heartbeat_threads()) and len(engine.beats) == 1
+    assert len(mine) == 1 and wait_for(lambda: not mine[0].is_alive(), 3.0)
+    assert len(engine.beats) == 1
+
+
+def test_every_module_that_defines_a_flow_installs_it():
+    from pathlib import Path
+
+    import flows
+
+    defining = [p for p in Path(flows.__file__).parent.glob("*.py") if "\n@flow(" in p.read_text()]
+    assert len(defining) >= 4, defining  # the daily run, tune, compare, the sharded ingest
+    for path in defining:
+        assert "\nprefect_compat.install()" in path.read_text(), f"{path.name} defines a flow without it"
 
 
 def test_installed_once_by_every_module_that_defines_a_flow():

@@ -61,3 +61,34 @@ def test_the_state_is_restored_when_logging_fails(monkeypatch):
         assert ru._MODULES_TO_PACKAGES == {}
         raise RuntimeError("log_model failed")
     assert ru._MODULES_TO_PACKAGES is None
+
+
+def test_log_and_register_logs_the_model_without_the_scan(tmp_path, monkeypatch):
+    """The registry's `log_model` call is the one wrapped (a fake log_model sees the empty map)."""
+    import mlflow
+
+    from flows import registry
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        client = mlflow.MlflowClient(uri)
+        run_id = client.create_run(client.create_experiment("x")).info.run_id
+        monkeypatch.setattr(ru, "_MODULES_TO_PACKAGES", None)
+        seen = []
+
+        class Logged(Exception):
+            pass
+
+        def fake_log_model(**kwargs):
+            seen.append(ru._MODULES_TO_PACKAGES)
+            raise Logged
+
+        monkeypatch.setattr(registry, "pyfunc_spec", lambda bundle_dir: {})
+        monkeypatch.setattr(mlflow.pyfunc, "log_model", fake_log_model)
+        with pytest.raises(Logged):
+            registry.log_and_register(run_id, tmp_path / "bundle")
+        assert seen == [{}] and ru._MODULES_TO_PACKAGES is None
+    finally:
+        mlflow.set_tracking_uri(None)
