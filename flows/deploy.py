@@ -252,9 +252,8 @@ def up(
     free port)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    heartbeat = str(
-        heartbeat_seconds()
-    )  # a bad $PREFECT_FLOWS_HEARTBEAT_FREQUENCY fails before anything starts
+    # a bad $PREFECT_FLOWS_HEARTBEAT_FREQUENCY fails here, before anything starts
+    heartbeat = str(heartbeat_seconds())
     root = resolve_home(home)
     stack = Stack(root, int(port), pool)
     stack.dir.mkdir(parents=True, exist_ok=True)
